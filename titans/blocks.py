@@ -1,0 +1,204 @@
+"""The blocks (DESIGN §3, paper §4): MAC, MAG, MAL, LMM, the SWA baseline and full causal attention.
+
+Every block is pre-norm with a SwiGLU FFN and residuals, and has the same interface
+`forward(x, state) -> (x, state)`, where `state` is the block's `MemoryState` (None for the
+attention-only blocks), so a model can carry the long-term memory across calls.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from titans.attention import Attention
+from titans.memory import MemoryState, NeuralMemory
+
+if TYPE_CHECKING:
+    from titans.model import TitansConfig
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class OutputGate(nn.Module):
+    """The paper's `y ⊗ M(·)`: both branches normalised by learnable vectors, the memory one σ-gated."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm_attn = nn.RMSNorm(dim, eps=eps)
+        self.norm_memory = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, attn: Tensor, memory: Tensor) -> Tensor:
+        return self.norm_attn(attn) * torch.sigmoid(self.norm_memory(memory))
+
+
+def make_memory(cfg: TitansConfig) -> NeuralMemory:
+    return NeuralMemory(
+        dim=cfg.dim,
+        heads=cfg.memory_heads,
+        head_dim=cfg.memory_head_dim,
+        depth=cfg.memory_depth,
+        hidden=cfg.memory_hidden,
+        chunk_size=cfg.memory_chunk,
+        conv_kernel=cfg.memory_conv_kernel,
+        theta_max=cfg.memory_theta_max,
+        recompute=cfg.recompute_memory,
+    )
+
+
+class Block(nn.Module):
+    """Shared pre-norm FFN half; subclasses define the token-mixing half `mix`."""
+
+    has_memory = False
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__()
+        self.mix_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState | None]:
+        mixed, state = self.mix(self.mix_norm(x), state)
+        x = x + mixed
+        return x + self.ffn(self.ffn_norm(x)), state
+
+
+class AttentionBlock(Block):
+    """SWA baseline (window w, persistent tokens) or, with window=None, plain full causal attention."""
+
+    def __init__(self, cfg: TitansConfig, window: int | None) -> None:
+        super().__init__(cfg)
+        n_persistent = cfg.n_persistent if window is not None else 0
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, window, n_persistent, cfg.rope_base)
+
+    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+        return self.attn(x), state
+
+
+class LMMBlock(Block):
+    """Memory alone: the neural memory is the only token mixer."""
+
+    has_memory = True
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__(cfg)
+        self.memory = make_memory(cfg)
+
+    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+        return self.memory(x, state)
+
+
+class MALBlock(Block):
+    """Memory as a layer: memory layer (own residual), then sliding-window attention, then the FFN."""
+
+    has_memory = True
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__(cfg)
+        self.memory_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.memory = make_memory(cfg)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, cfg.window, cfg.n_persistent, cfg.rope_base)
+
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState | None]:
+        memory_out, state = self.memory(self.memory_norm(x), state)
+        return super().forward(x + memory_out, state)
+
+    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+        return self.attn(x), state
+
+
+class MAGBlock(Block):
+    """Memory as a gate: sliding-window attention and the memory read the same input; gated product."""
+
+    has_memory = True
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__(cfg)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, cfg.window, cfg.n_persistent, cfg.rope_base)
+        self.memory = make_memory(cfg)
+        self.gate = OutputGate(cfg.dim, cfg.norm_eps)
+
+    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+        memory_out, state = self.memory(x, state)
+        return self.gate(self.attn(x), memory_out), state
+
+
+class MACBlock(Block):
+    """Memory as context, segment by segment (length C):
+
+    1. read the long-term memory as it stood before the segment, `h = M_{s-1}(q)`;
+    2. attend causally over `[persistent ‖ h ‖ segment]`;
+    3. write the attention output `y` into the memory and gate `y ⊗ M(y)`.
+
+    `h` is either one token per segment token (paper v1; token i sees h_j only for j ≤ i, since h_j is
+    read with x_j's query), or `mac_memory_tokens` = N fixed tokens (camera-ready, N = 256): N learned
+    probe keys read `M_{s-1}`; they depend on no token of the segment, so every position sees all N.
+    `M(y)` is read chunk-causally (each chunk reads the memory at its start): reading the end-of-segment
+    memory `M_s` as the paper writes it would let position i see tokens after i in its segment.
+    """
+
+    has_memory = True
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__(cfg)
+        self.segment_len = cfg.segment_len
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, None, cfg.n_persistent, cfg.rope_base)
+        self.memory = make_memory(cfg)
+        self.gate = OutputGate(cfg.dim, cfg.norm_eps)
+        shape = (cfg.memory_heads, cfg.memory_head_dim)
+        if cfg.mac_memory_tokens > 0:
+            self.memory_probes = nn.Parameter(torch.randn(cfg.mac_memory_tokens, *shape))
+            self.to_memory_query = None
+        else:
+            self.memory_probes = None
+            self.to_memory_query = nn.Linear(cfg.dim, shape[0] * shape[1], bias=False)
+
+    def memory_queries(self, segment: Tensor) -> Tensor:
+        """Unit-norm queries (B, N, H, d) that read the long-term memory for this segment."""
+        B, T, _ = segment.shape
+        if self.memory_probes is not None:
+            q = self.memory_probes.unsqueeze(0).expand(B, -1, -1, -1)
+        else:
+            q = self.to_memory_query(segment).view(B, T, self.memory.heads, self.memory.head_dim)
+        return F.normalize(q, dim=-1)
+
+    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+        if state is None:
+            state = self.memory.initial_state(x.shape[0])
+        outputs = []
+        for start in range(0, x.shape[1], self.segment_len):
+            segment = x[:, start : start + self.segment_len]
+            memory_tokens = self.memory.read(self.memory_queries(segment), state)
+            y = self.attn(segment, memory_tokens=memory_tokens,
+                          memory_tokens_causal=self.memory_probes is None)
+            memory_out, state = self.memory(y, state)
+            outputs.append(self.gate(y, memory_out))
+        return torch.cat(outputs, dim=1), state
+
+
+BLOCKS = {
+    "mac": MACBlock,
+    "mag": MAGBlock,
+    "mal": MALBlock,
+    "lmm": LMMBlock,
+    "swa": lambda cfg: AttentionBlock(cfg, cfg.window),
+    "full": lambda cfg: AttentionBlock(cfg, None),
+}
+
+
+def build_block(kind: str, cfg: TitansConfig) -> Block:
+    return BLOCKS[kind](cfg)

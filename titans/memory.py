@@ -1,0 +1,285 @@
+"""NeuralMemory: Titans' long-term memory, a small MLP trained at test time (DESIGN §2, paper §3).
+
+Per head, the memory is an MLP `M` whose weights are *state*. Every token writes to it by one step of
+gradient descent with momentum ("surprise") and weight decay ("forgetting") on the associative loss
+`‖M(k_t) − v_t‖²`; every token reads it with `M(q_t)`.
+
+Chunk-causal semantics: the sequence is split into chunks of `b` tokens; inside chunk c every gradient
+is taken at the chunk-start weights `M_{c-1}` and the queries of chunk c read `M_{c-1}` (b = 1 is the
+token-level recurrence). The b token steps of a chunk then collapse into gradients of two *weighted*
+chunk losses (coefficients `c_i`, `d_i` below), so per-token gradients are never materialised: per
+memory layer the update is one matmul `X_inᵀ · diag(w) · G_out` over the chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class MemoryState:
+    """What a sequence leaves behind: the memory weights, their momentum, and the conv history.
+
+    weights / momentum: one tensor per memory layer, shape (B, H, d_in, d_out), float32 (or float64).
+    conv: the last `kernel - 1` raw q/k/v projections, (B, kernel - 1, 3·H·d), so a causal conv can
+    continue exactly where the previous call stopped.
+    """
+
+    weights: list[Tensor]
+    momentum: list[Tensor]
+    conv: Tensor | None
+
+    def detach(self) -> MemoryState:
+        """Cut the autograd graph (truncated backprop across calls)."""
+        return MemoryState(
+            [w.detach() for w in self.weights],
+            [s.detach() for s in self.momentum],
+            None if self.conv is None else self.conv.detach(),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The memory MLP and its explicit, weighted backward pass.
+# --------------------------------------------------------------------------------------------
+
+
+def silu_derivative(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def memory_mlp(weights: list[Tensor], x: Tensor) -> Tensor:
+    """Apply the memory MLP: SiLU between layers, no biases. weights[l]: (N, d_in, d_out); x: (N, b, d)."""
+    for layer, w in enumerate(weights):
+        x = x @ w
+        if layer < len(weights) - 1:
+            x = F.silu(x)
+    return x
+
+
+def weighted_loss_grads(weights: list[Tensor], k: Tensor, v: Tensor, token_weights: Tensor) -> list[Tensor]:
+    """Gradients of `Σ_i w_ri ‖M(k_i) − v_i‖²` for R weightings at once, by an explicit backward pass.
+
+    token_weights: (N, R, b). Returns per layer (N, R, d_in, d_out). Written with plain tensor ops so
+    autograd can differentiate through it (the outer model learns through the memory's updates).
+    """
+    inputs, pre_acts = [k], []
+    h = k
+    for layer, w in enumerate(weights):
+        z = h @ w
+        if layer < len(weights) - 1:
+            pre_acts.append(z)
+            h = F.silu(z)
+            inputs.append(h)
+        else:
+            h = z
+    grad_out = 2 * (h - v)  # dℓ_i/dM(k_i), unweighted, (N, b, d)
+    grads: list[Tensor] = [k] * len(weights)
+    for layer in reversed(range(len(weights))):
+        weighted_in = inputs[layer].unsqueeze(1) * token_weights.unsqueeze(-1)  # (N, R, b, d_in)
+        grads[layer] = weighted_in.transpose(-1, -2) @ grad_out.unsqueeze(1)
+        if layer > 0:
+            grad_out = (grad_out @ weights[layer].transpose(-1, -2)) * silu_derivative(pre_acts[layer - 1])
+    return grads
+
+
+def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor) -> tuple[Tensor, ...]:
+    """Collapse b token steps of surprise/forgetting into per-chunk coefficients (DESIGN §2).
+
+    All inputs (..., b): θ_i, log η_i, log(1 − α_i). With β_i = Π_{j≤i}(1 − α_j) and gradients u_i taken
+    at the chunk-start weights:
+        S_end = (Π η) S_0 − Σ d_i u_i,                 d_i = θ_i Π_{j>i} η_j
+        M_end = β_b M_0 + γ S_0 − Σ c_i u_i,           c_i = θ_i Σ_{m≥i} (β_b/β_m) Π_{i<j≤m} η_j
+        γ = Σ_m (β_b/β_m) Π_{j≤m} η_j
+    Everything is an exponential of a non-positive log sum, so no ratio of tiny numbers is ever formed.
+    Returns d, c (..., b) and eta_prod, beta, gamma (...,).
+    """
+    cum_eta = log_eta.cumsum(-1)
+    cum_keep = log_keep.cumsum(-1)
+    eta_end, keep_end = cum_eta[..., -1:], cum_keep[..., -1:]
+    d = theta * torch.exp(eta_end - cum_eta)
+    # exponent[i, m] = log(β_b/β_m) + log Π_{i<j≤m} η_j, for m ≥ i
+    exponent = (keep_end - cum_keep + cum_eta).unsqueeze(-2) - cum_eta.unsqueeze(-1)
+    b = theta.shape[-1]
+    upper = torch.ones(b, b, dtype=torch.bool, device=theta.device).triu()
+    exponent = exponent.masked_fill(~upper, float("-inf"))
+    c = theta * torch.exp(exponent).sum(-1)
+    gamma = torch.exp(keep_end - cum_keep + cum_eta).sum(-1)
+    return d, c, torch.exp(eta_end[..., 0]), torch.exp(keep_end[..., 0]), gamma
+
+
+def memory_chunk_step(
+    n_layers: int, q: Tensor, k: Tensor, v: Tensor, d: Tensor, c: Tensor,
+    eta_prod: Tensor, beta: Tensor, gamma: Tensor, *state: Tensor,
+) -> tuple[Tensor, ...]:
+    """One chunk: read with the chunk-start weights, then apply the chunk's collapsed update.
+
+    q, k, v: (N, b, d); d, c: (N, b); eta_prod, beta, gamma: (N,); state: n_layers weights then
+    n_layers momenta, each (N, d_in, d_out). Returns (y, *new_weights, *new_momenta).
+    """
+    weights, momentum = list(state[:n_layers]), list(state[n_layers:])
+    y = memory_mlp(weights, q)
+    grads = weighted_loss_grads(weights, k, v, torch.stack([d, c], dim=1))
+    eta_prod, beta, gamma = (t[:, None, None] for t in (eta_prod, beta, gamma))
+    new_momentum = [eta_prod * s - g[:, 0] for s, g in zip(momentum, grads, strict=True)]
+    new_weights = [beta * w + gamma * s - g[:, 1] for w, s, g in zip(weights, momentum, grads, strict=True)]
+    return (y, *new_weights, *new_momentum)
+
+
+# --------------------------------------------------------------------------------------------
+# The module.
+# --------------------------------------------------------------------------------------------
+
+
+class NeuralMemory(nn.Module):
+    """Multi-head neural long-term memory with the chunked fast path and the state API.
+
+    `forward(x, state=None) -> (y, state)`: x (B, T, dim) writes to and reads from the memory; feeding
+    a sequence in two chunk-aligned pieces with the carried state equals feeding it whole.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        depth: int = 2,
+        hidden: int | None = None,
+        chunk_size: int = 16,
+        conv_kernel: int = 4,
+        theta_max: float = 1.0,
+        recompute: bool = False,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"memory depth must be >= 1, got {depth}")
+        if chunk_size < 1:
+            raise ValueError(f"memory chunk_size must be >= 1, got {chunk_size}")
+        if conv_kernel < 1:
+            raise ValueError(f"memory conv_kernel must be >= 1, got {conv_kernel}")
+        self.heads, self.head_dim, self.depth = heads, head_dim, depth
+        self.hidden = hidden or 4 * head_dim
+        self.chunk_size, self.conv_kernel = chunk_size, conv_kernel
+        self.theta_max, self.recompute = theta_max, recompute
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        # Depthwise causal conv over the concatenated q/k/v projections.
+        self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_kernel, groups=3 * inner, bias=False)
+        # Data-dependent gates per token and head: θ (inner lr), η (momentum decay), α (forgetting).
+        self.to_gates = nn.Linear(dim, 3 * heads)
+        sizes = [head_dim] + [self.hidden] * (depth - 1) + [head_dim]
+        self.init_weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(heads, a, b) / math.sqrt(a)) for a, b in zip(sizes[:-1], sizes[1:])]
+        )
+        self.out_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.reset_gates()
+
+    def reset_gates(self) -> None:
+        """Start with a small inner lr (θ≈0.1·θ_max), strong momentum (η≈0.9) and little forgetting."""
+        nn.init.normal_(self.to_gates.weight, std=0.02)
+        h = self.heads
+        with torch.no_grad():
+            self.to_gates.bias[:h].fill_(math.log(0.1 / 0.9))
+            self.to_gates.bias[h : 2 * h].fill_(2.2)
+            self.to_gates.bias[2 * h :].fill_(-4.0)
+
+    # -- projections ---------------------------------------------------------------------------
+
+    def project(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v (B, T, H, d) = SiLU(causal depthwise conv(x W)); q, k ℓ2-normalised. Also the new cache."""
+        B, T, _ = x.shape
+        raw = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=-1)  # (B, T, 3·inner)
+        pad = self.conv_kernel - 1
+        if conv_cache is None:
+            conv_cache = raw.new_zeros(B, pad, raw.shape[-1])
+        history = torch.cat([conv_cache.to(raw.dtype), raw], dim=1)
+        mixed = F.silu(F.conv1d(history.transpose(1, 2), self.conv.weight, groups=raw.shape[-1]))
+        q, k, v = mixed.transpose(1, 2).reshape(B, T, 3, self.heads, self.head_dim).unbind(2)
+        new_cache = history[:, history.shape[1] - pad :]
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """θ, log η, log(1 − α), each (B, T, H). Log-sigmoids keep the extremes finite."""
+        theta_logit, eta_logit, alpha_logit = self.to_gates(x).chunk(3, dim=-1)
+        theta = self.theta_max * torch.sigmoid(theta_logit)
+        return theta, F.logsigmoid(eta_logit), F.logsigmoid(-alpha_logit)
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dtype(self) -> torch.dtype:
+        """The memory recurrence runs in float32 at least (float64 when the module is float64)."""
+        return torch.promote_types(self.init_weights[0].dtype, torch.float32)
+
+    def initial_state(self, batch: int) -> MemoryState:
+        dtype = self.state_dtype()
+        weights = [w.to(dtype).unsqueeze(0).expand(batch, *w.shape) for w in self.init_weights]
+        return MemoryState(weights, [torch.zeros_like(w) for w in weights], None)
+
+    def read(self, q: Tensor, state: MemoryState) -> Tensor:
+        """Retrieve M(q) without writing: q (B, N, H, d) unit-norm queries → (B, N, dim)."""
+        B, N, H, d = q.shape
+        with torch.autocast(q.device.type, enabled=False):
+            weights = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
+            q = q.to(weights[0].dtype).transpose(1, 2).reshape(B * H, N, d)
+            y = memory_mlp(weights, q).reshape(B, H, N, d).transpose(1, 2)
+        return self.output(y)
+
+    def output(self, y: Tensor) -> Tensor:
+        """Per-head RMSNorm of the retrieved values, then the output projection. y: (B, T, H, d)."""
+        return self.to_out(self.out_norm(y.to(self.to_out.weight.dtype)).flatten(2))
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        B, T, _ = x.shape
+        if state is None:
+            state = self.initial_state(B)
+        q, k, v, conv_cache = self.project(x, state.conv)
+        theta, log_eta, log_keep = self.gates(x)
+        with torch.autocast(x.device.type, enabled=False):
+            y, weights, momentum = self.scan(q, k, v, theta, log_eta, log_keep, state)
+        return self.output(y), MemoryState(weights, momentum, conv_cache)
+
+    def scan(
+        self, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor,
+        state: MemoryState,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Run the chunked recurrence. Inputs (B, T, H, ·); returns y (B, T, H, d) and the end state."""
+        B, T, H, d = q.shape
+        b = self.chunk_size
+        n_chunks = -(-T // b)
+        pad = n_chunks * b - T
+        dtype = state.weights[0].dtype
+
+        def heads_first(t: Tensor) -> Tensor:
+            # (B, T, H, ·) → (B·H, n_chunks, b, ·); padded tokens get θ = 0, η = 1, α = 0: identity steps.
+            t = t.to(dtype).transpose(1, 2)
+            t = F.pad(t, (0, 0, 0, pad)) if t.dim() == 4 else F.pad(t, (0, pad))
+            return t.reshape(B * H, n_chunks, b, *t.shape[3:])
+
+        q, k, v = heads_first(q), heads_first(k), heads_first(v)
+        gates = [heads_first(g.unsqueeze(-1)).squeeze(-1) for g in (theta, log_eta, log_keep)]
+        d_coef, c_coef, eta_prod, beta, gamma = chunk_coefficients(*gates)
+
+        flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
+        outputs = []
+        for i in range(n_chunks):
+            args = (q[:, i], k[:, i], v[:, i], d_coef[:, i], c_coef[:, i], eta_prod[:, i], beta[:, i],
+                    gamma[:, i], *flat)
+            if self.recompute and torch.is_grad_enabled():
+                y, *flat = checkpoint(memory_chunk_step, self.depth, *args, use_reentrant=False)
+            else:
+                y, *flat = memory_chunk_step(self.depth, *args)
+            outputs.append(y)
+        y = torch.stack(outputs, dim=1).reshape(B, H, n_chunks * b, d)[:, :, :T].transpose(1, 2)
+        unflat = [t.reshape(B, H, *t.shape[1:]) for t in flat]
+        return y, unflat[: self.depth], unflat[self.depth :]
