@@ -271,10 +271,12 @@ class NeuralMemory(nn.Module):
         d_coef, c_coef, eta_prod, beta, gamma = chunk_coefficients(*gates)
 
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
+        # unbind, not indexing: the backward of x[:, i] writes into a zero tensor of x's full size per
+        # chunk (quadratic in length); unbind's backward stacks the chunk gradients once.
+        per_chunk = zip(*(t.unbind(1) for t in (q, k, v, d_coef, c_coef, eta_prod, beta, gamma)), strict=True)
         outputs = []
-        for i in range(n_chunks):
-            args = (q[:, i], k[:, i], v[:, i], d_coef[:, i], c_coef[:, i], eta_prod[:, i], beta[:, i],
-                    gamma[:, i], *flat)
+        for chunk in per_chunk:
+            args = (*chunk, *flat)
             if self.recompute and torch.is_grad_enabled():
                 y, *flat = checkpoint(memory_chunk_step, self.depth, *args, use_reentrant=False)
             else:

@@ -54,7 +54,7 @@ class TitansConfig:
     memory_head_dim: int | None = None  # default head_dim
     memory_depth: int = 2  # L_M, layers of the memory MLP
     memory_hidden: int | None = None  # default 4·memory_head_dim
-    memory_chunk: int = 16  # b: tokens per chunk of the parallel memory update
+    memory_chunk: int = 64  # b: tokens per chunk of the parallel memory update
     memory_conv_kernel: int = 4
     memory_theta_max: float = 1.0  # θ = theta_max · sigmoid(·)
     recompute_memory: bool = False  # recompute each memory chunk in backward (bounded activations)

@@ -1,0 +1,389 @@
+"""Attention for the Titans blocks: RoPE, sliding-window causal attention with persistent-memory and
+long-term-memory tokens, and the `Attention` module used by MAC / MAG / MAL / SWA.
+
+Key layout seen by a query at position t (DESIGN.md §3):
+
+    [persistent tokens (always visible) ‖ memory tokens (all visible, or causal) ‖ sequence t-w+1 .. t]
+
+Two implementations of the same maths:
+
+* a plain torch path (any device / dtype, differentiable) that works query-block by query-block, so
+  memory is O(T·(block + w)) and a T×T mask is never built;
+* a flash-attn path (CUDA, fp16/bf16, when `flash_attn` is installed): flash-attn handles the sequence
+  part (window_size=(w-1, 0)) and the memory parts; the parts are merged through their log-sum-exps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional GPU extra (`pip install .[gpu]`)
+    from flash_attn import flash_attn_func as _flash_attn_func
+except (ImportError, OSError):  # not installed, or built against another CUDA/torch
+    _flash_attn_func = None
+
+# Module-level so tests can substitute a pure-torch stand-in and exercise the flash path on CPU.
+flash_attn_func: Callable | None = _flash_attn_func
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_cos_sin(
+    positions: Tensor, head_dim: int, base: float, dtype: torch.dtype, device: torch.device | str | None
+) -> tuple[Tensor, Tensor]:
+    """cos/sin tables of shape positions.shape + (head_dim,) for the rotate-half convention.
+
+    Angles are computed in float32 (float64 when asked for float64) and only then cast, because
+    bf16 angles at positions in the thousands would be badly rounded.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    exponents = torch.arange(0, head_dim, 2, dtype=compute_dtype, device=device) / head_dim
+    inv_freq = base**-exponents
+    angles = positions.to(device=device, dtype=compute_dtype)[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, d) by position; cos/sin are (T, d) (or anything broadcastable).
+
+    Pairs (i, i + d/2) are rotated together ("rotate half"), as in GPT-NeoX / Llama.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+# -------------------------------------------------------------------------------- attention helpers
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    out_*: (..., T, d) normalised outputs; lse_*: (..., T) log-sum-exp of the scaled scores.
+    Returns (out, lse). Softmax over the union is a convex mix of the two partial softmaxes with
+    weights exp(lse_x - lse), which is computed stably. One of the two sets may be empty for a
+    query (lse = -inf); then the other set's output is returned unchanged.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    # Guard the both-empty case (-inf - -inf = nan): both weights become exp(-inf) = 0.
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return w_a * out_a + w_b * out_b, lse
+
+
+def _dense_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Unmasked attention of q (B, H, T, d) over a few keys (B, H, C, d), returning (out, lse).
+
+    Used for the always-visible persistent/memory tokens on the flash path, where C is small
+    (hundreds), so a (T, C) score matrix is cheap. Half precision is upcast to float32.
+    """
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.to(compute))
+    return out, lse
+
+
+def _context_kv(
+    q: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    extra_k: Tensor | None,
+    extra_v: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Concatenate the always-visible keys/values: [prefix (broadcast over batch) ‖ extra]."""
+    B = q.shape[0]
+    ks, vs = [], []
+    if prefix_k is not None:
+        ks.append(prefix_k.to(q.dtype).unsqueeze(0).expand(B, -1, -1, -1))
+        vs.append(prefix_v.to(q.dtype).unsqueeze(0).expand(B, -1, -1, -1))
+    if extra_k is not None:
+        ks.append(extra_k.to(q.dtype))
+        vs.append(extra_v.to(q.dtype))
+    if not ks:
+        return None, None
+    if len(ks) == 1:
+        return ks[0], vs[0]
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+
+# --------------------------------------------------------------------------------------- torch path
+
+
+def _torch_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int | None,
+    ctx_k: Tensor | None,
+    ctx_v: Tensor | None,
+    causal_k: Tensor | None,
+    causal_v: Tensor | None,
+    block_size: int,
+) -> Tensor:
+    """Reference-quality attention on any device, one block of queries at a time.
+
+    A query block [s, e) needs sequence keys [s - w + 1, e) only, so each block builds a
+    (e - s) × (ctx + causal + e - s + w - 1) boolean mask; nothing is O(T²) unless window is None
+    and memory tokens are present, where each block still only needs (block × T).
+    """
+    B, H, T, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    if window is not None and window >= T:
+        window = None  # every key in the causal past is within the window
+    if window is None and ctx_k is None and causal_k is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    device = q.device
+    outs = []
+    for s in range(0, T, block_size):
+        e = min(s + block_size, T)
+        lo = 0 if window is None else max(0, s - window + 1)
+        qpos = torch.arange(s, e, device=device).unsqueeze(1)
+        kpos = torch.arange(lo, e, device=device).unsqueeze(0)
+        seq_mask = kpos <= qpos
+        if window is not None:
+            seq_mask = seq_mask & (kpos > qpos - window)
+        keys, vals, masks = [k[:, :, lo:e]], [v[:, :, lo:e]], [seq_mask]
+        if causal_k is not None:  # memory token j is visible to query i iff j <= i
+            keys.insert(0, causal_k[:, :, :e])
+            vals.insert(0, causal_v[:, :, :e])
+            masks.insert(0, torch.arange(e, device=device).unsqueeze(0) <= qpos)
+        if ctx_k is not None:  # always visible
+            keys.insert(0, ctx_k)
+            vals.insert(0, ctx_v)
+            masks.insert(0, torch.ones(e - s, ctx_k.shape[2], dtype=torch.bool, device=device))
+        out = F.scaled_dot_product_attention(
+            q[:, :, s:e],
+            torch.cat(keys, dim=2),
+            torch.cat(vals, dim=2),
+            attn_mask=torch.cat(masks, dim=1),
+            scale=scale,
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+# --------------------------------------------------------------------------------------- flash path
+
+
+def _flash_window_size(window: int | None) -> tuple[int, int]:
+    return (-1, -1) if window is None else (window - 1, 0)
+
+
+class _FlashWithLSE(torch.autograd.Function):
+    """flash_attn_func (causal) returning (out, lse) with a correct gradient through lse.
+
+    flash-attn returns the log-sum-exp but its backward ignores the lse cotangent. Merging parts
+    through their lse makes the output depend on lse, so using flash_attn_func directly would
+    silently give wrong gradients for q and k. The lse gradient is added here with public calls:
+        d lse_i / d q_i = scale · Σ_j p_ij k_j         (attention output with values = keys)
+        d lse_i / d k_j = scale · Σ_i p_ij g_i q_i     (the dV of that same call, cotangent g·q)
+    Inputs and outputs use flash layout: q, k, v (B, T, H, d); out (B, T, H, d); lse (B, H, T).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, window_size: tuple[int, int]):  # type: ignore[override]
+        res = flash_attn_func(q, k, v, causal=True, window_size=window_size, return_attn_probs=True)
+        out, lse = res[0], res[1][..., : q.shape[1]]
+        ctx.save_for_backward(q, k, v)
+        ctx.window_size = window_size
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, dlse: Tensor):  # type: ignore[override]
+        q, k, v = ctx.saved_tensors
+        ws = ctx.window_size
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        with torch.enable_grad():
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            out = flash_attn_func(qg, kg, vg, causal=True, window_size=ws)
+            dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), dout)
+            # lse part; g = dlse in (B, T, H, 1) layout.
+            g = dlse.transpose(1, 2).unsqueeze(-1)
+            k_as_v = k.detach().requires_grad_()
+            y = flash_attn_func(q.detach(), k.detach(), k_as_v, causal=True, window_size=ws)
+            (dk_lse,) = torch.autograd.grad(y, k_as_v, (g * scale * q).to(y.dtype))
+        dq = (dq.to(g.dtype) + g * scale * y.detach().to(g.dtype)).to(q.dtype)
+        dk = (dk.to(g.dtype) + dk_lse.to(g.dtype)).to(k.dtype)
+        return dq, dk, dv, None
+
+
+def _flash_part(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
+    """Causal (windowed) flash attention on (B, H, T, d) tensors; returns (out (B,H,T,d), lse (B,H,T))."""
+    out, lse = _FlashWithLSE.apply(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), _flash_window_size(window)
+    )
+    return out.transpose(1, 2), lse
+
+
+def _flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int | None,
+    ctx_k: Tensor | None,
+    ctx_v: Tensor | None,
+    causal_k: Tensor | None,
+    causal_v: Tensor | None,
+) -> Tensor:
+    """flash-attn for the sequence (and causal memory) keys, dense torch for the always-visible
+    keys, merged via log-sum-exp. Without memory/persistent tokens this is one plain flash call."""
+    if ctx_k is None and causal_k is None:
+        out = flash_attn_func(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            causal=True,
+            window_size=_flash_window_size(window),
+        )
+        return out.transpose(1, 2)
+    out, lse = _flash_part(q, k, v, window)
+    if causal_k is not None:  # N == T, so flash's causal mask is exactly "j <= i"
+        out, lse = merge_attention(out, lse, *_flash_part(q, causal_k, causal_v, None))
+    if ctx_k is not None:
+        out, lse = merge_attention(out, lse, *_dense_attention_lse(q, ctx_k, ctx_v))
+    return out.to(q.dtype)
+
+
+def _use_flash(q: Tensor) -> bool:
+    return (
+        flash_attn_func is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+    )
+
+
+# ------------------------------------------------------------------------------------------- public
+
+
+def windowed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int | None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
+    extra_k: Tensor | None = None,
+    extra_v: Tensor | None = None,
+    extra_causal: bool = False,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Tensor:
+    """Causal sliding-window attention with optional always-visible prefix and extra tokens.
+
+    q, k, v: (B, H, T, d). `window=w`: query t sees sequence keys t-w+1 .. t (flash-attn
+    `window_size=(w-1, 0)`); `None` = full causal. prefix_k/v: (H, P, d), shared over the batch,
+    visible to every query. extra_k/v: (B, H, N, d), visible to every query, or if `extra_causal`
+    (needs N == T) extra token j only to queries i >= j. Scale 1/sqrt(d). Returns (B, H, T, d).
+    `block_size` is the query block of the torch path (memory O(T·(block_size + w))).
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must be (B, H, T, d) alike, got {q.shape}, {k.shape}, {v.shape}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if (prefix_k is None) != (prefix_v is None) or (extra_k is None) != (extra_v is None):
+        raise ValueError("keys and values must be given together")
+    if extra_causal and extra_k is not None and extra_k.shape[2] != q.shape[2]:
+        raise ValueError(f"extra_causal needs N == T, got N={extra_k.shape[2]}, T={q.shape[2]}")
+
+    causal_k = causal_v = None
+    if extra_causal and extra_k is not None:
+        causal_k, causal_v = extra_k.to(q.dtype), extra_v.to(q.dtype)
+        extra_k = extra_v = None
+    ctx_k, ctx_v = _context_kv(q, prefix_k, prefix_v, extra_k, extra_v)
+
+    if _use_flash(q):
+        return _flash_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v)
+    return _torch_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v, block_size)
+
+
+class Attention(nn.Module):
+    """Multi-head causal (sliding-window) attention with RoPE and persistent memory.
+
+    Persistent memory tokens are parametrised directly as per-head keys/values: prepending learned
+    tokens p would give keys W_K p, which is itself a free vector, so this is the same model class
+    with fewer indirections. Persistent and long-term-memory tokens carry no position (no RoPE):
+    they are not part of the sequence.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        window: int | None,
+        n_persistent: int = 0,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.window = window
+        self.n_persistent = n_persistent
+        self.rope_base = rope_base
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        if n_persistent > 0:
+            self.persistent_k = nn.Parameter(torch.randn(heads, n_persistent, head_dim) * 0.02)
+            self.persistent_v = nn.Parameter(torch.randn(heads, n_persistent, head_dim) * 0.02)
+        else:
+            self.register_parameter("persistent_k", None)
+            self.register_parameter("persistent_v", None)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory_tokens: Tensor | None = None,
+        memory_tokens_causal: bool = False,
+        position_offset: int = 0,
+    ) -> Tensor:
+        """x: (B, T, dim) -> (B, T, dim).
+
+        memory_tokens: (B, N, dim) long-term-memory tokens (MAC), projected with to_k/to_v and
+        attended without RoPE; `memory_tokens_causal` (N == T) lets query i see only tokens j <= i.
+        position_offset: RoPE position of x[:, 0] (e.g. the segment start in MAC).
+        """
+        B, T, _ = x.shape
+        q, k, v = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        positions = torch.arange(position_offset, position_offset + T, device=x.device)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, q.dtype, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        extra_k = extra_v = None
+        if memory_tokens is not None:
+            extra_k = self._split_heads(self.to_k(memory_tokens))
+            extra_v = self._split_heads(self.to_v(memory_tokens))
+        out = windowed_attention(
+            q,
+            k,
+            v,
+            self.window,
+            prefix_k=self.persistent_k,
+            prefix_v=self.persistent_v,
+            extra_k=extra_k,
+            extra_v=extra_v,
+            extra_causal=memory_tokens_causal,
+        )
+        return self.to_out(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
