@@ -1,0 +1,137 @@
+"""TitansLM: causality of every variant, overfitting a batch, the layer pattern, parameters and FLOPs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titans.flops import _mean_causal_keys, training_flops_per_token
+from titans.model import TitansConfig, TitansLM, count_parameters, num_parameters, parse_layer_pattern
+
+VARIANTS = ["mac", "mag", "mal", "lmm", "swa", "full"]
+
+
+def tiny_config(layers: str, **overrides) -> TitansConfig:
+    kw = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, layers=layers, window=4, n_persistent=2,
+              segment_len=8, memory_chunk=4, memory_depth=2, memory_hidden=16)
+    kw.update(overrides)
+    return TitansConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "layers,extra",
+    [(v, {}) for v in VARIANTS] + [("mac", {"mac_memory_tokens": 3}), ("lmm*3,full", {"n_layers": 4})],
+)
+def test_changing_future_tokens_leaves_past_logits_unchanged(layers, extra):
+    torch.manual_seed(0)
+    model = TitansLM(tiny_config(layers, **extra)).double()
+    tokens = torch.randint(0, 64, (2, 21))
+    logits, _ = model(tokens)
+    for t in (1, 5, 8, 13, 20):
+        changed = tokens.clone()
+        changed[:, t:] = torch.randint(0, 64, changed[:, t:].shape)
+        assert not torch.equal(changed, tokens)
+        new_logits, _ = model(changed)
+        assert torch.equal(new_logits[:, :t], logits[:, :t]), f"position < {t} saw the future"
+        assert not torch.equal(new_logits[:, t:], logits[:, t:])  # the test can see a change
+
+
+def test_swa_model_sees_only_its_window():
+    """One SWA layer: position t's logits depend on tokens t−w+1..t only."""
+    torch.manual_seed(0)
+    model = TitansLM(tiny_config("swa", n_layers=1, window=4)).double()
+    tokens = torch.randint(0, 64, (1, 16))
+    logits, _ = model(tokens)
+    changed = tokens.clone()
+    changed[:, :8] = (changed[:, :8] + 1) % 64  # positions 0..7 lie outside the window of 11..15
+    new_logits, _ = model(changed)
+    assert torch.equal(new_logits[:, 11:], logits[:, 11:])
+    assert not torch.equal(new_logits[:, 8:11], logits[:, 8:11])
+
+
+@pytest.mark.parametrize("kind", ["mag", "mal"])
+def test_memory_blocks_attend_through_the_configured_window(kind):
+    model = TitansLM(tiny_config(kind, window=5))
+    assert all(block.attn.window == 5 for block in model.blocks)
+
+
+def test_state_carry_through_the_model_equals_one_call():
+    torch.manual_seed(0)
+    model = TitansLM(tiny_config("lmm")).double()
+    tokens = torch.randint(0, 64, (2, 16))
+    whole, _ = model(tokens)
+    first, states = model(tokens[:, :8])
+    second, _ = model(tokens[:, 8:], states)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", VARIANTS)
+def test_each_variant_overfits_one_batch(layers):
+    torch.manual_seed(0)
+    model = TitansLM(tiny_config(layers, n_heads=4, dim=64))
+    tokens = torch.randint(0, 64, (2, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        logits, _ = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if loss.item() < 0.1 * losses[0]:
+            break
+    assert losses[-1] < 0.1 * losses[0], f"{layers}: loss {losses[0]:.3f} → {losses[-1]:.3f}"
+
+
+def test_bf16_autocast_keeps_memory_state_float32():
+    model = TitansLM(tiny_config("mac"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, states = model(torch.randint(0, 64, (1, 16)))
+    assert logits.dtype == torch.bfloat16
+    assert all(w.dtype == torch.float32 for s in states for w in (*s.weights, *s.momentum))
+
+
+def test_layer_pattern():
+    assert parse_layer_pattern("mac", 3) == ["mac"] * 3
+    assert parse_layer_pattern("lmm*7,full", 16) == (["lmm"] * 7 + ["full"]) * 2
+    assert parse_layer_pattern("MAG, swa", 4) == ["mag", "swa", "mag", "swa"]
+    with pytest.raises(ValueError, match="does not divide"):
+        parse_layer_pattern("lmm*7,full", 12)
+    with pytest.raises(ValueError, match="bad item 'attn'"):
+        parse_layer_pattern("mac,attn", 2)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="n_heads"):
+        TitansConfig(dim=30, n_heads=4)
+    with pytest.raises(ValueError, match="segment_len"):
+        TitansConfig(layers="mac", segment_len=100, memory_chunk=64)
+
+
+def test_parameter_count_without_allocating():
+    cfg = tiny_config("mac,mag,mal,lmm", n_layers=4)
+    model = TitansLM(cfg)
+    assert num_parameters(cfg) == count_parameters(model)
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())  # tied head once
+    untied = TitansLM(tiny_config("mac,mag,mal,lmm", n_layers=4, tie_embeddings=False))
+    assert count_parameters(untied) == count_parameters(model) + 64 * 32
+
+
+@pytest.mark.parametrize("layers,window", [("full", None), ("swa", 4)])
+def test_attention_flops_match_an_independent_count(layers, window):
+    """For attention-only models: 6 × matmul weights + 3 × 4·inner·keys per layer (QKᵀ and AV)."""
+    seq = 16
+    cfg = tiny_config(layers, n_persistent=0, tie_embeddings=False)
+    model = TitansLM(cfg)
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    keys = sum(min(t + 1, window or seq) for t in range(seq)) / seq
+    expected = 6 * matmul_weights + 3 * 4 * cfg.dim * keys * cfg.n_layers
+    assert _mean_causal_keys(seq, window) == pytest.approx(keys)
+    assert training_flops_per_token(cfg, seq) == pytest.approx(expected)
+
+
+def test_memory_layers_count_their_test_time_training():
+    swa = training_flops_per_token(tiny_config("swa"), 64)
+    for kind in ("mag", "mal", "mac"):
+        assert training_flops_per_token(tiny_config(kind), 64) > swa
