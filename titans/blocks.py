@@ -180,8 +180,7 @@ class MACBlock(Block):
         if state is None:
             state = self.memory.initial_state(x.shape[0])
         outputs = []
-        for start in range(0, x.shape[1], self.segment_len):
-            segment = x[:, start : start + self.segment_len]
+        for segment in x.split(self.segment_len, dim=1):  # split: its backward does not zero-fill x
             memory_tokens = self.memory.read(self.memory_queries(segment), state)
             y = self.attn(segment, memory_tokens=memory_tokens,
                           memory_tokens_causal=self.memory_probes is None)

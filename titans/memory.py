@@ -89,7 +89,7 @@ def weighted_loss_grads(weights: list[Tensor], k: Tensor, v: Tensor, token_weigh
     return grads
 
 
-def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor) -> tuple[Tensor, ...]:
+def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
     """Collapse b token steps of surprise/forgetting into per-chunk coefficients (DESIGN §2).
 
     All inputs (..., b): θ_i, log η_i, log(1 − α_i). With β_i = Π_{j≤i}(1 − α_j) and gradients u_i taken
@@ -98,6 +98,8 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor) -> tupl
         M_end = β_b M_0 + γ S_0 − Σ c_i u_i,           c_i = θ_i Σ_{m≥i} (β_b/β_m) Π_{i<j≤m} η_j
         γ = Σ_m (β_b/β_m) Π_{j≤m} η_j
     Everything is an exponential of a non-positive log sum, so no ratio of tiny numbers is ever formed.
+    `valid` (..., b) marks real tokens: padding (θ = 0, η = 1, α = 0) leaves S unchanged but would
+    still add S to M at every padded step, so padded steps m are left out of the sums over m.
     Returns d, c (..., b) and eta_prod, beta, gamma (...,).
     """
     cum_eta = log_eta.cumsum(-1)
@@ -108,9 +110,9 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor) -> tupl
     exponent = (keep_end - cum_keep + cum_eta).unsqueeze(-2) - cum_eta.unsqueeze(-1)
     b = theta.shape[-1]
     upper = torch.ones(b, b, dtype=torch.bool, device=theta.device).triu()
-    exponent = exponent.masked_fill(~upper, float("-inf"))
+    exponent = exponent.masked_fill(~(upper & valid.unsqueeze(-2)), float("-inf"))
     c = theta * torch.exp(exponent).sum(-1)
-    gamma = torch.exp(keep_end - cum_keep + cum_eta).sum(-1)
+    gamma = torch.exp((keep_end - cum_keep + cum_eta).masked_fill(~valid, float("-inf"))).sum(-1)
     return d, c, torch.exp(eta_end[..., 0]), torch.exp(keep_end[..., 0]), gamma
 
 
@@ -268,7 +270,8 @@ class NeuralMemory(nn.Module):
 
         q, k, v = heads_first(q), heads_first(k), heads_first(v)
         gates = [heads_first(g.unsqueeze(-1)).squeeze(-1) for g in (theta, log_eta, log_keep)]
-        d_coef, c_coef, eta_prod, beta, gamma = chunk_coefficients(*gates)
+        valid = (torch.arange(n_chunks * b, device=q.device) < T).view(n_chunks, b)
+        d_coef, c_coef, eta_prod, beta, gamma = chunk_coefficients(*gates, valid)
 
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
         # unbind, not indexing: the backward of x[:, i] writes into a zero tensor of x's full size per

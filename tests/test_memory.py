@@ -1,0 +1,139 @@
+"""NeuralMemory's chunked fast path against the per-token reference; state carry; dtypes."""
+
+import math
+
+import pytest
+import torch
+from reference_memory import reference_memory
+
+from titans.memory import MemoryState, NeuralMemory
+
+LOGIT_1E4 = math.log(1e4)  # sigmoid(±LOGIT_1E4) ≈ 1 − 1e-4 / 1e-4
+
+
+def make_memory(depth: int, chunk: int, eta_logit: float | None = None, alpha_logit: float | None = None,
+                **kw) -> NeuralMemory:
+    torch.manual_seed(depth * 100 + chunk)
+    mem = NeuralMemory(dim=12, heads=2, head_dim=4, depth=depth, hidden=6, chunk_size=chunk, **kw).double()
+    with torch.no_grad():  # data-dependent gates that vary a lot across tokens
+        mem.to_gates.weight.normal_(std=0.5)
+        mem.to_gates.bias.normal_(std=0.5)
+        h = mem.heads
+        if eta_logit is not None:
+            mem.to_gates.weight[h : 2 * h] *= 0.01
+            mem.to_gates.bias[h : 2 * h] = eta_logit
+        if alpha_logit is not None:
+            mem.to_gates.weight[2 * h :] *= 0.01
+            mem.to_gates.bias[2 * h :] = alpha_logit
+        mem.out_norm.weight.normal_(1.0, 0.2)
+    return mem
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def objective(out, weights, momentum, probes) -> torch.Tensor:
+    """A scalar touching the outputs and the whole end state, so every parameter gets a gradient."""
+    total = (out * probes[0]).sum()
+    for w, s, pw, ps in zip(weights, momentum, probes[1], probes[2]):
+        total = total + (w * pw).sum() + (s * ps).sum()
+    return total
+
+
+def compare_to_reference(mem: NeuralMemory, T: int, grads_at_chunk_start: bool = True) -> float:
+    """Largest relative error over outputs, end state and gradients of every parameter and the input."""
+    torch.manual_seed(T)
+    x = torch.randn(2, T, 12, dtype=torch.float64, requires_grad=True)
+    out, state = mem(x)
+    ref_out, ref_w, ref_s, ref_conv = reference_memory(mem, x, grads_at_chunk_start=grads_at_chunk_start)
+    probes = (torch.randn_like(out), [torch.randn_like(w) for w in ref_w], [torch.randn_like(s) for s in ref_s])
+    inputs = [x, *mem.parameters()]
+    grads = torch.autograd.grad(objective(out, state.weights, state.momentum, probes), inputs)
+    ref_grads = torch.autograd.grad(objective(ref_out, ref_w, ref_s, probes), inputs)
+    pairs = [(out, ref_out), (state.conv, ref_conv), *zip(state.weights, ref_w), *zip(state.momentum, ref_s)]
+    pairs += list(zip(grads, ref_grads))
+    assert len(grads) == 1 + len(list(mem.parameters())) and all(g.abs().max() > 0 for g in ref_grads)
+    return max(rel_err(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("chunk", [1, 2, 16])
+@pytest.mark.parametrize("T", [7, 19])
+def test_fast_path_matches_per_token_reference(depth, chunk, T):
+    assert compare_to_reference(make_memory(depth, chunk), T) <= 1e-6
+
+
+@pytest.mark.parametrize("eta_logit", [-LOGIT_1E4, LOGIT_1E4])
+@pytest.mark.parametrize("alpha_logit", [-LOGIT_1E4, LOGIT_1E4])
+@pytest.mark.parametrize("chunk", [2, 16])
+def test_fast_path_matches_reference_with_gates_at_extremes(eta_logit, alpha_logit, chunk):
+    """η and α near 0 and near 1 (1e-4 from either end), in every combination."""
+    mem = make_memory(2, chunk, eta_logit, alpha_logit)
+    assert compare_to_reference(mem, 19) <= 1e-6
+
+
+def test_comparison_detects_token_level_gradients():
+    """The test can fail: gradients at the running weights instead of the chunk start differ."""
+    assert compare_to_reference(make_memory(2, 4), 12, grads_at_chunk_start=False) > 1e-3
+
+
+def test_reference_state_carry_matches_fast_state_carry():
+    mem = make_memory(2, 4)
+    x = torch.randn(1, 16, 12, dtype=torch.float64)
+    first = reference_memory(mem, x[:, :8])
+    second = reference_memory(mem, x[:, 8:], state=first[1:])
+    out, _ = mem(x)
+    assert rel_err(torch.cat([first[0], second[0]], 1), out) <= 1e-6
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("depth,chunk,split", [(1, 4, 8), (2, 4, 12), (3, 16, 16)])
+def test_state_carry_two_halves_equal_whole(depth, chunk, split, recompute):
+    mem = make_memory(depth, chunk, recompute=recompute)
+    x = torch.randn(2, 29, 12, dtype=torch.float64)
+    whole, state = mem(x)
+    first, mid = mem(x[:, :split])
+    second, end = mem(x[:, split:], mid)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip([*end.weights, *end.momentum, end.conv], [*state.weights, *state.momentum, state.conv]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_recompute_gives_identical_outputs_and_gradients():
+    x = torch.randn(2, 21, 12, dtype=torch.float64)
+    results = []
+    for recompute in (False, True):
+        mem = make_memory(2, 4, recompute=recompute)
+        out, state = mem(x)
+        loss = out.square().sum() + state.weights[0].sum()
+        results.append((out, torch.autograd.grad(loss, list(mem.parameters()))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_state_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    mem = NeuralMemory(dim=16, heads=2, head_dim=8, chunk_size=4)
+    x = torch.randn(2, 10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = mem(x)
+        out2, state2 = mem(x, state)
+    assert out.dtype == torch.bfloat16 and out2.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in (*state2.weights, *state2.momentum))
+
+
+def test_detached_state_cuts_the_graph():
+    mem = make_memory(2, 4)
+    _, state = mem(torch.randn(1, 8, 12, dtype=torch.float64))
+    detached = state.detach()
+    assert isinstance(detached, MemoryState)
+    assert not any(t.requires_grad for t in (*detached.weights, *detached.momentum))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="depth"):
+        NeuralMemory(8, 2, 4, depth=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        NeuralMemory(8, 2, 4, chunk_size=0)
