@@ -47,7 +47,8 @@ def compare_to_reference(mem: NeuralMemory, T: int, grads_at_chunk_start: bool =
     x = torch.randn(2, T, 12, dtype=torch.float64, requires_grad=True)
     out, state = mem(x)
     ref_out, ref_w, ref_s, ref_conv = reference_memory(mem, x, grads_at_chunk_start=grads_at_chunk_start)
-    probes = (torch.randn_like(out), [torch.randn_like(w) for w in ref_w], [torch.randn_like(s) for s in ref_s])
+    probes = (torch.randn_like(out), [torch.randn_like(w) for w in ref_w],
+              [torch.randn_like(s) for s in ref_s])
     inputs = [x, *mem.parameters()]
     grads = torch.autograd.grad(objective(out, state.weights, state.momentum, probes), inputs)
     ref_grads = torch.autograd.grad(objective(ref_out, ref_w, ref_s, probes), inputs)
