@@ -33,7 +33,7 @@ def bench_config(layers: str, args: argparse.Namespace) -> TitansConfig:
     return TitansConfig(
         vocab_size=args.vocab, dim=256, n_layers=4, n_heads=4, head_dim=64, layers=layers,
         window=args.window, segment_len=args.window, n_persistent=16, memory_chunk=args.chunk,
-        memory_depth=2, recompute_memory=args.recompute,
+        memory_depth=2, recompute_memory=not args.no_recompute, mac_memory_tokens=args.mac_memory_tokens,
     )
 
 
@@ -119,7 +119,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--long-variants", nargs="+", default=["lmm", "mac"])
-    parser.add_argument("--recompute", action="store_true", help="recompute memory chunks in backward")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="plain autograd through the memory scan instead of the recomputing backward")
+    parser.add_argument("--mac-memory-tokens", type=int, default=0,
+                        help="MAC long-term memory tokens: 0 = one per segment token (v1), N = N probes")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = parser.parse_args()
     if args.threads:
@@ -129,7 +132,8 @@ def main() -> None:
     mem_label = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
     print(f"# device: {name} ({device.type}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"# dim 256, 4 layers, 4 heads × 64, seq {args.seq}, batch {args.batch}, window/segment "
-          f"{args.window}, memory chunk {args.chunk}, vocab {args.vocab}")
+          f"{args.window}, memory chunk {args.chunk}, vocab {args.vocab}, MAC memory tokens "
+          f"{args.mac_memory_tokens or 'per token'}, recompute {not args.no_recompute}")
     print(f"| variant | tokens/s | step s | × SWA step time | {mem_label} |")
     print("|---|---|---|---|---|")
     results = {}

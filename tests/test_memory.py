@@ -74,6 +74,12 @@ def test_fast_path_matches_reference_with_gates_at_extremes(eta_logit, alpha_log
     assert compare_to_reference(mem, 19) <= 1e-6
 
 
+@pytest.mark.parametrize("depth,chunk", [(1, 2), (2, 16), (3, 4)])
+def test_recomputed_backward_matches_reference(depth, chunk):
+    """The custom backward (chunk-boundary states only, recompute per chunk) against the reference."""
+    assert compare_to_reference(make_memory(depth, chunk, recompute=True), 19) <= 1e-6
+
+
 def test_comparison_detects_token_level_gradients():
     """The test can fail: gradients at the running weights instead of the chunk start differ."""
     assert compare_to_reference(make_memory(2, 4), 12, grads_at_chunk_start=False) > 1e-3

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -132,6 +131,62 @@ def memory_chunk_step(
     new_momentum = [eta_prod * s - g[:, 0] for s, g in zip(momentum, grads, strict=True)]
     new_weights = [beta * w + gamma * s - g[:, 1] for w, s, g in zip(weights, momentum, grads, strict=True)]
     return (y, *new_weights, *new_momentum)
+
+
+def scan_chunks(
+    n_layers: int, inputs: tuple[Tensor, ...], state: list[Tensor]
+) -> tuple[Tensor, ...]:
+    """Run the chunks in order with plain autograd. inputs: q, k, v (N, n, b, d), then d, c (N, n, b)
+    and eta_prod, beta, gamma (N, n). Returns (y (N, n, b, d), *end_state)."""
+    # unbind, not indexing: the backward of x[:, i] writes into a zero tensor of x's full size per
+    # chunk (quadratic in length); unbind's backward stacks the chunk gradients once.
+    outputs = []
+    for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
+        y, *state = memory_chunk_step(n_layers, *chunk, *state)
+        outputs.append(y)
+    return (torch.stack(outputs, dim=1), *state)
+
+
+class RecomputedScan(torch.autograd.Function):
+    """The chunk scan with a backward that keeps only the chunk-boundary states.
+
+    Forward runs without building a graph and saves the inputs and the state at each chunk start
+    (the memory's size per chunk, nothing per token). Backward walks the chunks in reverse: it
+    recomputes one chunk from its saved start state with autograd and pulls the output and end-state
+    gradients through it, so activation memory is one chunk's worth plus the boundary states.
+    """
+
+    @staticmethod
+    def forward(ctx, n_layers: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        inputs, state = tensors[:8], list(tensors[8:])
+        boundaries, outputs = [], []
+        for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
+            boundaries += state
+            y, *state = memory_chunk_step(n_layers, *chunk, *state)
+            outputs.append(y)
+        ctx.n_layers, ctx.n_state = n_layers, len(state)
+        ctx.save_for_backward(*inputs, *boundaries)
+        return (torch.stack(outputs, dim=1), *state)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, *grad_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        saved = ctx.saved_tensors
+        inputs, boundaries, n = saved[:8], saved[8:], ctx.n_state
+        input_grads = [torch.zeros_like(t) for t in inputs]
+        grad_state = list(grad_state)
+        for i in reversed(range(inputs[0].shape[1])):
+            with torch.enable_grad():
+                chunk = [t[:, i].detach().requires_grad_(t.requires_grad) for t in inputs]
+                start = [s.detach().requires_grad_() for s in boundaries[i * n : (i + 1) * n]]
+                y, *end = memory_chunk_step(ctx.n_layers, *chunk, *start)
+                wanted = [t for t in (*chunk, *start) if t.requires_grad]
+                grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[:, i], *grad_state]))
+            for t, g in zip(chunk, input_grads, strict=True):
+                if t.requires_grad:
+                    g[:, i] = next(grads)
+            grad_state = list(grads)
+        return (None, *(g if t.requires_grad else None for t, g in zip(inputs, input_grads, strict=True)),
+                *grad_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,17 +329,11 @@ class NeuralMemory(nn.Module):
         d_coef, c_coef, eta_prod, beta, gamma = chunk_coefficients(*gates, valid)
 
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
-        # unbind, not indexing: the backward of x[:, i] writes into a zero tensor of x's full size per
-        # chunk (quadratic in length); unbind's backward stacks the chunk gradients once.
-        per_chunk = zip(*(t.unbind(1) for t in (q, k, v, d_coef, c_coef, eta_prod, beta, gamma)), strict=True)
-        outputs = []
-        for chunk in per_chunk:
-            args = (*chunk, *flat)
-            if self.recompute and torch.is_grad_enabled():
-                y, *flat = checkpoint(memory_chunk_step, self.depth, *args, use_reentrant=False)
-            else:
-                y, *flat = memory_chunk_step(self.depth, *args)
-            outputs.append(y)
-        y = torch.stack(outputs, dim=1).reshape(B, H, n_chunks * b, d)[:, :, :T].transpose(1, 2)
+        inputs = (q, k, v, d_coef, c_coef, eta_prod, beta, gamma)
+        if self.recompute and torch.is_grad_enabled():
+            y, *flat = RecomputedScan.apply(self.depth, *inputs, *flat)
+        else:
+            y, *flat = scan_chunks(self.depth, inputs, flat)
+        y = y.reshape(B, H, n_chunks * b, d)[:, :, :T].transpose(1, 2)
         unflat = [t.reshape(B, H, *t.shape[1:]) for t in flat]
         return y, unflat[: self.depth], unflat[self.depth :]

@@ -57,7 +57,7 @@ class TitansConfig:
     memory_chunk: int = 64  # b: tokens per chunk of the parallel memory update
     memory_conv_kernel: int = 4
     memory_theta_max: float = 1.0  # θ = theta_max · sigmoid(·)
-    recompute_memory: bool = False  # recompute each memory chunk in backward (bounded activations)
+    recompute_memory: bool = True  # backward keeps chunk-boundary states only, recomputes each chunk
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True

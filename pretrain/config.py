@@ -1,0 +1,177 @@
+"""Run configuration: dataclasses loaded from YAML, validated before any work starts, dotted overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["train.steps=100", "model.layers=mag"])
+
+An unknown key is an error that lists the valid ones; a value of the wrong type names its field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from titans.model import TitansConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from. `train`/`val` are prepared dataset folders (with manifest.json)."""
+
+    train: str = "data/stdlib-bytes"
+    val: str | None = None  # default: the validation split of `train`
+    default_corpus: bool = True  # build the embedded corpus into `train` if it is missing
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per optimizer step and data-parallel rank (before accumulation)
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and the run's bookkeeping."""
+
+    out_dir: str = "runs/tiny"
+    steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or "fp32", "bf16"
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    resume: bool = True
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    seed: int = 0
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+
+
+@dataclass
+class RunConfig:
+    model: TitansConfig = field(default_factory=TitansConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for section in ("model", "data", "train"):
+            obj = getattr(self, section)
+            out[section] = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the field or file."""
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Check/convert one YAML value against a resolved dataclass field type."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{path}: null is not allowed (expected {annotation})")
+    for option in options:
+        if option is type(None):
+            continue
+        origin = typing.get_origin(option)
+        if origin is tuple and isinstance(value, (list, tuple)):
+            args = typing.get_args(option)
+            if len(value) == len(args):
+                return tuple(_coerce(path, v, a) for v, a in zip(value, args))
+        elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif (option is int and isinstance(value, int) and not isinstance(value, bool)) or (
+            option in (bool, str) and isinstance(value, option)
+        ):
+            return value
+    raise ConfigError(f"{path}: {value!r} is not a valid {annotation}")
+
+
+def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+    valid = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # the model config validates itself and names the field
+        raise ConfigError(f"{section}: {err}") from err
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or parts[0] not in ("model", "data", "train"):
+        raise ConfigError(f"override {override!r}: key must be model.<k>, data.<k> or train.<k>")
+    tree.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (or start from defaults when path is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of model/data/train sections")
+    unknown = sorted(set(tree) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: model, data, train")
+    for override in overrides:
+        _apply_override(tree, override)
+    cfg = RunConfig(
+        model=_build("model", TitansConfig, tree.get("model", {})),
+        data=_build("data", DataConfig, tree.get("data", {})),
+        train=_build("train", TrainConfig, tree.get("train", {})),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that no single dataclass can make."""
+    t, d = cfg.train, cfg.data
+    positive = {"train.steps": t.steps, "train.grad_accum": t.grad_accum, "data.seq_len": d.seq_len,
+                "data.batch_size": d.batch_size, "train.log_every": t.log_every,
+                "train.eval_every": t.eval_every, "train.checkpoint_every": t.checkpoint_every,
+                "train.keep_last": t.keep_last, "train.max_nonfinite_steps": t.max_nonfinite_steps}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if not 0 <= t.warmup_steps < t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
