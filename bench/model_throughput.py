@@ -14,13 +14,13 @@ runs on the closest config and the ratio of tokens/s is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,14 +53,12 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-def train_step(model: torch.nn.Module, tokens: torch.Tensor, counter: SavedBytes | None = None) -> None:
-    if counter is None:
-        logits = model(tokens[:, :-1])
-    else:
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            logits = model(tokens[:, :-1])
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+def train_step(model: TitansLM, tokens: torch.Tensor, counter: SavedBytes | None = None) -> None:
+    hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter
+             else contextlib.nullcontext())
+    with hooks:
+        loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
 
 
 def measure(model: torch.nn.Module, batch: int, seq: int, vocab: int, repeats: int,
@@ -110,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="block kinds for table 1")
+    parser.add_argument("--variants", nargs="*", default=VARIANTS, help="block kinds for table 1")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--window", type=int, default=256, help="SWA window = MAC segment length")

@@ -84,6 +84,19 @@ def test_each_variant_overfits_one_batch(layers):
     assert losses[-1] < 0.1 * losses[0], f"{layers}: loss {losses[0]:.3f} → {losses[-1]:.3f}"
 
 
+def test_chunked_loss_equals_full_cross_entropy_and_its_gradients():
+    torch.manual_seed(0)
+    model = TitansLM(tiny_config("mag")).double()
+    tokens = torch.randint(0, 64, (2, 23))
+    logits, _ = model(tokens[:, :-1])
+    full = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    chunked, _ = model.loss(tokens[:, :-1], tokens[:, 1:], chunk_tokens=5)
+    torch.testing.assert_close(chunked, full.float(), rtol=1e-6, atol=1e-6)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(full, params), torch.autograd.grad(chunked, params)):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_autocast_keeps_memory_state_float32():
     model = TitansLM(tiny_config("mac"))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -224,6 +224,10 @@ class NeuralMemory(nn.Module):
         self.hidden = hidden or 4 * head_dim
         self.chunk_size, self.conv_kernel = chunk_size, conv_kernel
         self.theta_max, self.recompute = theta_max, recompute
+        # Diagnostics for logging: when record_stats is set, forward leaves the surprise (momentum)
+        # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached).
+        self.record_stats = False
+        self.stats: dict[str, Tensor] = {}
         inner = heads * head_dim
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
@@ -304,6 +308,14 @@ class NeuralMemory(nn.Module):
         theta, log_eta, log_keep = self.gates(x)
         with torch.autocast(x.device.type, enabled=False):
             y, weights, momentum = self.scan(q, k, v, theta, log_eta, log_keep, state)
+        if self.record_stats:
+            with torch.no_grad():
+                self.stats = {
+                    "surprise_norm": torch.stack([s.float().norm() for s in momentum]).norm() / B,
+                    "theta": theta.float().mean(),
+                    "eta": log_eta.float().exp().mean(),
+                    "alpha": -torch.expm1(log_keep.float()).mean(),
+                }
         return self.output(y), MemoryState(weights, momentum, conv_cache)
 
     def scan(

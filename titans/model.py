@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from titans.blocks import BLOCKS, build_block
 from titans.memory import MemoryState
@@ -110,16 +112,45 @@ class TitansLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
 
-    def forward(
+    def hidden_states(
         self, tokens: Tensor, states: list[MemoryState | None] | None = None
     ) -> tuple[Tensor, list[MemoryState | None]]:
+        """The final-norm features (B, T, dim) and the new per-layer memory states."""
         x = self.embed(tokens)
         states = states or [None] * len(self.blocks)
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):
             x, state = block(x, state)
             new_states.append(state)
-        return self.head(self.norm(x)), new_states
+        return self.norm(x), new_states
+
+    def forward(
+        self, tokens: Tensor, states: list[MemoryState | None] | None = None
+    ) -> tuple[Tensor, list[MemoryState | None]]:
+        features, states = self.hidden_states(tokens, states)
+        return self.head(features), states
+
+    def loss(
+        self, tokens: Tensor, targets: Tensor, states: list[MemoryState | None] | None = None,
+        chunk_tokens: int = 2048,
+    ) -> tuple[Tensor, list[MemoryState | None]]:
+        """Mean next-token cross-entropy without materialising all (B·T, vocab) logits at once.
+
+        The head and the loss run over `chunk_tokens` tokens at a time and are recomputed in backward,
+        so a 32K-vocabulary head costs O(chunk · vocab) memory instead of O(B · T · vocab).
+        """
+        features, states = self.hidden_states(tokens, states)
+        features, targets = features.flatten(0, 1), targets.flatten()
+        total = features.new_zeros((), dtype=torch.float32)
+        for f, t in zip(features.split(chunk_tokens), targets.split(chunk_tokens), strict=True):
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._cross_entropy_sum, f, t, use_reentrant=False)
+            else:
+                total = total + self._cross_entropy_sum(f, t)
+        return total / targets.numel(), states
+
+    def _cross_entropy_sum(self, features: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(self.head(features).float(), targets, reduction="sum")
 
 
 def count_parameters(model: nn.Module, include_embedding: bool = True) -> int:
