@@ -30,6 +30,7 @@ class DataConfig:
     batch_size: int = 8  # sequences per optimizer step and data-parallel rank (before accumulation)
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    max_corrupt_shards: int = 0  # corrupt shards skipped (logged, counted) before it is an error
     seed: int = 0
 
 

@@ -1,62 +1,127 @@
-"""A slow, obviously-correct reference for NeuralMemory: the per-token recurrence, autograd per token.
+"""A slow, obviously-correct reference for `titans.memory.NeuralMemory` (DESIGN §2).
 
-Uses only the module's parameters, never its helper functions. Semantics (DESIGN §2): inside a chunk of
-b tokens every gradient is taken at the chunk-start weights, and the queries read the chunk-start
-weights; then token by token  S ← η S − θ ∇ℓ,  W ← (1 − α) W + S.
+It reads only the module's *parameters* and a few hyper-parameters (heads, head_dim, depth, chunk size,
+conv kernel, theta_max) and re-derives everything else token by token, in the dtype of its inputs
+(the tests use float64):
+
+- projections and the depthwise causal conv written as explicit sums over the kernel taps;
+- gates as plain sigmoids;
+- the memory recurrence one token at a time: the gradient of each token's loss is taken with
+  `torch.autograd.grad(..., create_graph=True)` at the chunk-start weights, then
+  `S ← η S − θ u`, `W ← (1 − α) W + S`; the queries of a chunk read the chunk-start weights;
+- RMSNorm per head and the output projection written out by hand.
+
+None of the fast path's helpers (memory_mlp, weighted_loss_grads, chunk_coefficients, scan, project,
+gates, output) is used. Heads and batch rows are independent memories; their per-token losses are summed
+before `autograd.grad`, which gives each (batch, head) weight tensor exactly the gradient of its own loss
+because no loss term touches another row's weights.
+
+`grads_at_chunk_start=False` and `reads_at_chunk_start=False` are deliberately *wrong* variants (gradients /
+retrieval at the running weights instead of the chunk-start weights) that the tests use to prove they can
+fail.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
-def reference_mlp(weights: list[Tensor], x: Tensor) -> Tensor:
-    """weights[l]: (B, H, d_in, d_out); x: (B, H, d). SiLU between layers, none after the last."""
-    for i, w in enumerate(weights):
-        x = torch.einsum("bhi,bhio->bho", x, w)
-        if i < len(weights) - 1:
-            x = x * torch.sigmoid(x)
-    return x
+def _silu(z: Tensor) -> Tensor:
+    return z * torch.sigmoid(z)
 
 
-def reference_memory(mem, x: Tensor, state=None, grads_at_chunk_start: bool = True):
-    """Returns (out (B,T,dim), weights, momentum, conv history). Feed `state` as the tuple returned."""
+def _mlp(weights: list[Tensor], z: Tensor) -> Tensor:
+    """Memory MLP for every (batch, head) at once: weights[l] (B, H, d_in, d_out), z (B, H, d)."""
+    h = z
+    for layer, w in enumerate(weights):
+        h = torch.einsum("bhi,bhio->bho", h, w)
+        if layer < len(weights) - 1:
+            h = _silu(h)
+    return h
+
+
+def reference_memory(
+    mem,
+    x: Tensor,
+    state=None,
+    grads_at_chunk_start: bool = True,
+    reads_at_chunk_start: bool = True,
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+    """Per-token recurrence. Returns (out (B, T, dim), weights, momentum, conv history).
+
+    `state`, if given, is a `(weights, momentum, conv)` tuple (e.g. `result[1:]` of a previous call) or
+    anything with `.weights`, `.momentum` (lists of (B, H, d_in, d_out)) and `.conv` ((B, K-1, 3·H·d) or
+    None).
+    """
+    if state is not None and not hasattr(state, "weights"):
+        weights, momentum, conv = state
+    elif state is not None:
+        weights, momentum, conv = state.weights, state.momentum, state.conv
+    else:
+        weights = momentum = conv = None
     B, T, _ = x.shape
-    H, d, K, b = mem.heads, mem.head_dim, mem.conv_kernel, mem.chunk_size
+    H, d, L = mem.heads, mem.head_dim, mem.depth
+    K, b = mem.conv_kernel, mem.chunk_size
+    inner = H * d
+
+    # 1. raw projections, explicit causal depthwise conv over the history, SiLU.
     raw = torch.cat([x @ mem.to_q.weight.T, x @ mem.to_k.weight.T, x @ mem.to_v.weight.T], dim=-1)
-    history = torch.zeros(B, K - 1, raw.shape[-1], dtype=x.dtype) if state is None else state[2]
-    padded = torch.cat([history, raw], dim=1)
-    kernel = mem.conv.weight[:, 0, :]  # (channels, K)
-    conv = torch.stack([(padded[:, t : t + K] * kernel.T).sum(1) for t in range(T)], dim=1)
-    conv = conv * torch.sigmoid(conv)
-    q, k, v = (c.reshape(B, T, H, d) for c in conv.split(H * d, dim=-1))
+    history = torch.zeros(B, K - 1, 3 * inner, dtype=raw.dtype) if conv is None else conv.to(raw.dtype)
+    full = torch.cat([history, raw], dim=1)  # time t lives at index t + K - 1
+    conv_w = mem.conv.weight[:, 0, :]  # (3·inner, K)
+    mixed_rows = []
+    for t in range(T):
+        acc = torch.zeros(B, 3 * inner, dtype=raw.dtype)
+        for j in range(K):
+            # raw_{t-K+1+j} sits at index (t - K + 1 + j) + (K - 1) = t + j
+            acc = acc + conv_w[:, j] * full[:, t + j]
+        mixed_rows.append(_silu(acc))
+    mixed = torch.stack(mixed_rows, dim=1)  # (B, T, 3·inner)
+    q = mixed[..., :inner].reshape(B, T, H, d)
+    k = mixed[..., inner : 2 * inner].reshape(B, T, H, d)
+    v = mixed[..., 2 * inner :].reshape(B, T, H, d)
     q = q / q.pow(2).sum(-1, keepdim=True).sqrt()
     k = k / k.pow(2).sum(-1, keepdim=True).sqrt()
-    gates = x @ mem.to_gates.weight.T + mem.to_gates.bias
-    theta = mem.theta_max * torch.sigmoid(gates[..., :H])
-    eta = torch.sigmoid(gates[..., H : 2 * H])
-    alpha = torch.sigmoid(gates[..., 2 * H :])
+    conv_end = full[:, full.shape[1] - (K - 1) :]
 
-    if state is None:
-        weights = [w.unsqueeze(0).expand(B, *w.shape) for w in mem.init_weights]
-        momentum = [torch.zeros_like(w) for w in weights]
+    # 2. gates.
+    g = x @ mem.to_gates.weight.T + mem.to_gates.bias
+    theta = mem.theta_max * torch.sigmoid(g[..., :H])  # (B, T, H)
+    eta = torch.sigmoid(g[..., H : 2 * H])
+    alpha = torch.sigmoid(g[..., 2 * H :])
+
+    # 3./4. the memory, token by token.
+    if weights is None:
+        W = [w.to(x.dtype).unsqueeze(0).expand(B, *w.shape) for w in mem.init_weights]
+        S = [torch.zeros_like(w) for w in W]
     else:
-        weights, momentum = list(state[0]), list(state[1])
-    ys = []
-    for t in range(T):
-        if t % b == 0:
-            chunk_start = weights
-        ys.append(reference_mlp(chunk_start, q[:, t]))
-        at = chunk_start if grads_at_chunk_start else weights
-        at = [w if w.requires_grad else w.detach().requires_grad_() for w in at]
-        loss = (reference_mlp(at, k[:, t]) - v[:, t]).pow(2).sum()  # Σ over (batch, head) pairs
-        grads = torch.autograd.grad(loss, at, create_graph=True)
-        th, et, al = (g[:, t, :, None, None] for g in (theta, eta, alpha))
-        momentum = [et * s - th * u for s, u in zip(momentum, grads)]
-        weights = [(1 - al) * w + s for w, s in zip(weights, momentum)]
-    y = torch.stack(ys, dim=1)  # (B, T, H, d)
-    y = y / (y.pow(2).mean(-1, keepdim=True) + mem.out_norm.eps).sqrt() * mem.out_norm.weight
-    out = F.linear(y.reshape(B, T, H * d), mem.to_out.weight)
-    return out, weights, momentum, padded[:, padded.shape[1] - (K - 1) :]
+        W = [w.to(x.dtype) for w in weights]
+        S = [s.to(x.dtype) for s in momentum]
+    assert len(W) == L
+
+    with torch.enable_grad():
+        # autograd.grad needs the weights in a graph; if nothing upstream requires grad, make them leaves.
+        if not W[0].requires_grad:
+            W = [w.detach().requires_grad_(True) for w in W]
+        ys = []
+        for start in range(0, T, b):
+            W_start = W
+            for t in range(start, min(start + b, T)):
+                read_w = W_start if reads_at_chunk_start else W
+                ys.append(_mlp(read_w, q[:, t]))
+                grad_w = W_start if grads_at_chunk_start else W
+                loss = (_mlp(grad_w, k[:, t]) - v[:, t]).pow(2).sum()
+                u = torch.autograd.grad(loss, grad_w, create_graph=True)
+                th = theta[:, t, :, None, None]
+                et = eta[:, t, :, None, None]
+                al = alpha[:, t, :, None, None]
+                S = [et * s - th * ui for s, ui in zip(S, u)]
+                W = [(1 - al) * w + s for w, s in zip(W, S)]
+        y = torch.stack(ys, dim=1)  # (B, T, H, d)
+
+    # 5. per-head RMSNorm, heads concatenated, output projection.
+    eps = mem.out_norm.eps
+    y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + eps) * mem.out_norm.weight
+    out = y.reshape(B, T, inner) @ mem.to_out.weight.T
+    return out, W, S, conv_end

@@ -144,3 +144,37 @@ def test_bad_arguments_are_named():
         NeuralMemory(8, 2, 4, depth=0)
     with pytest.raises(ValueError, match="chunk_size"):
         NeuralMemory(8, 2, 4, chunk_size=0)
+
+
+def test_comparison_detects_reads_at_running_weights():
+    """The test can fail: queries reading the running weights instead of the chunk-start weights differ."""
+    mem = make_memory(2, 4)
+    x = torch.randn(2, 12, 12, dtype=torch.float64)
+    out, _ = mem(x)
+    assert rel_err(reference_memory(mem, x, reads_at_chunk_start=False)[0], out) > 1e-3
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("T", [2, 7])
+def test_fast_path_matches_reference_from_an_arbitrary_state(T, recompute):
+    """Start from random weights, momentum and conv history (T = 2 < kernel − 1 keeps old history rows);
+    outputs, end state and gradients w.r.t. the incoming state, the input and the parameters agree."""
+    mem = make_memory(2, 3, recompute=recompute)
+    torch.manual_seed(7 + T)
+    weights = [(0.5 * torch.randn(2, *w.shape, dtype=torch.float64)).requires_grad_()
+               for w in mem.init_weights]
+    momentum = [(0.1 * torch.randn_like(w)).requires_grad_() for w in weights]
+    conv = torch.randn(2, mem.conv_kernel - 1, 3 * mem.heads * mem.head_dim, dtype=torch.float64,
+                       requires_grad=True)
+    x = torch.randn(2, T, 12, dtype=torch.float64, requires_grad=True)
+    out, state = mem(x, MemoryState(weights, momentum, conv))
+    ref = reference_memory(mem, x, state=(weights, momentum, conv))
+    fast = [out, *state.weights, *state.momentum, state.conv]
+    slow = [ref[0], *ref[1], *ref[2], ref[3]]
+    probes = [torch.randn_like(t) for t in slow]
+    # init_weights are unused when a state is given
+    params = [p for n, p in mem.named_parameters() if "init_weights" not in n]
+    inputs = [x, conv, *weights, *momentum, *params]
+    grads = torch.autograd.grad(sum((t * p).sum() for t, p in zip(fast, probes)), inputs)
+    ref_grads = torch.autograd.grad(sum((t * p).sum() for t, p in zip(slow, probes)), inputs)
+    assert max(rel_err(a, b) for a, b in zip([*fast, *grads], [*slow, *ref_grads])) <= 1e-6

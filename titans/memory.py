@@ -210,7 +210,7 @@ class NeuralMemory(nn.Module):
         hidden: int | None = None,
         chunk_size: int = 16,
         conv_kernel: int = 4,
-        theta_max: float = 1.0,
+        theta_max: float | None = None,
         recompute: bool = False,
     ) -> None:
         super().__init__()
@@ -223,7 +223,9 @@ class NeuralMemory(nn.Module):
         self.heads, self.head_dim, self.depth = heads, head_dim, depth
         self.hidden = hidden or 4 * head_dim
         self.chunk_size, self.conv_kernel = chunk_size, conv_kernel
-        self.theta_max, self.recompute = theta_max, recompute
+        # A chunk applies the sum of b gradients taken at one point: θ ≤ 1/b keeps that step bounded.
+        self.theta_max = theta_max if theta_max is not None else 1.0 / chunk_size
+        self.recompute = recompute
         # Diagnostics for logging: when record_stats is set, forward leaves the surprise (momentum)
         # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached).
         self.record_stats = False
@@ -245,13 +247,15 @@ class NeuralMemory(nn.Module):
         self.reset_gates()
 
     def reset_gates(self) -> None:
-        """Start with a small inner lr (θ≈0.1·θ_max), strong momentum (η≈0.9) and little forgetting."""
+        """Start with a small inner lr (θ ≈ 0.12·θ_max: momentum multiplies the step by up to 1/(1−η)),
+        strong momentum (η≈0.9) and slow forgetting (α≈1e-3, a half-life of ~700 tokens; α≈0.02 would
+        erase the memory within a few hundred tokens before training starts)."""
         nn.init.normal_(self.to_gates.weight, std=0.02)
         h = self.heads
         with torch.no_grad():
-            self.to_gates.bias[:h].fill_(math.log(0.1 / 0.9))
+            self.to_gates.bias[:h].fill_(-2.0)
             self.to_gates.bias[h : 2 * h].fill_(2.2)
-            self.to_gates.bias[2 * h :].fill_(-4.0)
+            self.to_gates.bias[2 * h :].fill_(-7.0)
 
     # -- projections ---------------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ class TitansConfig:
     memory_hidden: int | None = None  # default 4·memory_head_dim
     memory_chunk: int = 64  # b: tokens per chunk of the parallel memory update
     memory_conv_kernel: int = 4
-    memory_theta_max: float = 1.0  # θ = theta_max · sigmoid(·)
+    memory_theta_max: float | None = None  # θ = theta_max · sigmoid(·); default 1/memory_chunk (stable)
     recompute_memory: bool = True  # backward keeps chunk-boundary states only, recomputes each chunk
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
@@ -125,8 +125,11 @@ class TitansLM(nn.Module):
         return self.norm(x), new_states
 
     def forward(
-        self, tokens: Tensor, states: list[MemoryState | None] | None = None
+        self, tokens: Tensor, states: list[MemoryState | None] | None = None, targets: Tensor | None = None
     ) -> tuple[Tensor, list[MemoryState | None]]:
+        """(logits, states); with `targets`, (mean cross-entropy, states) computed by `loss`."""
+        if targets is not None:
+            return self.loss(tokens, targets, states)
         features, states = self.hidden_states(tokens, states)
         return self.head(features), states
 
