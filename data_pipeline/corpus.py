@@ -1,5 +1,9 @@
 """Where documents come from: text files, directories, .jsonl(.gz), and the embedded default corpus.
 
+Every input file gets a stable *name* (its path relative to the folder it was found in, or the path as
+given); document ids derive from it (`name`, or `name:line` for a jsonl record), so the train/val split,
+which hashes the id, does not depend on where the corpus sits on disk.
+
 The default corpus is the installed Python standard library's own `.py` sources: real English-and-code
 text present on every machine that runs this project, under the PSF License (see README.md here).
 """
@@ -11,65 +15,125 @@ import json
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".jsonl", ".gz"}
+DEFAULT_GLOBS = ("*.txt", "*.md", "*.py", "*.jsonl", "*.jsonl.gz")
+SKIP_STDLIB_PARTS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
 
 
-def default_corpus_files(max_bytes: int | None = None) -> list[Path]:
-    """The standard library's .py files, sorted, skipping tests and site-packages (deterministic)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
+class InputFile(NamedTuple):
+    path: Path
+    name: str  # stable id: relative to the input folder, or the path as given
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")
+
+
+def default_corpus_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_corpus_files(max_bytes: int | None = None) -> list[InputFile]:
+    """The standard library's .py files in sorted order, skipping tests and site-packages; the first
+    files whose sizes sum to at most `max_bytes` (always at least one)."""
+    root = default_corpus_root()
+    files: list[InputFile] = []
     total = 0
     for path in sorted(root.rglob("*.py")):
-        parts = set(path.relative_to(root).parts)
-        if parts & {"site-packages", "test", "tests", "idlelib", "lib2to3"}:
+        rel = path.relative_to(root)
+        if set(rel.parts) & SKIP_STDLIB_PARTS or not path.is_file():
             continue
-        files.append(path)
-        total += path.stat().st_size
-        if max_bytes is not None and total >= max_bytes:
+        size = path.stat().st_size
+        if max_bytes is not None and files and total + size > max_bytes:
             break
+        files.append(InputFile(path, rel.as_posix()))
+        total += size
     if not files:
         raise FileNotFoundError(f"no Python sources found under {root} for the default corpus")
     return files
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files given directly, plus the text-like files under directories, sorted."""
-    files: list[Path] = []
+def expand_inputs(inputs: list[str], globs: tuple[str, ...] = DEFAULT_GLOBS) -> list[InputFile]:
+    """Files given directly (any name), plus the files under directories matching `globs`, sorted."""
+    files: list[InputFile] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            found = {p for pattern in globs for p in path.rglob(pattern) if p.is_file()}
+            files += [InputFile(p, p.relative_to(path).as_posix()) for p in sorted(found)]
         elif path.is_file():
-            files.append(path)
+            files.append(InputFile(path, path.as_posix()))
         else:
-            raise FileNotFoundError(f"input {item} does not exist")
+            raise FileNotFoundError(f"input {item}: no such file or directory")
     if not files:
-        raise FileNotFoundError(f"no input files found in {inputs}")
+        raise FileNotFoundError(f"no input files matching {', '.join(globs)} found in {inputs}")
     return files
 
 
-def iter_documents(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(document id, text) pairs: one per plain file, one per line of a .jsonl(.gz) file."""
-    name = path.name
-    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
-        opener = gzip.open if name.endswith(".gz") else open
+def as_input(item: InputFile | Path | str) -> InputFile:
+    if isinstance(item, InputFile):
+        return item
+    return InputFile(Path(item), Path(item).as_posix())
+
+
+def read_text(file: InputFile) -> str:
+    """A whole file as UTF-8 text; an unreadable or non-UTF-8 file is an error naming it."""
+    try:
+        data = file.path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{file.path}: cannot be read ({err.strerror or err})") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file.path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+
+
+def jsonl_chunks(file: InputFile, chunk_bytes: int = 1 << 22) -> Iterator[tuple[int, list[bytes]]]:
+    """(first line number, raw lines) in chunks of about `chunk_bytes`; parsing is left to the workers."""
+    opener = gzip.open if file.path.name.endswith(".gz") else open
+    lines: list[bytes] = []
+    size, first = 0, 1
+    try:
+        with opener(file.path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                lines.append(line)
+                size += len(line)
+                if size >= chunk_bytes:
+                    yield first, lines
+                    lines, size, first = [], 0, lineno + 1
+    except (OSError, EOFError) as err:  # includes gzip.BadGzipFile and truncated gzip streams
+        raise ValueError(f"{file.path}: cannot be read ({err})") from err
+    if lines:
+        yield first, lines
+
+
+def parse_jsonl(file: InputFile, first: int, lines: list[bytes], text_field: str
+                ) -> Iterator[tuple[str, str]]:
+    """(document id, text) of each non-blank line; a bad line is an error naming file and line."""
+    for lineno, line in enumerate(lines, first):
+        if not line.strip():
+            continue
         try:
-            with opener(path, "rt", encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ValueError(f"{path}:{lineno}: no string field {text_field!r}")
-                    yield f"{path}:{lineno}", record[text_field]
-        except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: cannot be read ({err})") from err
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file.path}:{lineno}: not valid JSON ({err.msg})") from err
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file.path}:{lineno}: not UTF-8 ({err.reason})") from err
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"{file.path}:{lineno}: missing text field {text_field!r} "
+                             "(choose another with --text-field)")
+        if not isinstance(record[text_field], str):
+            raise ValueError(f"{file.path}:{lineno}: field {text_field!r} is "
+                             f"{type(record[text_field]).__name__}, not a string")
+        yield f"{file.name}:{lineno}", record[text_field]
+
+
+def iter_documents(file: InputFile | Path | str, text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """(document id, text) pairs: one per plain file, one per record of a .jsonl(.gz) file."""
+    file = as_input(file)
+    if is_jsonl(file.path):
+        for first, lines in jsonl_chunks(file):
+            yield from parse_jsonl(file, first, lines, text_field)
     else:
-        try:
-            yield str(path), path.read_text(encoding="utf-8", errors="replace")
-        except OSError as err:
-            raise ValueError(f"{path}: cannot be read ({err})") from err
+        yield file.name, read_text(file)

@@ -3,38 +3,75 @@
     python -m data_pipeline.prepare --default-corpus --out data/stdlib-bytes
     python -m data_pipeline.prepare corpus/ extra.jsonl.gz --tokenizer tok/tokenizer.json --out data/mix
 
-Documents are tokenised in parallel (`--workers`), each followed by the EOS id, concatenated per split
-and cut into samples of `--sample-tokens` ids (seq_len + 1, so one sample is one training sequence).
-Documents go to the validation split by a hash of their id, so the split is stable across runs.
+Inputs are text files, directories (searched recursively with --glob, default *.txt *.md *.py *.jsonl
+*.jsonl.gz) and .jsonl(.gz) files whose records hold the text in --text-field. Each document is
+tokenised (in parallel with --workers, the order kept, so the output does not depend on the worker
+count), followed by the EOS id; each split's documents are concatenated and cut into samples of
+--sample-tokens ids (seq_len + 1: one sample is one training sequence with its shifted targets); the
+last partial sample is dropped and its length recorded in the manifest. A document goes to the
+validation split when a hash of its id (file name relative to its input folder, plus the line number
+for jsonl) falls below --val-fraction, so the split is stable across runs, machines and worker counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import multiprocessing
+import os
+import platform
 import sys
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.corpus import default_corpus_files, expand_inputs, iter_documents
-from data_pipeline.shards import Manifest, ShardWriter, token_dtype
-from data_pipeline.tokenizer import Tokenizer, load_tokenizer
+from data_pipeline.corpus import (
+    DEFAULT_GLOBS,
+    InputFile,
+    as_input,
+    default_corpus_files,
+    default_corpus_root,
+    expand_inputs,
+    is_jsonl,
+    jsonl_chunks,
+    parse_jsonl,
+    read_text,
+)
+from data_pipeline.shards import MANIFEST, Manifest, ShardWriter
+from data_pipeline.tokenizer import Tokenizer, encode_array, load_tokenizer, token_dtype
 
-_worker_tokenizer: Tokenizer | None = None
+SPLITS = ("train", "val")
 
 
-def _init_worker(spec: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(spec)
+class Task(NamedTuple):
+    """One unit of work: a whole plain file (read by the worker) or a chunk of raw jsonl lines."""
+
+    file: InputFile
+    first_line: int
+    lines: list[bytes] | None
 
 
-def _encode(item: tuple[str, str, str]) -> tuple[str, list[int]]:
-    split, _, text = item
-    assert _worker_tokenizer is not None
-    return split, _worker_tokenizer.encode(text)
+class _Worker:
+    """Per-process tokenizer and settings (set once by the pool initializer, not pickled per task)."""
+
+    tok: Tokenizer
+    dtype: np.dtype
+    val_fraction: float
+    text_field: str
+
+
+def _init_worker(spec: str, val_fraction: float, text_field: str, quiet_rust: bool) -> None:
+    if quiet_rust:  # our processes already parallelise; avoid oversubscribing with Rust threads
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _Worker.tok = load_tokenizer(spec)
+    _Worker.dtype = token_dtype(_Worker.tok.vocab_size)
+    _Worker.val_fraction, _Worker.text_field = val_fraction, text_field
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
@@ -43,53 +80,120 @@ def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "bytes", sample_tokens: int = 257,
-            shard_samples: int = 1000, val_fraction: float = 0.02, workers: int = 1,
-            text_field: str = "text", progress: bool = True) -> Manifest:
-    """Tokenise `files` into shards under `out_dir`; returns (and writes) the manifest."""
+def _run_task(task: Task) -> tuple[list[tuple[str, np.ndarray]], int]:
+    """[(split, ids + EOS)] for each document of the task, and the input bytes it covered."""
+    tok = _Worker.tok
+    if task.lines is None:
+        docs: Iterable[tuple[str, str]] = [(task.file.name, read_text(task.file))]
+        size = task.file.path.stat().st_size
+    else:
+        docs = parse_jsonl(task.file, task.first_line, task.lines, _Worker.text_field)
+        size = sum(len(line) for line in task.lines)
+    out = []
+    for doc_id, text in docs:
+        ids = encode_array(tok, text)
+        if len(ids) and (int(ids.max()) >= tok.vocab_size or int(ids.min()) < 0):
+            raise ValueError(f"{doc_id}: tokenizer {tok.name} produced id {int(ids.max())} outside its "
+                             f"vocabulary of {tok.vocab_size}")
+        eos = np.array([tok.eos_id], _Worker.dtype)
+        out.append((split_of(doc_id, _Worker.val_fraction), np.concatenate([ids.astype(_Worker.dtype), eos])))
+    return out, size
+
+
+def _tasks(files: Sequence[InputFile]) -> Iterator[Task]:
+    for file in files:
+        if is_jsonl(file.path):
+            for first, lines in jsonl_chunks(file):
+                yield Task(file, first, lines)
+        else:
+            yield Task(file, 1, None)
+
+
+def task_bytes(task: Task) -> int:
+    if task.lines is not None:
+        return sum(len(line) for line in task.lines)
+    try:
+        return task.file.path.stat().st_size
+    except OSError:
+        return 0  # the worker reports the error, naming the file
+
+
+def ordered_map(fn: Callable[[Task], Any], items: Iterable[Task], workers: int, init_args: tuple,
+                inflight_bytes: int = 32 << 20) -> Iterator[Any]:
+    """`map(fn, items)` over `workers` processes, results in input order. Tasks in flight are bounded by
+    input bytes (`inflight_bytes` per worker), not by count: a large file at the head of the queue must
+    not leave the other workers idle, and a huge input must not be read into memory all at once. A
+    crashed worker raises BrokenProcessPool instead of hanging."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        yield from map(fn, items)
+        return
+    budget = inflight_bytes * workers
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=init_args) as pool:
+        window: deque[tuple[Future, int]] = deque()
+        pending = 0
+        try:
+            for item in items:
+                size = task_bytes(item)
+                window.append((pool.submit(fn, item), size))
+                pending += size
+                while window and (pending > budget or len(window) >= 256 * workers):
+                    future, size = window.popleft()
+                    pending -= size
+                    yield future.result()
+            while window:
+                yield window.popleft()[0].result()
+        finally:
+            for future, _ in window:
+                future.cancel()
+
+
+def default_source(inputs: Sequence[InputFile]) -> dict[str, Any]:
+    """The manifest's record of the input: the stdlib corpus is recognised, anything else is counted."""
+    size = sum(f.path.stat().st_size for f in inputs if f.path.is_file())
+    root = default_corpus_root()
+    if inputs and all(f.path.is_relative_to(root) and f.path.suffix == ".py" for f in inputs):
+        return {"name": "python-stdlib", "python": platform.python_version(), "root": str(root),
+                "license": "PSF-2.0", "files": len(inputs), "bytes": size}
+    return {"files": len(inputs), "bytes": size}
+
+
+def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokenizer: str = "bytes",
+            sample_tokens: int = 2049, shard_samples: int = 1000, val_fraction: float = 0.02,
+            workers: int = 1, text_field: str = "text", progress: bool = True,
+            source: dict[str, Any] | None = None) -> Manifest:
+    """Tokenise `files` into `out_dir/{train,val}-NNNNN.tar`; returns (and writes) the manifest."""
     if sample_tokens < 2 or shard_samples < 1 or not 0 <= val_fraction < 1:
-        raise ValueError("need sample_tokens >= 2, shard_samples >= 1 and 0 <= val_fraction < 1")
+        raise ValueError("need --sample-tokens >= 2, --shard-samples >= 1 and 0 <= --val-fraction < 1")
+    inputs = [as_input(f) for f in files]
+    tok = load_tokenizer(tokenizer)  # a bad tokenizer fails before anything is deleted
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.tar"):
-        old.unlink()
-    tok = load_tokenizer(tokenizer)
+    for old in [*out.glob("train-*.tar*"), *out.glob("val-*.tar*"), out / MANIFEST]:
+        old.unlink(missing_ok=True)  # never leave a manifest that describes other shards
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: ShardWriter(out, s, sample_tokens, shard_samples, dtype) for s in ("train", "val")}
-    documents = {"train": 0, "val": 0}
-
-    def docs() -> Iterator[tuple[str, str, str]]:
-        for path in files:
-            for doc_id, text in iter_documents(path, text_field):
-                yield split_of(doc_id, val_fraction), doc_id, text
-
-    bar = tqdm(total=len(files), unit="file", disable=not progress, desc="tokenising")
-    seen_files: set[str] = set()
-
-    def tick(doc_id: str) -> None:
-        name = doc_id.split(":")[0]
-        if name not in seen_files:
-            seen_files.add(name)
-            bar.update(1)
-
-    items = docs()
-    if workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
-        results = pool.imap(_encode, _tee_ids(items, tick), chunksize=8)
-    else:
-        _init_worker(tokenizer)
-        pool, results = None, map(_encode, _tee_ids(items, tick))
+    writers = {s: ShardWriter(out, s, sample_tokens, shard_samples, dtype) for s in SPLITS}
+    documents = dict.fromkeys(SPLITS, 0)
+    has_gz = any(f.path.name.endswith(".gz") for f in inputs)
+    total = None if has_gz else sum(f.path.stat().st_size for f in inputs if f.path.is_file())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenising", disable=not progress,
+               file=sys.stderr)
+    init_args = (tokenizer, val_fraction, text_field, workers > 1)
     try:
-        for split, ids in results:
-            writers[split].add(ids + [tok.eos_id])
-            documents[split] += 1
+        for docs, size in ordered_map(_run_task, _tasks(inputs), workers, init_args):
+            for split, ids in docs:
+                writers[split].add(ids)
+                documents[split] += 1
+            bar.update(size)
+            bar.set_postfix(docs=sum(documents.values()), refresh=False)
+    except BrokenProcessPool as err:
+        raise RuntimeError(f"a tokenisation worker died ({err}); rerun with --workers 1 to see why") from err
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         bar.close()
-    manifest = Manifest(tokenizer=tok.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, dtype=dtype.name,
-                        sample_tokens=sample_tokens, documents=documents)
+    manifest = Manifest(tokenizer=tok.describe(), vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+                        dtype=dtype.name, sample_tokens=sample_tokens, documents=documents,
+                        source=source or default_source(inputs))
     for split, writer in writers.items():
         manifest.dropped_tokens[split] = writer.close()
         manifest.splits[split] = writer.shards
@@ -97,39 +201,55 @@ def prepare(files: list[Path], out_dir: str | Path, tokenizer: str = "bytes", sa
     return manifest
 
 
-def _tee_ids(items: Iterator[tuple[str, str, str]], tick) -> Iterator[tuple[str, str, str]]:
-    for item in items:
-        tick(item[1])
-        yield item
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", help="text files, directories, .jsonl or .jsonl.gz files")
     parser.add_argument("--default-corpus", action="store_true",
-                        help="use the installed Python standard library's sources (no download)")
-    parser.add_argument("--max-bytes", type=int, default=None, help="cap on the default corpus's size")
-    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+                        help="use the installed Python standard library's .py sources (PSF License, no "
+                             "download); see data_pipeline/README.md")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help="with --default-corpus: take the first files (sorted) up to this many bytes")
+    parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     parser.add_argument("--tokenizer", default="bytes",
-                        help="'bytes', a tokenizer.json or a SentencePiece .model")
-    parser.add_argument("--sample-tokens", type=int, default=257, help="tokens per sample (seq_len + 1)")
-    parser.add_argument("--shard-samples", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out")
+                        help="'bytes' (256 bytes + EOS, the default), a tokenizer.json, or a "
+                             "SentencePiece .model")
+    parser.add_argument("--sample-tokens", type=int, default=2049,
+                        help="token ids per sample: seq_len + 1 (default 2049)")
+    parser.add_argument("--shard-samples", type=int, default=None,
+                        help="samples per shard (default 1000; 100 with --default-corpus, whose ~5,400 "
+                             "samples of 2049 then make ~54 shards: enough for many dp ranks × workers)")
+    parser.add_argument("--val-fraction", type=float, default=0.02,
+                        help="fraction of documents held out for validation (default 0.02)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl records")
-    parser.add_argument("--workers", type=int, default=max(1, min(8, multiprocessing.cpu_count())))
+    parser.add_argument("--glob", action="append", default=None,
+                        help=f"file pattern searched in directories; repeatable (default: "
+                             f"{' '.join(DEFAULT_GLOBS)})")
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                        help="tokenising processes (default: cores, at most 8)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.default_corpus == bool(args.inputs):
+        parser.error("give input files/directories or --default-corpus (exactly one of them)")
     try:
-        files = default_corpus_files(args.max_bytes) if args.default_corpus else expand_inputs(args.inputs)
-        manifest = prepare(files, args.out, args.tokenizer, args.sample_tokens, args.shard_samples,
-                           args.val_fraction, args.workers, args.text_field)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+        if args.default_corpus:
+            files = default_corpus_files(args.max_bytes)
+        else:
+            files = expand_inputs(args.inputs, tuple(args.glob or DEFAULT_GLOBS))
+        shard_samples = args.shard_samples or (100 if args.default_corpus else 1000)
+        manifest = prepare(files, args.out, args.tokenizer, args.sample_tokens, shard_samples,
+                           args.val_fraction, args.workers, args.text_field, progress=not args.quiet)
+    except (OSError, ValueError, ImportError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for split, shards in manifest.splits.items():
-        tokens = sum(s.tokens for s in shards)
-        print(f"{split}: {manifest.documents[split]} documents, {len(shards)} shards, {tokens:,} tokens")
-    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+        print(f"{split}: {manifest.documents[split]} documents, {len(shards)} shards, "
+              f"{manifest.tokens(split):,} tokens in samples of {manifest.sample_tokens} "
+              f"({manifest.dropped_tokens[split]} tail tokens dropped)")
+        if not shards and (split == "train" or args.val_fraction > 0):
+            print(f"warning: split {split!r} is empty ({manifest.documents[split]} documents, "
+                  f"{manifest.dropped_tokens[split]} tokens < --sample-tokens)", file=sys.stderr)
+    print(f"manifest: {Path(args.out) / MANIFEST}")
     return 0
 
 

@@ -31,14 +31,20 @@ def _silu(z: Tensor) -> Tensor:
     return z * torch.sigmoid(z)
 
 
-def _mlp(weights: list[Tensor], z: Tensor) -> Tensor:
-    """Memory MLP for every (batch, head) at once: weights[l] (B, H, d_in, d_out), z (B, H, d)."""
+def _mlp(weights: list[Tensor], z: Tensor, residual_norm: bool) -> Tensor:
+    """Memory MLP for every (batch, head) at once: weights[l] (B, H, d_in, d_out), z (B, H, d).
+
+    With residual_norm: z + LayerNorm(MLP(z)), the LayerNorm without parameters, eps 1e-5.
+    """
     h = z
     for layer, w in enumerate(weights):
         h = torch.einsum("bhi,bhio->bho", h, w)
         if layer < len(weights) - 1:
             h = _silu(h)
-    return h
+    if not residual_norm:
+        return h
+    centered = h - h.mean(-1, keepdim=True)
+    return z + centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5)
 
 
 def reference_memory(
@@ -109,9 +115,9 @@ def reference_memory(
             W_start = W
             for t in range(start, min(start + b, T)):
                 read_w = W_start if reads_at_chunk_start else W
-                ys.append(_mlp(read_w, q[:, t]))
+                ys.append(_mlp(read_w, q[:, t], mem.residual_norm))
                 grad_w = W_start if grads_at_chunk_start else W
-                loss = (_mlp(grad_w, k[:, t]) - v[:, t]).pow(2).sum()
+                loss = (_mlp(grad_w, k[:, t], mem.residual_norm) - v[:, t]).pow(2).sum()
                 u = torch.autograd.grad(loss, grad_w, create_graph=True)
                 th = theta[:, t, :, None, None]
                 et = eta[:, t, :, None, None]

@@ -58,11 +58,12 @@ def compare_to_reference(mem: NeuralMemory, T: int, grads_at_chunk_start: bool =
     return max(rel_err(a, b) for a, b in pairs)
 
 
+@pytest.mark.parametrize("residual_norm", [True, False])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("chunk", [1, 2, 16])
 @pytest.mark.parametrize("T", [7, 19])
-def test_fast_path_matches_per_token_reference(depth, chunk, T):
-    assert compare_to_reference(make_memory(depth, chunk), T) <= 1e-6
+def test_fast_path_matches_per_token_reference(depth, chunk, T, residual_norm):
+    assert compare_to_reference(make_memory(depth, chunk, residual_norm=residual_norm), T) <= 1e-6
 
 
 @pytest.mark.parametrize("eta_logit", [-LOGIT_1E4, LOGIT_1E4])

@@ -54,6 +54,7 @@ def make_memory(cfg: TitansConfig) -> NeuralMemory:
         conv_kernel=cfg.memory_conv_kernel,
         theta_max=cfg.memory_theta_max,
         recompute=cfg.recompute_memory,
+        residual_norm=cfg.memory_residual_norm,
     )
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NORM_EPS = 1e-5  # LayerNorm epsilon of the memory's residual-norm output
+
 
 @dataclass
 class MemoryState:
@@ -53,16 +55,25 @@ def silu_derivative(z: Tensor) -> Tensor:
     return s * (1 + z * (1 - s))
 
 
-def memory_mlp(weights: list[Tensor], x: Tensor) -> Tensor:
-    """Apply the memory MLP: SiLU between layers, no biases. weights[l]: (N, d_in, d_out); x: (N, b, d)."""
+def memory_mlp(weights: list[Tensor], x: Tensor, residual_norm: bool = True) -> Tensor:
+    """Apply the memory: an MLP (SiLU between layers, no biases), and with `residual_norm` the output
+    `x + LayerNorm(MLP(x))` (LayerNorm without parameters). weights[l]: (N, d_in, d_out); x: (N, b, d).
+
+    Why the residual norm: a plain deep MLP trained by test-time gradient steps has curvature growing
+    with its own weights, so once they grow the inner loop diverges (seen on real text within 30 outer
+    steps); normalising the output makes the loss's gradient shrink as the weights grow.
+    """
+    h = x
     for layer, w in enumerate(weights):
-        x = x @ w
+        h = h @ w
         if layer < len(weights) - 1:
-            x = F.silu(x)
-    return x
+            h = F.silu(h)
+    return x + F.layer_norm(h, h.shape[-1:], eps=NORM_EPS) if residual_norm else h
 
 
-def weighted_loss_grads(weights: list[Tensor], k: Tensor, v: Tensor, token_weights: Tensor) -> list[Tensor]:
+def weighted_loss_grads(
+    weights: list[Tensor], k: Tensor, v: Tensor, token_weights: Tensor, residual_norm: bool = True
+) -> list[Tensor]:
     """Gradients of `Σ_i w_ri ‖M(k_i) − v_i‖²` for R weightings at once, by an explicit backward pass.
 
     token_weights: (N, R, b). Returns per layer (N, R, d_in, d_out). Written with plain tensor ops so
@@ -78,7 +89,14 @@ def weighted_loss_grads(weights: list[Tensor], k: Tensor, v: Tensor, token_weigh
             inputs.append(h)
         else:
             h = z
-    grad_out = 2 * (h - v)  # dℓ_i/dM(k_i), unweighted, (N, b, d)
+    if residual_norm:
+        sigma = torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + NORM_EPS)
+        normed = (h - h.mean(-1, keepdim=True)) / sigma
+        g = 2 * (k + normed - v)  # dℓ_i/dM(k_i), unweighted
+        # backward of the parameter-free LayerNorm
+        grad_out = (g - g.mean(-1, keepdim=True) - normed * (g * normed).mean(-1, keepdim=True)) / sigma
+    else:
+        grad_out = 2 * (h - v)  # (N, b, d)
     grads: list[Tensor] = [k] * len(weights)
     for layer in reversed(range(len(weights))):
         weighted_in = inputs[layer].unsqueeze(1) * token_weights.unsqueeze(-1)  # (N, R, b, d_in)
@@ -116,7 +134,7 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor, valid: 
 
 
 def memory_chunk_step(
-    n_layers: int, q: Tensor, k: Tensor, v: Tensor, d: Tensor, c: Tensor,
+    n_layers: int, residual_norm: bool, q: Tensor, k: Tensor, v: Tensor, d: Tensor, c: Tensor,
     eta_prod: Tensor, beta: Tensor, gamma: Tensor, *state: Tensor,
 ) -> tuple[Tensor, ...]:
     """One chunk: read with the chunk-start weights, then apply the chunk's collapsed update.
@@ -125,8 +143,8 @@ def memory_chunk_step(
     n_layers momenta, each (N, d_in, d_out). Returns (y, *new_weights, *new_momenta).
     """
     weights, momentum = list(state[:n_layers]), list(state[n_layers:])
-    y = memory_mlp(weights, q)
-    grads = weighted_loss_grads(weights, k, v, torch.stack([d, c], dim=1))
+    y = memory_mlp(weights, q, residual_norm)
+    grads = weighted_loss_grads(weights, k, v, torch.stack([d, c], dim=1), residual_norm)
     eta_prod, beta, gamma = (t[:, None, None] for t in (eta_prod, beta, gamma))
     new_momentum = [eta_prod * s - g[:, 0] for s, g in zip(momentum, grads, strict=True)]
     new_weights = [beta * w + gamma * s - g[:, 1] for w, s, g in zip(weights, momentum, grads, strict=True)]
@@ -134,7 +152,7 @@ def memory_chunk_step(
 
 
 def scan_chunks(
-    n_layers: int, inputs: tuple[Tensor, ...], state: list[Tensor]
+    n_layers: int, residual_norm: bool, inputs: tuple[Tensor, ...], state: list[Tensor]
 ) -> tuple[Tensor, ...]:
     """Run the chunks in order with plain autograd. inputs: q, k, v (N, n, b, d), then d, c (N, n, b)
     and eta_prod, beta, gamma (N, n). Returns (y (N, n, b, d), *end_state)."""
@@ -142,7 +160,7 @@ def scan_chunks(
     # chunk (quadratic in length); unbind's backward stacks the chunk gradients once.
     outputs = []
     for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
-        y, *state = memory_chunk_step(n_layers, *chunk, *state)
+        y, *state = memory_chunk_step(n_layers, residual_norm, *chunk, *state)
         outputs.append(y)
     return (torch.stack(outputs, dim=1), *state)
 
@@ -157,14 +175,14 @@ class RecomputedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, n_layers: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, n_layers: int, residual_norm: bool, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         inputs, state = tensors[:8], list(tensors[8:])
         boundaries, outputs = [], []
         for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
             boundaries += state
-            y, *state = memory_chunk_step(n_layers, *chunk, *state)
+            y, *state = memory_chunk_step(n_layers, residual_norm, *chunk, *state)
             outputs.append(y)
-        ctx.n_layers, ctx.n_state = n_layers, len(state)
+        ctx.n_layers, ctx.residual_norm, ctx.n_state = n_layers, residual_norm, len(state)
         ctx.save_for_backward(*inputs, *boundaries)
         return (torch.stack(outputs, dim=1), *state)
 
@@ -178,15 +196,15 @@ class RecomputedScan(torch.autograd.Function):
             with torch.enable_grad():
                 chunk = [t[:, i].detach().requires_grad_(t.requires_grad) for t in inputs]
                 start = [s.detach().requires_grad_() for s in boundaries[i * n : (i + 1) * n]]
-                y, *end = memory_chunk_step(ctx.n_layers, *chunk, *start)
+                y, *end = memory_chunk_step(ctx.n_layers, ctx.residual_norm, *chunk, *start)
                 wanted = [t for t in (*chunk, *start) if t.requires_grad]
                 grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[:, i], *grad_state]))
             for t, g in zip(chunk, input_grads, strict=True):
                 if t.requires_grad:
                     g[:, i] = next(grads)
             grad_state = list(grads)
-        return (None, *(g if t.requires_grad else None for t, g in zip(inputs, input_grads, strict=True)),
-                *grad_state)
+        grads_in = (g if t.requires_grad else None for t, g in zip(inputs, input_grads, strict=True))
+        return (None, None, *grads_in, *grad_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +230,7 @@ class NeuralMemory(nn.Module):
         conv_kernel: int = 4,
         theta_max: float | None = None,
         recompute: bool = False,
+        residual_norm: bool = True,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -226,6 +245,7 @@ class NeuralMemory(nn.Module):
         # A chunk applies the sum of b gradients taken at one point: θ ≤ 1/b keeps that step bounded.
         self.theta_max = theta_max if theta_max is not None else 1.0 / chunk_size
         self.recompute = recompute
+        self.residual_norm = residual_norm  # M(x) = x + LayerNorm(MLP(x)); see memory_mlp
         # Diagnostics for logging: when record_stats is set, forward leaves the surprise (momentum)
         # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached).
         self.record_stats = False
@@ -295,7 +315,7 @@ class NeuralMemory(nn.Module):
         with torch.autocast(q.device.type, enabled=False):
             weights = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
             q = q.to(weights[0].dtype).transpose(1, 2).reshape(B * H, N, d)
-            y = memory_mlp(weights, q).reshape(B, H, N, d).transpose(1, 2)
+            y = memory_mlp(weights, q, self.residual_norm).reshape(B, H, N, d).transpose(1, 2)
         return self.output(y)
 
     def output(self, y: Tensor) -> Tensor:
@@ -347,9 +367,9 @@ class NeuralMemory(nn.Module):
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
         inputs = (q, k, v, d_coef, c_coef, eta_prod, beta, gamma)
         if self.recompute and torch.is_grad_enabled():
-            y, *flat = RecomputedScan.apply(self.depth, *inputs, *flat)
+            y, *flat = RecomputedScan.apply(self.depth, self.residual_norm, *inputs, *flat)
         else:
-            y, *flat = scan_chunks(self.depth, inputs, flat)
+            y, *flat = scan_chunks(self.depth, self.residual_norm, inputs, flat)
         y = y.reshape(B, H, n_chunks * b, d)[:, :, :T].transpose(1, 2)
         unflat = [t.reshape(B, H, *t.shape[1:]) for t in flat]
         return y, unflat[: self.depth], unflat[self.depth :]
