@@ -55,6 +55,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 3
     resume: bool = True
+    stop_after_steps: int = 0  # end this invocation after so many steps (checkpointed); 0: run to `steps`
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
@@ -82,6 +83,16 @@ class ConfigError(ValueError):
     """A bad configuration: the message names the field or file."""
 
 
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
     """Check/convert one YAML value against a resolved dataclass field type."""
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
@@ -97,7 +108,7 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             args = typing.get_args(option)
             if len(value) == len(args):
                 return tuple(_coerce(path, v, a) for v, a in zip(value, args))
-        elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif option is float and _is_number(value):  # YAML 1.1 reads 3e-3 as a string
             return float(value)
         elif (option is int and isinstance(value, int) and not isinstance(value, bool)) or (
             option in (bool, str) and isinstance(value, option)

@@ -106,13 +106,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class StopSignal:
     """SIGTERM / SIGUSR1 (Slurm's preemption warnings) set a flag; the loop saves and exits."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
@@ -162,6 +167,7 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
     stop = StopSignal()
     bar = ProgressBar(t.steps, start=step, enabled=dist.is_main)
     data_iter = iter(train_loader)
+    first_step = step
     nonfinite_in_a_row = 0
 
     def checkpoint_state() -> dict[str, Any]:
@@ -229,13 +235,19 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
             bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val:.4f}, "
                       f"val ppl {math.exp(min(val, 50.0)):.2f}")
         signalled = dist.any_flag(stop.received is not None)
-        if step % t.checkpoint_every == 0 or step == t.steps or signalled:
+        pause = t.stop_after_steps > 0 and step - first_step >= t.stop_after_steps
+        if step % t.checkpoint_every == 0 or step == t.steps or signalled or pause:
             save()
         if signalled:
             bar.write(f"signal received: saved step {step} to {result.checkpoint}, exiting")
             result.stopped_by_signal = True
             break
+        if pause:
+            bar.write(f"train.stop_after_steps={t.stop_after_steps} reached: saved step {step} to "
+                      f"{result.checkpoint}; run again to continue")
+            break
     bar.close()
+    stop.restore()
     for _, m in memories:
         m.record_stats = False
     if logger:

@@ -101,6 +101,18 @@ def test_windowed_attention_matches_dense_reference(prefix, extra, causal, windo
         assert_exact_close(got, want)
 
 
+@pytest.mark.parametrize("block", [3, 256])
+@pytest.mark.parametrize("window", [7, 8, 9, 100])
+@pytest.mark.parametrize("prefix,extra,causal", [(False, False, False), (True, True, True)])
+def test_windowed_attention_window_around_sequence_length(prefix, extra, causal, window, block):
+    """T = 8: window T-1 still hides key 0 from the last query; windows >= T are full causal."""
+    q, k, v, pk, pv, ek, ev = make_inputs(8, prefix, extra, causal, seed=11)
+    out = windowed_attention(q, k, v, window, pk, pv, ek, ev, causal, block_size=block)
+    assert_exact_close(out, dense_reference(q, k, v, window, pk, pv, ek, ev, causal)[0])
+    if window >= 8:
+        assert_exact_close(out, windowed_attention(q, k, v, None, pk, pv, ek, ev, causal, block_size=block))
+
+
 def test_windowed_attention_value_dim_may_differ_and_batch_shares_prefix():
     """Prefix (H, P, d) is shared across the batch: batch items only differ through their own q/k/v."""
     q, k, _, pk, pv, _, _ = make_inputs(9, True, False, False, seed=5)
@@ -248,6 +260,12 @@ def test_merge_attention_with_a_part_empty_for_some_queries(empty_side):
     assert_exact_close(out, full_out)
     assert_exact_close(lse, full_lse)
     assert not torch.allclose(out[:, :, 3:], part_b[0][:, :, 3:])
+    # the empty part's -inf lse does not poison gradients
+    leaves = [t.clone().requires_grad_() for t in (*part_a, *part_b)]
+    merged = merge_attention(*leaves) if empty_side == "a" else merge_attention(*leaves[2:], *leaves[:2])
+    grads = torch.autograd.grad(merged[0].sum() + merged[1].sum(), leaves)
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    assert torch.equal(grads[0][:, :, :3], torch.zeros_like(grads[0][:, :, :3]))
 
 
 def test_merge_attention_both_parts_empty_gives_zeros_not_nan():

@@ -1,0 +1,159 @@
+"""The training job: exact resume, atomic checkpoints under SIGKILL, config errors, non-finite losses."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain.train as train_module
+from data_pipeline.prepare import prepare
+from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from pretrain.config import ConfigError, load_config
+from pretrain.train import NonFiniteLossError, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small real-text byte dataset: this repository's own Python sources."""
+    out = tmp_path_factory.mktemp("data")
+    files = sorted((ROOT / "titans").glob("*.py")) + sorted((ROOT / "pretrain").glob("*.py"))
+    prepare(files, out, "bytes", sample_tokens=33, shard_samples=64, val_fraction=0.2, progress=False)
+    return out
+
+
+def small_config(dataset: Path, out: Path, *overrides: str):
+    base = [
+        f"data.train={dataset}", "data.default_corpus=false", "data.seq_len=32", "data.batch_size=2",
+        "model.vocab_size=257", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.layers=mac,mag",
+        "model.window=8", "model.segment_len=16", "model.memory_chunk=8", "model.n_persistent=2",
+        f"train.out_dir={out}", "train.steps=20", "train.warmup_steps=2", "train.eval_every=10",
+        "train.eval_batches=2", "train.checkpoint_every=5", "train.log_every=5", "train.lr=3e-3",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def test_resume_gives_the_same_losses_bitwise(dataset, tmp_path):
+    whole = train(small_config(dataset, tmp_path / "whole"))
+    first = train(small_config(dataset, tmp_path / "split", "train.stop_after_steps=10"))
+    assert first.last_step == 10
+    resumed = train(small_config(dataset, tmp_path / "split"))
+    assert len(whole.losses) == len(resumed.losses) == 20
+    assert resumed.losses == whole.losses  # bitwise on CPU
+    assert whole.losses[-1] < whole.losses[0]
+
+
+def test_run_writes_config_tensorboard_and_checkpoints(dataset, tmp_path):
+    result = train(small_config(dataset, tmp_path, "train.keep_last=2"))
+    assert (tmp_path / "config.yaml").is_file()
+    assert any((tmp_path / "tensorboard").iterdir())
+    kept = list_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["step_00000015", "step_00000020"]
+    assert latest_checkpoint(tmp_path) == result.checkpoint == kept[-1]
+    state = load_checkpoint(result.checkpoint)
+    assert state["step"] == 20 and set(state) >= {"model", "optimizer", "scheduler", "data", "rng"}
+    assert set(result.val_losses) == {10, 20}
+
+
+def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path, monkeypatch):
+    real = train_module.loss_on
+    calls = {"n": 0}
+
+    def flaky(model, batch, autocast):
+        calls["n"] += 1
+        loss = real(model, batch, autocast)
+        return loss * float("nan") if calls["n"] in (3, 7, 8, 9, 10) else loss
+
+    monkeypatch.setattr(train_module, "loss_on", flaky)
+    cfg = small_config(dataset, tmp_path, "train.max_nonfinite_steps=3")
+    with pytest.raises(NonFiniteLossError, match="stopping at step 9: 3 non-finite losses in a row"):
+        train(cfg)
+    calls["n"] = 100  # no more NaN: a run that sees isolated NaNs goes on and counts them
+    calls_nan = {3}
+
+    def isolated(model, batch, autocast):
+        calls["n"] += 1
+        loss = real(model, batch, autocast)
+        return loss * float("nan") if calls["n"] in calls_nan else loss
+
+    calls["n"] = 0
+    monkeypatch.setattr(train_module, "loss_on", isolated)
+    result = train(small_config(dataset, tmp_path / "b", "train.steps=6", "train.warmup_steps=1"))
+    assert result.skipped_steps == 1 and math.isnan(result.losses[2])
+    assert all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.colour=3", "model: unknown key(s) colour; valid keys: vocab_size, dim"),
+    ("train.stepz=3", "train: unknown key(s) stepz; valid keys: out_dir, steps"),
+    ("model.dim=30", "n_heads"),
+    ("train.steps=ten", "train.steps: 'ten' is not a valid"),
+    ("train.warmup_steps=500", "train.warmup_steps=500 must be in"),
+    ("model.layers=mac,attn", "bad item 'attn'"),
+    ("train.precision=fp8", "train.precision must be"),
+    ("steps=3", "must be model.<k>, data.<k> or train.<k>"),
+])
+def test_bad_config_is_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dim: 64\n  n_headz: 4\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "unknown key(s) n_headz" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from pretrain.checkpoint import save_checkpoint
+    out = sys.argv[1]
+    step = 0
+    while True:
+        step += 1
+        save_checkpoint(out, step, {"step": step, "blob": torch.full((4_000_000,), float(step))}, keep_last=2)
+        print(step, flush=True)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_while_writing_leaves_a_loadable_latest(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    checked = 0
+    for delay in (0.5, 0.8, 1.1, 1.45, 1.9):
+        out = tmp_path / f"run{delay}"
+        proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=subprocess.PIPE)
+        time.sleep(delay + 1.5)  # interpreter + torch import, then some checkpoints
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        latest = latest_checkpoint(out)
+        if latest is None:
+            continue
+        state = load_checkpoint(latest)
+        assert torch.equal(state["blob"], torch.full((4_000_000,), float(state["step"])))
+        pointer = (out / "checkpoints" / "latest").read_text().strip()
+        assert (out / "checkpoints" / pointer / "state.pt").is_file()
+        checked += 1
+    assert checked >= 3, "the writer was killed before it wrote anything in most runs"
+
+
+def test_checkpoint_pointer_survives_a_half_written_directory(tmp_path):
+    save_checkpoint(tmp_path, 1, {"step": 1}, keep_last=3)
+    partial = tmp_path / "checkpoints" / ".step_00000002.partial"
+    partial.mkdir()
+    (partial / "state.pt").write_bytes(b"\x80\x02trunc")
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 1
