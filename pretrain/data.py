@@ -22,7 +22,7 @@ def ensure_default_corpus(cfg: RunConfig) -> None:
         return
     print(f"building the default corpus (Python standard library sources, PSF License) in {cfg.data.train}")
     prepare(default_corpus_files(DEFAULT_CORPUS_BYTES), cfg.data.train, "bytes",
-            sample_tokens=cfg.data.seq_len + 1, shard_samples=256, val_fraction=0.05, workers=2)
+            sample_tokens=cfg.data.seq_len + 1, shard_samples=256, val_fraction=0.05, workers=1)
 
 
 def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[[], None] = lambda: None
