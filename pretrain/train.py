@@ -195,21 +195,24 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
                 (loss / t.grad_accum).backward()
             loss_sum += loss.detach()
         loss_value = dist.mean(loss_sum / t.grad_accum)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        if not math.isfinite(grad_norm):  # a finite loss can still backpropagate inf/nan
+            loss_value = float("nan")
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             nonfinite_in_a_row += 1
             result.skipped_steps += 1
             result.losses.append(float("nan"))
-            dist.print(f"step {step + 1}: non-finite loss {loss_value}, step skipped "
+            dist.print(f"step {step + 1}: non-finite loss or gradient (grad norm {grad_norm}), step skipped "
                        f"({nonfinite_in_a_row} in a row)")
             if nonfinite_in_a_row >= t.max_nonfinite_steps:
                 raise NonFiniteLossError(
-                    f"stopping at step {step + 1}: {nonfinite_in_a_row} non-finite losses in a row "
+                    f"stopping at step {step + 1}: {nonfinite_in_a_row} non-finite losses or gradients in a "
+                    "row "
                     f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); last good checkpoint: "
                     f"{latest_checkpoint(out)}")
         else:
             nonfinite_in_a_row = 0
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss_value)
