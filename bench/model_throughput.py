@@ -92,7 +92,7 @@ def titans_pytorch_baseline(args: argparse.Namespace, device: torch.device) -> f
         return None
     model = MemoryAsContextTransformer(
         num_tokens=args.vocab, dim=256, depth=4, heads=4, dim_head=64, segment_len=args.window,
-        num_persist_mem_tokens=16, num_longterm_mem_tokens=0,
+        num_persist_mem_tokens=16, num_longterm_mem_tokens=0, neural_memory_segment_len=args.chunk,
     ).to(device)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
     model(tokens, return_loss=True).backward()
