@@ -97,6 +97,20 @@ def test_chunked_loss_equals_full_cross_entropy_and_its_gradients():
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-7)
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = TitansLM(tiny_config("mac,mag")).double()
+    tokens = torch.randint(0, 64, (2, 21))
+    results = []
+    for flag in (False, True):
+        model.checkpoint_blocks = flag
+        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:])
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_bf16_autocast_keeps_memory_state_float32():
     model = TitansLM(tiny_config("mac"))
     with torch.autocast("cpu", dtype=torch.bfloat16):

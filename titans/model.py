@@ -105,6 +105,7 @@ class TitansLM(nn.Module):
         self.blocks = nn.ModuleList([build_block(kind, cfg) for kind in cfg.layer_kinds])
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.checkpoint_blocks = False  # set by the training job (train.activation_checkpointing)
         self.apply(self._init_linear)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -120,8 +121,12 @@ class TitansLM(nn.Module):
         x = self.embed(tokens)
         states = states or [None] * len(self.blocks)
         new_states = []
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block, state in zip(self.blocks, states, strict=True):
-            x, state = block(x, state)
+            if recompute:  # activation checkpointing: keep block inputs only, recompute in backward
+                x, state = checkpoint(block, x, state, use_reentrant=False)
+            else:
+                x, state = block(x, state)
             new_states.append(state)
         return self.norm(x), new_states
 
