@@ -119,6 +119,9 @@ def reference_memory(
                 grad_w = W_start if grads_at_chunk_start else W
                 loss = (_mlp(grad_w, k[:, t], mem.residual_norm) - v[:, t]).pow(2).sum()
                 u = torch.autograd.grad(loss, grad_w, create_graph=True)
+                if mem.scan_options.max_grad_norm is not None:  # clip this token's gradient norm
+                    norm = torch.sqrt(sum(ui.pow(2).sum((-1, -2)) for ui in u))[..., None, None]
+                    u = [ui * torch.clamp(mem.scan_options.max_grad_norm / norm, max=1.0) for ui in u]
                 th = theta[:, t, :, None, None]
                 et = eta[:, t, :, None, None]
                 al = alpha[:, t, :, None, None]

@@ -81,6 +81,17 @@ def test_recomputed_backward_matches_reference(depth, chunk):
     assert compare_to_reference(make_memory(depth, chunk, recompute=True), 19) <= 1e-6
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("depth,chunk", [(1, 2), (2, 16), (3, 4)])
+def test_surprise_clipping_matches_reference(depth, chunk, recompute):
+    """Per-token gradient-norm clipping, at a norm that clips some tokens and not others."""
+    mem = make_memory(depth, chunk, max_grad_norm=0.5, recompute=recompute)
+    assert compare_to_reference(mem, 19) <= 1e-6
+    unclipped = make_memory(depth, chunk)
+    x = torch.randn(1, 19, 12, dtype=torch.float64)
+    assert not torch.allclose(mem(x)[0], unclipped(x)[0])  # the clip is active
+
+
 def test_comparison_detects_token_level_gradients():
     """The test can fail: gradients at the running weights instead of the chunk start differ."""
     assert compare_to_reference(make_memory(2, 4), 12, grads_at_chunk_start=False) > 1e-3

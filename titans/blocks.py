@@ -55,6 +55,7 @@ def make_memory(cfg: TitansConfig) -> NeuralMemory:
         theta_max=cfg.memory_theta_max,
         recompute=cfg.recompute_memory,
         residual_norm=cfg.memory_residual_norm,
+        max_grad_norm=cfg.memory_max_grad_norm,
     )
 
 

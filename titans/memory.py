@@ -23,6 +23,15 @@ from torch import Tensor, nn
 NORM_EPS = 1e-5  # LayerNorm epsilon of the memory's residual-norm output
 
 
+@dataclass(frozen=True)
+class ScanOptions:
+    """The static settings of the chunk scan."""
+
+    n_layers: int
+    residual_norm: bool = True
+    max_grad_norm: float | None = None  # clip each token's gradient ‖∇ℓ_i‖ to this (None: no clipping)
+
+
 @dataclass
 class MemoryState:
     """What a sequence leaves behind: the memory weights, their momentum, and the conv history.
@@ -72,12 +81,17 @@ def memory_mlp(weights: list[Tensor], x: Tensor, residual_norm: bool = True) -> 
 
 
 def weighted_loss_grads(
-    weights: list[Tensor], k: Tensor, v: Tensor, token_weights: Tensor, residual_norm: bool = True
+    weights: list[Tensor], k: Tensor, v: Tensor, token_weights: Tensor, residual_norm: bool = True,
+    max_grad_norm: float | None = None,
 ) -> list[Tensor]:
     """Gradients of `Σ_i w_ri ‖M(k_i) − v_i‖²` for R weightings at once, by an explicit backward pass.
 
     token_weights: (N, R, b). Returns per layer (N, R, d_in, d_out). Written with plain tensor ops so
     autograd can differentiate through it (the outer model learns through the memory's updates).
+
+    With `max_grad_norm`, token i's gradient is scaled by min(1, max / ‖∇ℓ_i‖) ("surprise clipping").
+    Its norm costs nothing extra: per layer ∇ℓ_i is the outer product x_i g_iᵀ, whose Frobenius norm is
+    ‖x_i‖·‖g_i‖, so it bounds every token's step without materialising a per-token gradient.
     """
     inputs, pre_acts = [k], []
     h = k
@@ -97,12 +111,19 @@ def weighted_loss_grads(
         grad_out = (g - g.mean(-1, keepdim=True) - normed * (g * normed).mean(-1, keepdim=True)) / sigma
     else:
         grad_out = 2 * (h - v)  # (N, b, d)
-    grads: list[Tensor] = [k] * len(weights)
-    for layer in reversed(range(len(weights))):
-        weighted_in = inputs[layer].unsqueeze(1) * token_weights.unsqueeze(-1)  # (N, R, b, d_in)
-        grads[layer] = weighted_in.transpose(-1, -2) @ grad_out.unsqueeze(1)
-        if layer > 0:
-            grad_out = (grad_out @ weights[layer].transpose(-1, -2)) * silu_derivative(pre_acts[layer - 1])
+    grad_outs = [grad_out]  # dℓ_i/d(layer output), last layer first
+    for layer in reversed(range(1, len(weights))):
+        grad_out = (grad_out @ weights[layer].transpose(-1, -2)) * silu_derivative(pre_acts[layer - 1])
+        grad_outs.append(grad_out)
+    grad_outs.reverse()
+    if max_grad_norm is not None:
+        sq_norm = sum(x.square().sum(-1) * g.square().sum(-1) for x, g in zip(inputs, grad_outs))
+        scale = (max_grad_norm / torch.sqrt(sq_norm).clamp_min(1e-30)).clamp(max=1.0)  # (N, b)
+        token_weights = token_weights * scale.unsqueeze(1)
+    grads = []
+    for x_in, g in zip(inputs, grad_outs):
+        weighted_in = x_in.unsqueeze(1) * token_weights.unsqueeze(-1)  # (N, R, b, d_in)
+        grads.append(weighted_in.transpose(-1, -2) @ g.unsqueeze(1))
     return grads
 
 
@@ -134,17 +155,18 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor, valid: 
 
 
 def memory_chunk_step(
-    n_layers: int, residual_norm: bool, q: Tensor, k: Tensor, v: Tensor, d: Tensor, c: Tensor,
+    opts: ScanOptions, q: Tensor, k: Tensor, v: Tensor, d: Tensor, c: Tensor,
     eta_prod: Tensor, beta: Tensor, gamma: Tensor, *state: Tensor,
 ) -> tuple[Tensor, ...]:
     """One chunk: read with the chunk-start weights, then apply the chunk's collapsed update.
 
-    q, k, v: (N, b, d); d, c: (N, b); eta_prod, beta, gamma: (N,); state: n_layers weights then
-    n_layers momenta, each (N, d_in, d_out). Returns (y, *new_weights, *new_momenta).
+    q, k, v: (N, b, d); d, c: (N, b); eta_prod, beta, gamma: (N,); state: L weights then
+    L momenta, each (N, d_in, d_out). Returns (y, *new_weights, *new_momenta).
     """
-    weights, momentum = list(state[:n_layers]), list(state[n_layers:])
-    y = memory_mlp(weights, q, residual_norm)
-    grads = weighted_loss_grads(weights, k, v, torch.stack([d, c], dim=1), residual_norm)
+    weights, momentum = list(state[: opts.n_layers]), list(state[opts.n_layers :])
+    y = memory_mlp(weights, q, opts.residual_norm)
+    grads = weighted_loss_grads(weights, k, v, torch.stack([d, c], dim=1), opts.residual_norm,
+                                opts.max_grad_norm)
     eta_prod, beta, gamma = (t[:, None, None] for t in (eta_prod, beta, gamma))
     new_momentum = [eta_prod * s - g[:, 0] for s, g in zip(momentum, grads, strict=True)]
     new_weights = [beta * w + gamma * s - g[:, 1] for w, s, g in zip(weights, momentum, grads, strict=True)]
@@ -152,7 +174,7 @@ def memory_chunk_step(
 
 
 def scan_chunks(
-    n_layers: int, residual_norm: bool, inputs: tuple[Tensor, ...], state: list[Tensor]
+    opts: ScanOptions, inputs: tuple[Tensor, ...], state: list[Tensor]
 ) -> tuple[Tensor, ...]:
     """Run the chunks in order with plain autograd. inputs: q, k, v (N, n, b, d), then d, c (N, n, b)
     and eta_prod, beta, gamma (N, n). Returns (y (N, n, b, d), *end_state)."""
@@ -160,7 +182,7 @@ def scan_chunks(
     # chunk (quadratic in length); unbind's backward stacks the chunk gradients once.
     outputs = []
     for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
-        y, *state = memory_chunk_step(n_layers, residual_norm, *chunk, *state)
+        y, *state = memory_chunk_step(opts, *chunk, *state)
         outputs.append(y)
     return (torch.stack(outputs, dim=1), *state)
 
@@ -175,14 +197,14 @@ class RecomputedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, n_layers: int, residual_norm: bool, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, opts: ScanOptions, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         inputs, state = tensors[:8], list(tensors[8:])
         boundaries, outputs = [], []
         for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
             boundaries += state
-            y, *state = memory_chunk_step(n_layers, residual_norm, *chunk, *state)
+            y, *state = memory_chunk_step(opts, *chunk, *state)
             outputs.append(y)
-        ctx.n_layers, ctx.residual_norm, ctx.n_state = n_layers, residual_norm, len(state)
+        ctx.opts, ctx.n_state = opts, len(state)
         ctx.save_for_backward(*inputs, *boundaries)
         return (torch.stack(outputs, dim=1), *state)
 
@@ -196,7 +218,7 @@ class RecomputedScan(torch.autograd.Function):
             with torch.enable_grad():
                 chunk = [t[:, i].detach().requires_grad_(t.requires_grad) for t in inputs]
                 start = [s.detach().requires_grad_() for s in boundaries[i * n : (i + 1) * n]]
-                y, *end = memory_chunk_step(ctx.n_layers, ctx.residual_norm, *chunk, *start)
+                y, *end = memory_chunk_step(ctx.opts, *chunk, *start)
                 wanted = [t for t in (*chunk, *start) if t.requires_grad]
                 grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[:, i], *grad_state]))
             for t, g in zip(chunk, input_grads, strict=True):
@@ -204,7 +226,7 @@ class RecomputedScan(torch.autograd.Function):
                     g[:, i] = next(grads)
             grad_state = list(grads)
         grads_in = (g if t.requires_grad else None for t, g in zip(inputs, input_grads, strict=True))
-        return (None, None, *grads_in, *grad_state)
+        return (None, *grads_in, *grad_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +253,7 @@ class NeuralMemory(nn.Module):
         theta_max: float | None = None,
         recompute: bool = False,
         residual_norm: bool = True,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -246,6 +269,7 @@ class NeuralMemory(nn.Module):
         self.theta_max = theta_max if theta_max is not None else 1.0 / chunk_size
         self.recompute = recompute
         self.residual_norm = residual_norm  # M(x) = x + LayerNorm(MLP(x)); see memory_mlp
+        self.scan_options = ScanOptions(depth, residual_norm, max_grad_norm)
         # Diagnostics for logging: when record_stats is set, forward leaves the surprise (momentum)
         # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached).
         self.record_stats = False
@@ -367,9 +391,9 @@ class NeuralMemory(nn.Module):
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
         inputs = (q, k, v, d_coef, c_coef, eta_prod, beta, gamma)
         if self.recompute and torch.is_grad_enabled():
-            y, *flat = RecomputedScan.apply(self.depth, self.residual_norm, *inputs, *flat)
+            y, *flat = RecomputedScan.apply(self.scan_options, *inputs, *flat)
         else:
-            y, *flat = scan_chunks(self.depth, self.residual_norm, inputs, flat)
+            y, *flat = scan_chunks(self.scan_options, inputs, flat)
         y = y.reshape(B, H, n_chunks * b, d)[:, :, :T].transpose(1, 2)
         unflat = [t.reshape(B, H, *t.shape[1:]) for t in flat]
         return y, unflat[: self.depth], unflat[self.depth :]
