@@ -118,7 +118,7 @@ def weighted_loss_grads(
     grad_outs.reverse()
     if max_grad_norm is not None:
         sq_norm = sum(x.square().sum(-1) * g.square().sum(-1) for x, g in zip(inputs, grad_outs))
-        scale = (max_grad_norm / torch.sqrt(sq_norm).clamp_min(1e-30)).clamp(max=1.0)  # (N, b)
+        scale = (max_grad_norm / torch.sqrt(sq_norm.clamp_min(1e-30))).clamp(max=1.0)  # (N, b)
         token_weights = token_weights * scale.unsqueeze(1)
     grads = []
     for x_in, g in zip(inputs, grad_outs):

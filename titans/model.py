@@ -60,7 +60,7 @@ class TitansConfig:
     memory_conv_kernel: int = 4
     memory_theta_max: float | None = None  # θ = theta_max · sigmoid(·); default 1/memory_chunk (stable)
     memory_residual_norm: bool = True  # memory output x + LayerNorm(MLP(x)): a stable inner loop
-    memory_max_grad_norm: float | None = None  # clip each token's memory gradient (surprise) norm
+    memory_max_grad_norm: float | None = 1.0  # clip each token's memory gradient (surprise) norm; None: off
     recompute_memory: bool = True  # backward keeps chunk-boundary states only, recomputes each chunk
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
