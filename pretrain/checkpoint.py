@@ -2,11 +2,18 @@
 
 Layout under `<out_dir>/checkpoints/`:
     step_00000100/state.pt    everything needed to resume (model, optimizer, scheduler, step, data, RNG)
+    step_00000100/deepspeed/  with ZeRO (train.zero_stage >= 1): every rank's shard, written by DeepSpeed
     latest                    text file naming the newest complete checkpoint directory
 
 A checkpoint directory only ever appears under its final name after all its files are written and
 flushed, and `latest` is replaced by rename, so a crash (even SIGKILL) at any moment leaves the
 previous checkpoint loadable and `latest` pointing to a complete one.
+
+Several writers (ZeRO: each rank saves its own shard): rank 0 calls `begin_checkpoint`, every rank
+writes into the staging directory it returns and calls `fsync_tree` on what it wrote, then (after a
+barrier) rank 0 calls `save_checkpoint(..., staged=True)`, which adds state.pt and renames as above. The
+staging directory lives next to the final one, so every rank must see the same `out_dir` (a shared file
+system on several nodes).
 """
 
 from __future__ import annotations
@@ -43,14 +50,50 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write `state` as the checkpoint of `step`, move `latest` to it, prune all but the last k."""
+def staging_dir(out_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before it is renamed to its final name."""
+    return checkpoint_root(out_dir) / f".step_{step:08d}.partial"
+
+
+def begin_checkpoint(out_dir: str | Path, step: int) -> Path:
+    """A fresh, empty staging directory for `step` that other writers fill before `save_checkpoint`."""
+    staging = staging_dir(out_dir, step)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def fsync_tree(path: str | Path) -> None:
+    """Flush every file and directory under `path` to disk (for files written by other libraries)."""
+    path = Path(path)
+    for sub, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(Path(sub) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(sub))
+
+
+def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
+                    staged: bool = False) -> Path:
+    """Write `state` as the checkpoint of `step`, move `latest` to it, prune all but the last k.
+
+    staged=True: `begin_checkpoint` made the staging directory and other writers have filled (and
+    flushed) it; state.pt is added last, and the rename commits everything at once.
+    """
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    final, staging = root / name, root / f".{name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    final, staging = root / name, staging_dir(out_dir, step)
+    if staged:
+        if not staging.is_dir():
+            raise FileNotFoundError(f"staging directory {staging} is missing: call begin_checkpoint first")
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
     with open(staging / STATE_FILE, "wb") as f:
         torch.save(state, f)
         f.flush()

@@ -59,6 +59,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    # 0: plain data parallel (DDP); 1, 2, 3: DeepSpeed ZeRO sharding optimizer states (1), + gradients (2),
+    # + parameters (3) over the data-parallel ranks (parallel/zero.py)
+    zero_stage: int = 0
 
 
 @dataclass
@@ -187,3 +190,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0 (plain data parallel), 1, 2 or 3 (DeepSpeed ZeRO), "
+                          f"got {t.zero_stage}")
