@@ -140,7 +140,7 @@ def test_state_stays_float32_under_bf16_autocast():
         out, state = mem(x)
         out2, state2 = mem(x, state)
     assert out.dtype == torch.bfloat16 and out2.dtype == torch.bfloat16
-    assert all(t.dtype == torch.float32 for t in (*state2.weights, *state2.momentum))
+    assert all(t.dtype == torch.float32 for t in (*state2.weights, *state2.momentum, state2.conv))
 
 
 def test_detached_state_cuts_the_graph():

@@ -313,7 +313,7 @@ class NeuralMemory(nn.Module):
         history = torch.cat([conv_cache.to(raw.dtype), raw], dim=1)
         mixed = F.silu(F.conv1d(history.transpose(1, 2), self.conv.weight, groups=raw.shape[-1]))
         q, k, v = mixed.transpose(1, 2).reshape(B, T, 3, self.heads, self.head_dim).unbind(2)
-        new_cache = history[:, history.shape[1] - pad :]
+        new_cache = history[:, history.shape[1] - pad :].to(self.state_dtype())  # float32 under autocast
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
