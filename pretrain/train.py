@@ -2,7 +2,8 @@
 
 Trains a TitansLM with AdamW, warmup + cosine, clipping and accumulation; logs to TensorBoard; writes
 atomic checkpoints and resumes from the latest one by default; SIGTERM / SIGUSR1 save and exit cleanly.
-Launch with `torchrun` or `srun` for several processes (data-parallel over gloo on CPU, NCCL on GPU).
+Launch with `torchrun` or `srun` for several processes (data-parallel over gloo on CPU, NCCL on GPU);
+`train.zero_stage` 1–3 trains through a DeepSpeed ZeRO engine instead of DDP (parallel/zero.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ import torch
 import yaml
 from torch import nn
 
-from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
+from parallel.zero import ZeroEngine
+from pretrain.checkpoint import (
+    begin_checkpoint,
+    fsync_tree,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    staging_dir,
+)
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data import build_loaders
 from pretrain.distributed import Distributed, init_distributed
@@ -133,27 +143,44 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     model = TitansLM(cfg.model).to(dist.device)
-    if t.activation_checkpointing:
-        model.blocks = nn.ModuleList(CheckpointedBlock(b) for b in model.blocks)
-    ddp_model = dist.wrap(model)
+    model.checkpoint_blocks = t.activation_checkpointing
+    n_params = count_parameters(model)  # before ZeRO-3 partitions the parameters
+    precision = ("bf16" if dist.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / t.lr)
+    zero: ZeroEngine | None = None
+    if t.zero_stage == 0:
+        ddp_model = dist.wrap(model)
+    else:  # the engine wraps model and optimizer; our scheduler keeps setting the optimizer's lr
+        zero = ZeroEngine(model, optimizer, stage=t.zero_stage, micro_batch=cfg.data.batch_size,
+                          grad_accum=t.grad_accum, grad_clip=t.grad_clip, precision=precision,
+                          device=dist.device, local_rank=dist.local_rank)
+        ddp_model = zero.engine
     train_loader, val_batches = build_loaders(cfg, dist.rank, dist.world_size, dist.barrier)
 
     result, step = TrainResult(), 0
     ckpt = latest_checkpoint(out) if t.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        saved_stage = state.get("config", {}).get("train", {}).get("zero_stage", 0)
+        if saved_stage != t.zero_stage:
+            raise RuntimeError(f"checkpoint {ckpt} was written with train.zero_stage={saved_stage}, this run "
+                               f"has train.zero_stage={t.zero_stage}: resume with the same stage")
+        if zero is None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        else:  # every rank loads its own shard
+            zero.load(ckpt / ZERO_CHECKPOINT_DIR)
         scheduler.load_state_dict(state["scheduler"])
+        if zero is not None:  # the scheduler's state does not carry the lr into the optimizer's groups
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         train_loader.load_state_dict(state["data"][dist.rank])
         set_rng_state(state["rng"][dist.rank])
         step = state["step"]
         result.losses = list(state.get("losses", []))
         dist.print(f"resumed from {ckpt} at step {step}")
 
-    precision = ("bf16" if dist.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * dist.world_size
     flops_per_step = training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -162,8 +189,9 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
     logger = MetricsLogger(out / "tensorboard") if dist.is_main else None
     if logger:
         logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    dist.print(f"model: {count_parameters(model):,} parameters, layers {','.join(cfg.model.layer_kinds)}; "
-               f"{tokens_per_step:,} tokens per step; device {dist.device}, world size {dist.world_size}")
+    dist.print(f"model: {n_params:,} parameters, layers {','.join(cfg.model.layer_kinds)}; "
+               f"{tokens_per_step:,} tokens per step; device {dist.device}, world size {dist.world_size}"
+               + (f", ZeRO stage {t.zero_stage}" if zero else ""))
     stop = StopSignal()
     bar = ProgressBar(t.steps, start=step, enabled=dist.is_main)
     data_iter = iter(train_loader)
@@ -171,15 +199,27 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
     nonfinite_in_a_row = 0
 
     def checkpoint_state() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "losses": result.losses,
-                "data": dist.gather_objects(train_loader.state_dict()),
-                "rng": dist.gather_objects(rng_state()), "config": cfg.to_dict()}
+        state = {"scheduler": scheduler.state_dict(), "step": step, "losses": result.losses,
+                 "data": dist.gather_objects(train_loader.state_dict()),
+                 "rng": dist.gather_objects(rng_state()), "config": cfg.to_dict()}
+        if zero is None:
+            state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+        else:  # model and optimizer are in the ranks' DeepSpeed shards (see save)
+            state["zero"] = {"stage": t.zero_stage, "dir": ZERO_CHECKPOINT_DIR, "world_size": dist.world_size}
+        return state
 
     def save() -> None:
         state = checkpoint_state()  # every rank takes part in the gathers
+        if zero is not None:  # each rank writes its shard into the staging directory, then rank 0 commits
+            if dist.is_main:
+                begin_checkpoint(out, step)
+            dist.barrier()
+            shards = staging_dir(out, step) / ZERO_CHECKPOINT_DIR
+            zero.save(shards)
+            fsync_tree(shards)
+            dist.barrier()
         if dist.is_main:
-            result.checkpoint = save_checkpoint(out, step, state, t.keep_last)
+            result.checkpoint = save_checkpoint(out, step, state, t.keep_last, staged=zero is not None)
         dist.barrier()
 
     while step < t.steps:
@@ -190,16 +230,24 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
         loss_sum = torch.zeros((), device=dist.device)
         for micro in range(t.grad_accum):
             batch = next(data_iter).to(dist.device, non_blocking=True)
-            with dist.no_sync(ddp_model, last=micro == t.grad_accum - 1):
+            if zero is not None:
                 loss = loss_on(ddp_model, batch, autocast)
-                (loss / t.grad_accum).backward()
+                zero.backward(loss)
+            else:
+                with dist.no_sync(ddp_model, last=micro == t.grad_accum - 1):
+                    loss = loss_on(ddp_model, batch, autocast)
+                    (loss / t.grad_accum).backward()
             loss_sum += loss.detach()
         loss_value = dist.mean(loss_sum / t.grad_accum)
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        if zero is not None:  # DeepSpeed clips and steps, or skips a non-finite step on every rank
+            grad_norm = zero.step()
+        else:
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
         if not math.isfinite(grad_norm):  # a finite loss can still backpropagate inf/nan
             loss_value = float("nan")
         if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
+            if zero is None:
+                optimizer.zero_grad(set_to_none=True)
             nonfinite_in_a_row += 1
             result.skipped_steps += 1
             result.losses.append(float("nan"))
@@ -213,8 +261,9 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
                     f"{latest_checkpoint(out)}")
         else:
             nonfinite_in_a_row = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if zero is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss_value)
         scheduler.step()
         step += 1
@@ -256,19 +305,6 @@ def train(cfg: RunConfig, dist: Distributed | None = None) -> TrainResult:
     if logger:
         logger.close()
     return result
-
-
-class CheckpointedBlock(nn.Module):
-    """Activation checkpointing of one block: recompute its forward during backward."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor, state=None):
-        if not torch.is_grad_enabled():
-            return self.block(x, state)
-        return torch.utils.checkpoint.checkpoint(self.block, x, state, use_reentrant=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,13 @@ def test_resume_gives_the_same_losses_bitwise(dataset, tmp_path):
     assert whole.losses[-1] < whole.losses[0]
 
 
+def test_activation_checkpointing_trains_the_same(dataset, tmp_path):
+    plain = train(small_config(dataset, tmp_path / "plain", "train.steps=4", "train.warmup_steps=1"))
+    recomputed = train(small_config(dataset, tmp_path / "ckpt", "train.steps=4", "train.warmup_steps=1",
+                                    "train.activation_checkpointing=true"))
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
 def test_run_writes_config_tensorboard_and_checkpoints(dataset, tmp_path):
     result = train(small_config(dataset, tmp_path, "train.keep_last=2"))
     assert (tmp_path / "config.yaml").is_file()
