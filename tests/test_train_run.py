@@ -70,3 +70,20 @@ def test_cli_run_logs_training_and_memory_diagnostics(dataset, tmp_path):
     assert expected <= tags, expected - tags
     theta = [e.value for e in events.Scalars("memory/layer0/theta")]
     assert all(0 < t <= 1 / 8 for t in theta)  # θ ≤ θ_max = 1 / memory_chunk
+
+
+def test_srun_environment_is_read(monkeypatch):
+    """Under srun, rank and world size come from SLURM_*; a missing rendezvous address is named."""
+    from pretrain.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(RuntimeError, match="rank 1: MASTER_ADDR is not set"):
+        init_distributed()
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    single = init_distributed()
+    assert (single.rank, single.world_size, single.is_main) == (0, 1, True)
