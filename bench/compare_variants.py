@@ -1,0 +1,155 @@
+"""Train MAC, MAG, MAL, LMM and the SWA baseline at equal parameters, tokens and window; compare them.
+
+    python bench/compare_variants.py                                  # configs/compare/*.yaml, 300 steps
+    python bench/compare_variants.py --variants mac,swa --steps 50 train.threads=2
+    python bench/compare_variants.py --eval-only                      # evaluate existing runs again
+
+Every variant's config (`configs/compare/<variant>.yaml`) has the same data, batch, sequence length,
+steps, optimiser and attention span (SWA / MAG / MAL window = MAC segment). The variants differ in how
+many parameters their token mixers have, so `model.ffn_hidden` is set per variant (a multiple of 8) to
+bring every parameter count as close as possible to the largest one (`--params` sets the target;
+`--no-match` keeps the configs' FFN). Then each is trained (`pretrain.train.train`) and evaluated
+(`pretrain.evaluate`: validation perplexity, needle and MQAR accuracy at multiples of the span), and a
+Markdown table is printed and written with the JSON results (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
+from titans.model import num_parameters  # noqa: E402
+
+VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
+
+
+def matched_ffn(cfg: RunConfig, target: int, multiple: int = 8) -> tuple[int, int]:
+    """The FFN width (a multiple of `multiple`) whose parameter count is closest to `target`."""
+    import dataclasses
+
+    def count(hidden: int) -> int:
+        return num_parameters(dataclasses.replace(cfg.model, ffn_hidden=hidden))
+
+    best = None
+    for hidden in range(multiple, 16 * cfg.model.dim + 1, multiple):
+        n = count(hidden)
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (hidden, n)
+        if n > target:
+            break
+    return best
+
+
+def load_variants(names: list[str], config_dir: Path, overrides: list[str], match: bool,
+                  target: int | None) -> dict[str, RunConfig]:
+    configs = {name: load_config(config_dir / f"{name}.yaml", overrides) for name in names}
+    if match:
+        target = target or max(num_parameters(c.model) for c in configs.values())
+        for name, cfg in configs.items():
+            hidden, _ = matched_ffn(cfg, target)
+            matched = [*overrides, f"model.ffn_hidden={hidden}"]
+            configs[name] = load_config(config_dir / f"{name}.yaml", matched)
+    return configs
+
+
+def markdown(rows: list[dict], distances: list[float]) -> str:
+    head = ["variant", "params", "train tokens", "train loss (last 10)", "val loss", "val ppl"]
+    head += [f"needle {d:g}×" for d in distances] + [f"mqar {d:g}×" for d in distances] + ["train s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        e = r["eval"]
+        ppl = e.get("ppl")
+        cells = [r["variant"], f"{r['params']:,}", f"{r['tokens']:,}", f"{r['train_loss']:.4f}",
+                 f"{ppl['loss']:.4f}" if ppl else "-", f"{ppl['ppl']:.2f}" if ppl else "-"]
+        for task in ("needle", "mqar"):
+            cells += [f"{e[task][f'{d:g}']['accuracy']:.3f}" if task in e else "-" for d in distances]
+        cells.append(f"{r['train_seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/compare_variants.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of "
+                        + ",".join(VARIANTS))
+    parser.add_argument("--configs", default=str(ROOT / "configs" / "compare"),
+                        help="folder of <variant>.yaml")
+    parser.add_argument("--runs", default=None,
+                        help="train into <runs>/<variant> (default: each config's train.out_dir)")
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps for every variant")
+    parser.add_argument("--params", type=int, default=None,
+                        help="parameter target (default: the largest)")
+    parser.add_argument("--no-match", action="store_true", help="keep the configs' FFN widths")
+    parser.add_argument("--fresh", action="store_true",
+                        help="do not resume existing runs (train.resume=false)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="skip training; evaluate the existing runs")
+    parser.add_argument("--distances", default="2,8,32",
+                        help="needle / mqar distances in multiples of the span")
+    parser.add_argument("--samples", type=int, default=32, help="sequences per task and distance")
+    parser.add_argument("--tasks", default="ppl,needle,mqar")
+    parser.add_argument("--out", default="runs/compare/results.md", help="Markdown table (and .json beside)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
+    args = parser.parse_args(argv)
+
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    if args.steps:
+        overrides += [f"train.warmup_steps={min(20, args.steps // 10)}", f"train.eval_every={args.steps}",
+                      f"train.checkpoint_every={args.steps}"]
+    if args.fresh:
+        overrides.append("train.resume=false")
+    try:
+        configs = load_variants(names, Path(args.configs), overrides, not args.no_match, args.params)
+        if args.runs:
+            for name, cfg in configs.items():
+                cfg.train.out_dir = str(Path(args.runs) / name)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    from pretrain.evaluate import evaluate, parse_list
+    from pretrain.model_io import load_model
+    from pretrain.train import train
+
+    distances = parse_list(args.distances, float)
+    tasks = parse_list(args.tasks)
+    rows = []
+    for name, cfg in configs.items():
+        params = num_parameters(cfg.model)
+        print(f"== {name}: {params:,} parameters (ffn_hidden {cfg.model.ffn_hidden}), "
+              f"out {cfg.train.out_dir}", file=sys.stderr)
+        started = time.perf_counter()
+        losses = [] if args.eval_only else train(cfg).losses
+        seconds = time.perf_counter() - started
+        model = load_model(cfg.train.out_dir)
+        results = evaluate(model, tasks, distances, samples=args.samples,
+                           log=lambda m: print(f"   {m}", file=sys.stderr))
+        tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * (model.step or 0)
+        finite = [x for x in losses[-10:] if x == x]
+        rows.append({"variant": name, "params": params, "ffn_hidden": cfg.model.ffn_hidden, "tokens": tokens,
+                     "train_loss": sum(finite) / len(finite) if finite else float("nan"),
+                     "train_seconds": seconds, "step": model.step, "eval": results})
+    table = markdown(rows, distances)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table)
+    print(f"written: {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Evaluate a trained model: validation perplexity and synthetic long-context retrieval beyond the window.
+
+    python -m pretrain.evaluate --checkpoint runs/tiny                      # ppl, needle, mqar
+    python -m pretrain.evaluate --checkpoint runs/tiny/checkpoints/step_00000300 \\
+        --tasks needle --distances 2,8,32 --samples 64 --out results.json
+
+- ppl: mean next-token loss and perplexity on the held-out split of the run's data (`data.val`, or the
+  `val` split of `data.train`; `--data` points elsewhere), each sequence fed in one call as in training;
+  with `--ppl-seq-len` also of longer sequences fed in pieces carrying the memory (`ppl_long`).
+- needle: one key–value pair planted early, filler, then the key asked for `distance` tokens after the
+  value; accuracy of the argmax next-token prediction of the value (`pretrain.synthetic`).
+- mqar: multi-query associative recall: 8 pairs, `distance` tokens of filler, all keys asked for.
+Distances are multiples of the model's attention span (the window for SWA / MAG / MAL, the segment for
+MAC). Long inputs are fed in pieces of the training length that carry the memory state; attention keeps
+no KV cache across calls, so beyond its span only the long-term memory can answer.
+
+Writes JSON and a Markdown table (same name, .md) and TensorBoard scalars (`eval/...` at the checkpoint's
+step, by default in `<run>/tensorboard/eval`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pretrain import synthetic
+from pretrain.model_io import LanguageModel, default_piece_len, load_model, stream_logits
+
+TASKS = ("ppl", "needle", "mqar")
+
+
+# ------------------------------------------------------------------------------------- perplexity
+
+
+def val_batches(run_config: dict[str, Any], data: str | None = None, batch_size: int | None = None,
+                max_batches: int | None = None, seq_len: int | None = None) -> Iterator[torch.Tensor]:
+    """(B, seq_len + 1) batches of the run's validation split, in order, one pass (seq_len: the run's
+    `data.seq_len` unless given)."""
+    from data_pipeline.loader import Source, TokenLoader, TokenStream
+
+    d = run_config.get("data", {})
+    path = data or d.get("val") or d.get("train")
+    if not path:
+        raise ValueError("the checkpoint's config names no dataset: pass --data")
+    if not Path(path).exists() and "://" not in str(path) and not str(path).startswith("pipe:"):
+        raise FileNotFoundError(f"dataset {path} (from the run's config) does not exist here: pass --data")
+    stream = TokenStream([Source(str(path), split="val")], seq_len or d.get("seq_len", 256), batch_size or
+                         d.get("batch_size", 8), epochs=1, shuffle=False,
+                         max_corrupt_shards=d.get("max_corrupt_shards", 0))
+    for i, batch in enumerate(TokenLoader(stream)):
+        if max_batches is not None and i == max_batches:
+            break
+        yield batch
+
+
+@torch.no_grad()
+def perplexity(model: LanguageModel, batches: Iterable[torch.Tensor], piece_len: int | None = None
+               ) -> dict[str, float]:
+    """Token-weighted mean next-token loss over the batches, and its exponential.
+
+    piece_len None: every sequence in one call (as the training job's validation does); otherwise fed in
+    pieces carrying the memory state.
+    """
+    total, count = 0.0, 0
+    for batch in batches:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if piece_len is None:
+            logits, _ = model.logits(inputs)
+        else:
+            logits, _ = stream_logits(model, inputs, piece_len)
+        loss = F.cross_entropy(logits.float().flatten(0, 1).cpu(), targets.flatten(), reduction="sum")
+        total += loss.item()
+        count += targets.numel()
+    if count == 0:
+        raise ValueError("no validation tokens: the val split is empty or shorter than one sequence")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+# ---------------------------------------------------------------------------------- synthetic tasks
+
+
+def make_task(task: str, batch: int, distance: int, space: synthetic.TokenSpace, seed: int,
+              n_pairs: int = 8) -> synthetic.TaskBatch:
+    if task == "needle":
+        return synthetic.needle(batch, distance, space, seed=seed)
+    if task == "mqar":
+        return synthetic.mqar(batch, distance, space, n_pairs=n_pairs, seed=seed)
+    raise ValueError(f"unknown synthetic task {task!r}; expected needle or mqar")
+
+
+@torch.no_grad()
+def task_accuracy(model: LanguageModel, task: str, distance: int, samples: int = 32, batch_size: int = 8,
+                  seed: int = 0, piece_len: int | None = None, n_pairs: int = 8,
+                  space: synthetic.TokenSpace | None = None) -> dict[str, float]:
+    """Accuracy of one synthetic task at one distance (tokens), over `samples` sequences."""
+    space = space or synthetic.TokenSpace.for_vocab(model.vocab_size)
+    values = torch.tensor(space.values)
+    correct, is_value, n = 0, 0, 0
+    length = 0
+    for i, start in enumerate(range(0, samples, batch_size)):
+        size = min(batch_size, samples - start)
+        batch = make_task(task, size, distance, space, seed * 100_003 + i, n_pairs)
+        logits, _ = stream_logits(model, batch.tokens, piece_len, positions=batch.positions)
+        predicted = logits.argmax(-1)
+        correct += int((predicted == batch.answers).sum())
+        is_value += int(torch.isin(predicted, values).sum())
+        n += batch.answers.numel()
+        length = batch.tokens.shape[1]
+    return {"accuracy": correct / n, "value_rate": is_value / n, "answers": n, "length": length,
+            "chance": synthetic.value_chance(space)}
+
+
+def evaluate(model: LanguageModel, tasks: Iterable[str] = TASKS, distances: Iterable[float] = (2, 8, 32),
+             samples: int = 32, batch_size: int = 8, seed: int = 0, piece_len: int | None = None,
+             n_pairs: int = 8, data: str | None = None, max_val_batches: int | None = 50,
+             val_batch_size: int | None = None, run_config: dict[str, Any] | None = None, log=print,
+             ppl_seq_len: int | None = None) -> dict[str, Any]:
+    """Run the asked tasks; returns the results as a JSON-ready dict. Validation batches default to
+    the run's `data.batch_size` (then the first batches are those the training job validated on).
+    `ppl_seq_len` longer than the training length: perplexity of longer sequences, fed in pieces of
+    `piece_len` carrying the memory state (`ppl_long` in the results; `ppl` stays the plain one)."""
+    run_config = run_config if run_config is not None else getattr(model, "run_config", {})
+    seq_len = run_config.get("data", {}).get("seq_len")
+    piece_len = piece_len or default_piece_len(model, seq_len)
+    span = model.attention_span
+    results: dict[str, Any] = {"attention_span": span, "piece_len": piece_len}
+    for task in tasks:
+        started = time.perf_counter()
+        if task == "ppl":
+            batches = val_batches(run_config, data, val_batch_size, max_val_batches)
+            results["ppl"] = perplexity(model, batches)
+            log(f"ppl: loss {results['ppl']['loss']:.4f}, perplexity {results['ppl']['ppl']:.3f} "
+                f"({results['ppl']['tokens']:,} tokens, {time.perf_counter() - started:.1f}s)")
+            if ppl_seq_len:
+                started = time.perf_counter()
+                batches = val_batches(run_config, data, val_batch_size, max_val_batches, ppl_seq_len)
+                results["ppl_long"] = {**perplexity(model, batches, piece_len), "seq_len": ppl_seq_len}
+                log(f"ppl of {ppl_seq_len}-token sequences in pieces of {piece_len}: loss "
+                    f"{results['ppl_long']['loss']:.4f}, perplexity {results['ppl_long']['ppl']:.3f} "
+                    f"({results['ppl_long']['tokens']:,} tokens, {time.perf_counter() - started:.1f}s)")
+            continue
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        per_distance = {}
+        for multiple in distances:
+            distance = max(int(round(multiple * span)), synthetic.KEY_LEN + 4)
+            started = time.perf_counter()
+            r = task_accuracy(model, task, distance, samples, batch_size, seed, piece_len, n_pairs)
+            r.update(multiple=multiple, distance=distance)
+            per_distance[f"{multiple:g}"] = r
+            log(f"{task} at {multiple:g}× span ({distance} tokens, sequences of {r['length']}): accuracy "
+                f"{r['accuracy']:.3f} over {r['answers']} answers (chance {r['chance']:.3f}, value tokens "
+                f"predicted {r['value_rate']:.2f}; {time.perf_counter() - started:.1f}s)")
+        results[task] = per_distance
+    return results
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Evaluation of `{results.get('checkpoint', '?')}` (step {results.get('step', '?')})", ""]
+    if "ppl" in results:
+        p = results["ppl"]
+        lines += ["| validation loss | perplexity | tokens |", "|---:|---:|---:|",
+                  f"| {p['loss']:.4f} | {p['ppl']:.3f} | {p['tokens']:,} |", ""]
+    if "ppl_long" in results:
+        p = results["ppl_long"]
+        lines += [f"Sequences of {p['seq_len']} tokens, fed in pieces of {results['piece_len']} carrying the "
+                  f"memory: loss {p['loss']:.4f}, perplexity {p['ppl']:.3f} ({p['tokens']:,} tokens).", ""]
+    rows = [(task, r) for task in ("needle", "mqar") for r in results.get(task, {}).values()]
+    if rows:
+        lines += [f"Distances in multiples of the attention span ({results['attention_span']} tokens); "
+                  f"inputs fed in pieces of {results['piece_len']} tokens carrying the memory.", "",
+                  "| task | distance (× span) | distance (tokens) | accuracy | chance "
+                  "| value tokens predicted | answers |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {task} | {r['multiple']:g} | {r['distance']} | {r['accuracy']:.3f} "
+                  f"| {r['chance']:.3f} | {r['value_rate']:.2f} | {r['answers']} |" for task, r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def scalars(results: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    if "ppl" in results:
+        out["eval/val_loss"] = results["ppl"]["loss"]
+        out["eval/val_perplexity"] = results["ppl"]["ppl"]
+    if "ppl_long" in results:
+        out["eval/val_loss_long"] = results["ppl_long"]["loss"]
+    for task in ("needle", "mqar"):
+        for key, r in results.get(task, {}).items():
+            out[f"eval/{task}/x{key}"] = r["accuracy"]
+    return out
+
+
+def write_tensorboard(results: dict[str, Any], log_dir: str | Path, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+    for name, value in scalars(results).items():
+        writer.add_scalar(name, value, step)
+    writer.add_text("eval/table", to_markdown(results))
+    writer.close()
+
+
+def parse_list(text: str, kind=str) -> list:
+    return [kind(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.evaluate",
+        description="Evaluate a trained Titans checkpoint: validation perplexity (ppl) on the run's "
+                    "held-out split, and synthetic long-context retrieval (needle: one key–value pair; mqar: "
+                    "multi-query associative recall) at distances given as multiples of the attention span "
+                    "(window; MAC: segment). Long inputs are fed in pieces carrying the memory state, "
+                    "with no KV cache across pieces: beyond the span only the long-term memory remembers. "
+                    "Writes JSON, a Markdown table next to it and TensorBoard scalars.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (its latest checkpoint) or checkpoint directory (…/step_N)")
+    parser.add_argument("--tasks", default="ppl,needle,mqar",
+                        help="comma-separated subset of ppl,needle,mqar")
+    parser.add_argument("--distances", default="2,8,32",
+                        help="needle/mqar distances, in multiples of the attention span")
+    parser.add_argument("--samples", type=int, default=32, help="sequences per task and distance")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward call")
+    parser.add_argument("--pairs", type=int, default=8, help="key-value pairs per mqar sequence")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks")
+    parser.add_argument("--piece-len", type=int, default=None,
+                        help="tokens per call for long inputs (default: the training length, aligned)")
+    parser.add_argument("--data", default=None, help="prepared dataset for ppl (default: the run's data.val "
+                        "or data.train, split 'val')")
+    parser.add_argument("--val-batches", type=int, default=50,
+                        help="most validation batches for ppl (0: all)")
+    parser.add_argument("--ppl-seq-len", type=int, default=None,
+                        help="also the perplexity of longer validation sequences (e.g. 4× the training "
+                        "length), fed in pieces carrying the memory")
+    parser.add_argument("--val-batch-size", type=int, default=None,
+                        help="sequences per validation batch (default: the run's data.batch_size)")
+    parser.add_argument("--out", default=None, help="results JSON (default <run>/eval/step_N.json); the "
+                        "Markdown table goes next to it with suffix .md")
+    parser.add_argument("--tensorboard", default=None,
+                        help="TensorBoard log dir (default <run>/tensorboard/eval); 'none' to skip")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = parse_list(args.tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    try:
+        distances = parse_list(args.distances, float)
+    except ValueError:
+        parser.error(f"--distances: expected numbers like 2,8,32, got {args.distances!r}")
+    try:
+        model = load_model(args.checkpoint, args.device)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_dir = model.path.parent.parent if model.path.parent.name == "checkpoints" else model.path
+    step = model.step or 0
+    print(f"evaluating {model.path} (step {step}): layers {','.join(model.config.layer_kinds)}, "
+          f"attention span {model.attention_span}", file=sys.stderr)
+    try:
+        results = evaluate(model, tasks, distances, args.samples, args.batch_size, args.seed, args.piece_len,
+                           args.pairs, args.data, args.val_batches or None, args.val_batch_size,
+                           log=lambda m: print(m, file=sys.stderr), ppl_seq_len=args.ppl_seq_len)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = {"checkpoint": str(model.path), "step": step, "layers": model.config.layers,
+               "tasks": tasks, "distances": distances, "samples": args.samples, "seed": args.seed, **results}
+    out = Path(args.out) if args.out else run_dir / "eval" / f"step_{step:08d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    table = to_markdown(results)
+    out.with_suffix(".md").write_text(table)
+    if (args.tensorboard or "").lower() != "none":
+        write_tensorboard(results, args.tensorboard or run_dir / "tensorboard" / "eval", step)
+    print(table)
+    print(f"results: {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

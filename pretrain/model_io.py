@@ -1,0 +1,203 @@
+"""Loading trained models for evaluation and analysis: one small interface, `load_model(path)`.
+
+    model = load_model("runs/tiny")                       # a run directory: its latest checkpoint
+    model = load_model("runs/tiny/checkpoints/step_00000300")
+    logits, states = model.logits(tokens)                 # (B, T, vocab), per-layer memory states
+    logits, states = model.logits(more_tokens, states)    # the long-term memory continues
+
+Evaluation code is written against the `LanguageModel` protocol, not against `TitansLM`, so other model
+formats (a converted Hugging Face export, a sharded checkpoint) can plug in by providing the same few
+attributes. `stream_logits` feeds a long input in aligned pieces that carry the memory state: attention
+keeps no KV cache across calls, so beyond one piece only the long-term memory remembers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from pretrain.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
+from titans.model import TitansConfig, TitansLM
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What evaluation needs from a model.
+
+    config: the model's `TitansConfig` (or an equivalent with the same fields).
+    vocab_size: logits width.
+    piece_multiple: inputs fed in several calls must be cut at multiples of this many tokens (memory
+        chunks, MAC segments) for the carried state to continue the sequence exactly.
+    attention_span: how many past tokens attention can see (the window; the segment for MAC): the unit
+        of the synthetic tasks' distances.
+    logits(tokens, states): (B, T) token ids -> ((B, T, vocab) float logits, new states); no gradients.
+    """
+
+    config: Any
+    vocab_size: int
+    piece_multiple: int
+    attention_span: int
+
+    def logits(self, tokens: Tensor, states: Any = None) -> tuple[Tensor, Any]: ...
+
+
+def piece_multiple(cfg: TitansConfig) -> int:
+    """The alignment of calls that carry state: memory chunks, and MAC segments."""
+    multiple = cfg.memory_chunk
+    if "mac" in cfg.layer_kinds:
+        multiple = math.lcm(multiple, cfg.segment_len)
+    return multiple
+
+
+def attention_span(cfg: TitansConfig, full_span: int | None = None) -> int:
+    """The longest distance any attention layer sees: `window` for SWA / MAG / MAL, `segment_len` for
+    MAC (its attention is causal over the current segment), `full_span` (a piece) for full attention;
+    for a memory-only (LMM) model the window is reported as the nominal span."""
+    spans = []
+    for kind in cfg.layer_kinds:
+        if kind in ("swa", "mag", "mal"):
+            spans.append(cfg.window)
+        elif kind == "mac":
+            spans.append(cfg.segment_len)
+        elif kind == "full":
+            spans.append(full_span or cfg.window)
+    return max(spans) if spans else cfg.window
+
+
+@dataclass
+class LoadedModel:
+    """A `TitansLM` from a training checkpoint, in eval mode, with the run's configuration."""
+
+    model: TitansLM
+    config: TitansConfig
+    run_config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's {model, data, train}
+    path: Path | None = None  # the checkpoint directory
+    step: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def piece_multiple(self) -> int:
+        return piece_multiple(self.config)
+
+    @property
+    def attention_span(self) -> int:
+        seq_len = self.run_config.get("data", {}).get("seq_len")
+        return attention_span(self.config, seq_len)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    @torch.no_grad()
+    def logits(self, tokens: Tensor, states: Any = None) -> tuple[Tensor, Any]:
+        return self.model(tokens.to(self.device), states)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory (its latest), a checkpoint directory or a state.pt."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent if path.name == STATE_FILE else path
+    if (path / STATE_FILE).is_file():
+        return path
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest
+        raise FileNotFoundError(f"{path}: no checkpoint found (expected {STATE_FILE} or "
+                                f"checkpoints/step_*/{STATE_FILE} under it)")
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+
+
+_WRAPPER_PREFIX = re.compile(r"(^|\.)(module|_orig_mod)\.")  # DDP / torch.compile wrappers
+_CHECKPOINTED = re.compile(r"^blocks\.(\d+)\.block\.")  # train.activation_checkpointing wrapper
+
+
+def clean_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Strip the training wrappers' key prefixes so the state loads into a bare `TitansLM`."""
+    cleaned = {}
+    for key, value in state.items():
+        key = _WRAPPER_PREFIX.sub(r"\1", key)
+        cleaned[_CHECKPOINTED.sub(r"blocks.\1.", key)] = value
+    return cleaned
+
+
+def model_config(run_config: dict[str, Any]) -> TitansConfig:
+    values = run_config.get("model", run_config)
+    known = set(TitansConfig.field_names())
+    return TitansConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def model_state(ckpt: Path, state: dict[str, Any], cfg: TitansConfig) -> dict[str, Tensor]:
+    """The full model state dict of a checkpoint: saved whole, or rebuilt from ZeRO shards."""
+    if "model" in state:
+        weights = state["model"]
+    elif "zero" in state:  # train.zero_stage >= 1: the model lives in the ranks' DeepSpeed shards
+        from parallel.zero import consolidated_state_dict
+
+        weights = consolidated_state_dict(ckpt if ckpt.is_dir() else ckpt.parent)
+    else:
+        raise ValueError(f"checkpoint {ckpt} has neither a 'model' state nor ZeRO shards")
+    weights = clean_state_dict(weights)
+    if cfg.tie_embeddings and "head.weight" not in weights and "embed.weight" in weights:
+        weights["head.weight"] = weights["embed.weight"]  # a shared parameter is stored once
+    return weights
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a trained model from a run directory (latest checkpoint) or a checkpoint directory."""
+    ckpt = resolve_checkpoint(path)
+    state = load_checkpoint(ckpt)
+    if "config" not in state:
+        raise ValueError(f"checkpoint {ckpt} has no 'config' entry: it was not written by pretrain.train")
+    run_config = state["config"]
+    cfg = model_config(run_config)
+    model = TitansLM(cfg)
+    model.load_state_dict(model_state(ckpt, state, cfg))
+    model.to(device).eval()
+    return LoadedModel(model, cfg, run_config, ckpt if ckpt.is_dir() else ckpt.parent, state.get("step"))
+
+
+def default_piece_len(model: LanguageModel, seq_len: int | None = None) -> int:
+    """The training length (or 4 spans) rounded down to the alignment: the length each call sees."""
+    multiple = model.piece_multiple
+    want = seq_len or 4 * model.attention_span
+    return max(multiple, want // multiple * multiple)
+
+
+@torch.no_grad()
+def stream_logits(model: LanguageModel, tokens: Tensor, piece_len: int | None = None,
+                  positions: Tensor | None = None, states: Any = None) -> tuple[Tensor, Any]:
+    """Logits for a long (B, T) input fed in pieces of `piece_len` tokens that carry the memory state.
+
+    With `positions` (B, Q) only the logits at those positions are returned, (B, Q, vocab), so a long
+    input never holds (T, vocab) logits at once. Returns (logits, end states).
+    """
+    piece_len = piece_len or default_piece_len(model)
+    if piece_len % model.piece_multiple:
+        raise ValueError(f"piece_len={piece_len} must be a multiple of {model.piece_multiple} (memory chunks "
+                         "and MAC segments) for the carried memory to continue the sequence exactly")
+    outputs = []
+    for start in range(0, tokens.shape[1], piece_len):
+        logits, states = model.logits(tokens[:, start : start + piece_len], states)
+        logits = logits.float().cpu()
+        if positions is not None:
+            local = positions - start
+            inside = (local >= 0) & (local < logits.shape[1])
+            picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1).unsqueeze(-1)
+                                   .expand(-1, -1, logits.shape[-1]))
+            outputs.append(torch.where(inside.unsqueeze(-1), picked, 0.0))
+        else:
+            outputs.append(logits)
+    if positions is not None:
+        return torch.stack(outputs).sum(0), states
+    return torch.cat(outputs, dim=1), states

@@ -1,0 +1,154 @@
+"""Synthetic long-context tasks, generated on the fly from a seed: needle retrieval and associative recall.
+
+Every generator returns a `TaskBatch(tokens, positions, answers)`: `tokens` (B, T) the full input with
+the answers in place (teacher forcing), `positions` (B, Q) the positions whose next-token logits must
+predict `answers` (B, Q), i.e. `tokens[b, positions[b, q] + 1] == answers[b, q]`. Accuracy is
+`argmax(logits[b, positions[b, q]]) == answers[b, q]` (`accuracy`).
+
+The tasks live in a `TokenSpace`: disjoint sets of key, value and filler tokens plus a few markers.
+For a byte vocabulary (256 or 257) they are readable text: keys are upper-case letters, values digits,
+filler lower-case letters and spaces, so a needle reads `\\nKQ=7;` and its question `\\nKQ=` -> `7`.
+Any other vocabulary of at least 64 tokens is partitioned by id.
+
+- `needle`: one key–value pair planted early, filler, then the key asked for at `distance` tokens after
+  the value (the distance is given by the caller, e.g. a multiple of the attention window).
+- `mqar`: multi-query associative recall (Zoology, Arora et al. 2023): `n_pairs` key–value pairs, filler
+  of `distance` tokens, then every key asked for once in a random order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class TaskBatch(NamedTuple):
+    tokens: Tensor  # (B, T) int64
+    positions: Tensor  # (B, Q) int64: logits at these positions predict ...
+    answers: Tensor  # (B, Q) int64: ... these tokens
+
+
+@dataclass(frozen=True)
+class TokenSpace:
+    """Disjoint token sets the tasks are written in, and the markers around pairs and questions."""
+
+    keys: tuple[int, ...]
+    values: tuple[int, ...]
+    filler: tuple[int, ...]
+    open: int  # before a key (a pair or a question)
+    assign: int  # between key and value
+    close: int  # after a pair's value
+
+    def __post_init__(self) -> None:
+        groups = [set(self.keys), set(self.values), set(self.filler), {self.open, self.assign, self.close}]
+        if min(len(self.keys), len(self.values), len(self.filler)) < 2:
+            raise ValueError("a token space needs at least 2 keys, values and filler tokens")
+        if sum(len(g) for g in groups) != len(set().union(*groups)) or len(groups[3]) != 3:
+            raise ValueError("keys, values, filler and markers of a token space must be disjoint")
+
+    @classmethod
+    def for_vocab(cls, vocab_size: int) -> TokenSpace:
+        """Readable text for a byte vocabulary; an id partition for any other vocabulary (>= 64)."""
+        if vocab_size in (256, 257):
+            return cls(keys=tuple(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"), values=tuple(b"0123456789"),
+                       filler=tuple(b"abcdefghijklmnopqrstuvwxyz     "), open=ord("\n"), assign=ord("="),
+                       close=ord(";"))
+        if vocab_size < 64:
+            raise ValueError(f"synthetic tasks need a vocabulary of at least 64 tokens, got {vocab_size}")
+        n = min((vocab_size - 3) // 4, 256)  # keys, values: n each; filler: the rest up to 2n
+        base = 3
+        filler = tuple(range(base + 2 * n, min(vocab_size, base + 4 * n)))
+        return cls(keys=tuple(range(base, base + n)), values=tuple(range(base + n, base + 2 * n)),
+                   filler=filler, open=0, assign=1, close=2)
+
+    @property
+    def max_id(self) -> int:
+        return max(*self.keys, *self.values, *self.filler, self.open, self.assign, self.close)
+
+
+KEY_LEN = 2  # tokens per key: 26² = 676 keys in bytes
+
+
+def _pick(choices: tuple[int, ...], shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    table = torch.tensor(choices, dtype=torch.long)
+    return table[torch.randint(len(choices), shape, generator=gen)]
+
+
+def _distinct_keys(space: TokenSpace, batch: int, count: int, gen: torch.Generator) -> Tensor:
+    """(batch, count, KEY_LEN) keys, distinct within each sample."""
+    n = len(space.keys)
+    if count > n**KEY_LEN:
+        raise ValueError(f"{count} distinct keys asked for, the token space has {n ** KEY_LEN}")
+    table = torch.tensor(space.keys, dtype=torch.long)
+    codes = torch.stack([torch.randperm(n**KEY_LEN, generator=gen)[:count] for _ in range(batch)])
+    digits = [(codes // n**i) % n for i in reversed(range(KEY_LEN))]
+    return table[torch.stack(digits, dim=-1)]
+
+
+def needle(batch: int, distance: int, space: TokenSpace, seed: int = 0, max_offset: int = 16) -> TaskBatch:
+    """Single-needle retrieval: `[filler] open key assign value close [filler ...] open key assign value`.
+
+    The needle starts after 0..max_offset-1 filler tokens (random per sample); the question's answer
+    comes exactly `distance` tokens after the needle's value, so every sample has the same length
+    `max_offset + distance + KEY_LEN + 3` (the tail is padded with filler). One answer per sample.
+    """
+    if distance < KEY_LEN + 4:
+        raise ValueError(f"distance must be >= {KEY_LEN + 4} (the question must not overlap the needle), "
+                         f"got {distance}")
+    gen = torch.Generator().manual_seed(seed)
+    length = max_offset + KEY_LEN + 3 + distance
+    tokens = _pick(space.filler, (batch, length), gen)
+    keys = _distinct_keys(space, batch, 1, gen)[:, 0]
+    values = _pick(space.values, (batch,), gen)
+    offsets = torch.randint(max_offset, (batch,), generator=gen)
+    positions = torch.empty(batch, 1, dtype=torch.long)
+    for b in range(batch):
+        o = int(offsets[b])
+        pair = [space.open, *keys[b].tolist(), space.assign, int(values[b]), space.close]
+        tokens[b, o : o + len(pair)] = torch.tensor(pair)
+        value_at = o + KEY_LEN + 2
+        answer_at = value_at + distance  # the value token of the question
+        question = [space.open, *keys[b].tolist(), space.assign, int(values[b])]
+        tokens[b, answer_at - len(question) + 1 : answer_at + 1] = torch.tensor(question)
+        positions[b, 0] = answer_at - 1
+    return TaskBatch(tokens, positions, values.unsqueeze(1))
+
+
+def mqar(batch: int, distance: int, space: TokenSpace, n_pairs: int = 8, seed: int = 0) -> TaskBatch:
+    """Multi-query associative recall: `n_pairs` pairs `open key assign value close`, filler of
+    `distance` tokens, then every key asked for once (random order) as `open key assign value`.
+
+    Distinct keys per sample; values are drawn independently (they may repeat). The first question
+    starts `distance` tokens after the last pair.
+    """
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
+    gen = torch.Generator().manual_seed(seed)
+    pair_len = KEY_LEN + 4  # open, key, assign, value, close
+    question_len = KEY_LEN + 3  # open, key, assign, value
+    keys = _distinct_keys(space, batch, n_pairs, gen)  # (B, P, K)
+    values = _pick(space.values, (batch, n_pairs), gen)
+    order = torch.stack([torch.randperm(n_pairs, generator=gen) for _ in range(batch)])  # question order
+    filler = _pick(space.filler, (batch, distance), gen)
+    col = lambda t: torch.full((batch, n_pairs, 1), t, dtype=torch.long)  # noqa: E731
+    pairs = torch.cat([col(space.open), keys, col(space.assign), values.unsqueeze(-1), col(space.close)], -1)
+    asked_keys = keys.gather(1, order.unsqueeze(-1).expand(-1, -1, KEY_LEN))
+    answers = values.gather(1, order)
+    questions = torch.cat([col(space.open), asked_keys, col(space.assign), answers.unsqueeze(-1)], -1)
+    tokens = torch.cat([pairs.flatten(1), filler, questions.flatten(1)], dim=1)
+    start = n_pairs * pair_len + distance
+    positions = start + torch.arange(n_pairs) * question_len + KEY_LEN + 1  # the assign tokens
+    return TaskBatch(tokens, positions.expand(batch, -1).clone(), answers)
+
+
+def accuracy(logits: Tensor, answers: Tensor) -> Tensor:
+    """Per-answer correctness (B, Q) bool from logits (B, Q, vocab) at the answer positions."""
+    return logits.argmax(-1) == answers
+
+
+def value_chance(space: TokenSpace) -> float:
+    """Accuracy of guessing uniformly among the value tokens (a model that learnt only the format)."""
+    return 1.0 / len(space.values)
