@@ -30,9 +30,9 @@ from pretrain.model_io import LoadedModel, default_piece_len, load_model, stream
 from titans.memory import (
     MemoryState,
     NeuralMemory,
-    chunk_coefficients,
     memory_chunk_step,
-    weighted_loss_grads,
+    token_backward,
+    token_grad_norms,
 )
 
 
@@ -56,29 +56,15 @@ def call_diagnostics(memory: NeuralMemory, x: Tensor, state: MemoryState | None)
     state = state or memory.initial_state(B)
     q, k, v, _ = memory.project(x, state.conv)
     theta, log_eta, log_keep = memory.gates(x)
-    H, b = memory.heads, memory.chunk_size
-    n_chunks = -(-T // b)
-    pad = n_chunks * b - T
-    dtype = state.weights[0].dtype
-
-    def heads_first(t: Tensor) -> Tensor:  # (B, T, H, ·) → (B·H, n_chunks, b, ·), as in NeuralMemory.scan
-        t = t.to(dtype).transpose(1, 2)
-        t = F.pad(t, (0, 0, 0, pad)) if t.dim() == 4 else F.pad(t, (0, pad))
-        return t.reshape(B * H, n_chunks, b, *t.shape[3:])
-
-    q, k, v = heads_first(q), heads_first(k), heads_first(v)
-    gates = [heads_first(g.unsqueeze(-1)).squeeze(-1) for g in (theta, log_eta, log_keep)]
-    valid = (torch.arange(n_chunks * b) < T).view(n_chunks, b)
-    coefficients = chunk_coefficients(*gates, valid)
+    H = memory.heads
+    inputs = memory.chunk_inputs(q, k, v, theta, log_eta, log_keep, state.weights[0].dtype)
     flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
-    one_per_token = torch.eye(b, dtype=dtype).expand(B * H, b, b)  # R = b weightings: token i alone
     norms = []
-    for i in range(n_chunks):
-        weights = flat[: memory.depth]
-        grads = weighted_loss_grads(weights, k[:, i], v[:, i], one_per_token, memory.residual_norm)
-        norms.append(torch.sqrt(sum(g.square().sum((-1, -2)) for g in grads)))  # (B·H, b)
-        _, *flat = memory_chunk_step(memory.scan_options, q[:, i], k[:, i], v[:, i],
-                                     *(c[:, i] for c in coefficients), *flat)
+    for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
+        _, k_chunk, v_chunk = chunk[:3]
+        backward = token_backward(flat[: memory.depth], k_chunk, v_chunk, memory.residual_norm)
+        norms.append(token_grad_norms(*backward))  # (B·H, b), before clipping
+        _, *flat = memory_chunk_step(memory.scan_options, *chunk, *flat)
     surprise = torch.cat(norms, dim=1)[:, :T].reshape(B, H, T).transpose(1, 2)
     return {"surprise": surprise, "theta": theta, "eta": log_eta.exp(), "alpha": -torch.expm1(log_keep),
             "weights": [w.reshape(B, H, *w.shape[1:]) for w in flat[: memory.depth]]}

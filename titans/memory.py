@@ -80,19 +80,11 @@ def memory_mlp(weights: list[Tensor], x: Tensor, residual_norm: bool = True) -> 
     return x + F.layer_norm(h, h.shape[-1:], eps=NORM_EPS) if residual_norm else h
 
 
-def weighted_loss_grads(
-    weights: list[Tensor], k: Tensor, v: Tensor, token_weights: Tensor, residual_norm: bool = True,
-    max_grad_norm: float | None = None,
-) -> list[Tensor]:
-    """Gradients of `Σ_i w_ri ‖M(k_i) − v_i‖²` for R weightings at once, by an explicit backward pass.
-
-    token_weights: (N, R, b). Returns per layer (N, R, d_in, d_out). Written with plain tensor ops so
-    autograd can differentiate through it (the outer model learns through the memory's updates).
-
-    With `max_grad_norm`, token i's gradient is scaled by min(1, max / ‖∇ℓ_i‖) ("surprise clipping").
-    Its norm costs nothing extra: per layer ∇ℓ_i is the outer product x_i g_iᵀ, whose Frobenius norm is
-    ‖x_i‖·‖g_i‖, so it bounds every token's step without materialising a per-token gradient.
-    """
+def token_backward(
+    weights: list[Tensor], k: Tensor, v: Tensor, residual_norm: bool = True
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer, the inputs x_i and output gradients g_i of `ℓ_i = ‖M(k_i) − v_i‖²`: token i's gradient
+    for that layer is the outer product x_iᵀ g_i, never formed here. Shapes (N, b, ·)."""
     inputs, pre_acts = [k], []
     h = k
     for layer, w in enumerate(weights):
@@ -111,14 +103,35 @@ def weighted_loss_grads(
         grad_out = (g - g.mean(-1, keepdim=True) - normed * (g * normed).mean(-1, keepdim=True)) / sigma
     else:
         grad_out = 2 * (h - v)  # (N, b, d)
-    grad_outs = [grad_out]  # dℓ_i/d(layer output), last layer first
+    grad_outs = [grad_out]  # last layer first
     for layer in reversed(range(1, len(weights))):
         grad_out = (grad_out @ weights[layer].transpose(-1, -2)) * silu_derivative(pre_acts[layer - 1])
         grad_outs.append(grad_out)
-    grad_outs.reverse()
+    return inputs, grad_outs[::-1]
+
+
+def token_grad_norms(inputs: list[Tensor], grad_outs: list[Tensor]) -> Tensor:
+    """‖∇ℓ_i‖ over all layers, (N, b): the Frobenius norm of an outer product is ‖x_i‖·‖g_i‖."""
+    sq_norm = sum(x.square().sum(-1) * g.square().sum(-1) for x, g in zip(inputs, grad_outs))
+    return torch.sqrt(sq_norm.clamp_min(1e-30))  # clamped: a finite gradient at zero-norm tokens
+
+
+def weighted_loss_grads(
+    weights: list[Tensor], k: Tensor, v: Tensor, token_weights: Tensor, residual_norm: bool = True,
+    max_grad_norm: float | None = None,
+) -> list[Tensor]:
+    """Gradients of `Σ_i w_ri ‖M(k_i) − v_i‖²` for R weightings at once, by an explicit backward pass.
+
+    token_weights: (N, R, b). Returns per layer (N, R, d_in, d_out). Written with plain tensor ops so
+    autograd can differentiate through it (the outer model learns through the memory's updates).
+
+    With `max_grad_norm`, token i's gradient is scaled by min(1, max / ‖∇ℓ_i‖) ("surprise clipping"),
+    at no extra cost (`token_grad_norms`), so it bounds every token's step without materialising a
+    per-token gradient.
+    """
+    inputs, grad_outs = token_backward(weights, k, v, residual_norm)
     if max_grad_norm is not None:
-        sq_norm = sum(x.square().sum(-1) * g.square().sum(-1) for x, g in zip(inputs, grad_outs))
-        scale = (max_grad_norm / torch.sqrt(sq_norm.clamp_min(1e-30))).clamp(max=1.0)  # (N, b)
+        scale = (max_grad_norm / token_grad_norms(inputs, grad_outs)).clamp(max=1.0)  # (N, b)
         token_weights = token_weights * scale.unsqueeze(1)
     grads = []
     for x_in, g in zip(inputs, grad_outs):
@@ -366,16 +379,16 @@ class NeuralMemory(nn.Module):
                 }
         return self.output(y), MemoryState(weights, momentum, conv_cache)
 
-    def scan(
+    def chunk_inputs(
         self, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor,
-        state: MemoryState,
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Run the chunked recurrence. Inputs (B, T, H, ·); returns y (B, T, H, d) and the end state."""
-        B, T, H, d = q.shape
+        dtype: torch.dtype,
+    ) -> tuple[Tensor, ...]:
+        """The scan's inputs: q, k, v as (B·H, n_chunks, b, d), then the chunk coefficients d, c
+        (B·H, n_chunks, b) and eta_prod, beta, gamma (B·H, n_chunks). Inputs (B, T, H, ·)."""
+        B, T, H, _ = q.shape
         b = self.chunk_size
         n_chunks = -(-T // b)
         pad = n_chunks * b - T
-        dtype = state.weights[0].dtype
 
         def heads_first(t: Tensor) -> Tensor:
             # (B, T, H, ·) → (B·H, n_chunks, b, ·); padded tokens get θ = 0, η = 1, α = 0: identity steps.
@@ -383,13 +396,19 @@ class NeuralMemory(nn.Module):
             t = F.pad(t, (0, 0, 0, pad)) if t.dim() == 4 else F.pad(t, (0, pad))
             return t.reshape(B * H, n_chunks, b, *t.shape[3:])
 
-        q, k, v = heads_first(q), heads_first(k), heads_first(v)
         gates = [heads_first(g.unsqueeze(-1)).squeeze(-1) for g in (theta, log_eta, log_keep)]
         valid = (torch.arange(n_chunks * b, device=q.device) < T).view(n_chunks, b)
-        d_coef, c_coef, eta_prod, beta, gamma = chunk_coefficients(*gates, valid)
+        return (heads_first(q), heads_first(k), heads_first(v), *chunk_coefficients(*gates, valid))
 
+    def scan(
+        self, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor,
+        state: MemoryState,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Run the chunked recurrence. Inputs (B, T, H, ·); returns y (B, T, H, d) and the end state."""
+        B, T, H, d = q.shape
+        inputs = self.chunk_inputs(q, k, v, theta, log_eta, log_keep, state.weights[0].dtype)
+        n_chunks, b = inputs[0].shape[1:3]
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
-        inputs = (q, k, v, d_coef, c_coef, eta_prod, beta, gamma)
         if self.recompute and torch.is_grad_enabled():
             y, *flat = RecomputedScan.apply(self.scan_options, *inputs, *flat)
         else:
