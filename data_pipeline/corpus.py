@@ -10,6 +10,7 @@ text present on every machine that runs this project, under the PSF License (see
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import sysconfig
@@ -137,3 +138,29 @@ def iter_documents(file: InputFile | Path | str, text_field: str = "text") -> It
             yield from parse_jsonl(file, first, lines, text_field)
     else:
         yield file.name, read_text(file)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input options every corpus-reading CLI shares: files/directories, or the default corpus."""
+    parser.add_argument("inputs", nargs="*", help="text files, directories, .jsonl or .jsonl.gz files")
+    parser.add_argument("--default-corpus", action="store_true",
+                        help="use the installed Python standard library's .py sources (PSF License, no "
+                             "download); see data_pipeline/README.md")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help="with --default-corpus: take the first files (sorted) up to this many bytes")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl records")
+    parser.add_argument("--glob", action="append", default=None,
+                        help=f"file pattern searched in directories; repeatable (default: "
+                             f"{' '.join(DEFAULT_GLOBS)})")
+
+
+def check_input_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.default_corpus == bool(args.inputs):
+        parser.error("give input files/directories or --default-corpus (exactly one of them)")
+
+
+def input_files(args: argparse.Namespace) -> list:
+    """The files `add_input_arguments` selected (raises OSError / ValueError naming a bad input)."""
+    if args.default_corpus:
+        return default_corpus_files(args.max_bytes)
+    return expand_inputs(args.inputs, tuple(args.glob or DEFAULT_GLOBS))

@@ -32,12 +32,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.corpus import (
-    DEFAULT_GLOBS,
     InputFile,
+    add_input_arguments,
     as_input,
-    default_corpus_files,
+    check_input_arguments,
     default_corpus_root,
-    expand_inputs,
+    input_files,
     is_jsonl,
     jsonl_chunks,
     parse_jsonl,
@@ -204,12 +204,7 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="text files, directories, .jsonl or .jsonl.gz files")
-    parser.add_argument("--default-corpus", action="store_true",
-                        help="use the installed Python standard library's .py sources (PSF License, no "
-                             "download); see data_pipeline/README.md")
-    parser.add_argument("--max-bytes", type=int, default=None,
-                        help="with --default-corpus: take the first files (sorted) up to this many bytes")
+    add_input_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     parser.add_argument("--tokenizer", default="bytes",
                         help="'bytes' (256 bytes + EOS, the default), a tokenizer.json, or a "
@@ -221,21 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                              "samples of 2049 then make ~54 shards: enough for many dp ranks × workers)")
     parser.add_argument("--val-fraction", type=float, default=0.02,
                         help="fraction of documents held out for validation (default 0.02)")
-    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl records")
-    parser.add_argument("--glob", action="append", default=None,
-                        help=f"file pattern searched in directories; repeatable (default: "
-                             f"{' '.join(DEFAULT_GLOBS)})")
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                         help="tokenising processes (default: cores, at most 8)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.default_corpus == bool(args.inputs):
-        parser.error("give input files/directories or --default-corpus (exactly one of them)")
+    check_input_arguments(parser, args)
     try:
-        if args.default_corpus:
-            files = default_corpus_files(args.max_bytes)
-        else:
-            files = expand_inputs(args.inputs, tuple(args.glob or DEFAULT_GLOBS))
+        files = input_files(args)
         shard_samples = args.shard_samples or (100 if args.default_corpus else 1000)
         manifest = prepare(files, args.out, args.tokenizer, args.sample_tokens, shard_samples,
                            args.val_fraction, args.workers, args.text_field, progress=not args.quiet)

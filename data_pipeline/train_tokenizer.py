@@ -15,7 +15,13 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from data_pipeline.corpus import DEFAULT_GLOBS, InputFile, default_corpus_files, expand_inputs, iter_documents
+from data_pipeline.corpus import (
+    InputFile,
+    add_input_arguments,
+    check_input_arguments,
+    input_files,
+    iter_documents,
+)
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -50,22 +56,14 @@ def train_bpe(files: Sequence[InputFile | Path | str], vocab_size: int, out: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.train_tokenizer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="text files, directories, .jsonl or .jsonl.gz files")
-    parser.add_argument("--default-corpus", action="store_true",
-                        help="train on the Python standard library's sources (no download)")
-    parser.add_argument("--max-bytes", type=int, default=None, help="with --default-corpus: size cap")
+    add_input_arguments(parser)
     parser.add_argument("--vocab-size", type=int, required=True, help="ids in total, EOS included")
     parser.add_argument("--min-frequency", type=int, default=2, help="rarest pair that may be merged")
     parser.add_argument("--out", required=True, help="where to write tokenizer.json")
-    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl records")
-    parser.add_argument("--glob", action="append", default=None,
-                        help=f"pattern searched in directories (default: {' '.join(DEFAULT_GLOBS)})")
     args = parser.parse_args(argv)
-    if args.default_corpus == bool(args.inputs):
-        parser.error("give input files/directories or --default-corpus (exactly one of them)")
+    check_input_arguments(parser, args)
     try:
-        files = default_corpus_files(args.max_bytes) if args.default_corpus else \
-            expand_inputs(args.inputs, tuple(args.glob or DEFAULT_GLOBS))
+        files = input_files(args)
         path = train_bpe(files, args.vocab_size, args.out, args.min_frequency, args.text_field, progress=True)
     except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
