@@ -144,13 +144,20 @@ class MACBlock(Block):
 
     1. read the long-term memory as it stood before the segment, `h = M_{s-1}(q)`;
     2. attend causally over `[persistent ‖ h ‖ segment]`;
-    3. write the attention output `y` into the memory and gate `y ⊗ M(y)`.
+    3. write the token's representation after attention, `u = RMSNorm(x + y)`, into the memory and gate
+       the attention output with it, `y ⊗ M(u)`.
 
     `h` is either one token per segment token (paper v1; token i sees h_j only for j ≤ i, since h_j is
     read with x_j's query), or `mac_memory_tokens` = N fixed tokens (camera-ready, N = 256): N learned
     probe keys read `M_{s-1}`; they depend on no token of the segment, so every position sees all N.
     `M(y)` is read chunk-causally (each chunk reads the memory at its start): reading the end-of-segment
     memory `M_s` as the paper writes it would let position i see tokens after i in its segment.
+
+    Why `u` and not the paper's bare `y_t = Attn(S̃)`: in a pre-norm residual block the attention output
+    is only the update to the token's representation, small at init and a near-uniform average over the
+    segment, so the token's own identity barely reaches the memory's keys and values. A tiny MAC writing
+    `y` never learns single-needle retrieval beyond its segment (it stays at chance for 800+ steps), one
+    writing `u` solves it in ~100 steps (`tests/test_needle_learning.py`, bench/RESULTS.md).
     """
 
     has_memory = True
@@ -161,6 +168,7 @@ class MACBlock(Block):
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, None, cfg.n_persistent, cfg.rope_base)
         self.memory = make_memory(cfg)
         self.gate = OutputGate(cfg.dim, cfg.norm_eps)
+        self.memory_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         shape = (cfg.memory_heads, cfg.memory_head_dim)
         if cfg.mac_memory_tokens > 0:
             self.memory_probes = nn.Parameter(torch.randn(cfg.mac_memory_tokens, *shape))
@@ -186,7 +194,7 @@ class MACBlock(Block):
             memory_tokens = self.memory.read(self.memory_queries(segment), state)
             y = self.attn(segment, memory_tokens=memory_tokens,
                           memory_tokens_causal=self.memory_probes is None)
-            memory_out, state = self.memory(y, state)
+            memory_out, state = self.memory(self.memory_norm(segment + y), state)
             outputs.append(self.gate(y, memory_out))
         return torch.cat(outputs, dim=1), state
 
