@@ -32,6 +32,11 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_corrupt_shards: int = 0  # corrupt shards skipped (logged, counted) before it is an error
     seed: int = 0
+    # Synthetic retrieval tasks mixed into training (pretrain/synthetic.py): this many of each batch's
+    # batch_size sequences are generated needle / mqar tasks, trained on their answers only; 0: text only.
+    synthetic_rows: int = 0
+    synthetic_task: str = "needle"
+    synthetic_weight: float = 1.0  # a synthetic sequence's answers weigh as much as this many text sequences
 
 
 @dataclass
@@ -190,6 +195,19 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if not 0 <= d.synthetic_rows < d.batch_size:
+        raise ConfigError(f"data.synthetic_rows must be in [0, data.batch_size={d.batch_size}) (at least one "
+                          f"text sequence per batch), got {d.synthetic_rows}")
+    if d.synthetic_rows:
+        from pretrain import synthetic
+
+        try:
+            synthetic.training_rows(d.synthetic_task, 1, d.seq_len + 1,
+                                    synthetic.TokenSpace.for_vocab(cfg.model.vocab_size), seed=0)
+        except ValueError as err:
+            raise ConfigError(f"data.synthetic_task / data.seq_len / model.vocab_size: {err}") from err
+        if d.synthetic_weight <= 0:
+            raise ConfigError(f"data.synthetic_weight must be > 0, got {d.synthetic_weight}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0 (plain data parallel), 1, 2 or 3 (DeepSpeed ZeRO), "
                           f"got {t.zero_stage}")

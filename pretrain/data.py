@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from data_pipeline.corpus import default_corpus_files
 from data_pipeline.loader import DataError, Source, TokenLoader, TokenStream
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import MANIFEST, Manifest
+from pretrain import synthetic
 from pretrain.config import RunConfig
 
 DEFAULT_CORPUS_BYTES = 8_000_000
@@ -25,8 +29,56 @@ def ensure_default_corpus(cfg: RunConfig) -> None:
             sample_tokens=cfg.data.seq_len + 1, shard_samples=256, val_fraction=0.05, workers=1)
 
 
+class Batch(NamedTuple):
+    """Training sequences and, when some targets weigh differently (synthetic tasks), their loss weights."""
+
+    tokens: Tensor  # (B, T + 1)
+    weights: Tensor | None  # (B, T) weight of each next-token target; None: every target weighs 1
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.tokens), move(self.weights))
+
+
+class SyntheticMix:
+    """The text loader's batches with `rows` synthetic retrieval sequences appended (`data.synthetic_*`).
+
+    Why: a model learns to retrieve from its long-term memory only if something in training asks it to;
+    plain text rarely does within a short run. The synthetic rows are trained on their answers only, each
+    row's answers weighing as much as `weight` text sequences. Rows are generated from (seed, dp rank,
+    count), so a resumed run sees exactly the rows it would have seen.
+    """
+
+    def __init__(self, text: TokenLoader, rows: int, task: str, seq_len: int, vocab_size: int,
+                 weight: float, seed: int) -> None:
+        self.text, self.rows, self.task, self.seq_len = text, rows, task, seq_len
+        self.space = synthetic.TokenSpace.for_vocab(vocab_size)
+        self.weight, self.seed, self.generated = weight, seed, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for text in self.text:
+            tokens, answers = synthetic.training_rows(self.task, self.rows, self.seq_len + 1, self.space,
+                                                      seed=self.row_seed())
+            self.generated += 1
+            per_answer = self.weight * self.seq_len / answers.sum(-1, keepdim=True)
+            weights = torch.cat([torch.ones(text.shape[0], self.seq_len), answers * per_answer])
+            yield Batch(torch.cat([text, tokens]), weights)
+
+    def row_seed(self) -> int:
+        """A seed per (seed, batch count): torch's generator keeps only 32 bits, so hash, do not shift."""
+        digest = hashlib.blake2b(f"{self.seed}:{self.generated}".encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "little")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"text": self.text.state_dict(), "generated": self.generated}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.text.load_state_dict(state["text"])
+        self.generated = state["generated"]
+
+
 def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[[], None] = lambda: None
-                  ) -> tuple[TokenLoader, Callable[[], Iterator[torch.Tensor]]]:
+                  ) -> tuple[TokenLoader | SyntheticMix, Callable[[], Iterator[torch.Tensor]]]:
     """The training loader of this dp rank and a function returning the validation batches."""
     d = cfg.data
     if dp_rank == 0:
@@ -36,7 +88,8 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
     if manifest.vocab_size > cfg.model.vocab_size:
         raise DataError(f"dataset {d.train} has vocabulary {manifest.vocab_size} but model.vocab_size is "
                         f"{cfg.model.vocab_size}")
-    train = TokenStream([Source(d.train)], d.seq_len, d.batch_size, dp_rank, dp_size, seed=d.seed,
+    text_rows = d.batch_size - d.synthetic_rows
+    train = TokenStream([Source(d.train)], d.seq_len, text_rows, dp_rank, dp_size, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer, max_corrupt_shards=d.max_corrupt_shards)
     val_source = Source(d.val or d.train, split="val")
     val_shards = len(val_source.resolve()[0])
@@ -51,4 +104,8 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
                 break
             yield batch
 
-    return TokenLoader(train, d.num_workers), val_batches
+    loader = TokenLoader(train, d.num_workers)
+    if d.synthetic_rows:
+        loader = SyntheticMix(loader, d.synthetic_rows, d.synthetic_task, d.seq_len, cfg.model.vocab_size,
+                              d.synthetic_weight, seed=d.seed * 65_537 + dp_rank)
+    return loader, val_batches

@@ -18,6 +18,7 @@ Any other vocabulary of at least 64 tokens is partitioned by id.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -152,3 +153,41 @@ def accuracy(logits: Tensor, answers: Tensor) -> Tensor:
 def value_chance(space: TokenSpace) -> float:
     """Accuracy of guessing uniformly among the value tokens (a model that learnt only the format)."""
     return 1.0 / len(space.values)
+
+
+TRAINING_TASKS = ("needle", "mqar")
+MQAR_TRAINING_PAIRS = 4
+
+
+def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: int,
+                  min_distance: int = KEY_LEN + 4) -> tuple[Tensor, Tensor]:
+    """Synthetic training sequences of exactly `length` tokens, to mix into a text batch.
+
+    Returns tokens (rows, length) and `answers` (rows, length - 1) bool over the next-token targets
+    (target p is token p + 1): True where the target is an answer, the only tokens worth a loss (the
+    filler is noise). Each row draws its distance log-uniformly from `min_distance` to the longest that
+    fits, so training sees answers both inside and far beyond the attention span; filler pads the tail.
+    """
+    if task not in TRAINING_TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TRAINING_TASKS)}")
+    overhead = 16 + KEY_LEN + 3 if task == "needle" else MQAR_TRAINING_PAIRS * (2 * KEY_LEN + 7)
+    max_distance = length - overhead
+    if max_distance < min_distance:
+        raise ValueError(f"a {task} sequence needs at least {overhead + min_distance} tokens, got {length}")
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.empty(rows, length, dtype=torch.long)
+    answers = torch.zeros(rows, length - 1, dtype=torch.bool)
+    log_lo, log_hi = math.log(min_distance), math.log(max_distance)
+    for r in range(rows):
+        u = float(torch.rand((), generator=gen))
+        distance = min(max_distance, int(math.exp(log_lo + u * (log_hi - log_lo))))
+        row_seed = int(torch.randint(2**62, (), generator=gen))
+        if task == "needle":
+            made = needle(1, distance, space, seed=row_seed)
+        else:
+            made = mqar(1, distance, space, n_pairs=MQAR_TRAINING_PAIRS, seed=row_seed)
+        n = made.tokens.shape[1]
+        tokens[r, :n] = made.tokens[0]
+        tokens[r, n:] = _pick(space.filler, (length - n,), gen)
+        answers[r, made.positions[0]] = True
+    return tokens, answers

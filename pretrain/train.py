@@ -32,7 +32,7 @@ from pretrain.checkpoint import (
     staging_dir,
 )
 from pretrain.config import ConfigError, RunConfig, load_config
-from pretrain.data import build_loaders
+from pretrain.data import Batch, build_loaders
 from pretrain.distributed import Distributed, init_distributed
 from pretrain.logging import MetricsLogger, ProgressBar, peak_flops
 from titans.flops import training_flops_per_token
@@ -80,10 +80,11 @@ def memory_modules(model: nn.Module) -> list[tuple[int, NeuralMemory]]:
             if isinstance(m, NeuralMemory)]
 
 
-def loss_on(model: nn.Module, batch: torch.Tensor, autocast: torch.autocast) -> torch.Tensor:
-    """Mean next-token loss; through the DDP wrapper's forward when there is one (gradient sync)."""
+def loss_on(model: nn.Module, batch: torch.Tensor | Batch, autocast: torch.autocast) -> torch.Tensor:
+    """Mean (or weighted mean) next-token loss; through the DDP wrapper's forward when there is one."""
+    tokens, weights = batch if isinstance(batch, Batch) else (batch, None)
     with autocast:
-        loss, _ = model(batch[:, :-1], targets=batch[:, 1:])
+        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], weights=weights)
     return loss
 
 

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,14 @@ def test_resume_gives_the_same_losses_bitwise(dataset, tmp_path):
     assert len(whole.losses) == len(resumed.losses) == 20
     assert resumed.losses == whole.losses  # bitwise on CPU
     assert whole.losses[-1] < whole.losses[0]
+
+
+def test_resume_with_synthetic_rows_is_exact(dataset, tmp_path):
+    mixed = ("data.synthetic_rows=1", "train.steps=8", "train.checkpoint_every=2")
+    whole = train(small_config(dataset, tmp_path / "whole", *mixed))
+    train(small_config(dataset, tmp_path / "split", *mixed, "train.stop_after_steps=4"))
+    resumed = train(small_config(dataset, tmp_path / "split", *mixed))
+    assert resumed.losses == whole.losses
 
 
 def test_activation_checkpointing_trains_the_same(dataset, tmp_path):
@@ -107,10 +116,14 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("model.layers=mac,attn", "bad item 'attn'"),
     ("train.precision=fp8", "train.precision must be"),
     ("steps=3", "must be model.<k>, data.<k> or train.<k>"),
+    ("data.synthetic_rows=8", "data.synthetic_rows must be in [0, data.batch_size=8)"),
+    ("data.synthetic_rows=2 data.synthetic_task=copy", "unknown synthetic task 'copy'"),
+    ("data.synthetic_rows=2 data.seq_len=24", "a needle sequence needs at least"),
+    ("data.synthetic_rows=2 data.synthetic_weight=0", "data.synthetic_weight must be > 0"),
 ])
 def test_bad_config_is_named(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(ROOT / "configs" / "tiny.yaml", [override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "configs" / "tiny.yaml", override.split())
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

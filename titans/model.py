@@ -132,35 +132,44 @@ class TitansLM(nn.Module):
         return self.norm(x), new_states
 
     def forward(
-        self, tokens: Tensor, states: list[MemoryState | None] | None = None, targets: Tensor | None = None
+        self, tokens: Tensor, states: list[MemoryState | None] | None = None, targets: Tensor | None = None,
+        weights: Tensor | None = None,
     ) -> tuple[Tensor, list[MemoryState | None]]:
-        """(logits, states); with `targets`, (mean cross-entropy, states) computed by `loss`."""
+        """(logits, states); with `targets` (and optional per-target `weights`), (mean cross-entropy,
+        states) computed by `loss`."""
         if targets is not None:
-            return self.loss(tokens, targets, states)
+            return self.loss(tokens, targets, states, weights=weights)
         features, states = self.hidden_states(tokens, states)
         return self.head(features), states
 
     def loss(
         self, tokens: Tensor, targets: Tensor, states: list[MemoryState | None] | None = None,
-        chunk_tokens: int = 2048,
+        chunk_tokens: int = 2048, weights: Tensor | None = None,
     ) -> tuple[Tensor, list[MemoryState | None]]:
-        """Mean next-token cross-entropy without materialising all (B·T, vocab) logits at once.
+        """Mean next-token cross-entropy without materialising all (B·T, vocab) logits at once; with
+        `weights` (B, T), the weighted mean `Σ w·ce / Σ w` (e.g. synthetic tasks trained on answers only).
 
         The head and the loss run over `chunk_tokens` tokens at a time and are recomputed in backward,
         so a 32K-vocabulary head costs O(chunk · vocab) memory instead of O(B · T · vocab).
         """
         features, states = self.hidden_states(tokens, states)
         features, targets = features.flatten(0, 1), targets.flatten()
+        if weights is None:
+            weights = features.new_ones(targets.shape, dtype=torch.float32)
+        weights = weights.flatten().float()
         total = features.new_zeros((), dtype=torch.float32)
-        for f, t in zip(features.split(chunk_tokens), targets.split(chunk_tokens), strict=True):
+        chunks = zip(features.split(chunk_tokens), targets.split(chunk_tokens), weights.split(chunk_tokens),
+                     strict=True)
+        for f, t, w in chunks:
             if torch.is_grad_enabled():
-                total = total + checkpoint(self._cross_entropy_sum, f, t, use_reentrant=False)
+                total = total + checkpoint(self._cross_entropy_sum, f, t, w, use_reentrant=False)
             else:
-                total = total + self._cross_entropy_sum(f, t)
-        return total / targets.numel(), states
+                total = total + self._cross_entropy_sum(f, t, w)
+        return total / weights.sum(), states
 
-    def _cross_entropy_sum(self, features: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(self.head(features).float(), targets, reduction="sum")
+    def _cross_entropy_sum(self, features: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        ce = F.cross_entropy(self.head(features).float(), targets, reduction="none")
+        return (ce * weights).sum()
 
 
 def count_parameters(model: nn.Module, include_embedding: bool = True) -> int:

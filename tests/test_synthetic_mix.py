@@ -1,0 +1,96 @@
+"""Synthetic retrieval rows mixed into training batches: layout, loss weights, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain import synthetic
+from pretrain.data import Batch, SyntheticMix
+from titans.model import TitansConfig, TitansLM
+
+SPACE = synthetic.TokenSpace.for_vocab(257)
+
+
+@pytest.mark.parametrize("task", synthetic.TRAINING_TASKS)
+def test_training_rows_mark_exactly_the_answers(task):
+    tokens, answers = synthetic.training_rows(task, 16, 129, SPACE, seed=3)
+    assert tokens.shape == (16, 129) and answers.shape == (16, 128)
+    per_row = 1 if task == "needle" else synthetic.MQAR_TRAINING_PAIRS
+    assert (answers.sum(-1) == per_row).all()
+    values = set(SPACE.values)
+    for row, mask in zip(tokens, answers):
+        for p in mask.nonzero().flatten().tolist():
+            assert row[p].item() == SPACE.assign and row[p + 1].item() in values
+            key = row[p - synthetic.KEY_LEN : p]
+            # the same key earlier in the row, followed by `assign` and the same value
+            starts = [i for i in range(p - synthetic.KEY_LEN)
+                      if torch.equal(row[i : i + synthetic.KEY_LEN], key)]
+            assert starts and row[starts[0] + synthetic.KEY_LEN + 1] == row[p + 1]
+    assert torch.equal(tokens, synthetic.training_rows(task, 16, 129, SPACE, seed=3)[0])
+
+
+def test_training_rows_spread_the_distances():
+    tokens, answers = synthetic.training_rows("needle", 64, 257, SPACE, seed=0)
+    positions = answers.int().argmax(-1)
+    assert positions.min() < 48 and positions.max() > 160  # short (inside a span) and long distances
+
+
+def test_training_rows_errors():
+    with pytest.raises(ValueError, match="unknown synthetic task 'copy'"):
+        synthetic.training_rows("copy", 1, 129, SPACE, seed=0)
+    with pytest.raises(ValueError, match="a mqar sequence needs at least"):
+        synthetic.training_rows("mqar", 1, 40, SPACE, seed=0)
+
+
+class FakeText:
+    """A text loader stand-in with a resumable position."""
+
+    def __init__(self, rows: int, length: int) -> None:
+        self.rows, self.length, self.position = rows, length, 0
+
+    def __iter__(self):
+        while True:
+            self.position += 1
+            yield torch.full((self.rows, self.length), self.position % 200, dtype=torch.long)
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def test_mix_appends_weighted_rows_and_resumes_exactly():
+    mix = SyntheticMix(FakeText(3, 65), rows=2, task="needle", seq_len=64, vocab_size=257, weight=1.0, seed=5)
+    stream = iter(mix)
+    first = next(stream)
+    assert isinstance(first, Batch) and first.tokens.shape == (5, 65) and first.weights.shape == (5, 64)
+    assert (first.weights[:3] == 1).all()
+    assert first.weights[3:].sum(-1).tolist() == [64.0, 64.0]  # a synthetic row weighs as one text row
+    assert (first.weights[3:] > 0).sum() == 2
+    next(stream)
+    state = mix.state_dict()
+    expected = [next(stream) for _ in range(2)]
+    again = SyntheticMix(FakeText(3, 65), 2, "needle", 64, 257, 1.0, seed=5)
+    again.load_state_dict(state)
+    for want, got in zip(expected, iter(again)):
+        assert torch.equal(want.tokens, got.tokens) and torch.equal(want.weights, got.weights)
+    other_rank = SyntheticMix(FakeText(3, 65), 2, "needle", 64, 257, 1.0, seed=6)
+    assert not torch.equal(next(iter(other_rank)).tokens[3:], first.tokens[3:])
+
+
+def test_weighted_loss_is_the_weighted_mean_of_token_losses():
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, layers="mac", window=8,
+                                  segment_len=8, memory_chunk=4)).double()
+    tokens = torch.randint(64, (3, 17))
+    weights = torch.rand(3, 16, dtype=torch.float64) * (torch.rand(3, 16) > 0.5)
+    logits, _ = model(tokens[:, :-1])
+    per_token = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    expected = (per_token * weights.flatten()).sum() / weights.sum()
+    loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], weights=weights)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    plain, _ = model(tokens[:, :-1], targets=tokens[:, 1:])
+    torch.testing.assert_close(plain.double(), per_token.mean(), rtol=1e-6, atol=0)
