@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="ppl,needle,mqar")
     parser.add_argument("--out", default="runs/compare/results.md", help="Markdown table (and .json beside)")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]

@@ -37,6 +37,9 @@ class DataConfig:
     synthetic_rows: int = 0
     synthetic_task: str = "needle"
     synthetic_weight: float = 1.0  # a synthetic sequence's answers weigh as much as this many text sequences
+    # shortest question–answer distance in tokens (0: the task's minimum); distances are log-uniform up to
+    # the longest that fits in seq_len. Set it to the attention span to train the memory path only.
+    synthetic_min_distance: int = 0
 
 
 @dataclass
@@ -203,7 +206,8 @@ def validate(cfg: RunConfig) -> None:
 
         try:
             synthetic.training_rows(d.synthetic_task, 1, d.seq_len + 1,
-                                    synthetic.TokenSpace.for_vocab(cfg.model.vocab_size), seed=0)
+                                    synthetic.TokenSpace.for_vocab(cfg.model.vocab_size), seed=0,
+                                    min_distance=d.synthetic_min_distance)
         except ValueError as err:
             raise ConfigError(f"data.synthetic_task / data.seq_len / model.vocab_size: {err}") from err
         if d.synthetic_weight <= 0:

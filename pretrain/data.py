@@ -50,15 +50,16 @@ class SyntheticMix:
     """
 
     def __init__(self, text: TokenLoader, rows: int, task: str, seq_len: int, vocab_size: int,
-                 weight: float, seed: int) -> None:
+                 weight: float, seed: int, min_distance: int = 0) -> None:
         self.text, self.rows, self.task, self.seq_len = text, rows, task, seq_len
+        self.min_distance = min_distance
         self.space = synthetic.TokenSpace.for_vocab(vocab_size)
         self.weight, self.seed, self.generated = weight, seed, 0
 
     def __iter__(self) -> Iterator[Batch]:
         for text in self.text:
             tokens, answers = synthetic.training_rows(self.task, self.rows, self.seq_len + 1, self.space,
-                                                      seed=self.row_seed())
+                                                      seed=self.row_seed(), min_distance=self.min_distance)
             self.generated += 1
             per_answer = self.weight * self.seq_len / answers.sum(-1, keepdim=True)
             weights = torch.cat([torch.ones(text.shape[0], self.seq_len), answers * per_answer])
@@ -107,5 +108,6 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
     loader = TokenLoader(train, d.num_workers)
     if d.synthetic_rows:
         loader = SyntheticMix(loader, d.synthetic_rows, d.synthetic_task, d.seq_len, cfg.model.vocab_size,
-                              d.synthetic_weight, seed=d.seed * 65_537 + dp_rank)
+                              d.synthetic_weight, seed=d.seed * 65_537 + dp_rank,
+                              min_distance=d.synthetic_min_distance)
     return loader, val_batches

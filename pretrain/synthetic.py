@@ -160,14 +160,16 @@ MQAR_TRAINING_PAIRS = 4
 
 
 def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: int,
-                  min_distance: int = KEY_LEN + 4) -> tuple[Tensor, Tensor]:
+                  min_distance: int = 0) -> tuple[Tensor, Tensor]:
     """Synthetic training sequences of exactly `length` tokens, to mix into a text batch.
 
     Returns tokens (rows, length) and `answers` (rows, length - 1) bool over the next-token targets
     (target p is token p + 1): True where the target is an answer, the only tokens worth a loss (the
     filler is noise). Each row draws its distance log-uniformly from `min_distance` to the longest that
-    fits, so training sees answers both inside and far beyond the attention span; filler pads the tail.
+    fits (0: the task's minimum), so training sees answers both inside and far beyond the attention span;
+    filler pads the tail.
     """
+    min_distance = max(min_distance, KEY_LEN + 4)
     if task not in TRAINING_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TRAINING_TASKS)}")
     overhead = 16 + KEY_LEN + 3 if task == "needle" else MQAR_TRAINING_PAIRS * (2 * KEY_LEN + 7)

@@ -297,7 +297,8 @@ def test_compare_variants_matches_parameters_and_prints_a_table(run, tmp_path, c
     spec.loader.exec_module(compare)
     tiny = [f"data.train={run['data']}", "data.default_corpus=false", "data.seq_len=32", "data.batch_size=2",
             "model.dim=32", "model.n_heads=2", "model.window=8", "model.segment_len=16",
-            "model.memory_chunk=8", "train.eval_batches=1", "train.log_every=1"]
+            "model.memory_chunk=8", "train.eval_batches=1", "train.log_every=1", "data.synthetic_rows=1",
+            "data.synthetic_min_distance=0"]
     configs = compare.load_variants(list(compare.VARIANTS), ROOT / "configs" / "compare", tiny, True, None)
     counts = {name: num_parameters(cfg.model) for name, cfg in configs.items()}
     assert max(counts.values()) - min(counts.values()) <= 0.05 * max(counts.values())
