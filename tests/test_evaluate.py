@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
 from pretrain import synthetic
 from pretrain.config import load_config
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(tmp_path_factory):
     """A tiny MAC+MAG model trained for a few steps on this repository's sources (bytes)."""
     base = tmp_path_factory.mktemp("eval")
-    files = sorted((ROOT / "titans").glob("*.py"))
+    files = expand_inputs([str(ROOT / "titans")], ("*.py",))  # ids relative: a stable split
     prepare(files, base / "data", "bytes", sample_tokens=33, shard_samples=64, val_fraction=0.2,
             progress=False)
     cfg = load_config(None, [

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pretrain.train as train_module
+from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pretrain.config import ConfigError, load_config
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def dataset(tmp_path_factory) -> Path:
     """A small real-text byte dataset: this repository's own Python sources."""
     out = tmp_path_factory.mktemp("data")
-    files = sorted((ROOT / "titans").glob("*.py")) + sorted((ROOT / "pretrain").glob("*.py"))
+    files = expand_inputs([str(ROOT / "titans"), str(ROOT / "pretrain")], ("*.py",))  # stable split
     prepare(files, out, "bytes", sample_tokens=33, shard_samples=64, val_fraction=0.2, progress=False)
     return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
-    files = sorted((ROOT / "titans").glob("*.py"))
+    files = expand_inputs([str(ROOT / "titans")], ("*.py",))  # ids relative: a stable split
     prepare(files, out, "bytes", sample_tokens=33, shard_samples=64, val_fraction=0.2, progress=False)
     return out
 
