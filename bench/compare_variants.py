@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
+from pretrain.evaluate import add_task_arguments, evaluate, parse_list  # noqa: E402
 from titans.model import num_parameters  # noqa: E402
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
@@ -92,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not resume existing runs (train.resume=false)")
     parser.add_argument("--eval-only", action="store_true",
                         help="skip training; evaluate the existing runs")
-    parser.add_argument("--distances", default="2,8,32",
-                        help="needle / mqar distances in multiples of the span")
-    parser.add_argument("--samples", type=int, default=32, help="sequences per task and distance")
-    parser.add_argument("--tasks", default="ppl,needle,mqar")
+    add_task_arguments(parser)
     parser.add_argument("--out", default="runs/compare/results.md", help="Markdown table (and .json beside)")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
@@ -119,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from pretrain.evaluate import evaluate, parse_list
     from pretrain.model_io import load_model
     from pretrain.train import train
 

@@ -205,9 +205,8 @@ def validate(cfg: RunConfig) -> None:
         from pretrain import synthetic
 
         try:
-            synthetic.training_rows(d.synthetic_task, 1, d.seq_len + 1,
-                                    synthetic.TokenSpace.for_vocab(cfg.model.vocab_size), seed=0,
-                                    min_distance=d.synthetic_min_distance)
+            synthetic.training_distances(d.synthetic_task, d.seq_len + 1, d.synthetic_min_distance)
+            synthetic.TokenSpace.for_vocab(cfg.model.vocab_size)
         except ValueError as err:
             raise ConfigError(f"data.synthetic_task / data.seq_len / model.vocab_size: {err}") from err
         if d.synthetic_weight <= 0:

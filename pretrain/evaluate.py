@@ -216,6 +216,15 @@ def parse_list(text: str, kind=str) -> list:
     return [kind(x) for x in text.replace(" ", "").split(",") if x]
 
 
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tasks, --distances, --samples: what to evaluate (shared with bench/compare_variants.py)."""
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help="comma-separated subset of " + ",".join(TASKS))
+    parser.add_argument("--distances", default="2,8,32",
+                        help="needle/mqar distances, in multiples of the attention span")
+    parser.add_argument("--samples", type=int, default=32, help="sequences per task and distance")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.evaluate",
@@ -229,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--checkpoint", required=True,
                         help="run directory (its latest checkpoint) or checkpoint directory (…/step_N)")
-    parser.add_argument("--tasks", default="ppl,needle,mqar",
-                        help="comma-separated subset of ppl,needle,mqar")
-    parser.add_argument("--distances", default="2,8,32",
-                        help="needle/mqar distances, in multiples of the attention span")
-    parser.add_argument("--samples", type=int, default=32, help="sequences per task and distance")
+    add_task_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward call")
     parser.add_argument("--pairs", type=int, default=8, help="key-value pairs per mqar sequence")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks")

@@ -159,6 +159,24 @@ TRAINING_TASKS = ("needle", "mqar")
 MQAR_TRAINING_PAIRS = 4
 
 
+NEEDLE_MAX_OFFSET = 16  # `needle`'s default: the pair starts within the first 16 tokens
+
+
+def training_distances(task: str, length: int, min_distance: int = 0) -> tuple[int, int]:
+    """The (shortest, longest) question–answer distance of a `task` row of `length` tokens; a ValueError
+    naming the task if there is none (also how the run config checks its synthetic_* fields)."""
+    if task not in TRAINING_TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TRAINING_TASKS)}")
+    min_distance = max(min_distance, KEY_LEN + 4)
+    if task == "needle":  # filler before the pair, the pair and the question
+        overhead = NEEDLE_MAX_OFFSET + KEY_LEN + 3
+    else:  # the pairs and the questions
+        overhead = MQAR_TRAINING_PAIRS * (2 * KEY_LEN + 7)
+    if length - overhead < min_distance:
+        raise ValueError(f"a {task} sequence needs at least {overhead + min_distance} tokens, got {length}")
+    return min_distance, length - overhead
+
+
 def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: int,
                   min_distance: int = 0) -> tuple[Tensor, Tensor]:
     """Synthetic training sequences of exactly `length` tokens, to mix into a text batch.
@@ -169,13 +187,7 @@ def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: in
     fits (0: the task's minimum), so training sees answers both inside and far beyond the attention span;
     filler pads the tail.
     """
-    min_distance = max(min_distance, KEY_LEN + 4)
-    if task not in TRAINING_TASKS:
-        raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TRAINING_TASKS)}")
-    overhead = 16 + KEY_LEN + 3 if task == "needle" else MQAR_TRAINING_PAIRS * (2 * KEY_LEN + 7)
-    max_distance = length - overhead
-    if max_distance < min_distance:
-        raise ValueError(f"a {task} sequence needs at least {overhead + min_distance} tokens, got {length}")
+    min_distance, max_distance = training_distances(task, length, min_distance)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.empty(rows, length, dtype=torch.long)
     answers = torch.zeros(rows, length - 1, dtype=torch.bool)
@@ -185,7 +197,7 @@ def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: in
         distance = min(max_distance, int(math.exp(log_lo + u * (log_hi - log_lo))))
         row_seed = int(torch.randint(2**62, (), generator=gen))
         if task == "needle":
-            made = needle(1, distance, space, seed=row_seed)
+            made = needle(1, distance, space, seed=row_seed, max_offset=NEEDLE_MAX_OFFSET)
         else:
             made = mqar(1, distance, space, n_pairs=MQAR_TRAINING_PAIRS, seed=row_seed)
         n = made.tokens.shape[1]

@@ -154,22 +154,23 @@ class TitansLM(nn.Module):
         """
         features, states = self.hidden_states(tokens, states)
         features, targets = features.flatten(0, 1), targets.flatten()
-        if weights is None:
-            weights = features.new_ones(targets.shape, dtype=torch.float32)
-        weights = weights.flatten().float()
+        pieces = [features.split(chunk_tokens), targets.split(chunk_tokens)]
+        if weights is not None:
+            weights = weights.flatten().float()
+            pieces.append(weights.split(chunk_tokens))
         total = features.new_zeros((), dtype=torch.float32)
-        chunks = zip(features.split(chunk_tokens), targets.split(chunk_tokens), weights.split(chunk_tokens),
-                     strict=True)
-        for f, t, w in chunks:
+        for piece in zip(*pieces, strict=True):
             if torch.is_grad_enabled():
-                total = total + checkpoint(self._cross_entropy_sum, f, t, w, use_reentrant=False)
+                total = total + checkpoint(self._cross_entropy_sum, *piece, use_reentrant=False)
             else:
-                total = total + self._cross_entropy_sum(f, t, w)
-        return total / weights.sum(), states
+                total = total + self._cross_entropy_sum(*piece)
+        return total / (targets.numel() if weights is None else weights.sum()), states
 
-    def _cross_entropy_sum(self, features: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-        ce = F.cross_entropy(self.head(features).float(), targets, reduction="none")
-        return (ce * weights).sum()
+    def _cross_entropy_sum(self, features: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+        logits = self.head(features).float()
+        if weights is None:
+            return F.cross_entropy(logits, targets, reduction="sum")
+        return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
 
 
 def count_parameters(model: nn.Module, include_embedding: bool = True) -> int:
