@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.loss import causal_lm_loss  # noqa: E402
 from titans.model import TitansConfig, TitansLM  # noqa: E402
 
 VARIANTS = ["swa", "mac", "mag", "mal", "lmm"]
@@ -57,7 +58,7 @@ def train_step(model: TitansLM, tokens: torch.Tensor, counter: SavedBytes | None
     hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter
              else contextlib.nullcontext())
     with hooks:
-        loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss = causal_lm_loss(model, tokens[:, :-1], tokens[:, 1:])
     loss.backward()
 
 

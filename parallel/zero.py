@@ -45,7 +45,7 @@ Choices, and why:
   offline (DeepSpeed's `zero_to_fp32`), e.g. for export.
 - A single process (world size 1) gets a one-rank process group from an in-memory store, so no
   MASTER_ADDR/PORT is needed; launched with torchrun/srun, the process group that
-  `pretrain.distributed` set up is the one DeepSpeed uses (`deepspeed.init_distributed` adopts it).
+  `parallel.mesh` set up is the one DeepSpeed uses (`deepspeed.init_distributed` adopts it).
 
 DeepSpeed is imported lazily: the plain path never imports it. Its JIT-compiled extensions (not needed
 with the client AdamW; the CPU accelerator builds a shared-memory comm op on first use) are cached in
@@ -175,5 +175,7 @@ def consolidated_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     Runs in one process without a process group (DeepSpeed's `zero_to_fp32`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(Path(checkpoint) / CHECKPOINT_DIR),
-                                                    tag=CHECKPOINT_TAG)
+    folder = str(Path(checkpoint) / CHECKPOINT_DIR)
+    state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=CHECKPOINT_TAG)
+    # the engine wraps the model with its loss (pretrain.loss.CausalLMLoss): keys as the model has them
+    return {key.removeprefix("model."): value for key, value in state.items()}

@@ -1,9 +1,11 @@
 """Atomic checkpoints: write aside, fsync, rename; a `latest` pointer; keep the last k.
 
 Layout under `<out_dir>/checkpoints/`:
-    step_00000100/state.pt    everything needed to resume (model, optimizer, scheduler, step, data, RNG)
-    step_00000100/deepspeed/  with ZeRO (train.zero_stage >= 1): every rank's shard, written by DeepSpeed
-    latest                    text file naming the newest complete checkpoint directory
+    step_00000100/state.pt       everything needed to resume (model, optimizer, scheduler, step, data, RNG)
+    step_00000100/deepspeed/     with DeepSpeed ZeRO (pure data parallel): every rank's shard
+    step_00000100/shards/        with tp / pp: every rank's model and optimizer shard (checkpoint_shards.py)
+    step_00000100/manifest.json  the sha256 and size of every file above, and the layout record if any
+    latest                       text file naming the newest complete checkpoint directory
 
 A checkpoint directory only ever appears under its final name after all its files are written and
 flushed, and `latest` is replaced by rename, so a crash (even SIGKILL) at any moment leaves the
@@ -18,6 +20,8 @@ system on several nodes).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +30,52 @@ from typing import Any
 import torch
 
 STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is missing, or differs from the checksum its manifest recorded."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None:
+    """manifest.json: sha256 and size of every file under `directory` (relative paths), plus `extra`."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        files[path.relative_to(directory).as_posix()] = {"sha256": sha256_file(path),
+                                                         "bytes": path.stat().st_size}
+    manifest = {"files": files, **(extra or {})}
+    with open(directory / MANIFEST_FILE, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check every file the manifest lists against its sha256; raises CorruptCheckpointError naming the
+    first bad file. A checkpoint written before manifests existed passes unchecked."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        raise CorruptCheckpointError(f"checkpoint manifest {manifest_path} cannot be read: {err}") from err
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"checkpoint file {path} is missing")
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise CorruptCheckpointError(f"checkpoint file {path} does not match its manifest checksum "
+                                         "(corrupt or modified)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,11 +128,12 @@ def fsync_tree(path: str | Path) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
-                    staged: bool = False) -> Path:
+                    staged: bool = False, manifest: dict[str, Any] | None = None) -> Path:
     """Write `state` as the checkpoint of `step`, move `latest` to it, prune all but the last k.
 
     staged=True: `begin_checkpoint` made the staging directory and other writers have filled (and
-    flushed) it; state.pt is added last, and the rename commits everything at once.
+    flushed) it; state.pt and manifest.json (checksums of everything, plus `manifest`) are added last,
+    and the rename commits everything at once.
     """
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -98,6 +149,7 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    write_manifest(staging, manifest)
     _fsync_dir(staging)
     shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
     os.replace(staging, final)

@@ -67,9 +67,24 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
-    # 0: plain data parallel (DDP); 1, 2, 3: DeepSpeed ZeRO sharding optimizer states (1), + gradients (2),
-    # + parameters (3) over the data-parallel ranks (parallel/zero.py)
+
+
+PP_SCHEDULES = ("1f1b", "interleaved", "gpipe")
+
+
+@dataclass
+class ParallelConfig:
+    """The layout: world = tp · pp · sp · dp, with dp what remains (parallel/mesh.py)."""
+
+    tp: int = 1  # tensor parallel: heads, FFN and vocabulary split over tp ranks (parallel/tensor.py)
+    pp: int = 1  # pipeline parallel: contiguous groups of blocks per stage (parallel/pipeline.py)
+    sp: int = 1  # sequence parallel: not built yet
+    # 0: plain data parallel (DDP); 1, 2, 3: ZeRO sharding optimizer states (1), + gradients (2),
+    # + parameters (3) over the data-parallel ranks (parallel/zero.py); with tp or pp > 1, stage 1 only
     zero_stage: int = 0
+    pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
+    pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
+    pp_stages_per_rank: int = 2  # with pp_schedule: interleaved (virtual stages)
 
 
 @dataclass
@@ -77,13 +92,18 @@ class RunConfig:
     model: TitansConfig = field(default_factory=TitansConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
-        for section in ("model", "data", "train"):
+        for section in SECTIONS:
             obj = getattr(self, section)
             out[section] = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
         return out
+
+
+SECTIONS = ("model", "data", "train", "parallel")
+MOVED = {"train.zero_stage": "parallel.zero_stage"}  # keys that moved: an error says where
 
 
 def _plain(value: Any) -> Any:
@@ -132,6 +152,9 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{section}: expected a mapping, got {values!r}")
     valid = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in values:
+        if f"{section}.{key}" in MOVED:
+            raise ConfigError(f"{section}.{key} has moved: write {MOVED[f'{section}.{key}']} instead")
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
@@ -148,8 +171,9 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: expected section.key=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or parts[0] not in ("model", "data", "train"):
-        raise ConfigError(f"override {override!r}: key must be model.<k>, data.<k> or train.<k>")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"override {override!r}: key must be section.key with section one of "
+                          f"{', '.join(SECTIONS)}")
     tree.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw)
 
 
@@ -165,16 +189,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of model/data/train sections")
-    unknown = sorted(set(tree) - {"model", "data", "train"})
+            raise ConfigError(f"config file {path}: expected a mapping of {'/'.join(SECTIONS)} sections")
+    unknown = sorted(set(tree) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: model, data, train")
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
     for override in overrides:
         _apply_override(tree, override)
     cfg = RunConfig(
         model=_build("model", TitansConfig, tree.get("model", {})),
         data=_build("data", DataConfig, tree.get("data", {})),
         train=_build("train", TrainConfig, tree.get("train", {})),
+        parallel=_build("parallel", ParallelConfig, tree.get("parallel", {})),
     )
     validate(cfg)
     return cfg
@@ -211,6 +236,42 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.synthetic_task / data.seq_len / model.vocab_size: {err}") from err
         if d.synthetic_weight <= 0:
             raise ConfigError(f"data.synthetic_weight must be > 0, got {d.synthetic_weight}")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 0 (plain data parallel), 1, 2 or 3 (DeepSpeed ZeRO), "
-                          f"got {t.zero_stage}")
+    validate_parallel(cfg)
+
+
+def validate_parallel(cfg: RunConfig) -> None:
+    """Layout checks that need no process group (the world size is checked by parallel.mesh)."""
+    p, m = cfg.parallel, cfg.model
+    for name in ("tp", "pp", "sp", "pp_stages_per_rank"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if p.sp > 1:
+        raise ConfigError("parallel.sp > 1: sequence parallelism is not built yet; set parallel.sp=1")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0 (plain data parallel), 1, 2 or 3 (ZeRO), "
+                          f"got {p.zero_stage}")
+    if p.zero_stage > 1 and p.tp * p.pp > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with tp={p.tp}, pp={p.pp}: ZeRO-2/3 run with "
+                          "pure data parallelism only; use parallel.zero_stage=1 (or 0) with tp / pp")
+    if p.tp > 1:
+        for name in ("n_heads", "memory_heads"):  # the vocabulary is padded to a multiple of tp instead
+            if getattr(m, name) % p.tp:
+                raise ConfigError(f"model.{name}={getattr(m, name)} is not divisible by parallel.tp={p.tp}: "
+                                  f"change model.{name} or parallel.tp")
+    if p.pp_schedule not in PP_SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got "
+                          f"{p.pp_schedule!r}")
+    if p.pp > 1:
+        stages = p.pp * (p.pp_stages_per_rank if p.pp_schedule == "interleaved" else 1)
+        if m.n_layers % stages:
+            raise ConfigError(f"model.n_layers={m.n_layers} does not split into {stages} pipeline stages "
+                              f"(parallel.pp={p.pp}" + (f" × pp_stages_per_rank={p.pp_stages_per_rank}"
+                                                        if p.pp_schedule == "interleaved" else "")
+                              + "): change model.n_layers or parallel.pp")
+        micro = p.pp_microbatches or 2 * p.pp
+        if cfg.data.batch_size % micro:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                              f"parallel.pp_microbatches={micro}: change one of them")
+        if p.pp_schedule != "gpipe" and micro < p.pp:
+            raise ConfigError(f"parallel.pp_microbatches={micro} < parallel.pp={p.pp}: 1F1B schedules need "
+                              "at least one micro-batch per stage")

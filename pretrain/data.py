@@ -78,11 +78,13 @@ class SyntheticMix:
         self.generated = state["generated"]
 
 
-def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[[], None] = lambda: None
+def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[[], None] = lambda: None,
+                  is_main: bool | None = None
                   ) -> tuple[TokenLoader | SyntheticMix, Callable[[], Iterator[torch.Tensor]]]:
-    """The training loader of this dp rank and a function returning the validation batches."""
+    """The training loader of this dp rank and a function returning the validation batches. The default
+    corpus is built by the main process (`is_main`, default: dp rank 0) while the others wait."""
     d = cfg.data
-    if dp_rank == 0:
+    if dp_rank == 0 if is_main is None else is_main:
         ensure_default_corpus(cfg)
     barrier()
     manifest = Manifest.read(d.train)

@@ -39,7 +39,8 @@ from titans.memory import (
 def memory_layers(model: LoadedModel) -> list[tuple[int, str, NeuralMemory]]:
     """(block index, block kind, memory module) for every block with a long-term memory."""
     found = []
-    for i, (kind, block) in enumerate(zip(model.config.layer_kinds, model.model.blocks, strict=True)):
+    blocks = model.model.blocks.values()
+    for i, (kind, block) in enumerate(zip(model.config.layer_kinds, blocks, strict=True)):
         found += [(i, kind, m) for m in block.modules() if isinstance(m, NeuralMemory)]
     return found
 

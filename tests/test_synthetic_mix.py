@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pretrain import synthetic
 from pretrain.data import Batch, SyntheticMix
+from pretrain.loss import causal_lm_loss
 from titans.model import TitansConfig, TitansLM
 
 SPACE = synthetic.TokenSpace.for_vocab(257)
@@ -90,7 +91,7 @@ def test_weighted_loss_is_the_weighted_mean_of_token_losses():
     logits, _ = model(tokens[:, :-1])
     per_token = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
     expected = (per_token * weights.flatten()).sum() / weights.sum()
-    loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], weights=weights)
+    loss = causal_lm_loss(model, tokens[:, :-1], tokens[:, 1:], weights)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
-    plain, _ = model(tokens[:, :-1], targets=tokens[:, 1:])
+    plain = causal_lm_loss(model, tokens[:, :-1], tokens[:, 1:])
     torch.testing.assert_close(plain.double(), per_token.mean(), rtol=1e-6, atol=0)

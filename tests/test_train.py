@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pretrain.train as train_module
+import pretrain.engine as engine_module
 from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -81,7 +81,7 @@ def test_run_writes_config_tensorboard_and_checkpoints(dataset, tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path, monkeypatch):
-    real = train_module.loss_on
+    real = engine_module.loss_on
     calls = {"n": 0}
 
     def flaky(model, batch, autocast):
@@ -89,7 +89,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
         loss = real(model, batch, autocast)
         return loss * float("nan") if calls["n"] in (3, 7, 8, 9, 10) else loss
 
-    monkeypatch.setattr(train_module, "loss_on", flaky)
+    monkeypatch.setattr(engine_module, "loss_on", flaky)
     cfg = small_config(dataset, tmp_path, "train.max_nonfinite_steps=3")
     with pytest.raises(NonFiniteLossError, match="step 9: 3 non-finite losses or gradients in a row"):
         train(cfg)
@@ -102,7 +102,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
         return loss * float("nan") if calls["n"] in calls_nan else loss
 
     calls["n"] = 0
-    monkeypatch.setattr(train_module, "loss_on", isolated)
+    monkeypatch.setattr(engine_module, "loss_on", isolated)
     result = train(small_config(dataset, tmp_path / "b", "train.steps=6", "train.warmup_steps=1"))
     assert result.skipped_steps == 1 and math.isnan(result.losses[2])
     assert all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
@@ -116,7 +116,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("train.warmup_steps=500", "train.warmup_steps=500 must be in"),
     ("model.layers=mac,attn", "bad item 'attn'"),
     ("train.precision=fp8", "train.precision must be"),
-    ("steps=3", "must be model.<k>, data.<k> or train.<k>"),
+    ("steps=3", "key must be section.key with section one of model, data, train, parallel"),
     ("data.synthetic_rows=8", "data.synthetic_rows must be in [0, data.batch_size=8)"),
     ("data.synthetic_rows=2 data.synthetic_task=copy", "unknown synthetic task 'copy'"),
     ("data.synthetic_rows=2 data.seq_len=24", "a needle sequence needs at least"),

@@ -75,7 +75,7 @@ def test_cli_run_logs_training_and_memory_diagnostics(dataset, tmp_path):
 
 def test_srun_environment_is_read(monkeypatch):
     """Under srun, rank and world size come from SLURM_*; a missing rendezvous address is named."""
-    from pretrain.distributed import init_distributed
+    from parallel.mesh import init_mesh
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -83,8 +83,8 @@ def test_srun_environment_is_read(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     with pytest.raises(RuntimeError, match="rank 1: MASTER_ADDR is not set"):
-        init_distributed()
+        init_mesh()
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_PROCID", "0")
-    single = init_distributed()
+    single = init_mesh()
     assert (single.rank, single.world_size, single.is_main) == (0, 1, True)

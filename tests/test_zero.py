@@ -1,26 +1,22 @@
 """DeepSpeed ZeRO stages 1–3 (and plain DDP, stage 0) in 2-process CPU runs over gloo, against the 1-process
 run on the same global batch; exact resume from the ranks' ZeRO shards; non-finite steps skipped on all ranks.
 
-All 2-process jobs run in one launch of two worker processes (tests/zero_worker.py), which saves paying for
+All 2-process jobs run in one launch of two worker processes (tests/train_worker.py), which saves paying for
 interpreter, torch and DeepSpeed start-up per job; each test then checks its part of the results. The
 launch has a hard deadline: a hang fails with both ranks' logs. The data is an in-memory loader whose
-global batch does not depend on the number of ranks (see zero_worker.py for why the real one cannot).
+global batch does not depend on the number of ranks (see train_worker.py for why the real one cannot).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from zero_worker import base_overrides, in_memory_loaders
+from launcher import launch
+from train_worker import base_overrides, in_memory_loaders
 
 import pretrain.train as train_module
 from pretrain.checkpoint import load_checkpoint
@@ -29,60 +25,15 @@ from pretrain.config import ConfigError, load_config
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("zero_worker.py")
+WORKER = Path(__file__).with_name("train_worker.py")
 WORLD = 2
 MICRO_BATCH = 2  # per rank; the 1-process reference takes WORLD × MICRO_BATCH
 LAUNCH_TIMEOUT_S = 400  # the first launch on a machine compiles DeepSpeed's shm comm op (~40 s on 2 cores)
 STAGES = (0, 1, 2, 3)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(jobs: list[dict], tmp: Path, world: int = WORLD, timeout: float = LAUNCH_TIMEOUT_S) -> dict:
-    """Run the jobs in `world` worker processes; returns rank 0's results. Fails (with the logs) when a
-    rank exits with an error or the launch passes its deadline."""
-    spec = tmp / "spec.json"
-    results = tmp / "results.json"
-    spec.write_text(json.dumps({"jobs": jobs, "results": str(results)}))
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT),
-               "OMP_NUM_THREADS": "1"}
-        logs.append(tmp / f"rank{rank}.log")
-        with open(logs[-1], "w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec)], cwd=ROOT, env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    problem = None
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):
-            problem = "a rank failed"
-        elif time.monotonic() > deadline:
-            problem = f"the {world}-process launch did not finish within {timeout:.0f} s (hang?)"
-        if problem:
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-    if problem is None and any(p.returncode != 0 for p in procs):
-        problem = "a rank failed"
-    if problem is not None:
-        tails = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{logs[r].read_text()[-4000:]}"
-                          for r, p in enumerate(procs))
-        pytest.fail(f"{problem}\n{tails}")
-    return json.loads(results.read_text())
-
-
 def job(name: str, out: Path, stage: int, *extra: str, **fields) -> dict:
-    overrides = base_overrides(out, MICRO_BATCH) + [f"train.zero_stage={stage}", *extra]
+    overrides = base_overrides(out, MICRO_BATCH) + [f"parallel.zero_stage={stage}", *extra]
     return {"name": name, "overrides": overrides, **fields}
 
 
@@ -124,7 +75,7 @@ def runs(tmp_path_factory):
     jobs += [job(f"stage{s}_bf16", tmp / f"bf16{s}", s, "train.precision=bf16") for s in (2, 3)]
     jobs.append(job("wrong_stage", tmp / "stage0", 2, "train.steps=7", expect_error=True))
     started = time.monotonic()
-    results = launch(jobs, tmp)
+    results = launch(WORKER, jobs, tmp, WORLD, LAUNCH_TIMEOUT_S)
     results["_seconds"] = time.monotonic() - started
     return results
 
@@ -201,13 +152,13 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs, stage):
 
 def test_resume_with_another_stage_is_refused(runs):
     message = runs["wrong_stage"]["error"]
-    assert "was written with train.zero_stage=0, this run has train.zero_stage=2" in message
+    assert "was written with parallel.zero_stage=0, this run has parallel.zero_stage=2" in message
 
 
 def test_zero_stage_is_validated():
-    with pytest.raises(ConfigError, match="train.zero_stage must be 0 .*, 1, 2 or 3 .*got 4"):
-        load_config(None, ["train.zero_stage=4"])
-    assert load_config(None, ["train.zero_stage=3"]).train.zero_stage == 3
+    with pytest.raises(ConfigError, match="parallel.zero_stage must be 0 .*, 1, 2 or 3 .*got 4"):
+        load_config(None, ["parallel.zero_stage=4"])
+    assert load_config(None, ["parallel.zero_stage=3"]).parallel.zero_stage == 3
 
 
 def test_deepspeed_config_is_generated_from_ours():

@@ -1,7 +1,7 @@
 """Attention for the Titans blocks: RoPE, sliding-window causal attention with persistent-memory and
 long-term-memory tokens, and the `Attention` module used by MAC / MAG / MAL / SWA.
 
-Key layout seen by a query at position t (DESIGN.md §3):
+Key layout seen by a query at position t (docs/DESIGN.md §3):
 
     [persistent tokens (always visible) ‖ memory tokens (all visible, or causal) ‖ sequence t-w+1 .. t]
 
@@ -350,7 +350,7 @@ class Attention(nn.Module):
 
     def _split_heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
-        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # -1: a tensor-parallel shard's heads
 
     def forward(
         self,
@@ -386,4 +386,4 @@ class Attention(nn.Module):
             extra_v=extra_v,
             extra_causal=memory_tokens_causal,
         )
-        return self.to_out(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return self.to_out(out.transpose(1, 2).flatten(2))

@@ -1,4 +1,4 @@
-"""The blocks (DESIGN §3, paper §4): MAC, MAG, MAL, LMM, the SWA baseline and full causal attention.
+"""The blocks (docs/DESIGN.md §3, paper §4): MAC, MAG, MAL, LMM, the SWA baseline and full causal attention.
 
 Every block is pre-norm with a SwiGLU FFN and residuals, and has the same interface
 `forward(x, state) -> (x, state)`, where `state` is the block's `MemoryState` (None for the
@@ -183,7 +183,7 @@ class MACBlock(Block):
         if self.memory_probes is not None:
             q = self.memory_probes.unsqueeze(0).expand(B, -1, -1, -1)
         else:
-            q = self.to_memory_query(segment).view(B, T, self.memory.heads, self.memory.head_dim)
+            q = self.to_memory_query(segment).view(B, T, -1, self.memory.head_dim)
         return F.normalize(q, dim=-1)
 
     def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:

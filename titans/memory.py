@@ -1,4 +1,4 @@
-"""NeuralMemory: Titans' long-term memory, a small MLP trained at test time (DESIGN §2, paper §3).
+"""NeuralMemory: Titans' long-term memory, a small MLP trained at test time (docs/DESIGN.md §2, paper §3).
 
 Per head, the memory is an MLP `M` whose weights are *state*. Every token writes to it by one step of
 gradient descent with momentum ("surprise") and weight decay ("forgetting") on the associative loss
@@ -141,7 +141,7 @@ def weighted_loss_grads(
 
 
 def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
-    """Collapse b token steps of surprise/forgetting into per-chunk coefficients (DESIGN §2).
+    """Collapse b token steps of surprise/forgetting into per-chunk coefficients (docs/DESIGN.md §2).
 
     All inputs (..., b): θ_i, log η_i, log(1 − α_i). With β_i = Π_{j≤i}(1 − α_j) and gradients u_i taken
     at the chunk-start weights:
@@ -242,6 +242,34 @@ class RecomputedScan(torch.autograd.Function):
         return (None, *grads_in, *grad_state)
 
 
+def init_memory_parameter(
+    name: str, param: Tensor, std: float, generator: torch.Generator | None = None
+) -> None:
+    """The initial value of a NeuralMemory parameter, by its name inside the module.
+
+    Gate biases are laid out [θ (H) ‖ η (H) ‖ α (H)]: a small inner lr (θ ≈ 0.12·θ_max: momentum
+    multiplies the step by up to 1/(1−η)), strong momentum (η ≈ 0.9) and slow forgetting (α ≈ 1e-3, a
+    half-life of ~700 tokens; α ≈ 0.02 would erase the memory within a few hundred tokens before
+    training starts).
+    """
+    if param.is_meta:
+        return
+    if name.startswith("init_weights."):  # M_0 (H, d_in, d_out): unit-scale outputs
+        param.normal_(0.0, 1.0 / math.sqrt(param.shape[-2]), generator=generator)
+    elif name == "conv.weight":  # depthwise: fan-in = kernel (PyTorch's Conv1d default bound)
+        bound = 1.0 / math.sqrt(param.shape[-1])
+        param.uniform_(-bound, bound, generator=generator)
+    elif name == "to_gates.bias":
+        theta, eta, alpha = param.chunk(3)
+        theta.fill_(-2.0)
+        eta.fill_(2.2)
+        alpha.fill_(-7.0)
+    elif param.dim() == 1:  # norm gains
+        param.fill_(1.0)
+    else:  # projections
+        param.normal_(0.0, std, generator=generator)
+
+
 # --------------------------------------------------------------------------------------------
 # The module.
 # --------------------------------------------------------------------------------------------
@@ -291,28 +319,22 @@ class NeuralMemory(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
-        # Depthwise causal conv over the concatenated q/k/v projections.
+        # Depthwise causal conv over the concatenated q/k/v projections (channels [q ‖ k ‖ v]).
         self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_kernel, groups=3 * inner, bias=False)
-        # Data-dependent gates per token and head: θ (inner lr), η (momentum decay), α (forgetting).
+        # Data-dependent gates per token and head: θ (inner lr), η (momentum decay), α (forgetting),
+        # laid out [θ (H) ‖ η (H) ‖ α (H)].
         self.to_gates = nn.Linear(dim, 3 * heads)
         sizes = [head_dim] + [self.hidden] * (depth - 1) + [head_dim]
-        self.init_weights = nn.ParameterList(
-            [nn.Parameter(torch.randn(heads, a, b) / math.sqrt(a)) for a, b in zip(sizes[:-1], sizes[1:])]
-        )
+        self.init_weights = nn.ParameterList([nn.Parameter(torch.empty(heads, a, b))
+                                              for a, b in zip(sizes[:-1], sizes[1:])])
         self.out_norm = nn.RMSNorm(head_dim, eps=1e-6)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.reset_gates()
+        self.reset_parameters()
 
-    def reset_gates(self) -> None:
-        """Start with a small inner lr (θ ≈ 0.12·θ_max: momentum multiplies the step by up to 1/(1−η)),
-        strong momentum (η≈0.9) and slow forgetting (α≈1e-3, a half-life of ~700 tokens; α≈0.02 would
-        erase the memory within a few hundred tokens before training starts)."""
-        nn.init.normal_(self.to_gates.weight, std=0.02)
-        h = self.heads
-        with torch.no_grad():
-            self.to_gates.bias[:h].fill_(-2.0)
-            self.to_gates.bias[h : 2 * h].fill_(2.2)
-            self.to_gates.bias[2 * h :].fill_(-7.0)
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for name, param in self.named_parameters():
+            init_memory_parameter(name, param, std)
 
     # -- projections ---------------------------------------------------------------------------
 
@@ -325,7 +347,8 @@ class NeuralMemory(nn.Module):
             conv_cache = raw.new_zeros(B, pad, raw.shape[-1])
         history = torch.cat([conv_cache.to(raw.dtype), raw], dim=1)
         mixed = F.silu(F.conv1d(history.transpose(1, 2), self.conv.weight, groups=raw.shape[-1]))
-        q, k, v = mixed.transpose(1, 2).reshape(B, T, 3, self.heads, self.head_dim).unbind(2)
+        # heads from the local width (-1): a tensor-parallel shard holds a subset of the heads
+        q, k, v = mixed.transpose(1, 2).reshape(B, T, 3, -1, self.head_dim).unbind(2)
         new_cache = history[:, history.shape[1] - pad :].to(self.state_dtype())  # float32 under autocast
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from titans.blocks import BLOCKS, build_block
-from titans.memory import MemoryState
+from titans.memory import MemoryState, NeuralMemory, init_memory_parameter
 
 BLOCK_KINDS = tuple(BLOCKS)
 
@@ -97,87 +97,95 @@ class TitansLM(nn.Module):
 
     `states` holds one `MemoryState` per layer (None for attention-only layers): feeding a sequence in
     segment-aligned pieces with the carried states continues the long-term memory exactly.
+
+    Built to be transformed from outside (parallel/): blocks live in a name-keyed container, so a
+    pipeline stage that keeps blocks "4".."7" keeps their parameter names; `embed`, `norm` and `head` may
+    be set to None (a stage without them passes hidden states through); construction allocates but does
+    not initialise, so a model builds on the meta device and `init_weights` runs where it lands.
     """
 
     def __init__(self, cfg: TitansConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList([build_block(kind, cfg) for kind in cfg.layer_kinds])
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.embed: nn.Module | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleDict({str(i): build_block(k, cfg) for i, k in enumerate(cfg.layer_kinds)})
+        self.norm: nn.Module | None = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head: nn.Module | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.checkpoint_blocks = False  # set by the training job (train.activation_checkpointing)
-        self.apply(self._init_linear)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
 
-    def _init_linear(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.init_std)
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every parameter by its name (`init_parameter`, `init_memory_parameter`).
+
+        With `seed`, each parameter draws from its own generator seeded by (seed, its name), so a
+        parameter's initial value does not depend on which other parameters this process holds: a
+        pipeline stage or a tensor-parallel shard starts from exactly the slice of the dense model.
+        Without it, the global RNG is used in parameter order.
+        """
+        memories = [f"{name}." for name, m in self.named_modules() if isinstance(m, NeuralMemory)]
+        for name, param in self.named_parameters():
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(param.device)
+                generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            prefix = next((m for m in memories if name.startswith(m)), None)
+            if prefix is not None:
+                init_memory_parameter(name[len(prefix):], param, self.cfg.init_std, generator)
+            else:
+                init_parameter(name, param, self.cfg.init_std, generator)
 
     def hidden_states(
-        self, tokens: Tensor, states: list[MemoryState | None] | None = None
+        self, x: Tensor, states: list[MemoryState | None] | None = None
     ) -> tuple[Tensor, list[MemoryState | None]]:
-        """The final-norm features (B, T, dim) and the new per-layer memory states."""
-        x = self.embed(tokens)
+        """Token ids (B, T) → the final-norm features (B, T, dim), and the new per-layer memory states.
+
+        Without an embedding, x is already a hidden state (B, T, dim); without a final norm, the last
+        block's output is returned (a pipeline stage's output).
+        """
+        if self.embed is not None:
+            x = self.embed(x)
         states = states or [None] * len(self.blocks)
         new_states = []
         recompute = self.checkpoint_blocks and torch.is_grad_enabled()
-        for block, state in zip(self.blocks, states, strict=True):
+        for block, state in zip(self.blocks.values(), states, strict=True):
             if recompute:  # activation checkpointing: keep block inputs only, recompute in backward
                 x, state = checkpoint(block, x, state, use_reentrant=False)
             else:
                 x, state = block(x, state)
             new_states.append(state)
-        return self.norm(x), new_states
+        return (self.norm(x) if self.norm is not None else x), new_states
 
     def forward(
-        self, tokens: Tensor, states: list[MemoryState | None] | None = None, targets: Tensor | None = None,
-        weights: Tensor | None = None,
+        self, tokens: Tensor, states: list[MemoryState | None] | None = None
     ) -> tuple[Tensor, list[MemoryState | None]]:
-        """(logits, states); with `targets` (and optional per-target `weights`), (mean cross-entropy,
-        states) computed by `loss`."""
-        if targets is not None:
-            return self.loss(tokens, targets, states, weights=weights)
+        """(logits, states); without a head, (features, states). The training loss is
+        `pretrain.loss.causal_lm_loss` (chunked over the vocabulary)."""
         features, states = self.hidden_states(tokens, states)
-        return self.head(features), states
+        return (self.head(features) if self.head is not None else features), states
 
-    def loss(
-        self, tokens: Tensor, targets: Tensor, states: list[MemoryState | None] | None = None,
-        chunk_tokens: int = 2048, weights: Tensor | None = None,
-    ) -> tuple[Tensor, list[MemoryState | None]]:
-        """Mean next-token cross-entropy without materialising all (B·T, vocab) logits at once; with
-        `weights` (B, T), the weighted mean `Σ w·ce / Σ w` (e.g. synthetic tasks trained on answers only).
 
-        The head and the loss run over `chunk_tokens` tokens at a time and are recomputed in backward,
-        so a 32K-vocabulary head costs O(chunk · vocab) memory instead of O(B · T · vocab).
-        """
-        features, states = self.hidden_states(tokens, states)
-        features, targets = features.flatten(0, 1), targets.flatten()
-        pieces = [features.split(chunk_tokens), targets.split(chunk_tokens)]
-        if weights is not None:
-            weights = weights.flatten().float()
-            pieces.append(weights.split(chunk_tokens))
-        total = features.new_zeros((), dtype=torch.float32)
-        for piece in zip(*pieces, strict=True):
-            if torch.is_grad_enabled():
-                total = total + checkpoint(self._cross_entropy_sum, *piece, use_reentrant=False)
-            else:
-                total = total + self._cross_entropy_sum(*piece)
-        return total / (targets.numel() if weights is None else weights.sum()), states
-
-    def _cross_entropy_sum(self, features: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
-        logits = self.head(features).float()
-        if weights is None:
-            return F.cross_entropy(logits, targets, reduction="sum")
-        return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+def init_parameter(name: str, param: Tensor, std: float, generator: torch.Generator | None) -> None:
+    """The initial value of a parameter outside the neural memories, by its name."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("persistent_k", "persistent_v"):
+        param.normal_(0.0, 0.02, generator=generator)
+    elif leaf == "memory_probes":  # MAC's probe keys (normalised before use)
+        param.normal_(0.0, 1.0, generator=generator)
+    elif param.dim() == 1:  # norm gains
+        param.fill_(1.0)
+    else:  # linear and embedding matrices
+        param.normal_(0.0, std, generator=generator)
 
 
 def count_parameters(model: nn.Module, include_embedding: bool = True) -> int:
     """Unique trainable parameters (a tied head counts once)."""
     seen = {id(p): p for p in model.parameters() if p.requires_grad}
     total = sum(p.numel() for p in seen.values())
-    if not include_embedding and isinstance(model, TitansLM):
+    if not include_embedding and isinstance(model, TitansLM) and model.embed is not None:
         total -= model.embed.weight.numel()
     return total
 

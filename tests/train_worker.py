@@ -1,4 +1,6 @@
-"""One rank of a multi-process training test (tests/test_zero.py): `python tests/zero_worker.py spec.json`.
+"""One rank of a multi-process training test (tests/test_zero.py, tests/test_parallel.py).
+
+    python tests/train_worker.py spec.json
 
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT come from the environment. The spec lists jobs
 (run config overrides, optional NaN injection); each runs `pretrain.train.train` on an in-memory loader
@@ -66,7 +68,7 @@ class GlobalBatches:
         self.consumed = state["batches"]
 
 
-def in_memory_loaders(cfg, dp_rank: int, dp_size: int, barrier=None):
+def in_memory_loaders(cfg, dp_rank: int, dp_size: int, barrier=None, is_main=None):
     """Drop-in for pretrain.data.build_loaders: global batch = data.batch_size × dp_size."""
     tokens = corpus_tokens()
     global_batch = cfg.data.batch_size * dp_size
@@ -96,6 +98,7 @@ def patch_for_tests() -> None:
     """In-memory data, and ZeRO-3 partitioning every parameter (DeepSpeed keeps parameters below 1e5
     elements whole by default: all of this tiny model's); records what the ZeRO engine left locally."""
     import parallel.zero as zero
+    import pretrain.engine as engine_module
     import pretrain.train as train_module
 
     train_module.build_loaders = in_memory_loaders
@@ -106,14 +109,15 @@ def patch_for_tests() -> None:
             super().__init__(model, *args, **kwargs)
             LOCAL_PARAMETER_ELEMENTS[:] = [sum(p.numel() for p in model.parameters())]
 
-    train_module.ZeroEngine = TestEngine
+    engine_module.ZeroEngine = TestEngine
 
 
 def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
+    import pretrain.engine as engine_module
     import pretrain.train as train_module
     from pretrain.config import load_config
 
-    real_loss_on = train_module.loss_on
+    real_loss_on = engine_module.loss_on
     calls = {"n": 0}
     nan_at = set(job.get("nan_calls", [])) if dist.rank == job.get("nan_rank", -1) else set()
 
@@ -122,15 +126,15 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
         loss = real_loss_on(model, batch, autocast)
         return loss * math.nan if calls["n"] in nan_at else loss
 
-    train_module.loss_on = loss_on
+    engine_module.loss_on = loss_on
     try:
-        result = train_module.train(load_config(None, job["overrides"]), dist)
+        result = train_module.train(load_config(None, job["overrides"]))
     except Exception as err:
         if not job.get("expect_error"):
             raise
         return {"error": f"{type(err).__name__}: {err}"}
     finally:
-        train_module.loss_on = real_loss_on
+        engine_module.loss_on = real_loss_on
     return {"losses": result.losses, "val_losses": {str(k): v for k, v in result.val_losses.items()},
             "local_parameter_elements": LOCAL_PARAMETER_ELEMENTS[0] if LOCAL_PARAMETER_ELEMENTS else None,
             "skipped_steps": result.skipped_steps, "last_step": result.last_step,
@@ -139,10 +143,10 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    from pretrain.distributed import init_distributed
+    from parallel.mesh import init_mesh
 
     patch_for_tests()
-    dist = init_distributed()
+    dist = init_mesh()
     results = {}
     for job in spec["jobs"]:
         try:

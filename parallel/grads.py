@@ -1,0 +1,59 @@
+"""Gradient norm and clipping over a model split across ranks.
+
+Each parameter is counted once over the model replica: a tensor-parallel shard by every tp rank (the
+shards are disjoint), a replicated parameter by tp rank 0 only, the last stage's copy of a tied
+embedding not at all (the first stage counts it); the squares are summed over the model-parallel group
+(tp × pp). Data-parallel replicas hold the same averaged gradients after DDP, so they agree without
+talking. On one process this is `torch.nn.utils.clip_grad_norm_`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from parallel.mesh import Mesh
+
+
+def average_gradients(params: Iterable[Tensor], mesh: Mesh) -> None:
+    """Average the gradients over the data-parallel group, in one flat all-reduce per dtype (what DDP
+    does per bucket, after the whole backward instead of overlapped with it)."""
+    if mesh.layout.dp == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = _flatten_dense_tensors(same)
+        torch_dist.all_reduce(flat, group=mesh.dp_group)
+        flat /= mesh.layout.dp
+        for g, reduced in zip(same, _unflatten_dense_tensors(flat, same), strict=True):
+            g.copy_(reduced)
+
+
+def counted_here(param: Tensor, mesh: Mesh) -> bool:
+    if getattr(param, "tied_copy", False):
+        return False
+    return getattr(param, "tensor_model_parallel", False) or mesh.tp_rank == 0
+
+
+def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, mesh: Mesh) -> float:
+    """Scale the gradients so that their global norm is at most `max_norm`; returns the norm before."""
+    params = [p for p in params if p.grad is not None]
+    if not mesh.layout.model_parallel:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    square = torch.zeros((), dtype=torch.float64, device=mesh.device)
+    for p in params:
+        if counted_here(p, mesh):
+            square += p.grad.detach().double().square().sum()
+    torch_dist.all_reduce(square, group=mesh.model_parallel_group)
+    norm = math.sqrt(square.item())
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:  # as clip_grad_norm_: a non-finite norm leaves the gradients for the caller to skip
+        for p in params:
+            p.grad.mul_(scale)
+    return norm

@@ -1,0 +1,141 @@
+"""Checkpoints of a model split over tp and pp ranks: each rank writes its own shard, rank 0 the layout.
+
+Inside a checkpoint directory (pretrain/checkpoint.py makes it atomic and adds manifest.json with the
+sha256 of every file):
+    shards/model-tp{t}-pp{p}.pt        parameters of tp rank t, pipeline rank p (written by dp rank 0)
+    shards/optim-tp{t}-pp{p}.pt        AdamW state for those parameters (dp rank 0), or with ZeRO-1
+    shards/optim-tp{t}-pp{p}-dp{d}.pt  each dp rank's partition of it
+
+The layout record (in state.pt and manifest.json) says, per parameter, its full shape, the dimension
+split over tp (and how many interleaved blocks that dimension holds, e.g. 3 for [θ ‖ η ‖ α]), and the
+pipeline stage that holds it: enough to consolidate or reshard from the manifest alone (the conversion
+tool). Resume needs the layout the checkpoint was written with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from parallel.mesh import Mesh
+from parallel.model import n_stages
+
+SHARDS_DIR = "shards"
+
+
+def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def shard_files(mesh: Mesh, zero: bool) -> tuple[str, str]:
+    """This rank's model and optimizer file names."""
+    tp, pp = mesh.tp_rank, mesh.pp_rank
+    optim = f"optim-tp{tp}-pp{pp}-dp{mesh.dp_rank}.pt" if zero else f"optim-tp{tp}-pp{pp}.pt"
+    return f"model-tp{tp}-pp{pp}.pt", optim
+
+
+def parameter_layout(models: list[nn.Module]) -> dict[str, dict[str, Any]]:
+    """Per parameter of this rank: full shape, tp split dim (None: replicated) and parts, pipeline stage."""
+    out = {}
+    for model in models:
+        for name, p in model.named_parameters():
+            split = getattr(p, "tensor_model_parallel", False)
+            out[name] = {"shape": list(getattr(p, "full_shape", p.shape)),
+                         "tp_dim": p.partition_dim if split else None,
+                         "tp_parts": getattr(p, "tp_parts", 1) if split else 1,
+                         "pp_stage": getattr(model, "pipeline_stage", 0)}
+    return out
+
+
+def _save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_shards(directory: Path, models: list[nn.Module], optimizer: torch.optim.Optimizer, mesh: Mesh,
+                cfg) -> dict[str, Any]:
+    """Collective: every rank writes its shard files under directory/shards; returns the layout record."""
+    zero = _is_zero(optimizer)
+    model_file, optim_file = shard_files(mesh, zero)
+    folder = directory / SHARDS_DIR
+    if mesh.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    mesh.barrier()
+    if mesh.dp_rank == 0:
+        state = {}
+        for model in models:
+            state.update(model.state_dict())
+        _save(state, folder / model_file)
+    if zero:
+        _save(optimizer.optim.state_dict(), folder / optim_file)
+    elif mesh.dp_rank == 0:
+        _save(optimizer.state_dict(), folder / optim_file)
+    parameters: dict[str, Any] = {}
+    for part in mesh.gather_objects(parameter_layout(models) if mesh.dp_rank == 0 else {}):
+        parameters.update(part)
+    return {"layout": asdict(mesh.layout), "zero_stage": cfg.parallel.zero_stage,
+            "pp_stages": n_stages(cfg.parallel),
+            "vocab_size": cfg.model.vocab_size, "tie_embeddings": cfg.model.tie_embeddings,
+            "parameters": parameters}
+
+
+def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module],
+                optimizer: torch.optim.Optimizer, mesh: Mesh) -> None:
+    """Every rank reads its own shard files; the layout must be the one the checkpoint was written with."""
+    saved = record["layout"]
+    if saved != asdict(mesh.layout):
+        written = " ".join(f"{k}={v}" for k, v in saved.items())
+        raise RuntimeError(f"checkpoint {directory} was written with the layout {written}, this run has "
+                           f"{mesh.layout}: resume with the same parallel.tp / parallel.pp and number of "
+                           "processes (converting between layouts is not built yet)")
+    zero = _is_zero(optimizer)
+    model_file, optim_file = shard_files(mesh, zero)
+    folder = directory / SHARDS_DIR
+    for path in (folder / model_file, folder / optim_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"rank {mesh.rank}: checkpoint shard {path} is missing (the checkpoint "
+                                    f"was written with parallel.zero_stage={record['zero_stage']})")
+    state = torch.load(folder / model_file, map_location=mesh.device, weights_only=True)
+    for model in models:
+        own = model.state_dict()
+        model.load_state_dict({k: state[k] for k in own})
+    optim_state = torch.load(folder / optim_file, map_location=mesh.device, weights_only=False)
+    (optimizer.optim if zero else optimizer).load_state_dict(optim_state)
+
+
+def merge_tp(pieces: list[torch.Tensor], dim: int, parts: int) -> torch.Tensor:
+    """Undo `parallel.tensor.shard_tensor`: the tp ranks' slices → the full tensor."""
+    blocks = [torch.cat([p.chunk(parts, dim)[i] for p in pieces], dim) for i in range(parts)]
+    return torch.cat(blocks, dim)
+
+
+def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The dense model's state dict from a sharded checkpoint, read through its layout record alone
+    (the vocabulary padding removed). Runs in one process."""
+    from pretrain.checkpoint import load_checkpoint
+
+    directory = Path(directory)
+    record = load_checkpoint(directory)["shards"]
+    tp, pp = record["layout"]["tp"], record["layout"]["pp"]
+    shards = {(t, p): torch.load(directory / SHARDS_DIR / f"model-tp{t}-pp{p}.pt", map_location="cpu",
+                                 weights_only=True)
+              for t in range(tp) for p in range(pp)}
+    out = {}
+    for name, info in record["parameters"].items():
+        rank_pp = info["pp_stage"] % pp
+        if info["tp_dim"] is None:
+            full = shards[(0, rank_pp)][name]
+        else:
+            full = merge_tp([shards[(t, rank_pp)][name] for t in range(tp)], info["tp_dim"], info["tp_parts"])
+        if name in ("embed.weight", "head.weight"):
+            full = full[: record["vocab_size"]]
+        out[name] = full
+    if record["tie_embeddings"]:  # one matrix, under both names, as the dense model's state dict has it
+        out["head.weight"] = out["embed.weight"]
+    return out

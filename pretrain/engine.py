@@ -1,0 +1,219 @@
+"""The training step under any layout: the one object the loop talks to.
+
+    engine = build_engine(cfg, mesh)           # model pieces → parallelize → optimizer, wrapped
+    for micro-batch i of k:  loss = engine.forward_backward(batch, scale=1 / k, last=i == k - 1)
+    grad_norm = engine.step(cfg.train.grad_clip, apply=loss_is_finite)
+    engine.eval_loss(batch); engine.save(staging_dir) / engine.load(checkpoint_dir)
+
+Three engines, picked by the layout alone:
+- `ReplicaEngine` (pp = 1): the model (whole, or split over tp) with its loss, DDP over the dp group;
+  ZeRO-1 with tp > 1 shards AdamW's state over the dp group (torch's ZeroRedundancyOptimizer).
+- `PipelineEngine` (pp > 1): this rank's stages under a pipeline schedule (parallel/pipeline.py), DDP
+  and ZeRO-1 as above.
+- `DeepSpeedEngine` (tp = pp = 1, ZeRO 1–3): DeepSpeed's engine over all ranks (parallel/zero.py).
+
+Why ZeRO-1 with tp / pp is torch's and not DeepSpeed's: DeepSpeed's ZeRO optimizer reduces and
+partitions the gradients inside its own `engine.backward`, while a pipeline schedule runs the backward
+itself, micro-batch by micro-batch; DeepSpeed's own pipeline engine has no interleaved schedule.
+ZeroRedundancyOptimizer only shards the optimizer step (DDP has already averaged the gradients), so it
+composes with any schedule; it is ZeRO stage 1 exactly. ZeRO-2/3 need DeepSpeed and run pure dp only.
+
+Losses: only the last pipeline stage knows the loss; `forward_backward` returns None elsewhere and the
+loop averages over replicas with `Mesh.replica_mean`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from parallel.grads import average_gradients, clip_grad_norm_
+from parallel.mesh import Mesh
+from parallel.model import build_local_model, n_stages
+from parallel.pipeline import Pipeline, sync_tied_gradients
+from parallel.tensor import TensorShard, vocab_parallel_loss
+from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
+from parallel.zero import ZeroEngine
+from pretrain.checkpoint_shards import load_shards, save_shards
+from pretrain.config import RunConfig
+from pretrain.data import Batch
+from pretrain.loss import CausalLMLoss, token_cross_entropy
+from titans.memory import NeuralMemory
+from titans.model import TitansLM
+
+
+def make_optimizer(models: list[nn.Module], cfg: RunConfig, mesh: Mesh) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (norm gains, biases) and the learned initial memory do not. With
+    ZeRO-1 under tp / pp, its state is sharded over the data-parallel group."""
+    decay, no_decay = [], []
+    for model in models:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 and "init_weights" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.parallel.zero_stage == 1 and mesh.layout.model_parallel and mesh.layout.dp > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, process_group=mesh.dp_group,
+                                       lr=cfg.train.lr, betas=cfg.train.betas)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
+
+
+def loss_on(module: nn.Module, batch: Batch, autocast: torch.autocast) -> Tensor:
+    """Mean (or weighted mean) next-token loss of a CausalLMLoss module (or a wrapper around one)."""
+    tokens, weights = batch
+    with autocast:
+        return module(tokens[:, :-1], tokens[:, 1:], weights)
+
+
+class Engine:
+    """What every engine shares: this rank's model pieces, the optimizer, the mesh."""
+
+    def __init__(self, models: list[TitansLM], optimizer: torch.optim.Optimizer, mesh: Mesh,
+                 cfg: RunConfig, autocast: torch.autocast) -> None:
+        self.models, self.optimizer, self.mesh = models, optimizer, mesh
+        self.cfg, self.autocast = cfg, autocast
+
+    def memories(self) -> list[tuple[int, NeuralMemory]]:
+        """(layer index, memory) for every neural memory this rank holds (for diagnostics)."""
+        return [(int(i), m) for model in self.models for i, block in model.blocks.items()
+                for m in block.modules() if isinstance(m, NeuralMemory)]
+
+    def parameters(self) -> list[Tensor]:
+        return [p for model in self.models for p in model.parameters()]
+
+    def step(self, grad_clip: float, apply: bool) -> float:
+        """Clip, then apply the optimizer step if `apply` and the gradient norm is finite; returns the
+        norm before clipping."""
+        norm = clip_grad_norm_(self.parameters(), grad_clip, self.mesh)
+        if apply and math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def train(self, mode: bool = True) -> None:
+        for model in self.models:
+            model.train(mode)
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Collective. Writes this rank's part of the checkpoint into `directory`; returns what rank 0 puts
+        into state.pt for the model and optimizer."""
+        if not self.mesh.layout.model_parallel and not isinstance(self.optimizer, _zero_optimizer_type()):
+            return {"model": self.models[0].state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"shards": save_shards(directory, self.models, self.optimizer, self.mesh, self.cfg)}
+
+    def load(self, directory: Path, state: dict[str, Any]) -> None:
+        if "shards" in state:
+            load_shards(directory, state["shards"], self.models, self.optimizer, self.mesh)
+        elif "model" in state:
+            if self.mesh.layout.model_parallel:
+                raise RuntimeError(f"checkpoint {directory} holds a whole model, this run is split over "
+                                   f"{self.mesh.layout}: resume with the layout it was written with")
+            self.models[0].load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            raise RuntimeError(f"checkpoint {directory} was written by a DeepSpeed ZeRO run: resume it with "
+                               "the same parallel.zero_stage")
+
+
+def _zero_optimizer_type() -> type:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer
+
+
+class ReplicaEngine(Engine):
+    """pp = 1: the whole model on each rank (split over tp when tp > 1), DDP over the dp group."""
+
+    def __init__(self, models, optimizer, mesh, cfg, autocast) -> None:
+        super().__init__(models, optimizer, mesh, cfg, autocast)
+        self.loss_module = CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy)
+        self.wrapped = mesh.wrap(self.loss_module)
+
+    def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
+        with self.mesh.no_sync(self.wrapped, last):
+            loss = loss_on(self.wrapped, batch, self.autocast)
+            (loss * scale).backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> Tensor | None:
+        return loss_on(self.loss_module, batch, self.autocast)
+
+
+class PipelineEngine(Engine):
+    """pp > 1: this rank's stages under a pipeline schedule."""
+
+    def __init__(self, models, optimizer, mesh, cfg, autocast, stage_indices: list[int]) -> None:
+        super().__init__(models, optimizer, mesh, cfg, autocast)
+        p = cfg.parallel
+        self.pipe = Pipeline(models, stage_indices, n_stages(p), mesh, p.pp_schedule,
+                             p.pp_microbatches or 2 * p.pp, vocab_parallel_loss(models[-1]))
+
+    def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
+        tokens, weights = batch
+        with self.autocast:
+            return self.pipe.train_step(tokens[:, :-1], tokens[:, 1:], weights, scale)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> Tensor | None:
+        tokens, weights = batch
+        with self.autocast:
+            return self.pipe.eval_loss(tokens[:, :-1], tokens[:, 1:], weights)
+
+    def step(self, grad_clip: float, apply: bool) -> float:
+        average_gradients(self.parameters(), self.mesh)  # once per step, after every micro-batch
+        sync_tied_gradients(self.models, self.mesh)
+        return super().step(grad_clip, apply)
+
+
+class DeepSpeedEngine(Engine):
+    """Pure data parallelism with ZeRO 1–3 through DeepSpeed (parallel/zero.py)."""
+
+    def __init__(self, models, optimizer, mesh, cfg, autocast, precision: str) -> None:
+        super().__init__(models, optimizer, mesh, cfg, autocast)
+        self.zero = ZeroEngine(CausalLMLoss(models[0]), optimizer, stage=cfg.parallel.zero_stage,
+                                    micro_batch=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
+                                    grad_clip=cfg.train.grad_clip, precision=precision, device=mesh.device,
+                                    local_rank=mesh.local_rank)
+
+    def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
+        loss = loss_on(self.zero.engine, batch, self.autocast)
+        self.zero.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> Tensor | None:
+        return loss_on(self.zero.engine, batch, self.autocast)
+
+    def step(self, grad_clip: float, apply: bool) -> float:
+        return self.zero.step()  # DeepSpeed clips, and skips a non-finite step on every rank
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        self.zero.save(directory / ZERO_CHECKPOINT_DIR)
+        return {"zero": {"stage": self.cfg.parallel.zero_stage, "dir": ZERO_CHECKPOINT_DIR,
+                         "world_size": self.mesh.world_size}}
+
+    def load(self, directory: Path, state: dict[str, Any]) -> None:
+        self.zero.load(directory / ZERO_CHECKPOINT_DIR)
+
+
+def build_engine(cfg: RunConfig, mesh: Mesh, precision: str) -> Engine:
+    """Model pieces for this rank → tensor / pipeline split → optimizer → the engine for the layout."""
+    p = cfg.parallel
+    shard = TensorShard(mesh.tp_group, mesh.tp_rank, p.tp)
+    models, stage_indices = build_local_model(cfg.model, p, mesh.pp_rank, shard, mesh.device, cfg.train.seed)
+    for model in models:
+        model.checkpoint_blocks = cfg.train.activation_checkpointing
+    optimizer = make_optimizer(models, cfg, mesh)
+    autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if p.pp > 1:
+        return PipelineEngine(models, optimizer, mesh, cfg, autocast, stage_indices)
+    if p.zero_stage > 0 and not mesh.layout.model_parallel:
+        return DeepSpeedEngine(models, optimizer, mesh, cfg, autocast, precision)
+    return ReplicaEngine(models, optimizer, mesh, cfg, autocast)
