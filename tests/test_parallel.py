@@ -4,21 +4,25 @@ the sharded checkpoint through its layout record, equal within 1e-5 (fp32).
 
 One launch per world size runs all its jobs (tests/train_worker.py); each has a hard deadline and fails
 with every rank's log. CI runs MAC in every layout and the other variants in the 4-process layouts that
-combine tp and pp; the rest is marked slow (RUN_SLOW=1).
+combine tp and pp; the rest, and the 8-process tp=2 × pp=2 × dp=2 run, only with RUN_SLOW=1.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from launcher import launch
+from launcher import ROOT, free_port, launch
 from train_worker import base_overrides, in_memory_loaders
 
 import pretrain.train as train_module
+from parallel.mesh import Layout
 from pretrain.checkpoint import load_checkpoint, verify_checkpoint
 from pretrain.checkpoint_shards import consolidate
 from pretrain.config import load_config
@@ -34,11 +38,16 @@ SLOW = os.environ.get("RUN_SLOW") == "1"
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2", "parallel.pp_microbatches=2"]),
+    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_microbatches=2", "parallel.pp_schedule=interleaved"]),
+    "pp2_gpipe": (2, ["parallel.pp=2", "parallel.pp_microbatches=4", "parallel.pp_schedule=gpipe"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
     "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     "pp2_dp2_zero1": (4, ["parallel.pp=2", "parallel.pp_microbatches=2", "parallel.zero_stage=1"]),
+    "tp2_pp2_dp2_zero1": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
+                              "parallel.zero_stage=1"]),
 }
-CI_CASES = {(v, "tp2_pp2") for v in VARIANTS} | {("mac", layout) for layout in LAYOUTS}
+CI_CASES = {(v, "tp2_pp2") for v in VARIANTS} | {("mac", layout) for layout in LAYOUTS
+                                                   if LAYOUTS[layout][0] <= 4}
 CASES = [(v, layout) for v in VARIANTS for layout in LAYOUTS if SLOW or (v, layout) in CI_CASES]
 
 
@@ -50,7 +59,8 @@ def model_overrides(variant: str) -> list[str]:
 
 def job(name: str, out: Path, variant: str, layout: str, *extra: str, steps: int = STEPS) -> dict:
     world, layout_overrides = LAYOUTS[layout]
-    dp = world // (2 if "tp2" in layout else 1) // (2 if "pp2" in layout else 1)
+    tp = 2 if "parallel.tp=2" in layout_overrides else 1
+    dp = world // tp // (2 if "parallel.pp=2" in layout_overrides else 1)
     ov = base_overrides(out, GLOBAL_BATCH // dp, steps) + model_overrides(variant) + layout_overrides
     return {"name": name, "overrides": ov + list(extra)}
 
@@ -58,7 +68,7 @@ def job(name: str, out: Path, variant: str, layout: str, *extra: str, steps: int
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     results = {}
-    for world in (2, 4):
+    for world in sorted({LAYOUTS[layout][0] for _, layout in CASES}):
         tmp = tmp_path_factory.mktemp(f"world{world}")
         jobs = [job(f"{v}_{layout}", tmp / f"{v}_{layout}", v, layout) for v, layout in CASES
                 if LAYOUTS[layout][0] == world]
@@ -125,3 +135,94 @@ def test_resume_under_tp_and_pp_continues_bitwise(runs):
 def test_resume_with_another_layout_is_refused(runs):
     message = runs["wrong_layout"]["error"]
     assert "was written with the layout tp=2 pp=1 sp=1 dp=2, this run has tp=2 pp=2 sp=1 dp=1" in message
+
+
+# ------------------------------------------------------------------------------- bad layouts, one line
+
+
+@pytest.mark.parametrize("override, message", [
+    (["model.n_heads=3", "model.dim=48", "parallel.tp=2"],
+     "model.n_heads=3 is not divisible by parallel.tp=2: change model.n_heads or parallel.tp"),
+    (["model.n_heads=4", "model.memory_heads=3", "parallel.tp=2"], "model.memory_heads=3 is not divisible"),
+    (["model.n_layers=3", "model.layers=mac", "parallel.pp=2"],
+     "model.n_layers=3 does not split into 2 pipeline stages"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved", "model.n_layers=2"],
+     "does not split into 4 pipeline stages (parallel.pp=2 × pp_stages_per_rank=2)"),
+    (["parallel.pp=2", "parallel.zero_stage=2"], "ZeRO-2/3 run with pure data parallelism only"),
+    (["parallel.tp=2", "parallel.zero_stage=3"], "ZeRO-2/3 run with pure data parallelism only"),
+    (["parallel.pp=2", "data.batch_size=6"],
+     "data.batch_size=6 is not divisible by parallel.pp_microbatches=4"),
+    (["parallel.pp_schedule=zigzag"], "parallel.pp_schedule must be one of 1f1b, interleaved, gpipe"),
+    (["parallel.sp=2"], "sequence parallelism is not built yet"),
+    (["train.zero_stage=1"], "train.zero_stage has moved: write parallel.zero_stage instead"),
+])
+def test_bad_layout_is_refused_before_any_work(override, message):
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_world_size_that_is_not_the_product_fails_in_one_line(tmp_path):
+    from parallel.mesh import LayoutError
+
+    with pytest.raises(LayoutError, match=r"world size 6 is not a multiple of tp·pp·sp = 4·1·1 = 4"):
+        Layout.of(6, tp=4)
+    assert Layout.of(8, tp=2, pp=2) == Layout(tp=2, pp=2, sp=1, dp=2)
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", "configs/tiny.yaml",
+                           "parallel.tp=2", f"train.out_dir={tmp_path}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "layout error: world size 3 is not a multiple of tp·pp·sp = 2·1·1 = 2: launch a multiple of 2 "
+        "processes or change parallel.tp / parallel.pp"]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_rank_coordinates_follow_megatron_order():
+    layout = Layout.of(8, tp=2, pp=2)
+    assert [layout.coordinates(r) for r in (0, 1, 2, 5, 7)] == [
+        {"tp": 0, "sp": 0, "dp": 0, "pp": 0}, {"tp": 1, "sp": 0, "dp": 0, "pp": 0},
+        {"tp": 0, "sp": 0, "dp": 1, "pp": 0}, {"tp": 1, "sp": 0, "dp": 0, "pp": 1},
+        {"tp": 1, "sp": 0, "dp": 1, "pp": 1}]
+    assert all(layout.rank_of(**layout.coordinates(r)) == r for r in range(8))
+
+
+# ----------------------------------------------------------------- the README command, under torchrun
+
+
+STEP_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_tp2_pp2_prints_the_single_process_losses(tmp_path):
+    """`torchrun --nproc-per-node 4 -m pretrain.train --config configs/tiny.yaml parallel.tp=2
+    parallel.pp=2` (dp = 1: the same data as one process) prints the losses of the 1-process run."""
+    from data_pipeline.corpus import expand_inputs
+    from data_pipeline.prepare import prepare
+
+    data = tmp_path / "data"
+    files = expand_inputs([str(ROOT / "titans")], ("*.py",))
+    prepare(files, data, "bytes", sample_tokens=65, shard_samples=64, val_fraction=0.2, progress=False)
+    common = ["--config", "configs/tiny.yaml", f"data.train={data}", "data.default_corpus=false",
+              "data.seq_len=64", "train.steps=4", "train.eval_every=2", "train.eval_batches=2",
+              "train.warmup_steps=1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    runs = {}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
+                str(free_port())]
+    for name, launcher in (("single", [sys.executable, "-m", "pretrain.train"]),
+                           ("tp2_pp2", torchrun + ["-m", "pretrain.train"])):
+        extra = ["parallel.tp=2", "parallel.pp=2"] if name != "single" else []
+        done = subprocess.run(launcher + common + extra + [f"train.out_dir={tmp_path / name}"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[name] = [tuple(map(float, m.groups())) for m in STEP_LINE.finditer(done.stdout + done.stderr)]
+        if name != "single":
+            assert "rank 3/4: tp 1/2, pp 1/2, sp 0/1, dp 0/1" in done.stdout
+    assert [r[0] for r in runs["single"]] == [2.0, 4.0]
+    for a, b in zip(runs["single"], runs["tp2_pp2"], strict=True):
+        assert a == pytest.approx(b, abs=2e-4), (runs["single"], runs["tp2_pp2"])
