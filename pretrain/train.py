@@ -52,6 +52,7 @@ class TrainResult:
     last_step: int = 0
     checkpoint: Path | None = None
     stopped_by_signal: bool = False
+    parameters_per_rank: list[int] = field(default_factory=list)  # in rank order (a shard, a stage)
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -127,11 +128,13 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     precision = ("bf16" if mesh.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
     engine = build_engine(cfg, mesh, precision)
     n_params = num_parameters(cfg.model)
+    local = {id(t): t.numel() for t in engine.parameters()}  # a tied matrix once
+    result = TrainResult(parameters_per_rank=mesh.gather_objects(sum(local.values())))
     # the engine may wrap the optimizer; our scheduler keeps setting the lr of its groups
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda s: lr_at(s, cfg) / t.lr)
     train_loader, val_batches = build_loaders(cfg, mesh.dp_rank, mesh.layout.dp, mesh.barrier, mesh.is_main)
 
-    result, step = TrainResult(), 0
+    step = 0
     ckpt = latest_checkpoint(out) if t.resume else None
     if ckpt is not None:
         problem = None

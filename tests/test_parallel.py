@@ -38,7 +38,8 @@ SLOW = os.environ.get("RUN_SLOW") == "1"
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2", "parallel.pp_microbatches=2"]),
-    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_microbatches=2", "parallel.pp_schedule=interleaved"]),
+    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_microbatches=2",
+                            "parallel.pp_schedule=interleaved"]),
     "pp2_gpipe": (2, ["parallel.pp=2", "parallel.pp_microbatches=4", "parallel.pp_schedule=gpipe"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
     "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
@@ -226,3 +227,41 @@ def test_torchrun_tp2_pp2_prints_the_single_process_losses(tmp_path):
     assert [r[0] for r in runs["single"]] == [2.0, 4.0]
     for a, b in zip(runs["single"], runs["tp2_pp2"], strict=True):
         assert a == pytest.approx(b, abs=2e-4), (runs["single"], runs["tp2_pp2"])
+
+
+# ------------------------------------------------------------------------------------------- planner
+
+
+def test_planner_counts_equal_the_real_shards(runs, tmp_path):
+    from parallel.plan import local_parameter_counts
+
+    cfg = load_config(None, job("plan", tmp_path, "mac", "tp2_pp2")["overrides"])
+    planned = [r.parameters for r in local_parameter_counts(cfg)]  # rank order: tp fastest, then pp
+    assert planned == runs["mac_tp2_pp2"]["parameters_per_rank"]
+    assert len(set(planned)) > 1  # the stages differ (embedding vs head + norm)
+
+
+@pytest.mark.parametrize("config, extra", [("mac-1.3b", ["parallel.pp_microbatches=4"]), ("mac-7b", [])])
+def test_billion_parameter_configs_build_on_meta_under_tp2_pp4(config, extra):
+    from parallel.plan import local_parameter_counts
+    from titans.model import num_parameters
+
+    cfg = load_config(ROOT / "configs" / "paper" / f"{config}.yaml",
+                      ["parallel.tp=2", "parallel.pp=4", "parallel.zero_stage=1", *extra])
+    ranks = local_parameter_counts(cfg)
+    assert [(r.tp_rank, r.pp_rank) for r in ranks] == [(t, p) for p in range(4) for t in range(2)]
+    total = num_parameters(cfg.model)
+    held = sum(r.parameters for r in ranks)  # shards once, replicated norms per tp rank, tied copy twice
+    assert total <= held <= 1.1 * total, (held, total)
+    assert sum(r.layers for r in ranks) == 2 * cfg.model.n_layers
+
+
+def test_planner_cli_prints_a_table_and_a_verdict():
+    done = subprocess.run([sys.executable, "-m", "parallel.plan", "--config", "configs/paper/mac-7b.yaml",
+                           "--gpus", "64", "parallel.tp=2", "parallel.pp=4"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if re.match(r"\| \d \| \d \|", line)]
+    assert len(rows) == 8, done.stdout
+    assert "layout tp=2 pp=4 sp=1 dp=8 on 64 × h100-80gb" in done.stdout
+    assert re.search(r"verdict: (GO|NO-GO)", done.stdout)

@@ -138,6 +138,7 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
     return {"losses": result.losses, "val_losses": {str(k): v for k, v in result.val_losses.items()},
             "local_parameter_elements": LOCAL_PARAMETER_ELEMENTS[0] if LOCAL_PARAMETER_ELEMENTS else None,
             "skipped_steps": result.skipped_steps, "last_step": result.last_step,
+            "parameters_per_rank": result.parameters_per_rank,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None}
 
 

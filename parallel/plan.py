@@ -1,0 +1,209 @@
+"""Plan a layout before renting the GPUs: per-rank parameters, memory and a go / no-go, step time.
+
+    python -m parallel.plan --config configs/paper/mac-1.3b.yaml --gpus 64 parallel.tp=2 parallel.pp=4
+
+Every (tp, pp) rank's shard is built on the meta device by the training job's own code
+(`parallel.model.build_local_model`), so the parameter counts are those of the real sharded modules;
+data-parallel ranks hold the same shard and differ only by their ZeRO partition. Per rank it prints:
+
+- parameters, and bytes of parameters / gradients / AdamW states (fp32 each: the training keeps fp32
+  weights under bf16 autocast), divided over dp as the ZeRO stage shards them;
+- activations of one micro-batch (an estimate, below) times the micro-batches a 1F1B stage keeps in
+  flight, without and with activation checkpointing (`train.activation_checkpointing`), with the
+  memory's recompute (`model.recompute_memory`) as configured;
+- the total against the GPU's memory (less a reserve for the CUDA context, the allocator and buffers):
+  go / no-go; and the step time and tokens/s at an assumed MFU.
+
+The activation estimate per layer and sequence of T tokens, width h, bf16 (2 bytes):
+- attention + FFN: Megatron's (10 + 24/tp)·T·h bytes (flash attention: no T² score matrix);
+- a memory branch: its projections, conv and gates, ≈ 18·T·h/tp bytes, the scan's fp32 inputs
+  12·T·h/tp, and the scan's saved state: with recompute, one (weights, momentum) state per chunk and
+  local head, fp32; without, about three times that plus the per-token MLP activations;
+- activation checkpointing keeps each block's input (2·T·h) and recomputes one block at a time.
+It is an estimate to decide go / no-go with a margin, not an allocator trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch.distributed as torch_dist
+
+from parallel.model import build_local_model, n_stages
+from parallel.tensor import TensorShard
+from pretrain.config import ConfigError, RunConfig, load_config
+from titans.flops import training_flops_per_token
+from titans.model import TitansConfig
+
+GPUS = {  # name: (memory in GiB, dense bf16 peak FLOP/s)
+    "h100-80gb": (80, 989e12),
+    "h200-141gb": (141, 989e12),
+    "a100-80gb": (80, 312e12),
+    "a100-40gb": (40, 312e12),
+}
+RESERVE = 0.10  # of the GPU's memory: CUDA context, allocator fragmentation, communication buffers
+GIB = 1024**3
+
+
+class _PlanGroup:
+    """Stands in for a tensor-parallel group when shards are built on the meta device (no processes)."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def _ensure_single_process_group() -> bool:
+    """megatron-core reads a group's size only once torch.distributed is initialised; True if we did."""
+    if torch_dist.is_initialized():
+        return False
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+@dataclass
+class RankPlan:
+    tp_rank: int
+    pp_rank: int
+    stages: list[int]
+    parameters: int  # held on this rank (a tied embedding's second copy included)
+    memory_layers: int
+    layers: int
+    first_stage: bool
+    last_stage: bool
+
+
+def local_parameter_counts(cfg: RunConfig) -> list[RankPlan]:
+    """Build every (tp, pp) shard on the meta device and count what it holds."""
+    started = _ensure_single_process_group()
+    p = cfg.parallel
+    plans = []
+    for pp_rank in range(p.pp):
+        for tp_rank in range(p.tp):
+            shard = TensorShard(_PlanGroup(tp_rank, p.tp), tp_rank, p.tp)
+            models, stages = build_local_model(cfg.model, p, pp_rank, shard, device=None, seed=0)
+            params = {id(t): t.numel() for m in models for t in m.parameters()}
+            blocks = [b for m in models for b in m.blocks.values()]
+            plans.append(RankPlan(tp_rank, pp_rank, stages, sum(params.values()),
+                                  sum(b.has_memory for b in blocks), len(blocks),
+                                  any(m.embed is not None for m in models),
+                                  any(m.head is not None for m in models)))
+    if started:
+        torch_dist.destroy_process_group()
+    return plans
+
+
+def activation_bytes(model: TitansConfig, tp: int, tokens: int, layers: int, memory_layers: int,
+                     checkpointing: bool) -> float:
+    """Estimated activation bytes of one micro-batch of `tokens` tokens on a rank (see module docstring)."""
+    h = model.dim
+    attention_ffn = (10 + 24 / tp) * tokens * h
+    heads = model.memory_heads / tp
+    inner = [model.memory_hidden] * (model.memory_depth - 1)
+    sizes = [model.memory_head_dim, *inner, model.memory_head_dim]
+    state = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))  # one head's memory MLP
+    chunks = tokens / model.memory_chunk
+    scan_states = chunks * heads * 2 * state * 4
+    if not model.recompute_memory:
+        scan_states = 3 * scan_states + tokens * heads * model.memory_hidden * 4 * 4
+    memory = 18 * tokens * h / tp + 12 * tokens * h / tp + scan_states
+    per_layer = attention_ffn + memory * memory_layers / max(layers, 1)
+    if checkpointing:
+        return layers * 2 * tokens * h + per_layer
+    return layers * per_layer
+
+
+def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], dict]:
+    """Per-rank rows and a summary for `gpus` GPUs of kind `gpu` at the assumed MFU."""
+    p, d = cfg.parallel, cfg.data
+    model_parallel = p.tp * p.pp * p.sp
+    if gpus % model_parallel:
+        raise ConfigError(f"--gpus {gpus} is not a multiple of tp·pp·sp = {model_parallel}")
+    dp = gpus // model_parallel
+    memory_gib, peak = GPUS[gpu]
+    micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
+    micro_tokens = d.batch_size // micro * d.seq_len
+    in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
+    rows = []
+    for rank in local_parameter_counts(cfg):
+        n = rank.parameters
+        params, grads, optim = 4 * n, 4 * n, 8 * n
+        if p.zero_stage >= 1:
+            optim /= dp
+        if p.zero_stage >= 2:
+            grads /= dp
+        if p.zero_stage >= 3:
+            params /= dp
+        acts = {ckpt: in_flight * activation_bytes(cfg.model, p.tp, micro_tokens, rank.layers,
+                                                   rank.memory_layers, ckpt) for ckpt in (False, True)}
+        chosen = acts[cfg.train.activation_checkpointing]
+        total = params + grads + optim + chosen
+        rows.append({"tp": rank.tp_rank, "pp": rank.pp_rank, "stages": rank.stages, "parameters": n,
+                     "params_gib": params / GIB, "grads_gib": grads / GIB, "optim_gib": optim / GIB,
+                     "acts_gib": acts[False] / GIB, "acts_ckpt_gib": acts[True] / GIB,
+                     "total_gib": total / GIB,
+                     "fits": total <= (1 - RESERVE) * memory_gib * GIB})
+    tokens_per_step = d.batch_size * d.seq_len * cfg.train.grad_accum * dp
+    flops = training_flops_per_token(cfg.model, d.seq_len) * tokens_per_step
+    step_s = flops / (gpus * peak * mfu)
+    summary = {"gpus": gpus, "gpu": gpu, "dp": dp, "tokens_per_step": tokens_per_step, "mfu": mfu,
+               "step_s": step_s, "tokens_per_s": tokens_per_step / step_s,
+               "go": all(r["fits"] for r in rows), "stages": n_stages(p)}
+    return rows, summary
+
+
+def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
+    p = cfg.parallel
+    ckpt = "on" if cfg.train.activation_checkpointing else "off"
+    recompute = "on" if cfg.model.recompute_memory else "off"
+    lines = [f"layout tp={p.tp} pp={p.pp} sp={p.sp} dp={summary['dp']} on {summary['gpus']} × "
+             f"{summary['gpu']}, ZeRO stage {p.zero_stage}, {summary['stages']} pipeline stage(s), "
+             f"activation checkpointing {ckpt}, memory recompute {recompute}",
+             "",
+             "| tp | pp | parameters | params GiB | grads GiB | optim GiB | acts GiB | acts GiB (ckpt) "
+             "| total GiB | fits |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in rows:
+        lines.append(f"| {r['tp']} | {r['pp']} | {r['parameters']:,} | {r['params_gib']:.2f} | "
+                     f"{r['grads_gib']:.2f} | {r['optim_gib']:.2f} | {r['acts_gib']:.2f} | "
+                     f"{r['acts_ckpt_gib']:.2f} | {r['total_gib']:.2f} | {'yes' if r['fits'] else 'NO'} |")
+    lines += ["", f"{summary['tokens_per_step']:,} tokens per step; at MFU {summary['mfu']:.0%}: "
+                  f"{summary['step_s']:.2f} s per step, {summary['tokens_per_s']:,.0f} tokens/s",
+              "verdict: " + ("GO" if summary["go"] else
+                             "NO-GO: raise parallel.tp / parallel.pp / parallel.zero_stage, turn on "
+                             "train.activation_checkpointing, or lower data.batch_size")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m parallel.plan",
+        description="Per-rank parameters, memory (go / no-go) and step time of a run config under a "
+                    "layout; shards are built on the meta device, nothing is allocated.")
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="number of GPUs (default: tp·pp·sp, i.e. dp=1)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100-80gb", help="GPU kind (memory, peak)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation (0.4)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 parallel.pp=4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        p = cfg.parallel
+        rows, summary = plan(cfg, args.gpus or p.tp * p.pp * p.sp, args.gpu, args.mfu)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(cfg, rows, summary))
+    return 0 if summary["go"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
