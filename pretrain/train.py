@@ -53,6 +53,7 @@ class TrainResult:
     checkpoint: Path | None = None
     stopped_by_signal: bool = False
     parameters_per_rank: list[int] = field(default_factory=list)  # in rank order (a shard, a stage)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step of this invocation
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -229,6 +230,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         step += 1
         result.last_step = step
         elapsed = time.perf_counter() - started
+        result.step_seconds.append(elapsed)
         bar.update(step, loss=loss_value)
         if logger and log_now and math.isfinite(loss_value):
             logger.scalars(step, {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
