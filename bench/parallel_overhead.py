@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         files = expand_inputs([str(ROOT / d) for d in ("titans", "pretrain", "parallel")], ("*.py",))
-        prepare(files, tmp / "data", "bytes", sample_tokens=257, shard_samples=64, val_fraction=0.1,
+        prepare(files, tmp / "data", "bytes", sample_tokens=257, shard_samples=64, val_fraction=0.2,
                 progress=False)
         common = [f"data.train={tmp / 'data'}", "data.default_corpus=false", f"model.layers={args.layers}",
                   "model.n_layers=4", f"train.steps={args.steps}", "train.warmup_steps=1",
