@@ -93,11 +93,9 @@ class Pipeline:
                  schedule: str, microbatches: int, cross_entropy: CrossEntropy | None = None) -> None:
         from torch.distributed import pipelining
 
-        self.mesh, self.models, self.microbatches = mesh, stages, microbatches
         self.cross_entropy = cross_entropy or token_cross_entropy
-        self.modules = [StageModule(m) for m in stages]
-        self.stages = [pipelining.PipelineStage(module, index, n_stages, mesh.device, group=mesh.pp_group)
-                       for module, index in zip(self.modules, stage_indices, strict=True)]
+        self.stages = [pipelining.PipelineStage(StageModule(m), i, n_stages, mesh.device, group=mesh.pp_group)
+                       for m, i in zip(stages, stage_indices, strict=True)]
         self.last = next((m for m, i in zip(stages, stage_indices) if i == n_stages - 1), None)
         self._denominator: Tensor | int = 1
         cls = getattr(pipelining, SCHEDULES[schedule])

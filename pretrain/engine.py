@@ -103,7 +103,7 @@ class Engine:
     def save(self, directory: Path) -> dict[str, Any]:
         """Collective. Writes this rank's part of the checkpoint into `directory`; returns what rank 0 puts
         into state.pt for the model and optimizer."""
-        if not self.mesh.layout.model_parallel and not isinstance(self.optimizer, _zero_optimizer_type()):
+        if not self.mesh.layout.model_parallel:  # one whole model (ZeRO under tp / pp only: see above)
             return {"model": self.models[0].state_dict(), "optimizer": self.optimizer.state_dict()}
         return {"shards": save_shards(directory, self.models, self.optimizer, self.mesh, self.cfg)}
 
@@ -119,12 +119,6 @@ class Engine:
         else:
             raise RuntimeError(f"checkpoint {directory} was written by a DeepSpeed ZeRO run: resume it with "
                                "the same parallel.zero_stage")
-
-
-def _zero_optimizer_type() -> type:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return ZeroRedundancyOptimizer
 
 
 class ReplicaEngine(Engine):

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from parallel.mesh import LayoutError, Mesh, init_mesh
+from parallel.tensor import padded_vocab
 from pretrain.checkpoint import (
     CorruptCheckpointError,
     begin_checkpoint,
@@ -170,10 +171,13 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     logger = MetricsLogger(out / "tensorboard") if mesh.is_main else None
     if logger:
         logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    vocab = padded_vocab(cfg.model.vocab_size, p.tp)
     mesh.print(f"model: {n_params:,} parameters, layers {','.join(cfg.model.layer_kinds)}; "
                f"{tokens_per_step:,} tokens per step; device {mesh.device}, layout {mesh.layout}"
                + (f", ZeRO stage {p.zero_stage}" if p.zero_stage else "")
-               + (f", {p.pp_schedule} schedule" if p.pp > 1 else ""))
+               + (f", {p.pp_schedule} schedule" if p.pp > 1 else "")
+               + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
+                  "logits are masked)" if vocab != cfg.model.vocab_size else ""))
     stop = StopSignal()
     bar = ProgressBar(t.steps, start=step, enabled=mesh.is_main)
     data_iter = iter(train_loader)
@@ -273,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.train",
         description="Train a Titans language model. Configuration comes from a YAML file with sections "
-                    "model (titans.model.TitansConfig), data and train (pretrain.config); any field can "
-                    "be overridden as section.key=value, e.g. train.steps=100 model.layers=mag.",
+                    "model (titans.model.TitansConfig), data, train and parallel (pretrain.config); any "
+                    "field can be overridden as section.key=value, e.g. train.steps=100 model.layers=mag "
+                    "parallel.tp=2. Launch several processes with torchrun or srun; the layout "
+                    "(parallel.tp, parallel.pp, parallel.zero_stage; dp is what remains) is checked first.",
     )
     parser.add_argument("--config", help="YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")

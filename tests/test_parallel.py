@@ -42,6 +42,8 @@ LAYOUTS = {
                             "parallel.pp_schedule=interleaved"]),
     "pp2_gpipe": (2, ["parallel.pp=2", "parallel.pp_microbatches=4", "parallel.pp_schedule=gpipe"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
+    "tp2_pp2_ckpt": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
+                         "train.activation_checkpointing=true"]),
     "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     "pp2_dp2_zero1": (4, ["parallel.pp=2", "parallel.pp_microbatches=2", "parallel.zero_stage=1"]),
     "tp2_pp2_dp2_zero1": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",

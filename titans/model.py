@@ -100,8 +100,8 @@ class TitansLM(nn.Module):
 
     Built to be transformed from outside (parallel/): blocks live in a name-keyed container, so a
     pipeline stage that keeps blocks "4".."7" keeps their parameter names; `embed`, `norm` and `head` may
-    be set to None (a stage without them passes hidden states through); construction allocates but does
-    not initialise, so a model builds on the meta device and `init_weights` runs where it lands.
+    be set to None (a stage without them passes hidden states through); built on the meta device it
+    allocates and initialises nothing, and `init_weights(seed)` initialises it where it lands.
     """
 
     def __init__(self, cfg: TitansConfig) -> None:
