@@ -180,6 +180,29 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def newest_good_checkpoint(out_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files all match its manifest, and one line per newer checkpoint that
+    was skipped (corrupt, truncated, or missing a file). None when there is no checkpoint at all;
+    CorruptCheckpointError when there are checkpoints but none is good."""
+    candidates = list_checkpoints(out_dir)[::-1]
+    latest = latest_checkpoint(out_dir)  # the pointer's target first, if it names a complete checkpoint
+    if latest is not None and latest in candidates:
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    skipped = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+        except CorruptCheckpointError as err:
+            skipped.append(str(err))
+            continue
+        return candidate, skipped
+    if skipped:
+        raise CorruptCheckpointError(f"no good checkpoint in {checkpoint_root(out_dir)}: "
+                                     + "; ".join(skipped))
+    return None, []
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path

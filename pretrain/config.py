@@ -62,7 +62,9 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_last: int = 3
-    resume: bool = True
+    resume: bool = True  # continue from the newest good checkpoint in out_dir
+    resume_from: str | None = None  # continue from this checkpoint directory instead (verified, no fallback)
+    init_from: str | None = None  # a new run starting from this checkpoint's weights only (any layout)
     stop_after_steps: int = 0  # end this invocation after so many steps (checkpointed); 0: run to `steps`
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     seed: int = 0

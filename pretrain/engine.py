@@ -35,7 +35,7 @@ from parallel.grads import average_gradients, clip_grad_norm_
 from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
 from parallel.pipeline import Pipeline, sync_tied_gradients
-from parallel.tensor import TensorShard, vocab_parallel_loss
+from parallel.tensor import TensorShard, shard_tensor, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
 from pretrain.checkpoint_shards import load_shards, save_shards
@@ -197,13 +197,38 @@ class DeepSpeedEngine(Engine):
         self.zero.load(directory / ZERO_CHECKPOINT_DIR)
 
 
-def build_engine(cfg: RunConfig, mesh: Mesh, precision: str) -> Engine:
-    """Model pieces for this rank → tensor / pipeline split → optimizer → the engine for the layout."""
+@torch.no_grad()
+def load_dense(models: list[TitansLM], weights: dict[str, Tensor]) -> None:
+    """Set this rank's parameters from a dense state dict (any layout's consolidated weights): each takes
+    its slice as the tensor-parallel split defines it (the vocabulary padded with zeros)."""
+    for model in models:
+        shard = getattr(model, "tensor_shard", None)
+        for name, param in model.named_parameters():
+            if name not in weights:
+                raise KeyError(f"train.init_from: the checkpoint has no parameter {name}")
+            full = weights[name].to(param.device, param.dtype)
+            if getattr(param, "tensor_model_parallel", False):
+                rows = param.full_shape[0]
+                if full.shape[0] < rows:  # the vocabulary, padded to a multiple of tp
+                    full = torch.nn.functional.pad(full, (0, 0, 0, rows - full.shape[0]))
+                full = shard_tensor(full, param.partition_dim, shard, param.tp_parts)
+            if full.shape != param.shape:
+                raise ValueError(f"train.init_from: {name} is {tuple(full.shape)} in the checkpoint and "
+                                 f"{tuple(param.shape)} here: the model configs differ")
+            param.copy_(full)
+
+
+def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
+                 initial: dict[str, Tensor] | None = None) -> Engine:
+    """Model pieces for this rank → tensor / pipeline split → (initial weights) → optimizer → the engine
+    for the layout."""
     p = cfg.parallel
     shard = TensorShard(mesh.tp_group, mesh.tp_rank, p.tp)
     models, stage_indices = build_local_model(cfg.model, p, mesh.pp_rank, shard, mesh.device, cfg.train.seed)
     for model in models:
         model.checkpoint_blocks = cfg.train.activation_checkpointing
+    if initial is not None:  # before the optimizer (and ZeRO) copy the parameters
+        load_dense(models, initial)
     optimizer = make_optimizer(models, cfg, mesh)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if p.pp > 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -22,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from pretrain.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
+from pretrain.checkpoint import STATE_FILE, load_checkpoint, newest_good_checkpoint, verify_checkpoint
 from titans.model import TitansConfig, TitansLM
 
 
@@ -110,7 +111,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / STATE_FILE).is_file():
         return path
     if path.is_dir():
-        latest = latest_checkpoint(path)
+        latest, skipped = newest_good_checkpoint(path)
+        for problem in skipped:
+            print(f"skipped: {problem}", file=sys.stderr)
         if latest is not None:
             return latest
         raise FileNotFoundError(f"{path}: no checkpoint found (expected {STATE_FILE} or "
@@ -141,12 +144,16 @@ def model_state(ckpt: Path, state: dict[str, Any], cfg: TitansConfig) -> dict[st
     """The full model state dict of a checkpoint: saved whole, or rebuilt from ZeRO shards."""
     if "model" in state:
         weights = state["model"]
-    elif "zero" in state:  # train.zero_stage >= 1: the model lives in the ranks' DeepSpeed shards
+    elif "zero" in state:  # DeepSpeed ZeRO: the model lives in the ranks' DeepSpeed shards
         from parallel.zero import consolidated_state_dict
 
         weights = consolidated_state_dict(ckpt if ckpt.is_dir() else ckpt.parent)
+    elif "shards" in state:  # tensor / pipeline parallel: every (tp, pp) rank's shard
+        from pretrain.checkpoint_shards import consolidate
+
+        weights = consolidate(ckpt if ckpt.is_dir() else ckpt.parent)
     else:
-        raise ValueError(f"checkpoint {ckpt} has neither a 'model' state nor ZeRO shards")
+        raise ValueError(f"checkpoint {ckpt} has neither a 'model' state nor model shards")
     weights = clean_state_dict(weights)
     if cfg.tie_embeddings and "head.weight" not in weights and "embed.weight" in weights:
         weights["head.weight"] = weights["embed.weight"]  # a shared parameter is stored once
@@ -156,6 +163,7 @@ def model_state(ckpt: Path, state: dict[str, Any], cfg: TitansConfig) -> dict[st
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a trained model from a run directory (latest checkpoint) or a checkpoint directory."""
     ckpt = resolve_checkpoint(path)
+    verify_checkpoint(ckpt if ckpt.is_dir() else ckpt.parent)  # never evaluate a corrupt checkpoint
     state = load_checkpoint(ckpt)
     if "config" not in state:
         raise ValueError(f"checkpoint {ckpt} has no 'config' entry: it was not written by pretrain.train")

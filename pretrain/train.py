@@ -24,11 +24,13 @@ import yaml
 from parallel.mesh import LayoutError, Mesh, init_mesh
 from parallel.tensor import padded_vocab
 from pretrain.checkpoint import (
+    STATE_FILE,
     CorruptCheckpointError,
     begin_checkpoint,
     fsync_tree,
     latest_checkpoint,
     load_checkpoint,
+    newest_good_checkpoint,
     save_checkpoint,
     staging_dir,
     verify_checkpoint,
@@ -113,6 +115,43 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Path | None:
+    """The checkpoint to resume from: `train.resume_from` (verified, an error if bad), else the newest
+    good one in out_dir (newer corrupt ones reported and skipped), else None. Rank 0 reads the files;
+    every rank gets its verdict, so no rank is left waiting on one that failed."""
+    t = cfg.train
+    verdict: tuple[str | None, list[str], str | None] = (None, [], None)  # (path, skipped, error)
+    if mesh.is_main:
+        try:
+            if t.resume_from:
+                path = Path(t.resume_from)
+                if not (path / STATE_FILE).is_file():
+                    raise CorruptCheckpointError(f"train.resume_from={path}: no {STATE_FILE} there")
+                verify_checkpoint(path)
+                verdict = (str(path), [], None)
+            elif t.resume:
+                path, skipped = newest_good_checkpoint(t.out_dir)
+                verdict = (str(path) if path else None, skipped, None)
+        except CorruptCheckpointError as err:
+            verdict = (None, [], str(err))
+    path, skipped, error = mesh.gather_objects(verdict)[0]
+    for problem in skipped:
+        mesh.print(f"warning: skipped a bad checkpoint: {problem}")
+    if error:
+        raise CorruptCheckpointError(error)
+    return Path(path) if path else None
+
+
+def initial_weights(path: str) -> dict[str, torch.Tensor]:
+    """The dense weights of a checkpoint (or the newest good one of a run folder), for train.init_from."""
+    from pretrain.model_io import model_config, model_state, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    verify_checkpoint(ckpt)
+    state = load_checkpoint(ckpt)
+    return model_state(ckpt, state, model_config(state["config"]))
+
+
 def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     """Run (or resume) the configured training; returns the per-step losses and where it saved."""
     p, t = cfg.parallel, cfg.train
@@ -128,7 +167,11 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         mesh.print(line)
 
     precision = ("bf16" if mesh.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
-    engine = build_engine(cfg, mesh, precision)
+    ckpt = choose_checkpoint(cfg, mesh)
+    initial = initial_weights(t.init_from) if ckpt is None and t.init_from else None
+    engine = build_engine(cfg, mesh, precision, initial)
+    if initial is not None:
+        mesh.print(f"initialised from the weights of {t.init_from}")
     n_params = num_parameters(cfg.model)
     local = {id(t): t.numel() for t in engine.parameters()}  # a tied matrix once
     result = TrainResult(parameters_per_rank=mesh.gather_objects(sum(local.values())))
@@ -137,17 +180,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     train_loader, val_batches = build_loaders(cfg, mesh.dp_rank, mesh.layout.dp, mesh.barrier, mesh.is_main)
 
     step = 0
-    ckpt = latest_checkpoint(out) if t.resume else None
     if ckpt is not None:
-        problem = None
-        if mesh.is_main:  # one rank reads every file; all ranks learn the verdict (no rank may hang)
-            try:
-                verify_checkpoint(ckpt)
-            except CorruptCheckpointError as err:
-                problem = str(err)
-        problem = mesh.gather_objects(problem)[0]
-        if problem:
-            raise CorruptCheckpointError(problem)
         state = load_checkpoint(ckpt)
         saved = state.get("config", {}).get("parallel", {})
         saved_stage = saved.get("zero_stage", state.get("config", {}).get("train", {}).get("zero_stage", 0))

@@ -12,35 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import small_config
 
 import pretrain.engine as engine_module
-from data_pipeline.corpus import expand_inputs
-from data_pipeline.prepare import prepare
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.train import NonFiniteLossError, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """A small real-text byte dataset: this repository's own Python sources."""
-    out = tmp_path_factory.mktemp("data")
-    files = expand_inputs([str(ROOT / "titans"), str(ROOT / "pretrain")], ("*.py",))  # stable split
-    prepare(files, out, "bytes", sample_tokens=33, shard_samples=64, val_fraction=0.2, progress=False)
-    return out
-
-
-def small_config(dataset: Path, out: Path, *overrides: str):
-    base = [
-        f"data.train={dataset}", "data.default_corpus=false", "data.seq_len=32", "data.batch_size=2",
-        "model.vocab_size=257", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.layers=mac,mag",
-        "model.window=8", "model.segment_len=16", "model.memory_chunk=8", "model.n_persistent=2",
-        f"train.out_dir={out}", "train.steps=20", "train.warmup_steps=2", "train.eval_every=10",
-        "train.eval_batches=2", "train.checkpoint_every=5", "train.log_every=5", "train.lr=3e-3",
-    ]
-    return load_config(None, base + list(overrides))
 
 
 def test_resume_gives_the_same_losses_bitwise(dataset, tmp_path):

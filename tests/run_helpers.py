@@ -1,0 +1,30 @@
+"""Shared by the training tests: a small real-text dataset (fixture `dataset` in conftest.py) and a small
+run config on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_pipeline.corpus import expand_inputs
+from data_pipeline.prepare import prepare
+from pretrain.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(out: Path) -> Path:
+    """A small real-text byte dataset: this repository's own Python sources (relative ids: a stable split)."""
+    files = expand_inputs([str(ROOT / "titans"), str(ROOT / "pretrain")], ("*.py",))
+    prepare(files, out, "bytes", sample_tokens=33, shard_samples=64, val_fraction=0.2, progress=False)
+    return out
+
+
+def small_config(dataset: Path, out: Path, *overrides: str) -> RunConfig:
+    base = [
+        f"data.train={dataset}", "data.default_corpus=false", "data.seq_len=32", "data.batch_size=2",
+        "model.vocab_size=257", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.layers=mac,mag",
+        "model.window=8", "model.segment_len=16", "model.memory_chunk=8", "model.n_persistent=2",
+        f"train.out_dir={out}", "train.steps=20", "train.warmup_steps=2", "train.eval_every=10",
+        "train.eval_batches=2", "train.checkpoint_every=5", "train.log_every=5", "train.lr=3e-3",
+    ]
+    return load_config(None, base + list(overrides))
