@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -55,6 +56,7 @@ class TrainResult:
     last_step: int = 0
     checkpoint: Path | None = None
     stopped_by_signal: bool = False
+    already_finished: bool = False  # resumed at train.steps: nothing left to do
     parameters_per_rank: list[int] = field(default_factory=list)  # in rank order (a shard, a stage)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step of this invocation
 
@@ -98,17 +100,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 (Slurm's preemption warnings) set a flag; the loop saves and exits."""
+EXIT_INTERRUPTED = 75  # a signal stopped the run after saving: requeue it (sysexits' EX_TEMPFAIL)
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+class StopSignal:
+    """SIGTERM, SIGUSR1 (Slurm's preemption warnings) and SIGINT (Ctrl-C) set a flag; the loop saves at
+    the end of the step and exits with EXIT_INTERRUPTED. A second signal exits at once with 128 + its
+    number, as a shell reports a killed process: the last saved checkpoint stands."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            print(f"\nsecond signal ({signal.Signals(signum).name}): exiting now without saving; the last "
+                  "checkpoint stands", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: saving at the end of this step (signal again to "
+              "exit at once)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -195,6 +208,8 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         set_rng_state(state["rng"][mesh.rank])
         step = state["step"]
         result.losses = list(state.get("losses", []))
+        result.last_step, result.checkpoint = step, ckpt
+        result.already_finished = step >= t.steps
         mesh.print(f"resumed from {ckpt} at step {step}")
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * mesh.layout.dp
@@ -290,7 +305,6 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         if step % t.checkpoint_every == 0 or step == t.steps or signalled or pause:
             save()
         if signalled:
-            bar.write(f"signal received: saved step {step} to {result.checkpoint}, exiting")
             result.stopped_by_signal = True
             break
         if pause:
@@ -334,6 +348,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     out = Path(cfg.train.out_dir).resolve()
+    if result.stopped_by_signal:
+        mesh.print(f"\ninterrupted at step {result.last_step} of {cfg.train.steps}: saved "
+                   f"{result.checkpoint}; run the same command to continue (exit code {EXIT_INTERRUPTED})")
+        mesh.close()
+        return EXIT_INTERRUPTED
+    if result.already_finished:
+        mesh.print(f"\nthis run already finished: {result.last_step} steps, checkpoint {result.checkpoint}. "
+                   "Raise train.steps to train on, or choose a new train.out_dir for a new run.")
+        mesh.close()
+        return 0
     if mesh.is_main:
         first, last = result.losses[0], result.losses[-1]
         print(f"\ndone: {result.last_step} steps, loss {first:.3f} → {last:.3f}"

@@ -1,6 +1,7 @@
 """The training job as users run it: the CLI in a subprocess, SIGTERM, TensorBoard contents."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint
+from pretrain.train import EXIT_INTERRUPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,23 +34,61 @@ def cli_args(dataset: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
-@pytest.mark.timeout(180)
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset, tmp_path):
-    args = cli_args(dataset, tmp_path, "train.steps=100000", "train.checkpoint_every=100000",
+def start_long_run(dataset: Path, out: Path) -> subprocess.Popen:
+    """A CLI run that would take hours, once it has started stepping."""
+    args = cli_args(dataset, out, "train.steps=100000", "train.checkpoint_every=100000",
                     "train.eval_every=100000")
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 120
-    while latest_checkpoint(tmp_path) is None and not (tmp_path / "tensorboard").exists():
+    while not (out / "tensorboard").exists():
         assert time.time() < deadline and proc.poll() is None, "training did not start"
         time.sleep(0.5)
     time.sleep(3)  # some steps
-    proc.send_signal(signal.SIGTERM)
+    return proc
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_exits_as_interrupted(dataset, tmp_path, sig):
+    proc = start_long_run(dataset, tmp_path)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert "signal received: saved step" in out
+    assert proc.returncode == EXIT_INTERRUPTED, out  # not 0: a scheduler must tell it from a finished run
+    assert re.search(r"interrupted at step \d+ of 100000: saved .*step_\d+; run the same command", out), out
+    assert "done:" not in out
     state = load_checkpoint(latest_checkpoint(tmp_path))
     assert 0 < state["step"] < 100000
+
+
+def test_a_second_signal_exits_at_once():
+    """The first signal asks the loop to save at the end of the step; a second one (the step is too long,
+    or the user insists) exits at once with 128 + its number."""
+    script = ("import os, signal, time\n"
+              "from pretrain.train import StopSignal\n"
+              "stop = StopSignal()\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "time.sleep(0.2)\n"
+              "assert stop.received == signal.SIGTERM\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "time.sleep(5)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert "SIGTERM received: saving at the end of this step" in done.stderr
+    assert "second signal (SIGINT): exiting now without saving" in done.stderr
+
+
+@pytest.mark.timeout(180)
+def test_rerunning_a_finished_run_says_so(dataset, tmp_path):
+    args = cli_args(dataset, tmp_path, "train.steps=3", "train.eval_every=3")
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=170,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=170,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "this run already finished: 3 steps, checkpoint" in again.stdout and "done:" not in again.stdout
 
 
 @pytest.mark.timeout(180)
