@@ -64,24 +64,30 @@ class _Worker:
     dtype: np.dtype
     val_fraction: float
     text_field: str
+    force_val: frozenset[str] = frozenset()  # documents held out whatever their hash (a small corpus)
 
 
-def _init_worker(spec: str, val_fraction: float, text_field: str, quiet_rust: bool) -> None:
+def _init_worker(spec: str, val_fraction: float, text_field: str, quiet_rust: bool,
+                 force_val: frozenset[str] = frozenset()) -> None:
     if quiet_rust:  # our processes already parallelise; avoid oversubscribing with Rust threads
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _Worker.tok = load_tokenizer(spec)
     _Worker.dtype = token_dtype(_Worker.tok.vocab_size)
     _Worker.val_fraction, _Worker.text_field = val_fraction, text_field
+    _Worker.force_val = force_val
+
+
+def doc_hash(doc_id: str) -> float:
+    return int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big") / 2**64
 
 
 def split_of(doc_id: str, val_fraction: float) -> str:
     """Deterministic train/val assignment of a document from a hash of its id."""
-    h = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big") / 2**64
-    return "val" if h < val_fraction else "train"
+    return "val" if doc_hash(doc_id) < val_fraction else "train"
 
 
-def _run_task(task: Task) -> tuple[list[tuple[str, np.ndarray]], int]:
-    """[(split, ids + EOS)] for each document of the task, and the input bytes it covered."""
+def _run_task(task: Task) -> tuple[list[tuple[str, np.ndarray, str]], int]:
+    """[(split, ids + EOS, doc id)] for each document of the task, and the input bytes it covered."""
     tok = _Worker.tok
     if task.lines is None:
         docs: Iterable[tuple[str, str]] = [(task.file.name, read_text(task.file))]
@@ -96,7 +102,8 @@ def _run_task(task: Task) -> tuple[list[tuple[str, np.ndarray]], int]:
             raise ValueError(f"{doc_id}: tokenizer {tok.name} produced id {int(ids.max())} outside its "
                              f"vocabulary of {tok.vocab_size}")
         eos = np.array([tok.eos_id], _Worker.dtype)
-        out.append((split_of(doc_id, _Worker.val_fraction), np.concatenate([ids.astype(_Worker.dtype), eos])))
+        split = "val" if doc_id in _Worker.force_val else split_of(doc_id, _Worker.val_fraction)
+        out.append((split, np.concatenate([ids.astype(_Worker.dtype), eos]), doc_id))
     return out, size
 
 
@@ -162,8 +169,14 @@ def default_source(inputs: Sequence[InputFile]) -> dict[str, Any]:
 def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokenizer: str = "bytes",
             sample_tokens: int = 2049, shard_samples: int = 1000, val_fraction: float = 0.02,
             workers: int = 1, text_field: str = "text", progress: bool = True,
-            source: dict[str, Any] | None = None) -> Manifest:
-    """Tokenise `files` into `out_dir/{train,val}-NNNNN.tar`; returns (and writes) the manifest."""
+            source: dict[str, Any] | None = None, force_val: frozenset[str] = frozenset()) -> Manifest:
+    """Tokenise `files` into `out_dir/{train,val}-NNNNN.tar`; returns (and writes) the manifest.
+
+    With val_fraction > 0 the validation split is never left empty: if no document's hash falls under
+    the fraction (a small corpus) or the held-out ones are shorter than a sample, the pass is redone with
+    the longest training documents held out, one more at a time, until val holds a sample; a corpus too
+    small to give both splits a sample is an error that says so.
+    """
     if sample_tokens < 2 or shard_samples < 1 or not 0 <= val_fraction < 1:
         raise ValueError("need --sample-tokens >= 2, --shard-samples >= 1 and 0 <= --val-fraction < 1")
     inputs = [as_input(f) for f in files]
@@ -179,12 +192,15 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
     total = None if has_gz else sum(f.path.stat().st_size for f in inputs if f.path.is_file())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenising", disable=not progress,
                file=sys.stderr)
-    init_args = (tokenizer, val_fraction, text_field, workers > 1)
+    init_args = (tokenizer, val_fraction, text_field, workers > 1, force_val)
+    lengths: dict[str, int] = {}  # training documents' token counts, to pick held-out ones if needed
     try:
         for docs, size in ordered_map(_run_task, _tasks(inputs), workers, init_args):
-            for split, ids in docs:
+            for split, ids, doc_id in docs:
                 writers[split].add(ids)
                 documents[split] += 1
+                if split == "train":
+                    lengths[doc_id] = len(ids)
             bar.update(size)
             bar.set_postfix(docs=sum(documents.values()), refresh=False)
     except BrokenProcessPool as err:
@@ -197,6 +213,17 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
     for split, writer in writers.items():
         manifest.dropped_tokens[split] = writer.close()
         manifest.splits[split] = writer.shards
+    if val_fraction > 0 and not manifest.splits["val"]:
+        longest = sorted(lengths, key=lambda d: (-lengths[d], d))
+        if len(longest) < 2:
+            raise ValueError(f"the corpus is too small for a validation split ({sum(documents.values())} "
+                             "document(s)): add documents, or use --val-fraction 0 and train with "
+                             "train.eval_every=0 (no validation)")
+        return prepare(files, out_dir, tokenizer, sample_tokens, shard_samples, val_fraction, workers,
+                       text_field, progress, source, force_val | {longest[0]})
+    if not manifest.splits["train"]:
+        raise ValueError(f"the training split is empty ({documents['train']} documents, fewer tokens than "
+                         f"one sample of {sample_tokens}): add documents or lower --sample-tokens")
     manifest.write(out)
     return manifest
 

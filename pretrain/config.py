@@ -58,7 +58,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or "fp32", "bf16"
     activation_checkpointing: bool = False
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 100  # 0: no validation
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_last: int = 3
@@ -212,11 +212,13 @@ def validate(cfg: RunConfig) -> None:
     t, d = cfg.train, cfg.data
     positive = {"train.steps": t.steps, "train.grad_accum": t.grad_accum, "data.seq_len": d.seq_len,
                 "data.batch_size": d.batch_size, "train.log_every": t.log_every,
-                "train.eval_every": t.eval_every, "train.checkpoint_every": t.checkpoint_every,
+                "train.checkpoint_every": t.checkpoint_every,
                 "train.keep_last": t.keep_last, "train.max_nonfinite_steps": t.max_nonfinite_steps}
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every must be >= 0 (0: no validation), got {t.eval_every}")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     if not 0 <= t.warmup_steps < t.steps:

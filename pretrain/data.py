@@ -15,15 +15,22 @@ from data_pipeline.loader import DataError, Source, TokenLoader, TokenStream
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import MANIFEST, Manifest
 from pretrain import synthetic
-from pretrain.config import RunConfig
+from pretrain.config import DataConfig, RunConfig
 
 DEFAULT_CORPUS_BYTES = 8_000_000
 
 
 def ensure_default_corpus(cfg: RunConfig) -> None:
-    """Tokenise the standard library's sources into `data.train` (bytes) unless already there."""
+    """Tokenise the standard library's sources into `data.train` (bytes) unless already there.
+
+    Only at the default path: a path the user named is theirs, and a missing dataset there is an error,
+    never silently replaced by the embedded corpus (a mistyped path would train on the wrong data)."""
     if (Path(cfg.data.train) / MANIFEST).is_file() or not cfg.data.default_corpus:
         return
+    if Path(cfg.data.train) != Path(DataConfig.train):
+        raise DataError(f"data.train={cfg.data.train}: no prepared dataset there ({MANIFEST} is missing). "
+                        "Prepare it with `python -m data_pipeline.prepare`, or leave data.train at its "
+                        f"default ({DataConfig.train}) to build the embedded corpus")
     print(f"building the default corpus (Python standard library sources, PSF License) in {cfg.data.train}")
     prepare(default_corpus_files(DEFAULT_CORPUS_BYTES), cfg.data.train, "bytes",
             sample_tokens=cfg.data.seq_len + 1, shard_samples=256, val_fraction=0.05, workers=1)
@@ -94,8 +101,14 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
     text_rows = d.batch_size - d.synthetic_rows
     train = TokenStream([Source(d.train)], d.seq_len, text_rows, dp_rank, dp_size, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer, max_corrupt_shards=d.max_corrupt_shards)
+    if cfg.train.eval_every == 0:  # no validation: the split is never opened
+        return _with_synthetic(TokenLoader(train, d.num_workers), cfg, dp_rank), lambda: iter(())
     val_source = Source(d.val or d.train, split="val")
-    val_shards = len(val_source.resolve()[0])
+    try:
+        val_shards = len(val_source.resolve()[0])
+    except DataError as err:
+        raise DataError(f"{err}: set data.val to a dataset with a validation split, or train.eval_every=0 "
+                        "to train without validation") from err
     # few validation shards: every rank evaluates the same batches (the mean is the same)
     val_rank, val_size = (dp_rank, dp_size) if val_shards >= dp_size else (0, 1)
 
@@ -107,9 +120,13 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
                 break
             yield batch
 
-    loader = TokenLoader(train, d.num_workers)
-    if d.synthetic_rows:
-        loader = SyntheticMix(loader, d.synthetic_rows, d.synthetic_task, d.seq_len, cfg.model.vocab_size,
-                              d.synthetic_weight, seed=d.seed * 65_537 + dp_rank,
-                              min_distance=d.synthetic_min_distance)
-    return loader, val_batches
+    return _with_synthetic(TokenLoader(train, d.num_workers), cfg, dp_rank), val_batches
+
+
+def _with_synthetic(loader: TokenLoader, cfg: RunConfig, dp_rank: int) -> TokenLoader | SyntheticMix:
+    d = cfg.data
+    if not d.synthetic_rows:
+        return loader
+    return SyntheticMix(loader, d.synthetic_rows, d.synthetic_task, d.seq_len, cfg.model.vocab_size,
+                        d.synthetic_weight, seed=d.seed * 65_537 + dp_rank,
+                        min_distance=d.synthetic_min_distance)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 
+from data_pipeline.loader import DataError
 from parallel.mesh import LayoutError, Mesh, init_mesh
 from parallel.tensor import padded_vocab
 from pretrain.checkpoint import (
@@ -30,6 +31,7 @@ from pretrain.checkpoint import (
     begin_checkpoint,
     fsync_tree,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     newest_good_checkpoint,
     save_checkpoint,
@@ -128,6 +130,27 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+LAYOUT_FIELDS = ("tp", "pp", "sp", "zero_stage", "pp_schedule", "pp_stages_per_rank")  # fix the shards
+
+
+def check_run_folder(cfg: RunConfig, out: Path) -> None:
+    """A run folder with checkpoints keeps describing them: its model and layout may not change (training
+    fields such as steps or lr may). Checked on every rank, before anything is written."""
+    saved_file = out / "config.yaml"
+    if not saved_file.is_file() or not list_checkpoints(out):
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    now = cfg.to_dict()
+    fields = [("model", key) for key in now["model"]] + [("parallel", key) for key in LAYOUT_FIELDS]
+    changed = [f"{section}.{key}={saved[section][key]!r} there, {now[section][key]!r} here"
+               for section, key in fields
+               if key in saved.get(section, {}) and saved[section][key] != now[section][key]]
+    if changed:
+        raise ConfigError(f"train.out_dir={out} holds checkpoints of another model or layout ("
+                          + "; ".join(changed) + "): choose a new train.out_dir for this run, or the same "
+                          "settings to resume that one")
+
+
 def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Path | None:
     """The checkpoint to resume from: `train.resume_from` (verified, an error if bad), else the newest
     good one in out_dir (newer corrupt ones reported and skipped), else None. Rank 0 reads the files;
@@ -173,6 +196,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     out = Path(t.out_dir)
+    check_run_folder(cfg, out)
     if mesh.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -293,7 +317,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
                 logger.scalars(step, {"perf/mfu": flops_per_step / elapsed / peak})
             for layer, m in memories:
                 logger.scalars(step, {f"memory/layer{layer}/{k}": v.item() for k, v in m.stats.items()})
-        if step % t.eval_every == 0 or step == t.steps:
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             val = evaluate(engine, val_batches())
             result.val_losses[step] = val
             if logger:
@@ -347,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except ConfigError as err:  # found once the run folder or the data were looked at
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, CorruptCheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(cfg.train.out_dir).resolve()
     if result.stopped_by_signal:
         mesh.print(f"\ninterrupted at step {result.last_step} of {cfg.train.steps}: saved "

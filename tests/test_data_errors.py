@@ -97,7 +97,13 @@ def test_missing_shard_and_missing_manifest(dataset: tuple[Path, object], tmp_pa
 
 def test_empty_dataset(tmp_path: Path) -> None:
     docs = write_docs(tmp_path / "text", 2, words=(1, 2))
-    prepare(docs, tmp_path / "tiny", sample_tokens=2049, val_fraction=0.0, progress=False)
+    with pytest.raises(ValueError, match=r"the training split is empty \(2 documents, fewer tokens than one "
+                                         r"sample of 2049\): add documents or lower --sample-tokens"):
+        prepare(docs, tmp_path / "tiny", sample_tokens=2049, val_fraction=0.0, progress=False)
+    prepare(docs, tmp_path / "tiny", sample_tokens=4, val_fraction=0.0, progress=False)
+    manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
+    manifest["splits"]["train"] = []  # a dataset whose shards were all removed
+    (tmp_path / "tiny" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"tiny: split 'train' has no shards \(empty dataset\)"):
         build_loader(str(tmp_path / "tiny"), 0, 1, 2, 2048, num_workers=0)
     with pytest.raises(DataError, match="no split 'test'"):

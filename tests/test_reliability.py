@@ -7,12 +7,15 @@ newest checkpoint, a run folder reused with another model, a mistyped data path,
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from run_helpers import small_config
 
+from data_pipeline.loader import DataError
+from data_pipeline.prepare import prepare
 from pretrain.checkpoint import (
     MANIFEST_FILE,
     STATE_FILE,
@@ -21,8 +24,11 @@ from pretrain.checkpoint import (
     newest_good_checkpoint,
     verify_checkpoint,
 )
+from pretrain.config import ConfigError, load_config
 from pretrain.model_io import load_model
-from pretrain.train import train
+from pretrain.train import main, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def flip_bytes(path: Path, offset_fraction: float = 0.5, count: int = 32) -> None:
@@ -106,3 +112,64 @@ def test_init_from_takes_the_weights_only(dataset, finished, tmp_path):
     assert fresh.losses[0] < whole.losses[0] - 0.5  # but from trained weights
     state = torch.load(list_checkpoints(tmp_path / "fresh")[-1] / STATE_FILE, weights_only=False)
     assert state["step"] == 3
+
+
+# ------------------------------------------------------------ a run folder describes its checkpoints
+
+
+def test_changing_the_model_on_a_run_folder_is_refused_before_anything_is_written(dataset, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(dataset, out, "train.steps=5", "train.warmup_steps=1"))
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as err:
+        train(small_config(dataset, out, "train.steps=8", "model.layers=mag", "model.dim=48"))
+    message = str(err.value)
+    assert re.match(r"train.out_dir=.*run holds checkpoints of another model or layout \(model.dim=32 there, "
+                    r"48 here; .*model.layers='mac,mag' there, 'mag' here.*\): choose a new train.out_dir",
+                    message), message
+    assert (out / "config.yaml").read_text() == saved  # the folder still describes its checkpoints
+    longer = train(small_config(dataset, out, "train.steps=8", "train.warmup_steps=1"))  # steps may change
+    assert longer.last_step == 8
+
+
+def test_cli_reports_a_changed_model_in_one_line(dataset, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(dataset, out, "train.steps=2", "train.warmup_steps=1"))
+    args = [f"data.train={dataset}", "data.default_corpus=false", "data.seq_len=32", "model.vocab_size=257",
+            "model.dim=32", "model.n_heads=2", "model.layers=mag", f"train.out_dir={out}", "train.steps=4",
+            "train.warmup_steps=1"]
+    assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), *args]) == 2
+
+
+# ------------------------------------------------------------------------- no silent data substitution
+
+
+def test_a_mistyped_data_path_is_an_error_not_the_default_corpus(tmp_path):
+    cfg = load_config(None, [f"data.train={tmp_path / 'fineweb'}", "data.default_corpus=true",
+                             f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError, match=r"data.train=.*fineweb: no prepared dataset there \(manifest.json is "
+                                        r"missing\).*leave data.train at its default"):
+        train(cfg)
+    assert not (tmp_path / "fineweb").exists()
+
+
+def test_prepare_gives_a_small_corpus_a_validation_split(tmp_path):
+    files = sorted((ROOT / "titans").glob("*.py"))[:3]
+    manifest = prepare(files, tmp_path / "small", "bytes", sample_tokens=65, shard_samples=16,
+                       val_fraction=0.02, progress=False)
+    assert manifest.documents["val"] >= 1 and manifest.splits["val"] and manifest.splits["train"]
+    with pytest.raises(ValueError, match="too small for a validation split"):
+        prepare(files[:1], tmp_path / "one", "bytes", sample_tokens=65, val_fraction=0.02, progress=False)
+
+
+def test_eval_every_zero_turns_validation_off(tmp_path):
+    files = sorted((ROOT / "titans").glob("*.py"))
+    prepare(files, tmp_path / "noval", "bytes", sample_tokens=33, shard_samples=64, val_fraction=0.0,
+            progress=False)
+    base = small_config(tmp_path / "noval", tmp_path / "run", "train.steps=3", "train.warmup_steps=1")
+    with pytest.raises(DataError, match="split 'val' has no shards.*train.eval_every=0 to train without "
+                                        "validation"):
+        train(base)
+    result = train(small_config(tmp_path / "noval", tmp_path / "run2", "train.steps=3",
+                                "train.warmup_steps=1", "train.eval_every=0"))
+    assert result.last_step == 3 and result.val_losses == {}
