@@ -29,6 +29,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as torch_dist
 
 from parallel.model import build_local_model, n_stages
@@ -80,13 +81,16 @@ class RankPlan:
     last_stage: bool
 
 
-def local_parameter_counts(cfg: RunConfig) -> list[RankPlan]:
-    """Build every (tp, pp) shard on the meta device and count what it holds."""
+def local_parameter_counts(cfg: RunConfig, only: tuple[int, int] | None = None) -> list[RankPlan]:
+    """Build every (tp, pp) shard (or only the (tp_rank, pp_rank) one) on the meta device and count what
+    it holds."""
     started = _ensure_single_process_group()
     p = cfg.parallel
     plans = []
     for pp_rank in range(p.pp):
         for tp_rank in range(p.tp):
+            if only is not None and (tp_rank, pp_rank) != only:
+                continue
             shard = TensorShard(_PlanGroup(tp_rank, p.tp), tp_rank, p.tp)
             models, stages = build_local_model(cfg.model, p, pp_rank, shard, device=None, seed=0)
             params = {id(t): t.numel() for m in models for t in m.parameters()}
@@ -101,10 +105,11 @@ def local_parameter_counts(cfg: RunConfig) -> list[RankPlan]:
 
 
 def activation_bytes(model: TitansConfig, tp: int, tokens: int, layers: int, memory_layers: int,
-                     checkpointing: bool) -> float:
-    """Estimated activation bytes of one micro-batch of `tokens` tokens on a rank (see module docstring)."""
+                     checkpointing: bool, value_bytes: int = 2) -> float:
+    """Estimated activation bytes of one micro-batch of `tokens` tokens on a rank (see module docstring);
+    `value_bytes` 2 under bf16 autocast, 4 in fp32 (the fp32 terms of the memory's scan stay as they are)."""
     h = model.dim
-    attention_ffn = (10 + 24 / tp) * tokens * h
+    attention_ffn = (10 + 24 / tp) * tokens * h * value_bytes / 2
     heads = model.memory_heads / tp
     inner = [model.memory_hidden] * (model.memory_depth - 1)
     sizes = [model.memory_head_dim, *inner, model.memory_head_dim]
@@ -113,11 +118,62 @@ def activation_bytes(model: TitansConfig, tp: int, tokens: int, layers: int, mem
     scan_states = chunks * heads * 2 * state * 4
     if not model.recompute_memory:
         scan_states = 3 * scan_states + tokens * heads * model.memory_hidden * 4 * 4
-    memory = 18 * tokens * h / tp + 12 * tokens * h / tp + scan_states
+    memory = 18 * tokens * h / tp * value_bytes / 2 + 12 * tokens * h / tp + scan_states
     per_layer = attention_ffn + memory * memory_layers / max(layers, 1)
     if checkpointing:
-        return layers * 2 * tokens * h + per_layer
+        return layers * value_bytes * tokens * h + per_layer
     return layers * per_layer
+
+
+def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_layers: int,
+                value_bytes: int = 2) -> dict[str, float]:
+    """Bytes one rank needs: parameters, gradients, AdamW states (fp32, divided over dp as the ZeRO stage
+    shards them), activations without and with checkpointing, and the total under the run's setting."""
+    p, d = cfg.parallel, cfg.data
+    params, grads, optim = 4.0 * parameters, 4.0 * parameters, 8.0 * parameters
+    if p.zero_stage >= 1:
+        optim /= dp
+    if p.zero_stage >= 2:
+        grads /= dp
+    if p.zero_stage >= 3:
+        params /= dp
+    micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
+    in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
+    tokens = d.batch_size // micro * d.seq_len
+    acts, acts_ckpt = (in_flight * activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, ckpt,
+                                                    value_bytes) for ckpt in (False, True))
+    chosen = acts_ckpt if cfg.train.activation_checkpointing else acts
+    return {"params": params, "grads": grads, "optim": optim, "acts": acts, "acts_ckpt": acts_ckpt,
+            "total": params + grads + optim + chosen}
+
+
+def available_memory(device: torch.device, local_processes: int) -> float:
+    """Bytes this process may use: the GPU's memory less the reserve, or on CPU its share of the memory
+    the system reports available (MemAvailable)."""
+    if device.type == "cuda":
+        return (1 - RESERVE) * torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 / max(local_processes, 1)
+    except (OSError, KeyError, ValueError):
+        return float("inf")  # unknown: no check
+
+
+def preflight_problem(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_layers: int,
+                      device: torch.device, local_processes: int, value_bytes: int) -> str | None:
+    """Why this rank's run cannot fit in memory (the numbers and what to change), or None if it can."""
+    need = rank_memory(cfg, dp, parameters, layers, memory_layers, value_bytes)
+    have = available_memory(device, local_processes)
+    if need["total"] <= have:
+        return None
+    parts = ", ".join(f"{k} {need[k] / GIB:.1f}" for k in ("params", "grads", "optim"))
+    acts = need["acts_ckpt"] if cfg.train.activation_checkpointing else need["acts"]
+    return (f"this run needs about {need['total'] / GIB:.1f} GiB per process ({parts}, activations "
+            f"{acts / GIB:.1f}) but {have / GIB:.1f} GiB are available on {device}: lower data.batch_size or "
+            "data.seq_len, turn on train.activation_checkpointing, raise parallel.tp / parallel.pp / "
+            "parallel.zero_stage, or set train.allow_oversubscribe=true to try anyway "
+            "(python -m parallel.plan shows the estimate)")
 
 
 def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], dict]:
@@ -128,28 +184,12 @@ def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], d
         raise ConfigError(f"--gpus {gpus} is not a multiple of tp·pp·sp = {model_parallel}")
     dp = gpus // model_parallel
     memory_gib, peak = GPUS[gpu]
-    micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
-    micro_tokens = d.batch_size // micro * d.seq_len
-    in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     rows = []
     for rank in local_parameter_counts(cfg):
-        n = rank.parameters
-        params, grads, optim = 4 * n, 4 * n, 8 * n
-        if p.zero_stage >= 1:
-            optim /= dp
-        if p.zero_stage >= 2:
-            grads /= dp
-        if p.zero_stage >= 3:
-            params /= dp
-        acts = {ckpt: in_flight * activation_bytes(cfg.model, p.tp, micro_tokens, rank.layers,
-                                                   rank.memory_layers, ckpt) for ckpt in (False, True)}
-        chosen = acts[cfg.train.activation_checkpointing]
-        total = params + grads + optim + chosen
-        rows.append({"tp": rank.tp_rank, "pp": rank.pp_rank, "stages": rank.stages, "parameters": n,
-                     "params_gib": params / GIB, "grads_gib": grads / GIB, "optim_gib": optim / GIB,
-                     "acts_gib": acts[False] / GIB, "acts_ckpt_gib": acts[True] / GIB,
-                     "total_gib": total / GIB,
-                     "fits": total <= (1 - RESERVE) * memory_gib * GIB})
+        need = rank_memory(cfg, dp, rank.parameters, rank.layers, rank.memory_layers)
+        rows.append({"tp": rank.tp_rank, "pp": rank.pp_rank, "stages": rank.stages,
+                     "parameters": rank.parameters, **{f"{k}_gib": v / GIB for k, v in need.items()},
+                     "fits": need["total"] <= (1 - RESERVE) * memory_gib * GIB})
     tokens_per_step = d.batch_size * d.seq_len * cfg.train.grad_accum * dp
     flops = training_flops_per_token(cfg.model, d.seq_len) * tokens_per_step
     step_s = flops / (gpus * peak * mfu)

@@ -69,6 +69,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    allow_oversubscribe: bool = False  # start even when the memory estimate exceeds the device's memory
 
 
 PP_SCHEDULES = ("1f1b", "interleaved", "gpipe")

@@ -24,6 +24,7 @@ import yaml
 
 from data_pipeline.loader import DataError
 from parallel.mesh import LayoutError, Mesh, init_mesh
+from parallel.plan import local_parameter_counts, preflight_problem
 from parallel.tensor import padded_vocab
 from pretrain.checkpoint import (
     STATE_FILE,
@@ -151,6 +152,18 @@ def check_run_folder(cfg: RunConfig, out: Path) -> None:
                           "settings to resume that one")
 
 
+def check_memory(cfg: RunConfig, mesh: Mesh, precision: str) -> None:
+    """Pre-flight: the planner's estimate of this rank's memory against what the device has; a run that
+    cannot fit fails before it allocates anything (on every rank, if any rank cannot)."""
+    (rank,) = local_parameter_counts(cfg, only=(mesh.tp_rank, mesh.pp_rank))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    problem = preflight_problem(cfg, mesh.layout.dp, rank.parameters, rank.layers, rank.memory_layers,
+                                mesh.device, local_processes, 2 if precision == "bf16" else 4)
+    problems = [p for p in mesh.gather_objects(problem) if p]
+    if problems:
+        raise ConfigError(problems[0])
+
+
 def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Path | None:
     """The checkpoint to resume from: `train.resume_from` (verified, an error if bad), else the newest
     good one in out_dir (newer corrupt ones reported and skipped), else None. Rank 0 reads the files;
@@ -196,14 +209,15 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     out = Path(t.out_dir)
-    check_run_folder(cfg, out)
-    if mesh.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for line in mesh.gather_objects(mesh.describe()):  # every rank's coordinates, once, in rank order
         mesh.print(line)
-
+    check_run_folder(cfg, out)
     precision = ("bf16" if mesh.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
+    if not t.allow_oversubscribe:
+        check_memory(cfg, mesh, precision)
+    if mesh.is_main:  # only now: a run refused above leaves the folder as it was
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ckpt = choose_checkpoint(cfg, mesh)
     initial = initial_weights(t.init_from) if ckpt is None and t.init_from else None
     engine = build_engine(cfg, mesh, precision, initial)

@@ -173,3 +173,27 @@ def test_eval_every_zero_turns_validation_off(tmp_path):
     result = train(small_config(tmp_path / "noval", tmp_path / "run2", "train.steps=3",
                                 "train.warmup_steps=1", "train.eval_every=0"))
     assert result.last_step == 3 and result.val_losses == {}
+
+
+# --------------------------------------------------------------------------------- pre-flight memory
+
+
+def test_a_run_that_cannot_fit_fails_before_it_allocates(tmp_path, monkeypatch):
+    import pretrain.train as train_module
+
+    huge = ["data.seq_len=100000", f"train.out_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"this run needs about [\d.]+ GiB per process \(params .*"
+                                          r"activations [\d.]+\) but [\d.]+ GiB are available on cpu: lower "
+                                          r"data.batch_size.*train.allow_oversubscribe=true"):
+        train(load_config(ROOT / "configs" / "tiny.yaml", huge))
+    assert not (tmp_path / "config.yaml").exists()
+    checked = []
+
+    def stop_before_allocating(*args):
+        raise RuntimeError("built")
+
+    monkeypatch.setattr(train_module, "check_memory", lambda *args: checked.append(args))
+    monkeypatch.setattr(train_module, "build_engine", stop_before_allocating)
+    with pytest.raises(RuntimeError, match="built"):
+        train(load_config(ROOT / "configs" / "tiny.yaml", [*huge, "train.allow_oversubscribe=true"]))
+    assert not checked  # insisting skips the check
