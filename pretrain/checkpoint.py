@@ -52,28 +52,40 @@ def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None
         files[path.relative_to(directory).as_posix()] = {"sha256": sha256_file(path),
                                                          "bytes": path.stat().st_size}
     manifest = {"files": files, **(extra or {})}
+    manifest["sha256"] = _content_hash(manifest)  # the manifest's own checksum: its layout record too
     with open(directory / MANIFEST_FILE, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
 
 
+def _content_hash(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def verify_checkpoint(directory: str | Path) -> None:
-    """Check every file the manifest lists against its sha256; raises CorruptCheckpointError naming the
-    first bad file. A checkpoint written before manifests existed passes unchecked."""
+    """Check the manifest against its own checksum and every file it lists against theirs; raises
+    CorruptCheckpointError naming the first bad file. A checkpoint written before manifests existed
+    passes unchecked."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
         return
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        raise CorruptCheckpointError(f"checkpoint manifest {manifest_path} cannot be read: {err}") from err
-    for name, entry in files.items():
+        manifest = json.loads(manifest_path.read_text())
+        intact = manifest["sha256"] == _content_hash(manifest)
+        files = {name: (entry["bytes"], entry["sha256"]) for name, entry in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptCheckpointError(f"checkpoint manifest {manifest_path} cannot be read: {err!r}") from err
+    if not intact:
+        raise CorruptCheckpointError(f"checkpoint manifest {manifest_path} does not match its own checksum "
+                                     "(corrupt or modified)")
+    for name, (size, digest) in files.items():
         path = directory / name
         if not path.is_file():
             raise CorruptCheckpointError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        if path.stat().st_size != size or sha256_file(path) != digest:
             raise CorruptCheckpointError(f"checkpoint file {path} does not match its manifest checksum "
                                          "(corrupt or modified)")
 
