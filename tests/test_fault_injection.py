@@ -30,7 +30,7 @@ from pretrain.checkpoint import (
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 20 if os.environ.get("RUN_SLOW") == "1" else 3
-STEPS = 12
+STEPS = 40
 
 
 def command(dataset: Path, out: Path) -> list[str]:
@@ -42,22 +42,28 @@ def command(dataset: Path, out: Path) -> list[str]:
             "train.eval_batches=2", "train.checkpoint_every=1", "train.keep_last=2", "train.log_every=1"]
 
 
-def run(args: list[str], kill_after: float | None = None) -> int | None:
-    """Run to the end (its exit code), or SIGKILL it after `kill_after` seconds (None if it was killed)."""
+def run(args: list[str], kill_at_step: int | None = None, delay: float = 0.0) -> bool:
+    """Run to the end; or, once the run has checkpointed step `kill_at_step`, wait `delay` seconds (the
+    process is then stepping, loading data or writing the next checkpoint) and SIGKILL it. Returns
+    whether it was killed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        proc.wait(timeout=kill_after if kill_after is not None else 240)
-    except subprocess.TimeoutExpired:
-        if kill_after is None:
-            proc.kill()
-            raise
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return None
+    out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("train.out_dir=")))
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        ckpt = latest_checkpoint(out) if kill_at_step is not None else None
+        if ckpt is not None and int(ckpt.name.split("_")[1]) >= kill_at_step:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.kill()
+        raise AssertionError("the run did not finish within 240 s")
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr.read().decode()[-3000:]}")
-    return proc.returncode
+    return False
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -72,16 +78,15 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
     started = time.monotonic()
     run(command(dataset, tmp_path / "whole"))
-    whole_seconds = time.monotonic() - started
+    step_seconds = (time.monotonic() - started) / STEPS  # an upper bound (start-up included)
     want = final_weights(tmp_path / "whole")
 
     rng = random.Random(20261125)
     out = tmp_path / "killed"
-    kills = 0
-    while kills < KILLS:  # each restart resumes from the newest good checkpoint the kills left
-        if run(command(dataset, out), kill_after=rng.uniform(0.3, 1.0) * whole_seconds) is not None:
-            break  # it finished before the kill: start the kills over on a fresh folder
-        kills += 1
+    targets = sorted(rng.sample(range(1, STEPS - 1), KILLS))  # spread over the whole run
+    kills = sum(run(command(dataset, out), kill_at_step=target, delay=rng.uniform(0, step_seconds))
+                for target in targets)  # each restart resumes from the newest good checkpoint
+    assert kills >= KILLS - 1  # (a kill late in a run's last step can miss it)
     run(command(dataset, out))  # the last restart runs to the end
     got = final_weights(out)
     assert set(got) == set(want)
