@@ -71,8 +71,9 @@ def job(name: str, out: Path, variant: str, layout: str, *extra: str, steps: int
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     results = {}
+    folders = {}
     for world in sorted({LAYOUTS[layout][0] for _, layout in CASES}):
-        tmp = tmp_path_factory.mktemp(f"world{world}")
+        tmp = folders[world] = tmp_path_factory.mktemp(f"world{world}")
         jobs = [job(f"{v}_{layout}", tmp / f"{v}_{layout}", v, layout) for v, layout in CASES
                 if LAYOUTS[layout][0] == world]
         if world == 4:  # 3 + 3 steps with a resume under tp=2 × pp=2
@@ -80,7 +81,10 @@ def runs(tmp_path_factory):
                             steps=6))
             jobs.append(job("resume_second", tmp / "resume", "mac", "tp2_pp2", steps=6))
             jobs.append(job("whole", tmp / "whole", "mac", "tp2_pp2", steps=6))
-            jobs.append(job("wrong_layout", tmp / "mac_tp2_dp2_zero1", "mac", "tp2_pp2", "train.steps=7",
+            # the same config on 4 processes (dp 2) resuming a 2-process (dp 1) tp=2 checkpoint
+            jobs.append(job("wrong_layout", folders[2] / "mac_tp2", "mac", "tp2_dp2_zero1",
+                            "parallel.zero_stage=0", "train.steps=7") | {"expect_error": True})
+            jobs.append(job("changed_layout", tmp / "mac_tp2_dp2_zero1", "mac", "tp2_pp2", "train.steps=7",
                             "parallel.zero_stage=1") | {"expect_error": True})
         started = time.monotonic()
         results.update(launch(WORKER, jobs, tmp, world, LAUNCH_TIMEOUT_S))
@@ -137,7 +141,9 @@ def test_resume_under_tp_and_pp_continues_bitwise(runs):
 
 def test_resume_with_another_layout_is_refused(runs):
     message = runs["wrong_layout"]["error"]
-    assert "was written with the layout tp=2 pp=1 sp=1 dp=2, this run has tp=2 pp=2 sp=1 dp=1" in message
+    assert "was written with the layout tp=2 pp=1 sp=1 dp=1, this run has tp=2 pp=1 sp=1 dp=2" in message
+    message = runs["changed_layout"]["error"]  # found before anything is built or written
+    assert "holds checkpoints of another model or layout (parallel.pp=1 there, 2 here)" in message
 
 
 # ------------------------------------------------------------------------------- bad layouts, one line

@@ -152,7 +152,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs, stage):
 
 def test_resume_with_another_stage_is_refused(runs):
     message = runs["wrong_stage"]["error"]
-    assert "was written with parallel.zero_stage=0, this run has parallel.zero_stage=2" in message
+    assert "holds checkpoints of another model or layout (parallel.zero_stage=0 there, 2 here)" in message
 
 
 def test_zero_stage_is_validated():
