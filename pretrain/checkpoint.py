@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline.shards import sha256_of
+
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 
@@ -37,19 +39,11 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file is missing, or differs from the checksum its manifest recorded."""
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None:
     """manifest.json: sha256 and size of every file under `directory` (relative paths), plus `extra`."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
-        files[path.relative_to(directory).as_posix()] = {"sha256": sha256_file(path),
+        files[path.relative_to(directory).as_posix()] = {"sha256": sha256_of(path),
                                                          "bytes": path.stat().st_size}
     manifest = {"files": files, **(extra or {})}
     manifest["sha256"] = _content_hash(manifest)  # the manifest's own checksum: its layout record too
@@ -85,7 +79,7 @@ def verify_checkpoint(directory: str | Path) -> None:
         path = directory / name
         if not path.is_file():
             raise CorruptCheckpointError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != size or sha256_file(path) != digest:
+        if path.stat().st_size != size or sha256_of(path) != digest:
             raise CorruptCheckpointError(f"checkpoint file {path} does not match its manifest checksum "
                                          "(corrupt or modified)")
 
