@@ -35,8 +35,10 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from parallel.mesh import Mesh
-from pretrain.loss import CrossEntropy, head_loss_sum, loss_denominator, token_cross_entropy
 from titans.model import TitansLM
+
+# Σ (w ·) loss of head(features) against targets: (features, head, targets, weights or None) -> scalar
+HeadLossSum = Callable[[Tensor, nn.Module, Tensor, Tensor | None], Tensor]
 
 
 def stage_layers(n_layers: int, n_stages: int) -> list[range]:
@@ -90,10 +92,10 @@ class Pipeline:
     """This rank's stages and the schedule that runs them."""
 
     def __init__(self, stages: list[TitansLM], stage_indices: list[int], n_stages: int, mesh: Mesh,
-                 schedule: str, microbatches: int, cross_entropy: CrossEntropy | None = None) -> None:
+                 schedule: str, microbatches: int, head_loss_sum: HeadLossSum) -> None:
         from torch.distributed import pipelining
 
-        self.cross_entropy = cross_entropy or token_cross_entropy
+        self.head_loss_sum = head_loss_sum
         self.stages = [pipelining.PipelineStage(StageModule(m), i, n_stages, mesh.device, group=mesh.pp_group)
                        for m, i in zip(stages, stage_indices, strict=True)]
         self.last = next((m for m, i in zip(stages, stage_indices) if i == n_stages - 1), None)
@@ -106,8 +108,7 @@ class Pipeline:
     def _loss(self, features: Tensor, packed: Tensor) -> Tensor:
         """A micro-batch's share of the batch loss: Σ (w·) ce / the batch's denominator."""
         targets, weights = (packed, None) if packed.dim() == 2 else (packed[..., 0].long(), packed[..., 1])
-        total = head_loss_sum(features, self.last.head, targets, weights, self.cross_entropy)
-        return total / self._denominator
+        return self.head_loss_sum(features, self.last.head, targets, weights) / self._denominator
 
     @staticmethod
     def _pack(targets: Tensor, weights: Tensor | None) -> Tensor:
@@ -118,7 +119,7 @@ class Pipeline:
 
     def _run(self, step: Callable, inputs: Tensor, targets: Tensor, weights: Tensor | None,
              scale: float = 1.0) -> Tensor | None:
-        self._denominator = loss_denominator(targets, weights) / scale
+        self._denominator = (targets.numel() if weights is None else weights.float().sum()) / scale
         losses: list[Tensor] = []
         first = any(s.is_first for s in self.stages)
         args = (inputs,) if first else ()

@@ -2,6 +2,7 @@
 
     python -m parallel.plan --config configs/paper/mac-1.3b.yaml --gpus 64 parallel.tp=2 parallel.pp=4
 
+It reads a run config (the one module of `parallel/` that imports `pretrain.config`: it plans a run).
 Every (tp, pp) rank's shard is built on the meta device by the training job's own code
 (`parallel.model.build_local_model`), so the parameter counts are those of the real sharded modules;
 data-parallel ranks hold the same shard and differ only by their ZeRO partition. Per rank it prints:

@@ -1,6 +1,6 @@
 """The training step under any layout: the one object the loop talks to.
 
-    engine = build_engine(cfg, mesh)           # model pieces → parallelize → optimizer, wrapped
+    engine = build_engine(cfg, mesh, precision)   # model pieces → parallelize → optimizer, wrapped
     for micro-batch i of k:  loss = engine.forward_backward(batch, scale=1 / k, last=i == k - 1)
     grad_norm = engine.step(cfg.train.grad_clip, apply=loss_is_finite)
     engine.eval_loss(batch); engine.save(staging_dir) / engine.load(checkpoint_dir)
@@ -8,8 +8,8 @@
 Three engines, picked by the layout alone:
 - `ReplicaEngine` (pp = 1): the model (whole, or split over tp) with its loss, DDP over the dp group;
   ZeRO-1 with tp > 1 shards AdamW's state over the dp group (torch's ZeroRedundancyOptimizer).
-- `PipelineEngine` (pp > 1): this rank's stages under a pipeline schedule (parallel/pipeline.py), DDP
-  and ZeRO-1 as above.
+- `PipelineEngine` (pp > 1): this rank's stages under a pipeline schedule (parallel/pipeline.py); the
+  gradients are averaged over the dp group once per step, ZeRO-1 as above.
 - `DeepSpeedEngine` (tp = pp = 1, ZeRO 1–3): DeepSpeed's engine over all ranks (parallel/zero.py).
 
 Why ZeRO-1 with tp / pp is torch's and not DeepSpeed's: DeepSpeed's ZeRO optimizer reduces and
@@ -25,6 +25,7 @@ loop averages over replicas with `Mesh.replica_mean`.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from parallel.zero import ZeroEngine
 from pretrain.checkpoint_shards import load_shards, save_shards
 from pretrain.config import RunConfig
 from pretrain.data import Batch
-from pretrain.loss import CausalLMLoss, token_cross_entropy
+from pretrain.loss import CausalLMLoss, head_loss_sum, token_cross_entropy
 from titans.memory import NeuralMemory
 from titans.model import TitansLM
 
@@ -146,8 +147,10 @@ class PipelineEngine(Engine):
     def __init__(self, models, optimizer, mesh, cfg, autocast, stage_indices: list[int]) -> None:
         super().__init__(models, optimizer, mesh, cfg, autocast)
         p = cfg.parallel
+        cross_entropy = vocab_parallel_loss(models[-1]) or token_cross_entropy
+        loss_sum = partial(head_loss_sum, cross_entropy=cross_entropy)
         self.pipe = Pipeline(models, stage_indices, n_stages(p), mesh, p.pp_schedule,
-                             p.pp_microbatches or 2 * p.pp, vocab_parallel_loss(models[-1]))
+                             p.pp_microbatches or 2 * p.pp, loss_sum)
 
     def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
         tokens, weights = batch
