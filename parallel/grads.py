@@ -20,19 +20,30 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from parallel.mesh import Mesh
 
 
-def average_gradients(params: Iterable[Tensor], mesh: Mesh) -> None:
-    """Average the gradients over the data-parallel group, in one flat all-reduce per dtype (what DDP
-    does per bucket, after the whole backward instead of overlapped with it)."""
-    if mesh.layout.dp == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
+def reduce_gradients(params: Iterable[Tensor], group, divisor: int = 1) -> None:
+    """Sum the gradients over `group` (then divide), in one flat all-reduce per dtype. A parameter this
+    rank did not use (e.g. the initial memory on a later sequence shard) takes part with zeros, so every
+    rank reduces the same buffers."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
         flat = _flatten_dense_tensors(same)
-        torch_dist.all_reduce(flat, group=mesh.dp_group)
-        flat /= mesh.layout.dp
+        torch_dist.all_reduce(flat, group=group)
+        if divisor != 1:
+            flat /= divisor
         for g, reduced in zip(same, _unflatten_dense_tensors(flat, same), strict=True):
             g.copy_(reduced)
+
+
+def average_gradients(params: Iterable[Tensor], mesh: Mesh) -> None:
+    """Average the gradients over the data-parallel group (what DDP does per bucket, after the whole
+    backward instead of overlapped with it)."""
+    if mesh.layout.dp > 1:
+        reduce_gradients(params, mesh.dp_group, mesh.layout.dp)
 
 
 def counted_here(param: Tensor, mesh: Mesh) -> bool:

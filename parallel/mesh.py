@@ -100,7 +100,8 @@ class Mesh:
     tp_group: Any = None
     pp_group: Any = None
     dp_group: Any = None
-    model_parallel_group: Any = None  # tp × pp × sp: the ranks that together hold one model replica
+    model_parallel_group: Any = None  # tp × pp: the ranks that together hold one copy of the parameters
+    sp_group: Any = None  # the ranks holding the shards of the same sequences
     embedding_group: Any = None  # first and last pipeline stage of a replica (a tied embedding's two copies)
 
     def __post_init__(self) -> None:
@@ -133,6 +134,13 @@ class Mesh:
     def reports_loss(self) -> bool:
         """One rank per data-parallel replica holds the replica's loss: tp rank 0 of the last stage."""
         return self.is_last_stage and self.tp_rank == 0 and self.sp_rank == 0
+
+    def sp_neighbour(self, offset: int) -> int | None:
+        """Global rank of the sp rank `offset` away (same tp, dp, pp), None past either end."""
+        sp = self.sp_rank + offset
+        if not 0 <= sp < self.layout.sp:
+            return None
+        return self.layout.rank_of(tp=self.tp_rank, sp=sp, dp=self.dp_rank, pp=self.pp_rank)
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.layout.tp}, "
@@ -235,6 +243,7 @@ def init_mesh(tp: int = 1, pp: int = 1, sp: int = 1) -> Mesh:
                 pp_group=parallel_state.get_pipeline_model_parallel_group(),
                 dp_group=parallel_state.get_data_parallel_group(),
                 model_parallel_group=parallel_state.get_model_parallel_group(),
+                sp_group=parallel_state.get_context_parallel_group() if sp > 1 else None,
                 embedding_group=parallel_state.get_embedding_group()
                 if pp > 1 and parallel_state.is_rank_in_embedding_group() else None)
     expected = {"tp": parallel_state.get_tensor_model_parallel_rank(),

@@ -2,7 +2,7 @@
 
 Inside a checkpoint directory (pretrain/checkpoint.py makes it atomic and adds manifest.json with the
 sha256 of every file):
-    shards/model-tp{t}-pp{p}.pt        parameters of tp rank t, pipeline rank p (written by dp rank 0)
+    shards/model-tp{t}-pp{p}.pt        parameters of tp rank t, pipeline rank p (written by dp and sp rank 0)
     shards/optim-tp{t}-pp{p}.pt        AdamW state for those parameters (dp rank 0), or with ZeRO-1
     shards/optim-tp{t}-pp{p}-dp{d}.pt  each dp rank's partition of it
 
@@ -67,17 +67,16 @@ def save_shards(directory: Path, models: list[nn.Module], optimizer: torch.optim
     if mesh.is_main:
         folder.mkdir(parents=True, exist_ok=True)
     mesh.barrier()
-    if mesh.dp_rank == 0:
+    writes = mesh.sp_rank == 0  # sequence shards hold the same parameters and optimizer state
+    if writes and mesh.dp_rank == 0:
         state = {}
         for model in models:
             state.update(model.state_dict())
         _save(state, folder / model_file)
-    if zero:
-        _save(optimizer.optim.state_dict(), folder / optim_file)
-    elif mesh.dp_rank == 0:
-        _save(optimizer.state_dict(), folder / optim_file)
+    if writes and (zero or mesh.dp_rank == 0):
+        _save(optimizer.optim.state_dict() if zero else optimizer.state_dict(), folder / optim_file)
     parameters: dict[str, Any] = {}
-    for part in mesh.gather_objects(parameter_layout(models) if mesh.dp_rank == 0 else {}):
+    for part in mesh.gather_objects(parameter_layout(models) if writes and mesh.dp_rank == 0 else {}):
         parameters.update(part)
     return {"layout": asdict(mesh.layout), "zero_stage": cfg.parallel.zero_stage,
             "pp_stages": n_stages(cfg.parallel),

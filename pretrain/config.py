@@ -8,6 +8,7 @@ An unknown key is an error that lists the valid ones; a value of the wrong type 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ class ParallelConfig:
 
     tp: int = 1  # tensor parallel: heads, FFN and vocabulary split over tp ranks (parallel/tensor.py)
     pp: int = 1  # pipeline parallel: contiguous groups of blocks per stage (parallel/pipeline.py)
-    sp: int = 1  # sequence parallel: not built yet
+    sp: int = 1  # sequence parallel: sequences split over sp ranks, memory relayed (parallel/sequence.py)
     # 0: plain data parallel (DDP); 1, 2, 3: ZeRO sharding optimizer states (1), + gradients (2),
     # + parameters (3) over the data-parallel ranks (parallel/zero.py); with tp or pp > 1, stage 1 only
     zero_stage: int = 0
@@ -244,6 +245,28 @@ def validate(cfg: RunConfig) -> None:
     validate_parallel(cfg)
 
 
+def validate_sequence_parallel(cfg: RunConfig) -> None:
+    """sp > 1: blocks the relay runs, no pipeline yet, and shards aligned to chunks and MAC segments."""
+    p, m = cfg.parallel, cfg.model
+    from parallel.sequence import SP_BLOCKS
+
+    other = sorted(set(m.layer_kinds) - set(SP_BLOCKS))
+    if other:
+        raise ConfigError(f"parallel.sp={p.sp} with model.layers={m.layers!r}: sequence parallelism runs "
+                          f"{', '.join(SP_BLOCKS)} blocks so far ({', '.join(other)} need the attention halo "
+                          "or a ring, not built yet); use parallel.sp=1")
+    if p.pp > 1:
+        raise ConfigError("parallel.sp > 1 with parallel.pp > 1 is not built yet: use one of them")
+    align = math.lcm(m.memory_chunk, m.segment_len) if "mac" in m.layer_kinds else m.memory_chunk
+    unit = align * p.sp
+    if cfg.data.seq_len % unit:
+        below, above = cfg.data.seq_len // unit * unit, (cfg.data.seq_len // unit + 1) * unit
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into {p.sp} shards of whole "
+                          f"memory chunks ({m.memory_chunk})" + (f" and MAC segments ({m.segment_len})"
+                                                                 if "mac" in m.layer_kinds else "")
+                          + f": use a multiple of {unit}, e.g. {below or above} or {above}")
+
+
 def validate_parallel(cfg: RunConfig) -> None:
     """Layout checks that need no process group (the world size is checked by parallel.mesh)."""
     p, m = cfg.parallel, cfg.model
@@ -251,7 +274,7 @@ def validate_parallel(cfg: RunConfig) -> None:
         if getattr(p, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     if p.sp > 1:
-        raise ConfigError("parallel.sp > 1: sequence parallelism is not built yet; set parallel.sp=1")
+        validate_sequence_parallel(cfg)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0 (plain data parallel), 1, 2 or 3 (ZeRO), "
                           f"got {p.zero_stage}")

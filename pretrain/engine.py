@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from parallel.grads import average_gradients, clip_grad_norm_
+from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
 from parallel.pipeline import Pipeline, sync_tied_gradients
+from parallel.sequence import SequenceShards, shard_of
 from parallel.tensor import TensorShard, shard_tensor, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
@@ -169,6 +170,45 @@ class PipelineEngine(Engine):
         return super().step(grad_clip, apply)
 
 
+class SequenceEngine(Engine):
+    """sp > 1 (pp = 1): each rank runs its shard of every sequence, the memory state relayed between sp
+    ranks (parallel/sequence.py); gradients summed over sp, then averaged over dp."""
+
+    def __init__(self, models, optimizer, mesh, cfg, autocast) -> None:
+        super().__init__(models, optimizer, mesh, cfg, autocast)
+        model = models[0]
+        cross_entropy = vocab_parallel_loss(model) or token_cross_entropy
+        self.shards = SequenceShards(model, mesh)
+        self.loss_sum = partial(self._head_loss, model.head, cross_entropy)
+
+    @staticmethod
+    def _head_loss(head, cross_entropy, features: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
+        return head_loss_sum(features, head, targets, weights, cross_entropy)
+
+    def _run(self, batch: Batch, scale: float, train: bool) -> Tensor:
+        tokens, weights = batch
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        denominator = (targets.numel() if weights is None else weights.float().sum()) / scale
+        args = (shard_of(inputs, self.mesh), shard_of(targets, self.mesh),
+                None if weights is None else shard_of(weights, self.mesh), self.loss_sum, denominator)
+        with self.autocast:
+            loss = self.shards.forward_backward(*args) if train else self.shards.loss(*args)
+        loss = loss.float().clone()
+        torch.distributed.all_reduce(loss, group=self.mesh.sp_group)  # the shards' shares → the batch's
+        return loss / scale
+
+    def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
+        return self._run(batch, scale, train=True)
+
+    def eval_loss(self, batch: Batch) -> Tensor | None:
+        return self._run(batch, 1.0, train=False)
+
+    def step(self, grad_clip: float, apply: bool) -> float:
+        reduce_gradients(self.parameters(), self.mesh.sp_group)  # each shard holds its part
+        average_gradients(self.parameters(), self.mesh)
+        return super().step(grad_clip, apply)
+
+
 class DeepSpeedEngine(Engine):
     """Pure data parallelism with ZeRO 1–3 through DeepSpeed (parallel/zero.py)."""
 
@@ -236,6 +276,8 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if p.pp > 1:
         return PipelineEngine(models, optimizer, mesh, cfg, autocast, stage_indices)
+    if p.sp > 1:
+        return SequenceEngine(models, optimizer, mesh, cfg, autocast)
     if p.zero_stage > 0 and not mesh.layout.model_parallel:
         return DeepSpeedEngine(models, optimizer, mesh, cfg, autocast, precision)
     return ReplicaEngine(models, optimizer, mesh, cfg, autocast)

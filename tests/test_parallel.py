@@ -162,7 +162,6 @@ def test_resume_with_another_layout_is_refused(runs):
     (["parallel.pp=2", "data.batch_size=6"],
      "data.batch_size=6 is not divisible by parallel.pp_microbatches=4"),
     (["parallel.pp_schedule=zigzag"], "parallel.pp_schedule must be one of 1f1b, interleaved, gpipe"),
-    (["parallel.sp=2"], "sequence parallelism is not built yet"),
     (["train.zero_stage=1"], "train.zero_stage has moved: write parallel.zero_stage instead"),
 ])
 def test_bad_layout_is_refused_before_any_work(override, message):
@@ -273,3 +272,87 @@ def test_planner_cli_prints_a_table_and_a_verdict():
     assert len(rows) == 8, done.stdout
     assert "layout tp=2 pp=4 sp=1 dp=8 on 64 × h100-80gb" in done.stdout
     assert re.search(r"verdict: (GO|NO-GO)", done.stdout)
+
+
+# ---------------------------------------------------------------------------- sequence parallelism
+
+SP_SEQ_LEN = 64  # 4 shards of 16 tokens: whole memory chunks (8) and MAC segments (16)
+SP_LAYOUTS = {  # name → (world size, overrides)
+    "sp2": (2, ["parallel.sp=2"]),
+    "sp4": (4, ["parallel.sp=4"]),
+    "sp2_tp2": (4, ["parallel.sp=2", "parallel.tp=2"]),
+    "sp2_dp2_zero1": (4, ["parallel.sp=2", "parallel.zero_stage=1"]),
+}
+SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp2"), ("lmm", 2, "sp4"),
+         ("mac", 2, "sp4"), ("mac", 2, "sp2_tp2"), ("lmm", 2, "sp2_dp2_zero1")]
+SP_CASES = ([(v, d, layout) for v in ("lmm", "mac") for d in (1, 2) for layout in SP_LAYOUTS] if SLOW
+            else SP_CI)
+
+
+def sp_job(name: str, out: Path, variant: str, depth: int, layout: str) -> dict:
+    world, layout_overrides = SP_LAYOUTS[layout]
+    sizes = dict(o.removeprefix("parallel.").split("=") for o in layout_overrides if o[9:11] in ("sp", "tp"))
+    dp = world // int(sizes.get("sp", 1)) // int(sizes.get("tp", 1))
+    ov = (base_overrides(out, GLOBAL_BATCH // dp, STEPS) + model_overrides(variant)
+          + [f"model.memory_depth={depth}", f"data.seq_len={SP_SEQ_LEN}", *layout_overrides])
+    return {"name": name, "overrides": ov}
+
+
+@pytest.fixture(scope="module")
+def sp_runs(tmp_path_factory):
+    results = {}
+    for world in sorted({SP_LAYOUTS[layout][0] for _, _, layout in SP_CASES}):
+        tmp = tmp_path_factory.mktemp(f"sp_world{world}")
+        jobs = [sp_job(f"{v}{d}_{layout}", tmp / f"{v}{d}_{layout}", v, d, layout)
+                for v, d, layout in SP_CASES if SP_LAYOUTS[layout][0] == world]
+        results.update(launch(WORKER, jobs, tmp, world, LAUNCH_TIMEOUT_S))
+    return results
+
+
+@pytest.fixture(scope="module")
+def sp_references(tmp_path_factory):
+    patch = pytest.MonkeyPatch()
+    patch.setattr(train_module, "build_loaders", in_memory_loaders)
+    out = {}
+    try:
+        for variant, depth in sorted({(v, d) for v, d, _ in SP_CASES}):
+            tmp = tmp_path_factory.mktemp(f"sp_ref_{variant}{depth}")
+            cfg = load_config(None, base_overrides(tmp, GLOBAL_BATCH, STEPS) + model_overrides(variant)
+                              + [f"model.memory_depth={depth}", f"data.seq_len={SP_SEQ_LEN}"])
+            result = train_module.train(cfg)
+            out[(variant, depth)] = (result, load_checkpoint(result.checkpoint)["model"])
+    finally:
+        patch.undo()
+    return out
+
+
+@pytest.mark.parametrize("variant, depth, layout", SP_CASES)
+def test_sequence_parallel_matches_one_process(sp_runs, sp_references, variant, depth, layout):
+    """The memory state relayed between sequence shards: the same losses and weights as one process
+    reading the whole sequence."""
+    got = sp_runs[f"{variant}{depth}_{layout}"]
+    reference, ref_weights = sp_references[(variant, depth)]
+    assert all(close(a, b) for a, b in zip(got["losses"], reference.losses, strict=True)), \
+        (got["losses"], reference.losses)
+    for step, val in reference.val_losses.items():
+        assert close(got["val_losses"][str(step)], val), (step, got["val_losses"], reference.val_losses)
+    weights = consolidate(Path(got["checkpoint"]))
+    for name, want in ref_weights.items():
+        error = (weights[name] - want).norm() / want.norm()
+        assert error <= 1e-5, (name, error.item())
+
+
+@pytest.mark.parametrize("override, message", [
+    (["parallel.sp=2", "model.layers=mag"], "sequence parallelism runs lmm, mac blocks so far (mag need"),
+    (["parallel.sp=2", "parallel.pp=2", "model.layers=lmm"], "parallel.sp > 1 with parallel.pp > 1"),
+    (["parallel.sp=4", "model.layers=mac", "model.segment_len=64", "model.memory_chunk=16",
+      "data.seq_len=300"],
+     "data.seq_len=300 does not split into 4 shards of whole memory chunks (16) and MAC segments (64): use a "
+     "multiple of 256, e.g. 256 or 512"),
+])
+def test_sequence_parallel_layouts_it_cannot_run_are_refused(override, message):
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    assert message in str(err.value), str(err.value)

@@ -1,0 +1,149 @@
+"""Sequence parallelism: one sequence split over sp ranks, the long-term memory's state relayed exactly.
+
+    runner = SequenceShards(model, mesh)
+    loss = runner.forward_backward(tokens_shard, targets_shard, weights_shard, loss_sum, denominator)
+
+Each sp rank holds a contiguous shard of every sequence (a multiple of the memory chunk and of MAC's
+segment). Layer by layer, rank r receives the memory state (weights M, momentum S and the conv
+history) at its shard's start from rank r − 1, runs its chunks from that state, and sends its end state
+on to r + 1: the state API's contract (feeding a sequence in pieces with the carried state equals
+feeding it whole) makes this exact. Sends are non-blocking, so rank r starts layer l as soon as r − 1
+has finished it (a wavefront: L layers on P ranks take about (L + P − 1)/L of one shard's time).
+
+The backward runs the same relay in reverse, layer by layer, with explicit `torch.autograd.backward`
+calls between detached layer boundaries: rank r backpropagates layer l once it has the gradient of its
+end state from r + 1, then sends the gradient of its start state to r − 1. The point-to-point traffic
+per layer is the memory's size, independent of the sequence length.
+
+Which blocks: LMM and MAC, whose only link across a shard boundary is the memory state (MAC's
+attention stays inside its segment, segments align with shards). Sliding-window blocks (SWA, MAG, MAL)
+need the attention halo, and full attention a ring: not built yet, refused by the config check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+
+from parallel.mesh import Mesh
+from titans.memory import MemoryState
+from titans.model import TitansLM
+
+SP_BLOCKS = ("lmm", "mac")  # the blocks sequence parallelism runs today
+BACKWARD_TAG = 1 << 20
+LossSum = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (final features, targets, weights) -> Σ (w·) ce
+
+
+def state_tensors(state: MemoryState) -> list[Tensor]:
+    return [*state.weights, *state.momentum, *([] if state.conv is None else [state.conv])]
+
+
+def state_from(tensors: list[Tensor], depth: int) -> MemoryState:
+    conv = tensors[2 * depth] if len(tensors) > 2 * depth else None
+    return MemoryState(list(tensors[:depth]), list(tensors[depth : 2 * depth]), conv)
+
+
+def state_template(model: TitansLM, layer: str, batch: int, device: torch.device) -> list[Tensor]:
+    """Empty buffers shaped like layer `layer`'s memory state on this rank (its local heads)."""
+    memory = model.blocks[layer].memory
+    weights = [torch.empty(batch, *w.shape, dtype=memory.state_dtype(), device=device)
+               for w in memory.init_weights]
+    heads = memory.init_weights[0].shape[0]
+    conv = torch.empty(batch, memory.conv_kernel - 1, 3 * heads * memory.head_dim, dtype=memory.state_dtype(),
+                       device=device)
+    return [*weights, *[torch.empty_like(w) for w in weights], conv]
+
+
+class SequenceShards:
+    """Runs this rank's shard of a batch through a (pp = 1) TitansLM with the state relay."""
+
+    def __init__(self, model: TitansLM, mesh: Mesh) -> None:
+        self.model, self.mesh = model, mesh
+        self.prev, self.next = mesh.sp_neighbour(-1), mesh.sp_neighbour(+1)
+        self.pending: list = []  # outstanding sends: their buffers must live until they complete
+
+    def _send(self, tensors: list[Tensor], tag: int) -> None:
+        for i, t in enumerate(tensors):
+            if t.numel():
+                buf = t.detach().contiguous()
+                self.pending.append((torch_dist.isend(buf, self.next if tag < BACKWARD_TAG else self.prev,
+                                                      tag=tag + i), buf))
+
+    def _recv(self, buffers: list[Tensor], tag: int, source: int) -> list[Tensor]:
+        works = [torch_dist.irecv(b, source, tag=tag + i) for i, b in enumerate(buffers) if b.numel()]
+        for w in works:
+            w.wait()
+        return buffers
+
+    def _finish_sends(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+    def forward(self, tokens: Tensor, grad: bool) -> tuple[Tensor, list]:
+        """Embedding and blocks with the relay; returns the last block's output and, when `grad`, what
+        the backward needs per layer: (input leaf, output, incoming state leaves, outgoing state)."""
+        model, records = self.model, []
+        embedded = model.embed(tokens)
+        x = embedded
+        for index, (name, block) in enumerate(model.blocks.items()):
+            x_in = x.detach().requires_grad_(grad)
+            incoming = None
+            if self.prev is not None:
+                incoming = self._recv(state_template(model, name, tokens.shape[0], tokens.device),
+                                      index * 64, self.prev)
+                for t in incoming:
+                    t.requires_grad_(grad)
+            state = state_from(incoming, block.memory.depth) if incoming is not None else None
+            x, out_state = block(x_in, state)
+            outgoing = state_tensors(out_state)
+            if self.next is not None:
+                self._send(outgoing, index * 64)
+            records.append((x_in, x, incoming, outgoing))
+        return x, [embedded, records]
+
+    def backward(self, grad_out: Tensor, saved: list) -> None:
+        embedded, records = saved
+        grad_x = grad_out
+        for index in reversed(range(len(records))):
+            x_in, x_out, incoming, outgoing = records[index]
+            tensors, grads = [x_out], [grad_x]
+            if self.next is not None:  # the gradient of our end state, from the rank that continued it
+                received = self._recv([torch.empty_like(t) for t in outgoing], BACKWARD_TAG + index * 64,
+                                      self.next)
+                pairs = [(t, g) for t, g in zip(outgoing, received, strict=True) if t.requires_grad]
+                tensors += [t for t, _ in pairs]
+                grads += [g for _, g in pairs]
+            torch.autograd.backward(tensors, grads)
+            if incoming is not None:
+                self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in incoming],
+                           BACKWARD_TAG + index * 64)
+            grad_x = x_in.grad
+        embedded.backward(grad_x)
+        self._finish_sends()
+
+    def forward_backward(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: LossSum,
+                         denominator: Tensor | float) -> Tensor:
+        """This shard's share of the batch loss, Σ (w·) ce / `denominator`, with its gradients added to
+        the parameters (the shards' gradients still need summing over sp)."""
+        top, saved = self.forward(tokens, grad=True)
+        top_in = top.detach().requires_grad_()
+        loss = loss_sum(self.model.norm(top_in), targets, weights) / denominator
+        loss.backward()
+        self.backward(top_in.grad, saved)
+        return loss.detach()
+
+    @torch.no_grad()
+    def loss(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: LossSum,
+             denominator: Tensor | float) -> Tensor:
+        top, _ = self.forward(tokens, grad=False)
+        self._finish_sends()
+        return loss_sum(self.model.norm(top), targets, weights) / denominator
+
+
+def shard_of(t: Tensor, mesh: Mesh) -> Tensor:
+    """This sp rank's contiguous slice of the sequence dimension (dim 1)."""
+    return t.chunk(mesh.layout.sp, dim=1)[mesh.sp_rank]
