@@ -64,11 +64,13 @@ class SequenceShards:
         self.model, self.mesh = model, mesh
         self.prev, self.next = mesh.sp_neighbour(-1), mesh.sp_neighbour(+1)
         self.pending: list = []  # outstanding sends: their buffers must live until they complete
+        self.bytes_sent = 0  # point-to-point traffic of this rank (benchmarks read it)
 
     def _send(self, tensors: list[Tensor], tag: int) -> None:
         for i, t in enumerate(tensors):
             if t.numel():
                 buf = t.detach().contiguous()
+                self.bytes_sent += buf.numel() * buf.element_size()
                 self.pending.append((torch_dist.isend(buf, self.next if tag < BACKWARD_TAG else self.prev,
                                                       tag=tag + i), buf))
 

@@ -1,0 +1,116 @@
+"""Sequence parallelism: bytes relayed per layer, activation memory per rank and step time at sp = 1, 2, 4.
+
+    python bench/sequence_parallel.py                      # LMM, 4 layers, lengths 1024 and 4096
+    python bench/sequence_parallel.py --layers mac --lengths 2048 8192
+
+Each sp is a `torch.distributed.run` launch of a worker that builds the training job's engine
+(pretrain/engine.py) for the layout and times forward + backward + optimizer steps on random tokens.
+Printed per (sp, length): the bytes each rank sends per layer per step (the memory state forward, its
+gradient back: they must not grow with the length), the activation bytes a rank saves for backward (they
+should fall about as 1/sp), and the median step time. On a CPU with fewer cores than ranks, times measure
+oversubscription more than the wavefront.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from parallel_overhead import free_port  # noqa: E402
+
+
+def worker(out: Path, layers: str, n_layers: int, length: int, steps: int) -> None:
+    import torch
+
+    from parallel.mesh import init_mesh
+    from pretrain.config import load_config
+    from pretrain.data import Batch
+    from pretrain.engine import build_engine
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
+                      [f"model.layers={layers}", f"model.n_layers={n_layers}", f"data.seq_len={length}",
+                       "data.batch_size=1", f"parallel.sp={world}"])
+    mesh = init_mesh(sp=world)
+    engine = build_engine(cfg, mesh, "fp32")
+    generator = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randint(0, cfg.model.vocab_size, (1, length + 1), generator=generator), None)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    times = []
+    for step in range(steps):
+        started = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if step == 0 else nullcontext():
+            engine.forward_backward(batch, 1.0, last=True)
+        engine.step(1.0, apply=True)
+        times.append(time.perf_counter() - started)
+    runner = getattr(engine, "shards", None)
+    sent = runner.bytes_sent / steps / n_layers if runner is not None else 0
+    step_s = statistics.median(times[1:])
+    report = mesh.gather_objects({"sent": sent, "saved": sum(saved.values()), "step": step_s})
+    if mesh.is_main:
+        out.write_text(json.dumps(report))
+    os._exit(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", default="lmm")
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.layers, args.n_layers, args.length, args.steps)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in args.lengths:
+            for sp in args.sp:
+                out = Path(tmp) / f"{sp}-{length}.json"
+                command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(sp),
+                           "--master-port", str(free_port()), str(Path(__file__).resolve()),
+                           "--worker", str(out),
+                           "--layers", args.layers, "--n-layers", str(args.n_layers), "--length", str(length),
+                           "--steps", str(args.steps)]
+                env = {**os.environ, "PYTHONPATH": str(ROOT),
+                       "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // sp))}
+                done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"sp={sp}, length {length} failed:\n{done.stderr[-3000:]}")
+                ranks = json.loads(out.read_text())
+                rows.append((length, sp, max(r["sent"] for r in ranks), max(r["saved"] for r in ranks),
+                             statistics.median(r["step"] for r in ranks)))
+                print(f"length {length}, sp {sp}: done", file=sys.stderr, flush=True)
+    base = {length: saved for length, sp, _, saved, _ in rows if sp == 1}
+    step1 = {length: step for length, sp, _, _, step in rows if sp == 1}
+    print(f"\n{args.n_layers} {args.layers} layers of configs/tiny.yaml, batch 1, fp32, "
+          f"{os.cpu_count()} cores\n")
+    print("| length | sp | bytes sent / layer / step (max rank) | activations saved / rank (MiB) | vs sp=1 "
+          "| step (s) | vs sp=1 |\n|---:|---:|---:|---:|---:|---:|---:|")
+    for length, sp, sent, saved, step in rows:
+        print(f"| {length} | {sp} | {sent:,.0f} | {saved / 2**20:.1f} | "
+              f"{saved / base.get(length, saved):.2f} | {step:.3f} | {step / step1.get(length, step):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
