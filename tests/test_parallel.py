@@ -92,21 +92,22 @@ def runs(tmp_path_factory):
     return results
 
 
+def one_process(out: Path, *extra: str):
+    """The 1-process run on the global batch (in-memory data): its result and final weights."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(train_module, "build_loaders", in_memory_loaders)
+    try:
+        result = train_module.train(load_config(None, base_overrides(out, GLOBAL_BATCH, STEPS) + list(extra)))
+    finally:
+        patch.undo()
+    return result, load_checkpoint(result.checkpoint)["model"]
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """The 1-process runs of each variant on the global batch."""
-    patch = pytest.MonkeyPatch()
-    patch.setattr(train_module, "build_loaders", in_memory_loaders)
-    out = {}
-    try:
-        for variant in sorted({v for v, _ in CASES}):
-            tmp = tmp_path_factory.mktemp(f"ref_{variant}")
-            cfg = load_config(None, base_overrides(tmp, GLOBAL_BATCH, STEPS) + model_overrides(variant))
-            result = train_module.train(cfg)
-            out[variant] = (result, load_checkpoint(result.checkpoint)["model"])
-    finally:
-        patch.undo()
-    return out
+    return {v: one_process(tmp_path_factory.mktemp(f"ref_{v}"), *model_overrides(v))
+            for v in sorted({v for v, _ in CASES})}
 
 
 def close(a: float, b: float, rel: float = 1e-5) -> bool:
@@ -311,19 +312,9 @@ def sp_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp_references(tmp_path_factory):
-    patch = pytest.MonkeyPatch()
-    patch.setattr(train_module, "build_loaders", in_memory_loaders)
-    out = {}
-    try:
-        for variant, depth in sorted({(v, d) for v, d, _ in SP_CASES}):
-            tmp = tmp_path_factory.mktemp(f"sp_ref_{variant}{depth}")
-            cfg = load_config(None, base_overrides(tmp, GLOBAL_BATCH, STEPS) + model_overrides(variant)
-                              + [f"model.memory_depth={depth}", f"data.seq_len={SP_SEQ_LEN}"])
-            result = train_module.train(cfg)
-            out[(variant, depth)] = (result, load_checkpoint(result.checkpoint)["model"])
-    finally:
-        patch.undo()
-    return out
+    return {(v, d): one_process(tmp_path_factory.mktemp(f"sp_ref_{v}{d}"), *model_overrides(v),
+                                f"model.memory_depth={d}", f"data.seq_len={SP_SEQ_LEN}")
+            for v, d in sorted({(v, d) for v, d, _ in SP_CASES})}
 
 
 @pytest.mark.parametrize("variant, depth, layout", SP_CASES)
