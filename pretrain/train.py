@@ -1,8 +1,8 @@
 """The main job: `python -m pretrain.train --config configs/<run>.yaml [section.key=value ...]`.
 
 Trains a TitansLM with AdamW, warmup + cosine, clipping and accumulation; logs to TensorBoard; writes
-atomic checkpoints and resumes from the latest one by default; SIGTERM / SIGUSR1 save and exit cleanly.
-Launch with `torchrun` or `srun` for several processes (gloo on CPU, NCCL on GPU). The `parallel:` section
+atomic, checksummed checkpoints and resumes from the newest good one; SIGTERM / SIGUSR1 / SIGINT save
+and exit with code 75 (interrupted: run again to continue). Launch with `torchrun` or `srun` for several processes (gloo on CPU, NCCL on GPU). The `parallel:` section
 sets the layout (tp, pp, ZeRO); the loop below is the same for every layout: it talks to an engine
 (pretrain/engine.py) that owns the model pieces, the wrapping and the optimizer.
 """
