@@ -16,8 +16,11 @@ end state from r + 1, then sends the gradient of its start state to r − 1. The
 per layer is the memory's size, independent of the sequence length.
 
 Which blocks: LMM and MAC, whose only link across a shard boundary is the memory state (MAC's
-attention stays inside its segment, segments align with shards). Sliding-window blocks (SWA, MAG, MAL)
-need the attention halo, and full attention a ring: not built yet, refused by the config check.
+attention stays inside its segment, segments align with shards), and SWA and MAG, whose sliding-window
+attention also reads a halo: the previous shard's last w − 1 block inputs (sent forward with the state,
+their gradient sent back and added to that shard's input gradient). MAL's attention reads the memory
+layer's output, so its halo would be exchanged mid-block, and full attention needs a ring: not built
+yet, refused by the config check.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from parallel.mesh import Mesh
 from titans.memory import MemoryState
 from titans.model import TitansLM
 
-SP_BLOCKS = ("lmm", "mac")  # the blocks sequence parallelism runs today
+SP_BLOCKS = ("lmm", "mac", "swa", "mag")  # the blocks sequence parallelism runs today
+HALO_BLOCKS = ("swa", "mag")  # sliding-window attention over the shard boundary: w − 1 rows of halo
 BACKWARD_TAG = 1 << 20
 LossSum = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (final features, targets, weights) -> Σ (w·) ce
 
@@ -85,45 +89,67 @@ class SequenceShards:
             work.wait()
         self.pending.clear()
 
+    def halo_rows(self, name: str) -> int:
+        """Rows of attention halo block `name` needs from the previous shard (0: none)."""
+        kind = self.model.cfg.layer_kinds[int(name)]
+        return self.model.cfg.window - 1 if kind in HALO_BLOCKS else 0
+
     def forward(self, tokens: Tensor, grad: bool) -> tuple[Tensor, list]:
         """Embedding and blocks with the relay; returns the last block's output and, when `grad`, what
-        the backward needs per layer: (input leaf, output, incoming state leaves, outgoing state)."""
+        the backward needs per layer: (input leaf, output, incoming state leaves, outgoing state,
+        incoming halo leaf)."""
         model, records = self.model, []
         embedded = model.embed(tokens)
         x = embedded
         for index, (name, block) in enumerate(model.blocks.items()):
             x_in = x.detach().requires_grad_(grad)
+            tag, halo = index * 64, self.halo_rows(name)
+            past = None
+            if halo:  # the last w − 1 block inputs go to the next shard, ours come from the previous one
+                if self.next is not None:
+                    self._send([x_in[:, -halo:]], tag + 63)
+                if self.prev is not None:
+                    (past,) = self._recv([x_in.new_empty(x_in.shape[0], halo, x_in.shape[2])], tag + 63,
+                                         self.prev)
+                    past.requires_grad_(grad)
             incoming = None
-            if self.prev is not None:
-                incoming = self._recv(state_template(model, name, tokens.shape[0], tokens.device),
-                                      index * 64, self.prev)
+            if self.prev is not None and block.has_memory:
+                incoming = self._recv(state_template(model, name, tokens.shape[0], tokens.device), tag,
+                                      self.prev)
                 for t in incoming:
                     t.requires_grad_(grad)
             state = state_from(incoming, block.memory.depth) if incoming is not None else None
-            x, out_state = block(x_in, state)
-            outgoing = state_tensors(out_state)
+            x, out_state = block(x_in, state, past, self.mesh.sp_rank * tokens.shape[1])
+            outgoing = state_tensors(out_state) if out_state is not None else []
             if self.next is not None:
-                self._send(outgoing, index * 64)
-            records.append((x_in, x, incoming, outgoing))
+                self._send(outgoing, tag)
+            records.append((x_in, x, incoming, outgoing, past))
         return x, [embedded, records]
 
     def backward(self, grad_out: Tensor, saved: list) -> None:
         embedded, records = saved
         grad_x = grad_out
         for index in reversed(range(len(records))):
-            x_in, x_out, incoming, outgoing = records[index]
+            x_in, x_out, incoming, outgoing, past = records[index]
+            tag = BACKWARD_TAG + index * 64
             tensors, grads = [x_out], [grad_x]
-            if self.next is not None:  # the gradient of our end state, from the rank that continued it
-                received = self._recv([torch.empty_like(t) for t in outgoing], BACKWARD_TAG + index * 64,
-                                      self.next)
+            if self.next is not None and outgoing:  # our end state's gradient, from who continued it
+                received = self._recv([torch.empty_like(t) for t in outgoing], tag, self.next)
                 pairs = [(t, g) for t, g in zip(outgoing, received, strict=True) if t.requires_grad]
                 tensors += [t for t, _ in pairs]
                 grads += [g for _, g in pairs]
             torch.autograd.backward(tensors, grads)
             if incoming is not None:
-                self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in incoming],
-                           BACKWARD_TAG + index * 64)
+                self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in incoming], tag)
+            if past is not None:
+                self._send([past.grad if past.grad is not None else torch.zeros_like(past)], tag + 63)
             grad_x = x_in.grad
+            halo = self.halo_rows(list(self.model.blocks)[index])
+            if halo and self.next is not None:  # the next shard's attention read our last rows
+                (halo_grad,) = self._recv([x_in.new_empty(x_in.shape[0], halo, x_in.shape[2])], tag + 63,
+                                          self.next)
+                grad_x = grad_x.clone()
+                grad_x[:, -halo:] += halo_grad
         embedded.backward(grad_x)
         self._finish_sends()
 

@@ -2,9 +2,10 @@
 
 Trains a TitansLM with AdamW, warmup + cosine, clipping and accumulation; logs to TensorBoard; writes
 atomic, checksummed checkpoints and resumes from the newest good one; SIGTERM / SIGUSR1 / SIGINT save
-and exit with code 75 (interrupted: run again to continue). Launch with `torchrun` or `srun` for several processes (gloo on CPU, NCCL on GPU). The `parallel:` section
-sets the layout (tp, pp, ZeRO); the loop below is the same for every layout: it talks to an engine
-(pretrain/engine.py) that owns the model pieces, the wrapping and the optimizer.
+and exit with code 75 (interrupted: run again to continue). Launch with `torchrun` or `srun` for several
+processes (gloo on CPU, NCCL on GPU). The `parallel:` section sets the layout (tp, pp, sp, ZeRO); the
+loop below is the same for every layout: it talks to an engine (pretrain/engine.py) that owns the model
+pieces, the wrapping and the optimizer.
 """
 
 from __future__ import annotations

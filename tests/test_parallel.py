@@ -285,9 +285,10 @@ SP_LAYOUTS = {  # name → (world size, overrides)
     "sp2_dp2_zero1": (4, ["parallel.sp=2", "parallel.zero_stage=1"]),
 }
 SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp2"), ("lmm", 2, "sp4"),
-         ("mac", 2, "sp4"), ("mac", 2, "sp2_tp2"), ("lmm", 2, "sp2_dp2_zero1")]
-SP_CASES = ([(v, d, layout) for v in ("lmm", "mac") for d in (1, 2) for layout in SP_LAYOUTS] if SLOW
-            else SP_CI)
+         ("mac", 2, "sp4"), ("mac", 2, "sp2_tp2"), ("lmm", 2, "sp2_dp2_zero1"), ("mag", 2, "sp2"),
+         ("mag", 2, "sp4"), ("swa", 2, "sp4")]
+SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "swa") for d in (1, 2) for layout in SP_LAYOUTS
+             if v != "swa" or d == 2] if SLOW else SP_CI)
 
 
 def sp_job(name: str, out: Path, variant: str, depth: int, layout: str) -> dict:
@@ -328,13 +329,16 @@ def test_sequence_parallel_matches_one_process(sp_runs, sp_references, variant, 
     for step, val in reference.val_losses.items():
         assert close(got["val_losses"][str(step)], val), (step, got["val_losses"], reference.val_losses)
     weights = consolidate(Path(got["checkpoint"]))
-    for name, want in ref_weights.items():
-        error = (weights[name] - want).norm() / want.norm()
-        assert error <= 1e-5, (name, error.item())
+    for name, want in ref_weights.items():  # the shards' gradients are summed in another order: in
+        error = (weights[name] - want).norm() / want.norm()  # float64 they agree to 2e-15, in fp32 Adam
+        assert error <= 5e-5, (name, error.item())  # turns that rounding into ≤ 2e-5 after 3 steps
 
 
 @pytest.mark.parametrize("override, message", [
-    (["parallel.sp=2", "model.layers=mag"], "sequence parallelism runs lmm, mac blocks so far (mag need"),
+    (["parallel.sp=2", "model.layers=mal"],
+     "sequence parallelism runs lmm, mac, swa, mag blocks so far (mal: a mid-block halo"),
+    (["parallel.sp=4", "model.layers=mag", "model.window=32", "data.seq_len=64"],
+     "model.window=32 reaches past the previous sequence shard (data.seq_len / parallel.sp = 16 tokens)"),
     (["parallel.sp=2", "parallel.pp=2", "model.layers=lmm"], "parallel.sp > 1 with parallel.pp > 1"),
     (["parallel.sp=4", "model.layers=mac", "model.segment_len=64", "model.memory_chunk=16",
       "data.seq_len=300"],

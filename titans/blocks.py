@@ -43,6 +43,15 @@ class OutputGate(nn.Module):
         return self.norm_attn(attn) * torch.sigmoid(self.norm_memory(memory))
 
 
+def attend(attn: Attention, x: Tensor, past: Tensor | None, start: int) -> Tensor:
+    """Attention over x (x[:, 0] at sequence position `start`), with the normed inputs of the positions
+    before it (if any) as extra keys. Positions are absolute: queries meet the persistent keys, which
+    carry no position, at their true rotation."""
+    if past is None:
+        return attn(x, position_offset=start)
+    return attn(torch.cat([past, x], dim=1), position_offset=start - past.shape[1])[:, past.shape[1] :]
+
+
 def make_memory(cfg: TitansConfig) -> NeuralMemory:
     return NeuralMemory(
         dim=cfg.dim,
@@ -70,11 +79,17 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+            ) -> tuple[Tensor, MemoryState | None]:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState | None]:
-        mixed, state = self.mix(self.mix_norm(x), state)
+    def forward(self, x: Tensor, state: MemoryState | None = None, past: Tensor | None = None,
+                start: int = 0) -> tuple[Tensor, MemoryState | None]:
+        """`past`: the block inputs of the positions just before x (a sequence shard's attention halo);
+        sliding-window attention sees them as keys, nothing else reads them. `start`: the sequence
+        position of x[:, 0] (a shard's offset), for the attention's rotary positions."""
+        past = None if past is None else self.mix_norm(past)
+        mixed, state = self.mix(self.mix_norm(x), state, past, start)
         x = x + mixed
         return x + self.ffn(self.ffn_norm(x)), state
 
@@ -87,8 +102,9 @@ class AttentionBlock(Block):
         n_persistent = cfg.n_persistent if window is not None else 0
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, window, n_persistent, cfg.rope_base)
 
-    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
-        return self.attn(x), state
+    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+            ) -> tuple[Tensor, MemoryState | None]:
+        return attend(self.attn, x, past, start), state
 
 
 class LMMBlock(Block):
@@ -100,7 +116,8 @@ class LMMBlock(Block):
         super().__init__(cfg)
         self.memory = make_memory(cfg)
 
-    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+            ) -> tuple[Tensor, MemoryState | None]:
         return self.memory(x, state)
 
 
@@ -115,11 +132,15 @@ class MALBlock(Block):
         self.memory = make_memory(cfg)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, cfg.window, cfg.n_persistent, cfg.rope_base)
 
-    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState | None]:
+    def forward(self, x: Tensor, state: MemoryState | None = None, past: Tensor | None = None,
+                start: int = 0) -> tuple[Tensor, MemoryState | None]:
+        if past is not None or start:  # its attention reads the memory layer's output, not x
+            raise NotImplementedError("MAL blocks take no attention halo (sequence parallelism)")
         memory_out, state = self.memory(self.memory_norm(x), state)
         return super().forward(x + memory_out, state)
 
-    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+            ) -> tuple[Tensor, MemoryState | None]:
         return self.attn(x), state
 
 
@@ -134,9 +155,10 @@ class MAGBlock(Block):
         self.memory = make_memory(cfg)
         self.gate = OutputGate(cfg.dim, cfg.norm_eps)
 
-    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+            ) -> tuple[Tensor, MemoryState | None]:
         memory_out, state = self.memory(x, state)
-        return self.gate(self.attn(x), memory_out), state
+        return self.gate(attend(self.attn, x, past, start), memory_out), state
 
 
 class MACBlock(Block):
@@ -186,7 +208,8 @@ class MACBlock(Block):
             q = self.to_memory_query(segment).view(B, T, -1, self.memory.head_dim)
         return F.normalize(q, dim=-1)
 
-    def mix(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+            ) -> tuple[Tensor, MemoryState | None]:  # segments are attention-local: no halo
         if state is None:
             state = self.memory.initial_state(x.shape[0])
         outputs = []
