@@ -2,8 +2,8 @@
 interleaved 1F1B and GPipe schedules.
 
     stages = [pipeline_stage(model_for(s), s, n_stages) for s in stage_ids(mesh.pp_rank, pp, per_rank)]
-    pipe = Pipeline(stages, mesh, schedule="1f1b", microbatches=8, cross_entropy=...)
-    loss = pipe.train_step(inputs, targets, weights)   # the batch loss on the last stage, None elsewhere
+    pipe = Pipeline(stages, ids, n_stages, mesh, "1f1b", microbatches=8, head_loss_sum=...)
+    loss = pipe.train_step(inputs, targets, weights, denominator)  # on the last stage, None elsewhere
 
 The first stage holds the embedding, the last the final norm, the head and the loss; a stage's model is
 a TitansLM with the other blocks removed (`titans/` knows nothing of this: its forward passes hidden
@@ -118,25 +118,26 @@ class Pipeline:
         return torch.stack([targets.double(), weights.double()], dim=-1)
 
     def _run(self, step: Callable, inputs: Tensor, targets: Tensor, weights: Tensor | None,
-             scale: float = 1.0) -> Tensor | None:
-        self._denominator = (targets.numel() if weights is None else weights.float().sum()) / scale
+             denominator: Tensor | float) -> Tensor | None:
+        self._denominator = denominator
         losses: list[Tensor] = []
         first = any(s.is_first for s in self.stages)
         args = (inputs,) if first else ()
         target = self._pack(targets, weights) if self.last is not None else None
         step(*args, target=target, losses=losses)
-        return torch.stack(losses).sum().detach() / scale if self.last is not None else None
+        return torch.stack(losses).sum().detach() if self.last is not None else None
 
-    def train_step(self, inputs: Tensor, targets: Tensor, weights: Tensor | None = None,
-                   scale: float = 1.0) -> Tensor | None:
-        """Forward and backward of one batch over all micro-batches; gradients of `scale` × the batch loss
-        are added to the stages' parameters. Returns the batch loss on the rank holding the last stage,
-        None elsewhere."""
-        return self._run(self.schedule.step, inputs, targets, weights, scale)
+    def train_step(self, inputs: Tensor, targets: Tensor, weights: Tensor | None,
+                   denominator: Tensor | float) -> Tensor | None:
+        """Forward and backward of one batch over all micro-batches; the gradients of Σ (w·) ce /
+        `denominator` are added to the stages' parameters. Returns that loss on the rank holding the last
+        stage, None elsewhere."""
+        return self._run(self.schedule.step, inputs, targets, weights, denominator)
 
     @torch.no_grad()
-    def eval_loss(self, inputs: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor | None:
-        return self._run(self.schedule.eval, inputs, targets, weights)
+    def eval_loss(self, inputs: Tensor, targets: Tensor, weights: Tensor | None,
+                  denominator: Tensor | float) -> Tensor | None:
+        return self._run(self.schedule.eval, inputs, targets, weights, denominator)
 
 
 def sync_tied_gradients(models: list[TitansLM], mesh: Mesh) -> None:

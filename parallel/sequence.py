@@ -25,20 +25,18 @@ yet, refused by the config check.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
 from parallel.mesh import Mesh
+from parallel.pipeline import HeadLossSum
 from titans.memory import MemoryState
 from titans.model import TitansLM
 
 SP_BLOCKS = ("lmm", "mac", "swa", "mag")  # the blocks sequence parallelism runs today
 HALO_BLOCKS = ("swa", "mag")  # sliding-window attention over the shard boundary: w − 1 rows of halo
 BACKWARD_TAG = 1 << 20
-LossSum = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (final features, targets, weights) -> Σ (w·) ce
 
 
 def state_tensors(state: MemoryState) -> list[Tensor]:
@@ -153,23 +151,23 @@ class SequenceShards:
         embedded.backward(grad_x)
         self._finish_sends()
 
-    def forward_backward(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: LossSum,
+    def forward_backward(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: HeadLossSum,
                          denominator: Tensor | float) -> Tensor:
         """This shard's share of the batch loss, Σ (w·) ce / `denominator`, with its gradients added to
         the parameters (the shards' gradients still need summing over sp)."""
         top, saved = self.forward(tokens, grad=True)
         top_in = top.detach().requires_grad_()
-        loss = loss_sum(self.model.norm(top_in), targets, weights) / denominator
+        loss = loss_sum(self.model.norm(top_in), self.model.head, targets, weights) / denominator
         loss.backward()
         self.backward(top_in.grad, saved)
         return loss.detach()
 
     @torch.no_grad()
-    def loss(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: LossSum,
+    def loss(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: HeadLossSum,
              denominator: Tensor | float) -> Tensor:
         top, _ = self.forward(tokens, grad=False)
         self._finish_sends()
-        return loss_sum(self.model.norm(top), targets, weights) / denominator
+        return loss_sum(self.model.norm(top), self.model.head, targets, weights) / denominator
 
 
 def shard_of(t: Tensor, mesh: Mesh) -> Tensor:

@@ -43,7 +43,7 @@ from parallel.zero import ZeroEngine
 from pretrain.checkpoint_shards import load_shards, save_shards
 from pretrain.config import RunConfig
 from pretrain.data import Batch
-from pretrain.loss import CausalLMLoss, head_loss_sum, token_cross_entropy
+from pretrain.loss import CausalLMLoss, head_loss_sum, loss_denominator, token_cross_entropy
 from titans.memory import NeuralMemory
 from titans.model import TitansLM
 
@@ -85,6 +85,11 @@ class Engine:
         """(layer index, memory) for every neural memory this rank holds (for diagnostics)."""
         return [(int(i), m) for model in self.models for i, block in model.blocks.items()
                 for m in block.modules() if isinstance(m, NeuralMemory)]
+
+    def head_loss_sum(self) -> partial:
+        """Σ (w·) cross-entropy of a head's logits, vocabulary-parallel when the head is split over tp."""
+        cross_entropy = vocab_parallel_loss(self.models[-1]) or token_cross_entropy
+        return partial(head_loss_sum, cross_entropy=cross_entropy)
 
     def parameters(self) -> list[Tensor]:
         return [p for model in self.models for p in model.parameters()]
@@ -148,21 +153,23 @@ class PipelineEngine(Engine):
     def __init__(self, models, optimizer, mesh, cfg, autocast, stage_indices: list[int]) -> None:
         super().__init__(models, optimizer, mesh, cfg, autocast)
         p = cfg.parallel
-        cross_entropy = vocab_parallel_loss(models[-1]) or token_cross_entropy
-        loss_sum = partial(head_loss_sum, cross_entropy=cross_entropy)
         self.pipe = Pipeline(models, stage_indices, n_stages(p), mesh, p.pp_schedule,
-                             p.pp_microbatches or 2 * p.pp, loss_sum)
+                             p.pp_microbatches or 2 * p.pp, self.head_loss_sum())
 
     def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
         tokens, weights = batch
+        targets = tokens[:, 1:]
         with self.autocast:
-            return self.pipe.train_step(tokens[:, :-1], tokens[:, 1:], weights, scale)
+            loss = self.pipe.train_step(tokens[:, :-1], targets, weights,
+                                        loss_denominator(targets, weights) / scale)
+        return None if loss is None else loss / scale
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> Tensor | None:
         tokens, weights = batch
+        targets = tokens[:, 1:]
         with self.autocast:
-            return self.pipe.eval_loss(tokens[:, :-1], tokens[:, 1:], weights)
+            return self.pipe.eval_loss(tokens[:, :-1], targets, weights, loss_denominator(targets, weights))
 
     def step(self, grad_clip: float, apply: bool) -> float:
         average_gradients(self.parameters(), self.mesh)  # once per step, after every micro-batch
@@ -176,21 +183,14 @@ class SequenceEngine(Engine):
 
     def __init__(self, models, optimizer, mesh, cfg, autocast) -> None:
         super().__init__(models, optimizer, mesh, cfg, autocast)
-        model = models[0]
-        cross_entropy = vocab_parallel_loss(model) or token_cross_entropy
-        self.shards = SequenceShards(model, mesh)
-        self.loss_sum = partial(self._head_loss, model.head, cross_entropy)
-
-    @staticmethod
-    def _head_loss(head, cross_entropy, features: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
-        return head_loss_sum(features, head, targets, weights, cross_entropy)
+        self.shards = SequenceShards(models[0], mesh)
 
     def _run(self, batch: Batch, scale: float, train: bool) -> Tensor:
         tokens, weights = batch
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        denominator = (targets.numel() if weights is None else weights.float().sum()) / scale
         args = (shard_of(inputs, self.mesh), shard_of(targets, self.mesh),
-                None if weights is None else shard_of(weights, self.mesh), self.loss_sum, denominator)
+                None if weights is None else shard_of(weights, self.mesh), self.head_loss_sum(),
+                loss_denominator(targets, weights) / scale)
         with self.autocast:
             loss = self.shards.forward_backward(*args) if train else self.shards.loss(*args)
         loss = loss.float().clone()

@@ -49,6 +49,11 @@ def head_loss_sum(
     return total
 
 
+def loss_denominator(targets: Tensor, weights: Tensor | None) -> Tensor | int:
+    """What the batch's loss sum is divided by: the number of targets, or the sum of their weights."""
+    return targets.numel() if weights is None else weights.float().sum()
+
+
 def causal_lm_loss(
     model: nn.Module, inputs: Tensor, targets: Tensor, weights: Tensor | None = None,
     cross_entropy: CrossEntropy = token_cross_entropy, chunk_tokens: int = 2048,
@@ -56,7 +61,7 @@ def causal_lm_loss(
     """Mean (or `weights`-weighted mean) next-token cross-entropy of a TitansLM on inputs → targets."""
     features, _ = model.hidden_states(inputs)
     total = head_loss_sum(features, model.head, targets, weights, cross_entropy, chunk_tokens)
-    return total / (targets.numel() if weights is None else weights.float().sum())
+    return total / loss_denominator(targets, weights)
 
 
 class CausalLMLoss(nn.Module):
