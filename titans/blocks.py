@@ -1,7 +1,7 @@
 """The blocks (docs/DESIGN.md §3, paper §4): MAC, MAG, MAL, LMM, the SWA baseline and full causal attention.
 
 Every block is pre-norm with a SwiGLU FFN and residuals, and has the same interface
-`forward(x, state) -> (x, state)`, where `state` is the block's `MemoryState` (None for the
+`forward(x, state, past, start) -> (x, state)`, where `state` is the block's `MemoryState` (None for the
 attention-only blocks), so a model can carry the long-term memory across calls.
 """
 
@@ -85,13 +85,19 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, state: MemoryState | None = None, past: Tensor | None = None,
                 start: int = 0) -> tuple[Tensor, MemoryState | None]:
-        """`past`: the block inputs of the positions just before x (a sequence shard's attention halo);
-        sliding-window attention sees them as keys, nothing else reads them. `start`: the sequence
-        position of x[:, 0] (a shard's offset), for the attention's rotary positions."""
-        past = None if past is None else self.mix_norm(past)
-        mixed, state = self.mix(self.mix_norm(x), state, past, start)
-        x = x + mixed
-        return x + self.ffn(self.ffn_norm(x)), state
+        """`past`: the attention inputs of the positions just before x (a sequence shard's halo, a
+        streaming cache's window); sliding-window attention sees them as keys, nothing else reads them.
+        `start`: the sequence position of x[:, 0], for the attention's rotary positions."""
+        x, state, _ = self.run(x, state, past, start)
+        return x, state
+
+    def run(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+            ) -> tuple[Tensor, MemoryState | None, Tensor]:
+        """`forward`, plus the attention inputs of x's positions: what a later call's `past` must hold.
+        They are the block inputs, except in MAL, whose attention reads the memory layer's output."""
+        mixed, state = self.mix(self.mix_norm(x), state, None if past is None else self.mix_norm(past), start)
+        h = x + mixed
+        return h + self.ffn(self.ffn_norm(h)), state, x
 
 
 class AttentionBlock(Block):
@@ -132,16 +138,14 @@ class MALBlock(Block):
         self.memory = make_memory(cfg)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, cfg.window, cfg.n_persistent, cfg.rope_base)
 
-    def forward(self, x: Tensor, state: MemoryState | None = None, past: Tensor | None = None,
-                start: int = 0) -> tuple[Tensor, MemoryState | None]:
-        if past is not None or start:  # its attention reads the memory layer's output, not x
-            raise NotImplementedError("MAL blocks take no attention halo (sequence parallelism)")
+    def run(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+            ) -> tuple[Tensor, MemoryState | None, Tensor]:
         memory_out, state = self.memory(self.memory_norm(x), state)
-        return super().forward(x + memory_out, state)
+        return super().run(x + memory_out, state, past, start)  # `past`: earlier x + memory_out
 
     def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:
-        return self.attn(x), state
+        return attend(self.attn, x, past, start), state
 
 
 class MAGBlock(Block):

@@ -1,0 +1,103 @@
+"""Streaming inference (titans/streaming.py): text fed in arbitrary pieces equals it fed whole, for every
+block kind, and the cache does not grow with the text."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from titans.model import BLOCK_KINDS, TitansConfig, TitansLM
+from titans.streaming import StreamCache, commit_every, generate, next_token, stream_logits, stream_step
+
+TRAIN_LEN = 32  # the length the tiny models below "train" at: the test scores 8× it
+
+
+def tiny(layers: str, **overrides) -> TitansLM:
+    torch.manual_seed(0)
+    values = dict(vocab_size=41, dim=32, n_layers=2, n_heads=2, layers=layers, window=8, segment_len=8,
+                  memory_chunk=4, n_persistent=2, mac_memory_tokens=0)
+    values.update(overrides)
+    return TitansLM(TitansConfig(**values)).double().eval()
+
+
+def random_pieces(total: int, seed: int) -> list[int]:
+    """Cuts at arbitrary places: mid-chunk, mid-segment, single tokens, longer than a segment."""
+    rng, sizes = random.Random(seed), []
+    while sum(sizes) < total:
+        sizes.append(min(rng.choice([1, 1, 2, 3, 5, 9, 13, 31]), total - sum(sizes)))
+    return sizes
+
+
+@pytest.mark.parametrize("layers", [*BLOCK_KINDS, "mac,swa", "lmm,full"])
+@pytest.mark.parametrize("memory_depth", [1, 2])
+def test_pieces_equal_whole(layers: str, memory_depth: int) -> None:
+    model = tiny(layers, memory_depth=memory_depth)
+    tokens = torch.randint(0, 41, (2, 8 * TRAIN_LEN))
+    with torch.no_grad():
+        whole, _ = model(tokens)
+    cache, outputs, at = None, [], 0
+    for size in random_pieces(tokens.shape[1], seed=len(layers) + memory_depth):
+        logits, cache = stream_step(model, tokens[:, at : at + size], cache)
+        outputs.append(logits)
+        at += size
+    assert cache.seen == tokens.shape[1]
+    torch.testing.assert_close(torch.cat(outputs, dim=1), whole, rtol=0, atol=1e-9)
+
+
+def test_mac_with_probe_tokens_and_long_pieces() -> None:
+    model = tiny("mac", mac_memory_tokens=3)
+    tokens = torch.randint(0, 41, (1, 8 * TRAIN_LEN))
+    with torch.no_grad():
+        whole, _ = model(tokens)
+    streamed, _ = stream_logits(model, tokens, piece_len=20)  # 20: not a multiple of the segment
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("layers", ["mac", "mag", "mal", "lmm", "swa"])
+def test_cache_is_flat_in_the_text_length(layers: str) -> None:
+    model = tiny(layers)
+    sizes = []
+    cache: StreamCache | None = None
+    for _ in range(4):  # after 64, 128, 192, 256 tokens, each a multiple of every boundary
+        _, cache = stream_step(model, torch.randint(0, 41, (1, 64)), cache)
+        sizes.append(cache.nbytes())
+    assert len(set(sizes)) == 1, sizes
+    assert cache.pending < commit_every(model.cfg)
+
+
+def test_full_attention_cache_grows() -> None:  # honest: a full-attention layer keeps every key
+    model = tiny("full")
+    _, short = stream_step(model, torch.randint(0, 41, (1, 16)))
+    _, long = stream_step(model, torch.randint(0, 41, (1, 64)))
+    assert long.nbytes() > short.nbytes()
+
+
+def test_greedy_generation_equals_argmax_of_whole_sequence() -> None:
+    model = tiny("mag")
+    prompt = torch.randint(0, 41, (2, 11))
+    out = generate(model, prompt, max_new_tokens=20)
+    assert out.shape == (2, 31)
+    with torch.no_grad():
+        logits, _ = model(out[:, :-1])
+    torch.testing.assert_close(logits[:, 10:].argmax(-1), out[:, 11:])
+
+
+def test_sampling_options() -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    assert next_token(logits).item() == 2
+    g = torch.Generator().manual_seed(0)
+    draws = {next_token(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(50)}
+    assert draws <= {2, 3}
+    draws = {next_token(logits, temperature=1.0, top_p=0.5, generator=g).item() for _ in range(50)}
+    assert draws == {2}
+
+
+def test_eos_stops_generation() -> None:
+    model = tiny("swa")
+    prompt = torch.randint(0, 41, (1, 5))
+    with torch.no_grad():
+        first = model(prompt)[0][0, -1].argmax().item()
+    out = generate(model, prompt, max_new_tokens=10, eos_id=first)
+    assert out.shape[1] == 6 and out[0, -1].item() == first

@@ -1,0 +1,183 @@
+"""Streaming inference: score or generate text of any length with constant memory, exactly.
+
+A sequence fed in pieces must give the logits it gives fed whole. Three things cross a cut:
+  - the long-term memory (weights, momentum, conv history): `MemoryState`;
+  - sliding-window attention's last `w − 1` inputs (MAL: the memory layer's output, its attention input);
+  - the open chunk / MAC segment: the memory updates, and MAC attends, a whole chunk / segment at a time,
+    so the positions after the last boundary are not yet in the state.
+
+The cache therefore commits at boundaries (`commit_every`: the memory chunk, the MAC segment) and keeps
+each layer's inputs since the last boundary (its `tail`, fewer than `commit_every` tokens); a call runs
+each layer on tail + new tokens from the committed state, and moves the state forward by the whole
+boundaries it completed. Per layer that is the memory's size, w − 1 and fewer than `commit_every`
+vectors whatever the length, so generating the millionth token costs what the hundredth did. Full causal
+attention is the exception: its cache grows with the text, as any KV cache does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from titans.memory import MemoryState
+from titans.model import TitansConfig, TitansLM
+
+WINDOWED = ("swa", "mag", "mal")  # blocks whose attention needs the last w − 1 inputs across a cut
+
+
+def commit_every(cfg: TitansConfig) -> int:
+    """The boundary at which every layer's state can move forward: memory chunks and MAC segments."""
+    unit = 1
+    if any(kind in ("mac", "mag", "mal", "lmm") for kind in cfg.layer_kinds):
+        unit = cfg.memory_chunk
+    if "mac" in cfg.layer_kinds:
+        unit = math.lcm(unit, cfg.segment_len)
+    return unit
+
+
+def halo_length(kind: str, cfg: TitansConfig) -> int | None:
+    """How many past attention inputs a layer keeps: w − 1 for windowed attention, all (None) for full
+    attention, none for MAC (its attention stays inside a segment) and LMM."""
+    if kind in WINDOWED:
+        return cfg.window - 1
+    return None if kind == "full" else 0
+
+
+@dataclass
+class LayerCache:
+    state: MemoryState | None = None  # the memory at the committed position (None: attention only)
+    past: Tensor | None = None  # attention inputs just before the committed position (B, ≤ w − 1, dim)
+    tail: Tensor | None = None  # block inputs since the committed position (B, < commit_every, dim)
+
+    def tensors(self) -> list[Tensor]:
+        found = [t for t in (self.past, self.tail) if t is not None]
+        if self.state is not None:
+            found += [*self.state.weights, *self.state.momentum]
+            found += [] if self.state.conv is None else [self.state.conv]
+        return found
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> LayerCache:
+        state = self.state
+        if state is not None:
+            state = MemoryState([fn(w) for w in state.weights], [fn(s) for s in state.momentum],
+                                None if state.conv is None else fn(state.conv))
+        return LayerCache(state, None if self.past is None else fn(self.past),
+                          None if self.tail is None else fn(self.tail))
+
+
+@dataclass
+class StreamCache:
+    """Everything a model needs to continue a batch of sequences: one `LayerCache` per layer."""
+
+    layers: list[LayerCache] = field(default_factory=list)
+    committed: int = 0  # tokens folded into the layers' states
+    pending: int = 0  # tokens held in the tails
+
+    @property
+    def seen(self) -> int:
+        return self.committed + self.pending
+
+    def nbytes(self) -> int:
+        """The cache's size: flat in the text's length unless the model has full-attention layers."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> StreamCache:
+        """The same cache with `fn` applied to every tensor along the batch: beam reordering, repeats."""
+        return StreamCache([layer.map(fn) for layer in self.layers], self.committed, self.pending)
+
+
+def _keep_last(t: Tensor | None, n: int | None) -> Tensor | None:
+    if t is None or n is None:
+        return t
+    return t[:, max(0, t.shape[1] - n) :] if n > 0 else None
+
+
+def _cat(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else torch.cat([a, b], dim=1)
+
+
+@torch.no_grad()
+def stream_step(model: TitansLM, tokens: Tensor, cache: StreamCache | None = None
+                ) -> tuple[Tensor, StreamCache]:
+    """Logits (B, T, vocab) of `tokens`, the continuation of whatever `cache` has seen; the new cache.
+
+    Each layer reruns its tail (fewer than `commit_every` tokens) with the new tokens: the price of
+    exactness for chunked memory updates, constant per token.
+    """
+    cfg = model.cfg
+    kinds = cfg.layer_kinds
+    if cache is None or not cache.layers:
+        cache = StreamCache([LayerCache() for _ in kinds])
+    unit = commit_every(cfg)
+    T = tokens.shape[1]
+    total = cache.pending + T
+    commit = total - total % unit  # of the positions from `cache.committed`: those completing boundaries
+    x = model.embed(tokens)
+    layers = []
+    for kind, block, layer in zip(kinds, model.blocks.values(), cache.layers, strict=True):
+        inputs = _cat(layer.tail, x)  # block inputs from the committed position on
+        state, past, outputs = layer.state, layer.past, []
+        if commit:
+            out, state, attn_in = block.run(inputs[:, :commit], state, past, cache.committed)
+            past = _keep_last(_cat(past, attn_in), halo_length(kind, cfg))
+            outputs.append(out)
+        if commit < total:
+            outputs.append(block.run(inputs[:, commit:], state, past, cache.committed + commit)[0])
+        x = torch.cat(outputs, dim=1)[:, total - T :]
+        layers.append(LayerCache(state, past, inputs[:, commit:] if commit < total else None))
+    logits = model.head(model.norm(x))
+    return logits, StreamCache(layers, cache.committed + commit, total - commit)
+
+
+@torch.no_grad()
+def stream_logits(model: TitansLM, tokens: Tensor, cache: StreamCache | None = None,
+                  piece_len: int = 4096) -> tuple[Tensor, StreamCache]:
+    """Score a long (B, T) input in pieces of at most `piece_len` tokens: memory bounded by the piece,
+    logits equal to one whole call's."""
+    outputs = []
+    for piece in tokens.split(piece_len, dim=1):
+        logits, cache = stream_step(model, piece, cache)
+        outputs.append(logits)
+    return torch.cat(outputs, dim=1), cache
+
+
+def next_token(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """(B, vocab) logits → (B,) ids: greedy at temperature 0, else sampled after top-k / top-p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - F.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest set reaching p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: TitansLM, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None, piece_len: int = 4096) -> Tensor:
+    """Continue a (B, T) prompt by up to `max_new_tokens` tokens; returns prompt + continuation.
+    Stops early when every row has produced `eos_id`."""
+    logits, cache = stream_logits(model, prompt, piece_len=piece_len)
+    out, done = [prompt], torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for i in range(max_new_tokens):
+        token = next_token(logits[:, -1], temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        out.append(token[:, None])
+        if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+            break
+        logits, cache = stream_step(model, token[:, None], cache)
+    return torch.cat(out, dim=1)
