@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ from parallel.model import build_local_model, n_stages
 from parallel.tensor import TensorShard
 from pretrain.config import ConfigError, RunConfig, load_config
 from titans.flops import training_flops_per_token
-from titans.model import TitansConfig
+from titans.model import TitansConfig, TitansLM
 
 GPUS = {  # name: (memory in GiB, dense bf16 peak FLOP/s)
     "h100-80gb": (80, 989e12),
@@ -82,26 +83,35 @@ class RankPlan:
     last_stage: bool
 
 
+def meta_shards(cfg: RunConfig, only: tuple[int, int] | None = None
+                ) -> Iterator[tuple[int, int, TensorShard, list[TitansLM], list[int]]]:
+    """Every (tp, pp) rank's model pieces (or only the (tp_rank, pp_rank) one), built on the meta device
+    in this one process: (tp_rank, pp_rank, shard, models, stage indices)."""
+    started = _ensure_single_process_group()
+    p = cfg.parallel
+    try:
+        for pp_rank in range(p.pp):
+            for tp_rank in range(p.tp):
+                if only is None or (tp_rank, pp_rank) == only:
+                    shard = TensorShard(_PlanGroup(tp_rank, p.tp), tp_rank, p.tp)
+                    models, stages = build_local_model(cfg.model, p, pp_rank, shard, device=None, seed=0)
+                    yield tp_rank, pp_rank, shard, models, stages
+    finally:
+        if started:
+            torch_dist.destroy_process_group()
+
+
 def local_parameter_counts(cfg: RunConfig, only: tuple[int, int] | None = None) -> list[RankPlan]:
     """Build every (tp, pp) shard (or only the (tp_rank, pp_rank) one) on the meta device and count what
     it holds."""
-    started = _ensure_single_process_group()
-    p = cfg.parallel
     plans = []
-    for pp_rank in range(p.pp):
-        for tp_rank in range(p.tp):
-            if only is not None and (tp_rank, pp_rank) != only:
-                continue
-            shard = TensorShard(_PlanGroup(tp_rank, p.tp), tp_rank, p.tp)
-            models, stages = build_local_model(cfg.model, p, pp_rank, shard, device=None, seed=0)
-            params = {id(t): t.numel() for m in models for t in m.parameters()}
-            blocks = [b for m in models for b in m.blocks.values()]
-            plans.append(RankPlan(tp_rank, pp_rank, stages, sum(params.values()),
-                                  sum(b.has_memory for b in blocks), len(blocks),
-                                  any(m.embed is not None for m in models),
-                                  any(m.head is not None for m in models)))
-    if started:
-        torch_dist.destroy_process_group()
+    for tp_rank, pp_rank, _, models, stages in meta_shards(cfg, only):
+        params = {id(t): t.numel() for m in models for t in m.parameters()}
+        blocks = [b for m in models for b in m.blocks.values()]
+        plans.append(RankPlan(tp_rank, pp_rank, stages, sum(params.values()),
+                              sum(b.has_memory for b in blocks), len(blocks),
+                              any(m.embed is not None for m in models),
+                              any(m.head is not None for m in models)))
     return plans
 
 

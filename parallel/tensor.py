@@ -66,6 +66,17 @@ def shard_tensor(full: Tensor, dim: int, shard: TensorShard, parts: int = 1) -> 
     return torch.cat([p.chunk(shard.size, dim)[shard.rank] for p in pieces], dim).clone()
 
 
+def local_slice(full: Tensor, param: Tensor, shard: TensorShard) -> Tensor:
+    """The part of a dense tensor that `param` holds on this rank: its tensor-parallel slice, the
+    vocabulary padded with zero rows to a multiple of tp first; replicated parameters take all of it."""
+    if getattr(param, "tensor_model_parallel", False):
+        rows = param.full_shape[0]
+        if full.shape[0] < rows:
+            full = torch.nn.functional.pad(full, (0, 0, 0, rows - full.shape[0]))
+        full = shard_tensor(full, param.partition_dim, shard, param.tp_parts)
+    return full
+
+
 def mark_sharded(param: Tensor, dim: int, full_shape: torch.Size, parts: int = 1) -> None:
     param.tensor_model_parallel = True
     param.partition_dim = dim

@@ -33,10 +33,15 @@ from data_pipeline.shards import sha256_of
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1  # of the checkpoint layout; raise it when a reader of the old one would misread
 
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint file is missing, or differs from the checksum its manifest recorded."""
+
+
+class NewerFormatError(ValueError):
+    """A checkpoint written in a format this version does not know: never read it as if it were older."""
 
 
 def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None:
@@ -45,7 +50,7 @@ def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> None
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
         files[path.relative_to(directory).as_posix()] = {"sha256": sha256_of(path),
                                                          "bytes": path.stat().st_size}
-    manifest = {"files": files, **(extra or {})}
+    manifest = {"format_version": FORMAT_VERSION, "files": files, **(extra or {})}
     manifest["sha256"] = _content_hash(manifest)  # the manifest's own checksum: its layout record too
     with open(directory / MANIFEST_FILE, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -75,6 +80,9 @@ def verify_checkpoint(directory: str | Path) -> None:
     if not intact:
         raise CorruptCheckpointError(f"checkpoint manifest {manifest_path} does not match its own checksum "
                                      "(corrupt or modified)")
+    if manifest.get("format_version", 1) > FORMAT_VERSION:
+        raise NewerFormatError(f"checkpoint {directory} has format version {manifest['format_version']}, "
+                               f"this version of the stack reads up to {FORMAT_VERSION}: update it")
     for name, (size, digest) in files.items():
         path = directory / name
         if not path.is_file():

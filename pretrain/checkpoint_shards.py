@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel.mesh import Mesh
+from parallel.mesh import Layout, Mesh
 from parallel.model import n_stages
 
 SHARDS_DIR = "shards"
@@ -96,7 +96,8 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
     zero = _is_zero(optimizer)
     model_file, optim_file = shard_files(mesh, zero)
     folder = directory / SHARDS_DIR
-    for path in (folder / model_file, folder / optim_file):
+    fresh = record.get("optimizer") == "fresh"  # converted from dense weights: no optimizer state
+    for path in (folder / model_file, *(() if fresh else (folder / optim_file,))):
         if not path.is_file():
             raise FileNotFoundError(f"rank {mesh.rank}: checkpoint shard {path} is missing (the checkpoint "
                                     f"was written with parallel.zero_stage={record['zero_stage']})")
@@ -104,6 +105,9 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
     for model in models:
         own = model.state_dict()
         model.load_state_dict({k: state[k] for k in own})
+    if fresh:
+        mesh.print(f"{directory}: converted weights without optimizer state: AdamW moments start at zero")
+        return
     optim_state = torch.load(folder / optim_file, map_location=mesh.device, weights_only=False)
     (optimizer.optim if zero else optimizer).load_state_dict(optim_state)
 
@@ -138,3 +142,32 @@ def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
     if record["tie_embeddings"]:  # one matrix, under both names, as the dense model's state dict has it
         out["head.weight"] = out["embed.weight"]
     return out
+
+
+def split_dense(weights: dict[str, torch.Tensor], cfg, layout: Layout
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Reshard: a dense state dict → every (tp, pp) rank's model shard file under `layout`, and the
+    layout record, as the ranks of a run with that layout would have saved them (optimizer: "fresh").
+    Shards are built on the meta device; only the slices are materialised."""
+    from parallel.plan import meta_shards
+    from parallel.tensor import local_slice
+
+    files, parameters = {}, {}
+    for tp, pp, shard, models, _ in meta_shards(cfg):
+        state = {}
+        for model in models:
+            for name, param in model.state_dict(keep_vars=True).items():
+                if name not in weights:
+                    raise KeyError(f"the weights have no parameter {name}: the model configs differ")
+                full = local_slice(weights[name].detach().to("cpu", param.dtype), param, shard)
+                if full.shape != param.shape:
+                    raise ValueError(f"{name} is {tuple(full.shape)} in the weights and {tuple(param.shape)} "
+                                     "in the model: the model configs differ")
+                state[name] = full.clone()
+            parameters.update(parameter_layout([model]))
+        files[f"model-tp{tp}-pp{pp}.pt"] = state
+    p = cfg.parallel
+    record = {"layout": asdict(layout), "zero_stage": p.zero_stage, "pp_stages": n_stages(p),
+              "vocab_size": cfg.model.vocab_size, "tie_embeddings": cfg.model.tie_embeddings,
+              "parameters": parameters, "optimizer": "fresh"}
+    return files, record

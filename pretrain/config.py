@@ -194,6 +194,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path}: expected a mapping of {'/'.join(SECTIONS)} sections")
+    return build_config(tree, overrides)
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """A run config from its {model, data, train, parallel} mapping (e.g. a checkpoint's), overrides
+    applied, validated."""
+    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
     unknown = sorted(set(tree) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")

@@ -37,7 +37,7 @@ from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
 from parallel.pipeline import Pipeline, sync_tied_gradients
 from parallel.sequence import SequenceShards, shard_of
-from parallel.tensor import TensorShard, shard_tensor, vocab_parallel_loss
+from parallel.tensor import TensorShard, local_slice, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
 from pretrain.checkpoint_shards import load_shards, save_shards
@@ -122,7 +122,11 @@ class Engine:
                 raise RuntimeError(f"checkpoint {directory} holds a whole model, this run is split over "
                                    f"{self.mesh.layout}: resume with the layout it was written with")
             self.models[0].load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("optimizer") is None:  # converted from dense weights
+                self.mesh.print(f"{directory}: converted weights without optimizer state: AdamW moments "
+                                "start at zero")
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
         else:
             raise RuntimeError(f"checkpoint {directory} was written by a DeepSpeed ZeRO run: resume it with "
                                "the same parallel.zero_stage")
@@ -249,12 +253,7 @@ def load_dense(models: list[TitansLM], weights: dict[str, Tensor]) -> None:
         for name, param in model.named_parameters():
             if name not in weights:
                 raise KeyError(f"train.init_from: the checkpoint has no parameter {name}")
-            full = weights[name].to(param.device, param.dtype)
-            if getattr(param, "tensor_model_parallel", False):
-                rows = param.full_shape[0]
-                if full.shape[0] < rows:  # the vocabulary, padded to a multiple of tp
-                    full = torch.nn.functional.pad(full, (0, 0, 0, rows - full.shape[0]))
-                full = shard_tensor(full, param.partition_dim, shard, param.tp_parts)
+            full = local_slice(weights[name].to(param.device, param.dtype), param, shard)
             if full.shape != param.shape:
                 raise ValueError(f"train.init_from: {name} is {tuple(full.shape)} in the checkpoint and "
                                  f"{tuple(param.shape)} here: the model configs differ")

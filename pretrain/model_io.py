@@ -209,3 +209,20 @@ def stream_logits(model: LanguageModel, tokens: Tensor, piece_len: int | None = 
     if positions is not None:
         return torch.stack(outputs).sum(0), states
     return torch.cat(outputs, dim=1), states
+
+
+def run_tokenizer(run_config: dict[str, Any], vocab_size: int, spec: str | None = None) -> Any | None:
+    """The run's tokenizer (from its dataset's manifest), `spec` if given; None for a byte vocabulary."""
+    from data_pipeline.shards import MANIFEST, Manifest
+    from data_pipeline.tokenizer import load_tokenizer
+
+    if spec:
+        return None if spec == "bytes" else load_tokenizer(spec)
+    data = run_config.get("data", {}).get("train")
+    if data and (Path(data) / MANIFEST).is_file():
+        info = Manifest.read(data).tokenizer
+        if info.get("type") != "bytes" and info.get("path") and Path(info["path"]).is_file():
+            return load_tokenizer(info["path"])
+    if vocab_size in (256, 257):
+        return None
+    raise ValueError("cannot find the run's tokenizer (its dataset is not here): pass --tokenizer")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.model_io import LoadedModel, default_piece_len, load_model, stream_logits
+from pretrain.model_io import LoadedModel, default_piece_len, load_model, run_tokenizer, stream_logits
 from titans.memory import (
     MemoryState,
     NeuralMemory,
@@ -181,23 +181,6 @@ def plot(result: dict[str, Any], labels: list[str], path: str | Path, title: str
     plt.close(fig)
 
 
-def run_tokenizer(model: LoadedModel, spec: str | None = None) -> Any | None:
-    """The run's tokenizer (from its dataset's manifest), `spec` if given, None for a byte vocabulary."""
-    from data_pipeline.shards import MANIFEST, Manifest
-    from data_pipeline.tokenizer import load_tokenizer
-
-    if spec:
-        return None if spec == "bytes" else load_tokenizer(spec)
-    data = model.run_config.get("data", {}).get("train")
-    if data and (Path(data) / MANIFEST).is_file():
-        info = Manifest.read(data).tokenizer
-        if info.get("type") != "bytes" and info.get("path") and Path(info["path"]).is_file():
-            return load_tokenizer(info["path"])
-    if model.vocab_size in (256, 257):
-        return None
-    raise ValueError("cannot find the run's tokenizer (its dataset is not here): pass --tokenizer")
-
-
 def encode(text: str, tokenizer: Any | None) -> list[int]:
     return list(text.encode("utf-8")) if tokenizer is None else tokenizer.encode(text)
 
@@ -224,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = load_model(args.checkpoint)
-        tokenizer = run_tokenizer(model, args.tokenizer)
+        tokenizer = run_tokenizer(model.run_config, model.vocab_size, args.tokenizer)
         text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else args.string
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

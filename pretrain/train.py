@@ -240,11 +240,14 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
             raise RuntimeError(f"checkpoint {ckpt} was written with parallel.zero_stage={saved_stage}, this "
                                f"run has parallel.zero_stage={p.zero_stage}: resume with the same stage")
         engine.load(ckpt, state)
-        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scheduler") is not None:  # None: converted weights that start a new run
+            scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr  # the scheduler's state does not carry the lr into a wrapped optimizer's groups
-        train_loader.load_state_dict(state["data"][mesh.rank])
-        set_rng_state(state["rng"][mesh.rank])
+        if state.get("data") is not None:
+            train_loader.load_state_dict(state["data"][mesh.rank])
+        if state.get("rng") is not None:
+            set_rng_state(state["rng"][mesh.rank])
         step = state["step"]
         result.losses = list(state.get("losses", []))
         result.last_step, result.checkpoint = step, ckpt

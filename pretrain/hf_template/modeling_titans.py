@@ -1,0 +1,93 @@
+"""Hugging Face wrapper of a Titans model exported by `python -m pretrain.convert --to hf`.
+
+The model code beside this file (model.py, blocks.py, memory.py, attention.py, streaming.py) is the
+training stack's own, copied at export, so the export needs only torch and transformers. `generate()`
+carries a `TitansCache`: each layer's memory state, its attention window and the open chunk, so text of
+any length is generated with constant memory and equals the model run on the whole text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_titans import TitansHFConfig
+from .model import TitansConfig, TitansLM
+from .streaming import StreamCache, stream_step
+
+
+class TitansCache(Cache):
+    """transformers' handle on a `StreamCache` (it has no per-layer key/value tensors to expose)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, stream: StreamCache | None = None) -> None:
+        super().__init__(layers=[])
+        self.stream = stream
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.stream is None else self.stream.seen
+
+    def _map(self, fn) -> None:
+        if self.stream is not None:
+            self.stream = self.stream.map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+
+class TitansForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = TitansHFConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
+
+    def __init__(self, config: TitansHFConfig) -> None:
+        super().__init__(config)
+        self.model = TitansLM(TitansConfig(**config.titans))
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward builds its own TitansCache
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Every weight is in the checkpoint; nothing to draw."""
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.embed
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.model.head
+
+    def forward(self, input_ids: torch.LongTensor, cache: TitansCache | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """Logits of `input_ids`, the continuation of what `cache` has seen. Padding is not supported: the
+        memory would write padded positions, so an attention mask with zeros is an error."""
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("TitansForCausalLM does not support padding (attention_mask with zeros): the "
+                             "long-term memory would learn the padded positions; batch equal lengths")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is not None or (use_cache and not torch.is_grad_enabled()):
+            logits, stream = stream_step(self.model, input_ids, None if cache is None else cache.stream)
+            cache = TitansCache(stream)
+        else:
+            logits, _ = self.model(input_ids)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
