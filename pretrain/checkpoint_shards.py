@@ -157,6 +157,9 @@ def split_dense(weights: dict[str, torch.Tensor], cfg, layout: Layout
         state = {}
         for model in models:
             for name, param in model.state_dict(keep_vars=True).items():
+                if name.endswith("_extra_state"):  # megatron-core layers' (empty) extra state
+                    state[name] = param
+                    continue
                 if name not in weights:
                     raise KeyError(f"the weights have no parameter {name}: the model configs differ")
                 full = local_slice(weights[name].detach().to("cpu", param.dtype), param, shard)
