@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import titans
 from titans.model import TitansConfig
 
 TEMPLATE = Path(__file__).with_name("hf_template")
-TITANS = Path(__file__).resolve().parent.parent / "titans"
+TITANS = Path(titans.__file__).parent
 MODEL_SOURCES = ("attention", "memory", "blocks", "model", "streaming")
 WEIGHTS_FILE = "model.safetensors"
 TRAINING_STATE = "training_state.pt"  # step, scheduler, data position of the source run (for resuming)
