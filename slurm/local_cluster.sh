@@ -47,7 +47,7 @@ node_line() {
 
 write_config() {
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
-    cat >"$CONF" <<EOF
+    cat >"$CONF.new" <<EOF
 # Written by slurm/local_cluster.sh: a one-node test cluster (see the script's header).
 ClusterName=titans-local
 SlurmctldHost=$(hostname -s)(127.0.0.1)
@@ -69,7 +69,8 @@ JobCompType=jobcomp/none
 ReturnToService=2
 JobRequeue=1
 KillWait=5
-MinJobAge=600
+# finished jobs stay visible 10 s; `sbatch --wait` then polls every 8 s instead of every 32 s
+MinJobAge=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -79,6 +80,7 @@ SlurmdLogFile=$DIR/log/slurmd.log
 $(node_line)
 PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+    mv "$CONF.new" "$CONF"  # whole, never half-written under a running client
 }
 
 running() {  # running <daemon>: its pid file names a live process
