@@ -69,7 +69,7 @@ JobCompType=jobcomp/none
 ReturnToService=2
 JobRequeue=1
 KillWait=5
-# finished jobs stay visible 10 s; `sbatch --wait` then polls every 8 s instead of every 32 s
+# finished jobs stay visible 10 s: sbatch --wait then polls every 8 s instead of every 32 s
 MinJobAge=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
