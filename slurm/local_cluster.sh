@@ -29,7 +29,7 @@ install_slurm() {
     echo "local_cluster: installing slurmctld slurmd slurm-client (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >"$DIR/apt.log" 2>&1 || die "apt-get update failed, see $DIR/apt.log"
-    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client >>"$DIR/apt.log" 2>&1 \
+    apt-get install -y -qq slurmctld slurmd slurm-client >>"$DIR/apt.log" 2>&1 \
         || die "apt-get install failed, see $DIR/apt.log"
 }
 
