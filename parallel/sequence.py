@@ -16,11 +16,12 @@ end state from r + 1, then sends the gradient of its start state to r − 1. The
 per layer is the memory's size, independent of the sequence length.
 
 Which blocks: LMM and MAC, whose only link across a shard boundary is the memory state (MAC's
-attention stays inside its segment, segments align with shards), and SWA and MAG, whose sliding-window
-attention also reads a halo: the previous shard's last w − 1 block inputs (sent forward with the state,
-their gradient sent back and added to that shard's input gradient). MAL's attention reads the memory
-layer's output, so its halo would be exchanged mid-block, and full attention needs a ring: not built
-yet, refused by the config check.
+attention stays inside its segment, segments align with shards), and SWA, MAG and MAL, whose
+sliding-window attention also reads a halo: the previous shard's last w − 1 attention inputs, sent
+forward with the state, their gradient sent back into that shard's backward of the same layer. The
+halo is exchanged between `Block.before_halo` and `Block.after_halo`: at the block input for SWA and
+MAG, after the memory layer for MAL (whose attention reads the memory layer's output). Full attention
+needs a ring: not built, refused by the config check.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from parallel.pipeline import HeadLossSum
 from titans.memory import MemoryState
 from titans.model import TitansLM
 
-SP_BLOCKS = ("lmm", "mac", "swa", "mag")  # the blocks sequence parallelism runs today
-HALO_BLOCKS = ("swa", "mag")  # sliding-window attention over the shard boundary: w − 1 rows of halo
+SP_BLOCKS = ("lmm", "mac", "swa", "mag", "mal")  # the blocks sequence parallelism runs today
+HALO_BLOCKS = ("swa", "mag", "mal")  # sliding-window attention over the shard boundary: w − 1 rows of halo
 BACKWARD_TAG = 1 << 20
 
 
@@ -95,21 +96,13 @@ class SequenceShards:
     def forward(self, tokens: Tensor, grad: bool) -> tuple[Tensor, list]:
         """Embedding and blocks with the relay; returns the last block's output and, when `grad`, what
         the backward needs per layer: (input leaf, output, incoming state leaves, outgoing state,
-        incoming halo leaf)."""
+        incoming halo leaf, the rows sent as the next shard's halo)."""
         model, records = self.model, []
         embedded = model.embed(tokens)
         x = embedded
         for index, (name, block) in enumerate(model.blocks.items()):
             x_in = x.detach().requires_grad_(grad)
             tag, halo = index * 64, self.halo_rows(name)
-            past = None
-            if halo:  # the last w − 1 block inputs go to the next shard, ours come from the previous one
-                if self.next is not None:
-                    self._send([x_in[:, -halo:]], tag + 63)
-                if self.prev is not None:
-                    (past,) = self._recv([x_in.new_empty(x_in.shape[0], halo, x_in.shape[2])], tag + 63,
-                                         self.prev)
-                    past.requires_grad_(grad)
             incoming = None
             if self.prev is not None and block.has_memory:
                 incoming = self._recv(state_template(model, name, tokens.shape[0], tokens.device), tag,
@@ -117,18 +110,27 @@ class SequenceShards:
                 for t in incoming:
                     t.requires_grad_(grad)
             state = state_from(incoming, block.memory.depth) if incoming is not None else None
-            x, out_state = block(x_in, state, past, self.mesh.sp_rank * tokens.shape[1])
+            h, state = block.before_halo(x_in, state)
+            past = sent = None
+            if halo:  # our last w − 1 attention inputs go to the next shard, ours come from the previous
+                if self.next is not None:
+                    sent = h[:, -halo:]
+                    self._send([sent], tag + 63)
+                if self.prev is not None:
+                    (past,) = self._recv([h.new_empty(h.shape[0], halo, h.shape[2])], tag + 63, self.prev)
+                    past.requires_grad_(grad)
+            x, out_state = block.after_halo(h, state, past, self.mesh.sp_rank * tokens.shape[1])
             outgoing = state_tensors(out_state) if out_state is not None else []
             if self.next is not None:
                 self._send(outgoing, tag)
-            records.append((x_in, x, incoming, outgoing, past))
+            records.append((x_in, x, incoming, outgoing, past, sent))
         return x, [embedded, records]
 
     def backward(self, grad_out: Tensor, saved: list) -> None:
         embedded, records = saved
         grad_x = grad_out
         for index in reversed(range(len(records))):
-            x_in, x_out, incoming, outgoing, past = records[index]
+            x_in, x_out, incoming, outgoing, past, sent = records[index]
             tag = BACKWARD_TAG + index * 64
             tensors, grads = [x_out], [grad_x]
             if self.next is not None and outgoing:  # our end state's gradient, from who continued it
@@ -136,18 +138,15 @@ class SequenceShards:
                 pairs = [(t, g) for t, g in zip(outgoing, received, strict=True) if t.requires_grad]
                 tensors += [t for t, _ in pairs]
                 grads += [g for _, g in pairs]
+            if sent is not None:  # the next shard's attention read our last rows: their gradient
+                tensors.append(sent)
+                grads += self._recv([torch.empty_like(sent)], tag + 63, self.next)
             torch.autograd.backward(tensors, grads)
             if incoming is not None:
                 self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in incoming], tag)
             if past is not None:
                 self._send([past.grad if past.grad is not None else torch.zeros_like(past)], tag + 63)
             grad_x = x_in.grad
-            halo = self.halo_rows(list(self.model.blocks)[index])
-            if halo and self.next is not None:  # the next shard's attention read our last rows
-                (halo_grad,) = self._recv([x_in.new_empty(x_in.shape[0], halo, x_in.shape[2])], tag + 63,
-                                          self.next)
-                grad_x = grad_x.clone()
-                grad_x[:, -halo:] += halo_grad
         embedded.backward(grad_x)
         self._finish_sends()
 

@@ -260,14 +260,14 @@ def validate_sequence_parallel(cfg: RunConfig) -> None:
     other = sorted(set(m.layer_kinds) - set(SP_BLOCKS))
     if other:
         raise ConfigError(f"parallel.sp={p.sp} with model.layers={m.layers!r}: sequence parallelism runs "
-                          f"{', '.join(SP_BLOCKS)} blocks so far ({', '.join(other)}: a mid-block halo or a "
-                          "ring, not built yet); use parallel.sp=1")
+                          f"{', '.join(SP_BLOCKS)} blocks ({', '.join(other)}: full attention over shards "
+                          "needs ring attention, not built); use parallel.sp=1")
     if p.pp > 1:
         raise ConfigError("parallel.sp > 1 with parallel.pp > 1 is not built yet: use one of them")
     align = math.lcm(m.memory_chunk, m.segment_len) if "mac" in m.layer_kinds else m.memory_chunk
     unit = align * p.sp
     shard = cfg.data.seq_len // p.sp
-    if {"swa", "mag"} & set(m.layer_kinds) and m.window - 1 > shard:
+    if {"swa", "mag", "mal"} & set(m.layer_kinds) and m.window - 1 > shard:
         raise ConfigError(f"model.window={m.window} reaches past the previous sequence shard "
                           f"(data.seq_len / parallel.sp = {shard} tokens): lower parallel.sp or model.window")
     if cfg.data.seq_len % unit:

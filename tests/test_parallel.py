@@ -286,9 +286,9 @@ SP_LAYOUTS = {  # name → (world size, overrides)
 }
 SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp2"), ("lmm", 2, "sp4"),
          ("mac", 2, "sp4"), ("mac", 2, "sp2_tp2"), ("lmm", 2, "sp2_dp2_zero1"), ("mag", 2, "sp2"),
-         ("mag", 2, "sp4"), ("swa", 2, "sp4")]
-SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "swa") for d in (1, 2) for layout in SP_LAYOUTS
-             if v != "swa" or d == 2] if SLOW else SP_CI)
+         ("mag", 2, "sp4"), ("swa", 2, "sp4"), ("mal", 2, "sp4")]
+SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa") for d in (1, 2)
+             for layout in SP_LAYOUTS if v != "swa" or d == 2] if SLOW else SP_CI)
 
 
 def sp_job(name: str, out: Path, variant: str, depth: int, layout: str) -> dict:
@@ -335,8 +335,8 @@ def test_sequence_parallel_matches_one_process(sp_runs, sp_references, variant, 
 
 
 @pytest.mark.parametrize("override, message", [
-    (["parallel.sp=2", "model.layers=mal"],
-     "sequence parallelism runs lmm, mac, swa, mag blocks so far (mal: a mid-block halo"),
+    (["parallel.sp=2", "model.layers=lmm,full"],
+     "sequence parallelism runs lmm, mac, swa, mag, mal blocks (full: full attention over shards needs ring"),
     (["parallel.sp=4", "model.layers=mag", "model.window=32", "data.seq_len=64"],
      "model.window=32 reaches past the previous sequence shard (data.seq_len / parallel.sp = 16 tokens)"),
     (["parallel.sp=2", "parallel.pp=2", "model.layers=lmm"], "parallel.sp > 1 with parallel.pp > 1"),

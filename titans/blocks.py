@@ -93,11 +93,22 @@ class Block(nn.Module):
 
     def run(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None, Tensor]:
-        """`forward`, plus the attention inputs of x's positions: what a later call's `past` must hold.
-        They are the block inputs, except in MAL, whose attention reads the memory layer's output."""
-        mixed, state = self.mix(self.mix_norm(x), state, None if past is None else self.mix_norm(past), start)
-        h = x + mixed
-        return h + self.ffn(self.ffn_norm(h)), state, x
+        """`forward`, plus the attention inputs of x's positions: what a later call's `past` must hold."""
+        h, state = self.before_halo(x, state)
+        out, state = self.after_halo(h, state, past, start)
+        return out, state, h
+
+    def before_halo(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
+        """What runs before the attention needs earlier positions: nothing, so the attention input is the
+        block input; MAL overrides it with its memory layer. (Sequence shards exchange the halo here.)"""
+        return x, state
+
+    def after_halo(self, h: Tensor, state: MemoryState | None, past: Tensor | None, start: int
+                   ) -> tuple[Tensor, MemoryState | None]:
+        """The token mixer and the FFN, from the attention input h and the earlier positions' `past`."""
+        mixed, state = self.mix(self.mix_norm(h), state, None if past is None else self.mix_norm(past), start)
+        h = h + mixed
+        return h + self.ffn(self.ffn_norm(h)), state
 
 
 class AttentionBlock(Block):
@@ -138,10 +149,9 @@ class MALBlock(Block):
         self.memory = make_memory(cfg)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, cfg.window, cfg.n_persistent, cfg.rope_base)
 
-    def run(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
-            ) -> tuple[Tensor, MemoryState | None, Tensor]:
+    def before_halo(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState | None]:
         memory_out, state = self.memory(self.memory_norm(x), state)
-        return super().run(x + memory_out, state, past, start)  # `past`: earlier x + memory_out
+        return x + memory_out, state  # the attention's input: `past` holds earlier positions' of it
 
     def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:
