@@ -1,0 +1,248 @@
+"""Scaling studies: `python -m pretrain.scaling --family configs/scaling/tiny-family.yaml --out DIR`.
+
+A family file lists model sizes (model overrides) and token budgets; the sweep trains every size on every
+budget (its own cosine schedule each, as Chinchilla's approach 3 wants), as a Slurm array job
+(slurm.submit) or one local process after another (`--local`), then reads each run's final validation
+loss from its TensorBoard events, fits L(N, D) = E + A/N^α + B/D^β (pretrain/scaling_fit.py) and writes
+the table, the fit and a plot (pretrain/scaling_report.py). N is the non-embedding parameter count, D the
+training tokens. Finished runs are kept: running the command again continues an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pretrain.config import ConfigError, load_config
+from titans.model import TitansConfig, TitansLM, count_parameters
+
+FAMILY_KEYS = ("base", "overrides", "sizes", "tokens")
+
+
+@dataclass
+class Family:
+    base: str | None  # the run config every run starts from (relative to the family file)
+    overrides: list[str] = field(default_factory=list)  # for every run
+    sizes: dict[str, list[str]] = field(default_factory=dict)  # name → model overrides
+    tokens: list[int] = field(default_factory=list)  # training-token budgets D
+
+
+@dataclass
+class Run:
+    name: str
+    size: str
+    n_params: int  # non-embedding parameters N
+    tokens: int  # D = steps × tokens per step (the budget rounded to whole steps)
+    steps: int
+    out_dir: str
+    overrides: list[str]
+
+
+def load_family(path: str) -> Family:
+    """A family file, checked: unknown keys, empty lists and wrong types name the field and the file."""
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"--family {path}: {err.strerror}") from None
+    if not isinstance(raw, dict) or set(raw) - set(FAMILY_KEYS):
+        raise ConfigError(f"{path}: unknown key(s) {sorted(set(raw) - set(FAMILY_KEYS))}; valid keys: "
+                          f"{', '.join(FAMILY_KEYS)}")
+    sizes, tokens = raw.get("sizes") or {}, raw.get("tokens") or []
+    if not isinstance(sizes, dict) or not sizes or not all(isinstance(v, list) for v in sizes.values()):
+        raise ConfigError(f"{path}: sizes must map each size name to a list of model overrides")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) and t > 0 for t in tokens):
+        raise ConfigError(f"{path}: tokens must be a list of positive integers (training-token budgets)")
+    base = raw.get("base")
+    base = str((file.parent / base).resolve()) if base else None
+    return Family(base, [str(o) for o in raw.get("overrides") or []],
+                  {str(k): [str(o) for o in v] for k, v in sizes.items()}, tokens)
+
+
+def non_embedding_parameters(model: TitansConfig) -> int:
+    """N as in the scaling-law literature: every trainable parameter but the (tied) token embedding."""
+    import torch
+
+    with torch.device("meta"):
+        return count_parameters(TitansLM(model), include_embedding=False)
+
+
+def build_sweep(family: Family, out: Path, extra: list[str]) -> list[Run]:
+    """Every size × budget, each with its own steps, warmup ≤ 10 % of them, one validation at the end."""
+    runs = []
+    for size, model in family.sizes.items():
+        for budget in family.tokens:
+            common = family.overrides + extra + model
+            try:
+                cfg = load_config(family.base, common)
+            except ConfigError as err:
+                raise ConfigError(f"size {size}: {err}") from None
+            per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+            steps = max(1, round(budget / per_step))
+            name = f"{size}-D{steps * per_step}"
+            overrides = common + [f"train.steps={steps}", f"train.out_dir={out / name}",
+                                  f"train.warmup_steps={min(cfg.train.warmup_steps, max(1, steps // 10))}",
+                                  f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
+            cfg = load_config(family.base, overrides)
+            runs.append(Run(name, size, non_embedding_parameters(cfg.model), steps * per_step, steps,
+                            str(out / name), overrides))
+    return runs
+
+
+def final_val_loss(run: Run) -> float | None:
+    """The validation loss logged at the run's last step (TensorBoard events), or None if not there yet."""
+    folder = Path(run.out_dir) / "tensorboard"
+    if not folder.is_dir():
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    if "val/loss" not in events.Tags()["scalars"]:
+        return None
+    last = {e.step: e.value for e in events.Scalars("val/loss")}
+    return last.get(run.steps)
+
+
+def _done_line(run: Run, loss: float, seconds: float | None = None) -> str:
+    took = f" in {seconds:.0f} s" if seconds is not None else ""
+    return f"{run.name}: N={run.n_params:,} D={run.tokens:,} val loss {loss:.4f}{took}"
+
+
+def run_local(runs: list[Run], base: str | None) -> None:
+    """One run after another in this machine's processes; each run's output in <out_dir>/train.log."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(runs), desc="sweep", unit="run")
+    for run in runs:
+        bar.set_postfix_str(run.name)
+        Path(run.out_dir).mkdir(parents=True, exist_ok=True)
+        log = Path(run.out_dir) / "train.log"
+        started = time.monotonic()
+        with open(log, "w") as handle:
+            code = subprocess.call([sys.executable, "-m", "pretrain.train"]
+                                   + (["--config", base] if base else []) + run.overrides,
+                                   stdout=handle, stderr=subprocess.STDOUT)
+        loss = final_val_loss(run)
+        if code != 0 or loss is None:
+            bar.close()
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"run {run.name} failed (exit {code}); its log {log} ends:\n{tail}")
+        bar.write(_done_line(run, loss, time.monotonic() - started))
+        bar.update()
+    bar.close()
+
+
+def run_slurm(runs: list[Run], base: str | None, out: Path, args: argparse.Namespace) -> None:
+    """One Slurm array job, a task per run; follows it until every task has ended."""
+    from tqdm import tqdm
+
+    from slurm.submit import JobSpec, SubmitError, submit
+
+    spec = JobSpec(config=base, sweep=[r.overrides for r in runs], tasks_per_node=1,
+                   gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
+                   partition=args.partition, account=args.account, job_name=f"scaling-{out.name}",
+                   log_dir=str(out / "slurm"), max_parallel=args.max_parallel)
+    try:
+        job = submit(spec)
+    except SubmitError as err:
+        raise RuntimeError(str(err)) from None
+    print(f"submitted array job {job.job_id} ({len(runs)} runs); logs: {job.folder}", flush=True)
+    bar = tqdm(total=len(runs), desc="sweep", unit="run")
+    reported: set[str] = set()
+    while True:
+        squeue = subprocess.run(["squeue", "-h", "-r", "-j", job.job_id, "-o", "%i"], capture_output=True,
+                                text=True)
+        if squeue.returncode != 0 and "Invalid job id" not in squeue.stderr:
+            raise RuntimeError(f"squeue failed while following job {job.job_id}: {squeue.stderr.strip()}")
+        queued = squeue.stdout.split()
+        for run in runs:
+            loss = final_val_loss(run) if run.name not in reported else None
+            if loss is not None:
+                reported.add(run.name)
+                bar.write(_done_line(run, loss))
+                bar.update()
+        if not queued:
+            break
+        bar.set_postfix_str(f"{len(queued)} task(s) queued or running")
+        time.sleep(5)
+    bar.close()
+    missing = [(i, r.name) for i, r in enumerate(runs) if final_val_loss(r) is None]
+    if missing:
+        raise RuntimeError("runs without a final validation loss: " + ", ".join(
+            f"{name} (log {job.log(i)})" for i, name in missing))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.scaling",
+        description="Train a family of model sizes on several token budgets, fit L(N, D) = E + A/N^alpha + "
+                    "B/D^beta to the final validation losses, and write results.md / results.csv (table), "
+                    "fit.json (parameters with bootstrap intervals) and scaling.png (loss against compute "
+                    "C = 6ND, the fitted curve of each N and the compute-optimal frontier) into --out.")
+    p.add_argument("--family", required=True, help="family YAML: base, overrides, sizes, tokens")
+    p.add_argument("--out", required=True, help="sweep folder: one run folder per size x budget, the results")
+    p.add_argument("overrides", nargs="*", help="section.key=value for every run, e.g. data.train=DIR")
+    p.add_argument("--local", action="store_true", help="run here, one run after another (default: Slurm)")
+    p.add_argument("--report-only", action="store_true", help="train nothing: fit and report finished runs")
+    p.add_argument("--dry-run", action="store_true", help="print the sweep (N, D, steps per run) and stop")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    g = p.add_argument_group("Slurm (without --local)")
+    g.add_argument("--cpus-per-task", type=int, default=1, help="CPU cores per run (default 1)")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per run (default 0)")
+    g.add_argument("--time", default="04:00:00", help="time limit per run (default 04:00:00)")
+    g.add_argument("--partition", help="partition (default: the cluster's default)")
+    g.add_argument("--account", help="account to charge")
+    g.add_argument("--max-parallel", type=int, default=0, help="runs at once (default: all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pretrain.scaling_report import report
+
+    args = parser().parse_args(argv)
+    out = Path(args.out).resolve()
+    try:
+        family = load_family(args.family)
+        runs = build_sweep(family, out, list(args.overrides))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    for run in runs:
+        print(f"{run.name:>16}: N={run.n_params:>10,}  D={run.tokens:>12,}  steps {run.steps}")
+    if args.dry_run:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"family": args.family, "runs": [asdict(r) for r in runs]},
+                                               indent=1))
+    todo = [r for r in runs if final_val_loss(r) is None]
+    if todo and not args.report_only:
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; training {len(todo)}",
+              flush=True)
+        try:
+            if args.local:
+                run_local(todo, family.base)
+            else:
+                run_slurm(todo, family.base, out, args)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    losses = {r.name: final_val_loss(r) for r in runs}
+    finished = [r for r in runs if losses[r.name] is not None]
+    if len(finished) < 3:
+        print(f"error: {len(finished)} finished runs in {out}; a fit needs at least 3", file=sys.stderr)
+        return 1
+    for line in report(finished, [losses[r.name] for r in finished], out, args.bootstrap):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Scaling studies: the Chinchilla-style fit recovers known exponents from synthetic losses; family files
+are checked; a local sweep of tiny runs writes the table, the fit and the plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretrain.config import ConfigError
+from pretrain.scaling import load_family
+from pretrain.scaling_fit import Fit, bootstrap, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+TRUE = Fit(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)  # Chinchilla's published fit
+
+
+def synthetic(noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = np.repeat(np.geomspace(1e6, 1e9, 5), 4)
+    d = np.tile(np.geomspace(1e8, 1e11, 4), 5)
+    loss = TRUE.predict(n, d) * np.exp(np.random.default_rng(seed).normal(0, noise, n.shape))
+    return n, d, loss
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.005], ids=["exact", "0.5% noise"])
+def test_the_fit_recovers_known_exponents_within_5_percent(noise):
+    got = fit(*synthetic(noise))
+    for name in ("alpha", "beta", "E"):
+        assert abs(getattr(got, name) / getattr(TRUE, name) - 1) < 0.05, (name, got)
+    if noise == 0:
+        assert abs(got.alpha - TRUE.alpha) < 1e-4 and abs(got.beta - TRUE.beta) < 1e-4, got
+    # the compute-optimal split follows: N_opt ∝ C^(β/(α+β))
+    c = np.array([1e20, 1e22])
+    slope = np.diff(np.log(got.optimal_n(c))) / np.diff(np.log(c))
+    assert abs(slope[0] - TRUE.beta / (TRUE.alpha + TRUE.beta)) < 0.02
+
+
+def test_bootstrap_intervals_hold_the_true_exponents():
+    n, d, loss = synthetic(0.005, seed=1)
+    best = fit(n, d, loss)
+    intervals = bootstrap(n, d, loss, best, samples=12)
+    for name in ("alpha", "beta"):
+        lo, hi = intervals[name]
+        assert lo <= getattr(best, name) <= hi and hi - lo < 0.1 * getattr(TRUE, name), (name, lo, hi)
+
+
+def test_a_fit_needs_three_positive_points():
+    with pytest.raises(ValueError, match="at least 3 runs"):
+        fit(np.array([1e6, 1e7]), np.array([1e8, 1e8]), np.array([3.0, 2.5]))
+    with pytest.raises(ValueError, match="positive"):
+        fit(np.array([1e6, 1e7, 0]), np.array([1e8] * 3), np.array([3.0, 2.5, 2.0]))
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("sizes: {a: [model.dim=32]}\ntokens: [100]\nsteps: 3\n", r"unknown key\(s\) \['steps'\]"),
+    ("sizes: {a: model.dim=32}\ntokens: [100]\n", "sizes must map each size name to a list"),
+    ("sizes: {a: [model.dim=32]}\ntokens: [0]\n", "tokens must be a list of positive integers"),
+])
+def test_a_bad_family_file_names_the_field(tmp_path, text, match):
+    path = tmp_path / "family.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_family(str(path))
+
+
+@pytest.mark.timeout(300)
+def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
+    family = tmp_path / "family.yaml"
+    family.write_text(
+        f"base: {ROOT / 'configs' / 'tiny.yaml'}\n"
+        f"overrides: [data.train={dataset}, data.default_corpus=false, data.seq_len=32, data.batch_size=2,\n"
+        "  model.window=8, model.segment_len=16, model.memory_chunk=8, train.eval_batches=2,\n"
+        "  train.threads=1]\n"
+        "sizes:\n  s16: [model.dim=16, model.n_heads=2]\n  s32: [model.dim=32, model.n_heads=2]\n"
+        "  s64: [model.dim=64, model.n_heads=2]\n"
+        "tokens: [640, 1920]\n")  # 10 and 30 steps of 64 tokens
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "pretrain.scaling", "--family", str(family), "--out", str(out),
+               "--local"]
+    done = subprocess.run(command + ["--bootstrap", "4"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "s64-D1920: N=" in done.stdout and "val loss" in done.stdout  # a line per finished run
+    assert "fit of 6 runs" in done.stdout and "compute-optimal" in done.stdout
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 2 + 6 and "| s16-D640 |" in table
+    result = json.loads((out / "fit.json").read_text())
+    assert set(result["fit"]) >= {"E", "A", "alpha", "B", "beta"} and result["runs"] == 6
+    assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    # a second call trains nothing: every run has its final validation loss
+    again = subprocess.run(command + ["--bootstrap", "0"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and "training" not in again.stdout, again.stdout + again.stderr
