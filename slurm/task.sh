@@ -22,8 +22,10 @@ if [ "$RANK" = 0 ]; then
     echo "task: rank $RANK/$WORLD_SIZE local $LOCAL_RANK/$LOCAL_WORLD_SIZE on $(hostname -s), rendezvous" \
          "$MASTER_ADDR:$MASTER_PORT, restart ${SLURM_RESTART_COUNT:-0}, $OMP_NUM_THREADS threads"
 fi
-# Slurm signals the whole task (this shell too): outlive the signal and let python save and report
-trap 'true' USR1 TERM INT
+# Slurm signals the whole task, this shell too: ignore the signals here. Python inherits the ignoring
+# until pretrain.train installs its handlers (save and stop), so a warning that comes while it is still
+# starting up is lost (the run goes on) rather than killing it without a checkpoint.
+trap '' USR1 TERM INT
 "${TITANS_PYTHON:-python}" -m pretrain.train "$@"
 code=$?
 if [ "$code" = 75 ] && [ -n "${TITANS_JOB_DIR:-}" ]; then  # EXIT_INTERRUPTED: saved, run again
