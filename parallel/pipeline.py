@@ -92,18 +92,38 @@ class Pipeline:
     """This rank's stages and the schedule that runs them."""
 
     def __init__(self, stages: list[TitansLM], stage_indices: list[int], n_stages: int, mesh: Mesh,
-                 schedule: str, microbatches: int, head_loss_sum: HeadLossSum) -> None:
+                 schedule: str, microbatches: int, head_loss_sum: HeadLossSum,
+                 modules: list[nn.Module] | None = None,
+                 micro_shape: tuple[int, int] | None = None) -> None:
+        """`modules`: what the schedule runs per stage (default `StageModule`s). `micro_shape`: (rows,
+        tokens) of a micro-batch, to give the stages their input and output shapes up front instead of
+        inferring them from a trial forward and backward (which a stage with side effects, such as the
+        sequence relay's, must not run)."""
         from torch.distributed import pipelining
 
         self.head_loss_sum = head_loss_sum
-        self.stages = [pipelining.PipelineStage(StageModule(m), i, n_stages, mesh.device, group=mesh.pp_group)
-                       for m, i in zip(stages, stage_indices, strict=True)]
+        modules = modules or [StageModule(m) for m in stages]
+        self.stages = [pipelining.PipelineStage(module, i, n_stages, mesh.device, group=mesh.pp_group,
+                                                **self._shapes(m, i, micro_shape, mesh.device))
+                       for module, m, i in zip(modules, stages, stage_indices, strict=True)]
         self.last = next((m for m, i in zip(stages, stage_indices) if i == n_stages - 1), None)
         self._denominator: Tensor | int = 1
         cls = getattr(pipelining, SCHEDULES[schedule])
         # scale_grads=False: the loss of a micro-batch is already its share of the batch loss
         stage_arg = self.stages if schedule == "interleaved" else self.stages[0]
         self.schedule = cls(stage_arg, microbatches, loss_fn=self._loss, scale_grads=False)
+
+    @staticmethod
+    def _shapes(model: TitansLM, stage: int, micro_shape: tuple[int, int] | None, device: torch.device
+                ) -> dict[str, Tensor]:
+        if micro_shape is None:
+            return {}
+        dtype = next(model.parameters()).dtype  # the residual stream stays in it under autocast
+        # requires_grad: the received activations must, or the stage's backward never reaches its input
+        hidden = torch.empty(*micro_shape, model.cfg.dim, dtype=dtype, device=device, requires_grad=True)
+        tokens = torch.empty(micro_shape, dtype=torch.long, device=device)
+        return {"input_args": tokens if stage == 0 else hidden, "output_args": hidden,
+                "input_grads": None if stage == 0 else hidden, "output_grads": hidden}
 
     def _loss(self, features: Tensor, packed: Tensor) -> Tensor:
         """A micro-batch's share of the batch loss: Σ (w·) ce / the batch's denominator."""

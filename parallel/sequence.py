@@ -83,7 +83,7 @@ class SequenceShards:
             w.wait()
         return buffers
 
-    def _finish_sends(self) -> None:
+    def finish_sends(self) -> None:
         for work, _ in self.pending:
             work.wait()
         self.pending.clear()
@@ -93,20 +93,18 @@ class SequenceShards:
         kind = self.model.cfg.layer_kinds[int(name)]
         return self.model.cfg.window - 1 if kind in HALO_BLOCKS else 0
 
-    def forward(self, tokens: Tensor, grad: bool) -> tuple[Tensor, list]:
-        """Embedding and blocks with the relay; returns the last block's output and, when `grad`, what
-        the backward needs per layer: (input leaf, output, incoming state leaves, outgoing state,
-        incoming halo leaf, the rows sent as the next shard's halo)."""
-        model, records = self.model, []
-        embedded = model.embed(tokens)
-        x = embedded
-        for index, (name, block) in enumerate(model.blocks.items()):
+    def forward_blocks(self, x: Tensor, grad: bool) -> tuple[Tensor, list]:
+        """This shard through the blocks with the relay; returns the last block's output and, when `grad`,
+        what the backward needs per layer: (input leaf, output, incoming state leaves, outgoing state,
+        incoming halo leaf, the rows sent as the next shard's halo). Tags follow the blocks' global
+        names, so the stages of a pipeline never mix their messages."""
+        records = []
+        for name, block in self.model.blocks.items():
             x_in = x.detach().requires_grad_(grad)
-            tag, halo = index * 64, self.halo_rows(name)
+            tag, halo = int(name) * 64, self.halo_rows(name)
             incoming = None
             if self.prev is not None and block.has_memory:
-                incoming = self._recv(state_template(model, name, tokens.shape[0], tokens.device), tag,
-                                      self.prev)
+                incoming = self._recv(state_template(self.model, name, x.shape[0], x.device), tag, self.prev)
                 for t in incoming:
                     t.requires_grad_(grad)
             state = state_from(incoming, block.memory.depth) if incoming is not None else None
@@ -119,19 +117,18 @@ class SequenceShards:
                 if self.prev is not None:
                     (past,) = self._recv([h.new_empty(h.shape[0], halo, h.shape[2])], tag + 63, self.prev)
                     past.requires_grad_(grad)
-            x, out_state = block.after_halo(h, state, past, self.mesh.sp_rank * tokens.shape[1])
+            x, out_state = block.after_halo(h, state, past, self.mesh.sp_rank * x.shape[1])
             outgoing = state_tensors(out_state) if out_state is not None else []
             if self.next is not None:
                 self._send(outgoing, tag)
-            records.append((x_in, x, incoming, outgoing, past, sent))
-        return x, [embedded, records]
+            records.append((name, x_in, x, incoming, outgoing, past, sent))
+        return x, records
 
-    def backward(self, grad_out: Tensor, saved: list) -> None:
-        embedded, records = saved
+    def backward_blocks(self, grad_out: Tensor, records: list) -> Tensor:
+        """The relay in reverse; adds the blocks' parameter gradients, returns the input's gradient."""
         grad_x = grad_out
-        for index in reversed(range(len(records))):
-            x_in, x_out, incoming, outgoing, past, sent = records[index]
-            tag = BACKWARD_TAG + index * 64
+        for name, x_in, x_out, incoming, outgoing, past, sent in reversed(records):
+            tag = BACKWARD_TAG + int(name) * 64
             tensors, grads = [x_out], [grad_x]
             if self.next is not None and outgoing:  # our end state's gradient, from who continued it
                 received = self._recv([torch.empty_like(t) for t in outgoing], tag, self.next)
@@ -147,8 +144,17 @@ class SequenceShards:
             if past is not None:
                 self._send([past.grad if past.grad is not None else torch.zeros_like(past)], tag + 63)
             grad_x = x_in.grad
-        embedded.backward(grad_x)
-        self._finish_sends()
+        return grad_x
+
+    def forward(self, tokens: Tensor, grad: bool) -> tuple[Tensor, list]:
+        embedded = self.model.embed(tokens)
+        top, records = self.forward_blocks(embedded, grad)
+        return top, [embedded, records]
+
+    def backward(self, grad_out: Tensor, saved: list) -> None:
+        embedded, records = saved
+        embedded.backward(self.backward_blocks(grad_out, records))
+        self.finish_sends()
 
     def forward_backward(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: HeadLossSum,
                          denominator: Tensor | float) -> Tensor:
@@ -165,10 +171,50 @@ class SequenceShards:
     def loss(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: HeadLossSum,
              denominator: Tensor | float) -> Tensor:
         top, _ = self.forward(tokens, grad=False)
-        self._finish_sends()
+        self.finish_sends()
         return loss_sum(self.model.norm(top), self.model.head, targets, weights) / denominator
 
 
 def shard_of(t: Tensor, mesh: Mesh) -> Tensor:
     """This sp rank's contiguous slice of the sequence dimension (dim 1)."""
     return t.chunk(mesh.layout.sp, dim=1)[mesh.sp_rank]
+
+
+class _RelayedBlocks(torch.autograd.Function):
+    """The blocks of a pipeline stage under sequence parallelism, as one autograd node: the pipeline
+    schedule's backward reaches it and runs the relay's explicit backward (which adds the parameter
+    gradients itself and returns the input's)."""
+
+    @staticmethod
+    def forward(ctx, shards: SequenceShards, x: Tensor) -> Tensor:  # type: ignore[override]
+        with torch.enable_grad():
+            top, records = shards.forward_blocks(x, grad=True)
+        ctx.shards, ctx.records = shards, records
+        return top.detach()
+
+    @staticmethod
+    def backward(ctx, grad_top: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        grad_x = ctx.shards.backward_blocks(grad_top, ctx.records)
+        ctx.records = None
+        return None, grad_x
+
+
+class SequenceStage(torch.nn.Module):
+    """A pipeline stage (see parallel/pipeline.StageModule) whose blocks run this rank's sequence shard
+    with the relay to the same stage on the other sp ranks. Sends complete at `finish_sends` (the
+    engine calls it once per step), since the schedule interleaves micro-batches' forwards and
+    backwards."""
+
+    def __init__(self, model: TitansLM, mesh: Mesh) -> None:
+        super().__init__()
+        self.model, self.shards = model, SequenceShards(model, mesh)
+
+    def forward(self, x: Tensor) -> Tensor:
+        model = self.model
+        if model.embed is not None:
+            x = model.embed(x)
+        if torch.is_grad_enabled():
+            x = _RelayedBlocks.apply(self.shards, x)
+        else:
+            x = self.shards.forward_blocks(x, grad=False)[0]
+        return model.norm(x) if model.norm is not None else x

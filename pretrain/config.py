@@ -253,7 +253,8 @@ def validate(cfg: RunConfig) -> None:
 
 
 def validate_sequence_parallel(cfg: RunConfig) -> None:
-    """sp > 1: blocks the relay runs, no pipeline yet, and shards aligned to chunks and MAC segments."""
+    """sp > 1: blocks the relay runs, equal micro-batches under a pipeline, and shards aligned to chunks
+    and MAC segments."""
     p, m = cfg.parallel, cfg.model
     from parallel.sequence import SP_BLOCKS
 
@@ -263,7 +264,11 @@ def validate_sequence_parallel(cfg: RunConfig) -> None:
                           f"{', '.join(SP_BLOCKS)} blocks ({', '.join(other)}: full attention over shards "
                           "needs ring attention, not built); use parallel.sp=1")
     if p.pp > 1:
-        raise ConfigError("parallel.sp > 1 with parallel.pp > 1 is not built yet: use one of them")
+        microbatches = p.pp_microbatches or 2 * p.pp
+        if cfg.data.batch_size % microbatches:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split into "
+                              f"parallel.pp_microbatches={microbatches} equal micro-batches (sequence "
+                              "parallelism fixes the stages' shapes up front)")
     align = math.lcm(m.memory_chunk, m.segment_len) if "mac" in m.layer_kinds else m.memory_chunk
     unit = align * p.sp
     shard = cfg.data.seq_len // p.sp

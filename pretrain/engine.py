@@ -36,7 +36,7 @@ from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
 from parallel.pipeline import Pipeline, sync_tied_gradients
-from parallel.sequence import SequenceShards, shard_of
+from parallel.sequence import SequenceShards, SequenceStage, shard_of
 from parallel.tensor import TensorShard, local_slice, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
@@ -152,30 +152,52 @@ class ReplicaEngine(Engine):
 
 
 class PipelineEngine(Engine):
-    """pp > 1: this rank's stages under a pipeline schedule."""
+    """pp > 1: this rank's stages under a pipeline schedule; with sp > 1 each stage runs this rank's
+    sequence shard, relaying the memory state to the same stage on the other sp ranks."""
 
     def __init__(self, models, optimizer, mesh, cfg, autocast, stage_indices: list[int]) -> None:
         super().__init__(models, optimizer, mesh, cfg, autocast)
         p = cfg.parallel
-        self.pipe = Pipeline(models, stage_indices, n_stages(p), mesh, p.pp_schedule,
-                             p.pp_microbatches or 2 * p.pp, self.head_loss_sum())
+        microbatches = p.pp_microbatches or 2 * p.pp
+        self.sequence = [SequenceStage(m, mesh) for m in models] if p.sp > 1 else []
+        micro_shape = (cfg.data.batch_size // microbatches, cfg.data.seq_len // p.sp) if p.sp > 1 else None
+        self.pipe = Pipeline(models, stage_indices, n_stages(p), mesh, p.pp_schedule, microbatches,
+                             self.head_loss_sum(), modules=self.sequence or None, micro_shape=micro_shape)
+
+    def _run(self, batch: Batch, scale: float, train: bool) -> Tensor | None:
+        tokens, weights = batch
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        denominator = loss_denominator(targets, weights) / scale  # of the whole sequences, over sp too
+        if self.sequence:
+            inputs, targets = shard_of(inputs, self.mesh), shard_of(targets, self.mesh)
+            weights = None if weights is None else shard_of(weights, self.mesh)
+        run = self.pipe.train_step if train else self.pipe.eval_loss
+        with self.autocast:
+            loss = run(inputs, targets, weights, denominator)
+        if not train:
+            self.finish_sends()
+        if loss is None:
+            return None
+        if self.sequence:  # the shards' shares → the batch's (the sp group of a last stage is last stages)
+            loss = loss.float().clone()
+            torch.distributed.all_reduce(loss, group=self.mesh.sp_group)
+        return loss / scale
 
     def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
-        tokens, weights = batch
-        targets = tokens[:, 1:]
-        with self.autocast:
-            loss = self.pipe.train_step(tokens[:, :-1], targets, weights,
-                                        loss_denominator(targets, weights) / scale)
-        return None if loss is None else loss / scale
+        return self._run(batch, scale, train=True)
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> Tensor | None:
-        tokens, weights = batch
-        targets = tokens[:, 1:]
-        with self.autocast:
-            return self.pipe.eval_loss(tokens[:, :-1], targets, weights, loss_denominator(targets, weights))
+        return self._run(batch, 1.0, train=False)
+
+    def finish_sends(self) -> None:
+        for stage in self.sequence:
+            stage.shards.finish_sends()
 
     def step(self, grad_clip: float, apply: bool) -> float:
+        if self.sequence:
+            self.finish_sends()
+            reduce_gradients(self.parameters(), self.mesh.sp_group)  # each shard holds its part
         average_gradients(self.parameters(), self.mesh)  # once per step, after every micro-batch
         sync_tied_gradients(self.models, self.mesh)
         return super().step(grad_clip, apply)

@@ -283,18 +283,20 @@ SP_LAYOUTS = {  # name → (world size, overrides)
     "sp4": (4, ["parallel.sp=4"]),
     "sp2_tp2": (4, ["parallel.sp=2", "parallel.tp=2"]),
     "sp2_dp2_zero1": (4, ["parallel.sp=2", "parallel.zero_stage=1"]),
+    "sp2_pp2": (4, ["parallel.sp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
 }
 SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp2"), ("lmm", 2, "sp4"),
          ("mac", 2, "sp4"), ("mac", 2, "sp2_tp2"), ("lmm", 2, "sp2_dp2_zero1"), ("mag", 2, "sp2"),
-         ("mag", 2, "sp4"), ("swa", 2, "sp4"), ("mal", 2, "sp4")]
+         ("mag", 2, "sp4"), ("swa", 2, "sp4"), ("mal", 2, "sp4"), ("mag", 2, "sp2_pp2")]
 SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa") for d in (1, 2)
              for layout in SP_LAYOUTS if v != "swa" or d == 2] if SLOW else SP_CI)
 
 
 def sp_job(name: str, out: Path, variant: str, depth: int, layout: str) -> dict:
     world, layout_overrides = SP_LAYOUTS[layout]
-    sizes = dict(o.removeprefix("parallel.").split("=") for o in layout_overrides if o[9:11] in ("sp", "tp"))
-    dp = world // int(sizes.get("sp", 1)) // int(sizes.get("tp", 1))
+    sizes = dict(o.removeprefix("parallel.").split("=") for o in layout_overrides
+                 if o[9:12] in ("sp=", "tp=", "pp="))
+    dp = world // int(sizes.get("sp", 1)) // int(sizes.get("tp", 1)) // int(sizes.get("pp", 1))
     ov = (base_overrides(out, GLOBAL_BATCH // dp, STEPS) + model_overrides(variant)
           + [f"model.memory_depth={depth}", f"data.seq_len={SP_SEQ_LEN}", *layout_overrides])
     return {"name": name, "overrides": ov}
@@ -339,7 +341,9 @@ def test_sequence_parallel_matches_one_process(sp_runs, sp_references, variant, 
      "sequence parallelism runs lmm, mac, swa, mag, mal blocks (full: full attention over shards needs ring"),
     (["parallel.sp=4", "model.layers=mag", "model.window=32", "data.seq_len=64"],
      "model.window=32 reaches past the previous sequence shard (data.seq_len / parallel.sp = 16 tokens)"),
-    (["parallel.sp=2", "parallel.pp=2", "model.layers=lmm"], "parallel.sp > 1 with parallel.pp > 1"),
+    (["parallel.sp=2", "parallel.pp=2", "parallel.pp_microbatches=4", "model.layers=lmm",
+      "data.batch_size=2"],
+     "data.batch_size=2 does not split into parallel.pp_microbatches=4 equal micro-batches"),
     (["parallel.sp=4", "model.layers=mac", "model.segment_len=64", "model.memory_chunk=16",
       "data.seq_len=300"],
      "data.seq_len=300 does not split into 4 shards of whole memory chunks (16) and MAC segments (64): use a "
