@@ -17,6 +17,7 @@ The data is split by dp rank only: every tp / pp / sp rank of one model replica 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -207,10 +208,11 @@ class Mesh:
             torch_dist.destroy_process_group()
 
 
-def init_mesh(tp: int = 1, pp: int = 1, sp: int = 1) -> Mesh:
+def init_mesh(tp: int = 1, pp: int = 1, sp: int = 1, timeout_s: float = 600) -> Mesh:
     """Join the process group the environment describes and build the layout's groups.
 
-    A layout that does not fit the world size fails here, before any work, on every rank alike."""
+    A layout that does not fit the world size fails here, before any work, on every rank alike. A
+    collective waiting more than `timeout_s` raises instead of hanging."""
     rank, world, local = launch_environment()
     layout = Layout.of(world, tp, pp, sp)
     if torch.cuda.is_available():
@@ -224,7 +226,8 @@ def init_mesh(tp: int = 1, pp: int = 1, sp: int = 1) -> Mesh:
                 raise RuntimeError(f"rank {rank}: {name} is not set; launch with torchrun, or export it in "
                                    "the sbatch script")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend, rank=rank, world_size=world)
+        torch_dist.init_process_group(backend, rank=rank, world_size=world,
+                                      timeout=datetime.timedelta(seconds=timeout_s))
     if not layout.model_parallel:
         return Mesh(layout, rank, local, device, dp_group=torch_dist.group.WORLD if world > 1 else None)
     from megatron.core import parallel_state

@@ -150,7 +150,7 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
         params /= dp
     micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
     in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
-    tokens = d.batch_size // micro * d.seq_len
+    tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens
     acts, acts_ckpt = (in_flight * activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, ckpt,
                                                     value_bytes) for ckpt in (False, True))
     chosen = acts_ckpt if cfg.train.activation_checkpointing else acts

@@ -89,6 +89,9 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
     pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
     pp_stages_per_rank: int = 2  # with pp_schedule: interleaved (virtual stages)
+    # a collective that waits longer fails the run naming it, instead of hanging until the job's time
+    # limit (a rank that stalls rather than dies); long enough for a checkpoint of a large model
+    comm_timeout_s: int = 600
 
 
 @dataclass
@@ -291,6 +294,8 @@ def validate_parallel(cfg: RunConfig) -> None:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     if p.sp > 1:
         validate_sequence_parallel(cfg)
+    if p.comm_timeout_s < 1:
+        raise ConfigError(f"parallel.comm_timeout_s must be >= 1 second, got {p.comm_timeout_s}")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0 (plain data parallel), 1, 2 or 3 (ZeRO), "
                           f"got {p.zero_stage}")

@@ -23,14 +23,17 @@ DEFAULT_CORPUS_BYTES = 8_000_000
 def ensure_default_corpus(cfg: RunConfig) -> None:
     """Tokenise the standard library's sources into `data.train` (bytes) unless already there.
 
-    Only at the default path: a path the user named is theirs, and a missing dataset there is an error,
-    never silently replaced by the embedded corpus (a mistyped path would train on the wrong data)."""
+    Only at the default path or a sibling named after it (`data/stdlib-bytes-64k`: its samples are as
+    long as that run's sequences): a path the user named is theirs, and a missing dataset there is an
+    error, never silently replaced by the embedded corpus (a mistyped path would train on the wrong data)."""
     if (Path(cfg.data.train) / MANIFEST).is_file() or not cfg.data.default_corpus:
         return
-    if Path(cfg.data.train) != Path(DataConfig.train):
+    default, path = Path(DataConfig.train), Path(cfg.data.train)
+    if path != default and not (path.parent == default.parent and path.name.startswith(f"{default.name}-")):
         raise DataError(f"data.train={cfg.data.train}: no prepared dataset there ({MANIFEST} is missing). "
                         "Prepare it with `python -m data_pipeline.prepare`, or leave data.train at its "
-                        f"default ({DataConfig.train}) to build the embedded corpus")
+                        f"default ({DataConfig.train}, or {DataConfig.train}-NAME) to build the embedded "
+                        "corpus")
     print(f"building the default corpus (Python standard library sources, PSF License) in {cfg.data.train}")
     prepare(default_corpus_files(DEFAULT_CORPUS_BYTES), cfg.data.train, "bytes",
             sample_tokens=cfg.data.seq_len + 1, shard_samples=256, val_fraction=0.05, workers=1)

@@ -205,7 +205,7 @@ def initial_weights(path: str) -> dict[str, torch.Tensor]:
 def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     """Run (or resume) the configured training; returns the per-step losses and where it saved."""
     p, t = cfg.parallel, cfg.train
-    mesh = mesh or init_mesh(p.tp, p.pp, p.sp)
+    mesh = mesh or init_mesh(p.tp, p.pp, p.sp, p.comm_timeout_s)
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     try:
-        mesh = init_mesh(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sp)
+        mesh = init_mesh(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sp, cfg.parallel.comm_timeout_s)
     except LayoutError as err:
         print(f"layout error: {err}", file=sys.stderr)
         return 2

@@ -275,6 +275,19 @@ def test_planner_cli_prints_a_table_and_a_verdict():
     assert re.search(r"verdict: (GO|NO-GO)", done.stdout)
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "long").glob("*.yaml")), ids=lambda p: p.stem)
+def test_long_context_configs_validate_and_plan_per_shard(config):
+    """The long-context configs load and pass the layout checks; the planner counts a rank's activations
+    for its sequence shard: they fall as 1/sp."""
+    from parallel.plan import rank_memory
+
+    cfg = load_config(config)
+    assert cfg.parallel.sp > 1
+    acts = {sp: rank_memory(load_config(config, [f"parallel.sp={sp}"]), 1, 10**6, cfg.model.n_layers,
+                            cfg.model.n_layers)["acts_ckpt"] for sp in (1, cfg.parallel.sp)}
+    assert acts[cfg.parallel.sp] == pytest.approx(acts[1] / cfg.parallel.sp)
+
+
 # ---------------------------------------------------------------------------- sequence parallelism
 
 SP_SEQ_LEN = 64  # 4 shards of 16 tokens: whole memory chunks (8) and MAC segments (16)
