@@ -8,7 +8,9 @@ Each sp is a `torch.distributed.run` launch of a worker that builds the training
 Printed per (sp, length): the bytes each rank sends per layer per step (the memory state forward, its
 gradient back: they must not grow with the length), the activation bytes a rank saves for backward (they
 should fall about as 1/sp), and the median step time. On a CPU with fewer cores than ranks, times measure
-oversubscription more than the wavefront.
+oversubscription more than the wavefront. Then, per sp, the longest sequence whose activations fit a
+per-rank budget (`--budget-mib`), from the line through the two longest measured lengths (activations
+are linear in the length: per-token tensors plus per-chunk memory states).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--budget-mib", type=float, default=1024.0,
+                        help="per-rank activation budget for the longest-sequence table")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,6 +114,24 @@ def main() -> None:
     for length, sp, sent, saved, step in rows:
         print(f"| {length} | {sp} | {sent:,.0f} | {saved / 2**20:.1f} | "
               f"{saved / base.get(length, saved):.2f} | {step:.3f} | {step / step1.get(length, step):.2f} |")
+    print_longest(rows, args.budget_mib * 2**20)
+
+
+def print_longest(rows: list[tuple], budget: float) -> None:
+    """Per sp: the longest length (a multiple of 64·sp: whole chunks and segments per shard) whose
+    activations per rank fit `budget`, on the line through the two longest measured lengths."""
+    print(f"\n| sp | longest sequence with activations ≤ {budget / 2**20:.0f} MiB per rank | vs sp=1 |"
+          "\n|---:|---:|---:|")
+    longest = {}
+    for sp in sorted({sp for _, sp, *_ in rows}):
+        measured = sorted((length, saved) for length, s, _, saved, _ in rows if s == sp)
+        if len(measured) < 2:
+            continue
+        (l1, a1), (l2, a2) = measured[-2:]
+        per_token = (a2 - a1) / (l2 - l1)
+        unit = 64 * sp
+        longest[sp] = int((budget - (a1 - per_token * l1)) / per_token) // unit * unit
+        print(f"| {sp} | {longest[sp]:,} | {longest[sp] / longest.get(1, longest[sp]):.2f} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def _silu(z: Tensor) -> Tensor:
 def _mlp(weights: list[Tensor], z: Tensor, residual_norm: bool) -> Tensor:
     """Memory MLP for every (batch, head) at once: weights[l] (B, H, d_in, d_out), z (B, H, d).
 
-    With residual_norm: z + LayerNorm(MLP(z)), the LayerNorm without parameters, eps 1e-5.
+    With residual_norm: z + LayerNorm(MLP(z)), the LayerNorm without parameters, eps 1e-3.
     """
     h = z
     for layer, w in enumerate(weights):
@@ -44,7 +44,7 @@ def _mlp(weights: list[Tensor], z: Tensor, residual_norm: bool) -> Tensor:
     if not residual_norm:
         return h
     centered = h - h.mean(-1, keepdim=True)
-    return z + centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5)
+    return z + centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-3)
 
 
 def reference_memory(

@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NORM_EPS = 1e-5  # LayerNorm epsilon of the memory's residual-norm output
+# LayerNorm epsilon of the memory's residual-norm output. Not the usual 1e-5: the forget gate pulls the
+# memory's weights toward 0, where the MLP's output is tiny and the LayerNorm's slope is 1/sqrt(eps); at
+# 1e-5 that slope makes each chunk's update amplify the state's gradient, which then grows exponentially
+# backwards through the chunks (NaN beyond ~1,000 chunks). At 1e-3, with surprise clipping, it stays
+# bounded (docs/DESIGN.md §2.6).
+NORM_EPS = 1e-3
 
 
 @dataclass(frozen=True)
