@@ -200,3 +200,15 @@ def test_bad_inputs_fail_naming_the_file(converted, tmp_path: Path, capsys) -> N
     (dense / "titans_config.json").write_text(json.dumps(meta | {"format_version": 99}))
     err = error_of(["--checkpoint", str(dense), "--to", "hf", "--out", str(tmp_path / "f")], capsys)
     assert "format version 99" in err and "titans_config.json" in err
+
+
+def test_beam_search_reorders_the_streaming_cache(converted, tmp_path: Path, monkeypatch) -> None:
+    """transformers' beam search with the TitansCache (reordered per step) equals it without a cache."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    model = AutoModelForCausalLM.from_pretrained(converted["hf"], trust_remote_code=True).eval()
+    prompt = torch.tensor([PROMPT])
+    cached = model.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False)
+    uncached = model.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
