@@ -46,7 +46,7 @@ from pretrain.hf_export import (
     model_fields,
     save_weights,
 )
-from pretrain.model_io import model_config, model_state, resolve_checkpoint, run_tokenizer
+from pretrain.model_io import end_of_document_id, model_config, model_state, resolve_checkpoint, run_tokenizer
 from titans.model import TitansConfig, TitansLM
 
 FORMAT_VERSION = 1  # of the --to safetensors folder
@@ -147,7 +147,7 @@ def to_safetensors(src: Source, out: Path) -> list[str]:
 def to_hf(src: Source, out: Path, tokenizer_spec: str | None) -> list[str]:
     run_config = src.run_config or {}
     tokenizer = run_tokenizer(run_config, src.model.vocab_size, tokenizer_spec)
-    eos_id = getattr(tokenizer, "eos_id", 256 if tokenizer is None and src.model.vocab_size == 257 else None)
+    eos_id = end_of_document_id(tokenizer, src.model.vocab_size)
     return export_hf(src.weights, src.model, out, tokenizer, eos_id, src.training)
 
 

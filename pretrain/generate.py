@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.tokenizer import ByteTokenizer
 from pretrain.convert import read_source
-from pretrain.model_io import run_tokenizer
+from pretrain.model_io import end_of_document_id, run_tokenizer
 from titans.model import TitansLM
 from titans.streaming import generate
 
@@ -55,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    encode = tokenizer.encode if tokenizer is not None else (lambda text: list(text.encode("utf-8")))
-    eos_id = getattr(tokenizer, "eos_id", 256 if tokenizer is None and model.cfg.vocab_size == 257 else None)
-    ids = encode(args.prompt)
+    eos_id = end_of_document_id(tokenizer, model.cfg.vocab_size)
+    tokenizer = tokenizer or ByteTokenizer()
+    ids = tokenizer.encode(args.prompt)
     if not ids:
         if eos_id is None:
             parser.error("an empty prompt needs an end-of-document token to start from: pass --prompt")
@@ -72,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ids:
         print(json.dumps({"prompt": ids, "generated": new}))
     else:
-        decode = tokenizer.decode if tokenizer is not None else (
-            lambda t: bytes(i for i in t if i < 256).decode("utf-8", errors="replace"))
-        print(args.prompt + decode(new))
+        print(args.prompt + tokenizer.decode(new))
     print(f"[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0
 

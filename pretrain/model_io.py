@@ -226,3 +226,12 @@ def run_tokenizer(run_config: dict[str, Any], vocab_size: int, spec: str | None 
     if vocab_size in (256, 257):
         return None
     raise ValueError("cannot find the run's tokenizer (its dataset is not here): pass --tokenizer")
+
+
+def end_of_document_id(tokenizer: Any | None, vocab_size: int) -> int | None:
+    """The end-of-document id of `run_tokenizer`'s result: the tokenizer's, or for a byte vocabulary
+    (None) the byte tokenizer's when the vocabulary holds it."""
+    from data_pipeline.tokenizer import ByteTokenizer
+
+    eos = (tokenizer or ByteTokenizer()).eos_id
+    return eos if eos < vocab_size else None

@@ -29,6 +29,7 @@ def free_port() -> int:
 def launch(worker: Path, jobs: list[dict], tmp: Path, world: int, timeout: float) -> dict:
     """Run the jobs in `world` worker processes; returns rank 0's results. Fails (with the logs) when a
     rank exits with an error or the launch passes its deadline."""
+    tmp.mkdir(parents=True, exist_ok=True)
     spec = tmp / "spec.json"
     results = tmp / "results.json"
     spec.write_text(json.dumps({"jobs": jobs, "results": str(results)}))

@@ -74,11 +74,6 @@ def run_hf(folders: list[Path], tokens: list[int], tmp: Path, generate_tokens: i
     return json.loads(line[len("RESULTS "):])
 
 
-def folder(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def job(name: str, out: Path, *layout: str) -> dict:
     return {"name": name, "overrides": base_overrides(out, 4, steps=4) + ["train.keep_last=5", *layout]}
 
@@ -89,7 +84,7 @@ def converted(tmp_path_factory):
     from the export resharded to tp=1 and tp=2."""
     tmp = tmp_path_factory.mktemp("convert")
     original = launch(WORKER, [job("original", tmp / "run", "parallel.tp=2", "parallel.pp=2",
-                                   "parallel.zero_stage=1")], folder(tmp / "w4"), world=4, timeout=DEADLINE_S)
+                                   "parallel.zero_stage=1")], tmp / "w4", world=4, timeout=DEADLINE_S)
     step3 = tmp / "run" / "checkpoints" / "step_00000003"
     assert convert(["--checkpoint", str(step3), "--to", "hf", "--out", str(tmp / "hf")]) == 0
     folders = {}
@@ -97,7 +92,7 @@ def converted(tmp_path_factory):
         folders[tp] = tmp / f"tp{tp}"
         assert convert(["--checkpoint", str(tmp / "hf"), "--to", "checkpoint", "--out", str(folders[tp]),
                         f"parallel.tp={tp}", "parallel.pp=1", "parallel.zero_stage=0"]) == 0
-    resumed = {tp: launch(WORKER, [job(f"tp{tp}", folders[tp], f"parallel.tp={tp}")], folder(tmp / f"r{tp}"),
+    resumed = {tp: launch(WORKER, [job(f"tp{tp}", folders[tp], f"parallel.tp={tp}")], tmp / f"r{tp}",
                           world=tp, timeout=DEADLINE_S)[f"tp{tp}"] for tp in (1, 2)}
     return {"tmp": tmp, "step3": step3, "hf": tmp / "hf", "original": original["original"],
             "resumed": resumed}
