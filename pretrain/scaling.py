@@ -239,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(finished) < 3:
         print(f"error: {len(finished)} finished runs in {out}; a fit needs at least 3", file=sys.stderr)
         return 1
-    for line in report(finished, [losses[r.name] for r in finished], out, args.bootstrap):
+    try:
+        lines = report(finished, [losses[r.name] for r in finished], out, args.bootstrap)
+    except ValueError as err:  # the fit diverged: say so instead of a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for line in lines:
         print(line)
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -73,6 +74,9 @@ def _lbfgs(start: torch.Tensor, data: tuple[torch.Tensor, ...], delta: float) ->
     return theta.detach(), value
 
 
+LOG_FLOAT_MAX = math.log(sys.float_info.max)
+
+
 def fit(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float = 1e-3, starts: int = 16,
         extra_starts: list[np.ndarray] | None = None) -> Fit:
     """The best L-BFGS optimum from the `starts` best grid points (and any extra starting points)."""
@@ -88,7 +92,11 @@ def fit(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float = 1e-3, sta
     best = [grid[i] for i in torch.argsort(grid_values)[:starts]]
     best += [torch.tensor(s, dtype=torch.float64) for s in extra_starts or []]
     results = [_lbfgs(s, data, delta) for s in best]
-    theta, value = min((r for r in results if math.isfinite(r[1])), key=lambda r: r[1])
+    # an optimum whose A, B or E overflows a float is a diverged fit (an unidentifiable term), not a fit
+    usable = [r for r in results if math.isfinite(r[1]) and max(r[0][[0, 2, 4]].tolist()) < LOG_FLOAT_MAX]
+    if not usable:
+        raise ValueError(f"the fit diverged from every start ({len(n)} runs): too few distinct runs?")
+    theta, value = min(usable, key=lambda r: r[1])
     a, alpha, b, beta, e = theta.tolist()
     return Fit(E=math.exp(e), A=math.exp(a), alpha=alpha, B=math.exp(b), beta=beta, objective=value)
 
@@ -108,7 +116,10 @@ def bootstrap(n: np.ndarray, d: np.ndarray, loss: np.ndarray, best: Fit, samples
         idx = rng.integers(0, len(n), len(n))
         if len(set(zip(n[idx], d[idx]))) < 3:  # too few distinct runs to say anything
             continue
-        fits.append(fit(n[idx], d[idx], loss[idx], delta, starts=2, extra_starts=[as_start(best)]))
+        try:
+            fits.append(fit(n[idx], d[idx], loss[idx], delta, starts=2, extra_starts=[as_start(best)]))
+        except ValueError:  # a resample that does not pin down every term: no interval information
+            continue
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {p: (float(np.percentile([getattr(f, p) for f in fits], lo)),
                 float(np.percentile([getattr(f, p) for f in fits], hi))) for p in PARAMS} if fits else {}
