@@ -10,9 +10,12 @@
 - needle: one key–value pair planted early, filler, then the key asked for `distance` tokens after the
   value; accuracy of the argmax next-token prediction of the value (`pretrain.synthetic`).
 - mqar: multi-query associative recall: 8 pairs, `distance` tokens of filler, all keys asked for.
+- loss_by_position (not in the default set): validation loss bucketed by the token's position inside its
+  document, to 4× the training length, each document fed in pieces through the exact streaming cache
+  (`pretrain/loss_by_position.py`); also writes a PNG next to the JSON.
 Distances are multiples of the model's attention span (the window for SWA / MAG / MAL, the segment for
-MAC). Long inputs are fed in pieces of the training length that carry the memory state; attention keeps
-no KV cache across calls, so beyond its span only the long-term memory can answer.
+MAC). Long needle / mqar inputs are fed in pieces of the training length that carry the memory state;
+attention keeps no KV cache across calls, so beyond its span only the long-term memory can answer.
 
 Writes JSON and a Markdown table (same name, .md) and TensorBoard scalars (`eval/...` at the checkpoint's
 step, by default in `<run>/tensorboard/eval`).
@@ -32,10 +35,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pretrain import synthetic
+from pretrain import loss_by_position, synthetic
 from pretrain.model_io import LanguageModel, default_piece_len, load_model, stream_logits
 
-TASKS = ("ppl", "needle", "mqar")
+TASKS = ("ppl", "needle", "mqar", "loss_by_position")
+DEFAULT_TASKS = ("ppl", "needle", "mqar")
 
 
 # ------------------------------------------------------------------------------------- perplexity
@@ -120,15 +124,20 @@ def task_accuracy(model: LanguageModel, task: str, distance: int, samples: int =
             "chance": synthetic.value_chance(space)}
 
 
-def evaluate(model: LanguageModel, tasks: Iterable[str] = TASKS, distances: Iterable[float] = (2, 8, 32),
-             samples: int = 32, batch_size: int = 8, seed: int = 0, piece_len: int | None = None,
-             n_pairs: int = 8, data: str | None = None, max_val_batches: int | None = 50,
-             val_batch_size: int | None = None, run_config: dict[str, Any] | None = None, log=print,
-             ppl_seq_len: int | None = None) -> dict[str, Any]:
+def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
+             distances: Iterable[float] = (2, 8, 32), samples: int = 32, batch_size: int = 8, seed: int = 0,
+             piece_len: int | None = None, n_pairs: int = 8, data: str | None = None,
+             max_val_batches: int | None = 50, val_batch_size: int | None = None,
+             run_config: dict[str, Any] | None = None, log=print, ppl_seq_len: int | None = None,
+             max_position: int | None = None, bucket_edges: list[int] | None = None,
+             max_documents: int | None = loss_by_position.MAX_DOCUMENTS, min_doc_len: int = 0
+             ) -> dict[str, Any]:
     """Run the asked tasks; returns the results as a JSON-ready dict. Validation batches default to
     the run's `data.batch_size` (then the first batches are those the training job validated on).
     `ppl_seq_len` longer than the training length: perplexity of longer sequences, fed in pieces of
-    `piece_len` carrying the memory state (`ppl_long` in the results; `ppl` stays the plain one)."""
+    `piece_len` carrying the memory state (`ppl_long` in the results; `ppl` stays the plain one).
+    loss_by_position: positions to `max_position` (or the last of `bucket_edges`) in up to
+    `max_documents` validation documents of at least `min_doc_len` tokens."""
     run_config = run_config if run_config is not None else getattr(model, "run_config", {})
     seq_len = run_config.get("data", {}).get("seq_len")
     piece_len = piece_len or default_piece_len(model, seq_len)
@@ -148,6 +157,14 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = TASKS, distances: Iter
                 log(f"ppl of {ppl_seq_len}-token sequences in pieces of {piece_len}: loss "
                     f"{results['ppl_long']['loss']:.4f}, perplexity {results['ppl_long']['ppl']:.3f} "
                     f"({results['ppl_long']['tokens']:,} tokens, {time.perf_counter() - started:.1f}s)")
+            continue
+        if task == "loss_by_position":
+            rows = val_batches(run_config, data, batch_size=1)
+            r = loss_by_position.evaluate_rows(model, rows, run_config, piece_len, max_position, bucket_edges,
+                                               max_documents, min_doc_len, batch_size)
+            results[task] = r
+            log(f"loss_by_position: {r['documents']} documents, {r['tokens']:,} tokens to position "
+                f"{r['max_position']}, mean loss {r['loss']:.4f} ({time.perf_counter() - started:.1f}s)")
             continue
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -186,6 +203,8 @@ def to_markdown(results: dict[str, Any]) -> str:
                   "| value tokens predicted | answers |", "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {task} | {r['multiple']:g} | {r['distance']} | {r['accuracy']:.3f} "
                   f"| {r['chance']:.3f} | {r['value_rate']:.2f} | {r['answers']} |" for task, r in rows]
+    if "loss_by_position" in results:
+        lines += ["", *loss_by_position.markdown(results["loss_by_position"])]
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +218,8 @@ def scalars(results: dict[str, Any]) -> dict[str, float]:
     for task in ("needle", "mqar"):
         for key, r in results.get(task, {}).items():
             out[f"eval/{task}/x{key}"] = r["accuracy"]
+    if "loss_by_position" in results:
+        out.update(loss_by_position.scalars(results["loss_by_position"]))
     return out
 
 
@@ -218,7 +239,7 @@ def parse_list(text: str, kind=str) -> list:
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """--tasks, --distances, --samples: what to evaluate (shared with bench/compare_variants.py)."""
-    parser.add_argument("--tasks", default=",".join(TASKS),
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated subset of " + ",".join(TASKS))
     parser.add_argument("--distances", default="2,8,32",
                         help="needle/mqar distances, in multiples of the attention span")
@@ -253,6 +274,17 @@ def main(argv: list[str] | None = None) -> int:
                         "length), fed in pieces carrying the memory")
     parser.add_argument("--val-batch-size", type=int, default=None,
                         help="sequences per validation batch (default: the run's data.batch_size)")
+    parser.add_argument("--max-position", type=int, default=None,
+                        help="loss_by_position: score positions up to this (default 4× the training length)")
+    parser.add_argument("--buckets", default=None,
+                        help="loss_by_position: bucket edges such as 0,64,256,2048 (default: doubling "
+                        f"from {loss_by_position.FIRST_BUCKET} to --max-position; the last edge is the "
+                        "max position)")
+    parser.add_argument("--documents", type=int, default=loss_by_position.MAX_DOCUMENTS,
+                        help="loss_by_position: most validation documents (0: all)")
+    parser.add_argument("--min-doc-len", type=int, default=0,
+                        help="loss_by_position: skip shorter documents (= --max-position: every bucket "
+                        "from the same documents)")
     parser.add_argument("--out", default=None, help="results JSON (default <run>/eval/step_N.json); the "
                         "Markdown table goes next to it with suffix .md")
     parser.add_argument("--tensorboard", default=None,
@@ -271,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         distances = parse_list(args.distances, float)
     except ValueError:
         parser.error(f"--distances: expected numbers like 2,8,32, got {args.distances!r}")
+    if args.buckets and args.max_position is not None:
+        parser.error("give --buckets (its last edge is the max position) or --max-position, not both")
+    if args.max_position is not None and args.max_position < 1:
+        parser.error(f"--max-position must be >= 1, got {args.max_position}")
+    try:
+        edges = loss_by_position.parse_bucket_edges(args.buckets) if args.buckets else None
+    except ValueError as err:
+        parser.error(f"--buckets: {err}")
     try:
         model = load_model(args.checkpoint, args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
@@ -283,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = evaluate(model, tasks, distances, args.samples, args.batch_size, args.seed, args.piece_len,
                            args.pairs, args.data, args.val_batches or None, args.val_batch_size,
-                           log=lambda m: print(m, file=sys.stderr), ppl_seq_len=args.ppl_seq_len)
+                           log=lambda m: print(m, file=sys.stderr), ppl_seq_len=args.ppl_seq_len,
+                           max_position=args.max_position, bucket_edges=edges,
+                           max_documents=args.documents or None, min_doc_len=args.min_doc_len)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -294,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     table = to_markdown(results)
     out.with_suffix(".md").write_text(table)
+    if "loss_by_position" in results:
+        png = loss_by_position.plot_loss_by_position({model.config.layers: results["loss_by_position"]},
+                                                     out.with_suffix(".loss_by_position.png"),
+                                                     f"{model.path} (step {step})")
+        print(f"loss by position: {png}", file=sys.stderr)
     if (args.tensorboard or "").lower() != "none":
         write_tensorboard(results, args.tensorboard or run_dir / "tensorboard" / "eval", step)
     print(table)
