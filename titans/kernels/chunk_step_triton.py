@@ -25,8 +25,6 @@ dimension. Not yet wired into the scan (`ScanOptions` would choose the kernel).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -307,6 +305,12 @@ def _chunk_backward_kernel(
     _store_row(gw1_ptr, pid, gw1, D, H)
 
 
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter: `triton.jit` decides once, at import, from
+    TRITON_INTERPRET."""
+    return not isinstance(_chunk_forward_kernel, triton.runtime.JITFunction)
+
+
 def _is_block(n: int) -> bool:
     return n >= MIN_BLOCK and n & (n - 1) == 0
 
@@ -319,8 +323,9 @@ def _check(opts: ScanOptions, q: Tensor, state: tuple[Tensor, ...]) -> tuple[int
         raise ValueError(f"expected {2 * opts.n_layers} state tensors, got {len(state)}")
     if q.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the Triton chunk step runs in float32 or float64, got {q.dtype}")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the Triton chunk step needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    if q.device.type != "cuda" and not interpreted():
+        raise ValueError("the Triton chunk step needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         "importing it, to run the kernels on CPU in Triton's interpreter)")
     n_rows, b, dim = q.shape
     hidden = state[0].shape[-1]
     for name, size in (("chunk size", b), ("head_dim", dim), ("hidden", hidden)):

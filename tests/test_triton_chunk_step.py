@@ -1,0 +1,170 @@
+"""The fused chunk step against `memory_chunk_step` + autograd: the analytic torch backward
+(`titans/kernels/chunk_step_reference.py`, also by gradcheck) and the Triton kernels
+(`titans/kernels/chunk_step_triton.py`).
+
+The Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before triton is
+imported) unless the environment sets TRITON_INTERPRET=0, which runs them compiled on a CUDA device.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans.kernels.chunk_step_reference import analytic_chunk_step
+from titans.memory import ScanOptions, chunk_coefficients, memory_chunk_step, token_backward, token_grad_norms
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: triton.jit reads it then
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+try:
+    import triton  # noqa: F401
+
+    from titans.kernels.chunk_step_triton import triton_chunk_step
+    TRITON_MISSING = None
+except ImportError as error:  # the torch tests below still run
+    TRITON_MISSING = f"triton is not importable ({error}); install the project with pip install -e ."
+needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=TRITON_MISSING or "")
+if not INTERPRET and not torch.cuda.is_available():
+    needs_triton = pytest.mark.skip(reason="TRITON_INTERPRET=0 runs the kernels on CUDA, and there is none")
+
+
+def make_step(depth: int, residual_norm: bool, clip: bool, n_rows: int = 3, b: int = 16, dim: int = 16,
+              hidden: int = 32, seed: int = 0) -> tuple[ScanOptions, list[torch.Tensor]]:
+    """Options and float64 inputs (q, k, v, d, c, eta_prod, beta, gamma, *weights, *momenta) of one chunk
+    step: unit q, k as in the module, coefficients from random gates, and with `clip` a max_grad_norm
+    halfway between the two middle token gradient norms, so half the tokens are clipped and none sits
+    at the kink of min(1, max/‖u‖), where the two roundings or finite differences could disagree."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    sizes = [dim] + [hidden] * (depth - 1) + [dim]
+    q, k = F.normalize(randn(n_rows, b, dim), dim=-1), F.normalize(randn(n_rows, b, dim), dim=-1)
+    v = randn(n_rows, b, dim)
+    theta = torch.sigmoid(randn(n_rows, b)) / b
+    log_eta, log_keep = F.logsigmoid(randn(n_rows, b) + 2), F.logsigmoid(randn(n_rows, b) - 3)
+    coeffs = chunk_coefficients(theta, log_eta, log_keep, torch.ones(b, dtype=torch.bool))
+    weights = [randn(n_rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    momenta = [0.05 * randn(n_rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    max_norm = None
+    if clip:
+        norms = token_grad_norms(*token_backward(weights, k, v, residual_norm)).flatten().sort().values
+        middle = norms.numel() // 2
+        max_norm = (norms[middle - 1] + norms[middle]).item() / 2
+        assert norms[middle] - norms[middle - 1] > 1e-4 * max_norm
+    return ScanOptions(depth, residual_norm, max_norm), [q, k, v, *coeffs, *weights, *momenta]
+
+
+def value_and_grads(step, opts: ScanOptions, inputs: list[torch.Tensor], seed: int = 1):
+    """The step's outputs and the gradients of every input for random output gradients."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    outputs = step(opts, *inputs)
+    gen = torch.Generator().manual_seed(seed)
+    probes = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outputs]
+    grads = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outputs, probes)), inputs)
+    return [o.detach() for o in outputs], list(grads)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double().cpu() - b.double().cpu()).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def max_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    assert len(got) == len(want)
+    return max(rel_err(a, b) for a, b in zip(got, want))
+
+
+CASES = [(depth, residual, clip) for depth in (1, 2) for residual in (True, False) for clip in (False, True)]
+
+
+# -- the analytic backward in torch --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("residual_norm", [True, False])
+@pytest.mark.parametrize("clip", [False, True])
+def test_analytic_backward_equals_autograd(depth, residual_norm, clip):
+    opts, inputs = make_step(depth, residual_norm, clip, b=8, hidden=24)
+    want = value_and_grads(memory_chunk_step, opts, inputs)
+    got = value_and_grads(analytic_chunk_step, opts, inputs)
+    assert max_rel_err(got[0] + got[1], want[0] + want[1]) <= 1e-12
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("residual_norm", [True, False])
+@pytest.mark.parametrize("clip", [False, True])
+def test_analytic_backward_gradcheck(depth, residual_norm, clip):
+    opts, inputs = make_step(depth, residual_norm, clip, n_rows=2, b=3, dim=4, hidden=6)
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(lambda *t: analytic_chunk_step(opts, *t), inputs)
+
+
+# -- the Triton kernels ------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("depth,residual_norm,clip", CASES)
+def test_triton_matches_float32_autograd(depth, residual_norm, clip):
+    """float32 kernels against the float32 torch step + autograd, and both against float64."""
+    opts, inputs = make_step(depth, residual_norm, clip)
+    exact = value_and_grads(memory_chunk_step, opts, inputs)
+    inputs32 = [t.float() for t in inputs]
+    torch32 = value_and_grads(memory_chunk_step, opts, inputs32)
+    kernel = value_and_grads(triton_chunk_step, opts, [t.to(DEVICE) for t in inputs32])
+    assert all(t.dtype == torch.float32 for t in kernel[0] + kernel[1])
+    assert max_rel_err(kernel[0] + kernel[1], torch32[0] + torch32[1]) <= 1e-5
+    assert max_rel_err(kernel[0] + kernel[1], exact[0] + exact[1]) <= 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("depth,residual_norm,clip", CASES)
+def test_triton_matches_float64_autograd(depth, residual_norm, clip):
+    """In float64 the kernels equal the torch step to rounding: the derivation is exact."""
+    opts, inputs = make_step(depth, residual_norm, clip, seed=2)
+    want = value_and_grads(memory_chunk_step, opts, inputs)
+    got = value_and_grads(triton_chunk_step, opts, [t.to(DEVICE) for t in inputs])
+    assert max_rel_err(got[0] + got[1], want[0] + want[1]) <= 1e-12
+
+
+@needs_triton
+def test_triton_two_chunks_and_partial_gradients():
+    """Chained like the scan (the end state feeds the next chunk), from a start state that needs no
+    gradient, with a loss on y only: missing output gradients and unneeded inputs are handled."""
+    opts, inputs = make_step(2, True, True, seed=3)
+    _, second = make_step(2, True, True, seed=4)
+
+    def run(step, device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        chunks = [[t.to(device).requires_grad_(i < 8) for i, t in enumerate(x)] for x in (inputs, second)]
+        state = chunks[0][8:]
+        ys = []
+        for chunk in chunks:
+            y, *state = step(opts, *chunk[:8], *state)
+            ys.append(y)
+        loss = sum(y.square().sum() for y in ys)
+        wanted = chunks[0][:8] + chunks[1][:8]
+        # eta_prod, beta, gamma of the second chunk (and eta_prod of the first) only reach the unused
+        # end state: zero gradients
+        grads = torch.autograd.grad(loss, wanted, allow_unused=True, materialize_grads=True)
+        return loss.detach(), list(grads)
+
+    want_loss, want = run(memory_chunk_step, "cpu")
+    got_loss, got = run(triton_chunk_step, DEVICE)
+    assert rel_err(got_loss, want_loss) <= 1e-12
+    assert max_rel_err(got, want) <= 1e-12
+
+
+@needs_triton
+@pytest.mark.parametrize("change,message", [
+    (dict(depth=3), "depth 1 or 2"),
+    (dict(hidden=24), "hidden to be a power of two"),
+    (dict(b=8), "chunk size to be a power of two >= 16"),
+])
+def test_triton_rejects_unsupported_shapes(change, message):
+    kw = dict(depth=2, residual_norm=True, clip=False) | change
+    opts, inputs = make_step(**kw)
+    with pytest.raises(ValueError, match=message):
+        triton_chunk_step(opts, *[t.to(DEVICE) for t in inputs])
