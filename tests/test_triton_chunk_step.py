@@ -25,7 +25,8 @@ try:
     from titans.kernels.chunk_step_triton import triton_chunk_step
     TRITON_MISSING = None
 except ImportError as error:  # the torch tests below still run
-    TRITON_MISSING = f"triton is not importable ({error}); install the project with pip install -e ."
+    TRITON_MISSING = (f"triton is not importable ({error}); it comes with pip install -e \".[dev]\" "
+                      "(Linux only: triton has no wheels elsewhere)")
 needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=TRITON_MISSING or "")
 if not INTERPRET and not torch.cuda.is_available():
     needs_triton = pytest.mark.skip(reason="TRITON_INTERPRET=0 runs the kernels on CUDA, and there is none")
@@ -168,3 +169,14 @@ def test_triton_rejects_unsupported_shapes(change, message):
     opts, inputs = make_step(**kw)
     with pytest.raises(ValueError, match=message):
         triton_chunk_step(opts, *[t.to(DEVICE) for t in inputs])
+
+
+@needs_triton
+def test_triton_rejects_mismatched_inputs():
+    """The kernels index raw pointers: a wrong shape or a mixed dtype must fail before they run."""
+    opts, inputs = make_step(2, True, False)
+    inputs = [t.to(DEVICE) for t in inputs]
+    with pytest.raises(ValueError, match=r"input 3 of the chunk step has shape \(3, 15\)"):
+        triton_chunk_step(opts, *inputs[:3], inputs[3][:, 1:], *inputs[4:])
+    with pytest.raises(ValueError, match="every input in float32 or every one in float64"):
+        triton_chunk_step(opts, inputs[0].float(), *inputs[1:])

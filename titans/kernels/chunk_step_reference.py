@@ -1,24 +1,25 @@
 """The analytic backward of `titans.memory.memory_chunk_step`, in plain torch (docs/DESIGN.md §2.2–2.3).
 
-Why: autograd through the chunk step records ~50 small ops per chunk and replays them; an explicit
-backward is one fused pass, and it is the specification the Triton kernel (`chunk_step_triton.py`)
-mirrors line by line. It is checked against autograd (`tests/test_triton_chunk_step.py`, gradcheck in
-float64).
+Why: autograd through the chunk step records every small op of the step and replays them; an explicit
+backward needs no recorded graph (it recomputes the few activations it needs), and it is the
+specification the Triton kernel (`chunk_step_triton.py`) mirrors statement for statement. It is checked
+against autograd (`tests/test_triton_chunk_step.py`, gradcheck in float64).
 
 Notation per row (one batch·head memory), L layers, X_l (b, d_in) the inputs of layer l, z_l = X_l W_l
 its pre-activations (X_{l+1} = SiLU(z_l), h = z_L), G_l (b, d_out) the output gradients of the
 per-token losses (`token_backward`), and with residual norm n = (h − μ)/σ, σ = √(var h + eps).
 
-Forward:  y = M(q);  S'_l = η̄ S_l − X_lᵀ diag(w^d) G_l;  W'_l = β W_l + γ S_l − X_lᵀ diag(w^c) G_l,
-          w^d = d ⊙ s, w^c = c ⊙ s, s_i = min(1, τ / r_i), r_i = √max(Σ_l ‖X_l,i‖²‖G_l,i‖², 1e-30)
-          (s = 1 without clipping).
+Forward:  y = M(q);  S'_l = E S_l − X_lᵀ diag(w^d) G_l;  W'_l = β W_l + γ S_l − X_lᵀ diag(w^c) G_l,
+          w^d = d ⊙ s, w^c = c ⊙ s, s_i = min(1, τ / r_i), r_i = √max(ρ_i, 1e-30), ρ_i = Σ_l ‖X_l,i‖²‖G_l,i‖²
+          (s = 1 without clipping), E = eta_prod, τ = max_grad_norm.
 Backward, given ȳ and the end state's gradients A_l := S̄'_l (momentum), B_l := W̄'_l (weights):
-  state:    S̄_l = η̄ A_l + γ B_l;  W̄_l = β B_l + (read) + (write);  η̄̄ = Σ⟨S_l, A_l⟩, β̄ = Σ⟨W_l, B_l⟩,
+  state:    S̄_l = E A_l + γ B_l;  W̄_l = β B_l + (read) + (write);  Ē = Σ⟨S_l, A_l⟩, β̄ = Σ⟨W_l, B_l⟩,
             γ̄ = Σ⟨S_l, B_l⟩.
   weights:  w̄^d_i = −Σ_l (X_l A_l)_i·G_l,i,  w̄^c_i = −Σ_l (X_l B_l)_i·G_l,i;  d̄ = w̄^d s, c̄ = w̄^c s.
   sums:     X̄_l = −(w^d ⊙ G_l A_lᵀ + w^c ⊙ G_l B_lᵀ),  Ḡ_l = −(w^d ⊙ X_l A_l + w^c ⊙ X_l B_l).
   clipping: s̄ = w̄^d d + w̄^c c; through s = min(1, τ/r) (gradient where τ/r ≤ 1, torch's clamp) and
-            r = √max(sq, 1e-30): s̄q = −s̄ (τ/r) / (2 r²); X̄_l += 2 s̄q ‖G_l‖² X_l, Ḡ_l += 2 s̄q ‖X_l‖² G_l.
+            r = √max(ρ, 1e-30): ρ̄ = −s̄ (τ/r) / (2 r²) (0 where ρ < 1e-30); X̄_l += 2 ρ̄ ‖G_l‖² X_l,
+            Ḡ_l += 2 ρ̄ ‖X_l‖² G_l.
   G chain:  G_l = (G_{l+1} W_{l+1}ᵀ) ⊙ SiLU'(z_l), walked l = 1..L−1: p̄ = Ḡ_l ⊙ SiLU'(z_l),
             Ḡ_{l+1} += p̄ W_{l+1}, W̄_{l+1} += p̄ᵀ G_{l+1}, z̄_l += Ḡ_l ⊙ (G_{l+1}W_{l+1}ᵀ) ⊙ SiLU''(z_l).
   G_L:      without norm G_L = 2(h − v): h̄ = 2R, v̄ = −2R (R := Ḡ_L). With norm G_L = J g, g = 2(k + n − v),

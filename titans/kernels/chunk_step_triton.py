@@ -315,35 +315,44 @@ def _is_block(n: int) -> bool:
     return n >= MIN_BLOCK and n & (n - 1) == 0
 
 
-def _check(opts: ScanOptions, q: Tensor, state: tuple[Tensor, ...]) -> tuple[int, int, int, int]:
-    """(N, b, D, H) of a chunk step the kernels can run; ValueError, naming why, otherwise."""
-    if opts.n_layers not in (1, 2):
-        raise ValueError(f"the Triton chunk step supports memory depth 1 or 2, got {opts.n_layers}")
-    if len(state) != 2 * opts.n_layers:
-        raise ValueError(f"expected {2 * opts.n_layers} state tensors, got {len(state)}")
-    if q.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"the Triton chunk step runs in float32 or float64, got {q.dtype}")
+def _check(opts: ScanOptions, tensors: list[Tensor]) -> tuple[int, int, int]:
+    """(b, D, H) of a chunk step the kernels can run; ValueError, naming why, otherwise. The kernels
+    index raw pointers, so every shape is checked here: a wrong one would read out of bounds."""
+    depth = opts.n_layers
+    if depth not in (1, 2):
+        raise ValueError(f"the Triton chunk step supports memory depth 1 or 2, got {depth}")
+    if len(tensors) != 8 + 2 * depth:
+        raise ValueError(f"expected 8 inputs and {2 * depth} state tensors, got {len(tensors)} tensors")
+    q = tensors[0]
+    if q.dtype not in (torch.float32, torch.float64) or any(t.dtype != q.dtype for t in tensors):
+        raise ValueError(f"the Triton chunk step needs every input in float32 or every one in float64, "
+                         f"got {sorted({str(t.dtype) for t in tensors})}")
     if q.device.type != "cuda" and not interpreted():
         raise ValueError("the Triton chunk step needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          "importing it, to run the kernels on CPU in Triton's interpreter)")
+    if q.dim() != 3 or tensors[8].dim() != 3:
+        raise ValueError(f"q must be (N, b, d) and the state (N, d_in, d_out), got {tuple(q.shape)}")
     n_rows, b, dim = q.shape
-    hidden = state[0].shape[-1]
+    hidden = tensors[8].shape[-1]
+    sizes = [dim] + [hidden] * (depth - 1) + [dim]
+    layers = [(n_rows, i, o) for i, o in zip(sizes[:-1], sizes[1:])]
+    expected = [(n_rows, b, dim)] * 3 + [(n_rows, b)] * 2 + [(n_rows,)] * 3 + layers * 2
+    for index, (t, shape) in enumerate(zip(tensors, expected, strict=True)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"input {index} of the chunk step has shape {tuple(t.shape)}, expected {shape}")
     for name, size in (("chunk size", b), ("head_dim", dim), ("hidden", hidden)):
         if not _is_block(size):
             raise ValueError(f"the Triton chunk step needs {name} to be a power of two >= {MIN_BLOCK}, "
                              f"got {size}")
-    return n_rows, b, dim, hidden
+    return b, dim, hidden
 
 
 def _prepare(opts: ScanOptions, tensors: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor, dict]:
     """Contiguous inputs, the constants tensor and the kernels' static arguments."""
     tensors = [t.contiguous() for t in tensors]
-    n_rows, b, dim, hidden = _check(opts, tensors[0], tuple(tensors[8:]))
-    dtype = tensors[0].dtype
-    if any(t.dtype != dtype for t in tensors):
-        raise ValueError("the Triton chunk step needs all inputs in one dtype")
+    b, dim, hidden = _check(opts, tensors)
     max_norm = 0.0 if opts.max_grad_norm is None else opts.max_grad_norm
-    consts = torch.tensor([NORM_EPS, max_norm], dtype=dtype, device=tensors[0].device)
+    consts = torch.tensor([NORM_EPS, max_norm], dtype=tensors[0].dtype, device=tensors[0].device)
     meta = dict(B=b, D=dim, H=hidden, DEPTH=opts.n_layers, RESIDUAL=opts.residual_norm,
                 CLIP=opts.max_grad_norm is not None)
     return tensors, consts, meta
