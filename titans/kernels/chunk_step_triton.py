@@ -11,16 +11,18 @@ reads y = M(q), runs the per-token backward of ‖M(k_i) − v_i‖² (`token_ba
 optional surprise clipping and writes the new weights and momentum; per-token gradients are never
 formed, as in the torch path (one `X_lᵀ diag(w) G_l` matmul per layer and weighting).
 
-The backward kernel recomputes those activations (cheaper than storing them: a chunk's are as big as
-its inputs) and walks the derivation written out in `chunk_step_reference` (its module docstring), the
-plain-torch analytic backward this kernel mirrors statement for statement and which is checked against
-autograd. It produces the gradients of q, k, v, d, c, eta_prod, beta, gamma and of the start state.
+The backward kernel recomputes those activations from the saved inputs (as `RecomputedScan` does per
+chunk: nothing per token is kept between the passes) and walks the derivation written out in
+`chunk_step_reference` (its module docstring), the plain-torch analytic backward this kernel mirrors
+statement for statement and which is checked against autograd. It produces the gradients of q, k, v,
+d, c, eta_prod, beta, gamma and of the start state.
 
 Limits: depth 1 or 2; float32 or float64; b, head_dim and hidden must be powers of two and at least 16
-(`tl.arange` needs powers of two, `tl.dot` tiles of at least 16). The whole state sits in one
-program's registers, which suits small heads (head_dim 16–32, hidden ≤ 128); at head_dim 64 with hidden
-256 each state matrix is 64 KiB in float32 and spills, so a production kernel would tile the hidden
-dimension. Not yet wired into the scan (`ScanOptions` would choose the kernel).
+(`tl.arange` needs powers of two, `tl.dot` tiles of at least 16). The whole state of a row is held by
+one program, which only suits small heads: at head_dim 64 and hidden 256 each of the four state
+matrices is 64 KiB in float32, beyond one program's registers, so a fast GPU kernel would tile the
+hidden dimension (and the backward's ~20 block matmuls) across programs or loop over it. Verified only
+in Triton's CPU interpreter so far; not yet wired into the scan (`ScanOptions` would choose it).
 """
 
 from __future__ import annotations
@@ -376,8 +378,7 @@ class TritonChunkStep(torch.autograd.Function):
         new_state = [torch.empty_like(s) for s in state]
         out_pairs = _layer_pair(new_state, depth)
         _chunk_forward_kernel[(y.shape[0],)](
-            *tensors[:8], *_layer_pair(state, depth), consts, y,
-            out_pairs[0], out_pairs[1], out_pairs[2], out_pairs[3], **meta)
+            *tensors[:8], *_layer_pair(state, depth), consts, y, *out_pairs, **meta)
         ctx.opts = opts
         ctx.save_for_backward(*tensors)
         return (y, *new_state)
