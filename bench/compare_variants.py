@@ -60,6 +60,17 @@ def load_variants(names: list[str], config_dir: Path, overrides: list[str], matc
     return configs
 
 
+def run_overrides(steps: int | None, fresh: bool) -> list[str]:
+    """--steps (with a warmup, validation and checkpoint to match) and --fresh as config overrides."""
+    overrides = []
+    if steps:
+        overrides += [f"train.steps={steps}", f"train.warmup_steps={min(20, steps // 10)}",
+                      f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
+    if fresh:
+        overrides.append("train.resume=false")
+    return overrides
+
+
 def markdown(rows: list[dict], distances: list[float]) -> str:
     head = ["variant", "params", "train tokens", "train loss (last 10)", "val loss", "val ppl"]
     head += [f"needle {d:g}×" for d in distances] + [f"mqar {d:g}×" for d in distances] + ["train s"]
@@ -102,12 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    if args.steps:
-        overrides += [f"train.warmup_steps={min(20, args.steps // 10)}", f"train.eval_every={args.steps}",
-                      f"train.checkpoint_every={args.steps}"]
-    if args.fresh:
-        overrides.append("train.resume=false")
+    overrides = list(args.overrides) + run_overrides(args.steps, args.fresh)
     try:
         configs = load_variants(names, Path(args.configs), overrides, not args.no_match, args.params)
         if args.runs:

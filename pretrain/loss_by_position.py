@@ -214,6 +214,26 @@ def markdown(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+REGIONS = ("inside_span", "span_to_train", "beyond_train")
+
+
+def regions(result: dict[str, Any], span: int | None = None) -> dict[str, float | None]:
+    """Token-weighted mean loss of the buckets inside the attention span (`span`, default the result's),
+    between the span and the training length, and beyond the training length (a bucket crossing a
+    boundary counts in neither)."""
+    span = span or result["attention_span"]
+    train_len = result["train_len"] or result["max_position"]
+    picks = {"inside_span": lambda b: b["end"] <= span,
+             "span_to_train": lambda b: b["start"] >= span and b["end"] <= train_len,
+             "beyond_train": lambda b: b["start"] >= train_len}
+    out: dict[str, float | None] = {}
+    for name, pick in picks.items():
+        rows = [b for b in result["buckets"] if pick(b) and b["tokens"]]
+        n = sum(b["tokens"] for b in rows)
+        out[name] = sum(b["loss"] * b["tokens"] for b in rows) / n if n else None
+    return out
+
+
 def scalars(result: dict[str, Any]) -> dict[str, float]:
     """TensorBoard scalars: `eval/loss_by_position/<bucket start>` (empty buckets left out)."""
     return {f"eval/loss_by_position/{b['start']}": b["loss"] for b in result["buckets"]
@@ -241,7 +261,7 @@ def plot_loss_by_position(results: dict[str, dict[str, Any]], path: str | Path, 
         spans.add(result["attention_span"])
         if result.get("train_len"):
             train_lens.add(result["train_len"])
-    for span in sorted(spans):
+    for span in sorted(spans - train_lens):  # full attention's nominal span is its training length
         ax.axvline(span, color="black", linestyle=":", linewidth=1)
         ax.annotate(f"span {span}", (span, 1), xycoords=("data", "axes fraction"), rotation=90,
                     va="top", ha="right", fontsize=8)
