@@ -44,9 +44,11 @@ def state_tensors(state: MemoryState) -> list[Tensor]:
     return [*state.weights, *state.momentum, *([] if state.conv is None else [state.conv])]
 
 
-def state_from(tensors: list[Tensor], depth: int) -> MemoryState:
+def state_from(tensors: list[Tensor], depth: int, chunks: int) -> MemoryState:
+    """The state a shard starts from; `chunks`: the global index of its first chunk (the gradient
+    horizon's cuts fall on the same chunks as in one process)."""
     conv = tensors[2 * depth] if len(tensors) > 2 * depth else None
-    return MemoryState(list(tensors[:depth]), list(tensors[depth : 2 * depth]), conv)
+    return MemoryState(list(tensors[:depth]), list(tensors[depth : 2 * depth]), conv, chunks)
 
 
 def state_template(model: TitansLM, layer: str, batch: int, device: torch.device) -> list[Tensor]:
@@ -107,7 +109,9 @@ class SequenceShards:
                 incoming = self._recv(state_template(self.model, name, x.shape[0], x.device), tag, self.prev)
                 for t in incoming:
                     t.requires_grad_(grad)
-            state = state_from(incoming, block.memory.depth) if incoming is not None else None
+            start, state = self.mesh.sp_rank * x.shape[1], None
+            if incoming is not None:
+                state = state_from(incoming, block.memory.depth, start // block.memory.chunk_size)
             h, state = block.before_halo(x_in, state)
             past = sent = None
             if halo:  # our last w − 1 attention inputs go to the next shard, ours come from the previous
@@ -117,7 +121,7 @@ class SequenceShards:
                 if self.prev is not None:
                     (past,) = self._recv([h.new_empty(h.shape[0], halo, h.shape[2])], tag + 63, self.prev)
                     past.requires_grad_(grad)
-            x, out_state = block.after_halo(h, state, past, self.mesh.sp_rank * x.shape[1])
+            x, out_state = block.after_halo(h, state, past, start)
             outgoing = state_tensors(out_state) if out_state is not None else []
             if self.next is not None:
                 self._send(outgoing, tag)

@@ -156,6 +156,8 @@ def test_bad_arguments_are_named():
         NeuralMemory(8, 2, 4, depth=0)
     with pytest.raises(ValueError, match="chunk_size"):
         NeuralMemory(8, 2, 4, chunk_size=0)
+    with pytest.raises(ValueError, match="grad_horizon"):
+        NeuralMemory(8, 2, 4, grad_horizon=0)
 
 
 def test_comparison_detects_reads_at_running_weights():
@@ -190,6 +192,51 @@ def test_fast_path_matches_reference_from_an_arbitrary_state(T, recompute):
     grads = torch.autograd.grad(sum((t * p).sum() for t, p in zip(fast, probes)), inputs)
     ref_grads = torch.autograd.grad(sum((t * p).sum() for t, p in zip(slow, probes)), inputs)
     assert max(rel_err(a, b) for a, b in zip([*fast, *grads], [*slow, *ref_grads])) <= 1e-6
+
+
+def grads_of(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g if g is not None else torch.zeros_like(t)
+            for g, t in zip(torch.autograd.grad(loss, inputs, allow_unused=True), inputs)]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gradient_horizon_equals_pieces_with_detached_state(recompute):
+    """Cutting the state's gradient every `grad_horizon` chunks is exactly feeding the sequence in pieces
+    of that many chunks, each starting from the previous piece's state detached (weights, momentum and
+    conv history); the forward pass is unchanged."""
+    mem = make_memory(2, 3, recompute=recompute, grad_horizon=2)
+    x = torch.randn(2, 6 * 3 + 2, 12, dtype=torch.float64, requires_grad=True)  # 7 chunks, the last partial
+    probe = torch.randn(2, x.shape[1], 12, dtype=torch.float64)
+    out, state = mem(x)
+    assert state.chunks == 7
+    params = [x, *mem.parameters()]
+    cut = grads_of((out * probe).sum(), params)
+
+    pieces, piece_state = [], None
+    for piece in x.split(6, dim=1):
+        y, piece_state = mem(piece, None if piece_state is None else piece_state.detach())
+        pieces.append(y)
+    whole = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(whole, out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(cut, grads_of((whole * probe).sum(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    uncut = make_memory(2, 3, recompute=recompute)  # the same parameters, no horizon
+    assert rel_err(cut[0], grads_of((uncut(x)[0] * probe).sum(), [x])[0]) > 1e-6  # the test can fail
+
+
+def test_gradient_horizon_counts_chunks_across_calls():
+    """The cuts fall on the sequence's chunk multiples wherever it is split into calls: two calls carrying
+    the state give the gradients of one call."""
+    mem = make_memory(1, 2, grad_horizon=3)
+    x = torch.randn(1, 16, 12, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn_like(x)
+    whole, _ = mem(x)
+    first, state = mem(x[:, :4])
+    second, _ = mem(x[:, 4:], state)
+    params = [x, *mem.parameters()]
+    for a, b in zip(grads_of((whole * probe).sum(), params),
+                    grads_of((torch.cat([first, second], 1) * probe).sum(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_state_gradient_stays_bounded_over_long_sequences():

@@ -1,5 +1,6 @@
 """Sequence parallelism is exact: in float64, the loss and every parameter's gradient summed over sp ranks
-equal the single-process run on the whole sequence, for every block the relay runs, at sp = 2 and 4.
+equal the single-process run on the whole sequence, for every block the relay runs, at sp = 2 and 4, and
+with the memory's gradient horizon cutting inside a shard and at a shard's start.
 
 (The fp32 training comparisons in test_parallel.py then only see rounding, amplified by Adam.)
 Each launch spawns gloo ranks with a deadline; a hang fails with the rank's exit codes.
@@ -23,14 +24,17 @@ DEADLINE_S = 120
 LOSS = partial(head_loss_sum, cross_entropy=token_cross_entropy)
 
 
-def model(kind: str) -> TitansLM:
+def model(kind: str, horizon: int | None = None) -> TitansLM:
+    """A two-layer float64 model; 64 tokens are 8 memory chunks, so `horizon` < 8 cuts the state's
+    gradient inside the sequence."""
     torch.manual_seed(0)
     cfg = TitansConfig(vocab_size=257, dim=32, n_layers=2, n_heads=2, layers=kind, window=8, segment_len=16,
-                       memory_chunk=8, n_persistent=2, mac_memory_tokens=0)
+                       memory_chunk=8, n_persistent=2, mac_memory_tokens=0, memory_grad_horizon=horizon)
     return TitansLM(cfg).double()
 
 
-def rank_main(rank: int, world: int, port: int, kind: str, tokens: torch.Tensor, out: str) -> None:
+def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, tokens: torch.Tensor,
+              out: str) -> None:
     import torch.distributed as dist
 
     from parallel.mesh import init_mesh
@@ -39,7 +43,7 @@ def rank_main(rank: int, world: int, port: int, kind: str, tokens: torch.Tensor,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     mesh = init_mesh(sp=world, timeout_s=DEADLINE_S)
-    m = model(kind)
+    m = model(kind, horizon)
     inputs, targets = shard_of(tokens[:, :-1], mesh), shard_of(tokens[:, 1:], mesh)
     loss = SequenceShards(m, mesh).forward_backward(inputs, targets, None, LOSS, tokens[:, 1:].numel())
     dist.all_reduce(loss)
@@ -53,13 +57,17 @@ def rank_main(rank: int, world: int, port: int, kind: str, tokens: torch.Tensor,
     dist.destroy_process_group()
 
 
-CASES = [(kind, 2) for kind in ("lmm", "mac", "mag", "mal", "swa")] + [("mac,mal", 4)]
+# (kind, sp, gradient horizon in chunks): at sp 2 a shard is 4 chunks, so horizon 3 cuts inside both
+# shards (and inside a MAC segment of 2 chunks), horizon 2 at sp 4 at every shard's start.
+CASES = [(kind, 2, None) for kind in ("lmm", "mac", "mag", "mal", "swa")] + [
+    ("mac,mal", 4, None), ("mac,mag", 2, 3), ("lmm,mal", 4, 2)]
 
 
-@pytest.mark.parametrize("kind, world", CASES)
-def test_float64_gradients_equal_one_process(kind: str, world: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind, world, horizon", CASES)
+def test_float64_gradients_equal_one_process(kind: str, world: int, horizon: int | None, tmp_path: Path
+                                             ) -> None:
     tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(1))
-    reference = model(kind)
+    reference = model(kind, horizon)
     features, _ = reference.hidden_states(tokens[:, :-1])
     want_loss = LOSS(features, reference.head, tokens[:, 1:], None) / tokens[:, 1:].numel()
     want_loss.backward()
@@ -67,7 +75,7 @@ def test_float64_gradients_equal_one_process(kind: str, world: int, tmp_path: Pa
     out = tmp_path / "result.pt"
     ctx = mp.get_context("spawn")
     port = free_port()
-    ranks = [ctx.Process(target=rank_main, args=(r, world, port, kind, tokens, str(out)))
+    ranks = [ctx.Process(target=rank_main, args=(r, world, port, kind, horizon, tokens, str(out)))
              for r in range(world)]
     for p in ranks:
         p.start()

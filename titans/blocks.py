@@ -65,6 +65,7 @@ def make_memory(cfg: TitansConfig) -> NeuralMemory:
         recompute=cfg.recompute_memory,
         residual_norm=cfg.memory_residual_norm,
         max_grad_norm=cfg.memory_max_grad_norm,
+        grad_horizon=cfg.memory_grad_horizon,
     )
 
 
@@ -228,6 +229,7 @@ class MACBlock(Block):
             state = self.memory.initial_state(x.shape[0])
         outputs = []
         for segment in x.split(self.segment_len, dim=1):  # split: its backward does not zero-fill x
+            state = self.memory.cut_gradient(state)  # the read and the write see the same horizon
             memory_tokens = self.memory.read(self.memory_queries(segment), state)
             y = self.attn(segment, memory_tokens=memory_tokens,
                           memory_tokens_causal=self.memory_probes is None)

@@ -35,6 +35,11 @@ class ScanOptions:
     n_layers: int
     residual_norm: bool = True
     max_grad_norm: float | None = None  # clip each token's gradient ‖∇ℓ_i‖ to this (None: no clipping)
+    grad_horizon: int | None = None  # chunks: the state's gradient is cut at every multiple (None: never)
+
+    def cuts_before(self, chunk: int) -> bool:
+        """Whether the weights' and momentum's gradient stops at the start of global chunk `chunk`."""
+        return self.grad_horizon is not None and chunk > 0 and chunk % self.grad_horizon == 0
 
 
 @dataclass
@@ -44,11 +49,14 @@ class MemoryState:
     weights / momentum: one tensor per memory layer, shape (B, H, d_in, d_out), float32 (or float64).
     conv: the last `kernel - 1` raw q/k/v projections, (B, kernel - 1, 3·H·d), so a causal conv can
     continue exactly where the previous call stopped.
+    chunks: how many chunks the sequence has written so far, i.e. the global index of the next chunk;
+    the gradient horizon's cuts fall on its multiples wherever the sequence was split into calls.
     """
 
     weights: list[Tensor]
     momentum: list[Tensor]
     conv: Tensor | None
+    chunks: int = 0
 
     def detach(self) -> MemoryState:
         """Cut the autograd graph (truncated backprop across calls)."""
@@ -56,6 +64,7 @@ class MemoryState:
             [w.detach() for w in self.weights],
             [s.detach() for s in self.momentum],
             None if self.conv is None else self.conv.detach(),
+            self.chunks,
         )
 
 
@@ -192,14 +201,17 @@ def memory_chunk_step(
 
 
 def scan_chunks(
-    opts: ScanOptions, inputs: tuple[Tensor, ...], state: list[Tensor]
+    opts: ScanOptions, inputs: tuple[Tensor, ...], state: list[Tensor], first_chunk: int = 0
 ) -> tuple[Tensor, ...]:
     """Run the chunks in order with plain autograd. inputs: q, k, v (N, n, b, d), then d, c (N, n, b)
-    and eta_prod, beta, gamma (N, n). Returns (y (N, n, b, d), *end_state)."""
+    and eta_prod, beta, gamma (N, n); `first_chunk`: the global index of the first chunk (where the
+    gradient horizon's cuts fall). Returns (y (N, n, b, d), *end_state)."""
     # unbind, not indexing: the backward of x[:, i] writes into a zero tensor of x's full size per
     # chunk (quadratic in length); unbind's backward stacks the chunk gradients once.
     outputs = []
-    for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
+    for i, chunk in enumerate(zip(*(t.unbind(1) for t in inputs), strict=True)):
+        if opts.cuts_before(first_chunk + i):
+            state = [s.detach() for s in state]
         y, *state = memory_chunk_step(opts, *chunk, *state)
         outputs.append(y)
     return (torch.stack(outputs, dim=1), *state)
@@ -211,18 +223,20 @@ class RecomputedScan(torch.autograd.Function):
     Forward runs without building a graph and saves the inputs and the state at each chunk start
     (the memory's size per chunk, nothing per token). Backward walks the chunks in reverse: it
     recomputes one chunk from its saved start state with autograd and pulls the output and end-state
-    gradients through it, so activation memory is one chunk's worth plus the boundary states.
+    gradients through it, so activation memory is one chunk's worth plus the boundary states. At the
+    gradient horizon's cuts the state's gradient is dropped, as `scan_chunks`' detach drops it.
     """
 
     @staticmethod
-    def forward(ctx, opts: ScanOptions, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, opts: ScanOptions, first_chunk: int, *tensors: Tensor  # type: ignore[override]
+                ) -> tuple[Tensor, ...]:
         inputs, state = tensors[:8], list(tensors[8:])
         boundaries, outputs = [], []
         for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
             boundaries += state
             y, *state = memory_chunk_step(opts, *chunk, *state)
             outputs.append(y)
-        ctx.opts, ctx.n_state = opts, len(state)
+        ctx.opts, ctx.first_chunk, ctx.n_state = opts, first_chunk, len(state)
         ctx.save_for_backward(*inputs, *boundaries)
         return (torch.stack(outputs, dim=1), *state)
 
@@ -243,8 +257,10 @@ class RecomputedScan(torch.autograd.Function):
                 if t.requires_grad:
                     g[:, i] = next(grads)
             grad_state = list(grads)
+            if ctx.opts.cuts_before(ctx.first_chunk + i):
+                grad_state = [torch.zeros_like(g) for g in grad_state]
         grads_in = (g if t.requires_grad else None for t, g in zip(inputs, input_grads, strict=True))
-        return (None, *grads_in, *grad_state)
+        return (None, None, *grads_in, *grad_state)
 
 
 def init_memory_parameter(
@@ -300,6 +316,7 @@ class NeuralMemory(nn.Module):
         recompute: bool = False,
         residual_norm: bool = True,
         max_grad_norm: float | None = None,
+        grad_horizon: int | None = None,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -308,6 +325,9 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"memory chunk_size must be >= 1, got {chunk_size}")
         if conv_kernel < 1:
             raise ValueError(f"memory conv_kernel must be >= 1, got {conv_kernel}")
+        if grad_horizon is not None and grad_horizon < 1:
+            raise ValueError(f"memory grad_horizon must be >= 1 chunk (or None: never cut), "
+                             f"got {grad_horizon}")
         self.heads, self.head_dim, self.depth = heads, head_dim, depth
         self.hidden = hidden or 4 * head_dim
         self.chunk_size, self.conv_kernel = chunk_size, conv_kernel
@@ -315,7 +335,10 @@ class NeuralMemory(nn.Module):
         self.theta_max = theta_max if theta_max is not None else 1.0 / chunk_size
         self.recompute = recompute
         self.residual_norm = residual_norm  # M(x) = x + LayerNorm(MLP(x)); see memory_mlp
-        self.scan_options = ScanOptions(depth, residual_norm, max_grad_norm)
+        # The state's gradient is cut every grad_horizon chunks (docs/DESIGN.md §2.6): the update is
+        # gradient descent on a non-convex loss, so its Jacobian grows some directions at every chunk and
+        # the exact gradient through thousands of chunks overflows; the forward pass is unchanged.
+        self.scan_options = ScanOptions(depth, residual_norm, max_grad_norm, grad_horizon)
         # Diagnostics for logging: when record_stats is set, forward leaves the surprise (momentum)
         # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached).
         self.record_stats = False
@@ -343,15 +366,23 @@ class NeuralMemory(nn.Module):
 
     # -- projections ---------------------------------------------------------------------------
 
-    def project(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q, k, v (B, T, H, d) = SiLU(causal depthwise conv(x W)); q, k ℓ2-normalised. Also the new cache."""
+    def project(self, x: Tensor, conv_cache: Tensor | None, cuts: list[int] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, k, v (B, T, H, d) = SiLU(causal depthwise conv(x W)); q, k ℓ2-normalised. Also the new cache.
+        `cuts`: token offsets where the gradient horizon cuts: the conv reads the rows before one detached."""
         B, T, _ = x.shape
         raw = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=-1)  # (B, T, 3·inner)
         pad = self.conv_kernel - 1
         if conv_cache is None:
             conv_cache = raw.new_zeros(B, pad, raw.shape[-1])
         history = torch.cat([conv_cache.to(raw.dtype), raw], dim=1)
-        mixed = F.silu(F.conv1d(history.transpose(1, 2), self.conv.weight, groups=raw.shape[-1]))
+        pieces = []
+        for lo, hi in zip([0, *(cuts or [])], [*(cuts or []), T], strict=True):  # output rows [lo, hi)
+            window = history[:, lo : hi + pad]
+            if lo > 0:  # a cut: the previous rows feed the conv, not its gradient
+                window = torch.cat([window[:, :pad].detach(), window[:, pad:]], dim=1)
+            pieces.append(F.conv1d(window.transpose(1, 2), self.conv.weight, groups=raw.shape[-1]))
+        mixed = F.silu(torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0])
         # heads from the local width (-1): a tensor-parallel shard holds a subset of the heads
         q, k, v = mixed.transpose(1, 2).reshape(B, T, 3, -1, self.head_dim).unbind(2)
         new_cache = history[:, history.shape[1] - pad :].to(self.state_dtype())  # float32 under autocast
@@ -374,6 +405,18 @@ class NeuralMemory(nn.Module):
         weights = [w.to(dtype).unsqueeze(0).expand(batch, *w.shape) for w in self.init_weights]
         return MemoryState(weights, [torch.zeros_like(w) for w in weights], None)
 
+    def cut_gradient(self, state: MemoryState) -> MemoryState:
+        """The state, detached if its next chunk starts a gradient horizon (a reader of the state before
+        the scan, MAC's segment read, must see the same cut as the scan)."""
+        return state.detach() if self.scan_options.cuts_before(state.chunks) else state
+
+    def cuts_within(self, first_chunk: int, length: int) -> list[int]:
+        """Token offsets inside a call of `length` tokens from global chunk `first_chunk` where the
+        gradient horizon cuts (the call's start is `cut_gradient`'s)."""
+        n_chunks = -(-length // self.chunk_size)
+        cuts = self.scan_options.cuts_before
+        return [i * self.chunk_size for i in range(1, n_chunks) if cuts(first_chunk + i)]
+
     def read(self, q: Tensor, state: MemoryState) -> Tensor:
         """Retrieve M(q) without writing: q (B, N, H, d) unit-norm queries → (B, N, dim)."""
         B, N, H, d = q.shape
@@ -391,9 +434,8 @@ class NeuralMemory(nn.Module):
 
     def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         B, T, _ = x.shape
-        if state is None:
-            state = self.initial_state(B)
-        q, k, v, conv_cache = self.project(x, state.conv)
+        state = self.cut_gradient(state) if state is not None else self.initial_state(B)
+        q, k, v, conv_cache = self.project(x, state.conv, self.cuts_within(state.chunks, T))
         theta, log_eta, log_keep = self.gates(x)
         with torch.autocast(x.device.type, enabled=False):
             y, weights, momentum = self.scan(q, k, v, theta, log_eta, log_keep, state)
@@ -405,7 +447,8 @@ class NeuralMemory(nn.Module):
                     "eta": log_eta.float().exp().mean(),
                     "alpha": -torch.expm1(log_keep.float()).mean(),
                 }
-        return self.output(y), MemoryState(weights, momentum, conv_cache)
+        n_chunks = -(-T // self.chunk_size)
+        return self.output(y), MemoryState(weights, momentum, conv_cache, state.chunks + n_chunks)
 
     def chunk_inputs(
         self, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor,
@@ -438,9 +481,9 @@ class NeuralMemory(nn.Module):
         n_chunks, b = inputs[0].shape[1:3]
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
         if self.recompute and torch.is_grad_enabled():
-            y, *flat = RecomputedScan.apply(self.scan_options, *inputs, *flat)
+            y, *flat = RecomputedScan.apply(self.scan_options, state.chunks, *inputs, *flat)
         else:
-            y, *flat = scan_chunks(self.scan_options, inputs, flat)
+            y, *flat = scan_chunks(self.scan_options, inputs, flat, state.chunks)
         y = y.reshape(B, H, n_chunks * b, d)[:, :, :T].transpose(1, 2)
         unflat = [t.reshape(B, H, *t.shape[1:]) for t in flat]
         return y, unflat[: self.depth], unflat[self.depth :]

@@ -61,6 +61,9 @@ class TitansConfig:
     memory_theta_max: float | None = None  # θ = theta_max · sigmoid(·); default 1/memory_chunk (stable)
     memory_residual_norm: bool = True  # memory output x + LayerNorm(MLP(x)): a stable inner loop
     memory_max_grad_norm: float | None = 1.0  # clip each token's memory gradient (surprise) norm; None: off
+    # Chunk updates the memory state's gradient flows back through: cut at every multiple of it in the
+    # sequence (None: the exact gradient, which overflows over thousands of chunks; docs/DESIGN.md §2.6).
+    memory_grad_horizon: int | None = 16
     recompute_memory: bool = True  # backward keeps chunk-boundary states only, recomputes each chunk
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
@@ -86,6 +89,9 @@ class TitansConfig:
         if "mac" in self.layer_kinds and self.segment_len % self.memory_chunk:
             raise ValueError(f"segment_len={self.segment_len} must be a multiple of memory_chunk="
                              f"{self.memory_chunk} so MAC segments are chunk-aligned")
+        if self.memory_grad_horizon is not None and self.memory_grad_horizon < 1:
+            raise ValueError(f"memory_grad_horizon={self.memory_grad_horizon} must be >= 1 chunk "
+                             "(or null: never cut)")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -65,7 +65,7 @@ class LayerCache:
         state = self.state
         if state is not None:
             state = MemoryState([fn(w) for w in state.weights], [fn(s) for s in state.momentum],
-                                None if state.conv is None else fn(state.conv))
+                                None if state.conv is None else fn(state.conv), state.chunks)
         return LayerCache(state, None if self.past is None else fn(self.past),
                           None if self.tail is None else fn(self.tail))
 
