@@ -92,6 +92,17 @@ def test_surprise_clipping_matches_reference(depth, chunk, recompute):
     assert not torch.allclose(mem(x)[0], unclipped(x)[0])  # the clip is active
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("residual_norm,clip", [(True, 0.5), (False, None)])
+@pytest.mark.parametrize("depth,chunk", [(1, 2), (2, 16), (3, 4)])
+def test_analytic_chunk_step_matches_reference(depth, chunk, residual_norm, clip, recompute):
+    """The module with the explicit-backward chunk step (memory_kernel "analytic") against the reference,
+    through the plain and the recomputing scan."""
+    mem = make_memory(depth, chunk, residual_norm=residual_norm, max_grad_norm=clip, recompute=recompute,
+                      kernel="analytic")
+    assert compare_to_reference(mem, 19) <= 1e-6
+
+
 def test_comparison_detects_token_level_gradients():
     """The test can fail: gradients at the running weights instead of the chunk start differ."""
     assert compare_to_reference(make_memory(2, 4), 12, grads_at_chunk_start=False) > 1e-3
@@ -158,6 +169,8 @@ def test_bad_arguments_are_named():
         NeuralMemory(8, 2, 4, chunk_size=0)
     with pytest.raises(ValueError, match="grad_horizon"):
         NeuralMemory(8, 2, 4, grad_horizon=0)
+    with pytest.raises(ValueError, match="unknown memory kernel 'cuda'"):
+        NeuralMemory(8, 2, 4, kernel="cuda")
 
 
 def test_comparison_detects_reads_at_running_weights():

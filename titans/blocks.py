@@ -66,6 +66,7 @@ def make_memory(cfg: TitansConfig) -> NeuralMemory:
         residual_norm=cfg.memory_residual_norm,
         max_grad_norm=cfg.memory_max_grad_norm,
         grad_horizon=cfg.memory_grad_horizon,
+        kernel=cfg.memory_kernel,
     )
 
 

@@ -14,6 +14,7 @@ memory layer the update is one matmul `X_inᵀ · diag(w) · G_out` over the chu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ class ScanOptions:
     residual_norm: bool = True
     max_grad_norm: float | None = None  # clip each token's gradient ‖∇ℓ_i‖ to this (None: no clipping)
     grad_horizon: int | None = None  # chunks: the state's gradient is cut at every multiple (None: never)
+    kernel: str = "torch"  # which chunk step runs: one of CHUNK_STEPS
 
     def cuts_before(self, chunk: int) -> bool:
         """Whether the weights' and momentum's gradient stops at the start of global chunk `chunk`."""
@@ -200,6 +202,27 @@ def memory_chunk_step(
     return (y, *new_weights, *new_momentum)
 
 
+CHUNK_STEPS = ("torch", "analytic", "triton")
+
+
+def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
+    """The chunk step by name, all with `memory_chunk_step`'s signature and outputs: "torch" (autograd
+    through it), "analytic" (its explicit backward, titans/kernels/chunk_step_reference.py) or "triton"
+    (fused forward and backward kernels for GPUs, titans/kernels/chunk_step_triton.py). Imported on use:
+    the kernels import this module, and triton is optional."""
+    if kernel == "torch":
+        return memory_chunk_step
+    if kernel == "analytic":
+        from titans.kernels.chunk_step_reference import analytic_chunk_step
+
+        return analytic_chunk_step
+    if kernel == "triton":
+        from titans.kernels.chunk_step_triton import triton_chunk_step
+
+        return triton_chunk_step
+    raise ValueError(f"unknown memory kernel {kernel!r}; expected one of {', '.join(CHUNK_STEPS)}")
+
+
 def scan_chunks(
     opts: ScanOptions, inputs: tuple[Tensor, ...], state: list[Tensor], first_chunk: int = 0
 ) -> tuple[Tensor, ...]:
@@ -208,11 +231,11 @@ def scan_chunks(
     gradient horizon's cuts fall). Returns (y (N, n, b, d), *end_state)."""
     # unbind, not indexing: the backward of x[:, i] writes into a zero tensor of x's full size per
     # chunk (quadratic in length); unbind's backward stacks the chunk gradients once.
-    outputs = []
+    outputs, step = [], chunk_step(opts.kernel)
     for i, chunk in enumerate(zip(*(t.unbind(1) for t in inputs), strict=True)):
         if opts.cuts_before(first_chunk + i):
             state = [s.detach() for s in state]
-        y, *state = memory_chunk_step(opts, *chunk, *state)
+        y, *state = step(opts, *chunk, *state)
         outputs.append(y)
     return (torch.stack(outputs, dim=1), *state)
 
@@ -231,10 +254,10 @@ class RecomputedScan(torch.autograd.Function):
     def forward(ctx, opts: ScanOptions, first_chunk: int, *tensors: Tensor  # type: ignore[override]
                 ) -> tuple[Tensor, ...]:
         inputs, state = tensors[:8], list(tensors[8:])
-        boundaries, outputs = [], []
+        boundaries, outputs, step = [], [], chunk_step(opts.kernel)
         for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
             boundaries += state
-            y, *state = memory_chunk_step(opts, *chunk, *state)
+            y, *state = step(opts, *chunk, *state)
             outputs.append(y)
         ctx.opts, ctx.first_chunk, ctx.n_state = opts, first_chunk, len(state)
         ctx.save_for_backward(*inputs, *boundaries)
@@ -245,12 +268,12 @@ class RecomputedScan(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, boundaries, n = saved[:8], saved[8:], ctx.n_state
         input_grads = [torch.zeros_like(t) for t in inputs]
-        grad_state = list(grad_state)
+        grad_state, step = list(grad_state), chunk_step(ctx.opts.kernel)
         for i in reversed(range(inputs[0].shape[1])):
             with torch.enable_grad():
                 chunk = [t[:, i].detach().requires_grad_(t.requires_grad) for t in inputs]
                 start = [s.detach().requires_grad_() for s in boundaries[i * n : (i + 1) * n]]
-                y, *end = memory_chunk_step(ctx.opts, *chunk, *start)
+                y, *end = step(ctx.opts, *chunk, *start)
                 wanted = [t for t in (*chunk, *start) if t.requires_grad]
                 grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[:, i], *grad_state]))
             for t, g in zip(chunk, input_grads, strict=True):
@@ -317,6 +340,7 @@ class NeuralMemory(nn.Module):
         residual_norm: bool = True,
         max_grad_norm: float | None = None,
         grad_horizon: int | None = None,
+        kernel: str = "torch",
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -325,6 +349,7 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"memory chunk_size must be >= 1, got {chunk_size}")
         if conv_kernel < 1:
             raise ValueError(f"memory conv_kernel must be >= 1, got {conv_kernel}")
+        chunk_step(kernel)  # an unknown name fails here, not at the first forward
         if grad_horizon is not None and grad_horizon < 1:
             raise ValueError(f"memory grad_horizon must be >= 1 chunk (or None: never cut), "
                              f"got {grad_horizon}")
@@ -338,7 +363,7 @@ class NeuralMemory(nn.Module):
         # The state's gradient is cut every grad_horizon chunks (docs/DESIGN.md §2.6): the update is
         # gradient descent on a non-convex loss, so its Jacobian grows some directions at every chunk and
         # the exact gradient through thousands of chunks overflows; the forward pass is unchanged.
-        self.scan_options = ScanOptions(depth, residual_norm, max_grad_norm, grad_horizon)
+        self.scan_options = ScanOptions(depth, residual_norm, max_grad_norm, grad_horizon, kernel)
         # Diagnostics for logging: when record_stats is set, forward leaves the surprise (momentum)
         # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached).
         self.record_stats = False

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from titans.blocks import BLOCKS, build_block
-from titans.memory import MemoryState, NeuralMemory, init_memory_parameter
+from titans.memory import CHUNK_STEPS, MemoryState, NeuralMemory, init_memory_parameter
 
 BLOCK_KINDS = tuple(BLOCKS)
 
@@ -64,6 +64,9 @@ class TitansConfig:
     # Chunk updates the memory state's gradient flows back through: cut at every multiple of it in the
     # sequence (None: the exact gradient, which overflows over thousands of chunks; docs/DESIGN.md §2.6).
     memory_grad_horizon: int | None = 16
+    # The chunk step: "torch" (autograd), "analytic" (explicit backward), "triton" (GPU kernels; chunk,
+    # head_dim and memory_hidden powers of two >= 16, depth <= 2). Same function, tested against each other.
+    memory_kernel: str = "torch"
     recompute_memory: bool = True  # backward keeps chunk-boundary states only, recomputes each chunk
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
@@ -89,6 +92,8 @@ class TitansConfig:
         if "mac" in self.layer_kinds and self.segment_len % self.memory_chunk:
             raise ValueError(f"segment_len={self.segment_len} must be a multiple of memory_chunk="
                              f"{self.memory_chunk} so MAC segments are chunk-aligned")
+        if self.memory_kernel not in CHUNK_STEPS:
+            raise ValueError(f"memory_kernel={self.memory_kernel!r} is not one of {', '.join(CHUNK_STEPS)}")
         if self.memory_grad_horizon is not None and self.memory_grad_horizon < 1:
             raise ValueError(f"memory_grad_horizon={self.memory_grad_horizon} must be >= 1 chunk "
                              "(or null: never cut)")
