@@ -229,9 +229,15 @@ class MACBlock(Block):
         if state is None:
             state = self.memory.initial_state(x.shape[0])
         outputs = []
-        for segment in x.split(self.segment_len, dim=1):  # split: its backward does not zero-fill x
+        segments = x.split(self.segment_len, dim=1)  # split: its backward does not zero-fill x
+        # The read queries depend on no memory state: computed for every segment at once, outside the loop.
+        if self.memory_probes is not None:
+            queries = [self.memory_queries(segment) for segment in segments]  # one shared tensor, no work
+        else:
+            queries = self.memory_queries(x).split(self.segment_len, dim=1)
+        for segment, query in zip(segments, queries, strict=True):
             state = self.memory.cut_gradient(state)  # the read and the write see the same horizon
-            memory_tokens = self.memory.read(self.memory_queries(segment), state)
+            memory_tokens = self.memory.read(query, state)
             y = self.attn(segment, memory_tokens=memory_tokens,
                           memory_tokens_causal=self.memory_probes is None)
             memory_out, state = self.memory(self.memory_norm(segment + y), state)
