@@ -70,6 +70,7 @@ def train_and_evaluate(name: str, seed: int, cfg: RunConfig, args: argparse.Name
     results = evaluate(model, parse_list(args.tasks), parse_list(args.distances, float),
                        samples=args.samples, n_pairs=args.pairs, max_position=args.max_position,
                        max_documents=args.documents or None, min_doc_len=args.min_doc_len,
+                       span=cfg.model.window,  # one unit for all: full attention's own span is its length
                        log=lambda m: print(f"   {m}", file=sys.stderr))
     eval_seconds = time.perf_counter() - started
     out = Path(cfg.train.out_dir) / "eval" / "compare_long.json"

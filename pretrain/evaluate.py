@@ -130,18 +130,20 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
              max_val_batches: int | None = 50, val_batch_size: int | None = None,
              run_config: dict[str, Any] | None = None, log=print, ppl_seq_len: int | None = None,
              max_position: int | None = None, bucket_edges: list[int] | None = None,
-             max_documents: int | None = loss_by_position.MAX_DOCUMENTS, min_doc_len: int = 0
-             ) -> dict[str, Any]:
+             max_documents: int | None = loss_by_position.MAX_DOCUMENTS, min_doc_len: int = 0,
+             span: int | None = None) -> dict[str, Any]:
     """Run the asked tasks; returns the results as a JSON-ready dict. Validation batches default to
     the run's `data.batch_size` (then the first batches are those the training job validated on).
     `ppl_seq_len` longer than the training length: perplexity of longer sequences, fed in pieces of
     `piece_len` carrying the memory state (`ppl_long` in the results; `ppl` stays the plain one).
     loss_by_position: positions to `max_position` (or the last of `bucket_edges`) in up to
-    `max_documents` validation documents of at least `min_doc_len` tokens."""
+    `max_documents` validation documents of at least `min_doc_len` tokens. `span`: the unit of the
+    needle / mqar distances (default the model's attention span; a comparison passes one shared window,
+    since full attention's span is its training length)."""
     run_config = run_config if run_config is not None else getattr(model, "run_config", {})
     seq_len = run_config.get("data", {}).get("seq_len")
     piece_len = piece_len or default_piece_len(model, seq_len)
-    span = model.attention_span
+    span = span or model.attention_span
     results: dict[str, Any] = {"attention_span": span, "piece_len": piece_len}
     for task in tasks:
         started = time.perf_counter()
