@@ -1,23 +1,35 @@
-"""Model throughput: forward+backward tokens/s and memory per variant, and time per token vs length.
+"""Model throughput: forward+backward tokens/s, achieved FLOP/s and memory per variant, and time per token
+vs length.
 
     python bench/model_throughput.py                 # the fixed config of the issue, all variants
     python bench/model_throughput.py --lengths 2048 4096 --repeats 2
+    python bench/model_throughput.py --kernels torch,analytic --lengths   # the memory kernels side by side
 
 Table 1 (dim 256, 4 layers, 4 heads of 64, seq 1024, batch 2): tokens/s of a training step (forward,
-backward), its ratio against the SWA baseline run in the same process, and memory: on CUDA the peak
-allocated bytes; on CPU the bytes autograd saved for backward (the activation memory; CPU PyTorch has
-no allocator statistics). Table 2: time per token at 2K → 32K tokens (batch 1) for LMM and MAC, with
-the ratio against the shortest length. If `titans-pytorch` is installed, its MemoryAsContextTransformer
-runs on the closest config and the ratio of tokens/s is printed.
+backward), its ratio against the SWA baseline run in the same process, achieved FLOP/s (titans.flops'
+count per token × tokens/s, the count MFU uses in training), that as a fraction of the "roof" (a large
+matmul timed in the same process at the start, in the dtype the steps compute in: float32 on CPU, bf16
+under autocast on CUDA) and against SWA's, and memory: on CUDA the peak allocated bytes; on CPU the bytes
+autograd saved for backward (the activation memory; CPU PyTorch has no allocator statistics). With
+`--kernels`, the memory variants run once per chunk-step kernel, with the step time against the torch
+kernel's. Table 2: time per token at 2K → 32K tokens (batch 1) for LMM and MAC, with the ratio against
+the shortest length. If `titans-pytorch` is installed (`pip install -e .[bench]`), its
+MemoryAsContextTransformer runs at the like-for-like config with one residual stream (hyper-connections
+off) and with its default four, and ours/theirs tokens/s is printed; the knobs it cannot match are listed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -25,16 +37,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.loss import causal_lm_loss  # noqa: E402
+from titans.flops import training_flops_per_token  # noqa: E402
+from titans.memory import CHUNK_STEPS  # noqa: E402
 from titans.model import TitansConfig, TitansLM  # noqa: E402
 
 VARIANTS = ["swa", "mac", "mag", "mal", "lmm"]
+ROOF_SIZE = 2048  # the roof matmul: (n × n) @ (n × n)
+LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def bench_config(layers: str, args: argparse.Namespace) -> TitansConfig:
+def bench_config(layers: str, args: argparse.Namespace, kernel: str | None = None) -> TitansConfig:
     return TitansConfig(
         vocab_size=args.vocab, dim=256, n_layers=4, n_heads=4, head_dim=64, layers=layers,
         window=args.window, segment_len=args.window, n_persistent=16, memory_chunk=args.chunk,
         memory_depth=2, recompute_memory=not args.no_recompute, mac_memory_tokens=args.mac_memory_tokens,
+        memory_kernel=kernel or args.kernel,
     )
 
 
@@ -54,65 +71,151 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-def train_step(model: TitansLM, tokens: torch.Tensor, counter: SavedBytes | None = None) -> None:
+def train_step(loss_fn: LossFn, tokens: torch.Tensor, counter: SavedBytes | None = None) -> None:
     hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter
              else contextlib.nullcontext())
     with hooks:
-        loss = causal_lm_loss(model, tokens[:, :-1], tokens[:, 1:])
+        loss = loss_fn(tokens)
     loss.backward()
 
 
-def measure(model: torch.nn.Module, batch: int, seq: int, vocab: int, repeats: int,
-            device: torch.device) -> tuple[float, int]:
-    """Median seconds per training step, and memory (CUDA peak allocated, else saved activations)."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model: torch.nn.Module, loss_fn: LossFn, batch: int, seq: int, vocab: int, repeats: int,
+            device: torch.device, count_saved: bool = True) -> tuple[float, int]:
+    """Median seconds per training step, and memory (CUDA peak allocated, else saved activations, or 0
+    without count_saved: torch.func, which titans-pytorch uses, refuses saved-tensor hooks).
+    loss_fn(tokens of seq + 1) is the loss of `model`, ours or titans-pytorch's, timed the same way."""
     tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    counter = SavedBytes() if device.type == "cpu" else None
+    counter = SavedBytes() if device.type == "cpu" and count_saved else None
     with autocast:
-        train_step(model, tokens, counter)  # warm-up (and the CPU memory count)
+        train_step(loss_fn, tokens, counter)  # warm-up (and the CPU memory count)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            train_step(model, tokens)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            train_step(loss_fn, tokens)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
-    memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else counter.total
+    memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else counter.total if counter else 0
     return sorted(times)[len(times) // 2], memory
 
 
-def titans_pytorch_baseline(args: argparse.Namespace, device: torch.device) -> float | None:
-    """tokens/s of lucidrains' titans-pytorch MAC on the closest config, if it is installed."""
+def ours_loss(model: TitansLM) -> LossFn:
+    return lambda t: causal_lm_loss(model, t[:, :-1], t[:, 1:])
+
+
+def measure_ours(cfg: TitansConfig, device: torch.device, batch: int, seq: int, repeats: int
+                 ) -> tuple[float, int]:
+    """A fresh model of `cfg` (seed 0), measured as `measure` does."""
+    torch.manual_seed(0)
+    model = TitansLM(cfg).to(device)
+    return measure(model, ours_loss(model), batch, seq, cfg.vocab_size, repeats, device)
+
+
+def matmul_roof(device: torch.device, repeats: int = 5) -> tuple[float, torch.dtype]:
+    """FLOP/s of a large matmul (median of `repeats`) in the dtype the training steps compute in: what
+    this device reaches on the best-case op, so a variant's FLOP/s reads as a fraction of it."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(ROOF_SIZE, ROOF_SIZE, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * ROOF_SIZE**3 / sorted(times)[len(times) // 2], dtype
+
+
+def titans_pytorch_kwargs(cfg: TitansConfig) -> tuple[dict, list[str]]:
+    """Constructor arguments of titans-pytorch's MemoryAsContextTransformer matching `cfg` knob for knob,
+    and the differences it has no argument for (printed with the comparison)."""
+    ff_mult = cfg.ffn_hidden * 3 / (2 * cfg.dim)  # theirs: GEGLU of hidden int(dim · mult · 2/3)
+    kwargs = dict(
+        num_tokens=cfg.vocab_size, dim=cfg.dim, depth=cfg.n_layers, heads=cfg.n_heads, dim_head=cfg.head_dim,
+        segment_len=cfg.segment_len, num_persist_mem_tokens=cfg.n_persistent,
+        num_longterm_mem_tokens=cfg.mac_memory_tokens, neural_memory_segment_len=cfg.memory_chunk,
+        ff_mult=ff_mult,
+        neural_memory_kwargs=dict(
+            heads=cfg.memory_heads, dim_head=cfg.memory_head_dim, momentum=True,
+            max_grad_norm=cfg.memory_max_grad_norm, mem_model_norm_add_residual=cfg.memory_residual_norm,
+            qk_rmsnorm=True, post_rmsnorm=True,
+            default_model_kwargs=dict(depth=cfg.memory_depth,
+                                      expansion_factor=cfg.memory_hidden / cfg.memory_head_dim),
+        ),
+    )
+    unmatched = [
+        f"FFN: ours SwiGLU of {cfg.ffn_hidden}, theirs GEGLU of {int(cfg.dim * ff_mult * 2 / 3)} (ff_mult "
+        f"{ff_mult:g})",
+        "memory q/k: ours l2-normalised, theirs RMSNorm (qk_rmsnorm=True)",
+        f"memory q/k/v depthwise causal conv (ours kernel {cfg.memory_conv_kernel}; theirs has none)",
+        f"memory gradient horizon {cfg.memory_grad_horizon} chunks and recomputing backward "
+        f"{cfg.recompute_memory} (ours only)",
+        "theirs only: axial positional embedding, value residual across layers"
+        + (", untied output head" if cfg.tie_embeddings else ""),
+    ]
+    if not cfg.mac_memory_tokens:
+        unmatched.insert(0, "MAC long-term tokens: ours one per segment token (v1); theirs 0 "
+                            "(set --mac-memory-tokens N for N on both sides)")
+    return kwargs, unmatched
+
+
+def compare_titans_pytorch(cfg: TitansConfig, ours: float, args: argparse.Namespace,
+                           device: torch.device) -> None:
+    """ours/theirs tokens/s against lucidrains' titans-pytorch MAC with hyper-connections off (one
+    residual stream, like ours) and at its default of four streams."""
     try:
         from titans_pytorch import MemoryAsContextTransformer
     except ImportError:
-        return None
-    model = MemoryAsContextTransformer(
-        num_tokens=args.vocab, dim=256, depth=4, heads=4, dim_head=64, segment_len=args.window,
-        num_persist_mem_tokens=16, num_longterm_mem_tokens=0, neural_memory_segment_len=args.chunk,
-    ).to(device)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
-    model(tokens, return_loss=True).backward()
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        model(tokens, return_loss=True).backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return args.batch * args.seq * args.repeats / (time.perf_counter() - start)
+        print("\n(titans-pytorch not installed: no external baseline; pip install -e .[bench])")
+        return
+    kwargs, unmatched = titans_pytorch_kwargs(cfg)
+    print(f"\ntitans-pytorch {version('titans-pytorch')} MemoryAsContextTransformer; ours MAC "
+          f"{ours:,.0f} tokens/s (kernel {cfg.memory_kernel}); not matched:")
+    for line in unmatched:
+        print(f"#   {line}")
+    print("| titans-pytorch | tokens/s | step s | ours / theirs tokens/s |")
+    print("|---|---|---|---|")
+    for streams, label in [(1, "1 residual stream (hyper-connections off)"), (4, "4 streams (default)")]:
+        torch.manual_seed(0)
+        model = MemoryAsContextTransformer(**kwargs, num_residual_streams=streams).to(device)
+        seconds, _ = measure(model, lambda t, m=model: m(t, return_loss=True), args.batch, args.seq,
+                             args.vocab, args.repeats, device, count_saved=False)
+        theirs = args.batch * args.seq / seconds
+        print(f"| {label} | {theirs:,.0f} | {seconds:.3f} | {ours / theirs:.2f} |", flush=True)
 
 
-def main() -> None:
+def git_revision() -> str:
+    """The commit the numbers belong to (with '+dirty' when the tree has local changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--variants", nargs="*", default=VARIANTS, help="block kinds for table 1")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--window", type=int, default=256, help="SWA window = MAC segment length")
+    parser.add_argument("--window", "--segment", type=int, default=256,
+                        help="SWA window = MAC segment length")
     parser.add_argument("--chunk", type=int, default=64, help="memory chunk size b")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
@@ -122,36 +225,64 @@ def main() -> None:
                         help="plain autograd through the memory scan instead of the recomputing backward")
     parser.add_argument("--mac-memory-tokens", type=int, default=0,
                         help="MAC long-term memory tokens: 0 = one per segment token (v1), N = N probes")
+    parser.add_argument("--kernel", choices=CHUNK_STEPS, default="torch",
+                        help="memory chunk-step kernel of every benchmarked config (triton: CUDA only)")
+    parser.add_argument("--kernels", type=lambda s: s.split(","), default=None,
+                        help="comma-separated kernels to run table 1's memory variants with, each against "
+                             "the torch kernel's step time (e.g. torch,analytic); default: --kernel")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = parser.parse_args()
+    args.kernels = args.kernels or [args.kernel]
+    for kernel in {args.kernel, *args.kernels}:
+        if kernel not in CHUNK_STEPS:
+            parser.error(f"unknown kernel {kernel!r}; expected one of {', '.join(CHUNK_STEPS)}")
+        if kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("the triton kernel needs a CUDA device (on CPU only in Triton's interpreter: "
+                         "set TRITON_INTERPRET=1, which measures the interpreter, not the kernel)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     mem_label = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
-    print(f"# device: {name} ({device.type}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    roof, roof_dtype = matmul_roof(device)
+    print(f"# command: python {shlex.join(sys.argv)}  (commit {git_revision()})")
+    print(f"# device: {name} ({device.type}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"autocast {'bf16' if device.type == 'cuda' else 'off'}")
     print(f"# dim 256, 4 layers, 4 heads × 64, seq {args.seq}, batch {args.batch}, window/segment "
           f"{args.window}, memory chunk {args.chunk}, vocab {args.vocab}, MAC memory tokens "
-          f"{args.mac_memory_tokens or 'per token'}, recompute {not args.no_recompute}")
-    print(f"| variant | tokens/s | step s | × SWA step time | {mem_label} |")
-    print("|---|---|---|---|---|")
-    results = {}
+          f"{args.mac_memory_tokens or 'per token'}, recompute {not args.no_recompute}, kernels "
+          f"{','.join(args.kernels)} (table 2: {args.kernel}), repeats {args.repeats} (median)")
+    print(f"# config: {bench_config('mac', args)}")
+    print(f"# roof: {ROOF_SIZE}×{ROOF_SIZE} @ {ROOF_SIZE}×{ROOF_SIZE} {str(roof_dtype).split('.')[-1]} "
+          f"matmul, {roof / 1e9:,.1f} GFLOP/s")
+    print(f"\n| variant | kernel | tokens/s | step s | × SWA step time | × torch-kernel step time | GFLOP/s "
+          f"| of roof | × SWA FLOP/s | {mem_label} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    seconds_of: dict[tuple[str, str], float] = {}
+    swa_flops = None
     for kind in args.variants:
-        torch.manual_seed(0)
-        model = TitansLM(bench_config(kind, args)).to(device)
-        seconds, memory = measure(model, args.batch, args.seq, args.vocab, args.repeats, device)
-        results[kind] = seconds
-        base = results.get("swa")
-        ratio = f"{seconds / base:.2f}" if base else "-"
-        print(f"| {kind} | {args.batch * args.seq / seconds:,.0f} | {seconds:.3f} | {ratio} | "
-              f"{memory / 2**20:,.0f} |", flush=True)
+        for kernel in ["torch"] if kind in ("swa", "full") else args.kernels:
+            cfg = bench_config(kind, args, kernel)
+            seconds, memory = measure_ours(cfg, device, args.batch, args.seq, args.repeats)
+            seconds_of[kind, kernel] = seconds
+            flops = training_flops_per_token(cfg, args.seq) * args.batch * args.seq / seconds
+            swa_flops = flops if kind == "swa" else swa_flops
+            swa, torch_kernel = seconds_of.get(("swa", "torch")), seconds_of.get((kind, "torch"))
+            print(f"| {kind} | {kernel} | {args.batch * args.seq / seconds:,.0f} | {seconds:.3f} | "
+                  f"{_ratio(seconds, swa)} | {_ratio(seconds, torch_kernel)} | {flops / 1e9:,.1f} | "
+                  f"{flops / roof:.3f} | {_ratio(flops, swa_flops)} | {memory / 2**20:,.0f} |",
+                  flush=True)
 
-    baseline = titans_pytorch_baseline(args, device)
-    if baseline is not None and "mac" in results:
-        ours = args.batch * args.seq / results["mac"]
-        print(f"\ntitans-pytorch MAC: {baseline:,.0f} tokens/s; ours {ours:,.0f}: {ours / baseline:.2f}×")
-    elif baseline is None:
-        print("\n(titans-pytorch not installed: no external baseline)")
+    mac = bench_config("mac", args)
+    seconds = seconds_of.get(("mac", args.kernel))
+    if seconds is None:
+        seconds, _ = measure_ours(mac, device, args.batch, args.seq, args.repeats)
+    compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device)
 
     if not args.lengths:
         return
@@ -162,11 +293,16 @@ def main() -> None:
         model = TitansLM(bench_config(kind, args)).to(device)
         first = None
         for length in args.lengths:
-            seconds, memory = measure(model, 1, length, args.vocab, max(1, args.repeats - 1), device)
+            seconds, memory = measure(model, ours_loss(model), 1, length, args.vocab,
+                                      max(1, args.repeats - 1), device)
             per_token = seconds / length
             first = first or per_token
             print(f"| {kind} | {length} | {length / seconds:,.0f} | {per_token * 1e6:.1f} | "
                   f"{per_token / first:.2f} | {memory / 2**20:,.0f} |", flush=True)
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}" if base else "-"
 
 
 if __name__ == "__main__":
