@@ -112,7 +112,8 @@ def export_hf(weights: dict[str, Tensor], cfg: TitansConfig, out: Path, tokenize
         "model_type": "titans",
         "auto_map": {"AutoConfig": "configuration_titans.TitansHFConfig",
                      "AutoModelForCausalLM": "modeling_titans.TitansForCausalLM"},
-        "titans": model_fields(cfg),
+        # the chunk step as "torch": the same function, and the export carries no kernels (titans/kernels)
+        "titans": {**model_fields(cfg), "memory_kernel": "torch"},
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings,
         "eos_token_id": eos_id,

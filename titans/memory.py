@@ -13,6 +13,7 @@ memory layer the update is one matmul `X_inᵀ · diag(w) · G_out` over the chu
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,22 +206,22 @@ def memory_chunk_step(
 CHUNK_STEPS = ("torch", "analytic", "triton")
 
 
+# The kernels' modules and functions by name, imported on first use: they import this module, triton is
+# optional, and a copy of this file without them (the Hugging Face export) must stay importable.
+KERNEL_FUNCTIONS = {"analytic": ("titans.kernels.chunk_step_reference", "analytic_chunk_step"),
+                    "triton": ("titans.kernels.chunk_step_triton", "triton_chunk_step")}
+
+
 def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
     """The chunk step by name, all with `memory_chunk_step`'s signature and outputs: "torch" (autograd
     through it), "analytic" (its explicit backward, titans/kernels/chunk_step_reference.py) or "triton"
-    (fused forward and backward kernels for GPUs, titans/kernels/chunk_step_triton.py). Imported on use:
-    the kernels import this module, and triton is optional."""
+    (fused forward and backward kernels for GPUs, titans/kernels/chunk_step_triton.py)."""
     if kernel == "torch":
         return memory_chunk_step
-    if kernel == "analytic":
-        from titans.kernels.chunk_step_reference import analytic_chunk_step
-
-        return analytic_chunk_step
-    if kernel == "triton":
-        from titans.kernels.chunk_step_triton import triton_chunk_step
-
-        return triton_chunk_step
-    raise ValueError(f"unknown memory kernel {kernel!r}; expected one of {', '.join(CHUNK_STEPS)}")
+    if kernel not in KERNEL_FUNCTIONS:
+        raise ValueError(f"unknown memory kernel {kernel!r}; expected one of {', '.join(CHUNK_STEPS)}")
+    module, function = KERNEL_FUNCTIONS[kernel]
+    return getattr(importlib.import_module(module), function)
 
 
 def scan_chunks(
