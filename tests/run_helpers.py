@@ -3,13 +3,23 @@ run config on it."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
 from pretrain.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str) -> ModuleType:
+    """A script of bench/ imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_dataset(out: Path) -> Path:

@@ -290,13 +290,11 @@ def test_surprise_map_cli_writes_png_and_json(run, tmp_path, capsys):
 
 
 def test_compare_variants_matches_parameters_and_prints_a_table(run, tmp_path, capsys):
-    import importlib.util
+    from run_helpers import bench_module
 
     from titans.model import num_parameters
 
-    spec = importlib.util.spec_from_file_location("compare_variants", ROOT / "bench" / "compare_variants.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = bench_module("compare_variants")
     tiny = [f"data.train={run['data']}", "data.default_corpus=false", "data.seq_len=32", "data.batch_size=2",
             "model.dim=32", "model.n_heads=2", "model.window=8", "model.segment_len=16",
             "model.memory_chunk=8", "train.eval_batches=1", "train.log_every=1", "data.synthetic_rows=1",

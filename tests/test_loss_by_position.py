@@ -3,7 +3,6 @@ run of the long-context comparison recipe (bench/compare_long.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from run_helpers import bench_module
 
 from data_pipeline.prepare import prepare
 from pretrain.checkpoint import save_checkpoint
@@ -28,7 +28,6 @@ from pretrain.loss_by_position import (
 from pretrain.model_io import LoadedModel, load_model
 from titans.model import BLOCK_KINDS, TitansConfig, TitansLM
 
-ROOT = Path(__file__).resolve().parents[1]
 EOS = 256
 # name → length in bytes; the names starting with "v" are forced into the validation split
 DOCS = {"a.txt": 70, "b.txt": 120, "va.txt": 150, "vb.txt": 20, "vc.txt": 300, "vd.txt": 90, "z.txt": 200}
@@ -245,9 +244,7 @@ def test_loaded_checkpoint_streams_exactly(checkpoint):
 
 
 def test_compare_long_smoke(data, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("compare_long", ROOT / "bench" / "compare_long.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = bench_module("compare_long")
     tiny = [f"data.train={data}", "data.default_corpus=false", "data.seq_len=64", "data.batch_size=2",
             "data.synthetic_rows=1", "data.synthetic_min_distance=8", "model.dim=32", "model.n_heads=2",
             "model.window=8", "model.segment_len=16", "model.memory_chunk=8", "train.eval_batches=1",

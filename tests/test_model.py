@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from run_helpers import bench_module
 from torch import nn
 
 from pretrain.loss import causal_lm_loss
@@ -66,16 +67,6 @@ def test_state_carry_through_the_model_equals_one_call():
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-12, atol=1e-12)
 
 
-def embedding_gradient_by_position(model: TitansLM, tokens: torch.Tensor, bins: int) -> torch.Tensor:
-    """The mean norm of the loss's gradient at the block input, in `bins` equal ranges of position."""
-    captured = []
-    handle = model.embed.register_forward_hook(lambda module, args, out: captured.append(out) or out)
-    logits, _ = model(tokens[:, :-1])
-    handle.remove()
-    (grad,) = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()), captured)
-    return grad[0].norm(dim=-1).view(bins, -1).mean(-1)
-
-
 def test_gradient_horizon_bounds_the_long_sequence_gradient():
     """The tiny MAC at 4,096 tokens (256 memory chunks, two layers): the exact gradient through every chunk
     grows by orders of magnitude towards the sequence start (the memory's update is gradient descent on a
@@ -88,8 +79,9 @@ def test_gradient_horizon_bounds_the_long_sequence_gradient():
     exact = TitansLM(TitansConfig(**cfg, memory_grad_horizon=None))
     exact.load_state_dict(bounded.state_dict())
     tokens = torch.randint(0, 257, (1, 4097), generator=torch.Generator().manual_seed(0))
-    cut = embedding_gradient_by_position(bounded, tokens, bins=8)
-    uncut = embedding_gradient_by_position(exact, tokens, bins=8)
+    gradient_by_position = bench_module("state_gradient").gradient_by_position
+    cut = gradient_by_position(bounded, tokens, bins=8)
+    uncut = gradient_by_position(exact, tokens, bins=8)
     assert torch.isfinite(cut).all() and cut.max() < 30 * cut[-1]
     assert not torch.isfinite(uncut).all() or uncut[0] > 1e3 * uncut[-1]
 

@@ -84,16 +84,11 @@ def _store_row(ptr, pid, x, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _chunk_forward_kernel(
-    q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
-    const_ptr, y_ptr, nw1_ptr, nw2_ptr, ns1_ptr, ns2_ptr,
-    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, DEPTH: tl.constexpr, RESIDUAL: tl.constexpr,
-    CLIP: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
+def _load_chunk(q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, s1_ptr, const_ptr,
+                pid, B: tl.constexpr, D: tl.constexpr, H: tl.constexpr):
+    """Row pid's chunk inputs and first-layer state, and the constants: NORM_EPS and max_grad_norm in the
+    data's dtype (exact in float64). Both kernels start from these."""
     rb = tl.arange(0, B)
-    eps = tl.load(const_ptr)  # NORM_EPS and max_grad_norm in the data's dtype (exact in float64)
-    max_norm = tl.load(const_ptr + 1)
     q = _load_row(q_ptr, pid, B, D)
     k = _load_row(k_ptr, pid, B, D)
     v = _load_row(v_ptr, pid, B, D)
@@ -102,6 +97,20 @@ def _chunk_forward_kernel(
     eta, beta, gamma = tl.load(eta_ptr + pid), tl.load(beta_ptr + pid), tl.load(gamma_ptr + pid)
     w1 = _load_row(w1_ptr, pid, D, H)
     s1 = _load_row(s1_ptr, pid, D, H)
+    return tl.load(const_ptr), tl.load(const_ptr + 1), q, k, v, d, c, eta, beta, gamma, w1, s1
+
+
+@triton.jit
+def _chunk_forward_kernel(
+    q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+    const_ptr, y_ptr, nw1_ptr, nw2_ptr, ns1_ptr, ns2_ptr,
+    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, DEPTH: tl.constexpr, RESIDUAL: tl.constexpr,
+    CLIP: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    eps, max_norm, q, k, v, d, c, eta, beta, gamma, w1, s1 = _load_chunk(
+        q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, s1_ptr, const_ptr, pid,
+        B, D, H)
     if DEPTH == 2:
         w2 = _load_row(w2_ptr, pid, H, D)
         s2 = _load_row(s2_ptr, pid, H, D)
@@ -157,17 +166,9 @@ def _chunk_backward_kernel(
     CLIP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rb = tl.arange(0, B)
-    eps = tl.load(const_ptr)
-    max_norm = tl.load(const_ptr + 1)
-    q = _load_row(q_ptr, pid, B, D)
-    k = _load_row(k_ptr, pid, B, D)
-    v = _load_row(v_ptr, pid, B, D)
-    d = tl.load(d_ptr + pid * B + rb)
-    c = tl.load(c_ptr + pid * B + rb)
-    eta, beta, gamma = tl.load(eta_ptr + pid), tl.load(beta_ptr + pid), tl.load(gamma_ptr + pid)
-    w1 = _load_row(w1_ptr, pid, D, H)
-    s1 = _load_row(s1_ptr, pid, D, H)
+    eps, max_norm, q, k, v, d, c, eta, beta, gamma, w1, s1 = _load_chunk(
+        q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, s1_ptr, const_ptr, pid,
+        B, D, H)
     gy = _load_row(gy_ptr, pid, B, D)
     a1 = _load_row(gns1_ptr, pid, D, H)  # A_l: gradient of the new momentum
     b1 = _load_row(gnw1_ptr, pid, D, H)  # B_l: gradient of the new weights
@@ -265,6 +266,7 @@ def _chunk_backward_kernel(
             gx2 += (2.0 * gsq * gg2)[:, None] * x2
             g_last_bar += (2.0 * gsq * xx2)[:, None] * g_last
         gwd, gwc = gwd * scale, gwc * scale
+    rb = tl.arange(0, B)
     tl.store(gd_ptr + pid * B + rb, gwd)
     tl.store(gc_ptr + pid * B + rb, gwc)
 
