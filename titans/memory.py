@@ -203,13 +203,11 @@ def memory_chunk_step(
     return (y, *new_weights, *new_momentum)
 
 
-CHUNK_STEPS = ("torch", "analytic", "triton")
-
-
 # The kernels' modules and functions by name, imported on first use: they import this module, triton is
 # optional, and a copy of this file without them (the Hugging Face export) must stay importable.
 KERNEL_FUNCTIONS = {"analytic": ("titans.kernels.chunk_step_reference", "analytic_chunk_step"),
                     "triton": ("titans.kernels.chunk_step_triton", "triton_chunk_step")}
+CHUNK_STEPS = ("torch", *KERNEL_FUNCTIONS)
 
 
 def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
