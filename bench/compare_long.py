@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare_variants import load_variants, run_overrides  # noqa: E402
+from compare_variants import add_variant_arguments, load_variants, run_overrides, variant_names  # noqa: E402
 
 from pretrain import loss_by_position  # noqa: E402
 from pretrain.config import ConfigError, RunConfig  # noqa: E402
@@ -176,19 +176,10 @@ def markdown(summary: dict[str, dict[str, Any]], distances: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/compare_long.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of "
-                        + ",".join(VARIANTS))
+    add_variant_arguments(parser, VARIANTS, ROOT / "configs" / "compare_long",
+                          "train into <runs>/<variant>-s<seed> (default: the folder above each config's "
+                          "train.out_dir)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each variant runs once per seed")
-    parser.add_argument("--configs", default=str(ROOT / "configs" / "compare_long"),
-                        help="folder of <variant>.yaml")
-    parser.add_argument("--runs", default=None, help="train into <runs>/<variant>-s<seed> (default: the "
-                        "folder above each config's train.out_dir)")
-    parser.add_argument("--steps", type=int, default=None, help="override train.steps for every variant")
-    parser.add_argument("--params", type=int, default=None, help="parameter target (default: the largest)")
-    parser.add_argument("--no-match", action="store_true", help="keep the configs' FFN widths")
-    parser.add_argument("--fresh", action="store_true",
-                        help="do not resume existing runs (train.resume=false)")
-    parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the existing runs")
     add_task_arguments(parser)
     parser.set_defaults(tasks="loss_by_position,mqar")
     parser.add_argument("--pairs", type=int, default=MQAR_TRAINING_PAIRS,
@@ -204,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    names = variant_names(parser, args.variants, VARIANTS)
     try:
         seeds = parse_list(args.seeds, int)
         distances = parse_list(args.distances, float)

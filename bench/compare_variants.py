@@ -87,32 +87,42 @@ def markdown(rows: list[dict], distances: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python bench/compare_variants.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of "
-                        + ",".join(VARIANTS))
-    parser.add_argument("--configs", default=str(ROOT / "configs" / "compare"),
-                        help="folder of <variant>.yaml")
-    parser.add_argument("--runs", default=None,
-                        help="train into <runs>/<variant> (default: each config's train.out_dir)")
+def add_variant_arguments(parser: argparse.ArgumentParser, variants: tuple[str, ...], configs: Path,
+                          runs_help: str) -> None:
+    """The options every variant comparison shares: which variants, their configs, where they train, how
+    long, parameter matching, resume and evaluate-only (also bench/compare_long.py)."""
+    parser.add_argument("--variants", default=",".join(variants), help="comma-separated subset of "
+                        + ",".join(variants))
+    parser.add_argument("--configs", default=str(configs), help="folder of <variant>.yaml")
+    parser.add_argument("--runs", default=None, help=runs_help)
     parser.add_argument("--steps", type=int, default=None, help="override train.steps for every variant")
-    parser.add_argument("--params", type=int, default=None,
-                        help="parameter target (default: the largest)")
+    parser.add_argument("--params", type=int, default=None, help="parameter target (default: the largest)")
     parser.add_argument("--no-match", action="store_true", help="keep the configs' FFN widths")
     parser.add_argument("--fresh", action="store_true",
                         help="do not resume existing runs (train.resume=false)")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="skip training; evaluate the existing runs")
+    parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the existing runs")
+
+
+def variant_names(parser: argparse.ArgumentParser, text: str, variants: tuple[str, ...]) -> list[str]:
+    """--variants as a list; an unknown name is a usage error naming the choices."""
+    names = [v for v in text.split(",") if v]
+    unknown = [v for v in names if v not in variants]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/compare_variants.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_variant_arguments(parser, VARIANTS, ROOT / "configs" / "compare",
+                          "train into <runs>/<variant> (default: each config's train.out_dir)")
     add_task_arguments(parser)
     parser.add_argument("--out", default="runs/compare/results.md", help="Markdown table (and .json beside)")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    names = variant_names(parser, args.variants, VARIANTS)
     overrides = list(args.overrides) + run_overrides(args.steps, args.fresh)
     try:
         configs = load_variants(names, Path(args.configs), overrides, not args.no_match, args.params)
