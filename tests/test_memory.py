@@ -103,6 +103,23 @@ def test_analytic_chunk_step_matches_reference(depth, chunk, residual_norm, clip
     assert compare_to_reference(mem, 19) <= 1e-6
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_compiled_chunk_step_matches_reference(recompute):
+    """The module with the torch.compile'd chunk step (memory_kernel "compiled") against the reference,
+    through the plain and the recomputing scan, with clipping and a gradient cut inside the sequence.
+    One case each: compiling takes seconds per graph."""
+    mem = make_memory(2, 4, max_grad_norm=0.5, recompute=recompute, grad_horizon=3, kernel="compiled")
+    eager = make_memory(2, 4, max_grad_norm=0.5, recompute=recompute, grad_horizon=3)
+    assert compare_to_reference(make_memory(2, 4, max_grad_norm=0.5, recompute=recompute, kernel="compiled"),
+                                19) <= 1e-6
+    x = torch.randn(2, 19, 12, dtype=torch.float64, requires_grad=True)
+    (out, state), (want, want_state) = mem(x), eager(x)
+    grads = torch.autograd.grad(out.square().sum() + state.weights[0].sum(), [x, *mem.parameters()])
+    want_grads = torch.autograd.grad(want.square().sum() + want_state.weights[0].sum(),
+                                     [x, *eager.parameters()])
+    assert max(rel_err(a, b) for a, b in zip((out, *grads), (want, *want_grads))) <= 1e-10
+
+
 def test_comparison_detects_token_level_gradients():
     """The test can fail: gradients at the running weights instead of the chunk start differ."""
     assert compare_to_reference(make_memory(2, 4), 12, grads_at_chunk_start=False) > 1e-3

@@ -206,14 +206,16 @@ def memory_chunk_step(
 # The kernels' modules and functions by name, imported on first use: they import this module, triton is
 # optional, and a copy of this file without them (the Hugging Face export) must stay importable.
 KERNEL_FUNCTIONS = {"analytic": ("titans.kernels.chunk_step_reference", "analytic_chunk_step"),
+                    "compiled": ("titans.kernels.chunk_step_compiled", "compiled_chunk_step"),
                     "triton": ("titans.kernels.chunk_step_triton", "triton_chunk_step")}
 CHUNK_STEPS = ("torch", *KERNEL_FUNCTIONS)
 
 
 def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
     """The chunk step by name, all with `memory_chunk_step`'s signature and outputs: "torch" (autograd
-    through it), "analytic" (its explicit backward, titans/kernels/chunk_step_reference.py) or "triton"
-    (fused forward and backward kernels for GPUs, titans/kernels/chunk_step_triton.py)."""
+    through it), "analytic" (its explicit backward, titans/kernels/chunk_step_reference.py), "compiled"
+    (it through torch.compile, titans/kernels/chunk_step_compiled.py) or "triton" (fused forward and
+    backward kernels for GPUs, titans/kernels/chunk_step_triton.py)."""
     if kernel == "torch":
         return memory_chunk_step
     if kernel not in KERNEL_FUNCTIONS:
