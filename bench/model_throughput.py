@@ -211,7 +211,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--variants", nargs="*", default=VARIANTS, help="block kinds for table 1")
+    parser.add_argument("--variants", nargs="*", default=VARIANTS,
+                        help="block kinds for table 1 (none: skip table 1 and titans-pytorch)")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--window", "--segment", type=int, default=256,
@@ -221,6 +222,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--long-variants", nargs="+", default=["lmm", "mac"])
+    parser.add_argument("--tokens-per-step", type=int, default=0,
+                        help="table 2 at equal tokens per step (batch = this // length); 0: batch 1")
     parser.add_argument("--no-recompute", action="store_true",
                         help="plain autograd through the memory scan instead of the recomputing backward")
     parser.add_argument("--mac-memory-tokens", type=int, default=0,
@@ -278,27 +281,37 @@ def main() -> None:
                   f"{flops / roof:.3f} | {_ratio(flops, swa_flops)} | {memory / 2**20:,.0f} |",
                   flush=True)
 
-    mac = bench_config("mac", args)
-    seconds = seconds_of.get(("mac", args.kernel))
-    if seconds is None:
-        seconds, _ = measure_ours(mac, device, args.batch, args.seq, args.repeats)
-    compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device)
+    if args.variants:
+        mac = bench_config("mac", args)
+        seconds = seconds_of.get(("mac", args.kernel))
+        if seconds is None:
+            seconds, _ = measure_ours(mac, device, args.batch, args.seq, args.repeats)
+        compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device)
 
-    if not args.lengths:
-        return
-    print(f"\n| variant | length | tokens/s | µs/token | × µs/token at {args.lengths[0]} | {mem_label} |")
-    print("|---|---|---|---|---|---|")
+    if args.lengths:
+        time_per_token_by_length(args, device, mem_label)
+
+
+def time_per_token_by_length(args: argparse.Namespace, device: torch.device, mem_label: str) -> None:
+    """Table 2. Batch 1 at every length, or with --tokens-per-step N a batch of N // length sequences:
+    equal tokens per step separate the cost of length (the scan, the segment loop) from the cost of a
+    larger working set (a 2K batch-1 step's activations fit the CPU's caches, a 32K one's do not), and is
+    how long-context runs are scheduled (fewer, longer sequences per step)."""
+    print(f"\n| variant | length | batch | tokens/s | µs/token | × µs/token at {args.lengths[0]} "
+          f"| {mem_label} |")
+    print("|---|---|---|---|---|---|---|")
     for kind in args.long_variants:
         torch.manual_seed(0)
         model = TitansLM(bench_config(kind, args)).to(device)
         first = None
         for length in args.lengths:
-            seconds, memory = measure(model, ours_loss(model), 1, length, args.vocab,
+            batch = max(1, args.tokens_per_step // length)
+            seconds, memory = measure(model, ours_loss(model), batch, length, args.vocab,
                                       max(1, args.repeats - 1), device)
-            per_token = seconds / length
+            per_token = seconds / (batch * length)
             first = first or per_token
-            print(f"| {kind} | {length} | {length / seconds:,.0f} | {per_token * 1e6:.1f} | "
-                  f"{per_token / first:.2f} | {memory / 2**20:,.0f} |", flush=True)
+            print(f"| {kind} | {length} | {batch} | {batch * length / seconds:,.0f} | "
+                  f"{per_token * 1e6:.1f} | {per_token / first:.2f} | {memory / 2**20:,.0f} |", flush=True)
 
 
 def _ratio(value: float, base: float | None) -> str:
