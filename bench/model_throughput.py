@@ -170,9 +170,14 @@ def titans_pytorch_kwargs(cfg: TitansConfig) -> tuple[dict, list[str]]:
 
 
 def compare_titans_pytorch(cfg: TitansConfig, ours: float, args: argparse.Namespace,
-                           device: torch.device) -> None:
+                           device: torch.device, roof: float) -> None:
     """ours/theirs tokens/s against lucidrains' titans-pytorch MAC with hyper-connections off (one
-    residual stream, like ours) and at its default of four streams."""
+    residual stream, like ours) and at its default of four streams.
+
+    Also the ceiling of that ratio: both models do the same dense work per token (embeddings, attention
+    and FFN projections, the vocabulary head, the memory MLP), so ours cannot beat theirs by more than
+    the roof over their FLOP/s (that work counted by titans.flops at our config, over their step time):
+    the ratio our step would reach at the matmul roof, with the memory's cost at zero included."""
     try:
         from titans_pytorch import MemoryAsContextTransformer
     except ImportError:
@@ -183,15 +188,19 @@ def compare_titans_pytorch(cfg: TitansConfig, ours: float, args: argparse.Namesp
           f"{ours:,.0f} tokens/s (kernel {cfg.memory_kernel}); not matched:")
     for line in unmatched:
         print(f"#   {line}")
-    print("| titans-pytorch | tokens/s | step s | ours / theirs tokens/s |")
-    print("|---|---|---|---|")
+    flops_per_token = training_flops_per_token(cfg, args.seq)
+    print("| titans-pytorch | tokens/s | step s | ours / theirs tokens/s | their GFLOP/s (our count) | "
+          "ceiling: ours at the roof / theirs |")
+    print("|---|---|---|---|---|---|")
     for streams, label in [(1, "1 residual stream (hyper-connections off)"), (4, "4 streams (default)")]:
         torch.manual_seed(0)
         model = MemoryAsContextTransformer(**kwargs, num_residual_streams=streams).to(device)
         seconds, _ = measure(model, lambda t, m=model: m(t, return_loss=True), args.batch, args.seq,
                              args.vocab, args.repeats, device, count_saved=False)
         theirs = args.batch * args.seq / seconds
-        print(f"| {label} | {theirs:,.0f} | {seconds:.3f} | {ours / theirs:.2f} |", flush=True)
+        their_flops = flops_per_token * theirs
+        print(f"| {label} | {theirs:,.0f} | {seconds:.3f} | {ours / theirs:.2f} | {their_flops / 1e9:,.1f} | "
+              f"{roof / their_flops:.2f} |", flush=True)
 
 
 def git_revision() -> str:
@@ -286,7 +295,7 @@ def main() -> None:
         seconds = seconds_of.get(("mac", args.kernel))
         if seconds is None:
             seconds, _ = measure_ours(mac, device, args.batch, args.seq, args.repeats)
-        compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device)
+        compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device, roof)
 
     if args.lengths:
         time_per_token_by_length(args, device, mem_label)
