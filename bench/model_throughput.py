@@ -272,6 +272,22 @@ def main() -> None:
     print(f"# config: {bench_config('mac', args)}")
     print(f"# roof: {ROOF_SIZE}×{ROOF_SIZE} @ {ROOF_SIZE}×{ROOF_SIZE} {str(roof_dtype).split('.')[-1]} "
           f"matmul, {roof / 1e9:,.1f} GFLOP/s")
+    if args.variants:
+        seconds_of = variant_table(args, device, roof, mem_label)
+        mac = bench_config("mac", args)
+        seconds = seconds_of.get(("mac", args.kernel))
+        if seconds is None:
+            seconds, _ = measure_ours(mac, device, args.batch, args.seq, args.repeats)
+        compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device, roof)
+
+    if args.lengths:
+        time_per_token_by_length(args, device, mem_label)
+
+
+def variant_table(args: argparse.Namespace, device: torch.device, roof: float, mem_label: str
+                  ) -> dict[tuple[str, str], float]:
+    """Table 1: every variant (and memory kernel) at the fixed config; returns the step seconds by
+    (variant, kernel)."""
     print(f"\n| variant | kernel | tokens/s | step s | × SWA step time | × torch-kernel step time | GFLOP/s "
           f"| of roof | × SWA FLOP/s | {mem_label} |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -289,16 +305,7 @@ def main() -> None:
                   f"{_ratio(seconds, swa)} | {_ratio(seconds, torch_kernel)} | {flops / 1e9:,.1f} | "
                   f"{flops / roof:.3f} | {_ratio(flops, swa_flops)} | {memory / 2**20:,.0f} |",
                   flush=True)
-
-    if args.variants:
-        mac = bench_config("mac", args)
-        seconds = seconds_of.get(("mac", args.kernel))
-        if seconds is None:
-            seconds, _ = measure_ours(mac, device, args.batch, args.seq, args.repeats)
-        compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device, roof)
-
-    if args.lengths:
-        time_per_token_by_length(args, device, mem_label)
+    return seconds_of
 
 
 def time_per_token_by_length(args: argparse.Namespace, device: torch.device, mem_label: str) -> None:
