@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU checks and figures in one go, on a CUDA machine with the repository installed (pip install -e
+# ".[dev,gpu]"): the Triton kernel tests compiled (not interpreted), the GPU correctness checks of
+# bench/gpu_step.py (Triton chunk step and memory against torch, flash-attn path against the torch path),
+# then bench/gpu_step.py's step timings for the 760M and the 340M models. Why one script: GPU time comes
+# in short sessions, and every step has its own time limit, so a hang or a slow kernel costs one step,
+# not the session. About 8 minutes at worst on an H100 (the sum of the limits below); usually less.
+#
+#     bench/gpu_checks.sh OUT_DIR        # every step's output in OUT_DIR/<step>.log, OUT_DIR/summary.txt
+#
+# Exit status: 0 when every step passed, 1 otherwise (the summary says which).
+set -u
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 OUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1" && out=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+python=${PYTHON:-python}
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # compiled kernels; output as it comes
+start=$SECONDS
+failed=0
+: > "$out/summary.txt"
+
+# step NAME LIMIT_SECONDS COMMAND...: run it under a time limit, its output to the terminal and the log
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== [$((SECONDS - start)) s] $name (limit $limit s): $*"
+    local begin=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]} verdict=ok
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        verdict="TIMED OUT"
+    elif [ "$rc" -ne 0 ]; then
+        verdict="FAILED (exit $rc)"
+    fi
+    [ "$verdict" = ok ] || failed=1
+    echo "$name: $verdict after $((SECONDS - begin)) s" | tee -a "$out/summary.txt"
+}
+
+step environment 20 bash -c "nvidia-smi; git log -1 --format='commit %H %s'; $python -c '
+import torch, importlib.metadata as m
+def v(n):
+    try:
+        return m.version(n)
+    except m.PackageNotFoundError:
+        return \"not installed\"
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+print(\"triton\", v(\"triton\"), \"flash-attn\", v(\"flash-attn\"))'"
+step gpu-checks 90 "$python" bench/gpu_step.py --check-only
+step triton-tests 120 "$python" -m pytest -v -p no:cacheprovider tests/test_triton_chunk_step.py
+step step-760m 140 "$python" bench/gpu_step.py --sizes 760m --repeats 5 --row-budget-s 12
+step step-340m 100 "$python" bench/gpu_step.py --sizes 340m --repeats 5 --row-budget-s 12
+
+{
+    echo "--- checks that did not pass, and the targets"
+    grep -h -E "^check .*: FAIL|^# target:|^# note:" "$out"/gpu-checks.log "$out"/step-*.log
+    echo "total $((SECONDS - start)) s"
+} | tee -a "$out/summary.txt"
+exit $failed

@@ -1,0 +1,710 @@
+"""One GPU, the paper-scale models at 4K tokens: tokens/s, MFU and peak memory of a training step of the
+340M and 760M MAC / MAG / MAL against SWA of the same size, in bf16 with flash attention and the Triton
+memory kernel.
+
+    python bench/gpu_step.py                         # both sizes, every variant, on the CUDA device
+    python bench/gpu_step.py --sizes 760m --batch 2 --check
+    python bench/gpu_step.py --check-only            # the GPU correctness checks only
+    python bench/gpu_step.py --device cpu --tiny     # the whole path on CPU with a tiny config, in seconds
+
+Why: the targets of the paper-scale runs are stated per GPU (760M MAC at >= 40% MFU at 4K tokens in
+bf16, and a MAC step at most 1.3x an SWA step of the same size); this script measures exactly those on
+whatever card it runs on and prints them with a header that says how to reproduce them.
+
+What it measures, per (size, variant): the median seconds of a training step (forward + backward, no
+optimizer; `bench/model_throughput.measure`), tokens/s, model FLOP/s (`titans.flops.training_flops_per_token`
+x tokens/s: activation checkpointing's recompute is not counted, as MFU is defined), MFU against the
+card's dense bf16 peak (a table keyed by the device name, or `--peak-tflops`) and against a large bf16
+matmul timed in the same process (the roof this card reaches in practice), peak allocated memory, and the
+time per token against SWA's (the step-time ratio at equal batches). Models come from
+`configs/paper/{mac,mag,mal}-{340m,760m}.yaml` (the `model:` section, `train.activation_checkpointing`
+and, unless --batch is given, `data.batch_size`, halved until a step fits in memory); SWA is the same
+config with `layers: swa` and its window set to the variant's attention span (MAC: its segment), so MAG
+and MAL share one SWA baseline and MAC, whose FFN is 64 narrower, has its own.
+
+`--check` first runs the GPU correctness checks: the Triton chunk step against the torch chunk step in
+float32 (outputs and every gradient, several shapes, the paper's head included), NeuralMemory with the
+Triton kernel against the torch path, and the flash-attn path of `titans.attention` against its torch
+path (bf16, against a float32 reference). `bench/gpu_checks.sh` runs these, the compiled Triton tests
+and both sizes with time limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import platform
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from model_throughput import git_revision, measure, ours_loss  # noqa: E402
+
+from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
+from titans import attention  # noqa: E402
+from titans.flops import training_flops_per_token  # noqa: E402
+from titans.memory import (  # noqa: E402
+    CHUNK_STEPS,
+    NeuralMemory,
+    ScanOptions,
+    chunk_coefficients,
+    memory_chunk_step,
+    token_backward,
+    token_grad_norms,
+)
+from titans.model import TitansConfig, TitansLM, num_parameters  # noqa: E402
+
+SIZES = ("340m", "760m")
+VARIANTS = ("mac", "mag", "mal")
+CONFIG_DIR = ROOT / "configs" / "paper"
+# Dense bf16 tensor-core peak in TFLOP/s (no sparsity), by a substring of torch.cuda.get_device_name();
+# the first match wins, so the specific names come first.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+TARGET_MFU = 0.40  # 760M MAC at 4K tokens in bf16
+TARGET_SWA_RATIO = 1.30  # a MAC step against an SWA step of the same size
+# --tiny: the paper configs shrunk until a CPU runs a step in well under a second (every block kind, the
+# memory, activation checkpointing and the config loader still on the path)
+TINY_OVERRIDES = ("model.vocab_size=256", "model.dim=64", "model.n_layers=1", "model.n_heads=2",
+                  "model.ffn_hidden=null", "model.window=32", "model.segment_len=32", "model.n_persistent=4",
+                  "model.mac_memory_tokens=8", "model.memory_chunk=16")
+TINY_SEQ = 128
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def load_variant(size: str, variant: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config of configs/paper/<variant>-<size>.yaml, through the training job's own loader (so a
+    config the job would refuse is refused here too)."""
+    return load_config(CONFIG_DIR / f"{variant}-{size}.yaml", list(overrides))
+
+
+def swa_config(cfg: TitansConfig) -> TitansConfig:
+    """The SWA baseline of a memory variant: the same widths, depth and persistent tokens, `layers: swa`,
+    and the variant's attention span as the window (MAC attends within its segment). MAC-only fields go
+    back to their defaults so that every variant with the same widths shares one baseline."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TitansConfig) if f.init}
+    span = cfg.segment_len if "mac" in cfg.layer_kinds else cfg.window
+    return dataclasses.replace(cfg, layers="swa", window=span, segment_len=defaults["segment_len"],
+                               mac_memory_tokens=defaults["mac_memory_tokens"],
+                               memory_kernel=defaults["memory_kernel"])
+
+
+def describe(cfg: TitansConfig) -> str:
+    """The fields that set a step's cost, for the reproducible header."""
+    kinds = set(cfg.layer_kinds)
+    parts = [f"dim {cfg.dim}", f"{cfg.n_layers} layers", f"{cfg.n_heads} heads x {cfg.head_dim}",
+             f"ffn {cfg.ffn_hidden}", f"vocab {cfg.vocab_size}", f"persistent {cfg.n_persistent}"]
+    if "mac" in kinds:
+        parts += [f"segment {cfg.segment_len}", f"memory tokens {cfg.mac_memory_tokens or 'per token'}"]
+    else:
+        parts.append(f"window {cfg.window}")
+    if kinds - {"swa", "full"}:
+        parts.append(f"memory {cfg.memory_heads} heads x {cfg.memory_head_dim}, hidden {cfg.memory_hidden}, "
+                     f"depth {cfg.memory_depth}, chunk {cfg.memory_chunk}, kernel {cfg.memory_kernel}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ device and peaks
+
+
+def card_peak_flops(device_name: str, override_tflops: float | None) -> tuple[float | None, str]:
+    """The card's dense bf16 peak in FLOP/s, and where it came from (None when the name is unknown)."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    for key, tflops in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops * 1e12, f"table entry {key!r}"
+    return None, "unknown card: pass --peak-tflops"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_roof(device: torch.device, dtype: torch.dtype, size: int, iters: int = 10,
+                repeats: int = 5) -> float:
+    """FLOP/s of a (size x size) @ (size x size) matmul in `dtype`, the median of `repeats` timings of
+    `iters` back-to-back products: what this card reaches on its best case, in this process. Several
+    products per timing, so launch and synchronisation overheads do not count (one 2048^3 product on an
+    H100 takes about as long as the synchronisation)."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b, out=out)
+        synchronize(device)
+        times.append((time.perf_counter() - start) / iters)
+    return 2 * size**3 / sorted(times)[len(times) // 2]
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def triton_status() -> str | None:
+    """None when the Triton kernels can be imported, else why not."""
+    try:
+        import titans.kernels.chunk_step_triton  # noqa: F401
+    except Exception as err:  # ImportError, or a triton that fails to initialise on this machine
+        return f"triton is not importable ({type(err).__name__}: {first_line(err)})"
+    return None
+
+
+def triton_interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when they were
+    first imported): there they are checked, never timed."""
+    from titans.kernels.chunk_step_triton import interpreted
+
+    return interpreted()
+
+
+@contextlib.contextmanager
+def flash_attn_as(function: Callable | None) -> Iterator[None]:
+    """titans.attention's flash-attn entry point replaced for the duration (None: the torch path)."""
+    saved = attention.flash_attn_func
+    attention.flash_attn_func = function
+    try:
+        yield
+    finally:
+        attention.flash_attn_func = saved
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool | None  # None: skipped
+    detail: str
+
+    def line(self) -> str:
+        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[self.passed]
+        return f"check {self.name}: {verdict}  {self.detail}"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in float64 on the CPU."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    return max(rel_err(a, b) for a, b in zip(got, want, strict=True))
+
+
+def chunk_step_case(depth: int, b: int, dim: int, hidden: int, rows: int, clip: bool,
+                    seed: int = 0) -> tuple[ScanOptions, list[torch.Tensor]]:
+    """Float64 CPU inputs (q, k, v, d, c, eta_prod, beta, gamma, *weights, *momenta) of one chunk step
+    as the memory makes them (unit q and k, coefficients from random gates); with `clip`, the gradient
+    clip sits between the two middle token norms, so half the tokens are clipped and none at the kink."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    sizes = [dim] + [hidden] * (depth - 1) + [dim]
+    q, k = F.normalize(randn(rows, b, dim), dim=-1), F.normalize(randn(rows, b, dim), dim=-1)
+    v = randn(rows, b, dim)
+    theta = torch.sigmoid(randn(rows, b)) / b
+    log_eta, log_keep = F.logsigmoid(randn(rows, b) + 2), F.logsigmoid(randn(rows, b) - 3)
+    coeffs = chunk_coefficients(theta, log_eta, log_keep, torch.ones(b, dtype=torch.bool))
+    weights = [randn(rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    momenta = [0.05 * randn(rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    max_norm = None
+    if clip:
+        norms = token_grad_norms(*token_backward(weights, k, v, True)).flatten().sort().values
+        middle = norms.numel() // 2
+        max_norm = (norms[middle - 1] + norms[middle]).item() / 2
+    return ScanOptions(depth, True, max_norm), [q, k, v, *coeffs, *weights, *momenta]
+
+
+def step_outputs_and_grads(step: Callable, opts: ScanOptions, inputs: list[torch.Tensor]
+                           ) -> list[torch.Tensor]:
+    """A chunk step's outputs and the gradients of all its inputs for fixed random output gradients."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    outputs = step(opts, *inputs)
+    gen = torch.Generator().manual_seed(1)
+    probes = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outputs]
+    grads = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outputs, probes)), inputs)
+    return [t.detach() for t in (*outputs, *grads)]
+
+
+# (depth, chunk b, head_dim, hidden, rows, clip): small ones and the paper's (b 64, head 64, hidden 256)
+CHUNK_STEP_SHAPES = ((1, 16, 16, 16, 4, True), (2, 16, 16, 32, 4, False), (2, 64, 64, 256, 16, False),
+                     (2, 64, 64, 256, 16, True))
+SMALL_CHUNK_STEP_SHAPES = CHUNK_STEP_SHAPES[:2]
+
+
+def check_triton_chunk_step(device: torch.device, shapes: Sequence[tuple] = CHUNK_STEP_SHAPES) -> list[Check]:
+    """The Triton chunk step in float32 against the torch chunk step in float32 (same device) and both
+    against float64: passes when the kernel is within max(2e-5, 4x the torch step's own float32 error)
+    of float64 over the outputs and every input's gradient."""
+    from titans.kernels.chunk_step_triton import triton_chunk_step
+
+    checks = []
+    for depth, b, dim, hidden, rows, clip in shapes:
+        name = f"triton chunk step depth {depth}, b {b}, head {dim}, hidden {hidden}, clip {clip}"
+        try:
+            opts, inputs = chunk_step_case(depth, b, dim, hidden, rows, clip)
+            exact = step_outputs_and_grads(memory_chunk_step, opts, inputs)
+            inputs32 = [t.float().to(device) for t in inputs]
+            torch32 = step_outputs_and_grads(memory_chunk_step, opts, inputs32)
+            kernel = step_outputs_and_grads(triton_chunk_step, opts, inputs32)
+            synchronize(device)
+        except Exception as err:  # a kernel that fails to compile or launch is a failed check, not a crash
+            checks.append(Check(name, False, f"raised {type(err).__name__}: {first_line(err)}"))
+            continue
+        err_kernel, err_torch = max_rel_err(kernel, exact), max_rel_err(torch32, exact)
+        tol = max(2e-5, 4 * err_torch)
+        checks.append(Check(name, err_kernel <= tol,
+                            f"max rel err vs float64: kernel {err_kernel:.2e}, torch fp32 {err_torch:.2e} "
+                            f"(tol {tol:.1e}); kernel vs torch fp32 {max_rel_err(kernel, torch32):.2e}"))
+    return checks
+
+
+def check_triton_memory(device: torch.device, small: bool = False) -> Check:
+    """NeuralMemory with memory_kernel "triton" against the torch path in float32: output, end state and
+    every gradient, across chunks, a partial last chunk and a gradient cut (the scan's use of the kernel)."""
+    shape = (1, 32, 2, 16, 32, 16, 40, 2) if small else (2, 256, 4, 64, 256, 64, 1000, 4)
+    batch, dim, heads, head, hidden, chunk, length, horizon = shape
+    name = f"triton NeuralMemory (head {head}, hidden {hidden}, chunk {chunk}, {length} tokens)"
+    try:
+        results = []
+        torch.manual_seed(1)
+        x = torch.randn(batch, length, dim, device=device)
+        for kernel in ("torch", "triton"):
+            torch.manual_seed(0)
+            memory = NeuralMemory(dim=dim, heads=heads, head_dim=head, depth=2, hidden=hidden,
+                                  chunk_size=chunk, recompute=True, max_grad_norm=1.0, grad_horizon=horizon,
+                                  kernel=kernel).to(device)
+            xg = x.clone().requires_grad_()
+            y, state = memory(xg)
+            loss = y.square().sum() + sum(w.square().sum() for w in state.weights)
+            results.append([y, *state.weights, *torch.autograd.grad(loss, [xg, *memory.parameters()])])
+        synchronize(device)
+    except Exception as err:
+        return Check(name, False, f"raised {type(err).__name__}: {first_line(err)}")
+    err = max_rel_err(results[1], results[0])
+    return Check(name, err <= 1e-4, f"max rel err vs torch path {err:.2e} (tol 1.0e-04)")
+
+
+# (name, T, window, persistent P, memory tokens N, memory tokens causal): the block kinds' attention calls
+FLASH_CASES = (("swa (window, no extra keys)", 1024, 512, 0, 0, False),
+               ("mag/mal (window + persistent)", 1024, 512, 128, 0, False),
+               ("mac segment (persistent + probe tokens)", 512, None, 128, 256, False),
+               ("mac v1 (persistent + causal memory tokens)", 512, None, 16, 512, True),
+               ("full causal", 1024, None, 0, 0, False))
+SMALL_FLASH_CASES = tuple((name, 64, None if w is None else 32, min(p, 8), min(n, 64) if not c else 64, c)
+                          for name, _, w, p, n, c in FLASH_CASES)
+
+
+def attention_outputs_and_grads(inputs: list[torch.Tensor | None], window: int | None, causal: bool
+                                ) -> list[torch.Tensor]:
+    """windowed_attention's output and the gradients of its inputs for a fixed output gradient."""
+    q, k, v, pk, pv, ek, ev = (None if t is None else t.detach().requires_grad_() for t in inputs)
+    out = attention.windowed_attention(q, k, v, window, pk, pv, ek, ev, extra_causal=causal)
+    gen = torch.Generator().manual_seed(1)
+    probe = torch.randn(out.shape, generator=gen).to(out)
+    leaves = [t for t in (q, k, v, pk, pv, ek, ev) if t is not None]
+    return [out.detach(), *torch.autograd.grad((out * probe).sum(), leaves)]
+
+
+def check_flash_attention(device: torch.device, cases: Sequence[tuple] = FLASH_CASES,
+                          dtype: torch.dtype = torch.bfloat16, batch: int = 2, heads: int = 4,
+                          head_dim: int = 64) -> list[Check]:
+    """titans.attention's flash-attn path (bf16) against its torch path, both against the torch path in
+    float32: passes when flash's max relative error over the output and every gradient is within
+    max(3e-2, 4x the bf16 torch path's): a few bf16 roundings, while a wrong mask or a lost gradient term
+    is off by tenths. Also fails when the flash path is not taken."""
+    flash = attention.flash_attn_func
+    if flash is None:
+        return [Check("flash attention", None, "flash-attn is not importable: nothing to check")]
+    checks = []
+    for name, length, window, n_persistent, n_memory, causal in cases:
+        gen = torch.Generator().manual_seed(0)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen).to(device)  # noqa: B023 (used in this iteration)
+
+        inputs: list[torch.Tensor | None] = [randn(batch, heads, length, head_dim) for _ in range(3)]
+        inputs += [randn(heads, n_persistent, head_dim) for _ in range(2)] if n_persistent else [None, None]
+        inputs += [randn(batch, heads, n_memory, head_dim) for _ in range(2)] if n_memory else [None, None]
+        low = [None if t is None else t.to(dtype) for t in inputs]
+        label = f"flash attention {name}, T {length}, window {window}"
+        try:
+            if not attention._use_flash(low[0]):
+                checks.append(Check(label, False, "the flash path is not taken for these inputs"))
+                continue
+            with flash_attn_as(None):
+                want = attention_outputs_and_grads(inputs, window, causal)
+                torch_low = attention_outputs_and_grads(low, window, causal)
+            got = attention_outputs_and_grads(low, window, causal)
+            synchronize(device)
+        except Exception as err:
+            checks.append(Check(label, False, f"raised {type(err).__name__}: {first_line(err)}"))
+            continue
+        err_flash, err_torch = max_rel_err(got, want), max_rel_err(torch_low, want)
+        tol = max(3e-2, 4 * err_torch)
+        checks.append(Check(label, err_flash <= tol,
+                            f"max rel err vs float32 (output, {len(got) - 1} gradients): flash "
+                            f"{err_flash:.2e}, torch {str(dtype).split('.')[-1]} {err_torch:.2e} "
+                            f"(tol {tol:.1e})"))
+    return checks
+
+
+def run_checks(device: torch.device, small: bool) -> list[Check]:
+    """Every correctness check this device can run; the others are listed as skipped, with why."""
+    checks: list[Check] = []
+    reason = triton_status()
+    if reason is None and device.type != "cuda" and not triton_interpreted():
+        reason = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
+    if reason is None and device.type == "cuda" and triton_interpreted():
+        reason = "TRITON_INTERPRET=1 is set: unset it (or set 0) to check the compiled kernels"
+    if reason:
+        checks.append(Check("triton chunk step", None, reason))
+    else:
+        checks += check_triton_chunk_step(device, SMALL_CHUNK_STEP_SHAPES if small else CHUNK_STEP_SHAPES)
+        checks.append(check_triton_memory(device, small))
+    if device.type == "cuda":
+        checks += check_flash_attention(device, SMALL_FLASH_CASES if small else FLASH_CASES)
+    else:
+        checks.append(Check("flash attention", None, "needs a CUDA device"))
+    return checks
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Row:
+    size: str
+    variant: str
+    cfg: TitansConfig
+    batch: int
+    seconds: float | None = None
+    steps: int = 0
+    memory: int = 0
+    error: str | None = None
+    note: str = ""
+
+
+def build_model(cfg: TitansConfig, device: torch.device, checkpointing: bool) -> TitansLM:
+    """The model initialised where it runs (a 760M model initialised on the CPU first would take longer
+    than its measurement)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TitansLM(cfg)
+    model.checkpoint_blocks = checkpointing
+    return model
+
+
+def time_step(cfg: TitansConfig, batch: int, device: torch.device, args: argparse.Namespace
+              ) -> tuple[float, int, int]:
+    """(median step seconds, steps timed, memory) of a fresh model: one timed step after a warm-up
+    (compilation, autotuning, allocator growth), then, as far as --row-budget-s allows, `--repeats` more
+    (`measure` warms up again before them)."""
+    model = build_model(cfg, device, args.checkpointing)
+    try:
+        loss = ours_loss(model)
+        seconds, memory = measure(model, loss, batch, args.seq, cfg.vocab_size, 1, device)
+        steps = min(args.repeats, int(args.row_budget_s / seconds) - 1)
+        if steps >= 2:
+            seconds, more = measure(model, loss, batch, args.seq, cfg.vocab_size, steps, device)
+            memory = max(memory, more)
+        return seconds, max(steps, 1), memory
+    finally:
+        del model
+        release(device)
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_row(row: Row, device: torch.device, args: argparse.Namespace) -> None:
+    """Time one row; a failure is recorded in the row. Out of memory: the batch is halved until it fits
+    (down to 1). The Triton kernel failing for any other reason (one that cannot launch on this card):
+    the row is timed with --fallback-kernel, as is every later row (the same shapes would fail again)."""
+    while True:
+        try:
+            row.seconds, row.steps, row.memory = time_step(row.cfg, row.batch, device, args)
+            return
+        except Exception as err:
+            oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+            error = f"{type(err).__name__}: {first_line(err, 100)}"
+            traceback.print_exc(file=sys.stderr)
+        release(device)  # here, not in the handler: the traceback's frames hold the failed model's tensors
+        if oom and row.batch > 1:
+            print(f"# {row.size} {row.variant}: out of memory at batch {row.batch}; trying {row.batch // 2}",
+                  flush=True)
+            row.note = join(row.note, f"out of memory at batch {row.batch}")
+            row.batch //= 2
+        elif not oom and row.cfg.memory_kernel == "triton" and args.fallback_kernel != "triton":
+            print(f"# {row.size} {row.variant}: the triton kernel failed ({error}); timing it and every "
+                  f"later row with the {args.fallback_kernel} kernel", flush=True)
+            args.kernel = args.fallback_kernel
+            row.note = join(row.note, f"triton failed: {error}")
+            row.cfg = dataclasses.replace(row.cfg, memory_kernel=args.fallback_kernel)
+        else:
+            row.error = error
+            return
+
+
+def join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def table_header(device: torch.device) -> str:
+    memory = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
+    return ("| size | variant | params | kernel | batch | step s | steps | tokens/s | model TFLOP/s "
+            f"| MFU (card) | MFU (roof) | {memory} | x SWA time/token | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(row: Row, swa: Row | None, args: argparse.Namespace, card: float | None, roof: float) -> str:
+    params = f"{num_parameters(row.cfg) / 1e6:,.1f}M"
+    kernel = row.cfg.memory_kernel if row.variant in VARIANTS else "-"
+    if row.seconds is None:
+        return (f"| {row.size} | {row.variant} | {params} | {kernel} | {row.batch} | failed | | | | | | | | "
+                f"{join(row.error or '', row.note)} |")
+    tokens = row.batch * args.seq / row.seconds
+    flops = training_flops_per_token(row.cfg, args.seq) * tokens
+    mfu = f"{flops / card:.3f}" if card else "-"
+    ratio = f"{per_token_ratio(row, swa):.2f}" if swa is not None and swa.seconds else "-"
+    return (f"| {row.size} | {row.variant} | {params} | {kernel} | {row.batch} | {row.seconds:.4f} | "
+            f"{row.steps} | {tokens:,.0f} | {flops / 1e12:,.3g} | {mfu} | {flops / roof:.3f} | "
+            f"{row.memory / 2**20:,.1f} | {ratio} | {row.note} |")
+
+
+def per_token_ratio(row: Row, swa: Row) -> float:
+    """Seconds per token against SWA's: the step-time ratio at equal batches, and still comparable when
+    an out-of-memory retry left the two at different batches."""
+    return (row.seconds / row.batch) / (swa.seconds / swa.batch)
+
+
+def targets(rows: list[tuple[Row, Row | None]], args: argparse.Namespace, card: float | None,
+            roof: float) -> list[str]:
+    """The issue's two targets, judged on the rows that ran: MFU of the 760M MAC (against the card's peak,
+    or the roof when the card is unknown) and every MAC step against its SWA step."""
+    lines = []
+    for row, swa in rows:
+        if row.variant != "mac" or row.seconds is None:
+            continue
+        if row.size == "760m":
+            flops = training_flops_per_token(row.cfg, args.seq) * row.batch * args.seq / row.seconds
+            mfu, against = (flops / card, "card peak") if card else (flops / roof, "matmul roof")
+            verdict = "met" if mfu >= TARGET_MFU else "NOT met"
+            lines.append(f"target: 760m MAC MFU {mfu:.3f} against the {against} (>= {TARGET_MFU:.2f}): "
+                         f"{verdict}")
+        if swa is not None and swa.seconds:
+            ratio = per_token_ratio(row, swa)
+            verdict = "met" if ratio <= TARGET_SWA_RATIO else "NOT met"
+            lines.append(f"target: {row.size} MAC step / SWA step (per token) {ratio:.2f} "
+                         f"(<= {TARGET_SWA_RATIO:.2f}): {verdict}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="extra config overrides for every model, e.g. "
+                                                     "model.mac_memory_tokens=0")
+    parser.add_argument("--sizes", type=lambda s: s.split(","), default=list(SIZES),
+                        help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+                        help=f"comma-separated memory variants, of {', '.join(VARIANTS)} (SWA always runs)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="default: cuda when available; the full configs need it")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny config and sequence: the whole path in seconds, on CPU (a smoke test)")
+    parser.add_argument("--seq", type=int, default=None, help=f"tokens per sequence (default 4096; --tiny "
+                                                              f"{TINY_SEQ})")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="sequences per step (default: the config's data.batch_size, halved on out of "
+                             "memory; --tiny: 1)")
+    parser.add_argument("--kernel", choices=CHUNK_STEPS, default=None,
+                        help="memory chunk step (default: triton on CUDA when importable, else torch)")
+    parser.add_argument("--fallback-kernel", choices=CHUNK_STEPS, default="torch",
+                        help="kernel to time a row with when the triton kernel fails on it")
+    parser.add_argument("--no-flash", action="store_true", help="attention on the torch path, not flash-attn")
+    parser.add_argument("--activation-checkpointing", choices=["config", "on", "off"], default="config",
+                        help="per-block activation checkpointing (config: train.activation_checkpointing)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row, at most (median)")
+    parser.add_argument("--row-budget-s", type=float, default=20.0,
+                        help="seconds of timed steps per row: fewer repeats when a step is slow")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the card's dense bf16 peak, TFLOP/s (default: from the device name)")
+    parser.add_argument("--check", action="store_true", help="run the correctness checks before timing")
+    parser.add_argument("--check-only", action="store_true", help="run the correctness checks, no timing")
+    args = parser.parse_args(argv)
+    for name, values, allowed in (("--sizes", args.sizes, SIZES), ("--variants", args.variants, VARIANTS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            parser.error(f"{name}: unknown {', '.join(bad)}; expected some of {', '.join(allowed)}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (--device cpu --tiny: the smoke test)")
+    if args.device == "cpu" and not args.tiny and not args.check_only:
+        parser.error("the paper-scale configs at 4K tokens need a GPU; on CPU run --tiny (the smoke test)")
+    args.seq = args.seq or (TINY_SEQ if args.tiny else 4096)
+    if (args.batch is not None and args.batch < 1) or args.repeats < 1 or args.seq < 1:
+        parser.error("--batch, --repeats and --seq must be >= 1")
+    if args.batch is None and args.tiny:
+        args.batch = 1
+    return args
+
+
+def choose_kernel(args: argparse.Namespace, device: torch.device) -> str | None:
+    """The memory kernel to time with (None: it cannot run, and the error was printed). The default falls
+    back to torch with a note; a kernel asked for explicitly that cannot run is an error instead."""
+    missing = triton_status()
+    if args.kernel is None:
+        if device.type == "cuda" and missing is None:
+            return "triton"
+        if device.type == "cuda":
+            print(f"# note: {missing}: timing with the torch memory kernel instead of triton", flush=True)
+        return "torch"
+    if args.kernel == "triton":
+        if missing:
+            print(f"error: --kernel triton: {missing}", file=sys.stderr)
+            return None
+        if device.type != "cuda" and not triton_interpreted():
+            print("error: --kernel triton needs a CUDA device (or TRITON_INTERPRET=1, which times Triton's "
+                  "interpreter, not the kernel)", file=sys.stderr)
+            return None
+        if device.type == "cuda" and triton_interpreted():
+            print("error: TRITON_INTERPRET=1 would time Triton's interpreter on the GPU: unset it",
+                  file=sys.stderr)
+            return None
+    return args.kernel
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0, 1 when a check failed or a row did not run, 2 on a usage or config error."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.no_flash:
+        attention.flash_attn_func = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    flash_version = package_version("flash-attn")
+    print(f"# command: python {shlex.join(sys.argv if argv is None else ['bench/gpu_step.py', *argv])}  "
+          f"(commit {git_revision()})")
+    extra = ""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        extra = (f", capability {props.major}.{props.minor}, {props.multi_processor_count} SMs, "
+                 f"{props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
+    print(f"# device: {name} ({device.type}{extra}); torch {torch.__version__}, triton "
+          f"{package_version('triton')}, flash-attn {flash_version}; python {platform.python_version()}")
+    if device.type == "cuda" and attention.flash_attn_func is None:
+        why = "--no-flash" if args.no_flash else f"flash-attn is not importable ({flash_version})"
+        print(f"# note: {why}: attention runs on the torch path (SDPA per query block), not flash-attn",
+              flush=True)
+
+    status = 0
+    if args.check or args.check_only:
+        for check in run_checks(device, small=args.tiny):
+            print(check.line(), flush=True)
+            status = 1 if check.passed is False else status
+        if args.check_only:
+            return status
+
+    kernel = choose_kernel(args, device)
+    if kernel is None:
+        return 2
+    args.kernel = kernel
+    try:
+        overrides = [*(TINY_OVERRIDES if args.tiny else ()), *args.overrides]
+        configs = {(size, variant): load_variant(size, variant, overrides)
+                   for size in args.sizes for variant in args.variants}
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    run_cfg = next(iter(configs.values()))
+    args.checkpointing = (run_cfg.train.activation_checkpointing if args.activation_checkpointing == "config"
+                          else args.activation_checkpointing == "on")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    roof_size = 8192 if device.type == "cuda" else 256
+    roof = matmul_roof(device, dtype, roof_size)
+    card, card_source = card_peak_flops(name, args.peak_tflops) if device.type == "cuda" else (
+        None, "no card peak on CPU")
+    flash = "flash-attn" if device.type == "cuda" and attention.flash_attn_func is not None else "torch path"
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    batch = args.batch or "data.batch_size of the config (halved until it fits)"
+    print(f"# settings: seq {args.seq}, batch {batch}, {precision}, attention {flash}, memory kernel "
+          f"{kernel} (fallback {args.fallback_kernel}), activation "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, up to {args.repeats} timed steps per row "
+          f"(median) within {args.row_budget_s:g} s, no optimizer step, float32 matmul precision "
+          f"{torch.get_float32_matmul_precision()}")
+    card_text = f"{card / 1e12:,.0f} TFLOP/s dense bf16 ({card_source})" if card else card_source
+    print(f"# card peak: {card_text}; roof: {roof_size}^3 "
+          f"{str(dtype).split('.')[-1]} matmul in this process, {roof / 1e12:,.2f} TFLOP/s")
+    for (size, variant), run in configs.items():
+        print(f"# {size} {variant}: configs/paper/{variant}-{size}.yaml{' ' if overrides else ''}"
+              f"{' '.join(overrides)}: {describe(run.model)}")
+    print(f"\n{table_header(device)}", flush=True)
+
+    results: list[tuple[Row, Row | None]] = []
+    for size in args.sizes:
+        baselines: dict[str, Row] = {}  # SWA rows by config, so variants of equal widths share one
+        for variant in args.variants:
+            model_cfg = dataclasses.replace(configs[size, variant].model, memory_kernel=args.kernel)
+            swa_cfg = swa_config(model_cfg)
+            key = repr(swa_cfg)
+            if key not in baselines:
+                sharing = [v for v in args.variants if repr(swa_config(configs[size, v].model)) == key]
+                swa = Row(size, "swa", swa_cfg, args.batch or configs[size, variant].data.batch_size,
+                          note=f"baseline of {', '.join(sharing)}; window {swa_cfg.window}")
+                run_row(swa, device, args)
+                baselines[key] = swa
+                print(table_row(swa, None, args, card, roof), flush=True)
+            swa = baselines[key]
+            row = Row(size, variant, model_cfg, args.batch or configs[size, variant].data.batch_size)
+            run_row(row, device, args)
+            results.append((row, swa))
+            print(table_row(row, swa, args, card, roof), flush=True)
+            status = 1 if row.seconds is None or swa.seconds is None else status
+    print()
+    for line in targets(results, args, card, roof):
+        print(f"# {line}{' (CPU smoke run: not the targets setting)' if device.type != 'cuda' else ''}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

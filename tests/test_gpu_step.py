@@ -1,0 +1,126 @@
+"""bench/gpu_step.py: the whole script on CPU with a tiny config (`--device cpu --tiny`), its correctness
+checks on CPU (Triton's interpreter, a torch stand-in for flash-attn), and, on a CUDA machine, the same
+checks on the GPU: the compiled kernels (run with TRITON_INTERPRET=0) and the real flash-attn."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as in test_triton_chunk_step.py: before triton.jit runs
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from test_attention import fake_flash_attn_func  # noqa: E402
+
+from titans import attention  # noqa: E402
+from titans.model import TitansConfig  # noqa: E402
+
+# imported by name, not run_helpers.bench_module: its dataclasses need the module in sys.modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import gpu_step  # noqa: E402
+
+
+def test_tiny_cpu_run_prints_the_table(capsys):
+    """The smoke run: configs loaded, every variant and its SWA baseline timed, the table and the targets
+    printed; in seconds."""
+    status = gpu_step.main(["--device", "cpu", "--tiny", "--sizes", "340m", "--repeats", "1", "--seq", "64"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "# command: python bench/gpu_step.py --device cpu --tiny" in out
+    assert "| size | variant | params | kernel | batch | step s |" in out
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines()
+            if line.startswith("| 340m |")}
+    assert set(rows) == {"swa", "mac", "mag", "mal"}, out
+    for cells in rows.values():
+        assert int(cells[5]) == 1 and float(cells[6]) > 0  # batch, step seconds
+    assert float(rows["mac"][13]) > 0  # x SWA time per token
+    assert "# target: 340m MAC step / SWA step" in out
+
+
+def test_a_failing_triton_kernel_falls_back_to_torch(monkeypatch, capsys):
+    """A row whose Triton kernel raises (as one that cannot launch on a card would) is timed with the torch
+    kernel and says so, and later rows use torch too."""
+    kernels = pytest.importorskip("titans.kernels.chunk_step_triton")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(kernels, "triton_chunk_step", broken)
+    monkeypatch.setattr(gpu_step, "choose_kernel", lambda args, device: "triton")
+    status = gpu_step.main(["--device", "cpu", "--tiny", "--sizes", "340m", "--variants", "mac,mag",
+                            "--repeats", "1", "--seq", "64"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines()
+            if line.startswith("| 340m |")}
+    assert rows["mac"][4].strip() == "torch" and "triton failed: RuntimeError" in rows["mac"][14]
+    assert rows["mag"][4].strip() == "torch" and float(rows["mag"][6]) > 0
+
+
+def test_out_of_memory_halves_the_batch(monkeypatch):
+    """"Default batch or what fits": a row that runs out of memory is retried at half the batch."""
+    batches = []
+
+    def fake_time_step(cfg, batch, device, args):
+        batches.append(batch)
+        if batch > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 0.5, 3, 2**30
+
+    monkeypatch.setattr(gpu_step, "time_step", fake_time_step)
+    row = gpu_step.Row("340m", "mac", TitansConfig(memory_kernel="triton"), batch=8)
+    gpu_step.run_row(row, torch.device("cpu"), argparse.Namespace(fallback_kernel="torch", kernel="triton"))
+    assert batches == [8, 4, 2] and row.batch == 2 and row.seconds == 0.5 and row.error is None
+    assert row.cfg.memory_kernel == "triton" and "out of memory at batch 4" in row.note
+
+
+def test_tiny_run_rejects_unknown_sizes_and_full_configs_on_cpu():
+    with pytest.raises(SystemExit):
+        gpu_step.parse_args(["--device", "cpu", "--tiny", "--sizes", "1.3b"])
+    with pytest.raises(SystemExit):
+        gpu_step.parse_args(["--device", "cpu"])
+
+
+def force_flash(monkeypatch) -> None:
+    """The flash path on CPU tensors in bf16 whenever a flash function is set (as on a GPU)."""
+    monkeypatch.setattr(attention, "_use_flash",
+                        lambda q: attention.flash_attn_func is not None and q.dtype == torch.bfloat16)
+
+
+def test_checks_on_cpu(monkeypatch):
+    """The checks' own code: the Triton check in the interpreter, the flash check with a torch stand-in for
+    flash-attn (forced onto the flash path on CPU), so a GPU run tests the kernels, not the checks."""
+    if gpu_step.triton_status() is None and gpu_step.triton_interpreted():
+        checks = gpu_step.check_triton_chunk_step(torch.device("cpu"), gpu_step.SMALL_CHUNK_STEP_SHAPES[:1])
+        checks.append(gpu_step.check_triton_memory(torch.device("cpu"), small=True))
+    else:
+        checks = []
+    monkeypatch.setattr(attention, "flash_attn_func", fake_flash_attn_func)
+    force_flash(monkeypatch)
+    checks += gpu_step.check_flash_attention(torch.device("cpu"), gpu_step.SMALL_FLASH_CASES)
+    assert len(checks) >= len(gpu_step.SMALL_FLASH_CASES)
+    assert all(check.passed for check in checks), "\n".join(check.line() for check in checks)
+
+
+def test_a_wrong_kernel_fails_the_check(monkeypatch):
+    """The flash check catches a wrong attention: a stand-in that drops the window fails it."""
+    def no_window(*args, **kwargs):
+        kwargs["window_size"] = (-1, -1)
+        return fake_flash_attn_func(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attn_func", no_window)
+    force_flash(monkeypatch)
+    checks = gpu_step.check_flash_attention(torch.device("cpu"), gpu_step.SMALL_FLASH_CASES[:1])
+    assert [check.passed for check in checks] == [False]
+    assert "max rel err" in checks[0].detail  # failed on its error, not by raising
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checks_on_gpu():
+    """The GPU checks at the paper's shapes: the Triton kernels compiled (only when TRITON_INTERPRET=0:
+    otherwise this module set 1, and they are skipped here), flash-attn against the torch path."""
+    checks = gpu_step.run_checks(torch.device("cuda"), small=False)
+    print("\n".join(check.line() for check in checks))
+    assert not [check for check in checks if check.passed is False], "\n".join(c.line() for c in checks)
