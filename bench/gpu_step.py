@@ -38,7 +38,6 @@ import gc
 import platform
 import shlex
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from model_throughput import git_revision, measure, ours_loss  # noqa: E402
+from model_throughput import git_revision, matmul_roof, measure, ours_loss  # noqa: E402
 
 from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
 from titans import attention  # noqa: E402
@@ -135,27 +134,6 @@ def card_peak_flops(device_name: str, override_tflops: float | None) -> tuple[fl
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def matmul_roof(device: torch.device, dtype: torch.dtype, size: int, iters: int = 10,
-                repeats: int = 5) -> float:
-    """FLOP/s of a (size x size) @ (size x size) matmul in `dtype`, the median of `repeats` timings of
-    `iters` back-to-back products: what this card reaches on its best case, in this process. Several
-    products per timing, so launch and synchronisation overheads do not count (one 2048^3 product on an
-    H100 takes about as long as the synchronisation)."""
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            torch.mm(a, b, out=out)
-        synchronize(device)
-        times.append((time.perf_counter() - start) / iters)
-    return 2 * size**3 / sorted(times)[len(times) // 2]
 
 
 def package_version(name: str) -> str:
@@ -661,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           else args.activation_checkpointing == "on")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     roof_size = 8192 if device.type == "cuda" else 256
-    roof = matmul_roof(device, dtype, roof_size)
+    roof, _ = matmul_roof(device, dtype, roof_size)
     card, card_source = card_peak_flops(name, args.peak_tflops) if device.type == "cuda" else (
         None, "no card peak on CPU")
     flash = "flash-attn" if device.type == "cuda" and attention.flash_attn_func is not None else "torch path"

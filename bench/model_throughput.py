@@ -120,20 +120,28 @@ def measure_ours(cfg: TitansConfig, device: torch.device, batch: int, seq: int, 
     return measure(model, ours_loss(model), batch, seq, cfg.vocab_size, repeats, device)
 
 
-def matmul_roof(device: torch.device, repeats: int = 5) -> tuple[float, torch.dtype]:
-    """FLOP/s of a large matmul (median of `repeats`) in the dtype the training steps compute in: what
-    this device reaches on the best-case op, so a variant's FLOP/s reads as a fraction of it."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(ROOF_SIZE, ROOF_SIZE, device=device, dtype=dtype) for _ in range(2))
-    a @ b  # warm-up
+def matmul_roof(device: torch.device, dtype: torch.dtype | None = None, size: int = ROOF_SIZE,
+                iters: int | None = None, repeats: int = 5) -> tuple[float, torch.dtype]:
+    """FLOP/s of a (size × size) @ (size × size) matmul, the median of `repeats` timings of `iters`
+    back-to-back products, in the dtype the training steps compute in (default: bf16 on CUDA, float32 on
+    CPU): what this device reaches on the best-case op, so a variant's FLOP/s reads as a fraction of it.
+    Several products per timing on CUDA (default 10): one 2048³ product on an H100 takes about as long as
+    the synchronisation around it."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    iters = iters or (10 if device.type == "cuda" else 1)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(2):  # warm-up
+        torch.mm(a, b, out=out)
     times = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        a @ b
+        for _ in range(iters):
+            torch.mm(a, b, out=out)
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * ROOF_SIZE**3 / sorted(times)[len(times) // 2], dtype
+        times.append((time.perf_counter() - start) / iters)
+    return 2 * size**3 / sorted(times)[len(times) // 2], dtype
 
 
 def titans_pytorch_kwargs(cfg: TitansConfig) -> tuple[dict, list[str]]:

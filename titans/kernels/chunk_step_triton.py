@@ -22,7 +22,7 @@ Limits: depth 1 or 2; float32 or float64; b, head_dim and hidden must be powers 
 one program, which only suits small heads: at head_dim 64 and hidden 256 each of the four state
 matrices is 64 KiB in float32, beyond one program's registers, so a fast GPU kernel would tile the
 hidden dimension (and the backward's 23 block matmuls) across programs or loop over it. Verified only
-in Triton's CPU interpreter so far; not yet wired into the scan (`ScanOptions` would choose it).
+in Triton's CPU interpreter so far; `memory_kernel: triton` (`ScanOptions.kernel`) runs it in the scans.
 """
 
 from __future__ import annotations
