@@ -45,7 +45,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,14 +55,12 @@ from model_throughput import git_revision, matmul_roof, measure, ours_loss  # no
 from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
 from titans import attention  # noqa: E402
 from titans.flops import training_flops_per_token  # noqa: E402
+from titans.kernels.chunk_step_reference import example_step  # noqa: E402
 from titans.memory import (  # noqa: E402
     CHUNK_STEPS,
     NeuralMemory,
     ScanOptions,
-    chunk_coefficients,
     memory_chunk_step,
-    token_backward,
-    token_grad_norms,
 )
 from titans.model import TitansConfig, TitansLM, num_parameters  # noqa: E402
 
@@ -195,32 +192,6 @@ def max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> fl
     return max(rel_err(a, b) for a, b in zip(got, want, strict=True))
 
 
-def chunk_step_case(depth: int, b: int, dim: int, hidden: int, rows: int, clip: bool,
-                    seed: int = 0) -> tuple[ScanOptions, list[torch.Tensor]]:
-    """Float64 CPU inputs (q, k, v, d, c, eta_prod, beta, gamma, *weights, *momenta) of one chunk step
-    as the memory makes them (unit q and k, coefficients from random gates); with `clip`, the gradient
-    clip sits between the two middle token norms, so half the tokens are clipped and none at the kink."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    sizes = [dim] + [hidden] * (depth - 1) + [dim]
-    q, k = F.normalize(randn(rows, b, dim), dim=-1), F.normalize(randn(rows, b, dim), dim=-1)
-    v = randn(rows, b, dim)
-    theta = torch.sigmoid(randn(rows, b)) / b
-    log_eta, log_keep = F.logsigmoid(randn(rows, b) + 2), F.logsigmoid(randn(rows, b) - 3)
-    coeffs = chunk_coefficients(theta, log_eta, log_keep, torch.ones(b, dtype=torch.bool))
-    weights = [randn(rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
-    momenta = [0.05 * randn(rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
-    max_norm = None
-    if clip:
-        norms = token_grad_norms(*token_backward(weights, k, v, True)).flatten().sort().values
-        middle = norms.numel() // 2
-        max_norm = (norms[middle - 1] + norms[middle]).item() / 2
-    return ScanOptions(depth, True, max_norm), [q, k, v, *coeffs, *weights, *momenta]
-
-
 def step_outputs_and_grads(step: Callable, opts: ScanOptions, inputs: list[torch.Tensor]
                            ) -> list[torch.Tensor]:
     """A chunk step's outputs and the gradients of all its inputs for fixed random output gradients."""
@@ -248,7 +219,7 @@ def check_triton_chunk_step(device: torch.device, shapes: Sequence[tuple] = CHUN
     for depth, b, dim, hidden, rows, clip in shapes:
         name = f"triton chunk step depth {depth}, b {b}, head {dim}, hidden {hidden}, clip {clip}"
         try:
-            opts, inputs = chunk_step_case(depth, b, dim, hidden, rows, clip)
+            opts, inputs = example_step(depth, True, clip, n_rows=rows, b=b, dim=dim, hidden=hidden)
             exact = step_outputs_and_grads(memory_chunk_step, opts, inputs)
             inputs32 = [t.float().to(device) for t in inputs]
             torch32 = step_outputs_and_grads(memory_chunk_step, opts, inputs32)

@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from titans.kernels.chunk_step_reference import analytic_chunk_step
-from titans.memory import ScanOptions, chunk_coefficients, memory_chunk_step, token_backward, token_grad_norms
+from titans.kernels.chunk_step_reference import example_step as make_step
+from titans.memory import ScanOptions, memory_chunk_step
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: triton.jit reads it then
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
@@ -30,34 +30,6 @@ except ImportError as error:  # the torch tests below still run
 needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=TRITON_MISSING or "")
 if not INTERPRET and not torch.cuda.is_available():
     needs_triton = pytest.mark.skip(reason="TRITON_INTERPRET=0 runs the kernels on CUDA, and there is none")
-
-
-def make_step(depth: int, residual_norm: bool, clip: bool, n_rows: int = 3, b: int = 16, dim: int = 16,
-              hidden: int = 32, seed: int = 0) -> tuple[ScanOptions, list[torch.Tensor]]:
-    """Options and float64 inputs (q, k, v, d, c, eta_prod, beta, gamma, *weights, *momenta) of one chunk
-    step: unit q, k as in the module, coefficients from random gates, and with `clip` a max_grad_norm
-    halfway between the two middle token gradient norms, so half the tokens are clipped and none sits
-    at the kink of min(1, max/‖u‖), where the two roundings or finite differences could disagree."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    sizes = [dim] + [hidden] * (depth - 1) + [dim]
-    q, k = F.normalize(randn(n_rows, b, dim), dim=-1), F.normalize(randn(n_rows, b, dim), dim=-1)
-    v = randn(n_rows, b, dim)
-    theta = torch.sigmoid(randn(n_rows, b)) / b
-    log_eta, log_keep = F.logsigmoid(randn(n_rows, b) + 2), F.logsigmoid(randn(n_rows, b) - 3)
-    coeffs = chunk_coefficients(theta, log_eta, log_keep, torch.ones(b, dtype=torch.bool))
-    weights = [randn(n_rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
-    momenta = [0.05 * randn(n_rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
-    max_norm = None
-    if clip:
-        norms = token_grad_norms(*token_backward(weights, k, v, residual_norm)).flatten().sort().values
-        middle = norms.numel() // 2
-        max_norm = (norms[middle - 1] + norms[middle]).item() / 2
-        assert norms[middle] - norms[middle - 1] > 1e-4 * max_norm
-    return ScanOptions(depth, residual_norm, max_norm), [q, k, v, *coeffs, *weights, *momenta]
 
 
 def value_and_grads(step, opts: ScanOptions, inputs: list[torch.Tensor], seed: int = 1):

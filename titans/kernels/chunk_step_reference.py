@@ -33,11 +33,13 @@ Backward, given ȳ and the end state's gradients A_l := S̄'_l (momentum), B_l :
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from titans.memory import (
     NORM_EPS,
     ScanOptions,
+    chunk_coefficients,
     memory_chunk_step,
     silu_derivative,
     token_backward,
@@ -216,3 +218,32 @@ def analytic_chunk_step(
 ) -> tuple[Tensor, ...]:
     """Drop-in for `memory_chunk_step` (same signature and outputs) with the analytic backward."""
     return AnalyticChunkStep.apply(opts, q, k, v, d, c, eta_prod, beta, gamma, *state)
+
+
+def example_step(depth: int, residual_norm: bool, clip: bool, n_rows: int = 3, b: int = 16, dim: int = 16,
+                 hidden: int = 32, seed: int = 0) -> tuple[ScanOptions, list[Tensor]]:
+    """Options and float64 inputs (q, k, v, d, c, eta_prod, beta, gamma, *weights, *momenta) of one chunk
+    step: unit q, k as in the module, coefficients from random gates, and with `clip` a max_grad_norm
+    halfway between the two middle token gradient norms, so half the tokens are clipped and none sits
+    at the kink of min(1, max/‖u‖), where the two roundings or finite differences could disagree."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    sizes = [dim] + [hidden] * (depth - 1) + [dim]
+    q, k = F.normalize(randn(n_rows, b, dim), dim=-1), F.normalize(randn(n_rows, b, dim), dim=-1)
+    v = randn(n_rows, b, dim)
+    theta = torch.sigmoid(randn(n_rows, b)) / b
+    log_eta, log_keep = F.logsigmoid(randn(n_rows, b) + 2), F.logsigmoid(randn(n_rows, b) - 3)
+    coeffs = chunk_coefficients(theta, log_eta, log_keep, torch.ones(b, dtype=torch.bool))
+    weights = [randn(n_rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    momenta = [0.05 * randn(n_rows, i, o) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    max_norm = None
+    if clip:
+        norms = token_grad_norms(*token_backward(weights, k, v, residual_norm)).flatten().sort().values
+        middle = norms.numel() // 2
+        max_norm = (norms[middle - 1] + norms[middle]).item() / 2
+        if norms[middle] - norms[middle - 1] <= 1e-4 * max_norm:
+            raise ValueError("the two middle token norms are too close for a clip between them; change seed")
+    return ScanOptions(depth, residual_norm, max_norm), [q, k, v, *coeffs, *weights, *momenta]
