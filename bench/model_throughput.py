@@ -12,10 +12,12 @@ matmul timed in the same process at the start, in the dtype the steps compute in
 under autocast on CUDA) and against SWA's, and memory: on CUDA the peak allocated bytes; on CPU the bytes
 autograd saved for backward (the activation memory; CPU PyTorch has no allocator statistics). With
 `--kernels`, the memory variants run once per chunk-step kernel, with the step time against the torch
-kernel's. Table 2: time per token at 2K → 32K tokens (batch 1) for LMM and MAC, with the ratio against
-the shortest length. If `titans-pytorch` is installed (`pip install -e .[bench]`), its
-MemoryAsContextTransformer runs at the like-for-like config with one residual stream (hyper-connections
-off) and with its default four, and ours/theirs tokens/s is printed; the knobs it cannot match are listed.
+kernel's. Table 2: time per token at 2K → 32K tokens for LMM and MAC, with the ratio against the
+shortest length, at batch 1 or at equal tokens per step (`--tokens-per-step`). If `titans-pytorch` is
+installed (`pip install -e .[bench]`), its MemoryAsContextTransformer runs at the like-for-like config with
+one residual stream (hyper-connections off) and with its default four, and ours/theirs tokens/s is printed
+with its ceiling (the roof over their FLOP/s); the knobs it cannot match are listed. An empty `--variants`
+runs table 2 only.
 """
 
 from __future__ import annotations
