@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from model_throughput import git_revision, matmul_roof, measure, ours_loss  # noqa: E402
+from model_throughput import git_revision, matmul_roof, measure, ours_loss, synchronize  # noqa: E402
 
 from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
 from titans import attention  # noqa: E402
@@ -126,11 +126,6 @@ def card_peak_flops(device_name: str, override_tflops: float | None) -> tuple[fl
         if key.lower() in device_name.lower():
             return tflops * 1e12, f"table entry {key!r}"
     return None, "unknown card: pass --peak-tflops"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def package_version(name: str) -> str:
