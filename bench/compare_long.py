@@ -68,7 +68,8 @@ def train_and_evaluate(name: str, seed: int, cfg: RunConfig, args: argparse.Name
     model = load_model(cfg.train.out_dir)
     started = time.perf_counter()
     results = evaluate(model, parse_list(args.tasks), parse_list(args.distances, float),
-                       samples=args.samples, n_pairs=args.pairs, max_position=args.max_position,
+                       samples=args.samples, n_pairs=args.pairs or cfg.data.synthetic_pairs,
+                       max_position=args.max_position,
                        max_documents=args.documents or None, min_doc_len=args.min_doc_len,
                        span=cfg.model.window,  # one unit for all: full attention's own span is its length
                        log=lambda m: print(f"   {m}", file=sys.stderr))
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: each variant runs once per seed")
     add_task_arguments(parser)
     parser.set_defaults(tasks="loss_by_position,mqar")
-    parser.add_argument("--pairs", type=int, default=MQAR_TRAINING_PAIRS,
-                        help="key-value pairs per MQAR sequence (default: as many as in training)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="key-value pairs per MQAR sequence (default: as many as in training, "
+                             f"data.synthetic_pairs, {MQAR_TRAINING_PAIRS} unless set)")
     parser.add_argument("--documents", type=int, default=loss_by_position.MAX_DOCUMENTS,
                         help="loss_by_position: most validation documents (0: all)")
     parser.add_argument("--max-position", type=int, default=None,

@@ -41,6 +41,11 @@ class DataConfig:
     # shortest question–answer distance in tokens (0: the task's minimum); distances are log-uniform up to
     # the longest that fits in seq_len. Set it to the attention span to train the memory path only.
     synthetic_min_distance: int = 0
+    synthetic_max_distance: int = 0  # longest question–answer distance (0: the longest that fits)
+    synthetic_pairs: int = 4  # key-value pairs per mqar instance (synthetic.MQAR_TRAINING_PAIRS)
+    # true: each synthetic row holds instances back to back until the next would not fit (more answers
+    # per row when the distances are short); false: one instance per row, filler after it
+    synthetic_pack: bool = False
 
 
 @dataclass
@@ -246,12 +251,16 @@ def validate(cfg: RunConfig) -> None:
         from pretrain import synthetic
 
         try:
-            synthetic.training_distances(d.synthetic_task, d.seq_len + 1, d.synthetic_min_distance)
+            shortest, _ = synthetic.training_distances(d.synthetic_task, d.seq_len + 1,
+                                                       d.synthetic_min_distance, d.synthetic_pairs)
             synthetic.TokenSpace.for_vocab(cfg.model.vocab_size)
         except ValueError as err:
             raise ConfigError(f"data.synthetic_task / data.seq_len / model.vocab_size: {err}") from err
         if d.synthetic_weight <= 0:
             raise ConfigError(f"data.synthetic_weight must be > 0, got {d.synthetic_weight}")
+        if d.synthetic_max_distance and d.synthetic_max_distance < shortest:
+            raise ConfigError(f"data.synthetic_max_distance={d.synthetic_max_distance} is below the shortest "
+                              f"distance {shortest} (data.synthetic_min_distance)")
     validate_parallel(cfg)
 
 

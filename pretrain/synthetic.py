@@ -162,46 +162,66 @@ MQAR_TRAINING_PAIRS = 4
 NEEDLE_MAX_OFFSET = 16  # `needle`'s default: the pair starts within the first 16 tokens
 
 
-def training_distances(task: str, length: int, min_distance: int = 0) -> tuple[int, int]:
-    """The (shortest, longest) question–answer distance of a `task` row of `length` tokens; a ValueError
-    naming the task if there is none (also how the run config checks its synthetic_* fields)."""
+def training_distances(task: str, length: int, min_distance: int = 0,
+                       n_pairs: int = MQAR_TRAINING_PAIRS) -> tuple[int, int]:
+    """The (shortest, longest) question–answer distance of a `task` row of `length` tokens (mqar: with
+    `n_pairs` pairs); a ValueError naming the task if there is none (also how the run config checks its
+    synthetic_* fields)."""
     if task not in TRAINING_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TRAINING_TASKS)}")
     min_distance = max(min_distance, KEY_LEN + 4)
     if task == "needle":  # filler before the pair, the pair and the question
         overhead = NEEDLE_MAX_OFFSET + KEY_LEN + 3
     else:  # the pairs and the questions
-        overhead = MQAR_TRAINING_PAIRS * (2 * KEY_LEN + 7)
+        if n_pairs < 1:
+            raise ValueError(f"mqar needs at least 1 key-value pair, got {n_pairs}")
+        overhead = n_pairs * (2 * KEY_LEN + 7)
     if length - overhead < min_distance:
         raise ValueError(f"a {task} sequence needs at least {overhead + min_distance} tokens, got {length}")
     return min_distance, length - overhead
 
 
 def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: int,
-                  min_distance: int = 0) -> tuple[Tensor, Tensor]:
+                  min_distance: int = 0, n_pairs: int = MQAR_TRAINING_PAIRS, max_distance: int = 0,
+                  pack: bool = False) -> tuple[Tensor, Tensor]:
     """Synthetic training sequences of exactly `length` tokens, to mix into a text batch.
 
     Returns tokens (rows, length) and `answers` (rows, length - 1) bool over the next-token targets
     (target p is token p + 1): True where the target is an answer, the only tokens worth a loss (the
-    filler is noise). Each row draws its distance log-uniformly from `min_distance` to the longest that
-    fits (0: the task's minimum), so training sees answers both inside and far beyond the attention span;
-    filler pads the tail.
+    filler is noise). Each row draws its distance log-uniformly from `min_distance` to `max_distance`
+    (0: the task's minimum / the longest that fits), so training sees answers both inside and far beyond
+    the attention span; filler pads the tail. `n_pairs`: key-value pairs per mqar row.
+
+    `pack`: a row holds task instances back to back, each with its own distance (drawn as above) and keys,
+    until the next one would not fit: more answers per row when the distances are short. The memory is
+    not reset between them; a key may recur in a later instance with a new value, which that instance's
+    questions ask for.
     """
-    min_distance, max_distance = training_distances(task, length, min_distance)
+    min_distance, longest = training_distances(task, length, min_distance, n_pairs)
+    max_distance = min(longest, max_distance) if max_distance else longest
+    if max_distance < min_distance:
+        raise ValueError(f"synthetic max distance {max_distance} is below the min distance {min_distance}")
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.empty(rows, length, dtype=torch.long)
     answers = torch.zeros(rows, length - 1, dtype=torch.bool)
     log_lo, log_hi = math.log(min_distance), math.log(max_distance)
     for r in range(rows):
-        u = float(torch.rand((), generator=gen))
-        distance = min(max_distance, int(math.exp(log_lo + u * (log_hi - log_lo))))
-        row_seed = int(torch.randint(2**62, (), generator=gen))
-        if task == "needle":
-            made = needle(1, distance, space, seed=row_seed, max_offset=NEEDLE_MAX_OFFSET)
-        else:
-            made = mqar(1, distance, space, n_pairs=MQAR_TRAINING_PAIRS, seed=row_seed)
-        n = made.tokens.shape[1]
-        tokens[r, :n] = made.tokens[0]
-        tokens[r, n:] = _pick(space.filler, (length - n,), gen)
-        answers[r, made.positions[0]] = True
+        at = 0
+        while True:
+            u = float(torch.rand((), generator=gen))
+            distance = min(max_distance, int(math.exp(log_lo + u * (log_hi - log_lo))))
+            row_seed = int(torch.randint(2**62, (), generator=gen))
+            if task == "needle":
+                made = needle(1, distance, space, seed=row_seed, max_offset=NEEDLE_MAX_OFFSET)
+            else:
+                made = mqar(1, distance, space, n_pairs=n_pairs, seed=row_seed)
+            n = made.tokens.shape[1]
+            if at + n > length:  # only when packing: the first instance always fits
+                break
+            tokens[r, at : at + n] = made.tokens[0]
+            answers[r, at + made.positions[0]] = True
+            at += n
+            if not pack:
+                break
+        tokens[r, at:] = _pick(space.filler, (length - at,), gen)
     return tokens, answers
