@@ -45,6 +45,30 @@ def test_training_rows_errors():
         synthetic.training_rows("mqar", 1, 40, SPACE, seed=0)
 
 
+def test_packed_rows_hold_several_instances_each_asking_its_own_values():
+    """data.synthetic_pack: instances back to back, `n_pairs` answers each; a key that recurs in a later
+    instance is asked for with its latest value."""
+    single, _ = synthetic.training_rows("mqar", 8, 513, SPACE, seed=5, n_pairs=2, max_distance=32)
+    tokens, answers = synthetic.training_rows("mqar", 8, 513, SPACE, seed=5, n_pairs=2, max_distance=32,
+                                              pack=True)
+    counts = answers.sum(-1)
+    assert (counts % 2 == 0).all() and (counts >= 8).all()  # several 2-pair instances per row
+    for row, mask in zip(tokens, answers):
+        for p in mask.nonzero().flatten().tolist():
+            k = synthetic.KEY_LEN
+            starts = [i for i in range(p - k) if torch.equal(row[i : i + k], row[p - k : p])
+                      and row[i + k] == SPACE.assign]  # every earlier `key assign value` of this key
+            assert starts and row[starts[-1] + k + 1] == row[p + 1]
+    assert not torch.equal(tokens, single)
+
+
+def test_pairs_and_max_distance_are_checked():
+    with pytest.raises(ValueError, match="at least 1 key-value pair"):
+        synthetic.training_rows("mqar", 1, 129, SPACE, seed=0, n_pairs=0)
+    with pytest.raises(ValueError, match="below the min distance"):
+        synthetic.training_rows("mqar", 1, 513, SPACE, seed=0, min_distance=64, max_distance=32)
+
+
 class FakeText:
     """A text loader stand-in with a resumable position."""
 
