@@ -100,6 +100,9 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("data.synthetic_rows=2 data.synthetic_task=copy", "unknown synthetic task 'copy'"),
     ("data.synthetic_rows=2 data.seq_len=24", "a needle sequence needs at least"),
     ("data.synthetic_rows=2 data.synthetic_weight=0", "data.synthetic_weight must be > 0"),
+    ("data.synthetic_rows=2 data.synthetic_task=mqar data.synthetic_pairs=0", "at least 1 key-value pair"),
+    ("data.synthetic_rows=2 data.synthetic_min_distance=64 data.synthetic_max_distance=32",
+     "data.synthetic_max_distance=32 is below the shortest distance 64"),
 ])
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
