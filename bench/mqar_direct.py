@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=64, help="attention window = MAC segment")
     p.add_argument("--ffn", type=int, default=256, help="FFN width")
     p.add_argument("--horizon", default="16", help="memory gradient horizon in chunks, or null (exact)")
+    p.add_argument("--theta-max", type=float, default=None,
+                   help="the memory's largest inner lr (model.memory_theta_max; default 1/chunk)")
     p.add_argument("--pairs", type=int, default=4, help="key-value pairs per sequence")
     p.add_argument("--min-distance", type=int, default=64, help="tokens between the last pair and the "
                    "first question, drawn log-uniformly per step from this ...")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(a.seed)
     cfg = TitansConfig(vocab_size=257, dim=64, n_layers=a.n_layers, n_heads=4, layers=a.layers,
                        window=a.window, segment_len=a.window, n_persistent=4, memory_chunk=a.chunk,
-                       memory_depth=2, ffn_hidden=a.ffn,
+                       memory_depth=2, ffn_hidden=a.ffn, memory_theta_max=a.theta_max,
                        memory_grad_horizon=None if a.horizon == "null" else int(a.horizon))
     model = TitansLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)

@@ -104,6 +104,20 @@ def test_triton_matches_float64_autograd(depth, residual_norm, clip):
 
 
 @needs_triton
+@pytest.mark.parametrize("residual_norm,clip", [(True, True), (False, False), (True, False)])
+def test_triton_hidden_tiles_match_float64_autograd(monkeypatch, residual_norm, clip):
+    """A depth-2 state walked in 4 hidden tiles (as at the paper's head 64 / hidden 256) equals the torch
+    step: every sum over the hidden dimension is accumulated across tiles before it is used."""
+    import titans.kernels.chunk_step_triton as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", 16)
+    opts, inputs = make_step(2, residual_norm, clip, hidden=64, seed=5)
+    want = value_and_grads(memory_chunk_step, opts, inputs)
+    got = value_and_grads(triton_chunk_step, opts, [t.to(DEVICE) for t in inputs])
+    assert max_rel_err(got[0] + got[1], want[0] + want[1]) <= 1e-12
+
+
+@needs_triton
 def test_triton_two_chunks_and_partial_gradients():
     """Chained like the scan (the end state feeds the next chunk), from a start state that needs no
     gradient, with a loss on y only: missing output gradients and unneeded inputs are handled."""

@@ -4,12 +4,16 @@
 of `titans.memory.memory_chunk_step`, so it can stand in for it inside the chunk scan.
 
 Layout: one program per row N (one batch·head memory) and one chunk. The program loads q, k, v as
-(b, D) blocks, d and c as (b,), the three chunk scalars, and the whole state (W_l, S_l: (D, H) and
-(H, D) for depth 2 with H = hidden, (D, D) for depth 1) as blocks, and does every matmul with `tl.dot`
-in IEEE precision (no TF32: the results must equal the torch path to fp32 rounding). The forward
-reads y = M(q), runs the per-token backward of ‖M(k_i) − v_i‖² (`token_backward`), applies the
-optional surprise clipping and writes the new weights and momentum; per-token gradients are never
-formed, as in the torch path (one `X_lᵀ diag(w) G_l` matmul per layer and weighting).
+(b, D) blocks, d and c as (b,) and the three chunk scalars; a depth-2 state (W_l, S_l: (D, H) and (H, D)
+with H = hidden) is walked in tiles of BLOCK_HIDDEN hidden units (layer 1's columns, layer 2's rows), so
+a program holds a few (D, BLOCK_HIDDEN) blocks at a time, never the whole state (at the paper's head 64
+and hidden 256 that would be 256 KiB in float32, beyond a program's registers and shared memory); a
+depth-1 state (D, D) is loaded whole. Every matmul is a `tl.dot` in IEEE precision (no TF32: the results
+must equal the torch path to fp32 rounding). The forward sums the read y = M(q) and M(k) over the tiles,
+forms the per-token gradient of ‖M(k_i) − v_i‖² at the output (`_last_gradient`), takes a second walk for
+the surprise clipping's norms when clipping is on, and a last one that writes each tile's new weights and
+momentum; per-token gradients are never formed, as in the torch path (one `X_lᵀ diag(w) G_l` matmul per
+layer and weighting).
 
 The backward kernel recomputes those activations from the saved inputs (as `RecomputedScan` does per
 chunk: nothing per token is kept between the passes) and walks the derivation written out in
@@ -18,11 +22,9 @@ statement for statement and which is checked against autograd. It produces the g
 d, c, eta_prod, beta, gamma and of the start state.
 
 Limits: depth 1 or 2; float32 or float64; b, head_dim and hidden must be powers of two and at least 16
-(`tl.arange` needs powers of two, `tl.dot` tiles of at least 16). The whole state of a row is held by
-one program, which only suits small heads: at head_dim 64 and hidden 256 each of the four state
-matrices is 64 KiB in float32, beyond one program's registers, so a fast GPU kernel would tile the
-hidden dimension (and the backward's 23 block matmuls) across programs or loop over it. Verified only
-in Triton's CPU interpreter so far; `memory_kernel: triton` (`ScanOptions.kernel`) runs it in the scans.
+(`tl.arange` needs powers of two, `tl.dot` tiles of at least 16). Recomputing the tile activations in
+each walk trades FLOPs for registers; the tile size and a TF32/bf16 `tl.dot` are for tuning on a GPU.
+Verified in Triton's CPU interpreter; `memory_kernel: triton` (`ScanOptions.kernel`) runs it in the scans.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from torch import Tensor
 from titans.memory import NORM_EPS, ScanOptions
 
 MIN_BLOCK = 16  # tl.dot's smallest tile side
+# Hidden units per tile of a depth-2 state: a program holds four (head_dim, BLOCK_HIDDEN) blocks at a time
+# (W_1, W_2 and their momenta or gradients) instead of the whole state. Read at call time (tests lower it).
+BLOCK_HIDDEN = 64
 
 
 @triton.jit
@@ -71,23 +76,41 @@ def _norm_vjp(n, sigma, g, D: tl.constexpr):
 
 
 @triton.jit
+def _offsets(pid, R: tl.constexpr, C: tl.constexpr, r0, BR: tl.constexpr, c0, BC: tl.constexpr):
+    """Offsets of rows r0..r0+BR and columns c0..c0+BC of row pid's (R, C) block of a contiguous
+    (N, R, C) tensor."""
+    return pid * R * C + (r0 + tl.arange(0, BR))[:, None] * C + c0 + tl.arange(0, BC)[None, :]
+
+
+@triton.jit
 def _load_row(ptr, pid, R: tl.constexpr, C: tl.constexpr):
-    """Row pid's (R, C) block of a contiguous (N, R, C) tensor."""
-    offs = pid * R * C + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-    return tl.load(ptr + offs)
+    """Row pid's whole (R, C) block."""
+    return tl.load(ptr + _offsets(pid, R, C, 0, R, 0, C))
 
 
 @triton.jit
 def _store_row(ptr, pid, x, R: tl.constexpr, C: tl.constexpr):
-    offs = pid * R * C + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-    tl.store(ptr + offs, x)
+    tl.store(ptr + _offsets(pid, R, C, 0, R, 0, C), x)
 
 
 @triton.jit
-def _load_chunk(q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, s1_ptr, const_ptr,
-                pid, B: tl.constexpr, D: tl.constexpr, H: tl.constexpr):
-    """Row pid's chunk inputs and first-layer state, and the constants: NORM_EPS and max_grad_norm in the
-    data's dtype (exact in float64). Both kernels start from these."""
+def _load_tile(l1_ptr, l2_ptr, pid, j, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr):
+    """Hidden tile j..j+BH of a depth-2 state: layer 1's columns (D, BH) and layer 2's rows (BH, D)."""
+    return (tl.load(l1_ptr + _offsets(pid, D, H, 0, D, j, BH)),
+            tl.load(l2_ptr + _offsets(pid, H, D, j, BH, 0, D)))
+
+
+@triton.jit
+def _store_tile(l1_ptr, l2_ptr, pid, j, x1, x2, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr):
+    tl.store(l1_ptr + _offsets(pid, D, H, 0, D, j, BH), x1)
+    tl.store(l2_ptr + _offsets(pid, H, D, j, BH, 0, D), x2)
+
+
+@triton.jit
+def _load_chunk(q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, const_ptr,
+                pid, B: tl.constexpr, D: tl.constexpr):
+    """Row pid's chunk inputs, and the constants: NORM_EPS and max_grad_norm in the data's dtype (exact in
+    float64). Both kernels start from these."""
     rb = tl.arange(0, B)
     q = _load_row(q_ptr, pid, B, D)
     k = _load_row(k_ptr, pid, B, D)
@@ -95,65 +118,124 @@ def _load_chunk(q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr,
     d = tl.load(d_ptr + pid * B + rb)
     c = tl.load(c_ptr + pid * B + rb)
     eta, beta, gamma = tl.load(eta_ptr + pid), tl.load(beta_ptr + pid), tl.load(gamma_ptr + pid)
-    w1 = _load_row(w1_ptr, pid, D, H)
-    s1 = _load_row(s1_ptr, pid, D, H)
-    return tl.load(const_ptr), tl.load(const_ptr + 1), q, k, v, d, c, eta, beta, gamma, w1, s1
+    return tl.load(const_ptr), tl.load(const_ptr + 1), q, k, v, d, c, eta, beta, gamma
+
+
+@triton.jit
+def _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr,
+                 DEPTH: tl.constexpr):
+    """M(q) and M(k) before the residual norm, and ‖X_2,i‖² (the hidden activations of k; zeros at depth
+    1). Depth 2 sums the second layer over hidden tiles, so no program holds a whole state matrix."""
+    if DEPTH == 2:
+        hq = tl.zeros_like(q)
+        h = tl.zeros_like(k)
+        xx2 = tl.sum(h, axis=1)
+        for j in range(0, H, BH):
+            w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
+            xq2, _, _ = _silu_parts(_dot(q, w1))
+            hq += _dot(xq2, w2)
+            x2, _, _ = _silu_parts(_dot(k, w1))
+            h += _dot(x2, w2)
+            xx2 += tl.sum(x2 * x2, axis=1)
+    else:
+        w1 = _load_row(w1_ptr, pid, D, H)
+        hq = _dot(q, w1)
+        h = _dot(k, w1)
+        xx2 = tl.sum(h, axis=1) * 0.0
+    return hq, h, xx2
+
+
+@triton.jit
+def _key_tile(k, g_last, w1, w2):
+    """Layer 1 of M(k) on one hidden tile: X_2 = SiLU(z_1), SiLU'(z_1), SiLU''(z_1), G_2 W_2ᵀ and G_1."""
+    x2, ds1, dds1 = _silu_parts(_dot(k, w1))
+    back = _dot(g_last, tl.trans(w2))
+    return x2, ds1, dds1, back, back * ds1
+
+
+@triton.jit
+def _last_gradient(h, k, v, eps, D: tl.constexpr, RESIDUAL: tl.constexpr):
+    """G_L, the per-token gradient of ‖M(k_i) − v_i‖² at the MLP's output h, with n, σ and g = 2(k + n − v)
+    for the backward (with the residual norm; h − v stands in for them without it)."""
+    if RESIDUAL:
+        n, sigma = _normalise(h, eps, D)
+        g = 2.0 * (k + n - v)
+        return _norm_vjp(n, sigma, g, D), n, sigma, g
+    else:
+        return 2.0 * (h - v), h, h, h
+
+
+@triton.jit
+def _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D: tl.constexpr, H: tl.constexpr,
+                BH: tl.constexpr, DEPTH: tl.constexpr):
+    """s_i = min(1, τ/r_i), r_i = √max(ρ_i, 1e-30), ρ_i = Σ_l ‖X_l,i‖²‖G_l,i‖² (‖x_iᵀ g_i‖_F = ‖x_i‖·‖g_i‖
+    per layer), with ‖X_1‖², ‖G_1‖², ‖G_2‖², ρ, r and τ/r for the backward."""
+    xx1 = tl.sum(k * k, axis=1)
+    gg2 = tl.sum(g_last * g_last, axis=1)
+    if DEPTH == 2:
+        gg1 = xx1 * 0.0
+        for j in range(0, H, BH):
+            w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
+            _, _, _, _, g1 = _key_tile(k, g_last, w1, w2)
+            gg1 += tl.sum(g1 * g1, axis=1)
+        sq = xx1 * gg1 + xx2 * gg2
+    else:
+        gg1 = gg2
+        sq = xx1 * gg1
+    r = tl.sqrt(tl.maximum(sq, 1e-30))
+    ratio = max_norm / r
+    return tl.minimum(ratio, 1.0), xx1, gg1, gg2, sq, r, ratio
 
 
 @triton.jit
 def _chunk_forward_kernel(
     q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
     const_ptr, y_ptr, nw1_ptr, nw2_ptr, ns1_ptr, ns2_ptr,
-    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, DEPTH: tl.constexpr, RESIDUAL: tl.constexpr,
-    CLIP: tl.constexpr,
+    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
+    RESIDUAL: tl.constexpr, CLIP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    eps, max_norm, q, k, v, d, c, eta, beta, gamma, w1, s1 = _load_chunk(
-        q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, s1_ptr, const_ptr, pid,
-        B, D, H)
-    if DEPTH == 2:
-        w2 = _load_row(w2_ptr, pid, H, D)
-        s2 = _load_row(s2_ptr, pid, H, D)
+    eps, max_norm, q, k, v, d, c, eta, beta, gamma = _load_chunk(
+        q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, const_ptr, pid, B, D)
 
-    # read: y = M(q) with the chunk-start weights
-    hq = _dot(q, w1)
-    if DEPTH == 2:
-        xq2, _, _ = _silu_parts(hq)
-        hq = _dot(xq2, w2)
+    # read y = M(q) with the chunk-start weights; M(k) for the per-token backward of ‖M(k_i) − v_i‖²
+    hq, h, xx2 = _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D, H, BH, DEPTH)
     if RESIDUAL:
         nq, _ = _normalise(hq, eps, D)
         hq = q + nq
     _store_row(y_ptr, pid, hq, B, D)
-
-    # per-token backward of ‖M(k_i) − v_i‖²: layer inputs X_l and output gradients G_l
-    h = _dot(k, w1)
-    if DEPTH == 2:
-        x2, ds1, _ = _silu_parts(h)
-        h = _dot(x2, w2)
-    if RESIDUAL:
-        n, sigma = _normalise(h, eps, D)
-        g_last = _norm_vjp(n, sigma, 2.0 * (k + n - v), D)
-    else:
-        g_last = 2.0 * (h - v)
-    g1 = g_last
-    if DEPTH == 2:
-        g1 = _dot(g_last, tl.trans(w2)) * ds1
+    g_last, _, _, _ = _last_gradient(h, k, v, eps, D, RESIDUAL)
 
     wd, wc = d, c
-    if CLIP:  # ‖x_iᵀ g_i‖_F = ‖x_i‖·‖g_i‖ per layer
-        sq = tl.sum(k * k, axis=1) * tl.sum(g1 * g1, axis=1)
-        if DEPTH == 2:
-            sq += tl.sum(x2 * x2, axis=1) * tl.sum(g_last * g_last, axis=1)
-        scale = tl.minimum(max_norm / tl.sqrt(tl.maximum(sq, 1e-30)), 1.0)
+    if CLIP:
+        scale, _, _, _, _, _, _ = _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D, H, BH, DEPTH)
         wd, wc = d * scale, c * scale
 
+    # the update S' = η̄ S − X_lᵀ diag(w^d) G_l, W' = β W + γ S − X_lᵀ diag(w^c) G_l, tile by tile
     kt = tl.trans(k)
-    _store_row(ns1_ptr, pid, eta * s1 - _dot(kt, wd[:, None] * g1), D, H)
-    _store_row(nw1_ptr, pid, beta * w1 + gamma * s1 - _dot(kt, wc[:, None] * g1), D, H)
     if DEPTH == 2:
-        x2t = tl.trans(x2)
-        _store_row(ns2_ptr, pid, eta * s2 - _dot(x2t, wd[:, None] * g_last), H, D)
-        _store_row(nw2_ptr, pid, beta * w2 + gamma * s2 - _dot(x2t, wc[:, None] * g_last), H, D)
+        for j in range(0, H, BH):
+            w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
+            s1, s2 = _load_tile(s1_ptr, s2_ptr, pid, j, D, H, BH)
+            x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2)
+            x2t = tl.trans(x2)
+            _store_tile(ns1_ptr, ns2_ptr, pid, j, eta * s1 - _dot(kt, wd[:, None] * g1),
+                        eta * s2 - _dot(x2t, wd[:, None] * g_last), D, H, BH)
+            _store_tile(nw1_ptr, nw2_ptr, pid, j, beta * w1 + gamma * s1 - _dot(kt, wc[:, None] * g1),
+                        beta * w2 + gamma * s2 - _dot(x2t, wc[:, None] * g_last), D, H, BH)
+    else:
+        w1 = _load_row(w1_ptr, pid, D, H)
+        s1 = _load_row(s1_ptr, pid, D, H)
+        _store_row(ns1_ptr, pid, eta * s1 - _dot(kt, wd[:, None] * g_last), D, H)
+        _store_row(nw1_ptr, pid, beta * w1 + gamma * s1 - _dot(kt, wc[:, None] * g_last), D, H)
+
+
+@triton.jit
+def _g1_bar(k, g1, a1, b1, wd, wc, clip_g1):
+    """Ḡ_1 = −(w^d ⊙ X_1 A_1 + w^c ⊙ X_1 B_1) (+ the clipping term 2ρ̄‖X_1‖² G_1), with X_1 A_1, X_1 B_1."""
+    xa1 = _dot(k, a1)
+    xb1 = _dot(k, b1)
+    return -(wd[:, None] * xa1 + wc[:, None] * xb1) + clip_g1[:, None] * g1, xa1, xb1
 
 
 @triton.jit
@@ -162,122 +244,88 @@ def _chunk_backward_kernel(
     const_ptr, gy_ptr, gnw1_ptr, gnw2_ptr, gns1_ptr, gns2_ptr,
     gq_ptr, gk_ptr, gv_ptr, gd_ptr, gc_ptr, geta_ptr, gbeta_ptr, ggamma_ptr, gw1_ptr, gw2_ptr, gs1_ptr,
     gs2_ptr,
-    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, DEPTH: tl.constexpr, RESIDUAL: tl.constexpr,
-    CLIP: tl.constexpr,
+    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
+    RESIDUAL: tl.constexpr, CLIP: tl.constexpr,
 ):
+    """The derivation of `chunk_step_reference` in four passes over the hidden tiles (one at depth 1):
+    what needs a sum over the hidden dimension (M's outputs, w̄, X̄_1, X_2 A_2, Ḡ_2) is accumulated
+    first, then each tile's own gradients are recomputed from those and written once."""
     pid = tl.program_id(0).to(tl.int64)
-    eps, max_norm, q, k, v, d, c, eta, beta, gamma, w1, s1 = _load_chunk(
-        q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, s1_ptr, const_ptr, pid,
-        B, D, H)
+    eps, max_norm, q, k, v, d, c, eta, beta, gamma = _load_chunk(
+        q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, const_ptr, pid, B, D)
     gy = _load_row(gy_ptr, pid, B, D)
-    a1 = _load_row(gns1_ptr, pid, D, H)  # A_l: gradient of the new momentum
-    b1 = _load_row(gnw1_ptr, pid, D, H)  # B_l: gradient of the new weights
-    if DEPTH == 2:
-        w2 = _load_row(w2_ptr, pid, H, D)
-        s2 = _load_row(s2_ptr, pid, H, D)
-        a2 = _load_row(gns2_ptr, pid, H, D)
-        b2 = _load_row(gnw2_ptr, pid, H, D)
 
-    # the linear state terms: S' = η̄ S − ..., W' = β W + γ S − ...
-    geta = _sum_all(s1 * a1)
-    gbeta = _sum_all(w1 * b1)
-    ggamma = _sum_all(s1 * b1)
-    _store_row(gs1_ptr, pid, eta * a1 + gamma * b1, D, H)
-    gw1 = beta * b1
-    if DEPTH == 2:
-        geta += _sum_all(s2 * a2)
-        gbeta += _sum_all(w2 * b2)
-        ggamma += _sum_all(s2 * b2)
-        _store_row(gs2_ptr, pid, eta * a2 + gamma * b2, H, D)
-        gw2 = beta * b2
-    tl.store(geta_ptr + pid, geta)
-    tl.store(gbeta_ptr + pid, gbeta)
-    tl.store(ggamma_ptr + pid, ggamma)
-
-    # read: backward of y = M(q) (y = q + LN(h) with the residual norm)
-    hq = _dot(q, w1)
-    if DEPTH == 2:
-        zq1 = hq
-        xq2, dsq1, _ = _silu_parts(zq1)
-        hq = _dot(xq2, w2)
+    # pass 1: the MLP's outputs on q and k; the read's output gradient, G_L and the clipping scale
+    hq, h, xx2 = _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D, H, BH, DEPTH)
     gq = tl.zeros_like(q)
     ghq = gy
-    if RESIDUAL:
+    if RESIDUAL:  # y = q + LN(h_q)
         nq, sigq = _normalise(hq, eps, D)
         ghq = _norm_vjp(nq, sigq, gy, D)
         gq = gy
-    if DEPTH == 2:
-        gw2 += _dot(tl.trans(xq2), ghq)
-        ghq = _dot(ghq, tl.trans(w2)) * dsq1
-    gw1 += _dot(tl.trans(q), ghq)
-    gq += _dot(ghq, tl.trans(w1))
-    _store_row(gq_ptr, pid, gq, B, D)
-
-    # write: recompute the per-token backward (as in the forward kernel)
-    h = _dot(k, w1)
-    if DEPTH == 2:
-        z1 = h
-        x2, ds1, dds1 = _silu_parts(z1)
-        h = _dot(x2, w2)
-    if RESIDUAL:
-        n, sigma = _normalise(h, eps, D)
-        g = 2.0 * (k + n - v)
-        g_last = _norm_vjp(n, sigma, g, D)
-    else:
-        g_last = 2.0 * (h - v)
-    g1 = g_last
-    if DEPTH == 2:
-        back = _dot(g_last, tl.trans(w2))
-        g1 = back * ds1
+    g_last, n, sigma, g = _last_gradient(h, k, v, eps, D, RESIDUAL)
     wd, wc = d, c
+    zero_rows = tl.sum(k, axis=1) * 0.0
     if CLIP:
-        xx1 = tl.sum(k * k, axis=1)
-        gg1 = tl.sum(g1 * g1, axis=1)
-        sq = xx1 * gg1
-        if DEPTH == 2:
-            xx2 = tl.sum(x2 * x2, axis=1)
-            gg2 = tl.sum(g_last * g_last, axis=1)
-            sq += xx2 * gg2
-        r = tl.sqrt(tl.maximum(sq, 1e-30))
-        ratio = max_norm / r
-        scale = tl.minimum(ratio, 1.0)
+        scale, xx1, gg1, gg2, sq, r, ratio = _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm,
+                                                         D, H, BH, DEPTH)
         wd, wc = d * scale, c * scale
 
-    # backward of the weighted sums X_lᵀ diag(w) G_l (cotangents −A_l for w^d, −B_l for w^c)
-    xa1 = _dot(k, a1)
-    xb1 = _dot(k, b1)
-    gwd = -tl.sum(xa1 * g1, axis=1)
-    gwc = -tl.sum(xb1 * g1, axis=1)
-    gx1 = -(wd[:, None] * _dot(g1, tl.trans(a1)) + wc[:, None] * _dot(g1, tl.trans(b1)))
-    gg1_bar = -(wd[:, None] * xa1 + wc[:, None] * xb1)
+    # pass 2: w̄^d, w̄^c and X̄_1 (sums over hidden), X_2 A_2 and X_2 B_2 (cotangents −A_l for w^d, −B_l
+    # for w^c of the weighted sums X_lᵀ diag(w) G_l)
+    gwd = zero_rows
+    gwc = zero_rows
+    gx1 = tl.zeros_like(k)
     if DEPTH == 2:
-        xa2 = _dot(x2, a2)
-        xb2 = _dot(x2, b2)
+        xa2 = tl.zeros_like(k)
+        xb2 = tl.zeros_like(k)
+        for j in range(0, H, BH):
+            w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
+            a1, a2 = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)  # A_l: gradient of the new momentum
+            b1, b2 = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)  # B_l: gradient of the new weights
+            x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2)
+            _, xa1, xb1 = _g1_bar(k, g1, a1, b1, wd, wc, zero_rows)
+            gwd -= tl.sum(xa1 * g1, axis=1)
+            gwc -= tl.sum(xb1 * g1, axis=1)
+            gx1 -= wd[:, None] * _dot(g1, tl.trans(a1)) + wc[:, None] * _dot(g1, tl.trans(b1))
+            xa2 += _dot(x2, a2)
+            xb2 += _dot(x2, b2)
         gwd -= tl.sum(xa2 * g_last, axis=1)
         gwc -= tl.sum(xb2 * g_last, axis=1)
-        gx2 = -(wd[:, None] * _dot(g_last, tl.trans(a2)) + wc[:, None] * _dot(g_last, tl.trans(b2)))
         g_last_bar = -(wd[:, None] * xa2 + wc[:, None] * xb2)
-    if CLIP:  # through scale = min(1, τ/r), r = √max(sq, 1e-30)
+    else:
+        a1 = _load_row(gns1_ptr, pid, D, H)
+        b1 = _load_row(gnw1_ptr, pid, D, H)
+        g_last_bar, xa1, xb1 = _g1_bar(k, g_last, a1, b1, wd, wc, zero_rows)
+        gwd = -tl.sum(xa1 * g_last, axis=1)
+        gwc = -tl.sum(xb1 * g_last, axis=1)
+        gx1 = -(wd[:, None] * _dot(g_last, tl.trans(a1)) + wc[:, None] * _dot(g_last, tl.trans(b1)))
+    clip_g1 = zero_rows
+    clip_x2 = zero_rows
+    if CLIP:  # through s = min(1, τ/r), r = √max(ρ, 1e-30)
         gratio = tl.where(ratio <= 1.0, gwd * d + gwc * c, 0.0)
         gsq = tl.where(sq >= 1e-30, -gratio * ratio / (2.0 * r * r), 0.0)
         gx1 += (2.0 * gsq * gg1)[:, None] * k
-        gg1_bar += (2.0 * gsq * xx1)[:, None] * g1
+        clip_g1 = 2.0 * gsq * xx1
         if DEPTH == 2:
-            gx2 += (2.0 * gsq * gg2)[:, None] * x2
+            clip_x2 = 2.0 * gsq * gg2
             g_last_bar += (2.0 * gsq * xx2)[:, None] * g_last
+        else:
+            g_last_bar += clip_g1[:, None] * g_last
         gwd, gwc = gwd * scale, gwc * scale
     rb = tl.arange(0, B)
     tl.store(gd_ptr + pid * B + rb, gwd)
     tl.store(gc_ptr + pid * B + rb, gwc)
 
-    # G chain: G_1 = (G_2 W_2ᵀ) ⊙ SiLU'(z_1)
+    # pass 3: the G chain G_1 = (G_2 W_2ᵀ) ⊙ SiLU'(z_1) into Ḡ_2 (a sum over hidden)
     if DEPTH == 2:
-        gback = gg1_bar * ds1
-        gz1 = gg1_bar * back * dds1
-        g_last_bar += _dot(gback, w2)
-        gw2 += _dot(tl.trans(gback), g_last)
-    else:
-        g_last_bar = gg1_bar
+        for j in range(0, H, BH):
+            w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
+            a1, _ = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)
+            b1, _ = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)
+            _, ds1, _, _, g1 = _key_tile(k, g_last, w1, w2)
+            gg1_bar, _, _ = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1)
+            g_last_bar += _dot(gg1_bar * ds1, w2)
 
     # G_L from h, k, v
     if RESIDUAL:  # G_L = J g, g = 2(k + n − v)
@@ -296,17 +344,53 @@ def _chunk_backward_kernel(
         gv = -2.0 * g_last_bar
     _store_row(gv_ptr, pid, gv, B, D)
 
-    # the MLP on k, with X̄_l added at each layer's input
+    # pass 4: each tile's gradients, written once: the linear state terms (S' = η̄ S − ..., W' = β W + γ S
+    # − ...), the read's backward, the G chain's and the MLP's on k with X̄_l added at each layer's input
     if DEPTH == 2:
-        gw2 += _dot(tl.trans(x2), gh)
-        gz1 += (_dot(gh, tl.trans(w2)) + gx2) * ds1
-        _store_row(gw2_ptr, pid, gw2, H, D)
+        geta = 0.0 * eta
+        gbeta = 0.0 * eta
+        ggamma = 0.0 * eta
+        for j in range(0, H, BH):
+            w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
+            s1, s2 = _load_tile(s1_ptr, s2_ptr, pid, j, D, H, BH)
+            a1, a2 = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)
+            b1, b2 = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)
+            geta += _sum_all(s1 * a1) + _sum_all(s2 * a2)
+            gbeta += _sum_all(w1 * b1) + _sum_all(w2 * b2)
+            ggamma += _sum_all(s1 * b1) + _sum_all(s2 * b2)
+            _store_tile(gs1_ptr, gs2_ptr, pid, j, eta * a1 + gamma * b1, eta * a2 + gamma * b2, D, H, BH)
+
+            xq2, dsq1, _ = _silu_parts(_dot(q, w1))  # the read
+            gw2 = beta * b2 + _dot(tl.trans(xq2), ghq)
+            ghq1 = _dot(ghq, tl.trans(w2)) * dsq1
+            gw1 = beta * b1 + _dot(tl.trans(q), ghq1)
+            gq += _dot(ghq1, tl.trans(w1))
+
+            x2, ds1, dds1, back, g1 = _key_tile(k, g_last, w1, w2)  # the write
+            gg1_bar, _, _ = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1)
+            gw2 += _dot(tl.trans(gg1_bar * ds1), g_last) + _dot(tl.trans(x2), gh)
+            gx2 = -(wd[:, None] * _dot(g_last, tl.trans(a2)) + wc[:, None] * _dot(g_last, tl.trans(b2)))
+            gx2 += clip_x2[:, None] * x2
+            gz1 = gg1_bar * back * dds1 + (_dot(gh, tl.trans(w2)) + gx2) * ds1
+            gw1 += _dot(tl.trans(k), gz1)
+            gk += _dot(gz1, tl.trans(w1))
+            _store_tile(gw1_ptr, gw2_ptr, pid, j, gw1, gw2, D, H, BH)
     else:
-        gz1 = gh
-    gw1 += _dot(tl.trans(k), gz1)
-    gk += _dot(gz1, tl.trans(w1)) + gx1
-    _store_row(gk_ptr, pid, gk, B, D)
-    _store_row(gw1_ptr, pid, gw1, D, H)
+        w1 = _load_row(w1_ptr, pid, D, H)
+        s1 = _load_row(s1_ptr, pid, D, H)
+        geta = _sum_all(s1 * a1)
+        gbeta = _sum_all(w1 * b1)
+        ggamma = _sum_all(s1 * b1)
+        _store_row(gs1_ptr, pid, eta * a1 + gamma * b1, D, H)
+        gw1 = beta * b1 + _dot(tl.trans(q), ghq) + _dot(tl.trans(k), gh)
+        gq += _dot(ghq, tl.trans(w1))
+        gk += _dot(gh, tl.trans(w1))
+        _store_row(gw1_ptr, pid, gw1, D, H)
+    tl.store(geta_ptr + pid, geta)
+    tl.store(gbeta_ptr + pid, gbeta)
+    tl.store(ggamma_ptr + pid, ggamma)
+    _store_row(gq_ptr, pid, gq, B, D)
+    _store_row(gk_ptr, pid, gk + gx1, B, D)
 
 
 def interpreted() -> bool:
@@ -357,7 +441,8 @@ def _prepare(opts: ScanOptions, tensors: tuple[Tensor, ...]) -> tuple[list[Tenso
     b, dim, hidden = _check(opts, tensors)
     max_norm = 0.0 if opts.max_grad_norm is None else opts.max_grad_norm
     consts = torch.tensor([NORM_EPS, max_norm], dtype=tensors[0].dtype, device=tensors[0].device)
-    meta = dict(B=b, D=dim, H=hidden, DEPTH=opts.n_layers, RESIDUAL=opts.residual_norm,
+    block = min(hidden, BLOCK_HIDDEN) if opts.n_layers == 2 else hidden
+    meta = dict(B=b, D=dim, H=hidden, BH=block, DEPTH=opts.n_layers, RESIDUAL=opts.residual_norm,
                 CLIP=opts.max_grad_norm is not None)
     return tensors, consts, meta
 
