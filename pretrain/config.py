@@ -66,6 +66,12 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0: no validation
     eval_batches: int = 8
+    # synthetic recall measured at every validation (pretrain.evaluate's needle / mqar, mqar with
+    # data.synthetic_pairs pairs), at these distances in multiples of the attention span: when recall
+    # is learnt, and how it spreads past the window, as TensorBoard scalars val/<task>/x<distance>
+    eval_tasks: tuple[str, ...] = ()
+    eval_task_distances: tuple[float, ...] = (2.0, 8.0)
+    eval_task_samples: int = 32  # sequences per task and distance
     checkpoint_every: int = 100
     keep_last: int = 3
     resume: bool = True  # continue from the newest good checkpoint in out_dir
@@ -147,7 +153,12 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         if option is type(None):
             continue
         origin = typing.get_origin(option)
-        if origin is tuple and isinstance(value, (list, tuple)):
+        if origin is tuple and typing.get_args(option)[-1] is Ellipsis:  # any length; "a,b" too
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                item = typing.get_args(option)[0]
+                return tuple(_coerce(path, v, item) for v in items)
+        elif origin is tuple and isinstance(value, (list, tuple)):
             args = typing.get_args(option)
             if len(value) == len(args):
                 return tuple(_coerce(path, v, a) for v, a in zip(value, args))
@@ -236,6 +247,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every must be >= 0 (0: no validation), got {t.eval_every}")
+    validate_eval_tasks(cfg)
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     if not 0 <= t.warmup_steps < t.steps:
@@ -262,6 +274,31 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.synthetic_max_distance={d.synthetic_max_distance} is below the shortest "
                               f"distance {shortest} (data.synthetic_min_distance)")
     validate_parallel(cfg)
+
+
+def validate_eval_tasks(cfg: RunConfig) -> None:
+    """train.eval_tasks runs the whole model on each rank between steps: known tasks, a validation to run
+    them at, and a layout where every rank holds the whole model."""
+    t, p = cfg.train, cfg.parallel
+    if not t.eval_tasks:
+        return
+    unknown = sorted(set(t.eval_tasks) - {"needle", "mqar"})
+    if unknown:
+        raise ConfigError(f"train.eval_tasks: unknown task(s) {', '.join(unknown)}; choose from needle, mqar")
+    if t.eval_every == 0:
+        raise ConfigError("train.eval_tasks runs at every validation, and train.eval_every=0 turns "
+                          "validation off: set train.eval_every")
+    if not t.eval_task_distances or min(t.eval_task_distances) <= 0:
+        raise ConfigError(f"train.eval_task_distances must be positive multiples of the attention span, got "
+                          f"{list(t.eval_task_distances)}")
+    if t.eval_task_samples < 1:
+        raise ConfigError(f"train.eval_task_samples must be >= 1, got {t.eval_task_samples}")
+    split = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.sp": p.sp}
+    split = {k: v for k, v in split.items() if v > 1}
+    if split or p.zero_stage == 3:
+        where = ", ".join(f"{k}={v}" for k, v in split.items()) or "parallel.zero_stage=3"
+        raise ConfigError(f"train.eval_tasks needs the whole model on every rank, and {where} splits it: "
+                          "evaluate the checkpoints instead (python -m pretrain.evaluate --tasks mqar)")
 
 
 def validate_sequence_parallel(cfg: RunConfig) -> None:

@@ -56,6 +56,7 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step (NaN for skipped steps)
     val_losses: dict[int, float] = field(default_factory=dict)
+    recall: dict[int, dict[str, float]] = field(default_factory=dict)  # train.eval_tasks per validation
     skipped_steps: int = 0
     last_step: int = 0
     checkpoint: Path | None = None
@@ -85,6 +86,23 @@ def evaluate(engine: Engine, batches) -> float:
         count += 1
     engine.train(True)
     return engine.mesh.replica_mean(total / max(count, 1))
+
+
+@torch.no_grad()
+def recall_accuracy(engine: Engine, cfg: RunConfig) -> dict[str, float]:
+    """train.eval_tasks on the model as it trains: {"mqar/x8": accuracy, ...}. Every rank holds the whole
+    model (config validation) and computes the same, so no rank waits on another."""
+    from pretrain.evaluate import evaluate as evaluate_tasks
+    from pretrain.evaluate import scalars
+    from pretrain.model_io import LoadedModel
+
+    t = cfg.train
+    model = LoadedModel(engine.models[0], cfg.model, cfg.to_dict())
+    engine.train(False)
+    results = evaluate_tasks(model, t.eval_tasks, t.eval_task_distances, t.eval_task_samples,
+                             n_pairs=cfg.data.synthetic_pairs, log=lambda message: None)
+    engine.train(True)
+    return {key.removeprefix("eval/"): value for key, value in scalars(results).items()}
 
 
 def as_batch(batch: torch.Tensor | Batch) -> Batch:
@@ -342,6 +360,11 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
                 logger.scalars(step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
             bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val:.4f}, "
                       f"val ppl {math.exp(min(val, 50.0)):.2f}")
+            if t.eval_tasks:
+                result.recall[step] = recall = recall_accuracy(engine, cfg)
+                if logger:
+                    logger.scalars(step, {f"val/{k}": v for k, v in recall.items()})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
         signalled = mesh.any_flag(stop.received is not None)
         pause = t.stop_after_steps > 0 and step - first_step >= t.stop_after_steps
         if step % t.checkpoint_every == 0 or step == t.steps or signalled or pause:

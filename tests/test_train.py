@@ -59,6 +59,20 @@ def test_run_writes_config_tensorboard_and_checkpoints(dataset, tmp_path):
     assert set(result.val_losses) == {10, 20}
 
 
+def test_recall_is_measured_at_every_validation(dataset, tmp_path, capsys):
+    """train.eval_tasks: MQAR accuracy per distance at each validation, in the result, the log and
+    TensorBoard, without changing the training itself (the tasks draw from their own generators)."""
+    plain = train(small_config(dataset, tmp_path / "plain", "train.steps=10", "train.eval_every=5"))
+    result = train(small_config(dataset, tmp_path / "recall", "train.steps=10", "train.eval_every=5",
+                                "train.eval_tasks=mqar", "train.eval_task_distances=2,8",
+                                "train.eval_task_samples=4", "data.synthetic_pairs=2"))
+    assert result.losses == plain.losses
+    assert set(result.recall) == {5, 10}
+    for recall in result.recall.values():
+        assert set(recall) == {"mqar/x2", "mqar/x8"} and all(0 <= v <= 1 for v in recall.values())
+    assert re.search(r"step 10: mqar/x2 \d\.\d{3}, mqar/x8 \d\.\d{3}", capsys.readouterr().err)
+
+
 def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path, monkeypatch):
     real = engine_module.loss_on
     calls = {"n": 0}
@@ -103,6 +117,10 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("data.synthetic_rows=2 data.synthetic_task=mqar data.synthetic_pairs=0", "at least 1 key-value pair"),
     ("data.synthetic_rows=2 data.synthetic_min_distance=64 data.synthetic_max_distance=32",
      "data.synthetic_max_distance=32 is below the shortest distance 64"),
+    ("train.eval_tasks=mqar,copy", "train.eval_tasks: unknown task(s) copy; choose from needle, mqar"),
+    ("train.eval_tasks=mqar train.eval_every=0", "train.eval_every=0 turns validation off"),
+    ("train.eval_tasks=needle train.eval_task_distances=0,8", "must be positive multiples"),
+    ("train.eval_tasks=mqar parallel.pp=2", "the whole model on every rank, and parallel.pp=2 splits it"),
 ])
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
