@@ -583,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     status = 0
     if args.check or args.check_only:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"  # the checks compare float32 paths to rounding
         for check in run_checks(device, small=args.tiny):
             print(check.line(), flush=True)
             status = 1 if check.passed is False else status
@@ -601,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     run_cfg = next(iter(configs.values()))
+    # as the training job sets it (override train.fp32_matmul=tf32 for tensor-core float32 matmuls)
+    torch.backends.cuda.matmul.fp32_precision = run_cfg.train.fp32_matmul
     args.checkpointing = (run_cfg.train.activation_checkpointing if args.activation_checkpointing == "config"
                           else args.activation_checkpointing == "on")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -614,8 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# settings: seq {args.seq}, batch {batch}, {precision}, attention {flash}, memory kernel "
           f"{kernel} (fallback {args.fallback_kernel}), activation "
           f"checkpointing {'on' if args.checkpointing else 'off'}, up to {args.repeats} timed steps per row "
-          f"(median) within {args.row_budget_s:g} s, no optimizer step, float32 matmul precision "
-          f"{torch.get_float32_matmul_precision()}")
+          f"(median) within {args.row_budget_s:g} s, no optimizer step, float32 matmuls "
+          f"{run_cfg.train.fp32_matmul} (train.fp32_matmul)")
     card_text = f"{card / 1e12:,.0f} TFLOP/s dense bf16 ({card_source})" if card else card_source
     print(f"# card peak: {card_text}; roof: {roof_size}^3 "
           f"{str(dtype).split('.')[-1]} matmul in this process, {roof / 1e12:,.2f} TFLOP/s")

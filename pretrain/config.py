@@ -62,6 +62,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or "fp32", "bf16"
+    # float32 matmuls on CUDA (the memory's state and update stay float32 under bf16 autocast): "ieee", or
+    # "tf32" (tensor cores, inputs rounded to a 10-bit mantissa; the Triton memory kernel follows it)
+    fp32_matmul: str = "ieee"
     activation_checkpointing: bool = False
     log_every: int = 10
     eval_every: int = 100  # 0: no validation
@@ -250,6 +253,8 @@ def validate(cfg: RunConfig) -> None:
     validate_eval_tasks(cfg)
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.fp32_matmul not in ("ieee", "tf32"):
+        raise ConfigError(f"train.fp32_matmul must be ieee or tf32, got {t.fp32_matmul!r}")
     if not 0 <= t.warmup_steps < t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
     if not 0 <= t.min_lr_ratio <= 1:

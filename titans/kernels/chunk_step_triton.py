@@ -8,8 +8,9 @@ Layout: one program per row N (one batch·head memory) and one chunk. The progra
 with H = hidden) is walked in tiles of BLOCK_HIDDEN hidden units (layer 1's columns, layer 2's rows), so
 a program holds a few (D, BLOCK_HIDDEN) blocks at a time, never the whole state (at the paper's head 64
 and hidden 256 that would be 256 KiB in float32, beyond a program's registers and shared memory); a
-depth-1 state (D, D) is loaded whole. Every matmul is a `tl.dot` in IEEE precision (no TF32: the results
-must equal the torch path to fp32 rounding). The forward sums the read y = M(q) and M(k) over the tiles,
+depth-1 state (D, D) is loaded whole. Every matmul is a `tl.dot` in IEEE precision (the results equal the
+torch path to fp32 rounding), or in TF32 on tensor cores when torch's float32 matmuls are set to TF32
+(`dot_precision`). The forward sums the read y = M(q) and M(k) over the tiles,
 forms the per-token gradient of ‖M(k_i) − v_i‖² at the output (`_last_gradient`), takes a second walk for
 the surprise clipping's norms when clipping is on, and a last one that writes each tile's new weights and
 momentum; per-token gradients are never formed, as in the torch path (one `X_lᵀ diag(w) G_l` matmul per
@@ -23,7 +24,7 @@ d, c, eta_prod, beta, gamma and of the start state.
 
 Limits: depth 1 or 2; float32 or float64; b, head_dim and hidden must be powers of two and at least 16
 (`tl.arange` needs powers of two, `tl.dot` tiles of at least 16). Recomputing the tile activations in
-each walk trades FLOPs for registers; the tile size and a TF32/bf16 `tl.dot` are for tuning on a GPU.
+each walk trades FLOPs for registers; the tile size is for tuning on a GPU.
 Verified in Triton's CPU interpreter; `memory_kernel: triton` (`ScanOptions.kernel`) runs it in the scans.
 """
 
@@ -43,8 +44,9 @@ BLOCK_HIDDEN = 64
 
 
 @triton.jit
-def _dot(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with float32 inputs rounded as PREC says: "ieee" (exact float32) or "tf32" (tensor cores)."""
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -123,7 +125,7 @@ def _load_chunk(q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr,
 
 @triton.jit
 def _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr,
-                 DEPTH: tl.constexpr):
+                 DEPTH: tl.constexpr, PREC: tl.constexpr):
     """M(q) and M(k) before the residual norm, and ‖X_2,i‖² (the hidden activations of k; zeros at depth
     1). Depth 2 sums the second layer over hidden tiles, so no program holds a whole state matrix."""
     if DEPTH == 2:
@@ -132,24 +134,24 @@ def _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D: tl.constexpr, H: tl.constexpr, BH
         xx2 = tl.sum(h, axis=1)
         for j in range(0, H, BH):
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
-            xq2, _, _ = _silu_parts(_dot(q, w1))
-            hq += _dot(xq2, w2)
-            x2, _, _ = _silu_parts(_dot(k, w1))
-            h += _dot(x2, w2)
+            xq2, _, _ = _silu_parts(_dot(q, w1, PREC))
+            hq += _dot(xq2, w2, PREC)
+            x2, _, _ = _silu_parts(_dot(k, w1, PREC))
+            h += _dot(x2, w2, PREC)
             xx2 += tl.sum(x2 * x2, axis=1)
     else:
         w1 = _load_row(w1_ptr, pid, D, H)
-        hq = _dot(q, w1)
-        h = _dot(k, w1)
+        hq = _dot(q, w1, PREC)
+        h = _dot(k, w1, PREC)
         xx2 = tl.sum(h, axis=1) * 0.0
     return hq, h, xx2
 
 
 @triton.jit
-def _key_tile(k, g_last, w1, w2):
+def _key_tile(k, g_last, w1, w2, PREC: tl.constexpr):
     """Layer 1 of M(k) on one hidden tile: X_2 = SiLU(z_1), SiLU'(z_1), SiLU''(z_1), G_2 W_2ᵀ and G_1."""
-    x2, ds1, dds1 = _silu_parts(_dot(k, w1))
-    back = _dot(g_last, tl.trans(w2))
+    x2, ds1, dds1 = _silu_parts(_dot(k, w1, PREC))
+    back = _dot(g_last, tl.trans(w2), PREC)
     return x2, ds1, dds1, back, back * ds1
 
 
@@ -167,7 +169,7 @@ def _last_gradient(h, k, v, eps, D: tl.constexpr, RESIDUAL: tl.constexpr):
 
 @triton.jit
 def _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D: tl.constexpr, H: tl.constexpr,
-                BH: tl.constexpr, DEPTH: tl.constexpr):
+                BH: tl.constexpr, DEPTH: tl.constexpr, PREC: tl.constexpr):
     """s_i = min(1, τ/r_i), r_i = √max(ρ_i, 1e-30), ρ_i = Σ_l ‖X_l,i‖²‖G_l,i‖² (‖x_iᵀ g_i‖_F = ‖x_i‖·‖g_i‖
     per layer), with ‖X_1‖², ‖G_1‖², ‖G_2‖², ρ, r and τ/r for the backward."""
     xx1 = tl.sum(k * k, axis=1)
@@ -176,7 +178,7 @@ def _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D: tl.constexpr, 
         gg1 = xx1 * 0.0
         for j in range(0, H, BH):
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
-            _, _, _, _, g1 = _key_tile(k, g_last, w1, w2)
+            _, _, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
             gg1 += tl.sum(g1 * g1, axis=1)
         sq = xx1 * gg1 + xx2 * gg2
     else:
@@ -192,14 +194,14 @@ def _chunk_forward_kernel(
     q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
     const_ptr, y_ptr, nw1_ptr, nw2_ptr, ns1_ptr, ns2_ptr,
     B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
-    RESIDUAL: tl.constexpr, CLIP: tl.constexpr,
+    RESIDUAL: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     eps, max_norm, q, k, v, d, c, eta, beta, gamma = _load_chunk(
         q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, const_ptr, pid, B, D)
 
     # read y = M(q) with the chunk-start weights; M(k) for the per-token backward of ‖M(k_i) − v_i‖²
-    hq, h, xx2 = _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D, H, BH, DEPTH)
+    hq, h, xx2 = _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D, H, BH, DEPTH, PREC)
     if RESIDUAL:
         nq, _ = _normalise(hq, eps, D)
         hq = q + nq
@@ -208,7 +210,8 @@ def _chunk_forward_kernel(
 
     wd, wc = d, c
     if CLIP:
-        scale, _, _, _, _, _, _ = _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D, H, BH, DEPTH)
+        scale, _, _, _, _, _, _ = _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D, H, BH, DEPTH,
+                                              PREC)
         wd, wc = d * scale, c * scale
 
     # the update S' = η̄ S − X_lᵀ diag(w^d) G_l, W' = β W + γ S − X_lᵀ diag(w^c) G_l, tile by tile
@@ -217,24 +220,30 @@ def _chunk_forward_kernel(
         for j in range(0, H, BH):
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
             s1, s2 = _load_tile(s1_ptr, s2_ptr, pid, j, D, H, BH)
-            x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2)
+            x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
             x2t = tl.trans(x2)
-            _store_tile(ns1_ptr, ns2_ptr, pid, j, eta * s1 - _dot(kt, wd[:, None] * g1),
-                        eta * s2 - _dot(x2t, wd[:, None] * g_last), D, H, BH)
-            _store_tile(nw1_ptr, nw2_ptr, pid, j, beta * w1 + gamma * s1 - _dot(kt, wc[:, None] * g1),
-                        beta * w2 + gamma * s2 - _dot(x2t, wc[:, None] * g_last), D, H, BH)
+            _store_tile(ns1_ptr, ns2_ptr, pid, j, eta * s1 - _dot(kt, wd[:, None] * g1, PREC),
+                        eta * s2 - _dot(x2t, wd[:, None] * g_last, PREC), D, H, BH)
+            _store_tile(nw1_ptr, nw2_ptr, pid, j, beta * w1 + gamma * s1 - _dot(kt, wc[:, None] * g1, PREC),
+                        beta * w2 + gamma * s2 - _dot(x2t, wc[:, None] * g_last, PREC), D, H, BH)
     else:
         w1 = _load_row(w1_ptr, pid, D, H)
         s1 = _load_row(s1_ptr, pid, D, H)
-        _store_row(ns1_ptr, pid, eta * s1 - _dot(kt, wd[:, None] * g_last), D, H)
-        _store_row(nw1_ptr, pid, beta * w1 + gamma * s1 - _dot(kt, wc[:, None] * g_last), D, H)
+        _store_row(ns1_ptr, pid, eta * s1 - _dot(kt, wd[:, None] * g_last, PREC), D, H)
+        _store_row(nw1_ptr, pid, beta * w1 + gamma * s1 - _dot(kt, wc[:, None] * g_last, PREC), D, H)
 
 
 @triton.jit
-def _g1_bar(k, g1, a1, b1, wd, wc, clip_g1):
+def _x_bar(g, a, b, wd, wc, PREC: tl.constexpr):
+    """X̄_l = −(w^d ⊙ G_l A_lᵀ + w^c ⊙ G_l B_lᵀ): the weighted sums' backward into the layer's input."""
+    return -(wd[:, None] * _dot(g, tl.trans(a), PREC) + wc[:, None] * _dot(g, tl.trans(b), PREC))
+
+
+@triton.jit
+def _g1_bar(k, g1, a1, b1, wd, wc, clip_g1, PREC: tl.constexpr):
     """Ḡ_1 = −(w^d ⊙ X_1 A_1 + w^c ⊙ X_1 B_1) (+ the clipping term 2ρ̄‖X_1‖² G_1), with X_1 A_1, X_1 B_1."""
-    xa1 = _dot(k, a1)
-    xb1 = _dot(k, b1)
+    xa1 = _dot(k, a1, PREC)
+    xb1 = _dot(k, b1, PREC)
     return -(wd[:, None] * xa1 + wc[:, None] * xb1) + clip_g1[:, None] * g1, xa1, xb1
 
 
@@ -245,7 +254,7 @@ def _chunk_backward_kernel(
     gq_ptr, gk_ptr, gv_ptr, gd_ptr, gc_ptr, geta_ptr, gbeta_ptr, ggamma_ptr, gw1_ptr, gw2_ptr, gs1_ptr,
     gs2_ptr,
     B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
-    RESIDUAL: tl.constexpr, CLIP: tl.constexpr,
+    RESIDUAL: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
 ):
     """The derivation of `chunk_step_reference` in four passes over the hidden tiles (one at depth 1):
     what needs a sum over the hidden dimension (M's outputs, w̄, X̄_1, X_2 A_2, Ḡ_2) is accumulated
@@ -256,7 +265,7 @@ def _chunk_backward_kernel(
     gy = _load_row(gy_ptr, pid, B, D)
 
     # pass 1: the MLP's outputs on q and k; the read's output gradient, G_L and the clipping scale
-    hq, h, xx2 = _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D, H, BH, DEPTH)
+    hq, h, xx2 = _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D, H, BH, DEPTH, PREC)
     gq = tl.zeros_like(q)
     ghq = gy
     if RESIDUAL:  # y = q + LN(h_q)
@@ -268,7 +277,7 @@ def _chunk_backward_kernel(
     zero_rows = tl.sum(k, axis=1) * 0.0
     if CLIP:
         scale, xx1, gg1, gg2, sq, r, ratio = _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm,
-                                                         D, H, BH, DEPTH)
+                                                         D, H, BH, DEPTH, PREC)
         wd, wc = d * scale, c * scale
 
     # pass 2: w̄^d, w̄^c and X̄_1 (sums over hidden), X_2 A_2 and X_2 B_2 (cotangents −A_l for w^d, −B_l
@@ -283,23 +292,23 @@ def _chunk_backward_kernel(
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
             a1, a2 = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)  # A_l: gradient of the new momentum
             b1, b2 = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)  # B_l: gradient of the new weights
-            x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2)
-            _, xa1, xb1 = _g1_bar(k, g1, a1, b1, wd, wc, zero_rows)
+            x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
+            _, xa1, xb1 = _g1_bar(k, g1, a1, b1, wd, wc, zero_rows, PREC)
             gwd -= tl.sum(xa1 * g1, axis=1)
             gwc -= tl.sum(xb1 * g1, axis=1)
-            gx1 -= wd[:, None] * _dot(g1, tl.trans(a1)) + wc[:, None] * _dot(g1, tl.trans(b1))
-            xa2 += _dot(x2, a2)
-            xb2 += _dot(x2, b2)
+            gx1 += _x_bar(g1, a1, b1, wd, wc, PREC)
+            xa2 += _dot(x2, a2, PREC)
+            xb2 += _dot(x2, b2, PREC)
         gwd -= tl.sum(xa2 * g_last, axis=1)
         gwc -= tl.sum(xb2 * g_last, axis=1)
         g_last_bar = -(wd[:, None] * xa2 + wc[:, None] * xb2)
     else:
         a1 = _load_row(gns1_ptr, pid, D, H)
         b1 = _load_row(gnw1_ptr, pid, D, H)
-        g_last_bar, xa1, xb1 = _g1_bar(k, g_last, a1, b1, wd, wc, zero_rows)
+        g_last_bar, xa1, xb1 = _g1_bar(k, g_last, a1, b1, wd, wc, zero_rows, PREC)
         gwd = -tl.sum(xa1 * g_last, axis=1)
         gwc = -tl.sum(xb1 * g_last, axis=1)
-        gx1 = -(wd[:, None] * _dot(g_last, tl.trans(a1)) + wc[:, None] * _dot(g_last, tl.trans(b1)))
+        gx1 = _x_bar(g_last, a1, b1, wd, wc, PREC)
     clip_g1 = zero_rows
     clip_x2 = zero_rows
     if CLIP:  # through s = min(1, τ/r), r = √max(ρ, 1e-30)
@@ -323,9 +332,9 @@ def _chunk_backward_kernel(
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
             a1, _ = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)
             b1, _ = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)
-            _, ds1, _, _, g1 = _key_tile(k, g_last, w1, w2)
-            gg1_bar, _, _ = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1)
-            g_last_bar += _dot(gg1_bar * ds1, w2)
+            _, ds1, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
+            gg1_bar, _, _ = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1, PREC)
+            g_last_bar += _dot(gg1_bar * ds1, w2, PREC)
 
     # G_L from h, k, v
     if RESIDUAL:  # G_L = J g, g = 2(k + n − v)
@@ -360,20 +369,19 @@ def _chunk_backward_kernel(
             ggamma += _sum_all(s1 * b1) + _sum_all(s2 * b2)
             _store_tile(gs1_ptr, gs2_ptr, pid, j, eta * a1 + gamma * b1, eta * a2 + gamma * b2, D, H, BH)
 
-            xq2, dsq1, _ = _silu_parts(_dot(q, w1))  # the read
-            gw2 = beta * b2 + _dot(tl.trans(xq2), ghq)
-            ghq1 = _dot(ghq, tl.trans(w2)) * dsq1
-            gw1 = beta * b1 + _dot(tl.trans(q), ghq1)
-            gq += _dot(ghq1, tl.trans(w1))
+            xq2, dsq1, _ = _silu_parts(_dot(q, w1, PREC))  # the read
+            gw2 = beta * b2 + _dot(tl.trans(xq2), ghq, PREC)
+            ghq1 = _dot(ghq, tl.trans(w2), PREC) * dsq1
+            gw1 = beta * b1 + _dot(tl.trans(q), ghq1, PREC)
+            gq += _dot(ghq1, tl.trans(w1), PREC)
 
-            x2, ds1, dds1, back, g1 = _key_tile(k, g_last, w1, w2)  # the write
-            gg1_bar, _, _ = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1)
-            gw2 += _dot(tl.trans(gg1_bar * ds1), g_last) + _dot(tl.trans(x2), gh)
-            gx2 = -(wd[:, None] * _dot(g_last, tl.trans(a2)) + wc[:, None] * _dot(g_last, tl.trans(b2)))
-            gx2 += clip_x2[:, None] * x2
-            gz1 = gg1_bar * back * dds1 + (_dot(gh, tl.trans(w2)) + gx2) * ds1
-            gw1 += _dot(tl.trans(k), gz1)
-            gk += _dot(gz1, tl.trans(w1))
+            x2, ds1, dds1, back, g1 = _key_tile(k, g_last, w1, w2, PREC)  # the write
+            gg1_bar, _, _ = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1, PREC)
+            gw2 += _dot(tl.trans(gg1_bar * ds1), g_last, PREC) + _dot(tl.trans(x2), gh, PREC)
+            gx2 = _x_bar(g_last, a2, b2, wd, wc, PREC) + clip_x2[:, None] * x2
+            gz1 = gg1_bar * back * dds1 + (_dot(gh, tl.trans(w2), PREC) + gx2) * ds1
+            gw1 += _dot(tl.trans(k), gz1, PREC)
+            gk += _dot(gz1, tl.trans(w1), PREC)
             _store_tile(gw1_ptr, gw2_ptr, pid, j, gw1, gw2, D, H, BH)
     else:
         w1 = _load_row(w1_ptr, pid, D, H)
@@ -382,9 +390,9 @@ def _chunk_backward_kernel(
         gbeta = _sum_all(w1 * b1)
         ggamma = _sum_all(s1 * b1)
         _store_row(gs1_ptr, pid, eta * a1 + gamma * b1, D, H)
-        gw1 = beta * b1 + _dot(tl.trans(q), ghq) + _dot(tl.trans(k), gh)
-        gq += _dot(ghq, tl.trans(w1))
-        gk += _dot(gh, tl.trans(w1))
+        gw1 = beta * b1 + _dot(tl.trans(q), ghq, PREC) + _dot(tl.trans(k), gh, PREC)
+        gq += _dot(ghq, tl.trans(w1), PREC)
+        gk += _dot(gh, tl.trans(w1), PREC)
         _store_row(gw1_ptr, pid, gw1, D, H)
     tl.store(geta_ptr + pid, geta)
     tl.store(gbeta_ptr + pid, gbeta)
@@ -435,6 +443,13 @@ def _check(opts: ScanOptions, tensors: list[Tensor]) -> tuple[int, int, int]:
     return b, dim, hidden
 
 
+def dot_precision(x: Tensor) -> str:
+    """"tf32" for float32 on CUDA when torch's float32 matmuls use TF32 (`train.fp32_matmul: tf32` sets
+    torch.backends.cuda.matmul.fp32_precision), so the kernel rounds as the torch path does; else "ieee"."""
+    tf32 = x.dtype == torch.float32 and x.device.type == "cuda"
+    return "tf32" if tf32 and torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
+
+
 def _prepare(opts: ScanOptions, tensors: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor, dict]:
     """Contiguous inputs, the constants tensor and the kernels' static arguments."""
     tensors = [t.contiguous() for t in tensors]
@@ -443,7 +458,7 @@ def _prepare(opts: ScanOptions, tensors: tuple[Tensor, ...]) -> tuple[list[Tenso
     consts = torch.tensor([NORM_EPS, max_norm], dtype=tensors[0].dtype, device=tensors[0].device)
     block = min(hidden, BLOCK_HIDDEN) if opts.n_layers == 2 else hidden
     meta = dict(B=b, D=dim, H=hidden, BH=block, DEPTH=opts.n_layers, RESIDUAL=opts.residual_norm,
-                CLIP=opts.max_grad_norm is not None)
+                CLIP=opts.max_grad_norm is not None, PREC=dot_precision(tensors[0]))
     return tensors, consts, meta
 
 
