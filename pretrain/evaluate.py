@@ -109,19 +109,27 @@ def task_accuracy(model: LanguageModel, task: str, distance: int, samples: int =
     """Accuracy of one synthetic task at one distance (tokens), over `samples` sequences."""
     space = space or synthetic.TokenSpace.for_vocab(model.vocab_size)
     values = torch.tensor(space.values)
-    correct, is_value, n = 0, 0, 0
+    by_question, is_value, other_pair, n = 0, 0, 0, 0
     length = 0
     for i, start in enumerate(range(0, samples, batch_size)):
         size = min(batch_size, samples - start)
         batch = make_task(task, size, distance, space, seed * 100_003 + i, n_pairs)
         logits, _ = stream_logits(model, batch.tokens, piece_len, positions=batch.positions)
         predicted = logits.argmax(-1)
-        correct += int((predicted == batch.answers).sum())
+        hit = predicted == batch.answers  # (B, questions in the order asked)
+        by_question = by_question + hit.sum(0)
         is_value += int(torch.isin(predicted, values).sum())
+        # a wrong answer that is another pair's value of the same sample: the values were recalled, not
+        # which key each belongs to (then only the last question, by elimination, comes out right)
+        in_sample = (predicted.unsqueeze(-1) == batch.answers.unsqueeze(-2)).any(-1)
+        other_pair += int((in_sample & ~hit).sum())
         n += batch.answers.numel()
         length = batch.tokens.shape[1]
+    correct = int(by_question.sum())
     return {"accuracy": correct / n, "value_rate": is_value / n, "answers": n, "length": length,
-            "chance": synthetic.value_chance(space)}
+            "chance": synthetic.value_chance(space),
+            "by_question": [int(c) * by_question.numel() / n for c in by_question],
+            "wrong_other_pair": other_pair / (n - correct) if n > correct else 0.0}
 
 
 def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
@@ -179,12 +187,21 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
             per_distance[f"{multiple:g}"] = r
             log(f"{task} at {multiple:g}× span ({distance} tokens, sequences of {r['length']}): accuracy "
                 f"{r['accuracy']:.3f} over {r['answers']} answers (chance {r['chance']:.3f}, value tokens "
-                f"predicted {r['value_rate']:.2f}; {time.perf_counter() - started:.1f}s)")
+                f"predicted {r['value_rate']:.2f}{question_detail(r)}; {time.perf_counter() - started:.1f}s)")
         results[task] = per_distance
     return results
 
 
 # ------------------------------------------------------------------------------------------ reports
+
+
+def question_detail(r: dict[str, Any]) -> str:
+    """Several questions per sample: accuracy by the order asked, and how many wrong answers were another
+    pair's value (the values recalled without their keys)."""
+    if len(r.get("by_question", ())) < 2:
+        return ""
+    return (f"; by question asked {'/'.join(f'{a:.2f}' for a in r['by_question'])}, wrong answers that are "
+            f"another pair's value {r['wrong_other_pair']:.2f}")
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -201,10 +218,15 @@ def to_markdown(results: dict[str, Any]) -> str:
     if rows:
         lines += [f"Distances in multiples of the attention span ({results['attention_span']} tokens); "
                   f"inputs fed in pieces of {results['piece_len']} tokens carrying the memory.", "",
-                  "| task | distance (× span) | distance (tokens) | accuracy | chance "
-                  "| value tokens predicted | answers |", "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {task} | {r['multiple']:g} | {r['distance']} | {r['accuracy']:.3f} "
-                  f"| {r['chance']:.3f} | {r['value_rate']:.2f} | {r['answers']} |" for task, r in rows]
+                  "| task | distance (× span) | distance (tokens) | accuracy | by question asked | wrong: "
+                  "another pair's value | chance | value tokens predicted | answers |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for task, r in rows:
+            by_question = "/".join(f"{a:.2f}" for a in r.get("by_question", ())) or "-"
+            other = f"{r['wrong_other_pair']:.2f}" if "wrong_other_pair" in r else "-"
+            cells = [task, f"{r['multiple']:g}", r["distance"], f"{r['accuracy']:.3f}", by_question, other,
+                     f"{r['chance']:.3f}", f"{r['value_rate']:.2f}", r["answers"]]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
     if "loss_by_position" in results:
         lines += ["", *loss_by_position.markdown(results["loss_by_position"])]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
@@ -206,6 +207,26 @@ def test_task_accuracy_oracle_and_random_model():
     for task in ("needle", "mqar"):
         result = task_accuracy(model, task, 64, samples=16, batch_size=8)
         assert result["accuracy"] <= 0.25 and result["chance"] == pytest.approx(0.1)
+
+
+class FirstValue(Oracle):
+    """Answers every question with the first pair's value: values recalled, not bound to their keys."""
+
+    def logits(self, tokens, states=None):
+        out = torch.zeros(*tokens.shape, 257)
+        out[..., :] = F.one_hot(tokens[:, synthetic.KEY_LEN + 2], 257).float().unsqueeze(1)
+        return out, states
+
+
+def test_mqar_accuracy_by_question_and_confusions():
+    """A model that recalls a sample's values but not which key each belongs to: its wrong answers are all
+    another pair's value, and every question order is right about half the time."""
+    result = task_accuracy(FirstValue(), "mqar", 40, samples=64, batch_size=16, piece_len=4096, n_pairs=2)
+    assert len(result["by_question"]) == 2 and result["wrong_other_pair"] == 1.0
+    assert all(0.3 < a < 0.7 for a in result["by_question"])
+    assert sum(result["by_question"]) / 2 == pytest.approx(result["accuracy"])
+    oracle = task_accuracy(Oracle(), "mqar", 40, samples=6, batch_size=4, piece_len=4096)
+    assert oracle["by_question"] == [1.0] * 8 and oracle["wrong_other_pair"] == 0.0
 
 
 # --------------------------------------------------------------------------------------------- CLI
