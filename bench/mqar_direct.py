@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--theta-max", type=float, default=None,
                    help="the memory's largest inner lr (model.memory_theta_max; default 1/chunk)")
     p.add_argument("--pairs", type=int, default=4, help="key-value pairs per sequence")
+    p.add_argument("--questions", type=int, default=None, help="keys asked per training instance (default "
+                   "all; fewer: the last answer cannot be had by elimination); evaluation asks all")
     p.add_argument("--min-distance", type=int, default=64, help="tokens between the last pair and the "
                    "first question, drawn log-uniformly per step from this ...")
     p.add_argument("--max-distance", type=int, default=512, help="... to this")
@@ -73,10 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         return logits.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
     @torch.no_grad()
-    def accuracy(distance: int) -> float:
+    def accuracy(distance: int) -> str:
+        """Accuracy at `distance`, and by the order the questions were asked when there are several."""
         model.eval()
         test = synthetic.mqar(64, distance, space, n_pairs=a.pairs, seed=10**6)
-        result = synthetic.accuracy(answer_logits(test), test.answers).float().mean().item()
+        hits = synthetic.accuracy(answer_logits(test), test.answers).float()
+        by_question = "/".join(f"{h:.2f}" for h in hits.mean(0).tolist()) if a.pairs > 1 else ""
+        result = f"{hits.mean().item():.3f}" + (f" ({by_question})" if by_question else "")
         model.train()
         return result
 
@@ -85,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.packed:
             tokens, answers = synthetic.training_rows("mqar", a.batch, a.packed + 1, space, seed=step,
                                                       min_distance=a.min_distance, n_pairs=a.pairs,
-                                                      max_distance=a.max_distance, pack=True)
+                                                      max_distance=a.max_distance, pack=True,
+                                                      questions=a.questions)
             logits, _ = model(tokens[:, :-1])
             loss = F.cross_entropy(logits[answers], tokens[:, 1:][answers])
         else:
             distance = int(math.exp(rng.uniform(math.log(a.min_distance), math.log(a.max_distance))))
-            batch = synthetic.mqar(a.batch, distance, space, n_pairs=a.pairs, seed=step)
+            batch = synthetic.mqar(a.batch, distance, space, n_pairs=a.pairs, seed=step,
+                                   questions=a.questions)
             loss = F.cross_entropy(answer_logits(batch).flatten(0, 1), batch.answers.flatten())
         optimizer.zero_grad()
         loss.backward()
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
         if step % a.every == 0 or step == a.steps:
             print(f"step {step} loss {loss.item():.3f} grad norm {norm:.2g} "
-                  f"mqar 2× {accuracy(2 * a.window):.3f} 8× {accuracy(8 * a.window):.3f} "
+                  f"mqar 2× {accuracy(2 * a.window)} 8× {accuracy(8 * a.window)} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
     return 0
 

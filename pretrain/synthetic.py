@@ -118,30 +118,38 @@ def needle(batch: int, distance: int, space: TokenSpace, seed: int = 0, max_offs
     return TaskBatch(tokens, positions, values.unsqueeze(1))
 
 
-def mqar(batch: int, distance: int, space: TokenSpace, n_pairs: int = 8, seed: int = 0) -> TaskBatch:
+def mqar(batch: int, distance: int, space: TokenSpace, n_pairs: int = 8, seed: int = 0,
+         questions: int | None = None) -> TaskBatch:
     """Multi-query associative recall: `n_pairs` pairs `open key assign value close`, filler of
     `distance` tokens, then every key asked for once (random order) as `open key assign value`.
 
     Distinct keys per sample; values are drawn independently (they may repeat). The first question
-    starts `distance` tokens after the last pair.
+    starts `distance` tokens after the last pair. `questions` < n_pairs asks only that many of the keys
+    (the first of the random order): then the last answer cannot be had by elimination, from the values
+    seen without their keys, so every answer needs the key's own value.
     """
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
+    questions = n_pairs if questions is None else questions
+    if not 1 <= questions <= n_pairs:
+        raise ValueError(f"mqar asks 1 to n_pairs={n_pairs} of its keys, got questions={questions}")
     gen = torch.Generator().manual_seed(seed)
     pair_len = KEY_LEN + 4  # open, key, assign, value, close
     question_len = KEY_LEN + 3  # open, key, assign, value
     keys = _distinct_keys(space, batch, n_pairs, gen)  # (B, P, K)
     values = _pick(space.values, (batch, n_pairs), gen)
     order = torch.stack([torch.randperm(n_pairs, generator=gen) for _ in range(batch)])  # question order
+    order = order[:, :questions]
     filler = _pick(space.filler, (batch, distance), gen)
-    col = lambda t: torch.full((batch, n_pairs, 1), t, dtype=torch.long)  # noqa: E731
+    col = lambda t, n=n_pairs: torch.full((batch, n, 1), t, dtype=torch.long)  # noqa: E731
     pairs = torch.cat([col(space.open), keys, col(space.assign), values.unsqueeze(-1), col(space.close)], -1)
     asked_keys = keys.gather(1, order.unsqueeze(-1).expand(-1, -1, KEY_LEN))
     answers = values.gather(1, order)
-    questions = torch.cat([col(space.open), asked_keys, col(space.assign), answers.unsqueeze(-1)], -1)
-    tokens = torch.cat([pairs.flatten(1), filler, questions.flatten(1)], dim=1)
+    asked = torch.cat([col(space.open, questions), asked_keys, col(space.assign, questions),
+                       answers.unsqueeze(-1)], -1)
+    tokens = torch.cat([pairs.flatten(1), filler, asked.flatten(1)], dim=1)
     start = n_pairs * pair_len + distance
-    positions = start + torch.arange(n_pairs) * question_len + KEY_LEN + 1  # the assign tokens
+    positions = start + torch.arange(questions) * question_len + KEY_LEN + 1  # the assign tokens
     return TaskBatch(tokens, positions.expand(batch, -1).clone(), answers)
 
 
@@ -183,14 +191,15 @@ def training_distances(task: str, length: int, min_distance: int = 0,
 
 def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: int,
                   min_distance: int = 0, n_pairs: int = MQAR_TRAINING_PAIRS, max_distance: int = 0,
-                  pack: bool = False) -> tuple[Tensor, Tensor]:
+                  pack: bool = False, questions: int | None = None) -> tuple[Tensor, Tensor]:
     """Synthetic training sequences of exactly `length` tokens, to mix into a text batch.
 
     Returns tokens (rows, length) and `answers` (rows, length - 1) bool over the next-token targets
     (target p is token p + 1): True where the target is an answer, the only tokens worth a loss (the
     filler is noise). Each row draws its distance log-uniformly from `min_distance` to `max_distance`
     (0: the task's minimum / the longest that fits), so training sees answers both inside and far beyond
-    the attention span; filler pads the tail. `n_pairs`: key-value pairs per mqar row.
+    the attention span; filler pads the tail. `n_pairs`: key-value pairs per mqar row, `questions` of
+    them asked (None: all).
 
     `pack`: a row holds task instances back to back, each with its own distance (drawn as above) and keys,
     until the next one would not fit: more answers per row when the distances are short. The memory is
@@ -214,7 +223,7 @@ def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: in
             if task == "needle":
                 made = needle(1, distance, space, seed=row_seed, max_offset=NEEDLE_MAX_OFFSET)
             else:
-                made = mqar(1, distance, space, n_pairs=n_pairs, seed=row_seed)
+                made = mqar(1, distance, space, n_pairs=n_pairs, seed=row_seed, questions=questions)
             n = made.tokens.shape[1]
             if at + n > length:  # only when packing: the first instance always fits
                 break
