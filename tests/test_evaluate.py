@@ -161,14 +161,21 @@ def test_synthetic_answers_are_correct_by_construction(vocab):
             assert tokens[b, needle_at : needle_at + synthetic.KEY_LEN + 3].tolist() == question
             assert p + 1 - (needle_at + synthetic.KEY_LEN + 2) == distance  # value to answer
             assert int(answers[b, 0]) in space.values
-        tokens, positions, answers = synthetic.mqar(5, distance, space, n_pairs=6, seed=distance)
-        assert torch.equal(tokens.gather(1, positions + 1), answers) and tokens.max() < vocab
-        for b in range(5):
-            pairs = tokens[b, : 6 * (synthetic.KEY_LEN + 4)].view(6, -1)
-            table = {tuple(row[1:3].tolist()): int(row[4]) for row in pairs}
-            assert len(table) == 6  # distinct keys
-            for p, a in zip(positions[b].tolist(), answers[b].tolist()):
-                assert table[tuple(tokens[b, p - 2 : p].tolist())] == a
+        for questions in (None, 2):  # every key asked, or 2 of the 6 (the same pairs: one random stream)
+            tokens, positions, answers = synthetic.mqar(5, distance, space, n_pairs=6, seed=distance,
+                                                        questions=questions)
+            assert positions.shape == (5, questions or 6) and tokens.shape[1] == positions[0, -1] + 2
+            assert torch.equal(tokens.gather(1, positions + 1), answers) and tokens.max() < vocab
+            for b in range(5):
+                pairs = tokens[b, : 6 * (synthetic.KEY_LEN + 4)].view(6, -1)
+                table = {tuple(row[1:3].tolist()): int(row[4]) for row in pairs}
+                assert len(table) == 6  # distinct keys
+                asked = [tuple(tokens[b, p - 2 : p].tolist()) for p in positions[b].tolist()]
+                assert len(set(asked)) == len(asked)
+                assert [table[key] for key in asked] == answers[b].tolist()
+    for questions in (0, 7):
+        with pytest.raises(ValueError, match=f"asks 1 to n_pairs=6 of its keys, got questions={questions}"):
+            synthetic.mqar(1, 10, space, n_pairs=6, questions=questions)
     assert torch.equal(synthetic.needle(3, 30, space, seed=1).tokens,
                        synthetic.needle(3, 30, space, seed=1).tokens)
     assert not torch.equal(synthetic.mqar(3, 30, space, seed=1).tokens,
