@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import synthetic  # noqa: E402
+from pretrain.evaluate import fractions  # noqa: E402
 from titans.model import TitansConfig, TitansLM  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         test = synthetic.mqar(64, distance, space, n_pairs=a.pairs, seed=10**6)
         hits = synthetic.accuracy(answer_logits(test), test.answers).float()
-        by_question = "/".join(f"{h:.2f}" for h in hits.mean(0).tolist()) if a.pairs > 1 else ""
+        by_question = fractions(hits.mean(0).tolist()) if a.pairs > 1 else ""
         result = f"{hits.mean().item():.3f}" + (f" ({by_question})" if by_question else "")
         model.train()
         return result

@@ -195,12 +195,17 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
 # ------------------------------------------------------------------------------------------ reports
 
 
+def fractions(values: Iterable[float]) -> str:
+    """0.48/0.98: accuracies by question asked."""
+    return "/".join(f"{a:.2f}" for a in values)
+
+
 def question_detail(r: dict[str, Any]) -> str:
     """Several questions per sample: accuracy by the order asked, and how many wrong answers were another
     pair's value (the values recalled without their keys)."""
     if len(r.get("by_question", ())) < 2:
         return ""
-    return (f"; by question asked {'/'.join(f'{a:.2f}' for a in r['by_question'])}, wrong answers that are "
+    return (f"; by question asked {fractions(r['by_question'])}, wrong answers that are "
             f"another pair's value {r['wrong_other_pair']:.2f}")
 
 
@@ -222,7 +227,7 @@ def to_markdown(results: dict[str, Any]) -> str:
                   "another pair's value | chance | value tokens predicted | answers |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for task, r in rows:
-            by_question = "/".join(f"{a:.2f}" for a in r.get("by_question", ())) or "-"
+            by_question = fractions(r.get("by_question", ())) or "-"
             other = f"{r['wrong_other_pair']:.2f}" if "wrong_other_pair" in r else "-"
             cells = [task, f"{r['multiple']:g}", r["distance"], f"{r['accuracy']:.3f}", by_question, other,
                      f"{r['chance']:.3f}", f"{r['value_rate']:.2f}", r["answers"]]
