@@ -5,7 +5,8 @@
 # then bench/gpu_step.py's step timings for the 760M models, the 760M MAC again with TF32 float32 matmuls
 # (the memory's state and update run in float32 under bf16 autocast) and the 340M models. Why one script:
 # GPU time comes in short sessions, and every step has its own time limit, so a hang or a slow kernel
-# costs one step, not the session. About 9½ minutes at worst on an H100 (the sum of the limits below); usually less.
+# costs one step, not the session. About 9½ minutes at worst on an H100 (the sum of the limits below);
+# usually less.
 #
 #     bench/gpu_checks.sh OUT_DIR        # every step's output in OUT_DIR/<step>.log, OUT_DIR/summary.txt
 #
