@@ -60,21 +60,16 @@ class SyntheticMix:
     """
 
     def __init__(self, text: TokenLoader, rows: int, task: str, seq_len: int, vocab_size: int,
-                 weight: float, seed: int, min_distance: int = 0,
-                 n_pairs: int = synthetic.MQAR_TRAINING_PAIRS, max_distance: int = 0, pack: bool = False
-                 ) -> None:
+                 weight: float, seed: int, **row_options: Any) -> None:
         self.text, self.rows, self.task, self.seq_len = text, rows, task, seq_len
-        self.min_distance, self.max_distance = min_distance, max_distance
-        self.n_pairs, self.pack = n_pairs, pack
+        self.row_options = row_options  # synthetic.training_rows' min_distance, n_pairs, max_distance, pack
         self.space = synthetic.TokenSpace.for_vocab(vocab_size)
         self.weight, self.seed, self.generated = weight, seed, 0
 
     def __iter__(self) -> Iterator[Batch]:
         for text in self.text:
             tokens, answers = synthetic.training_rows(self.task, self.rows, self.seq_len + 1, self.space,
-                                                      seed=self.row_seed(), min_distance=self.min_distance,
-                                                      n_pairs=self.n_pairs, max_distance=self.max_distance,
-                                                      pack=self.pack)
+                                                      seed=self.row_seed(), **self.row_options)
             self.generated += 1
             per_answer = self.weight * self.seq_len / answers.sum(-1, keepdim=True)
             weights = torch.cat([torch.ones(text.shape[0], self.seq_len), answers * per_answer])

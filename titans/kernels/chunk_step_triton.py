@@ -293,7 +293,7 @@ def _chunk_backward_kernel(
             a1, a2 = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)  # A_l: gradient of the new momentum
             b1, b2 = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)  # B_l: gradient of the new weights
             x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
-            _, xa1, xb1 = _g1_bar(k, g1, a1, b1, wd, wc, zero_rows, PREC)
+            xa1, xb1 = _dot(k, a1, PREC), _dot(k, b1, PREC)
             gwd -= tl.sum(xa1 * g1, axis=1)
             gwc -= tl.sum(xb1 * g1, axis=1)
             gx1 += _x_bar(g1, a1, b1, wd, wc, PREC)
