@@ -46,6 +46,10 @@ class DataConfig:
     # true: each synthetic row holds instances back to back until the next would not fit (more answers
     # per row when the distances are short); false: one instance per row, filler after it
     synthetic_pack: bool = False
+    # N > 0: instead of rows of the batch, each step also trains on N separate synthetic sequences, one
+    # instance each from its first token (the memory's initial state, as the evaluation asks), all at one
+    # distance per step: as long as that instance needs, not seq_len. synthetic_rows must be 0.
+    synthetic_sequences: int = 0
 
 
 @dataclass
@@ -264,7 +268,11 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= d.synthetic_rows < d.batch_size:
         raise ConfigError(f"data.synthetic_rows must be in [0, data.batch_size={d.batch_size}) (at least one "
                           f"text sequence per batch), got {d.synthetic_rows}")
-    if d.synthetic_rows:
+    if d.synthetic_sequences < 0:
+        raise ConfigError(f"data.synthetic_sequences must be >= 0, got {d.synthetic_sequences}")
+    if d.synthetic_sequences:
+        validate_synthetic_sequences(cfg)
+    if d.synthetic_rows or d.synthetic_sequences:
         from pretrain import synthetic
 
         try:
@@ -279,6 +287,24 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.synthetic_max_distance={d.synthetic_max_distance} is below the shortest "
                               f"distance {shortest} (data.synthetic_min_distance)")
     validate_parallel(cfg)
+
+
+def validate_synthetic_sequences(cfg: RunConfig) -> None:
+    """data.synthetic_sequences runs a second, shorter batch through the model in each step: one way to
+    mix synthetic tasks in, and a layout where one rank runs a whole batch."""
+    d, p = cfg.data, cfg.parallel
+    if d.synthetic_rows:
+        raise ConfigError(f"data.synthetic_sequences={d.synthetic_sequences} and data.synthetic_rows="
+                          f"{d.synthetic_rows}: choose one way to mix synthetic tasks in")
+    if d.synthetic_pack:
+        raise ConfigError("data.synthetic_pack packs rows of the batch; data.synthetic_sequences holds one "
+                          "instance per sequence: unset one of them")
+    split = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "pp", "sp") if getattr(p, k) > 1]
+    if p.zero_stage:
+        split.append(f"parallel.zero_stage={p.zero_stage}")
+    if split:
+        raise ConfigError(f"data.synthetic_sequences runs a second batch per step, which {', '.join(split)} "
+                          "does not schedule: use data.synthetic_rows")
 
 
 def validate_eval_tasks(cfg: RunConfig) -> None:

@@ -51,29 +51,39 @@ class Batch(NamedTuple):
 
 
 class SyntheticMix:
-    """The text loader's batches with `rows` synthetic retrieval sequences appended (`data.synthetic_*`).
+    """The text loader's batches with synthetic retrieval sequences (`data.synthetic_*`) mixed in.
 
     Why: a model learns to retrieve from its long-term memory only if something in training asks it to;
-    plain text rarely does within a short run. The synthetic rows are trained on their answers only, each
-    row's answers weighing as much as `weight` text sequences. Rows are generated from (seed, dp rank,
-    count), so a resumed run sees exactly the rows it would have seen.
+    plain text rarely does within a short run. The synthetic sequences are trained on their answers only,
+    each sequence's answers weighing as much as `weight` text sequences. Either `rows` rows appended to
+    each text batch (one `Batch`), or, with `separate`, `rows` sequences of their own length yielded before
+    the text batch (a list of two `Batch`es: one step, two forwards). Sequences are generated from (seed,
+    dp rank, count), so a resumed run sees exactly the ones it would have seen.
     """
 
     def __init__(self, text: TokenLoader, rows: int, task: str, seq_len: int, vocab_size: int,
-                 weight: float, seed: int, **row_options: Any) -> None:
+                 weight: float, seed: int, separate: bool = False, **row_options: Any) -> None:
         self.text, self.rows, self.task, self.seq_len = text, rows, task, seq_len
+        self.separate = separate
         self.row_options = row_options  # synthetic.training_rows' min_distance, n_pairs, max_distance, pack
         self.space = synthetic.TokenSpace.for_vocab(vocab_size)
         self.weight, self.seed, self.generated = weight, seed, 0
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | list[Batch]]:
         for text in self.text:
-            tokens, answers = synthetic.training_rows(self.task, self.rows, self.seq_len + 1, self.space,
-                                                      seed=self.row_seed(), **self.row_options)
+            if self.separate:
+                tokens, answers = synthetic.instance_batch(self.task, self.rows, self.seq_len + 1, self.space,
+                                                           seed=self.row_seed(), **self.row_options)
+            else:
+                tokens, answers = synthetic.training_rows(self.task, self.rows, self.seq_len + 1, self.space,
+                                                          seed=self.row_seed(), **self.row_options)
             self.generated += 1
-            per_answer = self.weight * self.seq_len / answers.sum(-1, keepdim=True)
-            weights = torch.cat([torch.ones(text.shape[0], self.seq_len), answers * per_answer])
-            yield Batch(torch.cat([text, tokens]), weights)
+            weights = answers * (self.weight * self.seq_len / answers.sum(-1, keepdim=True))
+            if self.separate:
+                yield [Batch(tokens, weights), Batch(text, None)]
+            else:
+                yield Batch(torch.cat([text, tokens]), torch.cat([torch.ones(text.shape[0], self.seq_len),
+                                                                  weights]))
 
     def row_seed(self) -> int:
         """A seed per (seed, batch count): torch's generator keeps only 32 bits, so hash, do not shift."""
@@ -128,9 +138,12 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
 
 def _with_synthetic(loader: TokenLoader, cfg: RunConfig, dp_rank: int) -> TokenLoader | SyntheticMix:
     d = cfg.data
-    if not d.synthetic_rows:
+    if not d.synthetic_rows and not d.synthetic_sequences:
         return loader
-    return SyntheticMix(loader, d.synthetic_rows, d.synthetic_task, d.seq_len, cfg.model.vocab_size,
-                        d.synthetic_weight, seed=d.seed * 65_537 + dp_rank,
-                        min_distance=d.synthetic_min_distance, n_pairs=d.synthetic_pairs,
-                        max_distance=d.synthetic_max_distance, pack=d.synthetic_pack)
+    options: dict[str, Any] = {"min_distance": d.synthetic_min_distance, "n_pairs": d.synthetic_pairs,
+                               "max_distance": d.synthetic_max_distance}
+    if not d.synthetic_sequences:
+        options["pack"] = d.synthetic_pack
+    return SyntheticMix(loader, d.synthetic_rows or d.synthetic_sequences, d.synthetic_task, d.seq_len,
+                        cfg.model.vocab_size, d.synthetic_weight, seed=d.seed * 65_537 + dp_rank,
+                        separate=bool(d.synthetic_sequences), **options)

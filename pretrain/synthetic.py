@@ -234,3 +234,30 @@ def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: in
                 break
         tokens[r, at:] = _pick(space.filler, (length - at,), gen)
     return tokens, answers
+
+
+def instance_batch(task: str, batch: int, length: int, space: TokenSpace, seed: int, min_distance: int = 0,
+                   n_pairs: int = MQAR_TRAINING_PAIRS, max_distance: int = 0, questions: int | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """`batch` separate task sequences, one instance each from the sequence's first token, all at one
+    distance drawn log-uniformly as in `training_rows` (for rows of `length` tokens). Returns tokens
+    (batch, n + 1), n + 1 the instance's length, and `answers` (batch, n) bool over the next-token targets.
+
+    Why not rows of the text batch: every instance starts on the memory's initial state, as the evaluation
+    asks it, and a step holds as many instances as it has sequences, at the tokens their distance needs.
+    """
+    min_distance, longest = training_distances(task, length, min_distance, n_pairs)
+    max_distance = min(longest, max_distance) if max_distance else longest
+    if max_distance < min_distance:
+        raise ValueError(f"synthetic max distance {max_distance} is below the min distance {min_distance}")
+    gen = torch.Generator().manual_seed(seed)
+    u = float(torch.rand((), generator=gen))
+    distance = min(max_distance, int(math.exp(math.log(min_distance)
+                                              + u * (math.log(max_distance) - math.log(min_distance)))))
+    row_seed = int(torch.randint(2**62, (), generator=gen))
+    if task == "needle":
+        made = needle(batch, distance, space, seed=row_seed, max_offset=NEEDLE_MAX_OFFSET)
+    else:
+        made = mqar(batch, distance, space, n_pairs=n_pairs, seed=row_seed, questions=questions)
+    answers = torch.zeros(batch, made.tokens.shape[1] - 1, dtype=torch.bool)
+    return made.tokens, answers.scatter_(1, made.positions, True)

@@ -44,6 +44,7 @@ from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data import Batch, build_loaders
 from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, peak_flops
+from pretrain.loss import loss_denominator
 from titans.flops import training_flops_per_token
 from titans.model import num_parameters
 
@@ -107,6 +108,15 @@ def recall_accuracy(engine: Engine, cfg: RunConfig) -> dict[str, float]:
 
 def as_batch(batch: torch.Tensor | Batch) -> Batch:
     return batch if isinstance(batch, Batch) else Batch(batch, None)
+
+
+def as_parts(batch: torch.Tensor | Batch | list[Batch]) -> list[tuple[Batch, float]]:
+    """A loader's item as the batches of one micro-step, each with its share of the micro-step's loss:
+    its weight total over all of theirs, so that their losses add up to the weighted mean over every
+    target, as if they were one batch (`data.synthetic_sequences` yields two of different lengths)."""
+    parts = batch if isinstance(batch, list) else [as_batch(batch)]
+    totals = [float(loss_denominator(p.tokens[:, 1:], p.weights)) for p in parts]
+    return [(p, w / sum(totals)) for p, w in zip(parts, totals, strict=True)]
 
 
 def rng_state() -> dict[str, Any]:
@@ -316,10 +326,13 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
             m.record_stats = log_now
         loss_sum, held = 0.0, False
         for micro in range(t.grad_accum):
-            batch = as_batch(next(data_iter)).to(mesh.device, non_blocking=True)
-            loss = engine.forward_backward(batch, 1.0 / t.grad_accum, last=micro == t.grad_accum - 1)
-            if loss is not None:
-                loss_sum, held = loss_sum + loss.item(), True
+            parts = as_parts(next(data_iter))
+            for i, (batch, share) in enumerate(parts):  # the last part of the last micro-step syncs
+                last = micro == t.grad_accum - 1 and i == len(parts) - 1
+                loss = engine.forward_backward(batch.to(mesh.device, non_blocking=True),
+                                               share / t.grad_accum, last)
+                if loss is not None:
+                    loss_sum, held = loss_sum + share * loss.item(), True
         loss_value = mesh.replica_mean(loss_sum / t.grad_accum if held else 0.0)
         grad_norm = engine.step(t.grad_clip, apply=math.isfinite(loss_value))
         if not math.isfinite(grad_norm):  # a finite loss can still backpropagate inf/nan

@@ -69,6 +69,24 @@ def test_pairs_and_max_distance_are_checked():
         synthetic.training_rows("mqar", 1, 513, SPACE, seed=0, min_distance=64, max_distance=32)
 
 
+@pytest.mark.parametrize("task", synthetic.TRAINING_TASKS)
+def test_instance_batch_starts_every_instance_at_the_first_token(task):
+    """data.synthetic_sequences: one instance per sequence from its first token, as the evaluation asks
+    (mqar: the pairs first), all at the step's distance, so the sequences are as long as it needs."""
+    tokens, answers = synthetic.instance_batch(task, 8, 2049, SPACE, seed=4, n_pairs=2, max_distance=300)
+    assert tokens.shape[0] == 8 and answers.shape == (8, tokens.shape[1] - 1) and tokens.shape[1] < 340
+    assert (answers.sum(-1) == (1 if task == "needle" else 2)).all()
+    if task == "mqar":
+        assert (tokens[:, 0] == SPACE.open).all()
+        want = synthetic.mqar(8, tokens.shape[1] - 22, SPACE, n_pairs=2, seed=0)  # the same layout
+        assert torch.equal(answers.nonzero()[:, 1], want.positions.flatten())
+    lengths = {synthetic.instance_batch(task, 2, 2049, SPACE, seed=seed, n_pairs=2)[0].shape[1]
+               for seed in range(8)}
+    assert len(lengths) > 4  # the distance is drawn per call
+    assert torch.equal(tokens, synthetic.instance_batch(task, 8, 2049, SPACE, seed=4, n_pairs=2,
+                                                        max_distance=300)[0])
+
+
 class FakeText:
     """A text loader stand-in with a resumable position."""
 
@@ -104,6 +122,16 @@ def test_mix_appends_weighted_rows_and_resumes_exactly():
         assert torch.equal(want.tokens, got.tokens) and torch.equal(want.weights, got.weights)
     other_rank = SyntheticMix(FakeText(3, 65), 2, "needle", 64, 257, 1.0, seed=6)
     assert not torch.equal(next(iter(other_rank)).tokens[3:], first.tokens[3:])
+
+
+def test_mix_yields_separate_sequences_before_the_text():
+    mix = SyntheticMix(FakeText(2, 65), rows=4, task="mqar", seq_len=64, vocab_size=257, weight=0.5, seed=5,
+                       separate=True, n_pairs=2)
+    synthetic_part, text = next(iter(mix))
+    assert text.weights is None and text.tokens.shape == (2, 65)
+    assert synthetic_part.tokens.shape[0] == 4 and synthetic_part.weights.shape[0] == 4
+    assert synthetic_part.weights.sum(-1).tolist() == [32.0] * 4  # each weighs half a text sequence
+    assert ((synthetic_part.weights > 0).sum(-1) == 2).all()
 
 
 def test_weighted_loss_is_the_weighted_mean_of_token_losses():

@@ -15,6 +15,7 @@ import torch
 from run_helpers import small_config
 
 import pretrain.engine as engine_module
+from pretrain import synthetic
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.train import NonFiniteLossError, main, train
@@ -38,6 +39,17 @@ def test_resume_with_synthetic_rows_is_exact(dataset, tmp_path):
     train(small_config(dataset, tmp_path / "split", *mixed, "train.stop_after_steps=4"))
     resumed = train(small_config(dataset, tmp_path / "split", *mixed))
     assert resumed.losses == whole.losses
+
+
+def test_separate_synthetic_sequences_train_as_one_weighted_batch(dataset, tmp_path, monkeypatch):
+    """data.synthetic_sequences: the synthetic batch and the text batch run as two forwards in one step,
+    each loss weighted by its share of the targets' weight: the same step as one batch holding both
+    (made equal here by generating the separate sequences as the rows would be)."""
+    mix = ("data.synthetic_weight=0.5", "train.steps=6")  # shares 4/5 and 1/5
+    rows = train(small_config(dataset, tmp_path / "rows", "data.synthetic_rows=1", "data.batch_size=3", *mix))
+    monkeypatch.setattr(synthetic, "instance_batch", synthetic.training_rows)
+    separate = train(small_config(dataset, tmp_path / "separate", "data.synthetic_sequences=1", *mix))
+    assert separate.losses == pytest.approx(rows.losses, rel=1e-5)
 
 
 def test_activation_checkpointing_trains_the_same(dataset, tmp_path):
@@ -118,6 +130,10 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("data.synthetic_rows=2 data.synthetic_task=mqar data.synthetic_pairs=0", "at least 1 key-value pair"),
     ("data.synthetic_rows=2 data.synthetic_min_distance=64 data.synthetic_max_distance=32",
      "data.synthetic_max_distance=32 is below the shortest distance 64"),
+    ("data.synthetic_sequences=4 data.synthetic_rows=2", "choose one way to mix synthetic tasks in"),
+    ("data.synthetic_sequences=4 data.synthetic_pack=true", "data.synthetic_pack packs rows of the batch"),
+    ("data.synthetic_sequences=4 parallel.tp=2", "which parallel.tp=2 does not schedule"),
+    ("data.synthetic_sequences=-1", "data.synthetic_sequences must be >= 0"),
     ("train.eval_tasks=mqar,copy", "train.eval_tasks: unknown task(s) copy; choose from needle, mqar"),
     ("train.eval_tasks=mqar train.eval_every=0", "train.eval_every=0 turns validation off"),
     ("train.eval_tasks=needle train.eval_task_distances=0,8", "must be positive multiples"),
@@ -139,7 +155,8 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from pretrain.checkpoint import save_checkpoint
+    from pretrain import synthetic
+from pretrain.checkpoint import save_checkpoint
     out = sys.argv[1]
     step = 0
     while True:
