@@ -5,6 +5,7 @@ printed every `--every` steps (64 held-out sequences each, chance 0.10).
 
     python bench/mqar_direct.py                                   # compare_long's LMM shape, 4 pairs
     python bench/mqar_direct.py --pairs 2 --min-distance 16 --steps 600
+    python bench/mqar_direct.py --pairs 2 --min-distance 16 --prefix 256     # pairs after filler
     python bench/mqar_direct.py --layers mac --n-layers 1 --chunk 8 --window 16 --pairs 1 \\
         --min-distance 16 --max-distance 64 --batch 32 --steps 100   # the needle test's shape
 
@@ -31,6 +32,19 @@ from pretrain.evaluate import fractions  # noqa: E402
 from titans.model import TitansConfig, TitansLM  # noqa: E402
 
 
+def with_prefix(batch: synthetic.TaskBatch, most: int, align: int, space: synthetic.TokenSpace, seed: int
+                ) -> synthetic.TaskBatch:
+    """The batch with 0..most-1 filler tokens (a multiple of `align`) before each sequence's instance
+    and the rest of `most - 1` after it, so the sequences keep one length."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = batch.tokens.shape
+    offsets = torch.randint(most, (B,), generator=gen) // align * align
+    tokens = torch.tensor(space.filler)[torch.randint(len(space.filler), (B, T + most - 1), generator=gen)]
+    for b in range(B):
+        tokens[b, int(offsets[b]) : int(offsets[b]) + T] = batch.tokens[b]
+    return synthetic.TaskBatch(tokens, batch.positions + offsets[:, None], batch.answers)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/mqar_direct.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--packed", type=int, default=0, help="N > 0: train on rows of N tokens holding instances "
                    "back to back (the training mix's data.synthetic_pack), --batch rows per step")
+    p.add_argument("--prefix", type=int, default=0, help="N > 0: each training sequence starts with 0..N-1 "
+                   "filler tokens (random per sequence) before its instance, so the pairs are written onto a "
+                   "memory that has already taken writes; evaluation starts at the pairs")
+    p.add_argument("--prefix-align", type=int, default=1, help="round the prefix down to a multiple of this "
+                   "(the memory chunk: pairs start on a chunk boundary)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -99,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             distance = int(math.exp(rng.uniform(math.log(a.min_distance), math.log(a.max_distance))))
             batch = synthetic.mqar(a.batch, distance, space, n_pairs=a.pairs, seed=step,
                                    questions=a.questions)
+            if a.prefix:
+                batch = with_prefix(batch, a.prefix, a.prefix_align, space, seed=step)
             loss = F.cross_entropy(answer_logits(batch).flatten(0, 1), batch.answers.flatten())
         optimizer.zero_grad()
         loss.backward()
