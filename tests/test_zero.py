@@ -56,6 +56,8 @@ def reference(tmp_path_factory):
 def references(tmp_path_factory):
     """1-process plain runs with 2 accumulated micro-batches of WORLD rows, and with bf16 autocast."""
     return {"accum": one_process(tmp_path_factory.mktemp("accum"), WORLD, "train.grad_accum=2"),
+            "separate": one_process(tmp_path_factory.mktemp("separate"), WORLD * MICRO_BATCH,
+                                    f"data.synthetic_sequences={WORLD}"),
             "bf16": one_process(tmp_path_factory.mktemp("bf16"), WORLD * MICRO_BATCH, "train.precision=bf16")}
 
 
@@ -73,6 +75,8 @@ def runs(tmp_path_factory):
              for s in STAGES[1:]]
     # bf16 (the GPU default) through DeepSpeed's torch_autocast mode; autocast works on CPU too
     jobs += [job(f"stage{s}_bf16", tmp / f"bf16{s}", s, "train.precision=bf16") for s in (2, 3)]
+    # data.synthetic_sequences: two forwards per step, the gradients synced after the second
+    jobs.append(job("stage0_separate", tmp / "separate0", 0, "data.synthetic_sequences=1"))
     jobs.append(job("wrong_stage", tmp / "stage0", 2, "train.steps=7", expect_error=True))
     started = time.monotonic()
     results = launch(WORKER, jobs, tmp, WORLD, LAUNCH_TIMEOUT_S)
@@ -95,6 +99,11 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs, referenc
     assert reference.losses[-1] < reference.losses[0]
     for step, val in reference.val_losses.items():
         assert close(got["val_losses"][str(step)], val), (step, got["val_losses"], reference.val_losses)
+
+
+def test_ddp_with_separate_synthetic_sequences_matches_one_process(runs, references):
+    got, want = runs["stage0_separate"]["losses"], references["separate"].losses
+    assert all(close(a, b) for a, b in zip(got, want, strict=True)), (got, want)
 
 
 @pytest.mark.parametrize("stage", STAGES[1:])

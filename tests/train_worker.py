@@ -68,11 +68,39 @@ class GlobalBatches:
         self.consumed = state["batches"]
 
 
+class GlobalSyntheticSequences:
+    """data.synthetic_sequences over dp ranks the same way: global synthetic batch i (one distance, G
+    sequences) generated from the run's seed alone; dp rank r takes its rows [r·G/n, (r+1)·G/n)."""
+
+    def __init__(self, text: GlobalBatches, cfg, rank: int, world: int) -> None:
+        from pretrain.data import SyntheticMix
+
+        d, self.rank, self.world = cfg.data, rank, world
+        self.mix = SyntheticMix(text, d.synthetic_sequences * world, d.synthetic_task, d.seq_len,
+                                cfg.model.vocab_size, d.synthetic_weight, seed=d.seed, separate=True,
+                                n_pairs=d.synthetic_pairs)
+
+    def __iter__(self):
+        for synthetic, text in self.mix:
+            share = self.mix.rows // self.world
+            rows = slice(self.rank * share, (self.rank + 1) * share)
+            yield [type(synthetic)(synthetic.tokens[rows], synthetic.weights[rows]), text]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.mix.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mix.load_state_dict(state)
+
+
 def in_memory_loaders(cfg, dp_rank: int, dp_size: int, barrier=None, is_main=None):
-    """Drop-in for pretrain.data.build_loaders: global batch = data.batch_size × dp_size."""
+    """Drop-in for pretrain.data.build_loaders: global batch = data.batch_size × dp_size (and
+    data.synthetic_sequences × dp_size synthetic sequences)."""
     tokens = corpus_tokens()
     global_batch = cfg.data.batch_size * dp_size
     train = GlobalBatches(tokens, global_batch, cfg.data.seq_len, dp_rank, dp_size)
+    if cfg.data.synthetic_sequences:
+        train = GlobalSyntheticSequences(train, cfg, dp_rank, dp_size)
     val = GlobalBatches(tokens, global_batch, cfg.data.seq_len, dp_rank, dp_size, offset=12345)
 
     def val_batches():
