@@ -284,7 +284,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         mesh.print(f"resumed from {ckpt} at step {step}")
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * mesh.layout.dp
-    flops_per_step = training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(mesh.device) * mesh.world_size
     memories = engine.memories()
     logger = MetricsLogger(out / "tensorboard") if mesh.is_main else None
@@ -292,7 +292,9 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     vocab = padded_vocab(cfg.model.vocab_size, p.tp)
     mesh.print(f"model: {n_params:,} parameters, layers {','.join(cfg.model.layer_kinds)}; "
-               f"{tokens_per_step:,} tokens per step; device {mesh.device}, layout {mesh.layout}"
+               f"{tokens_per_step:,} tokens per step"
+               + (" and the synthetic sequences'" if cfg.data.synthetic_sequences else "")
+               + f"; device {mesh.device}, layout {mesh.layout}"
                + (f", ZeRO stage {p.zero_stage}" if p.zero_stage else "")
                + (f", {p.pp_schedule} schedule" if p.pp > 1 else "")
                + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
@@ -324,10 +326,11 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         log_now = (step + 1) % t.log_every == 0 or step == 0
         for _, m in memories:
             m.record_stats = log_now
-        loss_sum, held = 0.0, False
+        loss_sum, held, step_tokens = 0.0, False, 0
         for micro in range(t.grad_accum):
             parts = as_parts(next(data_iter))
             for i, (batch, share) in enumerate(parts):  # the last part of the last micro-step syncs
+                step_tokens += batch.tokens[:, 1:].numel() * mesh.layout.dp
                 last = micro == t.grad_accum - 1 and i == len(parts) - 1
                 loss = engine.forward_backward(batch.to(mesh.device, non_blocking=True),
                                                share / t.grad_accum, last)
@@ -361,10 +364,10 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         if logger and log_now and math.isfinite(loss_value):
             logger.scalars(step, {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
                                   "train/grad_norm": grad_norm,
-                                  "perf/tokens_per_s": tokens_per_step / elapsed,
-                                  "perf/flops_per_s": flops_per_step / elapsed})
+                                  "perf/tokens_per_s": step_tokens / elapsed,
+                                  "perf/flops_per_s": flops_per_token * step_tokens / elapsed})
             if peak:
-                logger.scalars(step, {"perf/mfu": flops_per_step / elapsed / peak})
+                logger.scalars(step, {"perf/mfu": flops_per_token * step_tokens / elapsed / peak})
             for layer, m in memories:
                 logger.scalars(step, {f"memory/layer{layer}/{k}": v.item() for k, v in m.stats.items()})
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
