@@ -247,6 +247,8 @@ def scalars(results: dict[str, Any]) -> dict[str, float]:
     for task in ("needle", "mqar"):
         for key, r in results.get(task, {}).items():
             out[f"eval/{task}/x{key}"] = r["accuracy"]
+            if len(r.get("by_question", ())) > 1:  # the first answer cannot come by elimination
+                out[f"eval/{task}/x{key}/first"] = r["by_question"][0]
     if "loss_by_position" in results:
         out.update(loss_by_position.scalars(results["loss_by_position"]))
     return out
