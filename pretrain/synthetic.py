@@ -189,6 +189,29 @@ def training_distances(task: str, length: int, min_distance: int = 0,
     return min_distance, length - overhead
 
 
+def distance_range(task: str, length: int, min_distance: int, n_pairs: int, max_distance: int
+                   ) -> tuple[int, int]:
+    """The (shortest, longest) distance a training sequence of `length` tokens draws from:
+    `training_distances`' range, capped at `max_distance` (0: no cap)."""
+    min_distance, longest = training_distances(task, length, min_distance, n_pairs)
+    max_distance = min(longest, max_distance) if max_distance else longest
+    if max_distance < min_distance:
+        raise ValueError(f"synthetic max distance {max_distance} is below the min distance {min_distance}")
+    return min_distance, max_distance
+
+
+def draw_instances(task: str, batch: int, distances: tuple[int, int], space: TokenSpace, gen: torch.Generator,
+                   n_pairs: int, questions: int | None) -> TaskBatch:
+    """`batch` instances of the task at one distance drawn log-uniformly from `distances`, from `gen`."""
+    lo, hi = distances
+    u = float(torch.rand((), generator=gen))
+    distance = min(hi, int(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
+    seed = int(torch.randint(2**62, (), generator=gen))
+    if task == "needle":
+        return needle(batch, distance, space, seed=seed, max_offset=NEEDLE_MAX_OFFSET)
+    return mqar(batch, distance, space, n_pairs=n_pairs, seed=seed, questions=questions)
+
+
 def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: int,
                   min_distance: int = 0, n_pairs: int = MQAR_TRAINING_PAIRS, max_distance: int = 0,
                   pack: bool = False, questions: int | None = None) -> tuple[Tensor, Tensor]:
@@ -206,24 +229,14 @@ def training_rows(task: str, rows: int, length: int, space: TokenSpace, seed: in
     not reset between them; a key may recur in a later instance with a new value, which that instance's
     questions ask for.
     """
-    min_distance, longest = training_distances(task, length, min_distance, n_pairs)
-    max_distance = min(longest, max_distance) if max_distance else longest
-    if max_distance < min_distance:
-        raise ValueError(f"synthetic max distance {max_distance} is below the min distance {min_distance}")
+    distances = distance_range(task, length, min_distance, n_pairs, max_distance)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.empty(rows, length, dtype=torch.long)
     answers = torch.zeros(rows, length - 1, dtype=torch.bool)
-    log_lo, log_hi = math.log(min_distance), math.log(max_distance)
     for r in range(rows):
         at = 0
         while True:
-            u = float(torch.rand((), generator=gen))
-            distance = min(max_distance, int(math.exp(log_lo + u * (log_hi - log_lo))))
-            row_seed = int(torch.randint(2**62, (), generator=gen))
-            if task == "needle":
-                made = needle(1, distance, space, seed=row_seed, max_offset=NEEDLE_MAX_OFFSET)
-            else:
-                made = mqar(1, distance, space, n_pairs=n_pairs, seed=row_seed, questions=questions)
+            made = draw_instances(task, 1, distances, space, gen, n_pairs, questions)
             n = made.tokens.shape[1]
             if at + n > length:  # only when packing: the first instance always fits
                 break
@@ -246,18 +259,7 @@ def instance_batch(task: str, batch: int, length: int, space: TokenSpace, seed: 
     Why not rows of the text batch: every instance starts on the memory's initial state, as the evaluation
     asks it, and a step holds as many instances as it has sequences, at the tokens their distance needs.
     """
-    min_distance, longest = training_distances(task, length, min_distance, n_pairs)
-    max_distance = min(longest, max_distance) if max_distance else longest
-    if max_distance < min_distance:
-        raise ValueError(f"synthetic max distance {max_distance} is below the min distance {min_distance}")
-    gen = torch.Generator().manual_seed(seed)
-    u = float(torch.rand((), generator=gen))
-    distance = min(max_distance, int(math.exp(math.log(min_distance)
-                                              + u * (math.log(max_distance) - math.log(min_distance)))))
-    row_seed = int(torch.randint(2**62, (), generator=gen))
-    if task == "needle":
-        made = needle(batch, distance, space, seed=row_seed, max_offset=NEEDLE_MAX_OFFSET)
-    else:
-        made = mqar(batch, distance, space, n_pairs=n_pairs, seed=row_seed, questions=questions)
+    made = draw_instances(task, batch, distance_range(task, length, min_distance, n_pairs, max_distance),
+                          space, torch.Generator().manual_seed(seed), n_pairs, questions)
     answers = torch.zeros(batch, made.tokens.shape[1] - 1, dtype=torch.bool)
     return made.tokens, answers.scatter_(1, made.positions, True)
