@@ -150,7 +150,8 @@ def markdown(summary: dict[str, dict[str, Any]], distances: list[float]) -> str:
     """The summary table (one row per variant) and the per-bucket loss table (one column per variant)."""
     seeds = max(len(s["seeds"]) for s in summary.values())
     note = f"Mean over {seeds} seeds, (min–max) in brackets." if seeds > 1 else "One seed."
-    head = ["variant", "params", "train tokens", "seeds", "train loss (last 10)", *REGION_NAMES.values(),
+    # batch tokens: data.batch_size × seq_len × steps (data.synthetic_sequences' short sequences come on top)
+    head = ["variant", "params", "batch tokens", "seeds", "train loss (last 10)", *REGION_NAMES.values(),
             *(f"mqar {d:g}×" for d in distances), "s / step", "train s"]
     lines = [note, "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, s in summary.items():
