@@ -33,8 +33,9 @@ def test_resume_gives_the_same_losses_bitwise(dataset, tmp_path):
     assert whole.losses[-1] < whole.losses[0]
 
 
-def test_resume_with_synthetic_rows_is_exact(dataset, tmp_path):
-    mixed = ("data.synthetic_rows=1", "train.steps=8", "train.checkpoint_every=2")
+@pytest.mark.parametrize("mix", ["data.synthetic_rows=1", "data.synthetic_sequences=2"])
+def test_resume_with_synthetic_tasks_is_exact(dataset, tmp_path, mix):
+    mixed = (mix, "train.steps=8", "train.checkpoint_every=2")
     whole = train(small_config(dataset, tmp_path / "whole", *mixed))
     train(small_config(dataset, tmp_path / "split", *mixed, "train.stop_after_steps=4"))
     resumed = train(small_config(dataset, tmp_path / "split", *mixed))
