@@ -158,8 +158,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from pretrain import synthetic
-from pretrain.checkpoint import save_checkpoint
+    from pretrain.checkpoint import save_checkpoint
     out = sys.argv[1]
     step = 0
     while True:
