@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=25, help="evaluate every this many steps")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    if a.prefix and a.packed:
+        p.error("--prefix puts filler before a sequence's one instance; --packed rows hold several")
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)

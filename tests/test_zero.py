@@ -54,7 +54,8 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """1-process plain runs with 2 accumulated micro-batches of WORLD rows, and with bf16 autocast."""
+    """1-process plain runs with 2 accumulated micro-batches of WORLD rows, with bf16 autocast, and with
+    WORLD separate synthetic sequences a step."""
     return {"accum": one_process(tmp_path_factory.mktemp("accum"), WORLD, "train.grad_accum=2"),
             "separate": one_process(tmp_path_factory.mktemp("separate"), WORLD * MICRO_BATCH,
                                     f"data.synthetic_sequences={WORLD}"),
