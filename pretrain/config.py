@@ -289,6 +289,13 @@ def validate(cfg: RunConfig) -> None:
     validate_parallel(cfg)
 
 
+def splitting_fields(p: ParallelConfig, zero_stages: tuple[int, ...]) -> list[str]:
+    """The layout fields, as `parallel.tp=2`, under which a rank does not run whole batches through the
+    whole model: tp, pp or sp > 1, or a ZeRO stage among `zero_stages`."""
+    fields = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "pp", "sp") if getattr(p, k) > 1]
+    return fields + ([f"parallel.zero_stage={p.zero_stage}"] if p.zero_stage in zero_stages else [])
+
+
 def validate_synthetic_sequences(cfg: RunConfig) -> None:
     """data.synthetic_sequences runs a second, shorter batch through the model in each step: one way to
     mix synthetic tasks in, and a layout where one rank runs a whole batch."""
@@ -299,9 +306,7 @@ def validate_synthetic_sequences(cfg: RunConfig) -> None:
     if d.synthetic_pack:
         raise ConfigError("data.synthetic_pack packs rows of the batch; data.synthetic_sequences holds one "
                           "instance per sequence: unset one of them")
-    split = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "pp", "sp") if getattr(p, k) > 1]
-    if p.zero_stage:
-        split.append(f"parallel.zero_stage={p.zero_stage}")
+    split = splitting_fields(p, zero_stages=(1, 2, 3))
     if split:
         raise ConfigError(f"data.synthetic_sequences runs a second batch per step, which {', '.join(split)} "
                           "does not schedule: use data.synthetic_rows")
@@ -324,12 +329,11 @@ def validate_eval_tasks(cfg: RunConfig) -> None:
                           f"{list(t.eval_task_distances)}")
     if t.eval_task_samples < 1:
         raise ConfigError(f"train.eval_task_samples must be >= 1, got {t.eval_task_samples}")
-    split = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.sp": p.sp}
-    split = {k: v for k, v in split.items() if v > 1}
-    if split or p.zero_stage == 3:
-        where = ", ".join(f"{k}={v}" for k, v in split.items()) or "parallel.zero_stage=3"
-        raise ConfigError(f"train.eval_tasks needs the whole model on every rank, and {where} splits it: "
-                          "evaluate the checkpoints instead (python -m pretrain.evaluate --tasks mqar)")
+    split = splitting_fields(p, zero_stages=(3,))
+    if split:
+        raise ConfigError(f"train.eval_tasks needs the whole model on every rank, and {', '.join(split)} "
+                          "splits it: evaluate the checkpoints instead "
+                          "(python -m pretrain.evaluate --tasks mqar)")
 
 
 def validate_sequence_parallel(cfg: RunConfig) -> None:

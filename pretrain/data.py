@@ -65,18 +65,15 @@ class SyntheticMix:
                  weight: float, seed: int, separate: bool = False, **row_options: Any) -> None:
         self.text, self.rows, self.task, self.seq_len = text, rows, task, seq_len
         self.separate = separate
-        self.row_options = row_options  # synthetic.training_rows' min_distance, n_pairs, max_distance, pack
+        self.generate = synthetic.instance_batch if separate else synthetic.training_rows
+        self.row_options = row_options  # the generator's min_distance, n_pairs, max_distance (rows: pack)
         self.space = synthetic.TokenSpace.for_vocab(vocab_size)
         self.weight, self.seed, self.generated = weight, seed, 0
 
     def __iter__(self) -> Iterator[Batch | list[Batch]]:
         for text in self.text:
-            if self.separate:
-                tokens, answers = synthetic.instance_batch(self.task, self.rows, self.seq_len + 1, self.space,
-                                                           seed=self.row_seed(), **self.row_options)
-            else:
-                tokens, answers = synthetic.training_rows(self.task, self.rows, self.seq_len + 1, self.space,
-                                                          seed=self.row_seed(), **self.row_options)
+            tokens, answers = self.generate(self.task, self.rows, self.seq_len + 1, self.space,
+                                            seed=self.row_seed(), **self.row_options)
             self.generated += 1
             weights = answers * (self.weight * self.seq_len / answers.sum(-1, keepdim=True))
             if self.separate:

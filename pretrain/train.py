@@ -114,9 +114,10 @@ def as_parts(batch: torch.Tensor | Batch | list[Batch]) -> list[tuple[Batch, flo
     """A loader's item as the batches of one micro-step, each with its share of the micro-step's loss:
     its weight total over all of theirs, so that their losses add up to the weighted mean over every
     target, as if they were one batch (`data.synthetic_sequences` yields two of different lengths)."""
-    parts = batch if isinstance(batch, list) else [as_batch(batch)]
-    totals = [float(loss_denominator(p.tokens[:, 1:], p.weights)) for p in parts]
-    return [(p, w / sum(totals)) for p, w in zip(parts, totals, strict=True)]
+    if not isinstance(batch, list):  # one batch: its share is all of it, no weight total to sum
+        return [(as_batch(batch), 1.0)]
+    totals = [float(loss_denominator(p.tokens[:, 1:], p.weights)) for p in batch]
+    return [(p, w / sum(totals)) for p, w in zip(batch, totals, strict=True)]
 
 
 def rng_state() -> dict[str, Any]:
