@@ -9,15 +9,26 @@
 # usually less.
 #
 #     bench/gpu_checks.sh OUT_DIR        # every step's output in OUT_DIR/<step>.log, OUT_DIR/summary.txt
+#     bench/gpu_checks.sh OUT_DIR gpu-checks step-340m   # only the steps named (to rerun one, or fit a
+#                                                        # short GPU lease); unknown names are an error
 #
 # Exit status: 0 when every step passed, 1 otherwise (the summary says which).
 set -u
 
+STEPS="environment gpu-checks triton-tests step-760m step-760m-tf32 step-340m"
 if [ $# -lt 1 ]; then
-    echo "usage: $0 OUT_DIR" >&2
+    echo "usage: $0 OUT_DIR [STEP ...]   (steps: $STEPS)" >&2
     exit 2
 fi
 mkdir -p "$1" && out=$(cd "$1" && pwd)
+shift
+for name in "$@"; do
+    case " $STEPS " in
+        *" $name "*) ;;
+        *) echo "$0: unknown step '$name' (steps: $STEPS)" >&2; exit 2 ;;
+    esac
+done
+chosen=" ${*:-$STEPS} "
 cd "$(dirname "$0")/.." || exit 2
 python=${PYTHON:-python}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # compiled kernels; output as it comes
@@ -29,6 +40,7 @@ failed=0
 step() {
     local name=$1 limit=$2
     shift 2
+    [[ $chosen == *" $name "* ]] || return 0
     echo "=== [$((SECONDS - start)) s] $name (limit $limit s): $*"
     local begin=$SECONDS
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
@@ -61,7 +73,7 @@ step step-340m 100 "$python" bench/gpu_step.py --sizes 340m --repeats 5 --row-bu
 
 {
     echo "--- checks that did not pass, and the targets"
-    grep -h -E "^check .*: FAIL|^# target:|^# note:" "$out"/gpu-checks.log "$out"/step-*.log
+    grep -s -h -E "^check .*: FAIL|^# target:|^# note:" "$out"/gpu-checks.log "$out"/step-*.log
     echo "total $((SECONDS - start)) s"
 } | tee -a "$out/summary.txt"
 exit $failed
