@@ -38,6 +38,7 @@ import gc
 import platform
 import shlex
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -321,24 +322,27 @@ def check_flash_attention(device: torch.device, cases: Sequence[tuple] = FLASH_C
     return checks
 
 
-def run_checks(device: torch.device, small: bool) -> list[Check]:
-    """Every correctness check this device can run; the others are listed as skipped, with why."""
-    checks: list[Check] = []
+def run_checks(device: torch.device, small: bool) -> Iterator[Check]:
+    """Every correctness check this device can run, each as it finishes (a slow one shows which, under a
+    time limit); the others are listed as skipped, with why."""
     reason = triton_status()
     if reason is None and device.type != "cuda" and not triton_interpreted():
         reason = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
     if reason is None and device.type == "cuda" and triton_interpreted():
         reason = "TRITON_INTERPRET=1 is set: unset it (or set 0) to check the compiled kernels"
     if reason:
-        checks.append(Check("triton chunk step", None, reason))
+        yield Check("triton chunk step", None, reason)
     else:
-        checks += check_triton_chunk_step(device, SMALL_CHUNK_STEP_SHAPES if small else CHUNK_STEP_SHAPES)
-        checks.append(check_triton_memory(device, small))
-    if device.type == "cuda":
-        checks += check_flash_attention(device, SMALL_FLASH_CASES if small else FLASH_CASES)
+        for shape in SMALL_CHUNK_STEP_SHAPES if small else CHUNK_STEP_SHAPES:
+            yield from check_triton_chunk_step(device, [shape])
+        yield check_triton_memory(device, small)
+    if device.type == "cuda" and attention.flash_attn_func is None:
+        yield from check_flash_attention(device, [])  # the one "skipped", with why
+    elif device.type == "cuda":
+        for case in SMALL_FLASH_CASES if small else FLASH_CASES:
+            yield from check_flash_attention(device, [case])
     else:
-        checks.append(Check("flash attention", None, "needs a CUDA device"))
-    return checks
+        yield Check("flash attention", None, "needs a CUDA device")
 
 
 def first_line(err: BaseException, limit: int = 160) -> str:
@@ -584,8 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     if args.check or args.check_only:
         torch.backends.cuda.matmul.fp32_precision = "ieee"  # the checks compare float32 paths to rounding
+        begin = time.perf_counter()
         for check in run_checks(device, small=args.tiny):
-            print(check.line(), flush=True)
+            print(f"{check.line()}  [{time.perf_counter() - begin:.0f} s]", flush=True)
             status = 1 if check.passed is False else status
         if args.check_only:
             return status

@@ -121,6 +121,6 @@ def test_a_wrong_kernel_fails_the_check(monkeypatch):
 def test_checks_on_gpu():
     """The GPU checks at the paper's shapes: the Triton kernels compiled (only when TRITON_INTERPRET=0:
     otherwise this module set 1, and they are skipped here), flash-attn against the torch path."""
-    checks = gpu_step.run_checks(torch.device("cuda"), small=False)
+    checks = list(gpu_step.run_checks(torch.device("cuda"), small=False))
     print("\n".join(check.line() for check in checks))
     assert not [check for check in checks if check.passed is False], "\n".join(c.line() for c in checks)

@@ -134,9 +134,9 @@ def _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D: tl.constexpr, H: tl.constexpr, BH
         xx2 = tl.sum(h, axis=1)
         for j in range(0, H, BH):
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
-            xq2, _, _ = _silu_parts(_dot(q, w1, PREC))
+            xq2, _dsq1, _ddsq1 = _silu_parts(_dot(q, w1, PREC))
             hq += _dot(xq2, w2, PREC)
-            x2, _, _ = _silu_parts(_dot(k, w1, PREC))
+            x2, _ds1, _dds1 = _silu_parts(_dot(k, w1, PREC))
             h += _dot(x2, w2, PREC)
             xx2 += tl.sum(x2 * x2, axis=1)
     else:
@@ -178,7 +178,7 @@ def _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D: tl.constexpr, 
         gg1 = xx1 * 0.0
         for j in range(0, H, BH):
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
-            _, _, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
+            _x2, _ds1, _dds1, _back, g1 = _key_tile(k, g_last, w1, w2, PREC)
             gg1 += tl.sum(g1 * g1, axis=1)
         sq = xx1 * gg1 + xx2 * gg2
     else:
@@ -203,15 +203,15 @@ def _chunk_forward_kernel(
     # read y = M(q) with the chunk-start weights; M(k) for the per-token backward of ‖M(k_i) − v_i‖²
     hq, h, xx2 = _mlp_outputs(q, k, w1_ptr, w2_ptr, pid, D, H, BH, DEPTH, PREC)
     if RESIDUAL:
-        nq, _ = _normalise(hq, eps, D)
+        nq, _sigma_q = _normalise(hq, eps, D)
         hq = q + nq
     _store_row(y_ptr, pid, hq, B, D)
-    g_last, _, _, _ = _last_gradient(h, k, v, eps, D, RESIDUAL)
+    g_last, _n, _sigma, _g = _last_gradient(h, k, v, eps, D, RESIDUAL)
 
     wd, wc = d, c
     if CLIP:
-        scale, _, _, _, _, _, _ = _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D, H, BH, DEPTH,
-                                              PREC)
+        scale, _xx1, _gg1, _gg2, _rho, _r, _tau_r = _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm,
+                                                                 D, H, BH, DEPTH, PREC)
         wd, wc = d * scale, c * scale
 
     # the update S' = η̄ S − X_lᵀ diag(w^d) G_l, W' = β W + γ S − X_lᵀ diag(w^c) G_l, tile by tile
@@ -220,7 +220,7 @@ def _chunk_forward_kernel(
         for j in range(0, H, BH):
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
             s1, s2 = _load_tile(s1_ptr, s2_ptr, pid, j, D, H, BH)
-            x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
+            x2, _ds1, _dds1, _back, g1 = _key_tile(k, g_last, w1, w2, PREC)
             x2t = tl.trans(x2)
             _store_tile(ns1_ptr, ns2_ptr, pid, j, eta * s1 - _dot(kt, wd[:, None] * g1, PREC),
                         eta * s2 - _dot(x2t, wd[:, None] * g_last, PREC), D, H, BH)
@@ -292,7 +292,7 @@ def _chunk_backward_kernel(
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
             a1, a2 = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)  # A_l: gradient of the new momentum
             b1, b2 = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)  # B_l: gradient of the new weights
-            x2, _, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
+            x2, _ds1, _dds1, _back, g1 = _key_tile(k, g_last, w1, w2, PREC)
             xa1, xb1 = _dot(k, a1, PREC), _dot(k, b1, PREC)
             gwd -= tl.sum(xa1 * g1, axis=1)
             gwc -= tl.sum(xb1 * g1, axis=1)
@@ -330,10 +330,10 @@ def _chunk_backward_kernel(
     if DEPTH == 2:
         for j in range(0, H, BH):
             w1, w2 = _load_tile(w1_ptr, w2_ptr, pid, j, D, H, BH)
-            a1, _ = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)
-            b1, _ = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)
-            _, ds1, _, _, g1 = _key_tile(k, g_last, w1, w2, PREC)
-            gg1_bar, _, _ = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1, PREC)
+            a1, _a2 = _load_tile(gns1_ptr, gns2_ptr, pid, j, D, H, BH)
+            b1, _b2 = _load_tile(gnw1_ptr, gnw2_ptr, pid, j, D, H, BH)
+            _x2, ds1, _dds1, _back, g1 = _key_tile(k, g_last, w1, w2, PREC)
+            gg1_bar, _xa1, _xb1 = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1, PREC)
             g_last_bar += _dot(gg1_bar * ds1, w2, PREC)
 
     # G_L from h, k, v
@@ -369,14 +369,14 @@ def _chunk_backward_kernel(
             ggamma += _sum_all(s1 * b1) + _sum_all(s2 * b2)
             _store_tile(gs1_ptr, gs2_ptr, pid, j, eta * a1 + gamma * b1, eta * a2 + gamma * b2, D, H, BH)
 
-            xq2, dsq1, _ = _silu_parts(_dot(q, w1, PREC))  # the read
+            xq2, dsq1, _ddsq1 = _silu_parts(_dot(q, w1, PREC))  # the read
             gw2 = beta * b2 + _dot(tl.trans(xq2), ghq, PREC)
             ghq1 = _dot(ghq, tl.trans(w2), PREC) * dsq1
             gw1 = beta * b1 + _dot(tl.trans(q), ghq1, PREC)
             gq += _dot(ghq1, tl.trans(w1), PREC)
 
             x2, ds1, dds1, back, g1 = _key_tile(k, g_last, w1, w2, PREC)  # the write
-            gg1_bar, _, _ = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1, PREC)
+            gg1_bar, _xa1, _xb1 = _g1_bar(k, g1, a1, b1, wd, wc, clip_g1, PREC)
             gw2 += _dot(tl.trans(gg1_bar * ds1), g_last, PREC) + _dot(tl.trans(x2), gh, PREC)
             gx2 = _x_bar(g_last, a2, b2, wd, wc, PREC) + clip_x2[:, None] * x2
             gz1 = gg1_bar * back * dds1 + (_dot(gh, tl.trans(w2), PREC) + gx2) * ds1
