@@ -41,6 +41,11 @@ MIN_BLOCK = 16  # tl.dot's smallest tile side
 # Hidden units per tile of a depth-2 state: a program holds four (head_dim, BLOCK_HIDDEN) blocks at a time
 # (W_1, W_2 and their momenta or gradients) instead of the whole state. Read at call time (tests lower it).
 BLOCK_HIDDEN = 64
+# No software pipelining of the hidden-tile loops: Triton's default (3 stages on Hopper) keeps a copy of
+# every tile a loop loads per stage in shared memory, which puts the paper's shape (chunk 64, head 64,
+# hidden 256) over an H100's limit; the loops run 1 to 8 iterations, too few for prefetching to pay.
+# `python -m titans.kernels.cuda_frontend --shared-memory` prints what each kernel needs.
+NUM_STAGES = 1
 
 
 @triton.jit
@@ -458,7 +463,7 @@ def _prepare(opts: ScanOptions, tensors: tuple[Tensor, ...]) -> tuple[list[Tenso
     consts = torch.tensor([NORM_EPS, max_norm], dtype=tensors[0].dtype, device=tensors[0].device)
     block = min(hidden, BLOCK_HIDDEN) if opts.n_layers == 2 else hidden
     meta = dict(B=b, D=dim, H=hidden, BH=block, DEPTH=opts.n_layers, RESIDUAL=opts.residual_norm,
-                CLIP=opts.max_grad_norm is not None, PREC=dot_precision(tensors[0]))
+                CLIP=opts.max_grad_norm is not None, PREC=dot_precision(tensors[0]), num_stages=NUM_STAGES)
     return tensors, consts, meta
 
 

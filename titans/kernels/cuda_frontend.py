@@ -1,37 +1,47 @@
-"""Run the Triton chunk-step kernels through Triton's compiler front end for a CUDA target, on any machine.
+"""Compile the Triton chunk-step kernels for a CUDA target on any machine, GPU or not.
 
-Why: Triton's CPU interpreter (how CI runs the kernels) executes them as Python, so it accepts code the
-compiler refuses, e.g. a loop-carried variable whose type changes inside a loop. That only showed on a
-GPU. The front end (Python AST to Triton IR, where such rules are enforced) needs no GPU, so this
-checks every specialisation the model launches, and CI runs it.
+Why: Triton's CPU interpreter (how CI runs the kernels) executes them as Python, so it accepts what the
+compiler refuses (a loop-carried variable whose type changes inside a loop) and says nothing of what a
+kernel needs from the hardware (shared memory). Both first showed on a GPU. Triton compiles for a named
+target without one (its wheel carries ptxas), so:
 
-    python -m titans.kernels.cuda_frontend        # exit status 1 and the errors when one is refused
+    python -m titans.kernels.cuda_frontend                  # every specialisation through the front end
+    python -m titans.kernels.cuda_frontend --shared-memory  # paper shapes compiled to cubin (minutes each):
+                                                            # shared memory per kernel against the cards'
 
-It must run in a fresh process with TRITON_INTERPRET unset or 0 (`triton.jit` reads it at import); it
-uses Triton's compile pipeline up to the first IR, which is not a public API: where this Triton lacks
-it, the check says so and exits 0.
+The front-end pass (Python AST to Triton IR, where the language's rules are enforced) takes seconds and
+runs in CI. Exit status 1 when a kernel is refused or needs more shared memory than an H100 gives a block.
+It must run in a fresh process (`triton.jit` reads TRITON_INTERPRET at import, so it is set to 0 here
+first). It uses Triton's compile pipeline up to the first IR, which is not a public API: where this
+Triton lacks it, it says so and exits 0.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 os.environ["TRITON_INTERPRET"] = "0"
 
 # (b, D, H): the tests' shapes (tests/test_triton_chunk_step.py) and the paper configs' (head 64,
-# hidden 256, chunk 64); depth 1 has H == D
+# hidden 256, chunk 64), and a wider head; depth 1 has H == D
 SHAPES = ((16, 16, 32), (16, 32, 32), (64, 64, 256), (64, 128, 512))
+PAPER_SHAPE = (64, 64, 256)
+# Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability
+SHARED_MEMORY_LIMITS = {90: ("H100 / H200", 232_448), 80: ("A100", 166_912)}
 
 
-def specialisations() -> Iterator[dict]:
-    """Every constexpr combination the launcher (`chunk_step_triton._prepare`) can produce for SHAPES."""
+def specialisations(shapes: Sequence[tuple[int, int, int]] = SHAPES, depths: Sequence[int] = (1, 2)
+                    ) -> Iterator[dict]:
+    """Every constexpr combination the launcher (`chunk_step_triton._prepare`) can produce for `shapes`."""
     from titans.kernels.chunk_step_triton import BLOCK_HIDDEN
 
     for (b, dim, hidden), depth, residual, clip, dtype in itertools.product(
-            SHAPES, (1, 2), (True, False), (True, False), ("fp32", "fp64")):
+            shapes, depths, (True, False), (True, False), ("fp32", "fp64")):
         hidden = hidden if depth == 2 else dim
         block = min(hidden, BLOCK_HIDDEN) if depth == 2 else hidden
         for prec in ("ieee", "tf32") if dtype == "fp32" else ("ieee",):
@@ -39,17 +49,22 @@ def specialisations() -> Iterator[dict]:
                        PREC=prec, dtype=dtype)
 
 
-def front_end(kernel, meta: dict, capability: int = 90) -> None:
-    """Triton IR for `kernel` specialised by `meta` (pointer arguments of meta["dtype"]); raises the
-    compiler's error when the kernel is refused."""
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
+def kernel_source(kernel, meta: dict):
+    """`kernel` specialised by `meta`'s constexprs, every pointer argument of meta["dtype"]."""
     from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
 
     signature = {p.name: "constexpr" if p.is_constexpr else f"*{meta['dtype']}" for p in kernel.params}
     constants = {name: meta[name] for name, kind in signature.items() if kind == "constexpr"}
-    source = ASTSource(kernel, signature, constexprs=constants)
+    return ASTSource(kernel, signature, constexprs=constants)
+
+
+def front_end(kernel, meta: dict, capability: int = 90) -> None:
+    """Triton IR for the specialised kernel; raises the compiler's error when the kernel is refused."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    source = kernel_source(kernel, meta)
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     options = backend.parse_options(dict(**source.parse_options()))
@@ -60,16 +75,24 @@ def front_end(kernel, meta: dict, capability: int = 90) -> None:
                    context)
 
 
-def main() -> int:
-    try:
-        from triton.compiler.compiler import make_backend  # noqa: F401
+def shared_memory(name: str, meta: dict, capability: int = 90) -> int:
+    """Bytes of shared memory the kernel `name` needs, compiled to cubin for sm_`capability` with the
+    launcher's num_stages."""
+    import triton
+    from triton.backends.compiler import GPUTarget
 
-        from titans.kernels import chunk_step_triton as kernels
-    except ImportError as err:
-        print(f"skipped: {err}")
-        return 0
-    failures = 0
-    count = 0
+    from titans.kernels import chunk_step_triton as kernels
+
+    compiled = triton.compile(kernel_source(getattr(kernels, name), meta),
+                              target=GPUTarget("cuda", capability, 32),
+                              options={"num_stages": kernels.NUM_STAGES})
+    return compiled.metadata.shared
+
+
+def check_front_end() -> int:
+    from titans.kernels import chunk_step_triton as kernels
+
+    failures = count = 0
     for meta in specialisations():
         for kernel in (kernels._chunk_forward_kernel, kernels._chunk_backward_kernel):
             count += 1
@@ -81,6 +104,44 @@ def main() -> int:
                 print(f"REFUSED {kernel.__name__} {meta}: {type(err).__name__}: {' | '.join(lines[-3:])}")
     print(f"{count - failures} of {count} kernel specialisations pass Triton's CUDA front end")
     return 1 if failures else 0
+
+
+def check_shared_memory(workers: int) -> int:
+    """The paper shape's float32 kernels (clipping on: the larger), both dot precisions, for sm_90."""
+    jobs = [(name, meta) for meta in specialisations([PAPER_SHAPE], depths=[2])
+            if meta["dtype"] == "fp32" and meta["RESIDUAL"] and meta["CLIP"]
+            for name in ("_chunk_forward_kernel", "_chunk_backward_kernel")]
+    limit_name, limit = SHARED_MEMORY_LIMITS[90]
+    print(f"compiling {len(jobs)} kernels for sm_90 ({workers} at a time; minutes each)", flush=True)
+    status = 0
+    with ProcessPoolExecutor(workers) as pool:
+        for (name, meta), needed in zip(jobs, pool.map(shared_memory, *zip(*jobs))):
+            fits = ", ".join(f"{'fits' if needed <= cap else 'OVER'} {card} ({cap:,})"
+                             for card, cap in SHARED_MEMORY_LIMITS.values())
+            shape = f"b {meta['B']}, head {meta['D']}, hidden {meta['H']} (tile {meta['BH']}), {meta['PREC']}"
+            print(f"{name}: {needed:,} B shared memory; {fits}  [{shape}]", flush=True)
+            status = 1 if needed > limit else status
+    if status:
+        print(f"a kernel needs more shared memory than an {limit_name} gives a block")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="compile the paper shape's kernels to cubin and print their shared memory")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="kernels compiled at a time with --shared-memory (default: one per core)")
+    args = parser.parse_args(argv)
+    try:
+        from triton.compiler.compiler import make_backend  # noqa: F401
+
+        from titans.kernels import chunk_step_triton  # noqa: F401
+    except ImportError as err:
+        print(f"skipped: {err}")
+        return 0
+    return check_shared_memory(args.workers) if args.shared_memory else check_front_end()
 
 
 if __name__ == "__main__":

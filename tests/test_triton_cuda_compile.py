@@ -1,0 +1,36 @@
+"""The Triton chunk-step kernels compiled for CUDA without a GPU (`titans.kernels.cuda_frontend`).
+
+The interpreter tests (test_triton_chunk_step.py) check the kernels' arithmetic; these check what only the
+compiler sees: the language's rules (every specialisation through the front end, in CI) and, with
+RUN_SLOW=1, the shared memory the paper shape needs against an H100's limit (minutes of compiling).
+Each runs in a subprocess, since `triton.jit` fixed TRITON_INTERPRET=1 when this session imported it.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="triton comes with pip install -e \".[dev]\" (Linux only)")
+
+SLOW = os.environ.get("RUN_SLOW") == "1"
+
+
+def run_check(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    return subprocess.run([sys.executable, "-m", "titans.kernels.cuda_frontend", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_specialisation_passes_the_cuda_front_end():
+    result = run_check(timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped" in result.stdout or " pass Triton's CUDA front end" in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SLOW, reason="compiles the paper shape's kernels to cubin (minutes): RUN_SLOW=1")
+def test_paper_shape_fits_h100_shared_memory():
+    result = run_check("--shared-memory", timeout=1800)
+    assert result.returncode == 0, result.stdout + result.stderr
