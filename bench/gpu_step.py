@@ -1,6 +1,6 @@
 """One GPU, the paper-scale models at 4K tokens: tokens/s, MFU and peak memory of a training step of the
-340M and 760M MAC / MAG / MAL against SWA of the same size, in bf16 with flash attention and the Triton
-memory kernel.
+340M and 760M MAC / MAG / MAL against SWA of the same size, in bf16 with flash attention (flash-attn, or
+torch's FlexAttention where flash-attn is not installed) and the Triton memory kernel.
 
     python bench/gpu_step.py                         # both sizes, every variant, on the CUDA device
     python bench/gpu_step.py --sizes 760m --batch 2 --check
@@ -24,9 +24,9 @@ and MAL share one SWA baseline and MAC, whose FFN is 64 narrower, has its own.
 
 `--check` first runs the GPU correctness checks: the Triton chunk step against the torch chunk step in
 float32 (outputs and every gradient, several shapes, the paper's head included), NeuralMemory with the
-Triton kernel against the torch path, and the flash-attn path of `titans.attention` against its torch
-path (bf16, against a float32 reference). `bench/gpu_checks.sh` runs these, the compiled Triton tests
-and both sizes with time limits.
+Triton kernel against the torch path, and the flash-attn and FlexAttention paths of `titans.attention`
+against its torch path (bf16, against a float32 reference). `bench/gpu_checks.sh` runs these, the compiled
+Triton tests and both sizes with time limits.
 """
 
 from __future__ import annotations
@@ -154,14 +154,15 @@ def triton_interpreted() -> bool:
 
 
 @contextlib.contextmanager
-def flash_attn_as(function: Callable | None) -> Iterator[None]:
-    """titans.attention's flash-attn entry point replaced for the duration (None: the torch path)."""
-    saved = attention.flash_attn_func
-    attention.flash_attn_func = function
+def attention_paths(flash: Callable | None, flex: Callable | None) -> Iterator[None]:
+    """titans.attention's flash-attn and FlexAttention entry points replaced for the duration (None: that
+    path off; both None: the torch path)."""
+    saved = attention.flash_attn_func, attention.flex_attention_func
+    attention.flash_attn_func, attention.flex_attention_func = flash, flex
     try:
         yield
     finally:
-        attention.flash_attn_func = saved
+        attention.flash_attn_func, attention.flex_attention_func = saved
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -259,13 +260,13 @@ def check_triton_memory(device: torch.device, small: bool = False) -> Check:
 
 
 # (name, T, window, persistent P, memory tokens N, memory tokens causal): the block kinds' attention calls
-FLASH_CASES = (("swa (window, no extra keys)", 1024, 512, 0, 0, False),
+ATTENTION_CASES = (("swa (window, no extra keys)", 1024, 512, 0, 0, False),
                ("mag/mal (window + persistent)", 1024, 512, 128, 0, False),
                ("mac segment (persistent + probe tokens)", 512, None, 128, 256, False),
                ("mac v1 (persistent + causal memory tokens)", 512, None, 16, 512, True),
                ("full causal", 1024, None, 0, 0, False))
-SMALL_FLASH_CASES = tuple((name, 64, None if w is None else 32, min(p, 8), min(n, 64) if not c else 64, c)
-                          for name, _, w, p, n, c in FLASH_CASES)
+SMALL_ATTENTION_CASES = tuple((name, 64, None if w is None else 32, min(p, 8), min(n, 64) if not c else 64, c)
+                          for name, _, w, p, n, c in ATTENTION_CASES)
 
 
 def attention_outputs_and_grads(inputs: list[torch.Tensor | None], window: int | None, causal: bool
@@ -279,16 +280,20 @@ def attention_outputs_and_grads(inputs: list[torch.Tensor | None], window: int |
     return [out.detach(), *torch.autograd.grad((out * probe).sum(), leaves)]
 
 
-def check_flash_attention(device: torch.device, cases: Sequence[tuple] = FLASH_CASES,
+def check_fused_attention(device: torch.device, path: str = "flash", cases: Sequence[tuple] = ATTENTION_CASES,
                           dtype: torch.dtype = torch.bfloat16, batch: int = 2, heads: int = 4,
                           head_dim: int = 64) -> list[Check]:
-    """titans.attention's flash-attn path (bf16) against its torch path, both against the torch path in
-    float32: passes when flash's max relative error over the output and every gradient is within
-    max(3e-2, 4x the bf16 torch path's): a few bf16 roundings, while a wrong mask or a lost gradient term
-    is off by tenths. Also fails when the flash path is not taken."""
-    flash = attention.flash_attn_func
-    if flash is None:
-        return [Check("flash attention", None, "flash-attn is not importable: nothing to check")]
+    """titans.attention's flash-attn or FlexAttention path (`path`, bf16) against its torch path, both
+    against the torch path in float32: passes when the fused path's max relative error over the output
+    and every gradient is within max(3e-2, 4x the bf16 torch path's): a few bf16 roundings, while a wrong
+    mask or a lost gradient term is off by tenths. Also fails when that path is not taken."""
+    fused = {"flash": attention.flash_attn_func, "flex": attention.flex_attention_func}[path]
+    if fused is None:
+        why = "flash-attn is not importable" if path == "flash" else "this torch has no FlexAttention"
+        return [Check(f"{path} attention", None, f"{why}: nothing to check")]
+    # flash-attn is taken before FlexAttention, so checking flex turns flash off
+    only = (fused, None) if path == "flash" else (None, fused)
+    taken = attention._use_flash if path == "flash" else attention._use_flex
     checks = []
     for name, length, window, n_persistent, n_memory, causal in cases:
         gen = torch.Generator().manual_seed(0)
@@ -300,24 +305,25 @@ def check_flash_attention(device: torch.device, cases: Sequence[tuple] = FLASH_C
         inputs += [randn(heads, n_persistent, head_dim) for _ in range(2)] if n_persistent else [None, None]
         inputs += [randn(batch, heads, n_memory, head_dim) for _ in range(2)] if n_memory else [None, None]
         low = [None if t is None else t.to(dtype) for t in inputs]
-        label = f"flash attention {name}, T {length}, window {window}"
+        label = f"{path} attention {name}, T {length}, window {window}"
         try:
-            if not attention._use_flash(low[0]):
-                checks.append(Check(label, False, "the flash path is not taken for these inputs"))
-                continue
-            with flash_attn_as(None):
+            with attention_paths(None, None):
                 want = attention_outputs_and_grads(inputs, window, causal)
                 torch_low = attention_outputs_and_grads(low, window, causal)
-            got = attention_outputs_and_grads(low, window, causal)
+            with attention_paths(*only):
+                if not taken(low[0]):
+                    checks.append(Check(label, False, f"the {path} path is not taken for these inputs"))
+                    continue
+                got = attention_outputs_and_grads(low, window, causal)
             synchronize(device)
         except Exception as err:
             checks.append(Check(label, False, f"raised {type(err).__name__}: {first_line(err)}"))
             continue
-        err_flash, err_torch = max_rel_err(got, want), max_rel_err(torch_low, want)
+        err_fused, err_torch = max_rel_err(got, want), max_rel_err(torch_low, want)
         tol = max(3e-2, 4 * err_torch)
-        checks.append(Check(label, err_flash <= tol,
-                            f"max rel err vs float32 (output, {len(got) - 1} gradients): flash "
-                            f"{err_flash:.2e}, torch {str(dtype).split('.')[-1]} {err_torch:.2e} "
+        checks.append(Check(label, err_fused <= tol,
+                            f"max rel err vs float32 (output, {len(got) - 1} gradients): {path} "
+                            f"{err_fused:.2e}, torch {str(dtype).split('.')[-1]} {err_torch:.2e} "
                             f"(tol {tol:.1e})"))
     return checks
 
@@ -336,13 +342,14 @@ def run_checks(device: torch.device, small: bool) -> Iterator[Check]:
         for shape in SMALL_CHUNK_STEP_SHAPES if small else CHUNK_STEP_SHAPES:
             yield from check_triton_chunk_step(device, [shape])
         yield check_triton_memory(device, small)
-    if device.type == "cuda" and attention.flash_attn_func is None:
-        yield from check_flash_attention(device, [])  # the one "skipped", with why
-    elif device.type == "cuda":
-        for case in SMALL_FLASH_CASES if small else FLASH_CASES:
-            yield from check_flash_attention(device, [case])
-    else:
-        yield Check("flash attention", None, "needs a CUDA device")
+    for path in ("flash", "flex"):
+        if device.type != "cuda":
+            yield Check(f"{path} attention", None, "needs a CUDA device")
+        elif {"flash": attention.flash_attn_func, "flex": attention.flex_attention_func}[path] is None:
+            yield from check_fused_attention(device, path, [])  # the one "skipped", with why
+        else:
+            for case in SMALL_ATTENTION_CASES if small else ATTENTION_CASES:
+                yield from check_fused_attention(device, path, [case])
 
 
 def first_line(err: BaseException, limit: int = 160) -> str:
@@ -509,7 +516,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="memory chunk step (default: triton on CUDA when importable, else torch)")
     parser.add_argument("--fallback-kernel", choices=CHUNK_STEPS, default="torch",
                         help="kernel to time a row with when the triton kernel fails on it")
-    parser.add_argument("--no-flash", action="store_true", help="attention on the torch path, not flash-attn")
+    parser.add_argument("--no-flash", action="store_true",
+                        help="no flash-attn: attention on FlexAttention (or the torch path with --no-flex)")
+    parser.add_argument("--no-flex", action="store_true",
+                        help="no FlexAttention where flash-attn is missing: the torch path")
     parser.add_argument("--activation-checkpointing", choices=["config", "on", "off"], default="config",
                         help="per-block activation checkpointing (config: train.activation_checkpointing)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per row, at most (median)")
@@ -569,6 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.no_flash:
         attention.flash_attn_func = None
+    if args.no_flex:
+        attention.flex_attention_func = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     flash_version = package_version("flash-attn")
     print(f"# command: python {shlex.join(sys.argv if argv is None else ['bench/gpu_step.py', *argv])}  "
@@ -582,8 +594,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{package_version('triton')}, flash-attn {flash_version}; python {platform.python_version()}")
     if device.type == "cuda" and attention.flash_attn_func is None:
         why = "--no-flash" if args.no_flash else f"flash-attn is not importable ({flash_version})"
-        print(f"# note: {why}: attention runs on the torch path (SDPA per query block), not flash-attn",
-              flush=True)
+        fallback = ("FlexAttention (compiled)" if attention.flex_attention_func is not None
+                    else "the torch path (SDPA per query block)")
+        print(f"# note: {why}: attention runs on {fallback}, not flash-attn", flush=True)
 
     status = 0
     if args.check or args.check_only:
@@ -616,7 +629,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     roof, _ = matmul_roof(device, dtype, roof_size)
     card, card_source = card_peak_flops(name, args.peak_tflops) if device.type == "cuda" else (
         None, "no card peak on CPU")
-    flash = "flash-attn" if device.type == "cuda" and attention.flash_attn_func is not None else "torch path"
+    flash = "torch path"
+    if device.type == "cuda" and attention.flash_attn_func is not None:
+        flash = "flash-attn"
+    elif device.type == "cuda" and attention.flex_attention_func is not None:
+        flash = "FlexAttention"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     batch = args.batch or "data.batch_size of the config (halved until it fits)"
     print(f"# settings: seq {args.seq}, batch {batch}, {precision}, attention {flash}, memory kernel "

@@ -509,3 +509,95 @@ def test_real_flash_attention_module_under_autocast(window, persistent):
         fast = attn(x)
     slow = attn(x)  # float32: torch path
     assert _rel_err(fast, slow) < 3e-2
+
+
+# ------------------------------------------------------------------------------------ FlexAttention
+
+needs_flex = pytest.mark.skipif(attention.flex_attention_func is None,
+                                reason="this torch has no FlexAttention")
+
+
+def detached(inputs):
+    return [None if t is None else t.detach() for t in inputs]
+
+
+@needs_flex
+@pytest.mark.parametrize("T", [11, 130])
+@pytest.mark.parametrize("window", [1, 3, 12, None])
+@pytest.mark.parametrize("prefix,extra,causal", CONTEXTS)
+def test_flex_path_matches_reference(prefix, extra, causal, window, T):
+    """The block mask is the layout: [prefix ‖ extra (all, or causal) ‖ sequence in the window], T past
+    one mask block (128) too. Forward only: torch runs FlexAttention's backward on CUDA alone (the GPU
+    test below and bench/gpu_step.py check it)."""
+    with torch.no_grad():
+        q, k, v, pk, pv, ek, ev = detached(make_inputs(T, prefix, extra, causal, seed=T, d=16))
+        ctx_k, ctx_v = attention._context_kv(q, pk, pv, None if causal else ek, None if causal else ev)
+        causal_k, causal_v = (ek, ev) if causal else (None, None)
+        out = attention._flex_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v)
+        ref, _ = dense_reference(q, k, v, window, pk, pv, ek, ev, causal)
+    assert out.dtype == F64
+    assert_exact_close(out, ref)
+
+
+@needs_flex
+def test_use_flex_only_in_half_precision_on_its_devices(monkeypatch):
+    bf16 = torch.zeros(1, 1, 2, 64, dtype=torch.bfloat16)
+    assert not attention._use_flex(bf16)  # CPU is not among its devices
+    monkeypatch.setattr(attention, "FLEX_DEVICES", ("cpu",))
+    assert attention._use_flex(bf16)
+    assert not attention._use_flex(bf16.float())  # float32 / float64 keep the exact torch path
+    assert not attention._use_flex(torch.zeros(1, 1, 2, 48, dtype=torch.bfloat16))  # not a power of two
+    monkeypatch.setattr(attention, "flex_attention_func", None)
+    assert not attention._use_flex(bf16)
+
+
+@needs_flex
+def test_windowed_attention_takes_the_flex_path_without_flash(monkeypatch):
+    """Where flex is on (CUDA; CPU here) and flash is not, bf16 attention is one FlexAttention call that
+    agrees with the torch path to bf16 rounding; with flash available, flash is taken first."""
+    calls = []
+    real = attention.flex_attention_func
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "FLEX_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention, "flex_attention_func", counting)
+    monkeypatch.setattr(attention, "flash_attn_func", None)
+    with torch.no_grad():
+        inputs = detached(make_inputs(40, True, True, True, seed=5, d=16, dtype=torch.bfloat16))
+        out = windowed_attention(*inputs[:3], 8, *inputs[3:], True)
+        assert calls == [(2, 2, 3 + 40 + 40, 16)]  # persistent + causal memory + sequence keys
+        wide = [t.double() for t in inputs]
+        ref = windowed_attention(*wide[:3], 8, *wide[3:], True)  # float64: the torch path
+    assert _rel_err(out, ref) < 2e-2
+    monkeypatch.setattr(attention, "_use_flash", lambda q: True)
+    monkeypatch.setattr(attention, "_flash_attention", lambda *args: "flash")
+    assert windowed_attention(*inputs[:3], 8, *inputs[3:], True) == "flash"
+
+
+@needs_flex
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention's backward)")
+@pytest.mark.parametrize("window", [64, None])
+@pytest.mark.parametrize("prefix,extra,causal",
+                         [(False, False, False), (True, True, False), (True, True, True)])
+def test_real_flex_path_matches_torch_path_in_bf16(monkeypatch, window, prefix, extra, causal):
+    monkeypatch.setattr(attention, "flash_attn_func", None)
+    T = 300
+    q, k, v, pk, pv, ek, ev = inputs = make_inputs(
+        T, prefix, extra, causal, seed=0, H=4, d=64, P=4, N=16, dtype=torch.bfloat16, device="cuda"
+    )
+    assert attention._use_flex(q)
+    out = windowed_attention(q, k, v, window, pk, pv, ek, ev, causal)
+    leaves = [t for t in inputs if t is not None]
+    f32 = [t.detach().float().requires_grad_() for t in leaves]
+    it = iter(f32)
+    args = [next(it) if t is not None else None for t in inputs]
+    ref = windowed_attention(*args[:3], window, *args[3:], causal)  # float32: the torch path
+    assert _rel_err(out, ref) < 2e-2
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()
+    got = torch.autograd.grad((out.float() * probe).sum(), leaves)
+    want = torch.autograd.grad((ref * probe).sum(), f32)
+    for a, b in zip(got, want):
+        assert _rel_err(a, b) < 5e-2

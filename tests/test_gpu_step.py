@@ -99,8 +99,8 @@ def test_checks_on_cpu(monkeypatch):
         checks = []
     monkeypatch.setattr(attention, "flash_attn_func", fake_flash_attn_func)
     force_flash(monkeypatch)
-    checks += gpu_step.check_flash_attention(torch.device("cpu"), gpu_step.SMALL_FLASH_CASES)
-    assert len(checks) >= len(gpu_step.SMALL_FLASH_CASES)
+    checks += gpu_step.check_fused_attention(torch.device("cpu"), "flash", gpu_step.SMALL_ATTENTION_CASES)
+    assert len(checks) >= len(gpu_step.SMALL_ATTENTION_CASES)
     assert all(check.passed for check in checks), "\n".join(check.line() for check in checks)
 
 
@@ -112,7 +112,7 @@ def test_a_wrong_kernel_fails_the_check(monkeypatch):
 
     monkeypatch.setattr(attention, "flash_attn_func", no_window)
     force_flash(monkeypatch)
-    checks = gpu_step.check_flash_attention(torch.device("cpu"), gpu_step.SMALL_FLASH_CASES[:1])
+    checks = gpu_step.check_fused_attention(torch.device("cpu"), "flash", gpu_step.SMALL_ATTENTION_CASES[:1])
     assert [check.passed for check in checks] == [False]
     assert "max rel err" in checks[0].detail  # failed on its error, not by raising
 

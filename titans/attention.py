@@ -10,11 +10,14 @@ Two implementations of the same maths:
 * a plain torch path (any device / dtype, differentiable) that works query-block by query-block, so
   memory is O(T·(block + w)) and a T×T mask is never built;
 * a flash-attn path (CUDA, fp16/bf16, when `flash_attn` is installed): flash-attn handles the sequence
-  part (window_size=(w-1, 0)) and the memory parts; the parts are merged through their log-sum-exps.
+  part (window_size=(w-1, 0)) and the memory parts; the parts are merged through their log-sum-exps;
+* a FlexAttention path (CUDA without flash-attn): every key kind in one call of torch's compiled
+  flex_attention, the layout above as its block mask, so a stock torch build gets a fused kernel too.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -29,6 +32,15 @@ except (ImportError, OSError):  # not installed, or built against another CUDA/t
 
 # Module-level so tests can substitute a pure-torch stand-in and exercise the flash path on CPU.
 flash_attn_func: Callable | None = _flash_attn_func
+
+try:  # in torch since 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
+# None turns the FlexAttention path off (bench/gpu_step.py --no-flex); its devices: CUDA, where it is
+# compiled into one fused kernel. Tests add "cpu", where torch runs it unfused and forward-only.
+flex_attention_func: Callable | None = flex_attention
+FLEX_DEVICES: tuple[str, ...] = ("cuda",)
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -268,6 +280,64 @@ def _use_flash(q: Tensor) -> bool:
     )
 
 
+# ---------------------------------------------------------------------------------------- flex path
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(length: int, n_ctx: int, n_causal: int, window: int | None, device: str):
+    """The block mask of keys [ctx ‖ causal memory ‖ sequence] for `length` queries: the layout in the
+    module docstring. Cached: every layer of a model asks for the same one."""
+
+    def visible(b, h, q, kv):
+        seq = kv - n_ctx - n_causal  # position of a sequence key (negative for ctx and memory keys)
+        in_window = (seq >= 0) & (seq <= q)
+        if window is not None:
+            in_window = in_window & (q - seq < window)
+        memory = (kv >= n_ctx) & (seq < 0) & (kv - n_ctx <= q)  # causal memory token j: queries i >= j
+        return (kv < n_ctx) | memory | in_window
+
+    return create_block_mask(visible, None, None, length, n_ctx + n_causal + length, device=device)
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable:
+    return torch.compile(flex_attention_func, dynamic=False)
+
+
+def _flex_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int | None,
+    ctx_k: Tensor | None,
+    ctx_v: Tensor | None,
+    causal_k: Tensor | None,
+    causal_v: Tensor | None,
+) -> Tensor:
+    """Every key kind in one FlexAttention call over the concatenated keys."""
+    T = q.shape[2]
+    if window is not None and window >= T:
+        window = None
+    keys = [t for t in (ctx_k, causal_k, k) if t is not None]
+    values = [t for t in (ctx_v, causal_v, v) if t is not None]
+    n_ctx = 0 if ctx_k is None else ctx_k.shape[2]
+    n_causal = 0 if causal_k is None else causal_k.shape[2]
+    mask = _flex_block_mask(T, n_ctx, n_causal, window, str(q.device))
+    attend = _compiled_flex_attention() if q.is_cuda else flex_attention_func
+    return attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), block_mask=mask)
+
+
+def _use_flex(q: Tensor) -> bool:
+    """Half precision only, as flash: float32 and float64 keep the exact torch path (the references)."""
+    d = q.shape[-1]
+    return (
+        flex_attention_func is not None
+        and q.device.type in FLEX_DEVICES
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and 16 <= d <= 256 and d & (d - 1) == 0
+    )
+
+
 # ------------------------------------------------------------------------------------------- public
 
 
@@ -309,6 +379,8 @@ def windowed_attention(
 
     if _use_flash(q):
         return _flash_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v)
+    if _use_flex(q):
+        return _flex_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v)
     return _torch_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v, block_size)
 
 
