@@ -118,6 +118,40 @@ def test_triton_hidden_tiles_match_float64_autograd(monkeypatch, residual_norm, 
 
 
 @needs_triton
+def test_a_hidden_tile_over_shared_memory_is_halved_until_it_fits(monkeypatch):
+    """When a card's shared memory refuses a specialisation (OutOfResources at launch), the launch halves
+    the hidden tile, gets the same step, and remembers the tile that fitted for the next chunk."""
+    from triton.runtime.errors import OutOfResources
+
+    import titans.kernels.chunk_step_triton as kernels
+
+    tiles = []
+
+    class SmallCard:  # the kernel on a card whose shared memory holds hidden tiles of 16 at most
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                tiles.append(meta["BH"])
+                if meta["BH"] > 16:
+                    raise OutOfResources(2 * meta["BH"], 32, "shared memory")
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    for name in ("_chunk_forward_kernel", "_chunk_backward_kernel"):
+        monkeypatch.setattr(kernels, name, SmallCard(getattr(kernels, name)))
+    monkeypatch.setattr(kernels, "_FITTING_TILE", {})
+    opts, inputs = make_step(2, True, True, hidden=64, seed=5)
+    want = value_and_grads(memory_chunk_step, opts, inputs)
+    got = value_and_grads(triton_chunk_step, opts, [t.to(DEVICE) for t in inputs])
+    assert max_rel_err(got[0] + got[1], want[0] + want[1]) <= 1e-12
+    assert tiles == [64, 32, 16] * 2  # forward, then backward
+    value_and_grads(triton_chunk_step, opts, [t.to(DEVICE) for t in inputs])
+    assert tiles[6:] == [16, 16]  # remembered: no failing launch again
+
+
+@needs_triton
 def test_triton_two_chunks_and_partial_gradients():
     """Chained like the scan (the end state feeds the next chunk), from a start state that needs no
     gradient, with a loss on y only: missing output gradients and unneeded inputs are handled."""

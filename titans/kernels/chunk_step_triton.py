@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from titans.memory import NORM_EPS, ScanOptions
 
@@ -473,6 +474,29 @@ def _layer_pair(tensors: list[Tensor], depth: int) -> list[Tensor]:
     return [weights[0], weights[-1], momentum[0], momentum[-1]]
 
 
+# The hidden tile that fitted each (kernel, specialisation, device): found once by _launch, then reused.
+_FITTING_TILE: dict[tuple, int] = {}
+
+
+def _launch(kernel, rows: int, meta: dict, *args: Tensor) -> None:
+    """Run `kernel` on one program per row, with the hidden tile halved until the specialisation fits the
+    device's shared memory. Why: what a kernel needs is known only once it is compiled, and cards differ
+    (the paper shape's TF32 backward fits an H100 at tile 64, an A100 only at 32); a smaller tile is the
+    same arithmetic in more, smaller steps."""
+    key = (id(kernel), args[0].device, *sorted((k, v) for k, v in meta.items() if k != "BH"))
+    block = _FITTING_TILE.get(key, meta["BH"])
+    while True:
+        try:
+            kernel[(rows,)](*args, **{**meta, "BH": block})
+        except OutOfResources:
+            if meta["DEPTH"] != 2 or block // 2 < MIN_BLOCK:
+                raise
+            block //= 2
+            continue
+        _FITTING_TILE[key] = block
+        return
+
+
 class TritonChunkStep(torch.autograd.Function):
     """`memory_chunk_step` as two Triton kernels: a fused forward and the analytic backward."""
 
@@ -484,8 +508,8 @@ class TritonChunkStep(torch.autograd.Function):
         y = torch.empty_like(tensors[0])
         new_state = [torch.empty_like(s) for s in state]
         out_pairs = _layer_pair(new_state, depth)
-        _chunk_forward_kernel[(y.shape[0],)](
-            *tensors[:8], *_layer_pair(state, depth), consts, y, *out_pairs, **meta)
+        _launch(_chunk_forward_kernel, y.shape[0], meta,
+                *tensors[:8], *_layer_pair(state, depth), consts, y, *out_pairs)
         ctx.opts = opts
         ctx.save_for_backward(*tensors)
         return (y, *new_state)
@@ -501,9 +525,9 @@ class TritonChunkStep(torch.autograd.Function):
                     for s, g in zip(state, grad_end, strict=True)]
         grads = [torch.empty_like(t) for t in tensors]
         grad_pairs = _layer_pair(grads[8:], depth)
-        _chunk_backward_kernel[(grad_y.shape[0],)](
-            *tensors[:8], *_layer_pair(state, depth), consts, grad_y, *_layer_pair(grad_end, depth),
-            *grads[:8], *grad_pairs, **meta)
+        _launch(_chunk_backward_kernel, grad_y.shape[0], meta,
+                *tensors[:8], *_layer_pair(state, depth), consts, grad_y, *_layer_pair(grad_end, depth),
+                *grads[:8], *grad_pairs)
         return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:], strict=True)))
 
 
