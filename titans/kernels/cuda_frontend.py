@@ -67,7 +67,7 @@ def front_end(kernel, meta: dict, capability: int = 90) -> None:
     source = kernel_source(kernel, meta)
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
-    options = backend.parse_options(dict(**source.parse_options()))
+    options = backend.parse_options(source.parse_options())
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
