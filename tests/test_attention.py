@@ -473,6 +473,25 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def assert_matches_float32_torch_path(inputs, window, causal):
+    """bf16 attention on the fused path this GPU takes (flash or flex) against the torch path in float32:
+    the output and every input's gradient, to bf16 rounding."""
+    q, k, v, pk, pv, ek, ev = inputs
+    out = windowed_attention(q, k, v, window, pk, pv, ek, ev, causal)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    leaves = [t for t in inputs if t is not None]
+    f32 = [t.detach().float().requires_grad_() for t in leaves]
+    it = iter(f32)
+    args = [next(it) if t is not None else None for t in inputs]
+    ref = windowed_attention(*args[:3], window, *args[3:], causal, block_size=64)  # float32: torch path
+    assert _rel_err(out, ref) < 2e-2
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()
+    got = torch.autograd.grad((out.float() * probe).sum(), leaves)
+    want = torch.autograd.grad((ref * probe).sum(), f32)
+    for a, b in zip(got, want):
+        assert _rel_err(a, b) < 5e-2
+
+
 @needs_flash
 @pytest.mark.parametrize("window", [64, None])
 @pytest.mark.parametrize(
@@ -484,19 +503,7 @@ def test_real_flash_path_matches_cpu_path_in_bf16(window, prefix, extra, causal)
         T, prefix, extra, causal, seed=0, H=4, d=64, P=4, N=16, dtype=torch.bfloat16, device="cuda"
     )
     assert attention._use_flash(q)
-    out = windowed_attention(q, k, v, window, pk, pv, ek, ev, causal)  # flash path
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    leaves = [t for t in inputs if t is not None]
-    f32 = [t.detach().float().requires_grad_() for t in inputs if t is not None]
-    it = iter(f32)
-    args = [next(it) if t is not None else None for t in inputs]
-    ref = windowed_attention(*args[:3], window, *args[3:], causal, block_size=64)  # torch path, fp32
-    assert _rel_err(out, ref) < 2e-2
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()
-    got = torch.autograd.grad((out.float() * probe).sum(), leaves)
-    want = torch.autograd.grad((ref * probe).sum(), f32)
-    for a, b in zip(got, want):
-        assert _rel_err(a, b) < 5e-2
+    assert_matches_float32_torch_path(inputs, window, causal)
 
 
 @needs_flash
@@ -589,15 +596,4 @@ def test_real_flex_path_matches_torch_path_in_bf16(monkeypatch, window, prefix, 
         T, prefix, extra, causal, seed=0, H=4, d=64, P=4, N=16, dtype=torch.bfloat16, device="cuda"
     )
     assert attention._use_flex(q)
-    out = windowed_attention(q, k, v, window, pk, pv, ek, ev, causal)
-    leaves = [t for t in inputs if t is not None]
-    f32 = [t.detach().float().requires_grad_() for t in leaves]
-    it = iter(f32)
-    args = [next(it) if t is not None else None for t in inputs]
-    ref = windowed_attention(*args[:3], window, *args[3:], causal)  # float32: the torch path
-    assert _rel_err(out, ref) < 2e-2
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()
-    got = torch.autograd.grad((out.float() * probe).sum(), leaves)
-    want = torch.autograd.grad((ref * probe).sum(), f32)
-    for a, b in zip(got, want):
-        assert _rel_err(a, b) < 5e-2
+    assert_matches_float32_torch_path(inputs, window, causal)
