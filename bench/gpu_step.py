@@ -266,8 +266,9 @@ ATTENTION_CASES = (("swa (window, no extra keys)", 1024, 512, 0, 0, False),
                ("mac segment (persistent + probe tokens)", 512, None, 128, 256, False),
                ("mac v1 (persistent + causal memory tokens)", 512, None, 16, 512, True),
                ("full causal", 1024, None, 0, 0, False))
-SMALL_ATTENTION_CASES = tuple((name, 64, None if w is None else 32, min(p, 8), min(n, 64) if not c else 64, c)
-                          for name, _, w, p, n, c in ATTENTION_CASES)
+# small: T 128, the shortest the FlexAttention path takes (a causal memory token per query: N = T)
+SMALL_ATTENTION_CASES = tuple((name, 128, None if w is None else 32, min(p, 8), 128 if c else min(n, 64), c)
+                              for name, _, w, p, n, c in ATTENTION_CASES)
 
 
 def attention_outputs_and_grads(inputs: list[torch.Tensor | None], window: int | None, causal: bool

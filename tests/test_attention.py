@@ -548,12 +548,13 @@ def test_flex_path_matches_reference(prefix, extra, causal, window, T):
 
 @needs_flex
 def test_use_flex_only_in_half_precision_on_its_devices(monkeypatch):
-    bf16 = torch.zeros(1, 1, 2, 64, dtype=torch.bfloat16)
+    bf16 = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16)
     assert not attention._use_flex(bf16)  # CPU is not among its devices
     monkeypatch.setattr(attention, "FLEX_DEVICES", ("cpu",))
     assert attention._use_flex(bf16)
     assert not attention._use_flex(bf16.float())  # float32 / float64 keep the exact torch path
-    assert not attention._use_flex(torch.zeros(1, 1, 2, 48, dtype=torch.bfloat16))  # not a power of two
+    assert not attention._use_flex(bf16[:, :, :127])  # short inputs: no compile per length
+    assert not attention._use_flex(torch.zeros(1, 1, 128, 48, dtype=torch.bfloat16))  # not a power of two
     monkeypatch.setattr(attention, "flex_attention_func", None)
     assert not attention._use_flex(bf16)
 
@@ -573,9 +574,9 @@ def test_windowed_attention_takes_the_flex_path_without_flash(monkeypatch):
     monkeypatch.setattr(attention, "flex_attention_func", counting)
     monkeypatch.setattr(attention, "flash_attn_func", None)
     with torch.no_grad():
-        inputs = detached(make_inputs(40, True, True, True, seed=5, d=16, dtype=torch.bfloat16))
+        inputs = detached(make_inputs(130, True, True, True, seed=5, d=16, dtype=torch.bfloat16))
         out = windowed_attention(*inputs[:3], 8, *inputs[3:], True)
-        assert calls == [(2, 2, 3 + 40 + 40, 16)]  # persistent + causal memory + sequence keys
+        assert calls == [(2, 2, 3 + 130 + 130, 16)]  # persistent + causal memory + sequence keys
         wide = [t.double() for t in inputs]
         ref = windowed_attention(*wide[:3], 8, *wide[3:], True)  # float64: the torch path
     assert _rel_err(out, ref) < 2e-2

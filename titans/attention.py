@@ -41,6 +41,9 @@ except ImportError:
 # compiled into one fused kernel. Tests add "cpu", where torch runs it unfused and forward-only.
 flex_attention_func: Callable | None = flex_attention
 FLEX_DEVICES: tuple[str, ...] = ("cuda",)
+# Shorter inputs (streaming steps, short segments) stay on the torch path: below one mask block fusing
+# saves little, and each new length would be another compile.
+FLEX_MIN_LENGTH = 128
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -334,6 +337,7 @@ def _use_flex(q: Tensor) -> bool:
         flex_attention_func is not None
         and q.device.type in FLEX_DEVICES
         and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[2] >= FLEX_MIN_LENGTH
         and 16 <= d <= 256 and d & (d - 1) == 0
     )
 
