@@ -31,7 +31,7 @@ for name in "$@"; do
 done
 chosen=" ${*:-$STEPS} "
 cd "$(dirname "$0")/.." || exit 2
-python=${PYTHON:-python}
+python=${PYTHON:-$(command -v python || command -v python3)}  # images often have only python3
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # compiled kernels; output as it comes
 start=$SECONDS
 failed=0
