@@ -5,7 +5,7 @@
 # then bench/gpu_step.py's step timings for the 760M models, the 760M MAC again with TF32 float32 matmuls
 # (the memory's state and update run in float32 under bf16 autocast) and the 340M models. Why one script:
 # GPU time comes in short sessions, and every step has its own time limit, so a hang or a slow kernel
-# costs one step, not the session. The limits below sum to about 15 minutes (compiling takes most of it:
+# costs one step, not the session. The limits below sum to about 16 minutes (compiling takes most of it:
 # the depth-2 float32 Triton kernels at the paper's shape take minutes, FlexAttention tens of seconds per
 # shape); name the steps to run fewer: `environment gpu-checks step-760m` fits a 15-minute lease.
 #
@@ -65,7 +65,7 @@ def v(n):
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\",
       torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 print(\"triton\", v(\"triton\"), \"flash-attn\", v(\"flash-attn\"))'"
-step gpu-checks 300 "$python" bench/gpu_step.py --check-only
+step gpu-checks 360 "$python" bench/gpu_step.py --check-only
 step triton-tests 120 "$python" -m pytest -v -p no:cacheprovider tests/test_triton_chunk_step.py
 step step-760m 300 "$python" bench/gpu_step.py --sizes 760m --repeats 5 --row-budget-s 12
 step step-760m-tf32 90 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12 \

@@ -262,10 +262,10 @@ def check_triton_memory(device: torch.device, small: bool = False) -> Check:
 
 # (name, T, window, persistent P, memory tokens N, memory tokens causal): the block kinds' attention calls
 ATTENTION_CASES = (("swa (window, no extra keys)", 1024, 512, 0, 0, False),
-               ("mag/mal (window + persistent)", 1024, 512, 128, 0, False),
-               ("mac segment (persistent + probe tokens)", 512, None, 128, 256, False),
-               ("mac v1 (persistent + causal memory tokens)", 512, None, 16, 512, True),
-               ("full causal", 1024, None, 0, 0, False))
+                   ("mag/mal (window + persistent)", 1024, 512, 128, 0, False),
+                   ("mac segment (persistent + probe tokens)", 512, None, 128, 256, False),
+                   ("mac v1 (persistent + causal memory tokens)", 512, None, 16, 512, True),
+                   ("full causal", 1024, None, 0, 0, False))
 # small: T 128, the shortest the FlexAttention path takes (a causal memory token per query: N = T)
 SMALL_ATTENTION_CASES = tuple((name, 128, None if w is None else 32, min(p, 8), 128 if c else min(n, 64), c)
                               for name, _, w, p, n, c in ATTENTION_CASES)
