@@ -282,6 +282,11 @@ def attention_outputs_and_grads(inputs: list[torch.Tensor | None], window: int |
     return [out.detach(), *torch.autograd.grad((out * probe).sum(), leaves)]
 
 
+def fused_attention_function(path: str) -> Callable | None:
+    """titans.attention's entry point of the fused path "flash" or "flex" (None: not available)."""
+    return {"flash": attention.flash_attn_func, "flex": attention.flex_attention_func}[path]
+
+
 def check_fused_attention(device: torch.device, path: str = "flash", cases: Sequence[tuple] = ATTENTION_CASES,
                           dtype: torch.dtype = torch.bfloat16, batch: int = 2, heads: int = 4,
                           head_dim: int = 64) -> list[Check]:
@@ -289,7 +294,7 @@ def check_fused_attention(device: torch.device, path: str = "flash", cases: Sequ
     against the torch path in float32: passes when the fused path's max relative error over the output
     and every gradient is within max(3e-2, 4x the bf16 torch path's): a few bf16 roundings, while a wrong
     mask or a lost gradient term is off by tenths. Also fails when that path is not taken."""
-    fused = {"flash": attention.flash_attn_func, "flex": attention.flex_attention_func}[path]
+    fused = fused_attention_function(path)
     if fused is None:
         why = "flash-attn is not importable" if path == "flash" else "this torch has no FlexAttention"
         return [Check(f"{path} attention", None, f"{why}: nothing to check")]
@@ -347,7 +352,7 @@ def run_checks(device: torch.device, small: bool) -> Iterator[Check]:
     for path in ("flash", "flex"):
         if device.type != "cuda":
             yield Check(f"{path} attention", None, "needs a CUDA device")
-        elif {"flash": attention.flash_attn_func, "flex": attention.flex_attention_func}[path] is None:
+        elif fused_attention_function(path) is None:
             yield from check_fused_attention(device, path, [])  # the one "skipped", with why
         else:
             for case in SMALL_ATTENTION_CASES if small else ATTENTION_CASES:
