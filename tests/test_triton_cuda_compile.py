@@ -18,8 +18,8 @@ SLOW = os.environ.get("RUN_SLOW") == "1"
 
 
 def run_check(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    return subprocess.run([sys.executable, "-m", "titans.kernels.cuda_frontend", *args], env=env,
+    # the module sets TRITON_INTERPRET=0 itself, before triton is imported
+    return subprocess.run([sys.executable, "-m", "titans.kernels.cuda_frontend", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 

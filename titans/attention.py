@@ -318,14 +318,11 @@ def _flex_attention(
     causal_v: Tensor | None,
 ) -> Tensor:
     """Every key kind in one FlexAttention call over the concatenated keys."""
-    T = q.shape[2]
-    if window is not None and window >= T:
-        window = None
     keys = [t for t in (ctx_k, causal_k, k) if t is not None]
     values = [t for t in (ctx_v, causal_v, v) if t is not None]
     n_ctx = 0 if ctx_k is None else ctx_k.shape[2]
     n_causal = 0 if causal_k is None else causal_k.shape[2]
-    mask = _flex_block_mask(T, n_ctx, n_causal, window, str(q.device))
+    mask = _flex_block_mask(q.shape[2], n_ctx, n_causal, window, str(q.device))
     attend = _compiled_flex_attention() if q.is_cuda else flex_attention_func
     return attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), block_mask=mask)
 

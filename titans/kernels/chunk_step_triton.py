@@ -456,15 +456,20 @@ def dot_precision(x: Tensor) -> str:
     return "tf32" if tf32 and torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
+def hidden_tile(depth: int, hidden: int) -> int:
+    """Hidden units a program walks at a time: the whole layer at depth 1, BLOCK_HIDDEN tiles at depth 2."""
+    return min(hidden, BLOCK_HIDDEN) if depth == 2 else hidden
+
+
 def _prepare(opts: ScanOptions, tensors: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor, dict]:
     """Contiguous inputs, the constants tensor and the kernels' static arguments."""
     tensors = [t.contiguous() for t in tensors]
     b, dim, hidden = _check(opts, tensors)
     max_norm = 0.0 if opts.max_grad_norm is None else opts.max_grad_norm
     consts = torch.tensor([NORM_EPS, max_norm], dtype=tensors[0].dtype, device=tensors[0].device)
-    block = min(hidden, BLOCK_HIDDEN) if opts.n_layers == 2 else hidden
-    meta = dict(B=b, D=dim, H=hidden, BH=block, DEPTH=opts.n_layers, RESIDUAL=opts.residual_norm,
-                CLIP=opts.max_grad_norm is not None, PREC=dot_precision(tensors[0]), num_stages=NUM_STAGES)
+    meta = dict(B=b, D=dim, H=hidden, BH=hidden_tile(opts.n_layers, hidden), DEPTH=opts.n_layers,
+                RESIDUAL=opts.residual_norm, CLIP=opts.max_grad_norm is not None,
+                PREC=dot_precision(tensors[0]), num_stages=NUM_STAGES)
     return tensors, consts, meta
 
 
@@ -483,7 +488,7 @@ def _launch(kernel, rows: int, meta: dict, *args: Tensor) -> None:
     device's shared memory. Why: what a kernel needs is known only once it is compiled, and cards differ
     (the paper shape's TF32 backward fits an H100 at tile 64, an A100 only at 32); a smaller tile is the
     same arithmetic in more, smaller steps."""
-    key = (id(kernel), args[0].device, *sorted((k, v) for k, v in meta.items() if k != "BH"))
+    key = (id(kernel), args[0].device, *meta.items())  # meta's order is _prepare's: no sorting
     block = _FITTING_TILE.get(key, meta["BH"])
     while True:
         try:

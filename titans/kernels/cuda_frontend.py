@@ -38,15 +38,14 @@ SHARED_MEMORY_LIMITS = {90: ("H100 / H200", 232_448), 80: ("A100", 166_912)}
 def specialisations(shapes: Sequence[tuple[int, int, int]] = SHAPES, depths: Sequence[int] = (1, 2)
                     ) -> Iterator[dict]:
     """Every constexpr combination the launcher (`chunk_step_triton._prepare`) can produce for `shapes`."""
-    from titans.kernels.chunk_step_triton import BLOCK_HIDDEN
+    from titans.kernels.chunk_step_triton import hidden_tile
 
     for (b, dim, hidden), depth, residual, clip, dtype in itertools.product(
             shapes, depths, (True, False), (True, False), ("fp32", "fp64")):
         hidden = hidden if depth == 2 else dim
-        block = min(hidden, BLOCK_HIDDEN) if depth == 2 else hidden
         for prec in ("ieee", "tf32") if dtype == "fp32" else ("ieee",):
-            yield dict(B=b, D=dim, H=hidden, BH=block, DEPTH=depth, RESIDUAL=residual, CLIP=clip,
-                       PREC=prec, dtype=dtype)
+            yield dict(B=b, D=dim, H=hidden, BH=hidden_tile(depth, hidden), DEPTH=depth, RESIDUAL=residual,
+                       CLIP=clip, PREC=prec, dtype=dtype)
 
 
 def kernel_source(kernel, meta: dict):
