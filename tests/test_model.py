@@ -22,7 +22,8 @@ def tiny_config(layers: str, **overrides) -> TitansConfig:
 
 @pytest.mark.parametrize(
     "layers,extra",
-    [(v, {}) for v in VARIANTS] + [("mac", {"mac_memory_tokens": 3}), ("lmm*3,full", {"n_layers": 4})],
+    [(v, {}) for v in VARIANTS] + [("mac", {"mac_memory_tokens": 3}), ("lmm*3,full", {"n_layers": 4})]
+    + [("mac", {"mac_memory_input": kind}) for kind in ("attention", "input")],
 )
 def test_changing_future_tokens_leaves_past_logits_unchanged(layers, extra):
     torch.manual_seed(0)
@@ -157,6 +158,24 @@ def test_config_errors_name_the_field():
         TitansConfig(layers="mac", segment_len=100, memory_chunk=64)
     with pytest.raises(ValueError, match="memory_grad_horizon"):
         TitansConfig(memory_grad_horizon=0)
+    with pytest.raises(ValueError, match="mac_memory_input=.output. is not one of residual, attention"):
+        TitansConfig(mac_memory_input="output")
+
+
+def test_mac_memory_input_is_what_the_memory_writes():
+    """With the attention's output projection zeroed, y = 0: "residual" writes what "input" writes, and the
+    memory state after a segment then equals; "attention" writes nothing but the norm of zero."""
+    torch.manual_seed(0)
+    models = {kind: TitansLM(tiny_config("mac", n_layers=1, mac_memory_input=kind)).double()
+              for kind in ("residual", "input", "attention")}
+    for model in models.values():
+        model.load_state_dict(models["residual"].state_dict())
+        nn.init.zeros_(model.blocks["0"].attn.to_out.weight)
+    tokens = torch.randint(0, 64, (2, 16))
+    states = {kind: model(tokens)[1][0] for kind, model in models.items()}
+    for got, want in zip(states["input"].weights, states["residual"].weights, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(states["attention"].weights[0], states["residual"].weights[0])
 
 
 def test_parameter_count_without_allocating():

@@ -7,6 +7,7 @@ attention-only blocks), so a model can carry the long-term memory across calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -177,13 +178,22 @@ class MAGBlock(Block):
         return self.gate(attend(self.attn, x, past, start), memory_out), state
 
 
+# What MAC writes into its memory from the segment x and its attention output y (mac_memory_input).
+MAC_MEMORY_INPUTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "residual": lambda x, y: x + y,
+    "attention": lambda x, y: y,
+    "input": lambda x, y: x,
+}
+
+
 class MACBlock(Block):
     """Memory as context, segment by segment (length C):
 
     1. read the long-term memory as it stood before the segment, `h = M_{s-1}(q)`;
     2. attend causally over `[persistent ‖ h ‖ segment]`;
     3. write the token's representation after attention, `u = RMSNorm(x + y)`, into the memory and gate
-       the attention output with it, `y ⊗ M(u)`.
+       the attention output with it, `y ⊗ M(u)` (`mac_memory_input`: "residual"; "attention" writes the
+       paper's bare `y`, "input" the token before attention, `x`, for ablations).
 
     `h` is either one token per segment token (paper v1; token i sees h_j only for j ≤ i, since h_j is
     read with x_j's query), or `mac_memory_tokens` = N fixed tokens (camera-ready, N = 256): N learned
@@ -207,6 +217,7 @@ class MACBlock(Block):
         self.memory = make_memory(cfg)
         self.gate = OutputGate(cfg.dim, cfg.norm_eps)
         self.memory_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.write_input = MAC_MEMORY_INPUTS[cfg.mac_memory_input]
         shape = (cfg.memory_heads, cfg.memory_head_dim)
         if cfg.mac_memory_tokens > 0:
             self.memory_probes = nn.Parameter(torch.randn(cfg.mac_memory_tokens, *shape))
@@ -240,7 +251,7 @@ class MACBlock(Block):
             memory_tokens = self.memory.read(query, state)
             y = self.attn(segment, memory_tokens=memory_tokens,
                           memory_tokens_causal=self.memory_probes is None)
-            memory_out, state = self.memory(self.memory_norm(segment + y), state)
+            memory_out, state = self.memory(self.memory_norm(self.write_input(segment, y)), state)
             outputs.append(self.gate(y, memory_out))
         return torch.cat(outputs, dim=1), state
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from titans.blocks import BLOCKS, build_block
+from titans.blocks import BLOCKS, MAC_MEMORY_INPUTS, build_block
 from titans.memory import CHUNK_STEPS, MemoryState, NeuralMemory, init_memory_parameter
 
 BLOCK_KINDS = tuple(BLOCKS)
@@ -52,6 +52,9 @@ class TitansConfig:
     n_persistent: int = 16  # persistent memory tokens (learned, data-independent) per attention layer
     segment_len: int = 256  # MAC segment length C (a multiple of memory_chunk)
     mac_memory_tokens: int = 0  # 0: one long-term token per segment token (v1); N>0: N learned probes
+    # What MAC writes into its memory (and gates with): "residual" RMSNorm(x + y), "attention" the paper's
+    # bare RMSNorm(y), "input" RMSNorm(x), the token before attention (see MACBlock; an ablation knob).
+    mac_memory_input: str = "residual"
     memory_heads: int | None = None  # default n_heads
     memory_head_dim: int | None = None  # default head_dim
     memory_depth: int = 2  # L_M, layers of the memory MLP
@@ -92,6 +95,9 @@ class TitansConfig:
         if "mac" in self.layer_kinds and self.segment_len % self.memory_chunk:
             raise ValueError(f"segment_len={self.segment_len} must be a multiple of memory_chunk="
                              f"{self.memory_chunk} so MAC segments are chunk-aligned")
+        if self.mac_memory_input not in MAC_MEMORY_INPUTS:
+            raise ValueError(f"mac_memory_input={self.mac_memory_input!r} is not one of "
+                             f"{', '.join(MAC_MEMORY_INPUTS)}")
         if self.memory_kernel not in CHUNK_STEPS:
             raise ValueError(f"memory_kernel={self.memory_kernel!r} is not one of {', '.join(CHUNK_STEPS)}")
         if self.memory_grad_horizon is not None and self.memory_grad_horizon < 1:
