@@ -8,7 +8,8 @@ fails, per memory layer and head, at the first question (the `assign` token whos
   how much the write at position t answers q. "addressing" is the share of samples whose w, summed
   over the asked pair's positions (and the conv's spill after the last pair), exceeds the other pair's;
   0.5 means the read cannot tell the pairs apart. For MAC also with its segment-read query (`h q`).
-- pair mass: the share of Σ|w_t| that falls on the pairs rather than the filler.
+- pair mass: the share of Σ|w_t|, over the writes before the question, that falls on the pairs rather
+  than the filler.
 - key cos: mean cosine of the two pairs' write keys at the value token; discriminating keys are far
   apart, keys that encode only "a pair is here" are near 1.
 - MAC only: |y| / |x|, the attention output's norm against the token's own at the pairs of the first
@@ -49,6 +50,7 @@ class Recorder:
         self.memories = [m for m in model.model.modules() if isinstance(m, NeuralMemory)]
         self.macs = {id(b.memory): b for b in model.model.modules() if isinstance(b, MACBlock)}
         self.calls: dict[tuple[int, str], list[Tensor]] = {}
+        self.attention_ratio: dict[int, float] = {}  # id(memory) → MAC's |y| / |x| at the pairs
         self.handles = [m.register_forward_pre_hook(self._memory) for m in self.memories]
         for block in self.macs.values():
             if block.to_memory_query is not None:
@@ -69,13 +71,13 @@ class Recorder:
 
     def _mac_attention(self, module, args, out: Tensor) -> None:
         block = next(b for b in self.macs.values() if b.attn is module)
-        if (id(block.memory), "y/x") not in self.calls:  # the first segment holds the pairs
+        if id(block.memory) not in self.attention_ratio:  # the first segment holds the pairs
             ratio = out.norm(dim=-1) / args[0].norm(dim=-1)
-            self.calls[(id(block.memory), "y/x")] = [ratio[:, : PAIRS * PAIR_LEN].mean()]
+            self.attention_ratio[id(block.memory)] = ratio[:, : PAIRS * PAIR_LEN].mean().item()
 
     def get(self, memory: NeuralMemory, name: str) -> Tensor | None:
         parts = self.calls.get((id(memory), name))
-        return None if parts is None else torch.cat(parts, dim=1) if parts[0].dim() else parts[0]
+        return None if parts is None else torch.cat(parts, dim=1)
 
 
 def asked_pair(batch: synthetic.TaskBatch) -> Tensor:
@@ -90,13 +92,16 @@ def measure(model: LoadedModel, samples: int, batch_size: int, distance: int) ->
     space = synthetic.TokenSpace.for_vocab(model.vocab_size)
     recorder = Recorder(model)
     sums: dict[tuple[int, str], dict[str, list[Tensor]]] = {}
+    ratios: dict[int, list[float]] = {}
     for i, start in enumerate(range(0, samples, batch_size)):
         recorder.calls.clear()
+        recorder.attention_ratio.clear()
         batch = synthetic.mqar(min(batch_size, samples - start), distance, space, n_pairs=PAIRS, seed=i)
         rows = torch.arange(batch.tokens.shape[0])
         with torch.no_grad():
             model.logits(batch.tokens)
         asked, position = asked_pair(batch), batch.positions[:, 0]
+        before = int(position[0])  # one distance per batch: every row asks at the same position
         for layer, memory in enumerate(recorder.memories):
             k, theta = recorder.get(memory, "k"), recorder.get(memory, "theta")
             for kind in ("q", "h q"):
@@ -111,24 +116,20 @@ def measure(model: LoadedModel, samples: int, batch_size: int, distance: int) ->
                 s = sums.setdefault((layer, kind), {"head": [], "all": [], "mass": [], "cos": []})
                 s["head"].append((mine > other).float())
                 s["all"].append((mine.sum(-1) > other.sum(-1)).float())
-                s["mass"].append(w[:, :end].abs().sum(1) / w.abs().sum(1))
+                s["mass"].append(w[:, :end].abs().sum(1) / w[:, :before].abs().sum(1))
                 s["cos"].append((k[:, VALUE_OFFSET] * k[:, PAIR_LEN + VALUE_OFFSET]).sum(-1))
-        for layer, memory in enumerate(recorder.memories):
-            ratio = recorder.get(memory, "y/x")
-            if ratio is not None:
-                sums.setdefault((layer, "y/x"), {"ratio": []})["ratio"].append(ratio.reshape(1))
+            if id(memory) in recorder.attention_ratio:
+                ratios.setdefault(layer, []).append(recorder.attention_ratio[id(memory)])
     for handle in recorder.handles:
         handle.remove()
     rows_out = []
     for (layer, kind), s in sums.items():
-        if kind == "y/x":
-            continue
         mean = {name: torch.cat(parts).mean(0) for name, parts in s.items()}
         row = {"memory": layer, "query": kind, "addressing": mean["all"].item(),
                "addressing by head": mean["head"].tolist(), "pair mass by head": mean["mass"].tolist(),
                "key cos by head": mean["cos"].tolist()}
-        if (layer, "y/x") in sums:
-            row["|y|/|x|"] = torch.cat(sums[(layer, "y/x")]["ratio"]).mean().item()
+        if layer in ratios:
+            row["|y|/|x|"] = sum(ratios[layer]) / len(ratios[layer])
         rows_out.append(row)
     return rows_out
 
