@@ -48,14 +48,15 @@ class Recorder:
 
     def __init__(self, model: LoadedModel) -> None:
         self.memories = [m for m in model.model.modules() if isinstance(m, NeuralMemory)]
-        self.macs = {id(b.memory): b for b in model.model.modules() if isinstance(b, MACBlock)}
         self.calls: dict[tuple[int, str], list[Tensor]] = {}
         self.attention_ratio: dict[int, float] = {}  # id(memory) → MAC's |y| / |x| at the pairs
         self.handles = [m.register_forward_pre_hook(self._memory) for m in self.memories]
-        for block in self.macs.values():
+        for block in (b for b in model.model.modules() if isinstance(b, MACBlock)):
             if block.to_memory_query is not None:
-                self.handles.append(block.to_memory_query.register_forward_hook(self._mac_query))
-            self.handles.append(block.attn.register_forward_hook(self._mac_attention))
+                self.handles.append(block.to_memory_query.register_forward_hook(
+                    lambda module, args, out, block=block: self._mac_query(block, out)))
+            self.handles.append(block.attn.register_forward_hook(
+                lambda module, args, out, block=block: self._mac_attention(block, args[0], out)))
 
     def _memory(self, memory: NeuralMemory, args: tuple) -> None:
         x, state = args[0], args[1] if len(args) > 1 else None
@@ -64,15 +65,13 @@ class Recorder:
         for name, t in (("q", q), ("k", k), ("theta", theta)):
             self.calls.setdefault((id(memory), name), []).append(t)
 
-    def _mac_query(self, module, args, out: Tensor) -> None:
-        block = next(b for b in self.macs.values() if b.to_memory_query is module)
+    def _mac_query(self, block: MACBlock, out: Tensor) -> None:
         q = F.normalize(out.view(*out.shape[:2], -1, block.memory.head_dim), dim=-1)
         self.calls.setdefault((id(block.memory), "h q"), []).append(q)
 
-    def _mac_attention(self, module, args, out: Tensor) -> None:
-        block = next(b for b in self.macs.values() if b.attn is module)
+    def _mac_attention(self, block: MACBlock, x: Tensor, y: Tensor) -> None:
         if id(block.memory) not in self.attention_ratio:  # the first segment holds the pairs
-            ratio = out.norm(dim=-1) / args[0].norm(dim=-1)
+            ratio = y.norm(dim=-1) / x.norm(dim=-1)
             self.attention_ratio[id(block.memory)] = ratio[:, : PAIRS * PAIR_LEN].mean().item()
 
     def get(self, memory: NeuralMemory, name: str) -> Tensor | None:
@@ -104,6 +103,7 @@ def measure(model: LoadedModel, samples: int, batch_size: int, distance: int) ->
         before = int(position[0])  # one distance per batch: every row asks at the same position
         for layer, memory in enumerate(recorder.memories):
             k, theta = recorder.get(memory, "k"), recorder.get(memory, "theta")
+            key_cos = (k[:, VALUE_OFFSET] * k[:, PAIR_LEN + VALUE_OFFSET]).sum(-1)  # (B, H)
             for kind in ("q", "h q"):
                 q = recorder.get(memory, kind)
                 if q is None:
@@ -117,7 +117,7 @@ def measure(model: LoadedModel, samples: int, batch_size: int, distance: int) ->
                 s["head"].append((mine > other).float())
                 s["all"].append((mine.sum(-1) > other.sum(-1)).float())
                 s["mass"].append(w[:, :end].abs().sum(1) / w[:, :before].abs().sum(1))
-                s["cos"].append((k[:, VALUE_OFFSET] * k[:, PAIR_LEN + VALUE_OFFSET]).sum(-1))
+                s["cos"].append(key_cos)
             if id(memory) in recorder.attention_ratio:
                 ratios.setdefault(layer, []).append(recorder.attention_ratio[id(memory)])
     for handle in recorder.handles:
