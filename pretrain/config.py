@@ -73,12 +73,15 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0: no validation
     eval_batches: int = 8
-    # synthetic recall measured at every validation (pretrain.evaluate's needle / mqar, mqar with
-    # data.synthetic_pairs pairs), at these distances in multiples of the attention span: when recall
-    # is learnt, and how it spreads past the window, as TensorBoard scalars val/<task>/x<distance>
+    # synthetic recall measured at every validation (pretrain.evaluate's needle / mqar), at these
+    # distances in multiples of the attention span: when recall is learnt, and how it spreads past the
+    # window, as TensorBoard scalars val/<task>/x<distance>
     eval_tasks: tuple[str, ...] = ()
     eval_task_distances: tuple[float, ...] = (2.0, 8.0)
     eval_task_samples: int = 32  # sequences per task and distance
+    # key-value pairs per mqar sequence (0: data.synthetic_pairs). Fixed, it keeps one curve comparable
+    # across runs, or across a resume, that change the pairs they train on.
+    eval_task_pairs: int = 0
     checkpoint_every: int = 100
     keep_last: int = 3
     resume: bool = True  # continue from the newest good checkpoint in out_dir
@@ -329,6 +332,9 @@ def validate_eval_tasks(cfg: RunConfig) -> None:
                           f"{list(t.eval_task_distances)}")
     if t.eval_task_samples < 1:
         raise ConfigError(f"train.eval_task_samples must be >= 1, got {t.eval_task_samples}")
+    if t.eval_task_pairs < 0:
+        raise ConfigError(f"train.eval_task_pairs must be >= 1 (or 0: data.synthetic_pairs), got "
+                          f"{t.eval_task_pairs}")
     split = splitting_fields(p, zero_stages=(3,))
     if split:
         raise ConfigError(f"train.eval_tasks needs the whole model on every rank, and {', '.join(split)} "

@@ -101,7 +101,7 @@ def recall_accuracy(engine: Engine, cfg: RunConfig) -> dict[str, float]:
     model = LoadedModel(engine.models[0], cfg.model, cfg.to_dict())
     engine.train(False)
     results = evaluate_tasks(model, t.eval_tasks, t.eval_task_distances, t.eval_task_samples,
-                             n_pairs=cfg.data.synthetic_pairs, log=lambda message: None)
+                             n_pairs=t.eval_task_pairs or cfg.data.synthetic_pairs, log=lambda message: None)
     engine.train(True)
     return {key.removeprefix("eval/"): value for key, value in scalars(results).items()}
 

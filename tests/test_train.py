@@ -88,6 +88,23 @@ def test_recall_is_measured_at_every_validation(dataset, tmp_path, capsys):
                      capsys.readouterr().err)
 
 
+def test_recall_pairs_can_differ_from_the_training_pairs(dataset, tmp_path, monkeypatch):
+    """train.eval_task_pairs fixes MQAR's pairs while training; 0 follows data.synthetic_pairs."""
+    import pretrain.evaluate
+
+    asked: list[int] = []
+
+    def record(*args, n_pairs: int, **kwargs) -> dict:
+        asked.append(n_pairs)
+        return {}
+
+    monkeypatch.setattr(pretrain.evaluate, "evaluate", record)
+    base = ("train.steps=4", "train.eval_every=4", "train.eval_tasks=mqar", "data.synthetic_pairs=4")
+    train(small_config(dataset, tmp_path / "fixed", *base, "train.eval_task_pairs=2"))
+    train(small_config(dataset, tmp_path / "follows", *base))
+    assert asked == [2, 4]
+
+
 def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path, monkeypatch):
     real = engine_module.loss_on
     calls = {"n": 0}
@@ -141,6 +158,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("train.eval_tasks=mqar train.eval_every=0", "train.eval_every=0 turns validation off"),
     ("train.eval_tasks=needle train.eval_task_distances=0,8", "must be positive multiples"),
     ("train.eval_tasks=mqar parallel.pp=2", "the whole model on every rank, and parallel.pp=2 splits it"),
+    ("train.eval_tasks=mqar train.eval_task_pairs=-1", "train.eval_task_pairs must be >= 1"),
 ])
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
