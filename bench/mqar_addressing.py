@@ -7,7 +7,10 @@ fails, per memory layer and head, at the first question (the `assign` token whos
 - addressing: a linear memory's read of query q is ≈ Σ_t θ_t (q · k_t) v_t, so w_t = θ_t (q · k_t) is
   how much the write at position t answers q. "addressing" is the share of samples whose w, summed
   over the asked pair's positions (and the conv's spill after the last pair), exceeds the other pair's;
-  0.5 means the read cannot tell the pairs apart. For MAC also with its segment-read query (`h q`).
+  0.5 means the read cannot tell the pairs apart. For MAC also with its segment-read query (`h q`), at
+  the `assign` token and at each key token of the question (`h q at -1`, `-2`): MAC's attention at the
+  answer sees the h of every earlier token of its segment, and at `assign` the first layer's query is
+  the same token for every question, so the read that can address is the one at the key.
 - pair mass: the share of Σ|w_t|, over the writes before the question, that falls on the pairs rather
   than the filler.
 - key cos: mean cosine of the two pairs' write keys at the value token; discriminating keys are far
@@ -40,6 +43,8 @@ from titans.memory import NeuralMemory  # noqa: E402
 PAIRS = 2
 PAIR_LEN = synthetic.KEY_LEN + 4  # open, key, assign, value, close
 VALUE_OFFSET = synthetic.KEY_LEN + 2
+# Query kind → offsets from the answering `assign` token at which it is read.
+READ_OFFSETS = {"q": (0,), "h q": tuple(range(-synthetic.KEY_LEN, 1))}
 
 
 class Recorder:
@@ -104,11 +109,13 @@ def measure(model: LoadedModel, samples: int, batch_size: int, distance: int) ->
         for layer, memory in enumerate(recorder.memories):
             k, theta = recorder.get(memory, "k"), recorder.get(memory, "theta")
             key_cos = (k[:, VALUE_OFFSET] * k[:, PAIR_LEN + VALUE_OFFSET]).sum(-1)  # (B, H)
-            for kind in ("q", "h q"):
+            for kind, offset in ((kind, o) for kind, offsets in READ_OFFSETS.items() for o in offsets):
                 q = recorder.get(memory, kind)
                 if q is None:
                     continue
-                w = theta * torch.einsum("bhd,bthd->bth", q[rows, position], k)  # (B, T, H)
+                if offset:
+                    kind = f"{kind} at {offset}"
+                w = theta * torch.einsum("bhd,bthd->bth", q[rows, position + offset], k)  # (B, T, H)
                 end = PAIRS * PAIR_LEN + memory.conv_kernel - 1  # the conv carries the last pair past it
                 bounds = [p * PAIR_LEN for p in range(PAIRS)] + [end]  # per pair: (B, P, H)
                 per_pair = torch.stack([w[:, lo:hi].sum(1) for lo, hi in zip(bounds, bounds[1:])], 1)

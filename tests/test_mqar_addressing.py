@@ -42,7 +42,7 @@ def test_report_has_a_row_per_memory_and_query(tmp_path, capsys, layers):
     out = capsys.readouterr().out
     table = out.split("\n\n")[0]  # the addressing table; MAC's ablation table follows
     rows = [line for line in table.splitlines() if line.startswith(f"| {run} |")]
-    queries = ["q", "h q"] if layers == "mac" else ["q"]
+    queries = ["q", "h q at -2", "h q at -1", "h q"] if layers == "mac" else ["q"]
     assert [row.split(" | ")[2:4] for row in rows] == [[str(m), q] for m in (0, 1) for q in queries]
     for row in rows:
         assert 0 <= float(row.split(" | ")[4]) <= 1
