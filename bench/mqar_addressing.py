@@ -113,14 +113,13 @@ def measure(model: LoadedModel, samples: int, batch_size: int, distance: int) ->
                 q = recorder.get(memory, kind)
                 if q is None:
                     continue
-                if offset:
-                    kind = f"{kind} at {offset}"
                 w = theta * torch.einsum("bhd,bthd->bth", q[rows, position + offset], k)  # (B, T, H)
                 end = PAIRS * PAIR_LEN + memory.conv_kernel - 1  # the conv carries the last pair past it
                 bounds = [p * PAIR_LEN for p in range(PAIRS)] + [end]  # per pair: (B, P, H)
                 per_pair = torch.stack([w[:, lo:hi].sum(1) for lo, hi in zip(bounds, bounds[1:])], 1)
                 mine, other = per_pair[rows, asked], per_pair[rows, 1 - asked]
-                s = sums.setdefault((layer, kind), {"head": [], "all": [], "mass": [], "cos": []})
+                name = f"{kind} at {offset}" if offset else kind
+                s = sums.setdefault((layer, name), {"head": [], "all": [], "mass": [], "cos": []})
                 s["head"].append((mine > other).float())
                 s["all"].append((mine.sum(-1) > other.sum(-1)).float())
                 s["mass"].append(w[:, :end].abs().sum(1) / w[:, :before].abs().sum(1))
