@@ -109,13 +109,14 @@ def measure(model: LoadedModel, samples: int, batch_size: int, distance: int) ->
         for layer, memory in enumerate(recorder.memories):
             k, theta = recorder.get(memory, "k"), recorder.get(memory, "theta")
             key_cos = (k[:, VALUE_OFFSET] * k[:, PAIR_LEN + VALUE_OFFSET]).sum(-1)  # (B, H)
+            end = PAIRS * PAIR_LEN + memory.conv_kernel - 1  # the conv carries the last pair past it
+            bounds = [p * PAIR_LEN for p in range(PAIRS)] + [end]  # per pair: (B, P, H)
+            reads = {kind: recorder.get(memory, kind) for kind in READ_OFFSETS}  # each gathered once
             for kind, offset in ((kind, o) for kind, offsets in READ_OFFSETS.items() for o in offsets):
-                q = recorder.get(memory, kind)
+                q = reads[kind]
                 if q is None:
                     continue
                 w = theta * torch.einsum("bhd,bthd->bth", q[rows, position + offset], k)  # (B, T, H)
-                end = PAIRS * PAIR_LEN + memory.conv_kernel - 1  # the conv carries the last pair past it
-                bounds = [p * PAIR_LEN for p in range(PAIRS)] + [end]  # per pair: (B, P, H)
                 per_pair = torch.stack([w[:, lo:hi].sum(1) for lo, hi in zip(bounds, bounds[1:])], 1)
                 mine, other = per_pair[rows, asked], per_pair[rows, 1 - asked]
                 name = f"{kind} at {offset}" if offset else kind
