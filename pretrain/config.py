@@ -50,6 +50,10 @@ class DataConfig:
     # instance each from its first token (the memory's initial state, as the evaluation asks), all at one
     # distance per step: as long as that instance needs, not seq_len. synthetic_rows must be 0.
     synthetic_sequences: int = 0
+    # a curriculum: the first N steps train on the synthetic sequences alone, the text starting after them
+    # (where it left off: no text is skipped). Why: a memory that must learn to bind keys to values beside
+    # the text's gradient can settle on recalling the values without their keys; first alone, it binds.
+    synthetic_alone_steps: int = 0
 
 
 @dataclass
@@ -275,6 +279,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.synthetic_sequences must be >= 0, got {d.synthetic_sequences}")
     if d.synthetic_sequences:
         validate_synthetic_sequences(cfg)
+    if d.synthetic_alone_steps and not d.synthetic_sequences:
+        raise ConfigError(f"data.synthetic_alone_steps={d.synthetic_alone_steps} trains separate synthetic "
+                          "sequences alone: it needs data.synthetic_sequences > 0")
+    if d.synthetic_alone_steps < 0:
+        raise ConfigError(f"data.synthetic_alone_steps must be >= 0, got {d.synthetic_alone_steps}")
     if d.synthetic_rows or d.synthetic_sequences:
         from pretrain import synthetic
 

@@ -57,30 +57,38 @@ class SyntheticMix:
     plain text rarely does within a short run. The synthetic sequences are trained on their answers only,
     each sequence's answers weighing as much as `weight` text sequences. Either `rows` rows appended to
     each text batch (one `Batch`), or, with `separate`, `rows` sequences of their own length yielded before
-    the text batch (a list of two `Batch`es: one step, two forwards). Sequences are generated from (seed,
-    dp rank, count), so a resumed run sees exactly the ones it would have seen.
+    the text batch (a list of two `Batch`es: one step, two forwards); the first `alone` of those come
+    without text (a one-`Batch` list), the text starting after them where it would have. Sequences are
+    generated from (seed, dp rank, count), so a resumed run sees exactly the ones it would have seen.
     """
 
     def __init__(self, text: TokenLoader, rows: int, task: str, seq_len: int, vocab_size: int,
-                 weight: float, seed: int, separate: bool = False, **row_options: Any) -> None:
+                 weight: float, seed: int, separate: bool = False, alone: int = 0,
+                 **row_options: Any) -> None:
         self.text, self.rows, self.task, self.seq_len = text, rows, task, seq_len
-        self.separate = separate
+        self.separate, self.alone = separate, alone
         self.generate = synthetic.instance_batch if separate else synthetic.training_rows
         self.row_options = row_options  # the generator's min_distance, n_pairs, max_distance (rows: pack)
         self.space = synthetic.TokenSpace.for_vocab(vocab_size)
         self.weight, self.seed, self.generated = weight, seed, 0
 
     def __iter__(self) -> Iterator[Batch | list[Batch]]:
+        while self.generated < self.alone:
+            yield [self.synthetic()]
         for text in self.text:
-            tokens, answers = self.generate(self.task, self.rows, self.seq_len + 1, self.space,
-                                            seed=self.row_seed(), **self.row_options)
-            self.generated += 1
-            weights = answers * (self.weight * self.seq_len / answers.sum(-1, keepdim=True))
+            synthetic = self.synthetic()
             if self.separate:
-                yield [Batch(tokens, weights), Batch(text, None)]
+                yield [synthetic, Batch(text, None)]
             else:
-                yield Batch(torch.cat([text, tokens]), torch.cat([torch.ones(text.shape[0], self.seq_len),
-                                                                  weights]))
+                yield Batch(torch.cat([text, synthetic.tokens]),
+                            torch.cat([torch.ones(text.shape[0], self.seq_len), synthetic.weights]))
+
+    def synthetic(self) -> Batch:
+        """The next synthetic sequences, trained on their answers only."""
+        tokens, answers = self.generate(self.task, self.rows, self.seq_len + 1, self.space,
+                                        seed=self.row_seed(), **self.row_options)
+        self.generated += 1
+        return Batch(tokens, answers * (self.weight * self.seq_len / answers.sum(-1, keepdim=True)))
 
     def row_seed(self) -> int:
         """A seed per (seed, batch count): torch's generator keeps only 32 bits, so hash, do not shift."""
@@ -143,4 +151,5 @@ def _with_synthetic(loader: TokenLoader, cfg: RunConfig, dp_rank: int) -> TokenL
         options["pack"] = d.synthetic_pack
     return SyntheticMix(loader, d.synthetic_rows or d.synthetic_sequences, d.synthetic_task, d.seq_len,
                         cfg.model.vocab_size, d.synthetic_weight, seed=d.seed * 65_537 + dp_rank,
-                        separate=bool(d.synthetic_sequences), **options)
+                        separate=bool(d.synthetic_sequences),
+                        alone=d.synthetic_alone_steps * cfg.train.grad_accum, **options)

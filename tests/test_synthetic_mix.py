@@ -134,6 +134,27 @@ def test_mix_yields_separate_sequences_before_the_text():
     assert ((synthetic_part.weights > 0).sum(-1) == 2).all()
 
 
+def test_mix_trains_the_synthetic_sequences_alone_first_then_the_text_from_its_start():
+    """data.synthetic_alone_steps: a curriculum whose text starts where it would have, none skipped, and
+    which resumes inside the alone steps exactly."""
+    def mix():
+        return SyntheticMix(FakeText(2, 65), rows=4, task="mqar", seq_len=64, vocab_size=257, weight=0.5,
+                            seed=5, separate=True, alone=3, n_pairs=2)
+    plain = SyntheticMix(FakeText(2, 65), 4, "mqar", 64, 257, 0.5, seed=5, separate=True, n_pairs=2)
+    first = mix()
+    items = [item for _, item in zip(range(5), first)]
+    assert [len(item) for item in items] == [1, 1, 1, 2, 2]
+    assert items[3][1].tokens[0, 0].item() == 1  # the text's first batch
+    # the synthetic sequences are those of the run without the curriculum, in the same order
+    for item, want in zip(items, (item[0] for _, item in zip(range(5), plain))):
+        assert torch.equal(item[0].tokens, want.tokens) and torch.equal(item[0].weights, want.weights)
+    resumed, stream = mix(), iter(mix())
+    next(stream)
+    resumed.load_state_dict({"text": {"position": 0}, "generated": 1})
+    for want, got in zip(items[1:], iter(resumed)):
+        assert len(want) == len(got) and all(torch.equal(w.tokens, g.tokens) for w, g in zip(want, got))
+
+
 def test_weighted_loss_is_the_weighted_mean_of_token_losses():
     torch.manual_seed(0)
     model = TitansLM(TitansConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, layers="mac", window=8,

@@ -33,9 +33,11 @@ def test_resume_gives_the_same_losses_bitwise(dataset, tmp_path):
     assert whole.losses[-1] < whole.losses[0]
 
 
-@pytest.mark.parametrize("mix", ["data.synthetic_rows=1", "data.synthetic_sequences=2"])
+@pytest.mark.parametrize("mix", [("data.synthetic_rows=1",), ("data.synthetic_sequences=2",),
+                                 ("data.synthetic_sequences=2", "data.synthetic_alone_steps=3")])
 def test_resume_with_synthetic_tasks_is_exact(dataset, tmp_path, mix):
-    mixed = (mix, "train.steps=8", "train.checkpoint_every=2")
+    """Resumed at step 4: inside the text, or (the curriculum) on the text's first step."""
+    mixed = (*mix, "train.steps=8", "train.checkpoint_every=2")
     whole = train(small_config(dataset, tmp_path / "whole", *mixed))
     train(small_config(dataset, tmp_path / "split", *mixed, "train.stop_after_steps=4"))
     resumed = train(small_config(dataset, tmp_path / "split", *mixed))
@@ -154,6 +156,8 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("data.synthetic_sequences=4 data.synthetic_pack=true", "data.synthetic_pack packs rows of the batch"),
     ("data.synthetic_sequences=4 parallel.tp=2", "which parallel.tp=2 does not schedule"),
     ("data.synthetic_sequences=-1", "data.synthetic_sequences must be >= 0"),
+    ("data.synthetic_alone_steps=10", "it needs data.synthetic_sequences > 0"),
+    ("data.synthetic_sequences=4 data.synthetic_alone_steps=-1", "data.synthetic_alone_steps must be >= 0"),
     ("train.eval_tasks=mqar,copy", "train.eval_tasks: unknown task(s) copy; choose from needle, mqar"),
     ("train.eval_tasks=mqar train.eval_every=0", "train.eval_every=0 turns validation off"),
     ("train.eval_tasks=needle train.eval_task_distances=0,8", "must be positive multiples"),
