@@ -84,10 +84,16 @@ def train_and_evaluate(name: str, seed: int, cfg: RunConfig, args: argparse.Name
     steps = result.step_seconds if result else []
     return {"variant": name, "seed": seed, "params": num_parameters(cfg.model),
             "ffn_hidden": cfg.model.ffn_hidden, "step": model.step,
-            "tokens": cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * (model.step or 0),
+            "tokens": text_tokens(cfg, model.step or 0),
             "train_loss": sum(losses) / len(losses) if losses else None, "train_seconds": seconds,
             "step_seconds": sum(steps) / len(steps) if steps else None, "eval_seconds": eval_seconds,
             "out_dir": cfg.train.out_dir, "eval": results}
+
+
+def text_tokens(cfg: RunConfig, step: int) -> int:
+    """The text tokens fed by `step`: the curriculum's first data.synthetic_alone_steps feed no text."""
+    text_steps = max(0, step - cfg.data.synthetic_alone_steps)
+    return cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * text_steps
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -150,8 +156,8 @@ def markdown(summary: dict[str, dict[str, Any]], distances: list[float]) -> str:
     """The summary table (one row per variant) and the per-bucket loss table (one column per variant)."""
     seeds = max(len(s["seeds"]) for s in summary.values())
     note = f"Mean over {seeds} seeds, (min–max) in brackets." if seeds > 1 else "One seed."
-    # batch tokens: data.batch_size × seq_len × steps (data.synthetic_sequences' short sequences come on top)
-    head = ["variant", "params", "batch tokens", "seeds", "train loss (last 10)", *REGION_NAMES.values(),
+    # text tokens: data.batch_size × seq_len × the steps that fed text (the synthetic sequences come on top)
+    head = ["variant", "params", "text tokens", "seeds", "train loss (last 10)", *REGION_NAMES.values(),
             *(f"mqar {d:g}×" for d in distances), "s / step", "train s"]
     lines = [note, "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, s in summary.items():

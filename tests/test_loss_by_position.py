@@ -262,3 +262,11 @@ def test_compare_long_smoke(data, tmp_path, capsys):
     assert all(r["step"] == 2 for r in rows["runs"])
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| swa |" in capsys.readouterr().out
+
+
+def test_compare_long_counts_only_the_text_tokens_fed():
+    compare = bench_module("compare_long")
+    cfg = load_config(None, ["data.seq_len=64", "data.batch_size=2", "train.grad_accum=3",
+                             "data.synthetic_sequences=4", "data.synthetic_alone_steps=10"])
+    assert compare.text_tokens(cfg, 5) == 0  # still in the synthetic-alone steps
+    assert compare.text_tokens(cfg, 12) == 2 * 64 * 3 * 2
