@@ -295,6 +295,8 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     mesh.print(f"model: {n_params:,} parameters, layers {','.join(cfg.model.layer_kinds)}; "
                f"{tokens_per_step:,} tokens per step"
                + (" and the synthetic sequences'" if cfg.data.synthetic_sequences else "")
+               + (f" (the first {cfg.data.synthetic_alone_steps:,} steps: the synthetic sequences alone)"
+                  if cfg.data.synthetic_alone_steps else "")
                + f"; device {mesh.device}, layout {mesh.layout}"
                + (f", ZeRO stage {p.zero_stage}" if p.zero_stage else "")
                + (f", {p.pp_schedule} schedule" if p.pp > 1 else "")

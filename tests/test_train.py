@@ -35,10 +35,12 @@ def test_resume_gives_the_same_losses_bitwise(dataset, tmp_path):
 
 @pytest.mark.parametrize("mix", [("data.synthetic_rows=1",), ("data.synthetic_sequences=2",),
                                  ("data.synthetic_sequences=2", "data.synthetic_alone_steps=3")])
-def test_resume_with_synthetic_tasks_is_exact(dataset, tmp_path, mix):
+def test_resume_with_synthetic_tasks_is_exact(dataset, tmp_path, mix, capsys):
     """Resumed at step 4: inside the text, or (the curriculum) on the text's first step."""
     mixed = (*mix, "train.steps=8", "train.checkpoint_every=2")
     whole = train(small_config(dataset, tmp_path / "whole", *mixed))
+    curriculum = "the first 3 steps: the synthetic sequences alone"
+    assert (curriculum in capsys.readouterr().out) == ("data.synthetic_alone_steps=3" in mix)
     train(small_config(dataset, tmp_path / "split", *mixed, "train.stop_after_steps=4"))
     resumed = train(small_config(dataset, tmp_path / "split", *mixed))
     assert resumed.losses == whole.losses
