@@ -42,7 +42,8 @@ from titans.model import num_parameters  # noqa: E402
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa", "full")
 REGION_NAMES = {"inside_span": "loss < window", "span_to_train": "loss window–train len",
-                "beyond_train": "loss > train len"}
+                "beyond_train": "loss > train len", "repeats_to_train": "far repeats < train len",
+                "repeats_beyond_train": "far repeats > train len"}
 
 
 def seed_configs(names: list[str], config_dir: Path, overrides: list[str], match: bool, target: int | None,

@@ -12,7 +12,8 @@
 - mqar: multi-query associative recall: 8 pairs, `distance` tokens of filler, all keys asked for.
 - loss_by_position (not in the default set): validation loss bucketed by the token's position inside its
   document, to 4× the training length, each document fed in pieces through the exact streaming cache
-  (`pretrain/loss_by_position.py`); also writes a PNG next to the JSON.
+  (`pretrain/loss_by_position.py`), and over each bucket's far repeats (tokens only the context beyond
+  the span predicts); also writes a PNG next to the JSON.
 Distances are multiples of the model's attention span (the window for SWA / MAG / MAL, the segment for
 MAC). Long needle / mqar inputs are fed in pieces of the training length that carry the memory state;
 attention keeps no KV cache across calls, so beyond its span only the long-term memory can answer.
@@ -171,7 +172,7 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
         if task == "loss_by_position":
             rows = val_batches(run_config, data, batch_size=1)
             r = loss_by_position.evaluate_rows(model, rows, run_config, piece_len, max_position, bucket_edges,
-                                               max_documents, min_doc_len, batch_size)
+                                               max_documents, min_doc_len, batch_size, span)
             results[task] = r
             log(f"loss_by_position: {r['documents']} documents, {r['tokens']:,} tokens to position "
                 f"{r['max_position']}, mean loss {r['loss']:.4f} ({time.perf_counter() - started:.1f}s)")

@@ -18,6 +18,12 @@ A model whose long-term memory helps should keep lowering its loss at positions 
   loss of its tokens, their count, and where it lies relative to the attention span and training length.
   Buckets far out hold only long documents: compare models bucket by bucket (they see the same tokens),
   or pass `min_doc_len = max_position` so that every bucket comes from the same documents.
+- Far repeats: at a small scale the loss by position is dominated by local statistics, so each bucket also
+  reports the loss on the tokens that only context beyond the window predicts: those whose preceding
+  `REPEAT_CONTEXT` tokens last appeared more than `repeat_span` tokens back, followed there by this same
+  token. Copying from there predicts them and a window-only model cannot see it, so a model that uses the
+  far context at all is lower on these tokens than one that does not (full attention, within its training
+  length, shows what is to be gained).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from titans.model import TitansLM
 from titans.streaming import stream_step
 
 FIRST_BUCKET = 32  # the first bucket's end: the log-spaced edges double from here
+REPEAT_CONTEXT = 8  # a far repeat's matched context: 8 bytes of source code rarely recur by chance
 MAX_DOCUMENTS = 64  # validation documents scored by default
 
 
@@ -111,6 +118,19 @@ def split_documents(rows: Iterable[Tensor], eos_id: int, max_len: int, max_docum
     return docs[:max_documents] if max_documents is not None else docs
 
 
+def far_repeats(inputs: list[int], targets: list[int], span: int, context: int = REPEAT_CONTEXT) -> list[bool]:
+    """Per target: True where the `context` inputs ending at it last ended more than `span` positions back
+    and were followed there by this same target (the copy is right, and a `span` window cannot see it)."""
+    last: dict[tuple[int, ...], int] = {}  # a context → where it last ended
+    mask = [False] * len(targets)
+    for t in range(context - 1, len(targets)):
+        key = tuple(inputs[t - context + 1 : t + 1])
+        before = last.get(key)
+        mask[t] = before is not None and t - before > span and targets[before] == targets[t]
+        last[key] = t
+    return mask
+
+
 # ------------------------------------------------------------------------------------------- scoring
 
 
@@ -138,18 +158,22 @@ def token_losses(model: TitansLM, inputs: Tensor, targets: Tensor, piece_len: in
 
 @torch.no_grad()
 def loss_by_position(model: Any, documents: list[Tensor], edges: list[int], eos_id: int, piece_len: int,
-                     attention_span: int, train_len: int | None = None, batch_size: int = 8
-                     ) -> dict[str, Any]:
-    """Mean next-token loss per position bucket over `documents` (each scored from its start, on its own).
+                     attention_span: int, train_len: int | None = None, batch_size: int = 8,
+                     repeat_span: int | None = None) -> dict[str, Any]:
+    """Mean next-token loss per position bucket over `documents` (each scored from its start, on its own),
+    and over each bucket's far repeats (beyond `repeat_span`, default `attention_span`: a comparison passes
+    one window so that every model is scored on the same tokens).
 
     Documents are batched longest first and right-padded: every block is causal, so padding after a
     document never changes its losses. Returns the JSON-ready result (edges, per-bucket loss and tokens).
     """
     lm = titans_model(model)
     max_len = edges[-1]
+    repeat_span = repeat_span or attention_span
     bounds = torch.tensor(edges[1:-1])
     total = torch.zeros(len(edges) - 1, dtype=torch.float64)
     count = torch.zeros(len(edges) - 1, dtype=torch.long)
+    repeat_total, repeat_count = torch.zeros_like(total), torch.zeros_like(count)
     docs = sorted((d[:max_len] for d in documents if len(d)), key=len, reverse=True)
     if not docs:
         raise ValueError("no validation documents to score: the val split is empty or every document is "
@@ -159,29 +183,37 @@ def loss_by_position(model: Any, documents: list[Tensor], edges: list[int], eos_
         width = len(group[0])
         targets = torch.full((len(group), width), eos_id, dtype=torch.long)
         valid = torch.zeros(len(group), width, dtype=torch.bool)
+        repeat = torch.zeros(len(group), width, dtype=torch.bool)
         for b, doc in enumerate(group):
             targets[b, : len(doc)] = doc
             valid[b, : len(doc)] = True
         inputs = torch.cat([torch.full((len(group), 1), eos_id, dtype=torch.long), targets[:, :-1]], 1)
+        for b, doc in enumerate(group):
+            mask = far_repeats(inputs[b, : len(doc)].tolist(), doc.tolist(), repeat_span)
+            repeat[b, : len(doc)] = torch.tensor(mask, dtype=torch.bool)
         losses = token_losses(lm, inputs, targets, piece_len)
         bucket = torch.bucketize(torch.arange(width), bounds, right=True).expand(len(group), -1)
         total.index_add_(0, bucket[valid], losses[valid].double())
         count.index_add_(0, bucket[valid], torch.ones_like(bucket[valid]))
+        repeat_total.index_add_(0, bucket[repeat], losses[repeat].double())
+        repeat_count.index_add_(0, bucket[repeat], torch.ones_like(bucket[repeat]))
     buckets = []
     for i, (start, end) in enumerate(zip(edges, edges[1:])):
-        n = int(count[i])
+        n, r = int(count[i]), int(repeat_count[i])
         buckets.append({"start": start, "end": end, "tokens": n, "loss": float(total[i] / n) if n else None,
+                        "repeat_tokens": r, "repeat_loss": float(repeat_total[i] / r) if r else None,
                         "span": relation(start, end, attention_span),
                         "beyond_train": train_len is not None and start >= train_len})
     return {"edges": edges, "max_position": max_len, "attention_span": attention_span, "train_len": train_len,
-            "piece_len": piece_len, "documents": len(docs), "tokens": int(count.sum()),
+            "piece_len": piece_len, "repeat_span": repeat_span, "repeat_context": REPEAT_CONTEXT,
+            "documents": len(docs), "tokens": int(count.sum()),
             "loss": float(total.sum() / count.sum()), "buckets": buckets}
 
 
 def evaluate_rows(model: Any, rows: Iterable[Tensor], run_config: dict[str, Any], piece_len: int,
                   max_position: int | None = None, edges: list[int] | None = None,
-                  max_documents: int | None = MAX_DOCUMENTS, min_doc_len: int = 0, batch_size: int = 8
-                  ) -> dict[str, Any]:
+                  max_documents: int | None = MAX_DOCUMENTS, min_doc_len: int = 0, batch_size: int = 8,
+                  repeat_span: int | None = None) -> dict[str, Any]:
     """`loss_by_position` of the documents in `rows` (the validation split in order, e.g.
     `pretrain.evaluate.val_batches`). Positions run to `max_position` (default 4× the training length;
     `edges`, when given, end where their last edge does)."""
@@ -193,7 +225,7 @@ def evaluate_rows(model: Any, rows: Iterable[Tensor], run_config: dict[str, Any]
         raise ValueError("the model's vocabulary has no end-of-document token: documents cannot be found")
     documents = split_documents(rows, eos, edges[-1], max_documents, min_doc_len)
     return loss_by_position(model, documents, edges, eos, piece_len, model.attention_span, train_len,
-                            batch_size)
+                            batch_size, repeat_span)
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -204,33 +236,39 @@ def markdown(result: dict[str, Any]) -> list[str]:
     span, train_len = result["attention_span"], result["train_len"]
     lines = [f"Loss by position in {result['documents']} validation documents ({result['tokens']:,} tokens, "
              f"mean loss {result['loss']:.4f}), fed in pieces of {result['piece_len']} carrying the exact "
-             f"state; attention span {span} tokens, training length {train_len}.", "",
-             "| positions | × span | tokens | loss | vs span | beyond training length |",
-             "|---|---:|---:|---:|---|---|"]
+             f"state; attention span {span} tokens, training length {train_len}. Far repeats: tokens whose "
+             f"preceding {result['repeat_context']} tokens last appeared, followed by them, more than "
+             f"{result['repeat_span']} tokens back.", "",
+             "| positions | × span | tokens | loss | far repeats | their loss | vs span | beyond training length |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for b in result["buckets"]:
         loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
+        repeat = "-" if b["repeat_loss"] is None else f"{b['repeat_loss']:.4f}"
         lines.append(f"| [{b['start']}, {b['end']}) | {b['start'] / span:g}–{b['end'] / span:g} | "
-                     f"{b['tokens']:,} | {loss} | {b['span']} | {'yes' if b['beyond_train'] else 'no'} |")
+                     f"{b['tokens']:,} | {loss} | {b['repeat_tokens']:,} | {repeat} | {b['span']} | "
+                     f"{'yes' if b['beyond_train'] else 'no'} |")
     return lines + [""]
 
 
-REGIONS = ("inside_span", "span_to_train", "beyond_train")
+REGIONS = ("inside_span", "span_to_train", "beyond_train", "repeats_to_train", "repeats_beyond_train")
 
 
 def regions(result: dict[str, Any], span: int | None = None) -> dict[str, float | None]:
     """Token-weighted mean loss of the buckets inside the attention span (`span`, default the result's),
     between the span and the training length, and beyond the training length (a bucket crossing a
-    boundary counts in neither)."""
+    boundary counts in neither); and of the far repeats within and beyond the training length."""
     span = span or result["attention_span"]
     train_len = result["train_len"] or result["max_position"]
-    picks = {"inside_span": lambda b: b["end"] <= span,
-             "span_to_train": lambda b: b["start"] >= span and b["end"] <= train_len,
-             "beyond_train": lambda b: b["start"] >= train_len}
+    picks = {"inside_span": ("", lambda b: b["end"] <= span),
+             "span_to_train": ("", lambda b: b["start"] >= span and b["end"] <= train_len),
+             "beyond_train": ("", lambda b: b["start"] >= train_len),
+             "repeats_to_train": ("repeat_", lambda b: b["end"] <= train_len),
+             "repeats_beyond_train": ("repeat_", lambda b: b["start"] >= train_len)}
     out: dict[str, float | None] = {}
-    for name, pick in picks.items():
-        rows = [b for b in result["buckets"] if pick(b) and b["tokens"]]
-        n = sum(b["tokens"] for b in rows)
-        out[name] = sum(b["loss"] * b["tokens"] for b in rows) / n if n else None
+    for name, (kind, pick) in picks.items():
+        rows = [b for b in result["buckets"] if pick(b) and b.get(f"{kind}tokens")]
+        n = sum(b[f"{kind}tokens"] for b in rows)
+        out[name] = sum(b[f"{kind}loss"] * b[f"{kind}tokens"] for b in rows) / n if n else None
     return out
 
 

@@ -18,10 +18,13 @@ from pretrain.config import load_config
 from pretrain.evaluate import main as evaluate_main
 from pretrain.evaluate import val_batches
 from pretrain.loss_by_position import (
+    REPEAT_CONTEXT,
     bucket_edges,
+    far_repeats,
     loss_by_position,
     parse_bucket_edges,
     plot_loss_by_position,
+    regions,
     split_documents,
     token_losses,
 )
@@ -149,28 +152,63 @@ def test_buckets_equal_a_direct_computation_per_document(layers):
     lengths = [70, 3, 41, 100, 16, 64]
     gen = torch.Generator().manual_seed(1)
     docs = [torch.cat([torch.randint(0, 256, (n - 1,), generator=gen), torch.tensor([EOS])]) for n in lengths]
+    docs[3][40:60] = docs[3][0:20]  # repeats 40 back: far beyond the repeat span of 12
+    docs[0][30:40] = docs[0][20:30]  # 10 back: inside it
     edges = [0, 8, 16, 32, 64]
     result = loss_by_position(model, docs, edges, EOS, piece_len=24, attention_span=16, train_len=32,
-                              batch_size=4)
-    sums, counts = [0.0] * 4, [0] * 4
+                              batch_size=4, repeat_span=12)
+    sums, counts, repeat_sums, repeat_counts = [0.0] * 4, [0] * 4, [0.0] * 4, [0] * 4
     for doc in docs:  # each document alone, in one call, from its start
         doc = doc[:64]
         inputs = torch.cat([torch.tensor([EOS]), doc[:-1]])[None]
         with torch.no_grad():
             losses = F.cross_entropy(model.model(inputs)[0][0], doc, reduction="none")
+        repeats = far_repeats_by_search(inputs[0].tolist(), doc.tolist(), 12, REPEAT_CONTEXT)
         for p, loss in enumerate(losses.tolist()):
             b = max(i for i in range(4) if edges[i] <= p)
             sums[b] += loss
             counts[b] += 1
+            repeat_sums[b] += loss if repeats[p] else 0.0
+            repeat_counts[b] += repeats[p]
     assert [b["tokens"] for b in result["buckets"]] == counts
     assert result["tokens"] == sum(counts) == sum(min(n, 64) for n in lengths)
     for b, s, n in zip(result["buckets"], sums, counts):
         assert b["loss"] == pytest.approx(s / n, rel=1e-5)
+    assert [b["repeat_tokens"] for b in result["buckets"]] == repeat_counts == [0, 0, 0, 20 - REPEAT_CONTEXT]
+    assert result["buckets"][3]["repeat_loss"] == pytest.approx(repeat_sums[3] / repeat_counts[3], rel=1e-5)
+    assert result["buckets"][0]["repeat_loss"] is None
+    assert regions(result)["repeats_to_train"] is None  # the repeats lie beyond the training length
+    assert regions(result)["repeats_beyond_train"] == pytest.approx(repeat_sums[3] / repeat_counts[3])
     assert result["loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert [(b["start"], b["end"], b["span"], b["beyond_train"]) for b in result["buckets"]] == [
         (0, 8, "inside", False), (8, 16, "inside", False), (16, 32, "beyond", False),
         (32, 64, "beyond", True)]
     assert result["documents"] == len(lengths)
+
+
+def far_repeats_by_search(inputs: list[int], targets: list[int], span: int, context: int) -> list[bool]:
+    """The far-repeat definition by brute force: the latest earlier end of the same context."""
+    out = []
+    for t in range(len(targets)):
+        ends = [u for u in range(context - 1, t) if t >= context - 1
+                and inputs[u - context + 1 : u + 1] == inputs[t - context + 1 : t + 1]]
+        out.append(bool(ends) and t - ends[-1] > span and targets[ends[-1]] == targets[t])
+    return out
+
+
+def test_far_repeats_equal_a_search():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):  # a small alphabet, so that contexts recur near and far
+        seq = torch.randint(0, 3, (120,), generator=gen).tolist()
+        inputs, targets = seq[:-1], seq[1:]
+        for span, context in ((4, 2), (10, 3), (30, 4)):
+            assert far_repeats(inputs, targets, span, context) == far_repeats_by_search(inputs, targets, span,
+                                                                                        context)
+    # a copy 6 back: far for a span of 5, not for 6; a wrong continuation is never a repeat
+    inputs, targets = [1, 2, 3, 9, 9, 9, 1, 2, 3], [2, 3, 7, 9, 9, 1, 2, 3, 7]
+    assert far_repeats(inputs, targets, 5, 3) == [False] * 8 + [True]
+    assert far_repeats(inputs, targets, 6, 3) == [False] * 9
+    assert far_repeats(inputs, [*targets[:-1], 8], 5, 3) == [False] * 9
 
 
 def test_empty_buckets_and_no_documents():
