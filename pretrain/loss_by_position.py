@@ -118,7 +118,8 @@ def split_documents(rows: Iterable[Tensor], eos_id: int, max_len: int, max_docum
     return docs[:max_documents] if max_documents is not None else docs
 
 
-def far_repeats(inputs: list[int], targets: list[int], span: int, context: int = REPEAT_CONTEXT) -> list[bool]:
+def far_repeats(inputs: list[int], targets: list[int], span: int,
+                context: int = REPEAT_CONTEXT) -> list[bool]:
     """Per target: True where the `context` inputs ending at it last ended more than `span` positions back
     and were followed there by this same target (the copy is right, and a `span` window cannot see it)."""
     last: dict[tuple[int, ...], int] = {}  # a context → where it last ended
@@ -239,7 +240,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
              f"state; attention span {span} tokens, training length {train_len}. Far repeats: tokens whose "
              f"preceding {result['repeat_context']} tokens last appeared, followed by them, more than "
              f"{result['repeat_span']} tokens back.", "",
-             "| positions | × span | tokens | loss | far repeats | their loss | vs span | beyond training length |",
+             "| positions | × span | tokens | loss | far repeats | their loss | vs span | beyond train length |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for b in result["buckets"]:
         loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
