@@ -240,7 +240,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
              f"state; attention span {span} tokens, training length {train_len}. Far repeats: tokens whose "
              f"preceding {result['repeat_context']} tokens last appeared, followed by them, more than "
              f"{result['repeat_span']} tokens back.", "",
-             "| positions | × span | tokens | loss | far repeats | their loss | vs span | beyond train length |",
+             "| positions | × span | tokens | loss | far repeats | their loss | vs span "
+             "| beyond training length |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for b in result["buckets"]:
         loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
