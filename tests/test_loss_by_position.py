@@ -295,6 +295,7 @@ def test_compare_long_smoke(data, tmp_path, capsys):
     assert (tmp_path / "runs" / "mac-s0").is_dir() and (tmp_path / "runs" / "swa-s0").is_dir()
     table = out.read_text()
     assert "| mac |" in table and "| swa |" in table and "mqar 2×" in table
+    assert "far repeats < train len" in table and "on the far repeats only" in table
     rows = json.loads(out.with_suffix(".json").read_text())
     assert {(r["variant"], r["seed"]) for r in rows["runs"]} == {("mac", 0), ("swa", 0)}
     assert all(r["step"] == 2 for r in rows["runs"])
