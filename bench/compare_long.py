@@ -147,7 +147,7 @@ def summarise(rows: list[dict[str, Any]], distances: list[float]) -> dict[str, d
                 stats = spread([lbp["buckets"][i]["loss"] for lbp in lbps])
                 buckets.append({**b, "span": loss_by_position.relation(b["start"], b["end"], window),
                                 "loss": stats and stats["mean"], "stats": stats,
-                                "repeat_stats": spread([lbp["buckets"][i].get("repeat_loss") for lbp in lbps]),
+                                "repeat_stats": spread([r["buckets"][i].get("repeat_loss") for r in lbps]),
                                 **({"loss_min": stats["min"], "loss_max": stats["max"]} if stats else {})})
             s["loss_by_position"] = {**lbps[0], "buckets": buckets}
         summary[name] = s
@@ -180,8 +180,9 @@ def markdown(summary: dict[str, dict[str, Any]], distances: list[float]) -> str:
         for i, b in enumerate(first["buckets"]):
             cells = [cell(c["buckets"][i]["stats"]) for c in curves.values()]
             lines.append(f"| [{b['start']}, {b['end']}) ({b['span']}) | " + " | ".join(cells) + " |")
-        lines += ["", f"The same, on the far repeats only (their preceding {first.get('repeat_context')} tokens "
-                  f"last seen, followed by the same token, more than {first.get('repeat_span')} tokens back).",
+        lines += ["", f"The same, on the far repeats only (their preceding {first.get('repeat_context')} "
+                  f"tokens last seen, followed by the same token, more than {first.get('repeat_span')} tokens "
+                  "back).",
                   "", "| positions | far repeats | " + " | ".join(curves) + " |",
                   "|---|" + "---:|" * (len(curves) + 1)]
         for i, b in enumerate(first["buckets"]):
