@@ -180,9 +180,9 @@ def markdown(summary: dict[str, dict[str, Any]], distances: list[float]) -> str:
         for i, b in enumerate(first["buckets"]):
             cells = [cell(c["buckets"][i]["stats"]) for c in curves.values()]
             lines.append(f"| [{b['start']}, {b['end']}) ({b['span']}) | " + " | ".join(cells) + " |")
-        lines += ["", f"The same, on the far repeats only (their preceding {first.get('repeat_context')} "
-                  f"tokens last seen, followed by the same token, more than {first.get('repeat_span')} tokens "
-                  "back).",
+        lines += ["", "The same, on the far repeats only (their preceding "
+                  f"{first.get('repeat_context')} tokens last seen, followed by the same token, more than "
+                  f"{first.get('repeat_span')} tokens back).",
                   "", "| positions | far repeats | " + " | ".join(curves) + " |",
                   "|---|" + "---:|" * (len(curves) + 1)]
         for i, b in enumerate(first["buckets"]):
