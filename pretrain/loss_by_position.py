@@ -188,10 +188,9 @@ def loss_by_position(model: Any, documents: list[Tensor], edges: list[int], eos_
         for b, doc in enumerate(group):
             targets[b, : len(doc)] = doc
             valid[b, : len(doc)] = True
+            tokens = doc.tolist()
+            repeat[b, : len(doc)] = torch.tensor(far_repeats([eos_id, *tokens[:-1]], tokens, repeat_span))
         inputs = torch.cat([torch.full((len(group), 1), eos_id, dtype=torch.long), targets[:, :-1]], 1)
-        for b, doc in enumerate(group):
-            mask = far_repeats(inputs[b, : len(doc)].tolist(), doc.tolist(), repeat_span)
-            repeat[b, : len(doc)] = torch.tensor(mask, dtype=torch.bool)
         losses = token_losses(lm, inputs, targets, piece_len)
         bucket = torch.bucketize(torch.arange(width), bounds, right=True).expand(len(group), -1)
         total.index_add_(0, bucket[valid], losses[valid].double())
