@@ -14,6 +14,9 @@
   document, to 4× the training length, each document fed in pieces through the exact streaming cache
   (`pretrain/loss_by_position.py`), and over each bucket's far repeats (tokens only the context beyond
   the span predicts); also writes a PNG next to the JSON.
+- text_recall (not in the default set): the loss on a validation passage read again `distance` tokens
+  later, against the same passage after another one (`pretrain/text_recall.py`): a model that carries
+  nothing beyond its window gains exactly nothing.
 Distances are multiples of the model's attention span (the window for SWA / MAG / MAL, the segment for
 MAC). Long needle / mqar inputs are fed in pieces of the training length that carry the memory state;
 attention keeps no KV cache across calls, so beyond its span only the long-term memory can answer.
@@ -36,10 +39,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pretrain import loss_by_position, synthetic
+from pretrain import loss_by_position, synthetic, text_recall
 from pretrain.model_io import LanguageModel, default_piece_len, load_model, stream_logits
 
-TASKS = ("ppl", "needle", "mqar", "loss_by_position")
+TASKS = ("ppl", "needle", "mqar", "loss_by_position", "text_recall")
 DEFAULT_TASKS = ("ppl", "needle", "mqar")
 
 
@@ -140,7 +143,7 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
              run_config: dict[str, Any] | None = None, log=print, ppl_seq_len: int | None = None,
              max_position: int | None = None, bucket_edges: list[int] | None = None,
              max_documents: int | None = loss_by_position.MAX_DOCUMENTS, min_doc_len: int = 0,
-             span: int | None = None) -> dict[str, Any]:
+             span: int | None = None, passage: int | None = None) -> dict[str, Any]:
     """Run the asked tasks; returns the results as a JSON-ready dict. Validation batches default to
     the run's `data.batch_size` (then the first batches are those the training job validated on).
     `ppl_seq_len` longer than the training length: perplexity of longer sequences, fed in pieces of
@@ -148,7 +151,8 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
     loss_by_position: positions to `max_position` (or the last of `bucket_edges`) in up to
     `max_documents` validation documents of at least `min_doc_len` tokens. `span`: the unit of the
     needle / mqar distances (default the model's attention span; a comparison passes one shared window,
-    since full attention's span is its training length)."""
+    since full attention's span is its training length). text_recall: passages of `passage` tokens
+    (default the span) read again at the same distances."""
     run_config = run_config if run_config is not None else getattr(model, "run_config", {})
     seq_len = run_config.get("data", {}).get("seq_len")
     piece_len = piece_len or default_piece_len(model, seq_len)
@@ -176,6 +180,20 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
             results[task] = r
             log(f"loss_by_position: {r['documents']} documents, {r['tokens']:,} tokens to position "
                 f"{r['max_position']}, mean loss {r['loss']:.4f} ({time.perf_counter() - started:.1f}s)")
+            continue
+        if task == "text_recall":
+            per_distance = {}
+            for multiple in distances:
+                started = time.perf_counter()
+                rows = val_batches(run_config, data, batch_size=1)
+                r = text_recall.evaluate_rows(model, rows, run_config, samples, passage or span,
+                                              int(round(multiple * span)), piece_len, batch_size)
+                per_distance[f"{multiple:g}"] = {**r, "multiple": multiple}
+                log(f"text_recall at {multiple:g}× span ({r['distance']} tokens, {r['passages']} passages of "
+                    f"{r['passage']}): loss {r['control_loss']:.4f} after another passage, "
+                    f"{r['repeat_loss']:.4f} read again, gain {r['gain']:.4f} "
+                    f"({time.perf_counter() - started:.1f}s)")
+            results[task] = per_distance
             continue
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -235,6 +253,8 @@ def to_markdown(results: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     if "loss_by_position" in results:
         lines += ["", *loss_by_position.markdown(results["loss_by_position"])]
+    if "text_recall" in results:
+        lines += ["", *text_recall.markdown(results["text_recall"])]
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +272,8 @@ def scalars(results: dict[str, Any]) -> dict[str, float]:
                 out[f"eval/{task}/x{key}/first"] = r["by_question"][0]
     if "loss_by_position" in results:
         out.update(loss_by_position.scalars(results["loss_by_position"]))
+    for key, r in results.get("text_recall", {}).items():
+        out[f"eval/text_recall/x{key}/gain"] = r["gain"]
     return out
 
 
@@ -274,7 +296,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated subset of " + ",".join(TASKS))
     parser.add_argument("--distances", default="2,8,32",
-                        help="needle/mqar distances, in multiples of the attention span")
+                        help="needle/mqar/text_recall distances, in multiples of the attention span")
     parser.add_argument("--samples", type=int, default=32, help="sequences per task and distance")
 
 
@@ -317,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-doc-len", type=int, default=0,
                         help="loss_by_position: skip shorter documents (= --max-position: every bucket "
                         "from the same documents)")
+    parser.add_argument("--passage", type=int, default=None,
+                        help="text_recall: passage length in tokens (default: the attention span)")
     parser.add_argument("--out", default=None, help="results JSON (default <run>/eval/step_N.json); the "
                         "Markdown table goes next to it with suffix .md")
     parser.add_argument("--tensorboard", default=None,
@@ -357,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                            args.pairs, args.data, args.val_batches or None, args.val_batch_size,
                            log=lambda m: print(m, file=sys.stderr), ppl_seq_len=args.ppl_seq_len,
                            max_position=args.max_position, bucket_edges=edges,
-                           max_documents=args.documents or None, min_doc_len=args.min_doc_len)
+                           max_documents=args.documents or None, min_doc_len=args.min_doc_len,
+                           passage=args.passage)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -262,6 +262,20 @@ def test_evaluate_cli_writes_table_json_png_and_tensorboard(checkpoint, tmp_path
     assert code == 0 and r["documents"] == 2 and [b["tokens"] for b in r["buckets"]] == [32, 168]
 
 
+def test_evaluate_cli_text_recall(checkpoint, tmp_path, capsys):
+    """text_recall cuts its passages from the same validation split (pretrain/text_recall.py)."""
+    out = tmp_path / "recall.json"
+    code = evaluate_main(["--checkpoint", str(checkpoint), "--tasks", "text_recall", "--distances", "2,4",
+                          "--samples", "4", "--passage", "6", "--out", str(out), "--tensorboard", "none"])
+    assert code == 0
+    r = json.loads(out.read_text())["text_recall"]
+    assert [(x["multiple"], x["distance"], x["passage"], x["passages"]) for x in r.values()] == [
+        (2, 16, 6, 4), (4, 32, 6, 4)]
+    assert all(math.isfinite(x["gain"]) for x in r.values())
+    assert "| 4 | 32 | 6 | 4 |" in out.with_suffix(".md").read_text()
+    assert "text_recall at 2× span (16 tokens, 4 passages of 6)" in capsys.readouterr().err
+
+
 def test_evaluate_cli_bad_bucket_spec(checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(["--checkpoint", str(checkpoint), "--tasks", "loss_by_position",
