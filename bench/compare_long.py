@@ -14,9 +14,11 @@ training sequence. `model.ffn_hidden` is set per variant to match the parameter 
 order and synthetic rows), the same for every variant. After training, each run is evaluated
 (`pretrain.evaluate`): validation loss by position inside long documents, up to 4× the training length
 (fed in pieces through the exact streaming cache), and MQAR accuracy at 2×, 8×, 32× the window; per run
-in `<run>/eval/compare_long.{json,md}` and its TensorBoard. The summary (mean and min–max over seeds per
-variant) is printed and written to `--out` (.md, .json, and .png: loss against position, one line per
-variant, the seeds' range shaded).
+in `<run>/eval/compare_long.{json,md}` and its TensorBoard. `--tasks ...,text_recall` adds the gain on a
+validation passage read again 2×, 8×, 32× the window later (`pretrain/text_recall.py`: zero for SWA);
+`--eval-only` adds the tasks it runs to each run's earlier results of the same checkpoint. The summary
+(mean and min–max over seeds per variant) is printed and written to `--out` (.md, .json, and .png: loss
+against position, one line per variant, the seeds' range shaded).
 """
 
 from __future__ import annotations
@@ -73,10 +75,14 @@ def train_and_evaluate(name: str, seed: int, cfg: RunConfig, args: argparse.Name
                        max_position=args.max_position,
                        max_documents=args.documents or None, min_doc_len=args.min_doc_len,
                        span=cfg.model.window,  # one unit for all: full attention's own span is its length
+                       passage=args.passage,
                        log=lambda m: print(f"   {m}", file=sys.stderr))
     eval_seconds = time.perf_counter() - started
     out = Path(cfg.train.out_dir) / "eval" / "compare_long.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    # --eval-only adds the tasks asked to the same checkpoint's earlier results instead of dropping them
+    earlier = json.loads(out.read_text()) if args.eval_only and out.exists() else {}
+    results = {**(earlier if earlier.get("step") == model.step else {}), **results, "step": model.step}
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown({"checkpoint": str(model.path), "step": model.step,
                                                    **results}))
@@ -136,9 +142,10 @@ def summarise(rows: list[dict[str, Any]], distances: list[float]) -> dict[str, d
                              "train_loss": spread([r["train_loss"] for r in runs]),
                              "train_seconds": spread([r["train_seconds"] for r in runs]),
                              "step_seconds": spread([r["step_seconds"] for r in runs])}
-        if "mqar" in runs[0]["eval"]:
-            s["mqar"] = {f"{d:g}": spread([r["eval"]["mqar"][f"{d:g}"]["accuracy"] for r in runs])
-                         for d in distances}
+        for task, key in (("mqar", "accuracy"), ("text_recall", "gain")):
+            if task in runs[0]["eval"]:
+                s[task] = {f"{d:g}": spread([r["eval"][task].get(f"{d:g}", {}).get(key) for r in runs])
+                           for d in distances}
         if lbps:
             per_run = [loss_by_position.regions(lbp, window) for lbp in lbps]
             s["regions"] = {k: spread([p[k] for p in per_run]) for k in loss_by_position.REGIONS}
@@ -158,15 +165,18 @@ def markdown(summary: dict[str, dict[str, Any]], distances: list[float]) -> str:
     """The summary table (one row per variant) and the per-bucket loss table (one column per variant)."""
     seeds = max(len(s["seeds"]) for s in summary.values())
     note = f"Mean over {seeds} seeds, (min–max) in brackets." if seeds > 1 else "One seed."
+    recall = distances if any("text_recall" in s for s in summary.values()) else []
     # text tokens: data.batch_size × seq_len × the steps that fed text (the synthetic sequences come on top)
     head = ["variant", "params", "text tokens", "seeds", "train loss (last 10)", *REGION_NAMES.values(),
-            *(f"mqar {d:g}×" for d in distances), "s / step", "train s"]
+            *(f"mqar {d:g}×" for d in distances), *(f"recall gain {d:g}×" for d in recall),
+            "s / step", "train s"]
     lines = [note, "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, s in summary.items():
         regions = s.get("regions", {})
         cells = [name, f"{s['params']:,}", f"{s['tokens']:,}", ",".join(map(str, s["seeds"])),
                  cell(s["train_loss"]), *(cell(regions.get(k)) for k in REGION_NAMES),
                  *(cell(s.get("mqar", {}).get(f"{d:g}"), 3) for d in distances),
+                 *(cell(s.get("text_recall", {}).get(f"{d:g}")) for d in recall),
                  cell(s["step_seconds"], 2), cell(s["train_seconds"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     curves = {name: s["loss_by_position"] for name, s in summary.items() if "loss_by_position" in s}
@@ -210,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="loss_by_position: positions up to this (default 4× the training length)")
     parser.add_argument("--min-doc-len", type=int, default=0,
                         help="loss_by_position: skip documents shorter than this")
+    parser.add_argument("--passage", type=int, default=None,
+                        help="text_recall: passage length in tokens (default: the window)")
     parser.add_argument("--out", default="runs/compare_long/results.md",
                         help="Markdown summary (.json and .png beside)")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")

@@ -315,6 +315,14 @@ def test_compare_long_smoke(data, tmp_path, capsys):
     assert all(r["step"] == 2 for r in rows["runs"])
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| swa |" in capsys.readouterr().out
+    # evaluating a task later adds it to each run's earlier results; SWA carries nothing beyond its window
+    code = compare.main(["--eval-only", "--tasks", "text_recall", "--variants", "mac,swa", "--samples", "2",
+                         "--distances", "2", "--runs", str(tmp_path / "runs"), "--out", str(out), *tiny])
+    assert code == 0
+    swa = json.loads((tmp_path / "runs" / "swa-s0" / "eval" / "compare_long.json").read_text())
+    assert {"loss_by_position", "mqar", "text_recall"} <= set(swa) and swa["step"] == 2
+    assert swa["text_recall"]["2"]["gain"] == pytest.approx(0.0, abs=1e-6)
+    assert "recall gain 2×" in out.read_text() and "far repeats < train len" in out.read_text()
 
 
 def test_compare_long_counts_only_the_text_tokens_fed():
