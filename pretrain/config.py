@@ -54,6 +54,12 @@ class DataConfig:
     # (where it left off: no text is skipped). Why: a memory that must learn to bind keys to values beside
     # the text's gradient can settle on recalling the values without their keys; first alone, it binds.
     synthetic_alone_steps: int = 0
+    # Repeated passages (pretrain/repeats.py): this many of each batch's text rows repeat their first
+    # repeat_passage tokens after a gap of at least repeat_min_gap (e.g. the window: only a memory or full
+    # attention can copy them), so that copying real text is rewarded; 0: plain text.
+    repeat_rows: int = 0
+    repeat_passage: int = 64
+    repeat_min_gap: int = 64
 
 
 @dataclass
@@ -275,6 +281,14 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= d.synthetic_rows < d.batch_size:
         raise ConfigError(f"data.synthetic_rows must be in [0, data.batch_size={d.batch_size}) (at least one "
                           f"text sequence per batch), got {d.synthetic_rows}")
+    if not 0 <= d.repeat_rows <= d.batch_size - d.synthetic_rows:
+        raise ConfigError(f"data.repeat_rows must be in [0, {d.batch_size - d.synthetic_rows}] (the text "
+                          f"rows of a batch), got {d.repeat_rows}")
+    if d.repeat_rows and not (d.repeat_passage >= 1 and d.repeat_min_gap >= 0
+                              and 2 * d.repeat_passage + d.repeat_min_gap <= d.seq_len + 1):
+        raise ConfigError(f"data.repeat_passage={d.repeat_passage} twice plus data.repeat_min_gap="
+                          f"{d.repeat_min_gap} must fit a row of data.seq_len + 1 = {d.seq_len + 1} tokens "
+                          "(passage >= 1, gap >= 0)")
     if d.synthetic_sequences < 0:
         raise ConfigError(f"data.synthetic_sequences must be >= 0, got {d.synthetic_sequences}")
     if d.synthetic_sequences:

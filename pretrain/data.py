@@ -16,6 +16,7 @@ from data_pipeline.prepare import prepare
 from data_pipeline.shards import MANIFEST, Manifest
 from pretrain import synthetic
 from pretrain.config import DataConfig, RunConfig
+from pretrain.repeats import RepeatedPassages
 
 DEFAULT_CORPUS_BYTES = 8_000_000
 
@@ -105,7 +106,8 @@ class SyntheticMix:
 
 def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[[], None] = lambda: None,
                   is_main: bool | None = None
-                  ) -> tuple[TokenLoader | SyntheticMix, Callable[[], Iterator[torch.Tensor]]]:
+                  ) -> tuple[TokenLoader | RepeatedPassages | SyntheticMix,
+                             Callable[[], Iterator[torch.Tensor]]]:
     """The training loader of this dp rank and a function returning the validation batches. The default
     corpus is built by the main process (`is_main`, default: dp rank 0) while the others wait."""
     d = cfg.data
@@ -120,7 +122,7 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
     train = TokenStream([Source(d.train)], d.seq_len, text_rows, dp_rank, dp_size, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer, max_corrupt_shards=d.max_corrupt_shards)
     if cfg.train.eval_every == 0:  # no validation: the split is never opened
-        return _with_synthetic(TokenLoader(train, d.num_workers), cfg, dp_rank), lambda: iter(())
+        return _train_mix(TokenLoader(train, d.num_workers), cfg, dp_rank), lambda: iter(())
     val_source = Source(d.val or d.train, split="val")
     try:
         val_shards = len(val_source.resolve()[0])
@@ -138,11 +140,16 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
                 break
             yield batch
 
-    return _with_synthetic(TokenLoader(train, d.num_workers), cfg, dp_rank), val_batches
+    return _train_mix(TokenLoader(train, d.num_workers), cfg, dp_rank), val_batches
 
 
-def _with_synthetic(loader: TokenLoader, cfg: RunConfig, dp_rank: int) -> TokenLoader | SyntheticMix:
+def _train_mix(loader: TokenLoader, cfg: RunConfig, dp_rank: int
+               ) -> TokenLoader | RepeatedPassages | SyntheticMix:
+    """The text loader with its rows' repeated passages and the synthetic tasks, as configured."""
     d = cfg.data
+    if d.repeat_rows:
+        loader = RepeatedPassages(loader, d.repeat_rows, d.repeat_passage, d.repeat_min_gap,
+                                  seed=d.seed * 65_537 + dp_rank)
     if not d.synthetic_rows and not d.synthetic_sequences:
         return loader
     options: dict[str, Any] = {"min_distance": d.synthetic_min_distance, "n_pairs": d.synthetic_pairs,

@@ -34,7 +34,9 @@ def test_resume_gives_the_same_losses_bitwise(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("mix", [("data.synthetic_rows=1",), ("data.synthetic_sequences=2",),
-                                 ("data.synthetic_sequences=2", "data.synthetic_alone_steps=3")])
+                                 ("data.synthetic_sequences=2", "data.synthetic_alone_steps=3"),
+                                 ("data.synthetic_rows=1", "data.repeat_rows=1", "data.repeat_passage=8",
+                                  "data.repeat_min_gap=8")])
 def test_resume_with_synthetic_tasks_is_exact(dataset, tmp_path, mix, capsys):
     """Resumed at step 4: inside the text, or (the curriculum) on the text's first step."""
     mixed = (*mix, "train.steps=8", "train.checkpoint_every=2")
