@@ -191,7 +191,7 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
                 per_distance[f"{multiple:g}"] = {**r, "multiple": multiple}
                 log(f"text_recall at {multiple:g}× span ({r['distance']} tokens, {r['passages']} passages of "
                     f"{r['passage']}): loss {r['control_loss']:.4f} after another passage, "
-                    f"{r['repeat_loss']:.4f} read again, gain {r['gain']:.4f} "
+                    f"{r['repeat_loss']:.4f} read again, gain {r['gain']:.4f} ± {r['gain_stderr']:.4f} "
                     f"({time.perf_counter() - started:.1f}s)")
             results[task] = per_distance
             continue

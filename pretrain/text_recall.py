@@ -65,14 +65,16 @@ def text_recall(model: Any, texts: Tensor, passage: int, eos_id: int, piece_len:
     repeat = torch.cat([eos, p, rest, p], 1)
     control = torch.cat([eos, p.roll(-1, 0), rest, p], 1)
     scored = slice(passage + distance + 1, 2 * passage + distance)  # the second copy but its first token
-    totals = {}
+    per_passage = {}  # mean loss on each second copy
     for name, tokens in (("repeat", repeat), ("control", control)):
         losses = torch.cat([token_losses(lm, chunk[:, :-1], chunk[:, 1:], piece_len)
                             for chunk in tokens.split(batch_size)])
-        totals[name] = losses[:, scored].double().mean().item()
+        per_passage[name] = losses[:, scored].double().mean(1)
+    gains = per_passage["control"] - per_passage["repeat"]
     return {"passage": passage, "distance": distance, "passages": len(texts),
-            "tokens": len(texts) * (passage - 1), "repeat_loss": totals["repeat"],
-            "control_loss": totals["control"], "gain": totals["control"] - totals["repeat"]}
+            "tokens": len(texts) * (passage - 1), "repeat_loss": per_passage["repeat"].mean().item(),
+            "control_loss": per_passage["control"].mean().item(), "gain": gains.mean().item(),
+            "gain_stderr": (gains.std() / len(gains) ** 0.5).item()}
 
 
 def markdown(per_distance: dict[str, dict[str, Any]]) -> list[str]:
@@ -80,10 +82,11 @@ def markdown(per_distance: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["Text recall: loss on a validation passage read again `distance` tokens later (repeat) and "
              "after another passage (control); the gain is what was carried from beyond the window.", "",
              "| distance (× span) | distance (tokens) | passage | passages | control loss | repeat loss | "
-             "gain |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "gain | ± s.e. |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in per_distance.values():
         lines.append(f"| {r['multiple']:g} | {r['distance']} | {r['passage']} | {r['passages']} | "
-                     f"{r['control_loss']:.4f} | {r['repeat_loss']:.4f} | {r['gain']:.4f} |")
+                     f"{r['control_loss']:.4f} | {r['repeat_loss']:.4f} | {r['gain']:.4f} | "
+                     f"{r['gain_stderr']:.4f} |")
     return lines + [""]
 
 

@@ -43,6 +43,7 @@ def test_too_little_text_is_a_clear_error():
 def test_a_window_only_model_gains_exactly_nothing():
     r = text_recall(tiny_model("swa"), texts(), PASSAGE, EOS, piece_len=10)
     assert r["gain"] == pytest.approx(0.0, abs=1e-6) and r["repeat_loss"] > 0
+    assert r["gain_stderr"] == pytest.approx(0.0, abs=1e-6)  # zero for every passage, not on average
     assert r["distance"] == DISTANCE and r["passages"] == 3 and r["tokens"] == 3 * (PASSAGE - 1)
 
 
