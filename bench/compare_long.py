@@ -123,9 +123,11 @@ def cell(s: dict[str, float] | None, digits: int = 4) -> str:
 
 
 def common_span(rows: list[dict[str, Any]]) -> int | None:
-    """The window shared by the variants: the shortest attention span (full attention reports its
-    training length), so that every variant's loss regions use the same boundaries."""
-    spans = [r["eval"]["loss_by_position"]["attention_span"] for r in rows if "loss_by_position" in r["eval"]]
+    """The window shared by the variants, so that every variant's loss regions use the same boundaries:
+    the span each run was evaluated at (the configs' window), not its own attention span (full attention's
+    is its training length, which would set the boundaries when it is compared alone)."""
+    spans = [r["eval"].get("attention_span") or r["eval"]["loss_by_position"]["attention_span"]
+             for r in rows if "loss_by_position" in r["eval"]]
     return min(spans) if spans else None
 
 
@@ -156,7 +158,7 @@ def summarise(rows: list[dict[str, Any]], distances: list[float]) -> dict[str, d
                                 "loss": stats and stats["mean"], "stats": stats,
                                 "repeat_stats": spread([r["buckets"][i].get("repeat_loss") for r in lbps]),
                                 **({"loss_min": stats["min"], "loss_max": stats["max"]} if stats else {})})
-            s["loss_by_position"] = {**lbps[0], "buckets": buckets}
+            s["loss_by_position"] = {**lbps[0], "buckets": buckets, "window": window}
         summary[name] = s
     return summary
 
@@ -182,10 +184,9 @@ def markdown(summary: dict[str, dict[str, Any]], distances: list[float]) -> str:
     curves = {name: s["loss_by_position"] for name, s in summary.items() if "loss_by_position" in s}
     if curves:
         first = next(iter(curves.values()))
-        window = min(c["attention_span"] for c in curves.values())
-        lines += ["", f"Validation loss by position in the document (window {window}, training length "
-                  f"{first['train_len']}; {first['documents']} documents, each fed whole through the exact "
-                  "streaming state).",
+        lines += ["", f"Validation loss by position in the document (window {first['window']}, training "
+                  f"length {first['train_len']}; {first['documents']} documents, each fed whole through the "
+                  "exact streaming state).",
                   "", "| positions | " + " | ".join(curves) + " |", "|---|" + "---:|" * len(curves)]
         for i, b in enumerate(first["buckets"]):
             cells = [cell(c["buckets"][i]["stats"]) for c in curves.values()]

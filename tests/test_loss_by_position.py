@@ -331,3 +331,17 @@ def test_compare_long_counts_only_the_text_tokens_fed():
                              "data.synthetic_sequences=4", "data.synthetic_alone_steps=10"])
     assert compare.text_tokens(cfg, 5) == 0  # still in the synthetic-alone steps
     assert compare.text_tokens(cfg, 12) == 2 * 64 * 3 * 2
+
+
+def test_compare_long_regions_use_the_shared_window_even_for_full_attention_alone():
+    """Full attention's own span is its training length; its regions still start at the configs' window."""
+    compare = bench_module("compare_long")
+    buckets = [{"start": a, "end": b, "tokens": 10, "loss": loss, "repeat_tokens": 0, "repeat_loss": None}
+               for a, b, loss in ((0, 8, 3.0), (8, 32, 2.0), (32, 128, 1.0))]
+    lbp = {"attention_span": 32, "train_len": 32, "max_position": 128, "documents": 1, "buckets": buckets}
+    row = {"variant": "full", "seed": 0, "params": 1, "tokens": 1, "train_loss": None, "train_seconds": 0,
+           "step_seconds": None, "eval": {"attention_span": 8, "loss_by_position": lbp}}
+    summary = compare.summarise([row], [2])
+    assert summary["full"]["regions"]["inside_span"]["mean"] == 3.0  # [0, 8): inside the window of 8
+    assert summary["full"]["regions"]["span_to_train"]["mean"] == 2.0
+    assert "(window 8, training length 32" in compare.markdown(summary, [2])
