@@ -339,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-doc-len", type=int, default=0,
                         help="loss_by_position: skip shorter documents (= --max-position: every bucket "
                         "from the same documents)")
+    parser.add_argument("--span", type=int, default=None,
+                        help="the unit of --distances and the far repeats' span (default: the model's "
+                        "attention span; full attention's is its training length: pass the window)")
     parser.add_argument("--passage", type=int, default=None,
                         help="text_recall: passage length in tokens (default: the attention span)")
     parser.add_argument("--out", default=None, help="results JSON (default <run>/eval/step_N.json); the "
@@ -361,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--distances: expected numbers like 2,8,32, got {args.distances!r}")
     if args.buckets and args.max_position is not None:
         parser.error("give --buckets (its last edge is the max position) or --max-position, not both")
+    if args.span is not None and args.span < 1:
+        parser.error(f"--span must be >= 1, got {args.span}")
     if args.max_position is not None and args.max_position < 1:
         parser.error(f"--max-position must be >= 1, got {args.max_position}")
     try:
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                            log=lambda m: print(m, file=sys.stderr), ppl_seq_len=args.ppl_seq_len,
                            max_position=args.max_position, bucket_edges=edges,
                            max_documents=args.documents or None, min_doc_len=args.min_doc_len,
-                           passage=args.passage)
+                           span=args.span, passage=args.passage)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
