@@ -274,6 +274,10 @@ def test_evaluate_cli_text_recall(checkpoint, tmp_path, capsys):
     assert all(math.isfinite(x["gain"]) for x in r.values())
     assert "| 4 | 32 | 6 | 4 |" in out.with_suffix(".md").read_text()
     assert "text_recall at 2× span (16 tokens, 4 passages of 6)" in capsys.readouterr().err
+    code = evaluate_main(["--checkpoint", str(checkpoint), "--tasks", "text_recall", "--distances", "2",
+                          "--samples", "4", "--span", "5", "--out", str(out), "--tensorboard", "none"])
+    r = json.loads(out.read_text())["text_recall"]["2"]
+    assert code == 0 and (r["distance"], r["passage"]) == (10, 5)  # --span: the unit and default passage
 
 
 def test_evaluate_cli_bad_bucket_spec(checkpoint, capsys):
