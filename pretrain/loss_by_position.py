@@ -135,6 +135,15 @@ def far_repeats(inputs: list[int], targets: list[int], span: int,
 # ------------------------------------------------------------------------------------------- scoring
 
 
+def document_end_id(model: Any, run_config: dict[str, Any], why: str) -> int:
+    """The end-of-document token of the run's tokenizer; a clear error, saying `why` it is needed, if the
+    model's vocabulary has none."""
+    eos = end_of_document_id(run_tokenizer(run_config, model.vocab_size), model.vocab_size)
+    if eos is None:
+        raise ValueError(f"the model's vocabulary has no end-of-document token: {why}")
+    return eos
+
+
 def titans_model(model: Any) -> TitansLM:
     """The `TitansLM` behind a loaded model: exact streaming needs the blocks themselves."""
     inner = getattr(model, "model", model)
@@ -220,9 +229,7 @@ def evaluate_rows(model: Any, rows: Iterable[Tensor], run_config: dict[str, Any]
     train_len = run_config.get("data", {}).get("seq_len")
     if edges is None:
         edges = bucket_edges(max_position or 4 * (train_len or piece_len))
-    eos = end_of_document_id(run_tokenizer(run_config, model.vocab_size), model.vocab_size)
-    if eos is None:
-        raise ValueError("the model's vocabulary has no end-of-document token: documents cannot be found")
+    eos = document_end_id(model, run_config, "documents cannot be found")
     documents = split_documents(rows, eos, edges[-1], max_documents, min_doc_len)
     return loss_by_position(model, documents, edges, eos, piece_len, model.attention_span, train_len,
                             batch_size, repeat_span)

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pretrain.loss_by_position import titans_model, token_losses
-from pretrain.model_io import end_of_document_id, run_tokenizer
+from pretrain.loss_by_position import document_end_id, titans_model, token_losses
 
 
 def passages(rows: Iterable[Tensor], samples: int, passage: int, distance: int) -> Tensor:
@@ -93,7 +92,5 @@ def markdown(per_distance: dict[str, dict[str, Any]]) -> list[str]:
 def evaluate_rows(model: Any, rows: Iterable[Tensor], run_config: dict[str, Any], samples: int, passage: int,
                   distance: int, piece_len: int, batch_size: int = 8) -> dict[str, Any]:
     """`text_recall` of `samples` passages cut from `rows` (the validation split in order)."""
-    eos = end_of_document_id(run_tokenizer(run_config, model.vocab_size), model.vocab_size)
-    if eos is None:
-        raise ValueError("the model's vocabulary has no end-of-document token to start the sequences with")
+    eos = document_end_id(model, run_config, "the sequences cannot start with it")
     return text_recall(model, passages(rows, samples, passage, distance), passage, eos, piece_len, batch_size)
