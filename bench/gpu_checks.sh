@@ -5,9 +5,10 @@
 # then bench/gpu_step.py's step timings for the 760M models, the 760M MAC again with TF32 float32 matmuls
 # (the memory's state and update run in float32 under bf16 autocast) and the 340M models. Why one script:
 # GPU time comes in short sessions, and every step has its own time limit, so a hang or a slow kernel
-# costs one step, not the session. The limits below sum to about 16 minutes (compiling takes most of it:
-# the depth-2 float32 Triton kernels at the paper's shape take minutes, FlexAttention tens of seconds per
-# shape); name the steps to run fewer: `environment gpu-checks step-760m` fits a 15-minute lease.
+# costs one step, not the session. Compiling takes most of the time (the depth-2 float32 Triton kernels at
+# the paper's shape take minutes, FlexAttention tens of seconds per shape). With no steps named it runs
+# every step but the short lease's three (their work is in gpu-checks and step-760m): about 16 minutes.
+# `environment triton-checks step-760m-mac attention-checks` fits one 10-minute call.
 #
 #     bench/gpu_checks.sh OUT_DIR        # every step's output in OUT_DIR/<step>.log, OUT_DIR/summary.txt
 #     bench/gpu_checks.sh OUT_DIR gpu-checks step-340m   # only the steps named (to rerun one, or fit a
@@ -16,7 +17,8 @@
 # Exit status: 0 when every step passed, 1 otherwise (the summary says which).
 set -u
 
-STEPS="environment gpu-checks triton-tests step-760m step-760m-tf32 step-340m"
+DEFAULT_STEPS="environment gpu-checks triton-tests step-760m step-760m-tf32 step-340m"
+STEPS="$DEFAULT_STEPS triton-checks step-760m-mac attention-checks"
 if [ $# -lt 1 ]; then
     echo "usage: $0 OUT_DIR [STEP ...]   (steps: $STEPS)" >&2
     exit 2
@@ -29,7 +31,7 @@ for name in "$@"; do
         *) echo "$0: unknown step '$name' (steps: $STEPS)" >&2; exit 2 ;;
     esac
 done
-chosen=" ${*:-$STEPS} "
+chosen=" ${*:-$DEFAULT_STEPS} "
 cd "$(dirname "$0")/.." || exit 2
 python=${PYTHON:-$(command -v python || command -v python3)}  # images often have only python3
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # compiled kernels; output as it comes
@@ -65,6 +67,11 @@ def v(n):
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\",
       torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 print(\"triton\", v(\"triton\"), \"flash-attn\", v(\"flash-attn\"))'"
+# A short lease (one 10-minute call): `environment triton-checks step-760m-mac attention-checks`. The
+# Triton checks compile the paper-shape kernels first, so the MAC step finds them in Triton's cache.
+step triton-checks 270 "$python" bench/gpu_step.py --check-only triton
+step step-760m-mac 190 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12
+step attention-checks 100 "$python" bench/gpu_step.py --check-only attention
 step gpu-checks 360 "$python" bench/gpu_step.py --check-only
 step triton-tests 120 "$python" -m pytest -v -p no:cacheprovider tests/test_triton_chunk_step.py
 step step-760m 300 "$python" bench/gpu_step.py --sizes 760m --repeats 5 --row-budget-s 12

@@ -5,6 +5,7 @@ torch's FlexAttention where flash-attn is not installed) and the Triton memory k
     python bench/gpu_step.py                         # both sizes, every variant, on the CUDA device
     python bench/gpu_step.py --sizes 760m --batch 2 --check
     python bench/gpu_step.py --check-only            # the GPU correctness checks only
+    python bench/gpu_step.py --check-only triton     # only the Triton ones (or: attention)
     python bench/gpu_step.py --device cpu --tiny     # the whole path on CPU with a tiny config, in seconds
 
 Why: the targets of the paper-scale runs are stated per GPU (760M MAC at >= 40% MFU at 4K tokens in
@@ -335,9 +336,21 @@ def check_fused_attention(device: torch.device, path: str = "flash", cases: Sequ
     return checks
 
 
-def run_checks(device: torch.device, small: bool) -> Iterator[Check]:
-    """Every correctness check this device can run, each as it finishes (a slow one shows which, under a
-    time limit); the others are listed as skipped, with why."""
+CHECK_GROUPS = ("triton", "attention")
+
+
+def run_checks(device: torch.device, small: bool, groups: Sequence[str] = CHECK_GROUPS) -> Iterator[Check]:
+    """Every correctness check of `groups` this device can run, each as it finishes (a slow one shows
+    which, under a time limit); the others are listed as skipped, with why. Groups, so that a short GPU
+    lease can run the Triton checks (which fill Triton's cache for the timed steps) apart from the
+    attention ones."""
+    if "triton" in groups:
+        yield from triton_checks(device, small)
+    if "attention" in groups:
+        yield from attention_checks(device, small)
+
+
+def triton_checks(device: torch.device, small: bool) -> Iterator[Check]:
     reason = triton_status()
     if reason is None and device.type != "cuda" and not triton_interpreted():
         reason = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
@@ -349,6 +362,9 @@ def run_checks(device: torch.device, small: bool) -> Iterator[Check]:
         for shape in SMALL_CHUNK_STEP_SHAPES if small else CHUNK_STEP_SHAPES:
             yield from check_triton_chunk_step(device, [shape])
         yield check_triton_memory(device, small)
+
+
+def attention_checks(device: torch.device, small: bool) -> Iterator[Check]:
     for path in ("flash", "flex"):
         if device.type != "cuda":
             yield Check(f"{path} attention", None, "needs a CUDA device")
@@ -535,7 +551,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the card's dense bf16 peak, TFLOP/s (default: from the device name)")
     parser.add_argument("--check", action="store_true", help="run the correctness checks before timing")
-    parser.add_argument("--check-only", action="store_true", help="run the correctness checks, no timing")
+    parser.add_argument("--check-only", nargs="?", const="all", choices=["all", *CHECK_GROUPS], default=None,
+                        help="run the correctness checks (all, or one group), no timing")
     args = parser.parse_args(argv)
     for name, values, allowed in (("--sizes", args.sizes, SIZES), ("--variants", args.variants, VARIANTS)):
         bad = [v for v in values if v not in allowed]
@@ -609,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check or args.check_only:
         torch.backends.cuda.matmul.fp32_precision = "ieee"  # the checks compare float32 paths to rounding
         begin = time.perf_counter()
-        for check in run_checks(device, small=args.tiny):
+        groups = CHECK_GROUPS if args.check_only in (None, "all") else (args.check_only,)
+        for check in run_checks(device, small=args.tiny, groups=groups):
             print(f"{check.line()}  [{time.perf_counter() - begin:.0f} s]", flush=True)
             status = 1 if check.passed is False else status
         if args.check_only:
