@@ -8,7 +8,7 @@
 # costs one step, not the session. Compiling takes most of the time (the depth-2 float32 Triton kernels at
 # the paper's shape take minutes, FlexAttention tens of seconds per shape). With no steps named it runs
 # every step but the short lease's three (their work is in gpu-checks and step-760m): about 16 minutes.
-# `environment triton-checks step-760m-mac attention-checks` fits one 10-minute call.
+# `environment triton-checks chunk-step profile-760m-mac` fits one 10-minute call.
 #
 #     bench/gpu_checks.sh OUT_DIR        # every step's output in OUT_DIR/<step>.log, OUT_DIR/summary.txt
 #     bench/gpu_checks.sh OUT_DIR gpu-checks step-340m   # only the steps named (to rerun one, or fit a
@@ -18,7 +18,7 @@
 set -u
 
 DEFAULT_STEPS="environment gpu-checks triton-tests step-760m step-760m-tf32 step-340m"
-STEPS="$DEFAULT_STEPS triton-checks step-760m-mac attention-checks"
+STEPS="$DEFAULT_STEPS triton-checks chunk-step profile-760m-mac step-760m-mac attention-checks"
 if [ $# -lt 1 ]; then
     echo "usage: $0 OUT_DIR [STEP ...]   (steps: $STEPS)" >&2
     exit 2
@@ -67,9 +67,13 @@ def v(n):
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\",
       torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 print(\"triton\", v(\"triton\"), \"flash-attn\", v(\"flash-attn\"))'"
-# A short lease (one 10-minute call): `environment triton-checks step-760m-mac attention-checks`. The
-# Triton checks compile the paper-shape kernels first, so the MAC step finds them in Triton's cache.
-step triton-checks 270 "$python" bench/gpu_step.py --check-only triton
+# A short lease (one 10-minute call): `environment triton-checks chunk-step profile-760m-mac`. The Triton
+# checks compile the paper-shape kernels first, so the later steps find them in Triton's cache; the
+# profile says where a MAC step's time goes beside the chunk step's kernels.
+step triton-checks 250 "$python" bench/gpu_step.py --check-only triton
+step chunk-step 90 "$python" bench/gpu_step.py --chunk-step --sizes 760m --variants mac --repeats 5
+step profile-760m-mac 200 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 3 --row-budget-s 8 \
+    --profile 40 train.fp32_matmul=tf32
 step step-760m-mac 190 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12
 step attention-checks 100 "$python" bench/gpu_step.py --check-only attention
 step gpu-checks 360 "$python" bench/gpu_step.py --check-only

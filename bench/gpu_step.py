@@ -6,6 +6,8 @@ torch's FlexAttention where flash-attn is not installed) and the Triton memory k
     python bench/gpu_step.py --sizes 760m --batch 2 --check
     python bench/gpu_step.py --check-only            # the GPU correctness checks only
     python bench/gpu_step.py --check-only triton     # only the Triton ones (or: attention)
+    python bench/gpu_step.py --chunk-step --sizes 760m   # the memory's chunk step alone, torch and Triton
+    python bench/gpu_step.py --sizes 760m --variants mac --profile 30   # and one step's top 30 ops
     python bench/gpu_step.py --device cpu --tiny     # the whole path on CPU with a tiny config, in seconds
 
 Why: the targets of the paper-scale runs are stated per GPU (760M MAC at >= 40% MFU at 4K tokens in
@@ -52,7 +54,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from model_throughput import git_revision, matmul_roof, measure, ours_loss, synchronize  # noqa: E402
+from model_throughput import (  # noqa: E402
+    git_revision,
+    matmul_roof,
+    measure,
+    ours_loss,
+    synchronize,
+    train_step,
+)
 
 from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
 from titans import attention  # noqa: E402
@@ -62,6 +71,7 @@ from titans.memory import (  # noqa: E402
     CHUNK_STEPS,
     NeuralMemory,
     ScanOptions,
+    chunk_step,
     memory_chunk_step,
 )
 from titans.model import TitansConfig, TitansLM, num_parameters  # noqa: E402
@@ -375,6 +385,81 @@ def attention_checks(device: torch.device, small: bool) -> Iterator[Check]:
                 yield from check_fused_attention(device, path, [case])
 
 
+# ------------------------------------------------------------------------------- the chunk step alone
+
+
+def chunk_step_inputs(cfg: TitansConfig, rows: int, device: torch.device
+                      ) -> tuple[ScanOptions, list[torch.Tensor]]:
+    """Float32 inputs of one chunk step at `cfg`'s memory shape, `rows` = batch x memory heads: example_step's
+    16 rows tiled (its clip threshold sits between two of their token norms; the first seed with a clear
+    gap)."""
+    for seed in range(8):
+        try:
+            opts, inputs = example_step(cfg.memory_depth, cfg.memory_residual_norm,
+                                        cfg.memory_max_grad_norm is not None, n_rows=16, b=cfg.memory_chunk,
+                                        dim=cfg.memory_head_dim, hidden=cfg.memory_hidden, seed=seed)
+            break
+        except ValueError:
+            continue
+    else:
+        raise ValueError("no seed of example_step gives a clip threshold with a clear gap at this shape")
+    tiles = -(-rows // 16)
+    return opts, [t.float().repeat(tiles, *[1] * (t.dim() - 1))[:rows].contiguous().to(device)
+                  for t in inputs]
+
+
+def time_chunk_step(step: Callable, opts: ScanOptions, inputs: list[torch.Tensor], device: torch.device,
+                    repeats: int) -> tuple[float, float]:
+    """(forward ms, forward + backward ms) of one chunk step: means of `repeats` calls after a warm-up."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def forward() -> None:
+        with torch.no_grad():
+            step(opts, *leaves)
+
+    def forward_backward() -> None:
+        torch.autograd.grad(sum(o.sum() for o in step(opts, *leaves)), leaves)
+
+    times = []
+    for call in (forward, forward_backward):
+        call()
+        synchronize(device)
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        synchronize(device)
+        times.append((time.perf_counter() - begin) / repeats * 1e3)
+    return times[0], times[1]
+
+
+def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats: int) -> list[str]:
+    """The torch and Triton chunk steps at `cfg`'s memory shape, with exact and (on CUDA) TF32 float32
+    matmuls: whether the memory's time is the kernels' or the launches around them."""
+    kernels = ["torch"]
+    if device.type == "cuda" and triton_status() is None and not triton_interpreted():
+        kernels.append("triton")
+    precisions = ("ieee", "tf32") if device.type == "cuda" else ("ieee",)
+    opts, inputs = chunk_step_inputs(cfg, rows, device)
+    lines = [f"chunk step: {rows} rows, b {cfg.memory_chunk}, head {cfg.memory_head_dim}, hidden "
+             f"{cfg.memory_hidden}, depth {cfg.memory_depth}, clip {opts.max_grad_norm is not None}; mean of "
+             f"{repeats} calls after a warm-up",
+             "| chunk step | float32 matmuls | forward ms | forward + backward ms |", "|---|---|---:|---:|"]
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        for precision in precisions:
+            torch.backends.cuda.matmul.fp32_precision = precision
+            for kernel in kernels:
+                try:
+                    forward, both = time_chunk_step(chunk_step(kernel), opts, inputs, device, repeats)
+                    lines.append(f"| {kernel} | {precision} | {forward:.3f} | {both:.3f} |")
+                except Exception as err:  # a kernel that cannot launch here is a row, not a crash
+                    why = f"{type(err).__name__}: {first_line(err, 80)}"
+                    lines.append(f"| {kernel} | {precision} | {why} | |")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    return lines
+
+
 def first_line(err: BaseException, limit: int = 160) -> str:
     text = str(err).strip().splitlines()
     return (text[0] if text else "")[:limit]
@@ -419,10 +504,36 @@ def time_step(cfg: TitansConfig, batch: int, device: torch.device, args: argpars
         if steps >= 2:
             seconds, more = measure(model, loss, batch, args.seq, cfg.vocab_size, steps, device)
             memory = max(memory, more)
+        if args.profile:
+            profile_step(loss, batch, args.seq, cfg.vocab_size, device, args.profile)
         return seconds, max(steps, 1), memory
     finally:
         del model
         release(device)
+
+
+def profile_step(loss: Callable, batch: int, seq: int, vocab: int, device: torch.device, top: int) -> None:
+    """One more training step under torch.profiler: its `top` ops by device time (CPU: by CPU time), and
+    on CUDA the kernel launches, whose count times a launch's cost says whether the step waits on the
+    host (many small kernels) or on the GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.profiler.profile(activities=activities) as prof, autocast:
+        begin = time.perf_counter()
+        train_step(loss, tokens)
+        synchronize(device)
+        seconds = time.perf_counter() - begin
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# profile of one step ({seconds:.3f} s under the profiler), the top {top} ops by {key}:")
+    print(averages.table(sort_by=key, row_limit=top, max_name_column_width=60))
+    launches = [a for a in averages if "LaunchKernel" in a.key]
+    if launches:
+        print("# kernel launches: " + ", ".join(f"{a.key} {a.count:,} ({a.cpu_time_total / 1e6:.3f} s on the "
+                                                "host)" for a in launches))
 
 
 def release(device: torch.device) -> None:
@@ -553,6 +664,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="run the correctness checks before timing")
     parser.add_argument("--check-only", nargs="?", const="all", choices=["all", *CHECK_GROUPS], default=None,
                         help="run the correctness checks (all, or one group), no timing")
+    parser.add_argument("--chunk-step", action="store_true",
+                        help="time the chunk step alone (torch and Triton; exact and TF32 float32 matmuls) "
+                             "at each size's MAC memory shape and batch, no model steps")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after each row's timing, one more step under torch.profiler: its top N ops")
     args = parser.parse_args(argv)
     for name, values, allowed in (("--sizes", args.sizes, SIZES), ("--variants", args.variants, VARIANTS)):
         bad = [v for v in values if v not in allowed]
@@ -572,14 +688,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def choose_kernel(args: argparse.Namespace, device: torch.device) -> str | None:
-    """The memory kernel to time with (None: it cannot run, and the error was printed). The default falls
+def choose_kernel(args: argparse.Namespace, device: torch.device, fp32_matmul: str) -> str | None:
+    """The memory kernel to time with (None: it cannot run, and the error was printed). The default is
+    the faster one measured on an H100 (bench/RESULTS.md): Triton with TF32 float32 matmuls, torch with
+    exact ones (the Triton kernel's exact dots run on the FMA units, slower than the torch step). It falls
     back to torch with a note; a kernel asked for explicitly that cannot run is an error instead."""
     missing = triton_status()
     if args.kernel is None:
-        if device.type == "cuda" and missing is None:
+        if device.type == "cuda" and missing is None and fp32_matmul == "tf32":
             return "triton"
-        if device.type == "cuda":
+        if device.type == "cuda" and missing is None:
+            print("# note: exact float32 matmuls (train.fp32_matmul=ieee): timing with the torch memory "
+                  "kernel, faster than triton's there (--kernel triton to time it anyway)", flush=True)
+        elif device.type == "cuda":
             print(f"# note: {missing}: timing with the torch memory kernel instead of triton", flush=True)
         return "torch"
     if args.kernel == "triton":
@@ -633,10 +754,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check_only:
             return status
 
-    kernel = choose_kernel(args, device)
-    if kernel is None:
-        return 2
-    args.kernel = kernel
     try:
         overrides = [*(TINY_OVERRIDES if args.tiny else ()), *args.overrides]
         configs = {(size, variant): load_variant(size, variant, overrides)
@@ -644,7 +761,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.chunk_step:
+        for size in args.sizes:
+            run = configs[size, args.variants[0]]
+            rows = (args.batch or run.data.batch_size) * run.model.memory_heads
+            print(f"\n# {size} {args.variants[0]}", *chunk_step_table(run.model, rows, device, args.repeats),
+                  sep="\n", flush=True)
+        return status
     run_cfg = next(iter(configs.values()))
+    kernel = choose_kernel(args, device, run_cfg.train.fp32_matmul)
+    if kernel is None:
+        return 2
+    args.kernel = kernel
     # as the training job sets it (override train.fp32_matmul=tf32 for tensor-core float32 matmuls)
     torch.backends.cuda.matmul.fp32_precision = run_cfg.train.fp32_matmul
     args.checkpointing = (run_cfg.train.activation_checkpointing if args.activation_checkpointing == "config"

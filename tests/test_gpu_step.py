@@ -48,7 +48,7 @@ def test_a_failing_triton_kernel_falls_back_to_torch(monkeypatch, capsys):
         raise RuntimeError("out of resource: shared memory")
 
     monkeypatch.setattr(kernels, "triton_chunk_step", broken)
-    monkeypatch.setattr(gpu_step, "choose_kernel", lambda args, device: "triton")
+    monkeypatch.setattr(gpu_step, "choose_kernel", lambda args, device, fp32_matmul: "triton")
     status = gpu_step.main(["--device", "cpu", "--tiny", "--sizes", "340m", "--variants", "mac,mag",
                             "--repeats", "1", "--seq", "64"])
     out = capsys.readouterr().out
@@ -57,6 +57,47 @@ def test_a_failing_triton_kernel_falls_back_to_torch(monkeypatch, capsys):
             if line.startswith("| 340m |")}
     assert rows["mac"][4].strip() == "torch" and "triton failed: RuntimeError" in rows["mac"][14]
     assert rows["mag"][4].strip() == "torch" and float(rows["mag"][6]) > 0
+
+
+def test_chunk_step_and_profile_on_cpu(capsys):
+    """--chunk-step times the chunk step alone at the config's memory shape (torch only on CPU: timing
+    Triton's interpreter says nothing); --profile prints one step's top ops after the row's timing."""
+    tiny = ["--device", "cpu", "--tiny", "--sizes", "340m", "--repeats", "1"]
+    assert gpu_step.main([*tiny, "--chunk-step"]) == 0
+    out = capsys.readouterr().out
+    assert "| chunk step | float32 matmuls | forward ms | forward + backward ms |" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| torch |")]
+    assert len(rows) == 1 and float(rows[0][3]) > 0 and float(rows[0][4]) > 0, out
+    assert "| 340m |" not in out  # no model steps
+
+    assert gpu_step.main([*tiny, "--variants", "mac", "--seq", "64", "--profile", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# profile of one step") == 2  # SWA's row and MAC's
+    assert "Self CPU" in out
+
+
+def test_the_default_kernel_follows_the_float32_matmul_precision(capsys):
+    """On CUDA the default is Triton only with TF32 matmuls: with exact ones its dots run on the FMA units,
+    slower than the torch step (measured on an H100); an explicit --kernel is kept."""
+    pytest.importorskip("titans.kernels.chunk_step_triton")
+    cuda = torch.device("cuda")
+    args = argparse.Namespace(kernel=None)
+    assert gpu_step.choose_kernel(args, cuda, "tf32") == "triton"
+    assert gpu_step.choose_kernel(args, cuda, "ieee") == "torch"
+    assert "exact float32 matmuls" in capsys.readouterr().out
+    assert gpu_step.choose_kernel(args, torch.device("cpu"), "tf32") == "torch"
+    assert gpu_step.choose_kernel(argparse.Namespace(kernel="torch"), cuda, "tf32") == "torch"
+
+
+def test_check_groups(capsys):
+    """--check-only triton runs the Triton checks alone, --check-only attention the attention ones (a short
+    GPU lease runs them in separate steps)."""
+    assert gpu_step.main(["--device", "cpu", "--tiny", "--check-only", "attention"]) == 0
+    out = capsys.readouterr().out
+    assert "check flex attention: SKIP" in out and "check triton" not in out
+    assert gpu_step.main(["--device", "cpu", "--tiny", "--check-only", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "check triton" in out and "attention" not in out
 
 
 def test_out_of_memory_halves_the_batch(monkeypatch):
