@@ -1,5 +1,7 @@
 """TitansLM: causality of every variant, overfitting a batch, the layer pattern, parameters and FLOPs."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,6 +141,26 @@ def test_bf16_autocast_keeps_memory_state_float32():
         logits, states = model(torch.randint(0, 64, (1, 16)))
     assert logits.dtype == torch.bfloat16
     assert all(w.dtype == torch.float32 for s in states for w in (*s.weights, *s.momentum))
+
+
+@pytest.mark.parametrize("layers", VARIANTS)
+def test_bf16_autocast_keeps_every_norm_on_its_fused_kernel(layers):
+    """Every RMSNorm sees an input of its weight's dtype under bf16 autocast: a bf16 input with a float32
+    weight makes rms_norm fall back to a slower composite (it warns once per process), as the output
+    gate's norms did."""
+    model = TitansLM(tiny_config(layers))
+    mismatched = set()
+
+    def check(name: str, module: nn.RMSNorm, args: tuple) -> None:
+        if args[0].dtype != module.weight.dtype:
+            mismatched.add(name)
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.RMSNorm):
+            module.register_forward_pre_hook(functools.partial(check, name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (1, 16)))
+    assert not mismatched
 
 
 def test_layer_pattern():

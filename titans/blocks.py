@@ -41,6 +41,10 @@ class OutputGate(nn.Module):
         self.norm_memory = nn.RMSNorm(dim, eps=eps)
 
     def forward(self, attn: Tensor, memory: Tensor) -> Tensor:
+        # Both inputs come straight from projections, so under bf16 autocast they are bf16 while the norms'
+        # weights are float32: rms_norm then skips its fused kernel for a slower composite. Normalising in
+        # the weights' dtype keeps the fused kernel and the precision (a no-op without autocast).
+        attn, memory = attn.to(self.norm_attn.weight.dtype), memory.to(self.norm_memory.weight.dtype)
         return self.norm_attn(attn) * torch.sigmoid(self.norm_memory(memory))
 
 
