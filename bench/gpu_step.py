@@ -271,6 +271,31 @@ def check_triton_memory(device: torch.device, small: bool = False) -> Check:
     return Check(name, err <= 1e-4, f"max rel err vs torch path {err:.2e} (tol 1.0e-04)")
 
 
+def check_no_host_sync(device: torch.device) -> Check:
+    """A training step of a small MAC model on the Triton kernel (after a warm-up step) under CUDA's sync
+    debug mode: no op may make the host wait for the GPU. One that did (a tensor built from host values
+    per chunk step, an .item()) would leave the GPU idle while the host prepares every next chunk."""
+    name = "no host-device sync in a MAC training step (triton kernel)"
+    if device.type != "cuda":
+        return Check(name, None, "needs a CUDA device")
+    try:
+        run = load_variant("340m", "mac", TINY_OVERRIDES)
+        model = build_model(dataclasses.replace(run.model, memory_kernel="triton"), device, True)
+        tokens = torch.randint(0, run.model.vocab_size, (1, 4 * TINY_SEQ + 1), device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            train_step(ours_loss(model), tokens)
+            synchronize(device)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                train_step(ours_loss(model), tokens)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        synchronize(device)
+    except Exception as err:
+        return Check(name, False, f"raised {type(err).__name__}: {first_line(err)}")
+    return Check(name, True, "no synchronising op")
+
+
 # (name, T, window, persistent P, memory tokens N, memory tokens causal): the block kinds' attention calls
 ATTENTION_CASES = (("swa (window, no extra keys)", 1024, 512, 0, 0, False),
                    ("mag/mal (window + persistent)", 1024, 512, 128, 0, False),
@@ -372,6 +397,7 @@ def triton_checks(device: torch.device, small: bool) -> Iterator[Check]:
         for shape in SMALL_CHUNK_STEP_SHAPES if small else CHUNK_STEP_SHAPES:
             yield from check_triton_chunk_step(device, [shape])
         yield check_triton_memory(device, small)
+        yield check_no_host_sync(device)
 
 
 def attention_checks(device: torch.device, small: bool) -> Iterator[Check]:

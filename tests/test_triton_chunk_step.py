@@ -179,6 +179,22 @@ def test_triton_two_chunks_and_partial_gradients():
 
 
 @needs_triton
+def test_triton_constants_are_made_once():
+    """The kernels' constants tensor is built once per device, dtype and clip, not per chunk step: built
+    from host values on a GPU it is a blocking copy that would stall the host before every chunk (the GPU
+    check `no host-device sync` covers the whole step there)."""
+    from titans.kernels.chunk_step_triton import _constants
+
+    opts, inputs = make_step(2, True, True, seed=3)
+    inputs = [t.to(DEVICE) for t in inputs]
+    triton_chunk_step(opts, *inputs)
+    made = _constants.cache_info().misses
+    for _ in range(2):
+        triton_chunk_step(opts, *inputs)
+    assert _constants.cache_info().misses == made
+
+
+@needs_triton
 @pytest.mark.parametrize("change,message", [
     (dict(depth=3), "depth 1 or 2"),
     (dict(hidden=24), "hidden to be a power of two"),

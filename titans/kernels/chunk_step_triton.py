@@ -30,6 +30,8 @@ Verified in Triton's CPU interpreter; `memory_kernel: triton` (`ScanOptions.kern
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -461,12 +463,20 @@ def hidden_tile(depth: int, hidden: int) -> int:
     return min(hidden, BLOCK_HIDDEN) if depth == 2 else hidden
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(device: torch.device, dtype: torch.dtype, max_norm: float) -> Tensor:
+    """The kernels' constants (eps, max_norm) as a tensor on `device`, made once: a tensor built from host
+    values per call is a blocking host-to-device copy, which makes the host wait for the GPU before every
+    chunk, so the GPU then idles while the host prepares the next one."""
+    return torch.tensor([NORM_EPS, max_norm], dtype=dtype, device=device)
+
+
 def _prepare(opts: ScanOptions, tensors: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor, dict]:
     """Contiguous inputs, the constants tensor and the kernels' static arguments."""
     tensors = [t.contiguous() for t in tensors]
     b, dim, hidden = _check(opts, tensors)
     max_norm = 0.0 if opts.max_grad_norm is None else opts.max_grad_norm
-    consts = torch.tensor([NORM_EPS, max_norm], dtype=tensors[0].dtype, device=tensors[0].device)
+    consts = _constants(tensors[0].device, tensors[0].dtype, max_norm)
     meta = dict(B=b, D=dim, H=hidden, BH=hidden_tile(opts.n_layers, hidden), DEPTH=opts.n_layers,
                 RESIDUAL=opts.residual_norm, CLIP=opts.max_grad_norm is not None,
                 PREC=dot_precision(tensors[0]), num_stages=NUM_STAGES)
