@@ -61,7 +61,7 @@ def call_diagnostics(memory: NeuralMemory, x: Tensor, state: MemoryState | None)
     inputs = memory.chunk_inputs(q, k, v, theta, log_eta, log_keep, state.weights[0].dtype)
     flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
     norms = []
-    for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
+    for chunk in zip(*(t.unbind(0) for t in inputs), strict=True):
         _, k_chunk, v_chunk = chunk[:3]
         backward = token_backward(flat[: memory.depth], k_chunk, v_chunk, memory.residual_norm)
         norms.append(token_grad_norms(*backward))  # (B·H, b), before clipping

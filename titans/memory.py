@@ -227,18 +227,18 @@ def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
 def scan_chunks(
     opts: ScanOptions, inputs: tuple[Tensor, ...], state: list[Tensor], first_chunk: int = 0
 ) -> tuple[Tensor, ...]:
-    """Run the chunks in order with plain autograd. inputs: q, k, v (N, n, b, d), then d, c (N, n, b)
-    and eta_prod, beta, gamma (N, n); `first_chunk`: the global index of the first chunk (where the
-    gradient horizon's cuts fall). Returns (y (N, n, b, d), *end_state)."""
-    # unbind, not indexing: the backward of x[:, i] writes into a zero tensor of x's full size per
-    # chunk (quadratic in length); unbind's backward stacks the chunk gradients once.
+    """Run the chunks in order with plain autograd. inputs, chunk-major: q, k, v (n, N, b, d), then d, c
+    (n, N, b) and eta_prod, beta, gamma (n, N); `first_chunk`: the global index of the first chunk (where
+    the gradient horizon's cuts fall). Returns (y (n, N, b, d), *end_state)."""
+    # unbind, not indexing: the backward of x[i] writes into a zero tensor of x's full size per chunk
+    # (quadratic in length); unbind's backward stacks the chunk gradients once.
     outputs, step = [], chunk_step(opts.kernel)
-    for i, chunk in enumerate(zip(*(t.unbind(1) for t in inputs), strict=True)):
+    for i, chunk in enumerate(zip(*(t.unbind(0) for t in inputs), strict=True)):
         if opts.cuts_before(first_chunk + i):
             state = [s.detach() for s in state]
         y, *state = step(opts, *chunk, *state)
         outputs.append(y)
-    return (torch.stack(outputs, dim=1), *state)
+    return (torch.stack(outputs), *state)
 
 
 class RecomputedScan(torch.autograd.Function):
@@ -256,34 +256,37 @@ class RecomputedScan(torch.autograd.Function):
                 ) -> tuple[Tensor, ...]:
         inputs, state = tensors[:8], list(tensors[8:])
         boundaries, outputs, step = [], [], chunk_step(opts.kernel)
-        for chunk in zip(*(t.unbind(1) for t in inputs), strict=True):
+        for chunk in zip(*(t.unbind(0) for t in inputs), strict=True):
             boundaries += state
             y, *state = step(opts, *chunk, *state)
             outputs.append(y)
         ctx.opts, ctx.first_chunk, ctx.n_state = opts, first_chunk, len(state)
         ctx.save_for_backward(*inputs, *boundaries)
-        return (torch.stack(outputs, dim=1), *state)
+        return (torch.stack(outputs), *state)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, *grad_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         saved = ctx.saved_tensors
         inputs, boundaries, n = saved[:8], saved[8:], ctx.n_state
-        input_grads = [torch.zeros_like(t) for t in inputs]
+        needed = [t.requires_grad for t in inputs]
+        chunk_grads: list[list[Tensor]] = [[] for _ in inputs]  # last chunk first
         grad_state, step = list(grad_state), chunk_step(ctx.opts.kernel)
-        for i in reversed(range(inputs[0].shape[1])):
+        for i in reversed(range(inputs[0].shape[0])):
             with torch.enable_grad():
-                chunk = [t[:, i].detach().requires_grad_(t.requires_grad) for t in inputs]
+                chunk = [t[i].detach().requires_grad_(need) for t, need in zip(inputs, needed, strict=True)]
                 start = [s.detach().requires_grad_() for s in boundaries[i * n : (i + 1) * n]]
                 y, *end = step(ctx.opts, *chunk, *start)
                 wanted = [t for t in (*chunk, *start) if t.requires_grad]
-                grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[:, i], *grad_state]))
-            for t, g in zip(chunk, input_grads, strict=True):
-                if t.requires_grad:
-                    g[:, i] = next(grads)
+                grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[i], *grad_state]))
+            for need, collected in zip(needed, chunk_grads, strict=True):
+                if need:
+                    collected.append(next(grads))
             grad_state = list(grads)
             if ctx.opts.cuts_before(ctx.first_chunk + i):
                 grad_state = [torch.zeros_like(g) for g in grad_state]
-        grads_in = (g if t.requires_grad else None for t, g in zip(inputs, input_grads, strict=True))
+        # one stack per input at the end, not a write into a zero tensor per chunk
+        grads_in = (torch.stack(g[::-1]) if need else None
+                    for g, need in zip(chunk_grads, needed, strict=True))
         return (None, None, *grads_in, *grad_state)
 
 
@@ -480,22 +483,22 @@ class NeuralMemory(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor,
         dtype: torch.dtype,
     ) -> tuple[Tensor, ...]:
-        """The scan's inputs: q, k, v as (B·H, n_chunks, b, d), then the chunk coefficients d, c
-        (B·H, n_chunks, b) and eta_prod, beta, gamma (B·H, n_chunks). Inputs (B, T, H, ·)."""
+        """The scan's inputs, chunk-major: q, k, v as (n_chunks, B·H, b, d), then the chunk coefficients
+        d, c (n_chunks, B·H, b) and eta_prod, beta, gamma (n_chunks, B·H). Inputs (B, T, H, ·).
+        Chunk-major so that each chunk is one contiguous block: a kernel takes it without a copy."""
         B, T, H, _ = q.shape
         b = self.chunk_size
         n_chunks = -(-T // b)
         pad = n_chunks * b - T
 
-        def heads_first(t: Tensor) -> Tensor:
-            # (B, T, H, ·) → (B·H, n_chunks, b, ·); padded tokens get θ = 0, η = 1, α = 0: identity steps.
-            t = t.to(dtype).transpose(1, 2)
-            t = F.pad(t, (0, 0, 0, pad)) if t.dim() == 4 else F.pad(t, (0, pad))
-            return t.reshape(B * H, n_chunks, b, *t.shape[3:])
+        def chunk_major(t: Tensor) -> Tensor:
+            # (B, T, H, d) → (n_chunks, B·H, b, d); padded tokens get θ = 0, η = 1, α = 0: identity steps.
+            t = F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad))
+            return t.reshape(B, n_chunks, b, H, -1).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, b, -1)
 
-        gates = [heads_first(g.unsqueeze(-1)).squeeze(-1) for g in (theta, log_eta, log_keep)]
-        valid = (torch.arange(n_chunks * b, device=q.device) < T).view(n_chunks, b)
-        return (heads_first(q), heads_first(k), heads_first(v), *chunk_coefficients(*gates, valid))
+        gates = [chunk_major(g.unsqueeze(-1)).squeeze(-1) for g in (theta, log_eta, log_keep)]
+        valid = (torch.arange(n_chunks * b, device=q.device) < T).view(n_chunks, 1, b)
+        return (chunk_major(q), chunk_major(k), chunk_major(v), *chunk_coefficients(*gates, valid))
 
     def scan(
         self, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor,
@@ -504,12 +507,13 @@ class NeuralMemory(nn.Module):
         """Run the chunked recurrence. Inputs (B, T, H, ·); returns y (B, T, H, d) and the end state."""
         B, T, H, d = q.shape
         inputs = self.chunk_inputs(q, k, v, theta, log_eta, log_keep, state.weights[0].dtype)
-        n_chunks, b = inputs[0].shape[1:3]
+        n_chunks, _, b, _ = inputs[0].shape
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
         if self.recompute and torch.is_grad_enabled():
             y, *flat = RecomputedScan.apply(self.scan_options, state.chunks, *inputs, *flat)
         else:
             y, *flat = scan_chunks(self.scan_options, inputs, flat, state.chunks)
-        y = y.reshape(B, H, n_chunks * b, d)[:, :, :T].transpose(1, 2)
+        # (n_chunks, B·H, b, d) → (B, T, H, d)
+        y = y.view(n_chunks, B, H, b, d).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * b, H, d)[:, :T]
         unflat = [t.reshape(B, H, *t.shape[1:]) for t in flat]
         return y, unflat[: self.depth], unflat[self.depth :]
