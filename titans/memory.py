@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -209,6 +209,11 @@ KERNEL_FUNCTIONS = {"analytic": ("titans.kernels.chunk_step_reference", "analyti
                     "compiled": ("titans.kernels.chunk_step_compiled", "compiled_chunk_step"),
                     "triton": ("titans.kernels.chunk_step_triton", "triton_chunk_step")}
 CHUNK_STEPS = ("torch", *KERNEL_FUNCTIONS)
+# The kernels with an explicit backward, by name: that backward alone, with `chunk_step_backward`'s
+# signature (titans/kernels/chunk_step_reference.py). The recomputing scan's backward calls it directly,
+# so it runs no forward per chunk to rebuild autograd's graph.
+KERNEL_BACKWARDS = {"analytic": ("titans.kernels.chunk_step_reference", "chunk_step_backward"),
+                    "triton": ("titans.kernels.chunk_step_triton", "triton_chunk_step_backward")}
 
 
 def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
@@ -221,6 +226,14 @@ def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
     if kernel not in KERNEL_FUNCTIONS:
         raise ValueError(f"unknown memory kernel {kernel!r}; expected one of {', '.join(CHUNK_STEPS)}")
     module, function = KERNEL_FUNCTIONS[kernel]
+    return getattr(importlib.import_module(module), function)
+
+
+def chunk_step_backward_of(kernel: str) -> Callable[..., Sequence[Tensor]] | None:
+    """The explicit backward of the chunk step `kernel`, or None where autograd's graph is its backward."""
+    if kernel not in KERNEL_BACKWARDS:
+        return None
+    module, function = KERNEL_BACKWARDS[kernel]
     return getattr(importlib.import_module(module), function)
 
 
@@ -271,13 +284,19 @@ class RecomputedScan(torch.autograd.Function):
         needed = [t.requires_grad for t in inputs]
         chunk_grads: list[list[Tensor]] = [[] for _ in inputs]  # last chunk first
         grad_state, step = list(grad_state), chunk_step(ctx.opts.kernel)
+        explicit_backward = chunk_step_backward_of(ctx.opts.kernel)
         for i in reversed(range(inputs[0].shape[0])):
-            with torch.enable_grad():
-                chunk = [t[i].detach().requires_grad_(need) for t, need in zip(inputs, needed, strict=True)]
-                start = [s.detach().requires_grad_() for s in boundaries[i * n : (i + 1) * n]]
-                y, *end = step(ctx.opts, *chunk, *start)
-                wanted = [t for t in (*chunk, *start) if t.requires_grad]
-                grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[i], *grad_state]))
+            chunk, start = [t[i] for t in inputs], boundaries[i * n : (i + 1) * n]
+            if explicit_backward is not None:
+                every = explicit_backward(ctx.opts, *chunk, start, grad_y[i], grad_state)
+                grads = iter([g for g, need in zip(every[:8], needed, strict=True) if need] + list(every[8:]))
+            else:
+                with torch.enable_grad():
+                    chunk = [t.detach().requires_grad_(need) for t, need in zip(chunk, needed, strict=True)]
+                    start = [s.detach().requires_grad_() for s in start]
+                    y, *end = step(ctx.opts, *chunk, *start)
+                    wanted = [t for t in (*chunk, *start) if t.requires_grad]
+                    grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[i], *grad_state]))
             for need, collected in zip(needed, chunk_grads, strict=True):
                 if need:
                     collected.append(next(grads))

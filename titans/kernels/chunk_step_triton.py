@@ -532,18 +532,29 @@ class TritonChunkStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, *grad_end: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         saved = ctx.saved_tensors
-        tensors, consts, meta = _prepare(ctx.opts, saved)
-        depth = ctx.opts.n_layers
-        state = tensors[8:]
-        grad_y = torch.zeros_like(tensors[0]) if grad_y is None else grad_y.contiguous()
-        grad_end = [torch.zeros_like(s) if g is None else g.contiguous()
-                    for s, g in zip(state, grad_end, strict=True)]
-        grads = [torch.empty_like(t) for t in tensors]
-        grad_pairs = _layer_pair(grads[8:], depth)
-        _launch(_chunk_backward_kernel, grad_y.shape[0], meta,
-                *tensors[:8], *_layer_pair(state, depth), consts, grad_y, *_layer_pair(grad_end, depth),
-                *grads[:8], *grad_pairs)
+        grads = triton_chunk_step_backward(ctx.opts, *saved[:8], saved[8:], grad_y, grad_end)
         return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:], strict=True)))
+
+
+def triton_chunk_step_backward(
+    opts: ScanOptions, q: Tensor, k: Tensor, v: Tensor, d: Tensor, c: Tensor, eta_prod: Tensor,
+    beta: Tensor, gamma: Tensor, state: tuple[Tensor, ...], grad_y: Tensor | None,
+    grad_end: tuple[Tensor | None, ...],
+) -> list[Tensor]:
+    """The backward kernel alone, with `chunk_step_backward`'s signature and outputs (the gradients of
+    every input and state tensor; None for a missing output gradient). It needs no forward before it,
+    so the recomputing scan calls it directly."""
+    tensors, consts, meta = _prepare(opts, (q, k, v, d, c, eta_prod, beta, gamma, *state))
+    depth = opts.n_layers
+    state = tensors[8:]
+    grad_y = torch.zeros_like(tensors[0]) if grad_y is None else grad_y.contiguous()
+    grad_end = [torch.zeros_like(s) if g is None else g.contiguous()
+                for s, g in zip(state, grad_end, strict=True)]
+    grads = [torch.empty_like(t) for t in tensors]
+    _launch(_chunk_backward_kernel, grad_y.shape[0], meta,
+            *tensors[:8], *_layer_pair(state, depth), consts, grad_y, *_layer_pair(grad_end, depth),
+            *grads[:8], *_layer_pair(grads[8:], depth))
+    return grads
 
 
 def triton_chunk_step(
