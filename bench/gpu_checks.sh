@@ -71,8 +71,8 @@ print(\"triton\", v(\"triton\"), \"flash-attn\", v(\"flash-attn\"))'"
 # checks compile the paper-shape kernels first, so the later steps find them in Triton's cache; the
 # profile says where a MAC step's time goes beside the chunk step's kernels.
 step triton-checks 250 "$python" bench/gpu_step.py --check-only triton
-step chunk-step 90 "$python" bench/gpu_step.py --chunk-step --sizes 760m --variants mac --repeats 5
-step profile-760m-mac 200 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 3 --row-budget-s 8 \
+step chunk-step 130 "$python" bench/gpu_step.py --chunk-step --sizes 760m --variants mac --repeats 5
+step profile-760m-mac 180 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 3 --row-budget-s 8 \
     --profile 40 train.fp32_matmul=tf32
 step step-760m-mac 190 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12
 step attention-checks 100 "$python" bench/gpu_step.py --check-only attention

@@ -459,9 +459,12 @@ def time_chunk_step(step: Callable, opts: ScanOptions, inputs: list[torch.Tensor
 
 
 def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats: int) -> list[str]:
-    """The torch and Triton chunk steps at `cfg`'s memory shape, with exact and (on CUDA) TF32 float32
-    matmuls: whether the memory's time is the kernels' or the launches around them."""
-    kernels = ["torch"]
+    """The torch, analytic and (on CUDA) compiled and Triton chunk steps at `cfg`'s memory shape, with exact
+    and (on CUDA) TF32 float32 matmuls: which kernel the memory should run on this card. The compiled step
+    (inductor's own Triton kernels on CUDA) compiles for tens of seconds per precision first."""
+    kernels = ["torch", "analytic"]
+    if device.type == "cuda":
+        kernels.append("compiled")
     if device.type == "cuda" and triton_status() is None and not triton_interpreted():
         kernels.append("triton")
     precisions = ("ieee", "tf32") if device.type == "cuda" else ("ieee",)
