@@ -260,8 +260,9 @@ class RecomputedScan(torch.autograd.Function):
     Forward runs without building a graph and saves the inputs and the state at each chunk start
     (the memory's size per chunk, nothing per token). Backward walks the chunks in reverse: it
     recomputes one chunk from its saved start state with autograd and pulls the output and end-state
-    gradients through it, so activation memory is one chunk's worth plus the boundary states. At the
-    gradient horizon's cuts the state's gradient is dropped, as `scan_chunks`' detach drops it.
+    gradients through it (a kernel with an explicit backward gets that called directly instead), so
+    activation memory is one chunk's worth plus the boundary states. At the gradient horizon's cuts the
+    state's gradient is dropped, as `scan_chunks`' detach drops it.
     """
 
     @staticmethod

@@ -541,9 +541,9 @@ def triton_chunk_step_backward(
     beta: Tensor, gamma: Tensor, state: tuple[Tensor, ...], grad_y: Tensor | None,
     grad_end: tuple[Tensor | None, ...],
 ) -> list[Tensor]:
-    """The backward kernel alone, with `chunk_step_backward`'s signature and outputs (the gradients of
-    every input and state tensor; None for a missing output gradient). It needs no forward before it,
-    so the recomputing scan calls it directly."""
+    """The backward kernel alone, with `chunk_step_backward`'s signature and outputs: the gradients of
+    every input and state tensor (a None output gradient counts as zeros). It needs no forward before
+    it, so the recomputing scan calls it directly."""
     tensors, consts, meta = _prepare(opts, (q, k, v, d, c, eta_prod, beta, gamma, *state))
     depth = opts.n_layers
     state = tensors[8:]
