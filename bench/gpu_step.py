@@ -694,8 +694,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-only", nargs="?", const="all", choices=["all", *CHECK_GROUPS], default=None,
                         help="run the correctness checks (all, or one group), no timing")
     parser.add_argument("--chunk-step", action="store_true",
-                        help="time the chunk step alone (torch and Triton; exact and TF32 float32 matmuls) "
-                             "at each size's MAC memory shape and batch, no model steps")
+                        help="time the chunk step alone (torch, analytic; on CUDA also compiled and "
+                             "Triton, with exact and TF32 float32 matmuls) at each size's memory shape and "
+                             "batch, no model steps")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after each row's timing, one more step under torch.profiler: its top N ops")
     args = parser.parse_args(argv)
