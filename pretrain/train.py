@@ -231,6 +231,17 @@ def initial_weights(path: str) -> dict[str, torch.Tensor]:
     return model_state(ckpt, state, model_config(state["config"]))
 
 
+def slow_setting_warnings(cfg: RunConfig, device_type: str) -> list[str]:
+    """Settings that run but are known to be slow on this device (measured: bench/RESULTS.md), each with
+    the fix: said at the start, not found out from the step time."""
+    warnings = []
+    if device_type == "cuda" and cfg.model.memory_kernel == "triton" and cfg.train.fp32_matmul == "ieee":
+        warnings.append("model.memory_kernel=triton with train.fp32_matmul=ieee: the kernel's exact float32 "
+                        "dots run on the GPU's FMA units, several times slower than memory_kernel=torch; "
+                        "set train.fp32_matmul=tf32 (tensor cores) or memory_kernel=torch")
+    return warnings
+
+
 def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     """Run (or resume) the configured training; returns the per-step losses and where it saved."""
     p, t = cfg.parallel, cfg.train
@@ -244,6 +255,8 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         mesh.print(line)
     check_run_folder(cfg, out)
     precision = ("bf16" if mesh.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
+    for warning in slow_setting_warnings(cfg, mesh.device.type):
+        mesh.print(f"warning: {warning}")
     if not t.allow_oversubscribe:
         check_memory(cfg, mesh, precision)
     if mesh.is_main:  # only now: a run refused above leaves the folder as it was

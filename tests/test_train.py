@@ -18,7 +18,7 @@ import pretrain.engine as engine_module
 from pretrain import synthetic
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pretrain.config import ConfigError, load_config
-from pretrain.train import NonFiniteLossError, main, train
+from pretrain.train import NonFiniteLossError, main, slow_setting_warnings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,20 @@ def test_separate_synthetic_sequences_train_as_one_weighted_batch(dataset, tmp_p
     monkeypatch.setattr(synthetic, "instance_batch", synthetic.training_rows)
     separate = train(small_config(dataset, tmp_path / "separate", "data.synthetic_sequences=1", *mix))
     assert separate.losses == pytest.approx(rows.losses, rel=1e-5)
+
+
+def test_a_slow_gpu_setting_is_named_with_its_fix(tmp_path):
+    """The Triton memory kernel with exact float32 dots is slower than the torch kernel on a GPU (measured
+    on an H100): the job says so at the start and names both fixes; nothing is said on CPU or with TF32."""
+    def warnings(device_type: str, *overrides: str) -> list[str]:
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"train.out_dir={tmp_path}", *overrides])
+        return slow_setting_warnings(cfg, device_type)
+
+    (slow,) = warnings("cuda", "model.memory_kernel=triton")
+    assert "train.fp32_matmul=tf32" in slow and "memory_kernel=torch" in slow
+    assert warnings("cpu", "model.memory_kernel=triton") == []
+    assert warnings("cuda", "model.memory_kernel=triton", "train.fp32_matmul=tf32") == []
+    assert warnings("cuda") == []
 
 
 def test_activation_checkpointing_trains_the_same(dataset, tmp_path):
