@@ -8,7 +8,8 @@
 # costs one step, not the session. Compiling takes most of the time (the depth-2 float32 Triton kernels at
 # the paper's shape take minutes, FlexAttention tens of seconds per shape). With no steps named it runs
 # every step but the short lease's three (their work is in gpu-checks and step-760m): about 16 minutes.
-# `environment triton-checks chunk-step profile-760m-mac` fits one 10-minute call.
+# `environment triton-checks chunk-step profile-760m-mac` fits one 10-minute call; `train-smoke` a short
+# second one.
 #
 #     bench/gpu_checks.sh OUT_DIR        # every step's output in OUT_DIR/<step>.log, OUT_DIR/summary.txt
 #     bench/gpu_checks.sh OUT_DIR gpu-checks step-340m   # only the steps named (to rerun one, or fit a
@@ -18,7 +19,7 @@
 set -u
 
 DEFAULT_STEPS="environment gpu-checks triton-tests step-760m step-760m-tf32 step-340m"
-STEPS="$DEFAULT_STEPS triton-checks chunk-step profile-760m-mac step-760m-mac attention-checks"
+STEPS="$DEFAULT_STEPS triton-checks chunk-step profile-760m-mac step-760m-mac attention-checks train-smoke"
 if [ $# -lt 1 ]; then
     echo "usage: $0 OUT_DIR [STEP ...]   (steps: $STEPS)" >&2
     exit 2
@@ -74,6 +75,12 @@ step triton-checks 250 "$python" bench/gpu_step.py --check-only triton
 step chunk-step 130 "$python" bench/gpu_step.py --chunk-step --sizes 760m --variants mac --repeats 5
 step profile-760m-mac 180 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 3 --row-budget-s 8 \
     --profile 40 train.fp32_matmul=tf32
+# The training job itself on the GPU (README command 1 with the Triton kernel, TF32, 30 steps, bf16): what a
+# user runs first. Needs the data pipeline's webdataset and braceexpand importable (an offline machine:
+# their wheels, both pure Python).
+step train-smoke 150 "$python" -m pretrain.train --config configs/tiny.yaml train.steps=30 train.eval_every=30 \
+    train.checkpoint_every=30 model.memory_kernel=triton train.fp32_matmul=tf32 \
+    train.out_dir="${TMPDIR:-/tmp}/gpu-checks-train-smoke"
 step step-760m-mac 190 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12
 step attention-checks 100 "$python" bench/gpu_step.py --check-only attention
 step gpu-checks 360 "$python" bench/gpu_step.py --check-only
