@@ -152,7 +152,7 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
     `max_documents` validation documents of at least `min_doc_len` tokens. `span`: the unit of the
     needle / mqar distances (default the model's attention span; a comparison passes one shared window,
     since full attention's span is its training length). text_recall: passages of `passage` tokens
-    (default the span) read again at the same distances."""
+    (default the span), the same ones read again at each of the distances."""
     run_config = run_config if run_config is not None else getattr(model, "run_config", {})
     seq_len = run_config.get("data", {}).get("seq_len")
     piece_len = piece_len or default_piece_len(model, seq_len)
@@ -182,17 +182,17 @@ def evaluate(model: LanguageModel, tasks: Iterable[str] = DEFAULT_TASKS,
                 f"{r['max_position']}, mean loss {r['loss']:.4f} ({time.perf_counter() - started:.1f}s)")
             continue
         if task == "text_recall":
+            rows = val_batches(run_config, data, batch_size=1)
+            lengths = [int(round(multiple * span)) for multiple in distances]
+            recalls = text_recall.evaluate_rows(model, rows, run_config, samples, passage or span, lengths,
+                                                piece_len, batch_size)
             per_distance = {}
-            for multiple in distances:
-                started = time.perf_counter()
-                rows = val_batches(run_config, data, batch_size=1)
-                r = text_recall.evaluate_rows(model, rows, run_config, samples, passage or span,
-                                              int(round(multiple * span)), piece_len, batch_size)
+            for multiple, r in zip(distances, recalls, strict=True):
                 per_distance[f"{multiple:g}"] = {**r, "multiple": multiple}
                 log(f"text_recall at {multiple:g}× span ({r['distance']} tokens, {r['passages']} passages of "
                     f"{r['passage']}): loss {r['control_loss']:.4f} after another passage, "
-                    f"{r['repeat_loss']:.4f} read again, gain {r['gain']:.4f} ± {r['gain_stderr']:.4f} "
-                    f"({time.perf_counter() - started:.1f}s)")
+                    f"{r['repeat_loss']:.4f} read again, gain {r['gain']:.4f} ± {r['gain_stderr']:.4f}")
+            log(f"text_recall: {len(distances)} distances ({time.perf_counter() - started:.1f}s)")
             results[task] = per_distance
             continue
         if task not in TASKS:

@@ -9,16 +9,17 @@ carries nothing from one that is never asked. This task asks directly, on the va
 - control: [EOS, Q, F, P]: the same with another passage Q (the next sample's) in front.
 
 The loss on the second P (its first token left out: nothing tells a model that a repeat starts) is
-compared between the two. Everything within the model's receptive field of the second P is identical in
-both when `distance` passes it, so the gain (control minus repeat) is exactly zero for sliding-window
-attention, and whatever a model gains is information carried from beyond its window, by the long-term
-memory or, within its training length, by full attention's KV cache. Both sequences are fed through the
-exact streaming state (`pretrain.loss_by_position.token_losses`).
+compared between the two. Every distance reads the same passages (cut once, at the longest distance).
+Everything within the model's receptive field of the second P is identical in both when `distance`
+passes it, so the gain (control minus repeat) is exactly zero for sliding-window attention, and whatever
+a model gains is information carried from beyond its window, by the long-term memory or, within its
+training length, by full attention's KV cache. Both sequences are fed through the exact streaming state
+(`pretrain.loss_by_position.token_losses`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -90,7 +91,11 @@ def markdown(per_distance: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def evaluate_rows(model: Any, rows: Iterable[Tensor], run_config: dict[str, Any], samples: int, passage: int,
-                  distance: int, piece_len: int, batch_size: int = 8) -> dict[str, Any]:
-    """`text_recall` of `samples` passages cut from `rows` (the validation split in order)."""
+                  distances: Sequence[int], piece_len: int, batch_size: int = 8) -> list[dict[str, Any]]:
+    """`text_recall` at each distance, of the same `samples` passages cut from `rows` (the validation split
+    in order) at the longest distance: each distance reads the start of the same following text, so the
+    distances differ only in how far back the passage is, and their gains compare pairwise."""
     eos = document_end_id(model, run_config, "the sequences cannot start with it")
-    return text_recall(model, passages(rows, samples, passage, distance), passage, eos, piece_len, batch_size)
+    texts = passages(rows, samples, passage, max(distances))
+    return [text_recall(model, texts[:, : passage + distance], passage, eos, piece_len, batch_size)
+            for distance in distances]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.text_recall import passages, text_recall
+from pretrain.text_recall import evaluate_rows, passages, text_recall
 from titans.model import TitansConfig, TitansLM
 
 EOS = 256
@@ -68,3 +68,16 @@ def test_losses_equal_one_call_over_each_sequence(layers):
     r = text_recall(model, t, PASSAGE, EOS, piece_len=7, batch_size=2)
     assert r["repeat_loss"] == pytest.approx(expect["repeat"].item(), rel=1e-5)
     assert r["control_loss"] == pytest.approx(expect["control"].item(), rel=1e-5)
+
+
+def test_every_distance_reads_the_same_passages():
+    """evaluate_rows cuts the passages once, at the longest distance: each shorter distance scores the same
+    passages before the start of the same following text, so the gains compare pairwise across distances."""
+    model = tiny_model("mag")
+    model.vocab_size = 257  # as on a loaded model: the byte tokenizer's end of document is 256
+    rows = [torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(2))]
+    got = evaluate_rows(model, rows, {}, samples=3, passage=PASSAGE, distances=[4, DISTANCE], piece_len=10)
+    cut = passages(rows, 3, PASSAGE, DISTANCE)
+    for r, distance in zip(got, [4, DISTANCE], strict=True):
+        assert r == text_recall(model, cut[:, : PASSAGE + distance], PASSAGE, EOS, piece_len=10)
+        assert r["distance"] == distance and r["passages"] == 3
