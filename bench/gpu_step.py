@@ -72,6 +72,7 @@ from titans.memory import (  # noqa: E402
     NeuralMemory,
     ScanOptions,
     chunk_step,
+    chunk_step_backward_of,
     memory_chunk_step,
 )
 from titans.model import TitansConfig, TitansLM, num_parameters  # noqa: E402
@@ -434,10 +435,14 @@ def chunk_step_inputs(cfg: TitansConfig, rows: int, device: torch.device
                   for t in inputs]
 
 
-def time_chunk_step(step: Callable, opts: ScanOptions, inputs: list[torch.Tensor], device: torch.device,
-                    repeats: int) -> tuple[float, float]:
-    """(forward ms, forward + backward ms) of one chunk step: means of `repeats` calls after a warm-up."""
+def time_chunk_step(kernel: str, opts: ScanOptions, inputs: list[torch.Tensor], device: torch.device,
+                    repeats: int) -> list[float | None]:
+    """[forward ms, forward + backward ms, backward alone ms] of one chunk step, each the mean of `repeats`
+    calls after a warm-up. The backward alone is the explicit one that the recomputing scan calls per chunk
+    (None for kernels whose backward is autograd's graph)."""
+    step, backward = chunk_step(kernel), chunk_step_backward_of(kernel)
     leaves = [t.detach().requires_grad_() for t in inputs]
+    grad_y, *grad_end = (torch.ones_like(o) for o in step(opts, *inputs))
 
     def forward() -> None:
         with torch.no_grad():
@@ -446,8 +451,14 @@ def time_chunk_step(step: Callable, opts: ScanOptions, inputs: list[torch.Tensor
     def forward_backward() -> None:
         torch.autograd.grad(sum(o.sum() for o in step(opts, *leaves)), leaves)
 
-    times = []
-    for call in (forward, forward_backward):
+    def backward_alone() -> None:
+        backward(opts, *inputs[:8], inputs[8:], grad_y, grad_end)
+
+    times: list[float | None] = []
+    for call in (forward, forward_backward, backward_alone if backward else None):
+        if call is None:
+            times.append(None)
+            continue
         call()
         synchronize(device)
         begin = time.perf_counter()
@@ -455,7 +466,7 @@ def time_chunk_step(step: Callable, opts: ScanOptions, inputs: list[torch.Tensor
             call()
         synchronize(device)
         times.append((time.perf_counter() - begin) / repeats * 1e3)
-    return times[0], times[1]
+    return times
 
 
 def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats: int) -> list[str]:
@@ -472,18 +483,20 @@ def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats
     lines = [f"chunk step: {rows} rows, b {cfg.memory_chunk}, head {cfg.memory_head_dim}, hidden "
              f"{cfg.memory_hidden}, depth {cfg.memory_depth}, clip {opts.max_grad_norm is not None}; mean of "
              f"{repeats} calls after a warm-up",
-             "| chunk step | float32 matmuls | forward ms | forward + backward ms |", "|---|---|---:|---:|"]
+             "| chunk step | float32 matmuls | forward ms | forward + backward ms | backward alone ms |",
+             "|---|---|---:|---:|---:|"]
     before = torch.backends.cuda.matmul.fp32_precision
     try:
         for precision in precisions:
             torch.backends.cuda.matmul.fp32_precision = precision
             for kernel in kernels:
                 try:
-                    forward, both = time_chunk_step(chunk_step(kernel), opts, inputs, device, repeats)
-                    lines.append(f"| {kernel} | {precision} | {forward:.3f} | {both:.3f} |")
+                    times = time_chunk_step(kernel, opts, inputs, device, repeats)
+                    cells = " | ".join("-" if t is None else f"{t:.3f}" for t in times)
+                    lines.append(f"| {kernel} | {precision} | {cells} |")
                 except Exception as err:  # a kernel that cannot launch here is a row, not a crash
                     why = f"{type(err).__name__}: {first_line(err, 80)}"
-                    lines.append(f"| {kernel} | {precision} | {why} | |")
+                    lines.append(f"| {kernel} | {precision} | {why} | | |")
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
     return lines

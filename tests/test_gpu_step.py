@@ -65,9 +65,11 @@ def test_chunk_step_and_profile_on_cpu(capsys):
     tiny = ["--device", "cpu", "--tiny", "--sizes", "340m", "--repeats", "1"]
     assert gpu_step.main([*tiny, "--chunk-step"]) == 0
     out = capsys.readouterr().out
-    assert "| chunk step | float32 matmuls | forward ms | forward + backward ms |" in out
-    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| torch |", "| analytic |"))]
-    assert len(rows) == 2 and all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows), out
+    assert "| chunk step | float32 matmuls | forward ms | forward + backward ms | backward alone ms |" in out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines()
+            if line.startswith(("| torch |", "| analytic |"))}
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows.values()), out
+    assert rows["torch"][5].strip() == "-" and float(rows["analytic"][5]) > 0  # autograd's / explicit
     assert "| 340m |" not in out  # no model steps
 
     assert gpu_step.main([*tiny, "--variants", "mac", "--seq", "64", "--profile", "5"]) == 0
