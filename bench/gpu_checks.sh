@@ -7,7 +7,7 @@
 # GPU time comes in short sessions, and every step has its own time limit, so a hang or a slow kernel
 # costs one step, not the session. Compiling takes most of the time (the depth-2 float32 Triton kernels at
 # the paper's shape take minutes, FlexAttention tens of seconds per shape). With no steps named it runs
-# every step but the short lease's three (their work is in gpu-checks and step-760m): about 16 minutes.
+# $DEFAULT_STEPS (the short-lease steps below split the same work differently): about 16 minutes.
 # `environment triton-checks chunk-step profile-760m-mac` fits one 10-minute call; `train-smoke` a short
 # second one.
 #

@@ -60,8 +60,8 @@ def test_a_failing_triton_kernel_falls_back_to_torch(monkeypatch, capsys):
 
 
 def test_chunk_step_and_profile_on_cpu(capsys):
-    """--chunk-step times the chunk step alone at the config's memory shape (torch only on CPU: timing
-    Triton's interpreter says nothing); --profile prints one step's top ops after the row's timing."""
+    """--chunk-step times the chunk step alone at the config's memory shape (torch and analytic on CPU:
+    timing Triton's interpreter says nothing); --profile prints one step's top ops after the row's timing."""
     tiny = ["--device", "cpu", "--tiny", "--sizes", "340m", "--repeats", "1"]
     assert gpu_step.main([*tiny, "--chunk-step"]) == 0
     out = capsys.readouterr().out
