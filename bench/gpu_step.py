@@ -442,7 +442,6 @@ def time_chunk_step(kernel: str, opts: ScanOptions, inputs: list[torch.Tensor], 
     (None for kernels whose backward is autograd's graph)."""
     step, backward = chunk_step(kernel), chunk_step_backward_of(kernel)
     leaves = [t.detach().requires_grad_() for t in inputs]
-    grad_y, *grad_end = (torch.ones_like(o) for o in step(opts, *inputs))
 
     def forward() -> None:
         with torch.no_grad():
@@ -451,8 +450,11 @@ def time_chunk_step(kernel: str, opts: ScanOptions, inputs: list[torch.Tensor], 
     def forward_backward() -> None:
         torch.autograd.grad(sum(o.sum() for o in step(opts, *leaves)), leaves)
 
-    def backward_alone() -> None:
-        backward(opts, *inputs[:8], inputs[8:], grad_y, grad_end)
+    def backward_alone() -> None:  # the output gradients of forward_backward's sum: ones
+        backward(opts, *inputs[:8], inputs[8:], ones[0], ones[1:])
+
+    if backward:
+        ones = [torch.ones_like(o) for o in step(opts, *inputs)]
 
     times: list[float | None] = []
     for call in (forward, forward_backward, backward_alone if backward else None):

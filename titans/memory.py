@@ -225,15 +225,15 @@ def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
         return memory_chunk_step
     if kernel not in KERNEL_FUNCTIONS:
         raise ValueError(f"unknown memory kernel {kernel!r}; expected one of {', '.join(CHUNK_STEPS)}")
-    module, function = KERNEL_FUNCTIONS[kernel]
-    return getattr(importlib.import_module(module), function)
+    return _import(*KERNEL_FUNCTIONS[kernel])
 
 
 def chunk_step_backward_of(kernel: str) -> Callable[..., Sequence[Tensor]] | None:
     """The explicit backward of the chunk step `kernel`, or None where autograd's graph is its backward."""
-    if kernel not in KERNEL_BACKWARDS:
-        return None
-    module, function = KERNEL_BACKWARDS[kernel]
+    return _import(*KERNEL_BACKWARDS[kernel]) if kernel in KERNEL_BACKWARDS else None
+
+
+def _import(module: str, function: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
