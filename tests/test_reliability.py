@@ -158,7 +158,8 @@ def test_prepare_gives_a_small_corpus_a_validation_split(tmp_path):
     manifest = prepare(files, tmp_path / "small", "bytes", sample_tokens=65, shard_samples=16,
                        val_fraction=0.02, progress=False)
     assert manifest.documents["val"] >= 1 and manifest.splits["val"] and manifest.splits["train"]
-    with pytest.raises(ValueError, match="too small for a validation split"):
+    # one document: which split it hashes to depends on its path (the checkout's), so either error is right
+    with pytest.raises(ValueError, match="too small for a validation split|the training split is empty"):
         prepare(files[:1], tmp_path / "one", "bytes", sample_tokens=65, val_fraction=0.02, progress=False)
 
 
