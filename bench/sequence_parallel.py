@@ -37,8 +37,8 @@ def worker(out: Path, layers: str, n_layers: int, length: int, steps: int) -> No
     import torch
 
     from parallel.mesh import init_mesh
+    from pretrain.batch import Batch
     from pretrain.config import load_config
-    from pretrain.data import Batch
     from pretrain.engine import build_engine
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -60,6 +60,9 @@ class DataConfig:
     repeat_rows: int = 0
     repeat_passage: int = 64
     repeat_min_gap: int = 64
+    # the loss weight of the targets a copy predicts (the second reading after its first token); other
+    # text targets weigh 1. E.g. 16: a 128-token passage's copy weighs about as much as the rest of its row
+    repeat_weight: float = 1.0
 
 
 @dataclass
@@ -289,6 +292,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.repeat_passage={d.repeat_passage} twice plus data.repeat_min_gap="
                           f"{d.repeat_min_gap} must fit a row of data.seq_len + 1 = {d.seq_len + 1} tokens "
                           "(passage >= 1, gap >= 0)")
+    if d.repeat_weight <= 0:
+        raise ConfigError(f"data.repeat_weight must be > 0 (the copy targets' loss weight), "
+                          f"got {d.repeat_weight}")
     if d.synthetic_sequences < 0:
         raise ConfigError(f"data.synthetic_sequences must be >= 0, got {d.synthetic_sequences}")
     if d.synthetic_sequences:

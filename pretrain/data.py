@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import Tensor
 
 from data_pipeline.corpus import default_corpus_files
 from data_pipeline.loader import DataError, Source, TokenLoader, TokenStream
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import MANIFEST, Manifest
 from pretrain import synthetic
+from pretrain.batch import Batch, as_batch
 from pretrain.config import DataConfig, RunConfig
 from pretrain.repeats import RepeatedPassages
 
@@ -38,17 +38,6 @@ def ensure_default_corpus(cfg: RunConfig) -> None:
     print(f"building the default corpus (Python standard library sources, PSF License) in {cfg.data.train}")
     prepare(default_corpus_files(DEFAULT_CORPUS_BYTES), cfg.data.train, "bytes",
             sample_tokens=cfg.data.seq_len + 1, shard_samples=256, val_fraction=0.05, workers=1)
-
-
-class Batch(NamedTuple):
-    """Training sequences and, when some targets weigh differently (synthetic tasks), their loss weights."""
-
-    tokens: Tensor  # (B, T + 1)
-    weights: Tensor | None  # (B, T) weight of each next-token target; None: every target weighs 1
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.tokens), move(self.weights))
 
 
 class SyntheticMix:
@@ -77,12 +66,15 @@ class SyntheticMix:
         while self.generated < self.alone:
             yield [self.synthetic()]
         for text in self.text:
-            synthetic = self.synthetic()
+            text, synthetic = as_batch(text), self.synthetic()
             if self.separate:
-                yield [synthetic, Batch(text, None)]
+                yield [synthetic, text]
             else:
-                yield Batch(torch.cat([text, synthetic.tokens]),
-                            torch.cat([torch.ones(text.shape[0], self.seq_len), synthetic.weights]))
+                weights = text.weights
+                if weights is None:
+                    weights = torch.ones(text.tokens.shape[0], self.seq_len)
+                yield Batch(torch.cat([text.tokens, synthetic.tokens]),
+                            torch.cat([weights, synthetic.weights]))
 
     def synthetic(self) -> Batch:
         """The next synthetic sequences, trained on their answers only."""
@@ -149,7 +141,7 @@ def _train_mix(loader: TokenLoader, cfg: RunConfig, dp_rank: int
     d = cfg.data
     if d.repeat_rows:
         loader = RepeatedPassages(loader, d.repeat_rows, d.repeat_passage, d.repeat_min_gap,
-                                  seed=d.seed * 65_537 + dp_rank)
+                                  seed=d.seed * 65_537 + dp_rank, weight=d.repeat_weight)
     if not d.synthetic_rows and not d.synthetic_sequences:
         return loader
     options: dict[str, Any] = {"min_distance": d.synthetic_min_distance, "n_pairs": d.synthetic_pairs,

@@ -40,9 +40,9 @@ from parallel.sequence import SequenceShards, SequenceStage, shard_of
 from parallel.tensor import TensorShard, local_slice, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
+from pretrain.batch import Batch
 from pretrain.checkpoint_shards import load_shards, save_shards
 from pretrain.config import RunConfig
-from pretrain.data import Batch
 from pretrain.loss import CausalLMLoss, head_loss_sum, loss_denominator, token_cross_entropy
 from titans.memory import NeuralMemory
 from titans.model import TitansLM

@@ -4,7 +4,9 @@ Why: a small model trained on a few million tokens of text learns no in-context 
 within its window (`pretrain/text_recall.py` measures it), so nothing in its loss can show whether the
 long-term memory carries text past the window. Rewriting some rows as text that repeats itself — a
 passage, the text that follows it, the passage again, then the text goes on — gives copying a reward on
-real text, as the synthetic tasks do on keys and values. Every target stays a text target (weight 1).
+real text, as the synthetic tasks do on keys and values. Every target stays a text target; with `weight`
+other than 1 the targets a copy predicts (the second reading's tokens after its first) weigh that much,
+so that copying is not drowned by the ~2,000 other targets of the row.
 
 The gap is drawn per row from a generator seeded by the row's own first tokens and `seed`, so a resumed
 run rewrites each row exactly as before without any state of its own.
@@ -19,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pretrain.batch import Batch
 
-def repeat_passage(row: Tensor, passage: int, min_gap: int, seed: int) -> Tensor:
-    """`row` (T + 1,) rewritten as row[:passage + gap] ‖ row[:passage] ‖ row[passage + gap:], cut back to
-    its length: the passage read again `gap` tokens after its end, gap in [min_gap, T + 1 - 2·passage]."""
+
+def draw_gap(row: Tensor, passage: int, min_gap: int, seed: int) -> int:
+    """The gap, in [min_gap, T + 1 - 2·passage], after which `row` (T + 1,) reads its passage again."""
     length = len(row)
     max_gap = length - 2 * passage
     if max_gap < min_gap:
@@ -31,22 +34,40 @@ def repeat_passage(row: Tensor, passage: int, min_gap: int, seed: int) -> Tensor
                          "data.repeat_min_gap")
     digest = hashlib.blake2b(f"{seed}:{row[:16].tolist()}".encode(), digest_size=4).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-    gap = int(torch.randint(min_gap, max_gap + 1, (1,), generator=generator))
-    return torch.cat([row[: passage + gap], row[:passage], row[passage + gap :]])[:length]
+    return int(torch.randint(min_gap, max_gap + 1, (1,), generator=generator))
+
+
+def repeat_passage(row: Tensor, passage: int, min_gap: int, seed: int) -> Tensor:
+    """`row` (T + 1,) rewritten as row[:passage + gap] ‖ row[:passage] ‖ row[passage + gap:], cut back to
+    its length: the passage read again `gap` (`draw_gap`) tokens after its end."""
+    gap = draw_gap(row, passage, min_gap, seed)
+    return torch.cat([row[: passage + gap], row[:passage], row[passage + gap :]])[: len(row)]
+
+
+def copy_targets(row: Tensor, passage: int, min_gap: int, seed: int) -> slice:
+    """The next-token targets of `repeat_passage(row, ...)` that a copy predicts: target p (token p + 1)
+    for the second reading's tokens after its first, which nothing but the first reading foretells."""
+    start = passage + draw_gap(row, passage, min_gap, seed)
+    return slice(start, start + passage - 1)
 
 
 class RepeatedPassages:
-    """A text loader whose first `rows` rows of each (B, T + 1) batch are `repeat_passage` rows."""
+    """A text loader whose first `rows` rows of each (B, T + 1) batch are `repeat_passage` rows: tensors,
+    or with `weight` other than 1 `Batch`es whose copy targets (`copy_targets`) weigh `weight`."""
 
-    def __init__(self, text: Any, rows: int, passage: int, min_gap: int, seed: int) -> None:
+    def __init__(self, text: Any, rows: int, passage: int, min_gap: int, seed: int,
+                 weight: float = 1.0) -> None:
         self.text, self.rows, self.passage, self.min_gap, self.seed = text, rows, passage, min_gap, seed
+        self.weight = weight
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | Batch]:
         for batch in self.text:
             batch = batch.clone()
+            weights = torch.ones(batch.shape[0], batch.shape[1] - 1)
             for i in range(min(self.rows, len(batch))):
+                weights[i, copy_targets(batch[i], self.passage, self.min_gap, self.seed)] = self.weight
                 batch[i] = repeat_passage(batch[i], self.passage, self.min_gap, self.seed)
-            yield batch
+            yield batch if self.weight == 1 else Batch(batch, weights)
 
     def state_dict(self) -> dict[str, Any]:
         return self.text.state_dict()

@@ -27,6 +27,7 @@ from data_pipeline.loader import DataError
 from parallel.mesh import LayoutError, Mesh, init_mesh
 from parallel.plan import local_parameter_counts, preflight_problem
 from parallel.tensor import padded_vocab
+from pretrain.batch import Batch, as_batch
 from pretrain.checkpoint import (
     STATE_FILE,
     CorruptCheckpointError,
@@ -41,7 +42,7 @@ from pretrain.checkpoint import (
     verify_checkpoint,
 )
 from pretrain.config import ConfigError, RunConfig, load_config
-from pretrain.data import Batch, build_loaders
+from pretrain.data import build_loaders
 from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, peak_flops
 from pretrain.loss import loss_denominator
@@ -104,10 +105,6 @@ def recall_accuracy(engine: Engine, cfg: RunConfig) -> dict[str, float]:
                              n_pairs=t.eval_task_pairs or cfg.data.synthetic_pairs, log=lambda message: None)
     engine.train(True)
     return {key.removeprefix("eval/"): value for key, value in scalars(results).items()}
-
-
-def as_batch(batch: torch.Tensor | Batch) -> Batch:
-    return batch if isinstance(batch, Batch) else Batch(batch, None)
 
 
 def as_parts(batch: torch.Tensor | Batch | list[Batch]) -> list[tuple[Batch, float]]:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, load_config
-from pretrain.repeats import RepeatedPassages, repeat_passage
+from pretrain.batch import Batch
+from pretrain.data import SyntheticMix
+from pretrain.repeats import RepeatedPassages, copy_targets, repeat_passage
 
 
 def test_a_row_reads_its_passage_again_after_the_gap_then_goes_on():
@@ -64,7 +66,40 @@ def test_loader_rewrites_its_first_rows_and_resumes_exactly():
         assert torch.equal(want, got)
 
 
+def test_copy_targets_are_the_second_reading_after_its_first_token():
+    row = torch.arange(100)
+    out = repeat_passage(row, passage=10, min_gap=20, seed=0)
+    targets = copy_targets(row, passage=10, min_gap=20, seed=0)
+    assert targets.stop - targets.start == 9
+    # target p predicts token p + 1: the second reading's tokens 1..9, the passage's own tokens 1..9
+    assert torch.equal(out[targets.start + 1 : targets.stop + 1], row[1:10])
+    assert out[targets.start] == row[0]  # the target before them predicts the first token: not a copy
+
+
+def test_weighted_loader_yields_batches_whose_copy_targets_weigh_more():
+    plain = torch.arange(3 * 65).view(3, 65) + 1000
+    batch = next(iter(RepeatedPassages(FakeText(), rows=2, passage=8, min_gap=16, seed=3, weight=5.0)))
+    assert isinstance(batch, Batch) and batch.weights.shape == (3, 64)
+    assert torch.equal(batch.tokens, next(iter(RepeatedPassages(FakeText(), 2, 8, 16, seed=3))))
+    for i in range(2):
+        heavy = torch.zeros(64, dtype=torch.bool)
+        heavy[copy_targets(plain[i], 8, 16, 3)] = True
+        assert torch.all(batch.weights[i][heavy] == 5.0) and torch.all(batch.weights[i][~heavy] == 1.0)
+        assert heavy.sum() == 7
+    assert torch.all(batch.weights[2] == 1.0)  # the row left as text
+
+
+def test_synthetic_rows_keep_the_copy_weights_of_the_text_rows():
+    text = RepeatedPassages(FakeText(), rows=1, passage=8, min_gap=16, seed=3, weight=4.0)
+    mix = SyntheticMix(text, rows=1, task="mqar", seq_len=64, vocab_size=257, weight=1.0, seed=0, n_pairs=2)
+    batch = next(iter(mix))
+    assert batch.tokens.shape == (4, 65) and batch.weights.shape == (4, 64)
+    assert batch.weights[0].max() == 4.0 and torch.all(batch.weights[1:3] == 1.0)
+
+
 @pytest.mark.parametrize("overrides, field", [(["data.repeat_rows=9"], "data.repeat_rows"),
+                                              (["data.repeat_rows=1", "data.repeat_weight=0"],
+                                               "data.repeat_weight"),
                                               (["data.repeat_rows=1", "data.repeat_passage=200"],
                                                "data.repeat_passage=200")])
 def test_bad_repeat_settings_name_the_field(overrides, field):

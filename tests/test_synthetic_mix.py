@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import synthetic
-from pretrain.data import Batch, SyntheticMix
+from pretrain.batch import Batch
+from pretrain.data import SyntheticMix
 from pretrain.loss import causal_lm_loss
 from titans.model import TitansConfig, TitansLM
 
