@@ -213,7 +213,8 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
     for split, writer in writers.items():
         manifest.dropped_tokens[split] = writer.close()
         manifest.splits[split] = writer.shards
-    if val_fraction > 0 and not manifest.splits["val"]:
+    # one document cannot be split, whichever split its hash (of its path) chose: the same error for both
+    if val_fraction > 0 and (not manifest.splits["val"] or sum(documents.values()) < 2):
         longest = sorted(lengths, key=lambda d: (-lengths[d], d))
         if len(longest) < 2:
             raise ValueError(f"the corpus is too small for a validation split ({sum(documents.values())} "
@@ -222,8 +223,9 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
         return prepare(files, out_dir, tokenizer, sample_tokens, shard_samples, val_fraction, workers,
                        text_field, progress, source, force_val | {longest[0]})
     if not manifest.splits["train"]:
+        held_out = f"; {documents['val']} more held out for validation" if documents["val"] else ""
         raise ValueError(f"the training split is empty ({documents['train']} documents, fewer tokens than "
-                         f"one sample of {sample_tokens}): add documents or lower --sample-tokens")
+                         f"one sample of {sample_tokens}{held_out}): add documents or lower --sample-tokens")
     manifest.write(out)
     return manifest
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import ConfigError, load_config
 from pretrain.batch import Batch
+from pretrain.config import ConfigError, load_config
 from pretrain.data import SyntheticMix
 from pretrain.repeats import RepeatedPassages, copy_targets, repeat_passage
 
