@@ -213,6 +213,7 @@ CHUNK_STEPS = ("torch", *KERNEL_FUNCTIONS)
 # signature (titans/kernels/chunk_step_reference.py). The recomputing scan's backward calls it directly,
 # so it runs no forward per chunk to rebuild autograd's graph.
 KERNEL_BACKWARDS = {"analytic": ("titans.kernels.chunk_step_reference", "chunk_step_backward"),
+                    "compiled": ("titans.kernels.chunk_step_compiled", "compiled_chunk_step_backward"),
                     "triton": ("titans.kernels.chunk_step_triton", "triton_chunk_step_backward")}
 
 
