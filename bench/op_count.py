@@ -1,0 +1,135 @@
+"""How many tensor ops does one training step dispatch, per variant, and where? Exact, on any device.
+
+Why: at small widths (the long-context research recipe: dim 64, chunk 16) a MAC step is bound by
+per-op overhead, not FLOPs, and on a GPU every op that is not a view is a kernel launch whose host-side
+cost (several µs) is paid whatever the kernel's size. The count does not depend on the machine, so it is
+measured here and explains time there: ops inside the chunk step's forward, inside its explicit backward
+(the recomputing scan calls it per chunk; `analytic`), and everywhere else (projections, gates, the chunk
+layout, the segment loop, attention, and the backward of all of it). A fused chunk kernel (`triton`)
+removes the first two columns' ops but not the third's.
+
+    python bench/op_count.py                                  # the research recipe and the 760M's layout
+    python bench/op_count.py --presets research --variants swa mac --kernels torch
+
+Prints a table per preset: ops and launching ops (not views) per step, split as above, and the total
+against SWA's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import titans.memory as memory_module  # noqa: E402
+from titans.model import TitansConfig, TitansLM  # noqa: E402
+
+# (config, batch): the long-context recipe (configs/compare_long/), and one layer with the 760M MAC's
+# sequence, segment, chunk, probes and persistent tokens (configs/paper/mac-760m.yaml) at a small width:
+# the op count depends on the layout, not on the width.
+PRESETS: dict[str, tuple[dict[str, Any], int]] = {
+    "research": (dict(vocab_size=257, dim=64, n_layers=2, n_heads=4, segment_len=64, window=64,
+                      n_persistent=4, memory_chunk=16, memory_depth=2), 4),
+    "760m-layout": (dict(vocab_size=256, dim=128, n_layers=1, n_heads=2, segment_len=512, window=512,
+                         mac_memory_tokens=256, n_persistent=128, memory_chunk=64, memory_depth=2), 1),
+}
+SEQ_LEN = {"research": 2048, "760m-layout": 4096}
+PLACES = ("chunk step", "explicit backward", "elsewhere")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched inside it, and the non-view ones, by the place they run in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.place = ["elsewhere"]
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.launching: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[self.place[-1]] += 1
+        if not func.is_view:
+            self.launching[self.place[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+    def within(self, place: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.place.append(place)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.place.pop()
+        return counted
+
+
+@contextlib.contextmanager
+def counting_kernels(counter: OpCounter) -> Iterator[None]:
+    """The memory's kernel lookups return the kernels wrapped so that their ops count as theirs."""
+    step_of, backward_of = memory_module.chunk_step, memory_module.chunk_step_backward_of
+    memory_module.chunk_step = lambda kernel: counter.within("chunk step", step_of(kernel))
+    memory_module.chunk_step_backward_of = lambda kernel: (
+        None if backward_of(kernel) is None else counter.within("explicit backward", backward_of(kernel)))
+    try:
+        yield
+    finally:
+        memory_module.chunk_step, memory_module.chunk_step_backward_of = step_of, backward_of
+
+
+def count_step(preset: str, variant: str, kernel: str) -> OpCounter:
+    """The ops of one forward + backward of the preset's model (recomputing memory backward, as trained)."""
+    fields, batch = PRESETS[preset]
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig(**fields, layers=variant, memory_kernel=kernel, recompute_memory=True))
+    tokens = torch.randint(fields["vocab_size"], (batch, SEQ_LEN[preset] + 1))
+    counter = OpCounter()
+    with counting_kernels(counter), counter:
+        logits = model(tokens[:, :-1])
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    return counter
+
+
+def table(preset: str, variants: list[str], kernels: list[str]) -> list[str]:
+    fields, batch = PRESETS[preset]
+    lines = [f"{preset}: batch {batch} × {SEQ_LEN[preset]} tokens, {fields['n_layers']} layer(s), segment / "
+             f"window {fields['segment_len']}, chunk {fields['memory_chunk']}",
+             "| variant | kernel | ops | launching ops | in the chunk step | in its explicit backward | "
+             "elsewhere | launching elsewhere | ops × SWA |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    swa = sum(count_step(preset, "swa", "torch").ops.values())
+    for variant in variants:
+        for kernel in kernels if variant not in ("swa", "full") else ["torch"]:
+            c = count_step(preset, variant, kernel)
+            total = sum(c.ops.values())
+            cells = [f"{total:,}", f"{sum(c.launching.values()):,}", *(f"{c.ops[p]:,}" for p in PLACES),
+                     f"{c.launching['elsewhere']:,}", f"{total / swa:.1f}"]
+            lines.append(f"| {variant} | {kernel} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--variants", nargs="+", default=["swa", "mac", "mag", "mal", "lmm"])
+    parser.add_argument("--kernels", nargs="+", default=["torch", "analytic"], choices=["torch", "analytic"],
+                        help="eager chunk steps only: a compiled or Triton step runs outside aten's dispatch")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for preset in args.presets:
+        print("\n".join(table(preset, args.variants, args.kernels)), end="\n\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
