@@ -10,9 +10,12 @@ removes the first two columns' ops but not the third's.
 
     python bench/op_count.py                                  # the research recipe and the 760M's layout
     python bench/op_count.py --presets research --variants swa mac --kernels torch
+    python bench/op_count.py --presets research --kernels torch analytic compiled --repeats 5   # and time
 
 Prints a table per preset: ops and launching ops (not views) per step, split as above, and the total
-against SWA's.
+against SWA's. With `--repeats N` also the median time of N steps (after two warm-up steps, which compile
+the `compiled` kernel), against SWA's in the same process; the `compiled` kernel runs outside aten's
+dispatch, so it gets a time and no count.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import statistics
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,7 @@ PRESETS: dict[str, tuple[dict[str, Any], int]] = {
 }
 SEQ_LEN = {"research": 2048, "760m-layout": 4096}
 PLACES = ("chunk step", "explicit backward", "elsewhere")
+COUNTABLE = ("torch", "analytic")  # eager chunk steps: a compiled one runs outside aten's dispatch
 
 
 class OpCounter(TorchDispatchMode):
@@ -86,34 +92,61 @@ def counting_kernels(counter: OpCounter) -> Iterator[None]:
         memory_module.chunk_step, memory_module.chunk_step_backward_of = step_of, backward_of
 
 
-def count_step(preset: str, variant: str, kernel: str) -> OpCounter:
-    """The ops of one forward + backward of the preset's model (recomputing memory backward, as trained)."""
+def make_step(preset: str, variant: str, kernel: str) -> Callable[[], None]:
+    """One forward + backward of the preset's model (recomputing memory backward, as trained)."""
     fields, batch = PRESETS[preset]
     torch.manual_seed(0)
     model = TitansLM(TitansConfig(**fields, layers=variant, memory_kernel=kernel, recompute_memory=True))
     tokens = torch.randint(fields["vocab_size"], (batch, SEQ_LEN[preset] + 1))
-    counter = OpCounter()
-    with counting_kernels(counter), counter:
+
+    def step() -> None:
         logits = model(tokens[:, :-1])
         logits = logits[0] if isinstance(logits, tuple) else logits
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    return step
+
+
+def count_step(preset: str, variant: str, kernel: str) -> OpCounter:
+    """The ops of one training step, by place."""
+    step, counter = make_step(preset, variant, kernel), OpCounter()
+    with counting_kernels(counter), counter:
+        step()
     return counter
 
 
-def table(preset: str, variants: list[str], kernels: list[str]) -> list[str]:
+def time_step(preset: str, variant: str, kernel: str, repeats: int) -> float:
+    """Median seconds of `repeats` training steps after two warm-up steps."""
+    step = make_step(preset, variant, kernel)
+    step(), step()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def table(preset: str, variants: list[str], kernels: list[str], repeats: int = 0) -> list[str]:
     fields, batch = PRESETS[preset]
     lines = [f"{preset}: batch {batch} × {SEQ_LEN[preset]} tokens, {fields['n_layers']} layer(s), segment / "
              f"window {fields['segment_len']}, chunk {fields['memory_chunk']}",
              "| variant | kernel | ops | launching ops | in the chunk step | in its explicit backward | "
-             "elsewhere | launching elsewhere | ops × SWA |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "elsewhere | launching elsewhere | ops × SWA |" + (" step s | × SWA step |" if repeats else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if repeats else "")]
     swa = sum(count_step(preset, "swa", "torch").ops.values())
+    swa_time = time_step(preset, "swa", "torch", repeats) if repeats else 0.0
     for variant in variants:
         for kernel in kernels if variant not in ("swa", "full") else ["torch"]:
-            c = count_step(preset, variant, kernel)
-            total = sum(c.ops.values())
-            cells = [f"{total:,}", f"{sum(c.launching.values()):,}", *(f"{c.ops[p]:,}" for p in PLACES),
-                     f"{c.launching['elsewhere']:,}", f"{total / swa:.1f}"]
+            if kernel in COUNTABLE:
+                c = count_step(preset, variant, kernel)
+                total = sum(c.ops.values())
+                cells = [f"{total:,}", f"{sum(c.launching.values()):,}", *(f"{c.ops[p]:,}" for p in PLACES),
+                         f"{c.launching['elsewhere']:,}", f"{total / swa:.1f}"]
+            else:
+                cells = ["-"] * 7
+            if repeats:
+                seconds = swa_time if variant == "swa" else time_step(preset, variant, kernel, repeats)
+                cells += [f"{seconds:.3f}", f"{seconds / swa_time:.2f}"]
             lines.append(f"| {variant} | {kernel} | " + " | ".join(cells) + " |")
     return lines
 
@@ -123,12 +156,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--variants", nargs="+", default=["swa", "mac", "mag", "mal", "lmm"])
-    parser.add_argument("--kernels", nargs="+", default=["torch", "analytic"], choices=["torch", "analytic"],
-                        help="eager chunk steps only: a compiled or Triton step runs outside aten's dispatch")
+    parser.add_argument("--kernels", nargs="+", default=list(COUNTABLE), choices=[*COUNTABLE, "compiled"],
+                        help="compiled: timed only (it runs outside aten's dispatch); needs --repeats")
+    parser.add_argument("--repeats", type=int, default=0, help="also time N steps each (0: count only)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if "compiled" in args.kernels and not args.repeats:
+        parser.error("--kernels compiled is timed, not counted: give --repeats N")
+    torch.set_num_threads(args.threads)
     for preset in args.presets:
-        print("\n".join(table(preset, args.variants, args.kernels)), end="\n\n", flush=True)
+        print("\n".join(table(preset, args.variants, args.kernels, args.repeats)), end="\n\n", flush=True)
 
 
 if __name__ == "__main__":

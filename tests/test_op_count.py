@@ -34,3 +34,10 @@ def test_table_has_a_row_per_variant_and_kernel(micro):
     lines = op_count.table(micro, ["swa", "lmm"], ["torch", "analytic"])
     assert [line.split(" | ")[:2] for line in lines[3:]] == [["| swa", "torch"], ["| lmm", "torch"],
                                                              ["| lmm", "analytic"]]
+
+
+def test_timed_table_adds_the_step_time_and_its_ratio_to_swa(micro):
+    lines = op_count.table(micro, ["swa", "lmm"], ["torch"], repeats=1)
+    assert lines[1].endswith("step s | × SWA step |")
+    swa, lmm = (line.strip(" |").split(" | ") for line in lines[3:])
+    assert swa[-1] == "1.00" and float(lmm[-2]) > 0 and len(lmm) == 11
