@@ -45,8 +45,9 @@ def repeat_passage(row: Tensor, passage: int, min_gap: int, seed: int) -> Tensor
 
 
 def copy_targets(row: Tensor, passage: int, min_gap: int, seed: int) -> slice:
-    """The next-token targets of `repeat_passage(row, ...)` that a copy predicts: target p (token p + 1)
-    for the second reading's tokens after its first, which nothing but the first reading foretells."""
+    """The next-token targets of `repeat_passage(row, ...)` that a copy of the first reading predicts:
+    target p (token p + 1) for the second reading's tokens after its first (the first follows other text,
+    so no copy predicts it)."""
     start = passage + draw_gap(row, passage, min_gap, seed)
     return slice(start, start + passage - 1)
 
