@@ -133,12 +133,13 @@ def table(preset: str, variants: list[str], kernels: list[str], repeats: int = 0
              "| variant | kernel | ops | launching ops | in the chunk step | in its explicit backward | "
              "elsewhere | launching elsewhere | ops × SWA |" + (" step s | × SWA step |" if repeats else ""),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if repeats else "")]
-    swa = sum(count_step(preset, "swa", "torch").ops.values())
+    swa_count = count_step(preset, "swa", "torch")
+    swa = sum(swa_count.ops.values())
     swa_time = time_step(preset, "swa", "torch", repeats) if repeats else 0.0
     for variant in variants:
         for kernel in kernels if variant not in ("swa", "full") else ["torch"]:
             if kernel in COUNTABLE:
-                c = count_step(preset, variant, kernel)
+                c = swa_count if variant == "swa" else count_step(preset, variant, kernel)
                 total = sum(c.ops.values())
                 cells = [f"{total:,}", f"{sum(c.launching.values()):,}", *(f"{c.ops[p]:,}" for p in PLACES),
                          f"{c.launching['elsewhere']:,}", f"{total / swa:.1f}"]

@@ -40,16 +40,22 @@ def draw_gap(row: Tensor, passage: int, min_gap: int, seed: int) -> int:
 def repeat_passage(row: Tensor, passage: int, min_gap: int, seed: int) -> Tensor:
     """`row` (T + 1,) rewritten as row[:passage + gap] ‖ row[:passage] ‖ row[passage + gap:], cut back to
     its length: the passage read again `gap` (`draw_gap`) tokens after its end."""
-    gap = draw_gap(row, passage, min_gap, seed)
-    return torch.cat([row[: passage + gap], row[:passage], row[passage + gap :]])[: len(row)]
+    return rewrite(row, passage, min_gap, seed)[0]
 
 
 def copy_targets(row: Tensor, passage: int, min_gap: int, seed: int) -> slice:
     """The next-token targets of `repeat_passage(row, ...)` that a copy of the first reading predicts:
     target p (token p + 1) for the second reading's tokens after its first (the first follows other text,
     so no copy predicts it)."""
-    start = passage + draw_gap(row, passage, min_gap, seed)
-    return slice(start, start + passage - 1)
+    return rewrite(row, passage, min_gap, seed)[1]
+
+
+def rewrite(row: Tensor, passage: int, min_gap: int, seed: int) -> tuple[Tensor, slice]:
+    """`repeat_passage` and `copy_targets` of `row` from one drawn gap."""
+    gap = draw_gap(row, passage, min_gap, seed)
+    start = passage + gap  # where the second reading begins
+    repeated = torch.cat([row[:start], row[:passage], row[start:]])[: len(row)]
+    return repeated, slice(start, start + passage - 1)
 
 
 class RepeatedPassages:
@@ -64,11 +70,12 @@ class RepeatedPassages:
     def __iter__(self) -> Iterator[Tensor | Batch]:
         for batch in self.text:
             batch = batch.clone()
-            weights = torch.ones(batch.shape[0], batch.shape[1] - 1)
+            weights = None if self.weight == 1 else torch.ones(batch.shape[0], batch.shape[1] - 1)
             for i in range(min(self.rows, len(batch))):
-                weights[i, copy_targets(batch[i], self.passage, self.min_gap, self.seed)] = self.weight
-                batch[i] = repeat_passage(batch[i], self.passage, self.min_gap, self.seed)
-            yield batch if self.weight == 1 else Batch(batch, weights)
+                batch[i], targets = rewrite(batch[i], self.passage, self.min_gap, self.seed)
+                if weights is not None:
+                    weights[i, targets] = self.weight
+            yield batch if weights is None else Batch(batch, weights)
 
     def state_dict(self) -> dict[str, Any]:
         return self.text.state_dict()
