@@ -6,7 +6,9 @@
 The model returns features (`TitansLM.hidden_states`); the head and the loss run `chunk_tokens` tokens
 at a time and are recomputed in backward, so a 32K-vocabulary head costs O(chunk · V) memory instead of
 O(B · T · V). `cross_entropy` is per-token (reduction "none"): `F.cross_entropy` on one process,
-`parallel.tensor.vocab_parallel_cross_entropy` when the head is split over tensor-parallel ranks.
+`parallel.tensor.vocab_parallel_cross_entropy` when the head is split over tensor-parallel ranks. A
+plain head with the default cross-entropy takes `pretrain.linear_cross_entropy` in training, which computes
+the gradients in forward instead of recomputing the head in backward.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from pretrain.linear_cross_entropy import fusable, linear_cross_entropy_sum
 
 CrossEntropy = Callable[[Tensor, Tensor], Tensor]  # (logits (N, V[/tp]), targets (N,)) -> per-token (N,)
 
@@ -32,6 +36,10 @@ def head_loss_sum(
     """Σ (w ·) cross-entropy of `head(features)` against targets, `chunk_tokens` tokens at a time.
     features (..., dim); targets and weights (...)."""
     features, targets = features.flatten(0, -2), targets.flatten()
+    training = torch.is_grad_enabled()
+    if training and cross_entropy is token_cross_entropy and fusable(head):
+        return linear_cross_entropy_sum(features, head.weight, targets,
+                                        None if weights is None else weights.flatten(), chunk_tokens)
     pieces = [features.split(chunk_tokens), targets.split(chunk_tokens)]
     if weights is not None:
         pieces.append(weights.flatten().float().split(chunk_tokens))
@@ -42,7 +50,7 @@ def head_loss_sum(
 
     total = features.new_zeros((), dtype=torch.float32)
     for piece in zip(*pieces, strict=True):
-        if torch.is_grad_enabled():
+        if training:
             total = total + checkpoint(piece_sum, *piece, use_reentrant=False)
         else:
             total = total + piece_sum(*piece)

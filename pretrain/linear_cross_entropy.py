@@ -1,0 +1,82 @@
+"""The head and its cross-entropy as one autograd function that never recomputes the head.
+
+The plain chunked loss (`pretrain.loss.head_loss_sum` with checkpointing) keeps no B·T·V logits, but pays
+for it in backward: each chunk's logits are computed again (a fourth head matmul where the FLOP count
+has three) and its log-softmax twice. Here the loss is a sum, so its gradient is known up to the one
+scalar that flows back: each chunk's gradients with respect to the features and the head weight are
+computed right after its logits, in the forward pass, and backward only scales them. Per chunk: one
+matmul for the logits, one exp pass for the softmax (in place), two matmuls for the gradients: exactly
+the 3 × forward the FLOP count assumes, with the same O(chunk · V) memory.
+
+Same function as `F.cross_entropy(head(x).float(), y, reduction="none")` summed (weighted), ignore
+index -100 included; tested against it in tests/test_linear_cross_entropy.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+IGNORE_INDEX = -100  # F.cross_entropy's default: such targets contribute no loss and no gradient
+
+
+def fusable(head: nn.Module) -> bool:
+    """Whether `head` is a plain bias-free linear whose weight can be used directly: not split into a
+    DTensor (tensor parallelism), and without forward hooks (ZeRO-3 gathers its partitioned weight in
+    them, so the weight outside the head's own forward is a placeholder)."""
+    return (type(head) is nn.Linear and head.bias is None and not isinstance(head.weight, DTensor)
+            and not head._forward_pre_hooks and not head._forward_hooks
+            and not hasattr(head.weight, "ds_id"))
+
+
+def _matmul_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast would run the head's matmul in (the weight's dtype without autocast)."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """Σ_i w_i · CE(x_i Wᵀ, y_i) over chunks of `chunk_tokens` rows; gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, weights: Tensor | None,
+                chunk_tokens: int) -> Tensor:
+        dtype = _matmul_dtype(weight)
+        acc = torch.promote_types(dtype, torch.float32)  # the softmax and the sums: float32 at least
+        w_mm = weight.to(dtype)
+        with torch.autocast(features.device.type, enabled=False):
+            total = features.new_zeros((), dtype=acc)
+            grad_features = torch.empty_like(features)
+            grad_weight = torch.zeros_like(weight, dtype=acc)
+            for start in range(0, features.shape[0], chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                x, y = features[rows].to(dtype), targets[rows]
+                scale = (y != IGNORE_INDEX).to(acc)  # per-row weight of the loss and its gradient
+                if weights is not None:
+                    scale = scale * weights[rows].to(acc)
+                y = y.clamp_min(0)[:, None]
+                logits = (x @ w_mm.t()).to(acc)
+                target_logit = logits.gather(1, y).squeeze(1)
+                top = logits.amax(1, keepdim=True)
+                exp = logits.sub_(top).exp_()  # in place: the logits become exp(logit - max)
+                normaliser = exp.sum(1, keepdim=True)
+                total += ((top + normaliser.log()).squeeze(1) - target_logit).mul(scale).sum()
+                # d(w·CE)/d logits = w · (softmax - one-hot), built in the same buffer
+                grad_logits = exp.mul_(scale[:, None] / normaliser).scatter_add_(1, y, -scale[:, None])
+                grad_logits = grad_logits.to(dtype)
+                grad_features[rows] = (grad_logits @ w_mm).to(features.dtype)
+                grad_weight += grad_logits.t() @ x
+        ctx.save_for_backward(grad_features, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        grad_features, grad_weight = ctx.saved_tensors
+        return grad_features * grad_total, grad_weight * grad_total, None, None, None
+
+
+def linear_cross_entropy_sum(features: Tensor, weight: Tensor, targets: Tensor,
+                             weights: Tensor | None = None, chunk_tokens: int = 2048) -> Tensor:
+    """Σ (w ·) cross-entropy of features (N, dim) @ weight (V, dim)ᵀ against targets (N,)."""
+    return LinearCrossEntropySum.apply(features, weight, targets, weights, chunk_tokens)
