@@ -38,24 +38,41 @@ def test_matches_plain_cross_entropy_in_float64(chunk_tokens, weighted):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_head_loss_sum_takes_the_fused_path_and_matches_the_checkpointed_one():
-    torch.manual_seed(1)
-    head = nn.Linear(16, 50, bias=False)
-    features = torch.randn(2, 9, 16, requires_grad=True)
-    targets, weights = torch.randint(50, (2, 9)), torch.rand(2, 9)
+def fused_and_plain(head, features, targets, weights=None, chunk_tokens=5, autocast=False):
+    """(loss, features' gradient, head's gradient) through head_loss_sum, fused and then not (a forward
+    hook makes the head unfusable, as ZeRO-3's do)."""
     results = []
     for fused in (True, False):
         head.zero_grad()
-        features.grad = None
-        hook = None if fused else head.register_forward_pre_hook(lambda *_: None)  # makes it unfusable
+        x = features.clone().requires_grad_()
+        hook = None if fused else head.register_forward_pre_hook(lambda *_: None)
         assert fusable(head) is fused
-        loss = head_loss_sum(features, head, targets, weights, chunk_tokens=5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = head_loss_sum(x, head, targets, weights, chunk_tokens=chunk_tokens)
         loss.backward()
-        results.append((loss.detach(), features.grad.clone(), head.weight.grad.clone()))
+        results.append((loss.detach(), x.grad, head.weight.grad.clone()))
         if hook:
             hook.remove()
-    for got, want in zip(*results, strict=True):
+    return results
+
+
+def test_head_loss_sum_takes_the_fused_path_and_matches_the_checkpointed_one():
+    torch.manual_seed(1)
+    head = nn.Linear(16, 50, bias=False)
+    fused, plain = fused_and_plain(head, torch.randn(2, 9, 16), torch.randint(50, (2, 9)), torch.rand(2, 9))
+    for got, want in zip(fused, plain, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_under_autocast_the_head_runs_in_its_dtype_and_matches_the_plain_path():
+    """bf16 autocast (a GPU run's setting, here on CPU): the matmuls in bf16, the softmax in float32."""
+    torch.manual_seed(2)
+    head = nn.Linear(32, 100, bias=False)
+    fused, plain = fused_and_plain(head, torch.randn(40, 32), torch.randint(100, (40,)), chunk_tokens=16,
+                                   autocast=True)
+    assert fused[0].dtype == torch.float32 and fused[2].dtype == torch.float32
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
 
 
 def test_only_plain_bias_free_linears_are_fused():
@@ -70,3 +87,4 @@ def test_no_grad_computes_the_loss_only():
     with torch.no_grad():
         loss = head_loss_sum(features, head, targets)
     torch.testing.assert_close(loss, plain_loss_sum(features, head.weight, targets))
+
