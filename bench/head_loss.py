@@ -1,0 +1,102 @@
+"""The head's loss fused (gradients in forward) against the checkpointed loss that recomputes the head.
+
+    python bench/head_loss.py --threads 1                      # the loss alone, then SWA and MAC steps
+    python bench/head_loss.py --variants swa mac lmm --repeats 5
+
+Both paths run in one process, alternating, on the same model and tokens: the checkpointed one is what
+`pretrain.loss.head_loss_sum` falls back to for a head with forward hooks (ZeRO-3), so a no-op hook
+selects it. Table 1: the head and its loss alone (features of `--seq × --batch` tokens → loss → backward).
+Table 2: a whole training step of each variant at `bench/model_throughput.py`'s config (dim 256, 4
+layers, window = segment `--window`, memory kernel `--kernel`). Medians after one warm-up round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from model_throughput import bench_config, git_revision, ours_loss, train_step  # noqa: E402
+
+from pretrain.loss import head_loss_sum  # noqa: E402
+from titans.memory import CHUNK_STEPS  # noqa: E402
+from titans.model import TitansLM  # noqa: E402
+
+
+@contextlib.contextmanager
+def checkpointed(head: nn.Module, enabled: bool) -> Iterator[None]:
+    """Make `head` take the checkpointed loss: a forward hook marks it unfusable."""
+    hook = head.register_forward_pre_hook(lambda *_: None) if enabled else None
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def alternate(step: Callable[[], None], head: nn.Module, repeats: int) -> dict[str, float]:
+    """Median seconds of `step` with the fused and the checkpointed loss, alternating (round 0 warms up)."""
+    times: dict[str, list[float]] = {"fused": [], "checkpointed": []}
+    for round_ in range(repeats + 1):
+        for path in times:
+            with checkpointed(head, path == "checkpointed"):
+                start = time.perf_counter()
+                step()
+                elapsed = time.perf_counter() - start
+            if round_:
+                times[path].append(elapsed)
+    return {path: sorted(t)[len(t) // 2] for path, t in times.items()}
+
+
+def row(name: str, seconds: dict[str, float]) -> str:
+    fused, plain = seconds["fused"], seconds["checkpointed"]
+    return f"| {name} | {plain:.3f} | {fused:.3f} | {plain / fused:.2f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="*", default=["swa", "mac"])
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--window", "--segment", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--kernel", choices=CHUNK_STEPS, default="torch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config_args = argparse.Namespace(vocab=args.vocab, window=args.window, chunk=64, no_recompute=False,
+                                     mac_memory_tokens=0, kernel=args.kernel)
+    print(f"# command: python {shlex.join(sys.argv)}  (commit {git_revision()})")
+    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {args.batch} × {args.seq} "
+          f"tokens, vocab {args.vocab}, window {args.window}, kernel {args.kernel}, median of {args.repeats}")
+    print("\n| what | checkpointed s | fused s | speedup |\n|---|---:|---:|---:|")
+    torch.manual_seed(0)
+    head = nn.Linear(256, args.vocab, bias=False)
+    features = torch.randn(args.batch * args.seq, 256, requires_grad=True)
+    targets = torch.randint(args.vocab, (args.batch * args.seq,))
+    print(row("head + loss alone", alternate(lambda: head_loss_sum(features, head, targets).backward(),
+                                             head, args.repeats)), flush=True)
+    tokens = torch.randint(args.vocab, (args.batch, args.seq + 1))
+    for variant in args.variants:
+        torch.manual_seed(0)
+        model = TitansLM(bench_config(variant, config_args))
+        step = partial(train_step, ours_loss(model), tokens)
+        print(row(f"{variant} training step", alternate(step, model.head, args.repeats)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
