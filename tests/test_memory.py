@@ -7,7 +7,7 @@ import pytest
 import torch
 from reference_memory import reference_memory
 
-from titans.memory import MemoryState, NeuralMemory
+from titans.memory import MemoryState, NeuralMemory, causal_depthwise_conv
 
 LOGIT_1E4 = math.log(1e4)  # sigmoid(±LOGIT_1E4) ≈ 1 − 1e-4 / 1e-4
 
@@ -288,3 +288,10 @@ def test_state_gradient_stays_bounded_over_long_sequences():
     norms = x.grad[0].norm(dim=-1)
     assert all(torch.isfinite(p.grad).all() for p in mem.parameters())
     assert norms[:64].mean() < 10 * norms[-64:].mean()
+
+
+def test_causal_depthwise_conv_is_the_grouped_conv1d():
+    torch.manual_seed(0)
+    window, weight = torch.randn(2, 13, 6, dtype=torch.float64), torch.randn(6, 1, 4, dtype=torch.float64)
+    expected = torch.nn.functional.conv1d(window.transpose(1, 2), weight, groups=6).transpose(1, 2)
+    torch.testing.assert_close(causal_depthwise_conv(window, weight), expected, rtol=1e-12, atol=1e-12)

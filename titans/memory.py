@@ -344,6 +344,19 @@ def init_memory_parameter(
 # --------------------------------------------------------------------------------------------
 
 
+def causal_depthwise_conv(window: Tensor, weight: Tensor) -> Tensor:
+    """`F.conv1d(window.transpose(1, 2), weight, groups=C).transpose(1, 2)` as a sum of shifted products:
+    window (B, T + k - 1, C), weight (C, 1, k) → (B, T, C). For a few taps this is about twice as fast as
+    the depthwise convolution on CPU (forward and backward) and keeps the (B, T, C) layout."""
+    taps = weight.squeeze(1).t()  # (k, C)
+    k = taps.shape[0]
+    length = window.shape[1] - k + 1
+    out = window[:, :length] * taps[0]
+    for j in range(1, k):
+        out = out + window[:, j : j + length] * taps[j]
+    return out
+
+
 class NeuralMemory(nn.Module):
     """Multi-head neural long-term memory with the chunked fast path and the state API.
 
@@ -431,10 +444,10 @@ class NeuralMemory(nn.Module):
             window = history[:, lo : hi + pad]
             if lo > 0:  # a cut: the previous rows feed the conv, not its gradient
                 window = torch.cat([window[:, :pad].detach(), window[:, pad:]], dim=1)
-            pieces.append(F.conv1d(window.transpose(1, 2), self.conv.weight, groups=raw.shape[-1]))
-        mixed = F.silu(torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0])
+            pieces.append(causal_depthwise_conv(window, self.conv.weight))
+        mixed = F.silu(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
         # heads from the local width (-1): a tensor-parallel shard holds a subset of the heads
-        q, k, v = mixed.transpose(1, 2).reshape(B, T, 3, -1, self.head_dim).unbind(2)
+        q, k, v = mixed.view(B, T, 3, -1, self.head_dim).unbind(2)
         new_cache = history[:, history.shape[1] - pad :].to(self.state_dtype())  # float32 under autocast
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
 
