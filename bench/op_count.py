@@ -7,7 +7,8 @@ measured here and explains time there: ops inside the chunk step's forward, insi
 (the recomputing scan calls it per chunk; `analytic`), and everywhere else (projections, gates, the chunk
 layout, the segment loop, attention, and the backward of all of it). A fused chunk kernel (`triton`)
 removes the first two columns' ops but not the third's. (One CPU-only difference: the memory's depthwise
-conv runs on CPU as shifted products, about 16 more ops per memory call than a GPU's one convolution.)
+conv runs on CPU as shifted products, about 30 more launching ops per conv, forward and backward, than a
+GPU's one convolution each way.)
 
     python bench/op_count.py                                  # the research recipe and the 760M's layout
     python bench/op_count.py --presets research --variants swa mac --kernels torch
