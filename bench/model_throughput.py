@@ -6,18 +6,18 @@ vs length.
     python bench/model_throughput.py --kernels torch,analytic --lengths   # the memory kernels side by side
 
 Table 1 (dim 256, 4 layers, 4 heads of 64, seq 1024, batch 2): tokens/s of a training step (forward,
-backward), its ratio against the SWA baseline run in the same process, achieved FLOP/s (titans.flops'
-count per token × tokens/s, the count MFU uses in training), that as a fraction of the "roof" (a large
-matmul timed in the same process at the start, in the dtype the steps compute in: float32 on CPU, bf16
-under autocast on CUDA) and against SWA's, and memory: on CUDA the peak allocated bytes; on CPU the bytes
-autograd saved for backward (the activation memory; CPU PyTorch has no allocator statistics). With
-`--kernels`, the memory variants run once per chunk-step kernel, with the step time against the torch
-kernel's. Table 2: time per token at 2K → 32K tokens for LMM and MAC, with the ratio against the
-shortest length, at batch 1 or at equal tokens per step (`--tokens-per-step`). If `titans-pytorch` is
-installed (`pip install -e .[bench]`), its MemoryAsContextTransformer runs at the like-for-like config with
-one residual stream (hyper-connections off) and with its default four, and ours/theirs tokens/s is printed
-with its ceiling (the roof over their FLOP/s); the knobs it cannot match are listed. An empty `--variants`
-runs table 2 only.
+backward), its ratio against the SWA baseline run in the same process, achieved FLOP/s (titans.flops' count
+per token × tokens/s, the count MFU uses in training), that as a fraction of the "roof" (a large matmul
+timed in the same process right after the row, since the machine's speed drifts, in the dtype the steps
+compute in: float32 on CPU, bf16 under autocast on CUDA) and against SWA's, and memory: on CUDA the peak
+allocated bytes; on CPU the bytes autograd saved for backward (the activation memory; CPU PyTorch has no
+allocator statistics). With `--kernels`, the memory variants run once per chunk-step kernel, with the step
+time against the torch kernel's. Table 2: time per token at 2K → 32K tokens for LMM and MAC, with the ratio
+against the shortest length, at batch 1 or at equal tokens per step (`--tokens-per-step`). If
+`titans-pytorch` is installed (`pip install -e .[bench]`), its MemoryAsContextTransformer runs at the
+like-for-like config with one residual stream (hyper-connections off) and with its default four, and
+ours/theirs tokens/s is printed with its ceiling (the roof over their FLOP/s); the knobs it cannot match are
+listed. An empty `--variants` runs table 2 only.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def titans_pytorch_kwargs(cfg: TitansConfig) -> tuple[dict, list[str]]:
 
 
 def compare_titans_pytorch(cfg: TitansConfig, ours: float, args: argparse.Namespace,
-                           device: torch.device, roof: float) -> None:
+                           device: torch.device) -> None:
     """ours/theirs tokens/s against lucidrains' titans-pytorch MAC with hyper-connections off (one
     residual stream, like ours) and at its default of four streams.
 
@@ -207,6 +207,7 @@ def compare_titans_pytorch(cfg: TitansConfig, ours: float, args: argparse.Namesp
         model = MemoryAsContextTransformer(**kwargs, num_residual_streams=streams).to(device)
         seconds, _ = measure(model, lambda t, m=model: m(t, return_loss=True), args.batch, args.seq,
                              args.vocab, args.repeats, device, count_saved=False)
+        roof, _ = matmul_roof(device)  # timed beside the row, as in table 1
         theirs = args.batch * args.seq / seconds
         their_flops = flops_per_token * theirs
         print(f"| {label} | {theirs:,.0f} | {seconds:.3f} | {ours / theirs:.2f} | {their_flops / 1e9:,.1f} | "
@@ -281,40 +282,41 @@ def main() -> None:
           f"{','.join(args.kernels)} (table 2: {args.kernel}), repeats {args.repeats} (median)")
     print(f"# config: {bench_config('mac', args)}")
     print(f"# roof: {ROOF_SIZE}×{ROOF_SIZE} @ {ROOF_SIZE}×{ROOF_SIZE} {str(roof_dtype).split('.')[-1]} "
-          f"matmul, {roof / 1e9:,.1f} GFLOP/s")
+          f"matmul, {roof / 1e9:,.1f} GFLOP/s at the start (each row: of the roof timed beside it)")
     if args.variants:
-        seconds_of = variant_table(args, device, roof, mem_label)
+        seconds_of = variant_table(args, device, mem_label)
         mac = bench_config("mac", args)
         seconds = seconds_of.get(("mac", args.kernel))
         if seconds is None:
             seconds, _ = measure_ours(mac, device, args.batch, args.seq, args.repeats)
-        compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device, roof)
+        compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device)
 
     if args.lengths:
         time_per_token_by_length(args, device, mem_label)
 
 
-def variant_table(args: argparse.Namespace, device: torch.device, roof: float, mem_label: str
+def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str
                   ) -> dict[tuple[str, str], float]:
     """Table 1: every variant (and memory kernel) at the fixed config; returns the step seconds by
     (variant, kernel)."""
     print(f"\n| variant | kernel | tokens/s | step s | × SWA step time | × torch-kernel step time | GFLOP/s "
-          f"| of roof | × SWA FLOP/s | {mem_label} |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"| roof GFLOP/s | of roof | × SWA FLOP/s | {mem_label} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     seconds_of: dict[tuple[str, str], float] = {}
     swa_flops = None
     for kind in args.variants:
         for kernel in ["torch"] if kind in ("swa", "full") else args.kernels:
             cfg = bench_config(kind, args, kernel)
             seconds, memory = measure_ours(cfg, device, args.batch, args.seq, args.repeats)
+            roof, _ = matmul_roof(device)  # timed beside the row: the machine's speed drifts
             seconds_of[kind, kernel] = seconds
             flops = training_flops_per_token(cfg, args.seq) * args.batch * args.seq / seconds
             swa_flops = flops if kind == "swa" else swa_flops
             swa, torch_kernel = seconds_of.get(("swa", "torch")), seconds_of.get((kind, "torch"))
             print(f"| {kind} | {kernel} | {args.batch * args.seq / seconds:,.0f} | {seconds:.3f} | "
                   f"{_ratio(seconds, swa)} | {_ratio(seconds, torch_kernel)} | {flops / 1e9:,.1f} | "
-                  f"{flops / roof:.3f} | {_ratio(flops, swa_flops)} | {memory / 2**20:,.0f} |",
-                  flush=True)
+                  f"{roof / 1e9:,.1f} | {flops / roof:.3f} | {_ratio(flops, swa_flops)} | "
+                  f"{memory / 2**20:,.0f} |", flush=True)
     return seconds_of
 
 
