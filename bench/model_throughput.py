@@ -6,18 +6,18 @@ vs length.
     python bench/model_throughput.py --kernels torch,analytic --lengths   # the memory kernels side by side
 
 Table 1 (dim 256, 4 layers, 4 heads of 64, seq 1024, batch 2): tokens/s of a training step (forward,
-backward), its ratio against the SWA baseline run in the same process, achieved FLOP/s (titans.flops' count
-per token × tokens/s, the count MFU uses in training), that as a fraction of the "roof" (a large matmul
-timed in the same process right after the row, since the machine's speed drifts, in the dtype the steps
-compute in: float32 on CPU, bf16 under autocast on CUDA) and against SWA's, and memory: on CUDA the peak
-allocated bytes; on CPU the bytes autograd saved for backward (the activation memory; CPU PyTorch has no
-allocator statistics). With `--kernels`, the memory variants run once per chunk-step kernel, with the step
-time against the torch kernel's. Table 2: time per token at 2K → 32K tokens for LMM and MAC, with the ratio
-against the shortest length, at batch 1 or at equal tokens per step (`--tokens-per-step`). If
-`titans-pytorch` is installed (`pip install -e .[bench]`), its MemoryAsContextTransformer runs at the
-like-for-like config with one residual stream (hyper-connections off) and with its default four, and
-ours/theirs tokens/s is printed with its ceiling (the roof over their FLOP/s); the knobs it cannot match are
-listed. An empty `--variants` runs table 2 only.
+backward), its ratio against the SWA baseline run in the same process (every row's step is timed once per
+round, in turn, so that the machine's drifting speed hits all rows alike), achieved FLOP/s (titans.flops'
+count per token × tokens/s, the count MFU uses in training), that as a fraction of the "roof" (a large
+matmul timed in the same process, in the dtype the steps compute in: float32 on CPU, bf16 under autocast on
+CUDA) and against SWA's, and memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saved for
+backward (the activation memory; CPU PyTorch has no allocator statistics). With `--kernels`, the memory
+variants run once per chunk-step kernel, with the step time against the torch kernel's. Table 2: time per
+token at 2K → 32K tokens for LMM and MAC, with the ratio against the shortest length, at batch 1 or at equal
+tokens per step (`--tokens-per-step`). If `titans-pytorch` is installed (`pip install -e .[bench]`), its
+MemoryAsContextTransformer runs at the like-for-like config with one residual stream (hyper-connections off)
+and with its default four, and ours/theirs tokens/s is printed with its ceiling (the roof over their
+FLOP/s); the knobs it cannot match are listed. An empty `--variants` runs table 2 only.
 """
 
 from __future__ import annotations
@@ -86,40 +86,63 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+Entry = tuple[torch.nn.Module, LossFn, bool]  # a model, its loss, whether to count its saved bytes
+
+
+def measure_rounds(entries: list[Entry], batch: int, seq: int, vocab: int, repeats: int,
+                   device: torch.device, roof: bool = False) -> tuple[list[tuple[float, int]], float | None]:
+    """Median seconds per training step and memory of every entry, timed in rounds: one step of each
+    entry per round (and with `roof`, then a roof matmul), so that the machine's drifting speed hits every
+    row alike and their ratios hold. Memory: CUDA's peak allocated in an entry's first timed step, else
+    the bytes autograd saved (0 without counting: torch.func, which titans-pytorch uses, refuses
+    saved-tensor hooks). An entry's loss(tokens of seq + 1) is ours or titans-pytorch's, timed the same way.
+    Returns [(seconds, memory)] in the entries' order and the median roof (FLOP/s) or None."""
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    cuda = device.type == "cuda"
+    memories, times, roofs = [0] * len(entries), [[] for _ in entries], []
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        for i, (_, loss_fn, count_saved) in enumerate(entries):  # warm-up (and the CPU memory count)
+            counter = SavedBytes() if not cuda and count_saved else None
+            train_step(loss_fn, tokens, counter)
+            memories[i] = counter.total if counter else 0
+        for round_ in range(repeats):
+            for i, (_, loss_fn, _) in enumerate(entries):
+                if cuda and round_ == 0:
+                    synchronize(device)
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                train_step(loss_fn, tokens)
+                synchronize(device)
+                times[i].append(time.perf_counter() - start)
+                if cuda and round_ == 0:
+                    memories[i] = torch.cuda.max_memory_allocated()
+            if roof:
+                roofs.append(matmul_roof(device)[0])
+    for model, _, _ in entries:
+        model.zero_grad(set_to_none=True)
+    return [(median(t), m) for t, m in zip(times, memories, strict=True)], median(roofs) if roof else None
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def measure(model: torch.nn.Module, loss_fn: LossFn, batch: int, seq: int, vocab: int, repeats: int,
             device: torch.device, count_saved: bool = True) -> tuple[float, int]:
-    """Median seconds per training step, and memory (CUDA peak allocated, else saved activations, or 0
-    without count_saved: torch.func, which titans-pytorch uses, refuses saved-tensor hooks).
-    loss_fn(tokens of seq + 1) is the loss of `model`, ours or titans-pytorch's, timed the same way."""
-    tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    counter = SavedBytes() if device.type == "cpu" and count_saved else None
-    with autocast:
-        train_step(loss_fn, tokens, counter)  # warm-up (and the CPU memory count)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            train_step(loss_fn, tokens)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    model.zero_grad(set_to_none=True)
-    memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else counter.total if counter else 0
-    return sorted(times)[len(times) // 2], memory
+    """Median seconds per training step of one model, and its memory (as `measure_rounds`)."""
+    (result,), _ = measure_rounds([(model, loss_fn, count_saved)], batch, seq, vocab, repeats, device)
+    return result
 
 
 def ours_loss(model: TitansLM) -> LossFn:
     return lambda t: causal_lm_loss(model, t[:, :-1], t[:, 1:])
 
 
-def measure_ours(cfg: TitansConfig, device: torch.device, batch: int, seq: int, repeats: int
-                 ) -> tuple[float, int]:
-    """A fresh model of `cfg` (seed 0), measured as `measure` does."""
+def ours_entry(cfg: TitansConfig, device: torch.device) -> Entry:
+    """A fresh model of `cfg` (seed 0) with its loss, for `measure_rounds`."""
     torch.manual_seed(0)
     model = TitansLM(cfg).to(device)
-    return measure(model, ours_loss(model), batch, seq, cfg.vocab_size, repeats, device)
+    return model, ours_loss(model), True
 
 
 def matmul_roof(device: torch.device, dtype: torch.dtype | None = None, size: int = ROOF_SIZE,
@@ -179,10 +202,10 @@ def titans_pytorch_kwargs(cfg: TitansConfig) -> tuple[dict, list[str]]:
     return kwargs, unmatched
 
 
-def compare_titans_pytorch(cfg: TitansConfig, ours: float, args: argparse.Namespace,
-                           device: torch.device) -> None:
+def compare_titans_pytorch(cfg: TitansConfig, args: argparse.Namespace, device: torch.device) -> None:
     """ours/theirs tokens/s against lucidrains' titans-pytorch MAC with hyper-connections off (one
-    residual stream, like ours) and at its default of four streams.
+    residual stream, like ours) and at its default of four streams, our MAC (kernel `cfg.memory_kernel`)
+    and both of theirs timed in the same rounds.
 
     Also the ceiling of that ratio: both models do the same dense work per token (embeddings, attention
     and FFN projections, the vocabulary head, the memory MLP), so ours cannot beat theirs by more than
@@ -194,20 +217,23 @@ def compare_titans_pytorch(cfg: TitansConfig, ours: float, args: argparse.Namesp
         print("\n(titans-pytorch not installed: no external baseline; pip install -e .[bench])")
         return
     kwargs, unmatched = titans_pytorch_kwargs(cfg)
+    labels = ["1 residual stream (hyper-connections off)", "4 streams (default)"]
+    entries = [ours_entry(cfg, device)]
+    for streams in (1, 4):
+        torch.manual_seed(0)
+        model = MemoryAsContextTransformer(**kwargs, num_residual_streams=streams).to(device)
+        entries.append((model, lambda t, m=model: m(t, return_loss=True), False))
+    results, roof = measure_rounds(entries, args.batch, args.seq, args.vocab, args.repeats, device, roof=True)
+    ours = args.batch * args.seq / results[0][0]
     print(f"\ntitans-pytorch {version('titans-pytorch')} MemoryAsContextTransformer; ours MAC "
-          f"{ours:,.0f} tokens/s (kernel {cfg.memory_kernel}); not matched:")
+          f"{ours:,.0f} tokens/s (kernel {cfg.memory_kernel}, timed in the same rounds); not matched:")
     for line in unmatched:
         print(f"#   {line}")
     flops_per_token = training_flops_per_token(cfg, args.seq)
     print("| titans-pytorch | tokens/s | step s | ours / theirs tokens/s | their GFLOP/s (our count) | "
           "ceiling: ours at the roof / theirs |")
     print("|---|---|---|---|---|---|")
-    for streams, label in [(1, "1 residual stream (hyper-connections off)"), (4, "4 streams (default)")]:
-        torch.manual_seed(0)
-        model = MemoryAsContextTransformer(**kwargs, num_residual_streams=streams).to(device)
-        seconds, _ = measure(model, lambda t, m=model: m(t, return_loss=True), args.batch, args.seq,
-                             args.vocab, args.repeats, device, count_saved=False)
-        roof, _ = matmul_roof(device)  # timed beside the row, as in table 1
+    for label, (seconds, _) in zip(labels, results[1:], strict=True):
         theirs = args.batch * args.seq / seconds
         their_flops = flops_per_token * theirs
         print(f"| {label} | {theirs:,.0f} | {seconds:.3f} | {ours / theirs:.2f} | {their_flops / 1e9:,.1f} | "
@@ -272,7 +298,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     mem_label = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
-    roof, roof_dtype = matmul_roof(device)
+    _, roof_dtype = matmul_roof(device, repeats=1)
     print(f"# command: python {shlex.join(sys.argv)}  (commit {git_revision()})")
     print(f"# device: {name} ({device.type}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"autocast {'bf16' if device.type == 'cuda' else 'off'}")
@@ -282,42 +308,36 @@ def main() -> None:
           f"{','.join(args.kernels)} (table 2: {args.kernel}), repeats {args.repeats} (median)")
     print(f"# config: {bench_config('mac', args)}")
     print(f"# roof: {ROOF_SIZE}×{ROOF_SIZE} @ {ROOF_SIZE}×{ROOF_SIZE} {str(roof_dtype).split('.')[-1]} "
-          f"matmul, {roof / 1e9:,.1f} GFLOP/s at the start (each row: of the roof timed beside it)")
+          f"matmul, timed once per round of each table")
     if args.variants:
-        seconds_of = variant_table(args, device, mem_label)
-        mac = bench_config("mac", args)
-        seconds = seconds_of.get(("mac", args.kernel))
-        if seconds is None:
-            seconds, _ = measure_ours(mac, device, args.batch, args.seq, args.repeats)
-        compare_titans_pytorch(mac, args.batch * args.seq / seconds, args, device)
+        variant_table(args, device, mem_label)
+        compare_titans_pytorch(bench_config("mac", args), args, device)
 
     if args.lengths:
         time_per_token_by_length(args, device, mem_label)
 
 
-def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str
-                  ) -> dict[tuple[str, str], float]:
-    """Table 1: every variant (and memory kernel) at the fixed config; returns the step seconds by
-    (variant, kernel)."""
+def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str) -> None:
+    """Table 1: every variant (and memory kernel) at the fixed config, all timed in the same rounds."""
+    rows = [(kind, kernel) for kind in args.variants
+            for kernel in (["torch"] if kind in ("swa", "full") else args.kernels)]
+    configs = [bench_config(kind, args, kernel) for kind, kernel in rows]
+    results, roof = measure_rounds([ours_entry(cfg, device) for cfg in configs], args.batch, args.seq,
+                                   args.vocab, args.repeats, device, roof=True)
+    seconds_of = {row: seconds for row, (seconds, _) in zip(rows, results, strict=True)}
+    print(f"\nroof (median over the rounds): {roof / 1e9:,.1f} GFLOP/s")
     print(f"\n| variant | kernel | tokens/s | step s | × SWA step time | × torch-kernel step time | GFLOP/s "
-          f"| roof GFLOP/s | of roof | × SWA FLOP/s | {mem_label} |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    seconds_of: dict[tuple[str, str], float] = {}
-    swa_flops = None
-    for kind in args.variants:
-        for kernel in ["torch"] if kind in ("swa", "full") else args.kernels:
-            cfg = bench_config(kind, args, kernel)
-            seconds, memory = measure_ours(cfg, device, args.batch, args.seq, args.repeats)
-            roof, _ = matmul_roof(device)  # timed beside the row: the machine's speed drifts
-            seconds_of[kind, kernel] = seconds
-            flops = training_flops_per_token(cfg, args.seq) * args.batch * args.seq / seconds
-            swa_flops = flops if kind == "swa" else swa_flops
-            swa, torch_kernel = seconds_of.get(("swa", "torch")), seconds_of.get((kind, "torch"))
-            print(f"| {kind} | {kernel} | {args.batch * args.seq / seconds:,.0f} | {seconds:.3f} | "
-                  f"{_ratio(seconds, swa)} | {_ratio(seconds, torch_kernel)} | {flops / 1e9:,.1f} | "
-                  f"{roof / 1e9:,.1f} | {flops / roof:.3f} | {_ratio(flops, swa_flops)} | "
-                  f"{memory / 2**20:,.0f} |", flush=True)
-    return seconds_of
+          f"| of roof | × SWA FLOP/s | {mem_label} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    swa = seconds_of.get(("swa", "torch"))
+    swa_flops = None if swa is None else (training_flops_per_token(bench_config("swa", args), args.seq)
+                                          * args.batch * args.seq / swa)
+    for (kind, kernel), cfg, (seconds, memory) in zip(rows, configs, results, strict=True):
+        flops = training_flops_per_token(cfg, args.seq) * args.batch * args.seq / seconds
+        print(f"| {kind} | {kernel} | {args.batch * args.seq / seconds:,.0f} | {seconds:.3f} | "
+              f"{_ratio(seconds, swa)} | {_ratio(seconds, seconds_of.get((kind, 'torch')))} | "
+              f"{flops / 1e9:,.1f} | {flops / roof:.3f} | {_ratio(flops, swa_flops)} | "
+              f"{memory / 2**20:,.0f} |", flush=True)
 
 
 def time_per_token_by_length(args: argparse.Namespace, device: torch.device, mem_label: str) -> None:
