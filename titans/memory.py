@@ -450,7 +450,7 @@ class NeuralMemory(nn.Module):
             pieces.append(causal_depthwise_conv(window, self.conv.weight))
         mixed = F.silu(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
         # heads from the local width (-1): a tensor-parallel shard holds a subset of the heads
-        q, k, v = mixed.view(B, T, 3, -1, self.head_dim).unbind(2)
+        q, k, v = mixed.reshape(B, T, 3, -1, self.head_dim).unbind(2)  # a view of the CPU layout
         new_cache = history[:, history.shape[1] - pad :].to(self.state_dtype())  # float32 under autocast
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, new_cache
 
