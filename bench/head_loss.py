@@ -3,11 +3,12 @@
     python bench/head_loss.py --threads 1                      # the loss alone, then SWA and MAC steps
     python bench/head_loss.py --variants swa mac lmm --repeats 5
 
-Both paths run in one process, alternating, on the same model and tokens: the checkpointed one is what
-`pretrain.loss.head_loss_sum` falls back to for a head with forward hooks (ZeRO-3), so a no-op hook
-selects it. Table 1: the head and its loss alone (features of `--seq × --batch` tokens → loss → backward).
-Table 2: a whole training step of each variant at `bench/model_throughput.py`'s config (dim 256, 4
-layers, window = segment `--window`, memory kernel `--kernel`). Medians after one warm-up round.
+Both paths run in one process, in the same rounds (`model_throughput.measure_rounds`), on the same model
+and tokens: the checkpointed one is what `pretrain.loss.head_loss_sum` falls back to for a head with
+forward hooks (ZeRO-3), so a no-op hook selects it. Table 1: the head and its loss alone (features of
+`--seq × --batch` tokens → loss → backward). Table 2: a whole training step of each variant at
+`bench/model_throughput.py`'s config (dim 256, 4 layers, window = segment `--window`, memory kernel
+`--kernel`). Medians after one warm-up step each.
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ import argparse
 import contextlib
 import shlex
 import sys
-import time
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_throughput import bench_config, git_revision, ours_loss, train_step  # noqa: E402
+from model_throughput import Entry, LossFn, bench_config, git_revision, measure_rounds, ours_loss  # noqa: E402
 
 from pretrain.loss import head_loss_sum  # noqa: E402
 from titans.memory import CHUNK_STEPS  # noqa: E402
@@ -45,18 +44,19 @@ def checkpointed(head: nn.Module, enabled: bool) -> Iterator[None]:
             hook.remove()
 
 
-def alternate(step: Callable[[], None], head: nn.Module, repeats: int) -> dict[str, float]:
-    """Median seconds of `step` with the fused and the checkpointed loss, alternating (round 0 warms up)."""
-    times: dict[str, list[float]] = {"fused": [], "checkpointed": []}
-    for round_ in range(repeats + 1):
-        for path in times:
-            with checkpointed(head, path == "checkpointed"):
-                start = time.perf_counter()
-                step()
-                elapsed = time.perf_counter() - start
-            if round_:
-                times[path].append(elapsed)
-    return {path: sorted(t)[len(t) // 2] for path, t in times.items()}
+def fused_and_plain(model: nn.Module, head: nn.Module, loss: LossFn, args: argparse.Namespace
+                    ) -> dict[str, float]:
+    """Median seconds of a training step of `model` (`loss` of the batch's tokens, then backward) with the
+    fused and with the checkpointed loss, timed in the same rounds."""
+    def through(plain: bool) -> Entry:
+        def loss_fn(tokens: Tensor) -> Tensor:
+            with checkpointed(head, plain):
+                return loss(tokens)
+        return model, loss_fn, False
+
+    results, _ = measure_rounds([through(False), through(True)], args.batch, args.seq, args.vocab,
+                                args.repeats, torch.device("cpu"))
+    return {"fused": results[0][0], "checkpointed": results[1][0]}
 
 
 def row(name: str, seconds: dict[str, float]) -> str:
@@ -88,15 +88,13 @@ def main() -> None:
     head = nn.Linear(256, args.vocab, bias=False)
     features = torch.randn(args.batch * args.seq, 256, requires_grad=True)
     targets = torch.randint(args.vocab, (args.batch * args.seq,))
-    print(row("head + loss alone", alternate(lambda: head_loss_sum(features, head, targets).backward(),
-                                             head, args.repeats)), flush=True)
-    tokens = torch.randint(args.vocab, (args.batch, args.seq + 1))
+    alone = fused_and_plain(head, head, lambda _: head_loss_sum(features, head, targets), args)
+    print(row("head + loss alone", alone), flush=True)
     for variant in args.variants:
         torch.manual_seed(0)
         model = TitansLM(bench_config(variant, config_args))
-        step = partial(train_step, ours_loss(model), tokens)
-        print(row(f"{variant} training step", alternate(step, model.head, args.repeats)), flush=True)
-
+        print(row(f"{variant} training step", fused_and_plain(model, model.head, ours_loss(model), args)),
+              flush=True)
 
 if __name__ == "__main__":
     main()

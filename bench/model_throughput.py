@@ -145,6 +145,11 @@ def ours_entry(cfg: TitansConfig, device: torch.device) -> Entry:
     return model, ours_loss(model), True
 
 
+def roof_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the training steps compute in: bf16 under autocast on CUDA, float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def matmul_roof(device: torch.device, dtype: torch.dtype | None = None, size: int = ROOF_SIZE,
                 iters: int | None = None, repeats: int = 5) -> tuple[float, torch.dtype]:
     """FLOP/s of a (size × size) @ (size × size) matmul, the median of `repeats` timings of `iters`
@@ -152,7 +157,7 @@ def matmul_roof(device: torch.device, dtype: torch.dtype | None = None, size: in
     CPU): what this device reaches on the best-case op, so a variant's FLOP/s reads as a fraction of it.
     Several products per timing on CUDA (default 10): one 2048³ product on an H100 takes about as long as
     the synchronisation around it."""
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or roof_dtype(device)
     iters = iters or (10 if device.type == "cuda" else 1)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(size, size, device=device, dtype=dtype)
@@ -298,7 +303,6 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     mem_label = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
-    _, roof_dtype = matmul_roof(device, repeats=1)
     print(f"# command: python {shlex.join(sys.argv)}  (commit {git_revision()})")
     print(f"# device: {name} ({device.type}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"autocast {'bf16' if device.type == 'cuda' else 'off'}")
@@ -307,8 +311,9 @@ def main() -> None:
           f"{args.mac_memory_tokens or 'per token'}, recompute {not args.no_recompute}, kernels "
           f"{','.join(args.kernels)} (table 2: {args.kernel}), repeats {args.repeats} (median)")
     print(f"# config: {bench_config('mac', args)}")
-    print(f"# roof: {ROOF_SIZE}×{ROOF_SIZE} @ {ROOF_SIZE}×{ROOF_SIZE} {str(roof_dtype).split('.')[-1]} "
-          f"matmul, timed once per round of each table")
+    dtype = str(roof_dtype(device)).split(".")[-1]
+    print(f"# roof: {ROOF_SIZE}×{ROOF_SIZE} @ {ROOF_SIZE}×{ROOF_SIZE} {dtype} matmul, timed once per round "
+          "of each table")
     if args.variants:
         variant_table(args, device, mem_label)
         compare_titans_pytorch(bench_config("mac", args), args, device)
