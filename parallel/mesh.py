@@ -200,6 +200,9 @@ class Mesh:
             print(*args, flush=True)
 
     def close(self) -> None:
+        """Leave the process group once every rank is here: no rank tears its connections down while a
+        peer is still in a collective, and rank 0 (which hosts the rendezvous store) cannot leave first."""
+        self.barrier()
         if self.layout.model_parallel:
             from megatron.core import parallel_state
 

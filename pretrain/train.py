@@ -18,13 +18,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
 
 from data_pipeline.loader import DataError
-from parallel.mesh import LayoutError, Mesh, init_mesh
+from parallel.mesh import LayoutError, Mesh, init_mesh, launch_environment
 from parallel.plan import local_parameter_counts, preflight_problem
 from parallel.tensor import padded_vocab
 from pretrain.batch import Batch, as_batch
@@ -470,5 +470,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> NoReturn:
+    """End a multi-process run without interpreter shutdown, once main() has closed the mesh.
+
+    DDP (torch 2.13) keeps its process group, and gloo's threads, alive past destroy_process_group. One of
+    them acting while the interpreter shuts down can abort a rank after a finished run ("terminate called
+    without an active exception", exit 134), and Slurm then marks a job FAILED whose last checkpoint was
+    written. Every file is closed and synced by now, so the process can end at once."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if launch_environment()[1] > 1:
+        exit_now(status)
+    sys.exit(status)

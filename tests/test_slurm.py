@@ -111,7 +111,9 @@ def test_a_warned_job_saves_requeues_and_ends_bitwise_as_an_uninterrupted_one(sl
         time.sleep(3)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, timeout=30)
     fields = wait_until(job, slurm, folder, "the end of the requeued job", JOB_TIMEOUT_S, ended)
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, log_tail(folder))
+    if fields.get("JobState") != "COMPLETED" or fields.get("Restarts") != "1":  # the whole log, untruncated
+        pytest.fail(f"job {job}: state {fields.get('JobState')}, restarts {fields.get('Restarts')}, exit "
+                    f"{fields.get('ExitCode')}\n{log_tail(folder)}")
 
     log = (folder / f"slurm-{job}.out").read_text()
     assert "batch: USR1 received" in log and "SIGUSR1 received: saving" in log, log
