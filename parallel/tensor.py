@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.linear_cross_entropy import IGNORE_INDEX, VocabSplit
 from titans.attention import Attention
 from titans.blocks import MACBlock, SwiGLU
 from titans.memory import NeuralMemory
@@ -258,7 +259,8 @@ def parallelize_tensor(model: TitansLM, shard: TensorShard) -> TitansLM:
 
 class VocabParallelCrossEntropy:
     """Per-token cross-entropy over logits split by vocabulary (megatron's vocab_parallel_cross_entropy),
-    with the padded vocabulary rows masked out, so the loss equals the unpadded dense model's."""
+    with the padded vocabulary rows masked out, so the loss equals the unpadded dense model's, and the
+    targets -100 ignored as `F.cross_entropy` ignores them."""
 
     def __init__(self, vocab_size: int, shard: TensorShard) -> None:
         self.vocab_size, self.shard = vocab_size, shard
@@ -271,7 +273,19 @@ class VocabParallelCrossEntropy:
         if start + local > self.vocab_size:  # this rank holds padded rows
             padded = torch.arange(start, start + local, device=logits.device) >= self.vocab_size
             logits = logits.masked_fill(padded, float("-inf"))
-        return vocab_parallel_cross_entropy(logits, targets)
+        ignored = targets == IGNORE_INDEX  # megatron's has no ignore index: no loss, no gradient there
+        return vocab_parallel_cross_entropy(logits, targets.masked_fill(ignored, 0)).masked_fill(ignored, 0.0)
+
+    def split_of(self, head: nn.Module) -> VocabSplit | None:
+        """This rank's vocabulary slice, for the fused loss (`pretrain.linear_cross_entropy`), when `head`
+        is the plain column-parallel head `parallelize_vocab` builds: bias-free, output not gathered, its
+        input gradient all-reduced over tp, no hooks. None otherwise: the loss then calls the head."""
+        plain = (getattr(head, "bias", True) is None and getattr(head, "gather_output", True) is False
+                 and getattr(head, "sequence_parallel", True) is False
+                 and getattr(head, "disable_grad_reduce", True) is False
+                 and not head._forward_pre_hooks and not head._forward_hooks)
+        return VocabSplit(self.shard.group, self.shard.rank * head.weight.shape[0], self.vocab_size) \
+            if plain else None
 
 
 def vocab_parallel_loss(model: TitansLM) -> VocabParallelCrossEntropy | None:

@@ -6,9 +6,10 @@
 The model returns features (`TitansLM.hidden_states`); the head and the loss run `chunk_tokens` tokens
 at a time and are recomputed in backward, so a 32K-vocabulary head costs O(chunk · V) memory instead of
 O(B · T · V). `cross_entropy` is per-token (reduction "none"): `F.cross_entropy` on one process,
-`parallel.tensor.vocab_parallel_cross_entropy` when the head is split over tensor-parallel ranks. A
-plain head with the default cross-entropy takes `pretrain.linear_cross_entropy` in training, which computes
-the gradients in forward instead of recomputing the head in backward.
+`parallel.tensor.VocabParallelCrossEntropy` when the head is split over tensor-parallel ranks. In
+training, a plain head (`fusable`, or a tensor-parallel one its cross-entropy can `split_of`) takes
+`pretrain.linear_cross_entropy`, which computes the gradients in forward instead of recomputing the head
+in backward.
 """
 
 from __future__ import annotations
@@ -37,15 +38,19 @@ def head_loss_sum(
     features (..., dim); targets and weights (...)."""
     features, targets = features.flatten(0, -2), targets.flatten()
     training = torch.is_grad_enabled()
-    if training and cross_entropy is token_cross_entropy and fusable(head):
-        return linear_cross_entropy_sum(features, head.weight, targets,
-                                        None if weights is None else weights.flatten(), chunk_tokens)
+    if training:
+        split = cross_entropy.split_of(head) if hasattr(cross_entropy, "split_of") else None
+        if split is not None or (cross_entropy is token_cross_entropy and fusable(head)):
+            return linear_cross_entropy_sum(features, head.weight, targets,
+                                            None if weights is None else weights.flatten(), chunk_tokens,
+                                            split)
     pieces = [features.split(chunk_tokens), targets.split(chunk_tokens)]
     if weights is not None:
         pieces.append(weights.flatten().float().split(chunk_tokens))
 
     def piece_sum(x: Tensor, y: Tensor, w: Tensor | None = None) -> Tensor:
-        ce = cross_entropy(head(x).float(), y)
+        logits = head(x)  # the softmax in float32 at least (float64 for a float64 model, as fused)
+        ce = cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
         return ce.sum() if w is None else (ce * w).sum()
 
     total = features.new_zeros((), dtype=torch.float32)

@@ -1,0 +1,99 @@
+"""One rank of the tensor-parallel cases in tests/test_linear_cross_entropy.py (tests/launcher.py, tp=2).
+
+    python tests/vocab_split_worker.py spec.json
+
+Each job builds the same float64 head (an odd vocabulary, padded to a multiple of tp) on every rank,
+splits it by vocabulary rows as `parallel.tensor.parallelize_vocab` does, and computes the loss sum and its
+gradients three ways: the dense head on the whole vocabulary (the reference), the fused loss over the
+split head, and the checkpointed loss through the split head and megatron's vocab-parallel cross-entropy.
+Rank 0 writes, per job, the largest differences from the reference. Ends with a barrier and `os._exit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def differences(job: dict, mesh) -> dict[str, float]:
+    from parallel.tensor import (
+        TensorShard,
+        VocabParallelCrossEntropy,
+        _pad_rows,
+        _parallel_linear,
+        padded_vocab,
+    )
+    from pretrain.loss import head_loss_sum
+
+    n, dim, vocab = 23, 8, job["vocab"]
+    torch.manual_seed(0)
+    dense = nn.Linear(dim, vocab, bias=False, dtype=torch.float64)
+    features = torch.randn(n, dim, dtype=torch.float64)
+    targets = torch.randint(vocab, (n,))
+    targets[[3, 11]] = -100
+    targets[5] = vocab - 1  # the last real row, beside the padding
+    weights = torch.rand(n, dtype=torch.float64) * 3 if job["weighted"] else None
+
+    x = features.clone().requires_grad_()
+    ce = F.cross_entropy(dense(x), targets, reduction="none")
+    want_loss = ce.sum() if weights is None else (ce * weights).sum()
+    (want_loss * 0.37).backward()  # a scale other than one flows back
+    want_x_grad = x.grad
+    shard = TensorShard(mesh.tp_group, mesh.tp_rank, mesh.layout.tp)
+    padded = padded_vocab(vocab, shard.size)
+    rows = slice(shard.rank * padded // shard.size, (shard.rank + 1) * padded // shard.size)
+    want_weight_grad = _pad_rows(dense.weight.grad, padded)[rows]  # the padding rows: no gradient
+
+    padded_dense = nn.Linear(dim, padded, bias=False, dtype=torch.float64)
+    padded_dense.weight = nn.Parameter(_pad_rows(dense.weight, padded))
+    head = _parallel_linear(padded_dense, shard, "column")
+    cross_entropy = VocabParallelCrossEntropy(vocab, shard)
+    out = {}
+    for path in ("fused", "checkpointed"):  # a forward hook makes the head unfusable, as ZeRO-3's do
+        hook = head.register_forward_pre_hook(lambda *_: None) if path == "checkpointed" else None
+        if (cross_entropy.split_of(head) is None) != (path == "checkpointed"):
+            raise AssertionError(f"{path}: split_of gave {cross_entropy.split_of(head)}")
+        head.weight.grad = None
+        x = features.clone().requires_grad_()
+        loss = head_loss_sum(x, head, targets, weights, cross_entropy, chunk_tokens=job["chunk_tokens"])
+        (loss * 0.37).backward()
+        out[path] = max((loss.detach() - want_loss.detach()).abs().item(),
+                        (x.grad - want_x_grad).abs().max().item(),
+                        (head.weight.grad - want_weight_grad).abs().max().item())
+        if hook:
+            hook.remove()
+    return out
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    from parallel.mesh import init_mesh
+
+    mesh = init_mesh(tp=int(os.environ["WORLD_SIZE"]))
+    results = {}
+    for job in spec["jobs"]:
+        try:
+            results[job["name"]] = differences(job, mesh)
+        except Exception:  # exit at once: the test sees it and stops the other ranks
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+    if mesh.is_main:
+        Path(spec["results"]).write_text(json.dumps(results))
+    mesh.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
