@@ -438,12 +438,20 @@ class Attention(nn.Module):
         attended without RoPE; `memory_tokens_causal` (N == T) lets query i see only tokens j <= i.
         position_offset: RoPE position of x[:, 0] (e.g. the segment start in MAC).
         """
-        B, T, _ = x.shape
-        q, k, v = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
-        positions = torch.arange(position_offset, position_offset + T, device=x.device)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, q.dtype, x.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        positions = torch.arange(position_offset, position_offset + x.shape[1], device=x.device)
+        return self.attend(*self.project(x, positions), memory_tokens, memory_tokens_causal)
 
+    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, T, d) of x (B, T, dim), RoPE applied at `positions` (T,). Apart from `attend`
+        so that MAC projects all its segments at once: they do not depend on the memory."""
+        q, k, v = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, q.dtype, x.device)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, memory_tokens: Tensor | None = None,
+               memory_tokens_causal: bool = False) -> Tensor:
+        """Attention of projected q, k, v (B, H, T, d) over them, the persistent tokens and
+        `memory_tokens` (as `forward`); returns (B, T, dim) after the output projection."""
         extra_k = extra_v = None
         if memory_tokens is not None:
             extra_k = self._split_heads(self.to_k(memory_tokens))

@@ -244,17 +244,20 @@ class MACBlock(Block):
         if state is None:
             state = self.memory.initial_state(x.shape[0])
         outputs = []
-        segments = x.split(self.segment_len, dim=1)  # split: its backward does not zero-fill x
-        # The read queries depend on no memory state: computed for every segment at once, outside the loop.
+        C = self.segment_len
+        segments = x.split(C, dim=1)  # split: its backward does not zero-fill x
+        # What depends on no memory state is computed for every segment at once, outside the loop: the
+        # read queries and the attention's q, k, v (RoPE positions restart at each segment's start).
         if self.memory_probes is not None:
             queries = [self.memory_queries(segment) for segment in segments]  # one shared tensor, no work
         else:
-            queries = self.memory_queries(x).split(self.segment_len, dim=1)
-        for segment, query in zip(segments, queries, strict=True):
+            queries = self.memory_queries(x).split(C, dim=1)
+        positions = torch.arange(x.shape[1], device=x.device) % C
+        qkv = zip(*(t.split(C, dim=2) for t in self.attn.project(x, positions)), strict=True)
+        for segment, query, (q, k, v) in zip(segments, queries, qkv, strict=True):
             state = self.memory.cut_gradient(state)  # the read and the write see the same horizon
             memory_tokens = self.memory.read(query, state)
-            y = self.attn(segment, memory_tokens=memory_tokens,
-                          memory_tokens_causal=self.memory_probes is None)
+            y = self.attn.attend(q, k, v, memory_tokens, memory_tokens_causal=self.memory_probes is None)
             memory_out, state = self.memory(self.memory_norm(self.write_input(segment, y)), state)
             outputs.append(self.gate(y, memory_out))
         return torch.cat(outputs, dim=1), state
