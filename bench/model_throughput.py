@@ -14,10 +14,11 @@ CUDA) and against SWA's, and memory: on CUDA the peak allocated bytes; on CPU th
 backward (the activation memory; CPU PyTorch has no allocator statistics). With `--kernels`, the memory
 variants run once per chunk-step kernel, with the step time against the torch kernel's. Table 2: time per
 token at 2K → 32K tokens for LMM and MAC, with the ratio against the shortest length, at batch 1 or at equal
-tokens per step (`--tokens-per-step`). If `titans-pytorch` is installed (`pip install -e .[bench]`), its
-MemoryAsContextTransformer runs at the like-for-like config with one residual stream (hyper-connections off)
-and with its default four, and ours/theirs tokens/s is printed with its ceiling (the roof over their
-FLOP/s); the knobs it cannot match are listed. An empty `--variants` runs table 2 only.
+tokens per step (`--tokens-per-step`), every length of a variant timed in the same rounds. If
+`titans-pytorch` is installed (`pip install -e .[bench]`), its MemoryAsContextTransformer runs at the
+like-for-like config with one residual stream (hyper-connections off) and with its default four, and
+ours/theirs tokens/s is printed with its ceiling (the roof over their FLOP/s); the knobs it cannot match
+are listed. An empty `--variants` runs table 2 only.
 """
 
 from __future__ import annotations
@@ -90,20 +91,23 @@ Entry = tuple[torch.nn.Module, LossFn, bool]  # a model, its loss, whether to co
 
 
 def measure_rounds(entries: list[Entry], batch: int, seq: int, vocab: int, repeats: int,
-                   device: torch.device, roof: bool = False) -> tuple[list[tuple[float, int]], float | None]:
+                   device: torch.device, roof: bool = False, shapes: list[tuple[int, int]] | None = None
+                   ) -> tuple[list[tuple[float, int]], float | None]:
     """Median seconds per training step and memory of every entry, timed in rounds: one step of each
     entry per round (and with `roof`, then a roof matmul), so that the machine's drifting speed hits every
     row alike and their ratios hold. Memory: CUDA's peak allocated in an entry's first timed step, else
     the bytes autograd saved (0 without counting: torch.func, which titans-pytorch uses, refuses
     saved-tensor hooks). An entry's loss(tokens of seq + 1) is ours or titans-pytorch's, timed the same way.
+    `shapes` gives each entry its own (batch, seq) (default: all `batch` × `seq`).
     Returns [(seconds, memory)] in the entries' order and the median roof (FLOP/s) or None."""
-    tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    shapes = shapes or [(batch, seq)] * len(entries)
+    batches = [torch.randint(0, vocab, (b, s + 1), device=device) for b, s in shapes]
     cuda = device.type == "cuda"
     memories, times, roofs = [0] * len(entries), [[] for _ in entries], []
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         for i, (_, loss_fn, count_saved) in enumerate(entries):  # warm-up (and the CPU memory count)
             counter = SavedBytes() if not cuda and count_saved else None
-            train_step(loss_fn, tokens, counter)
+            train_step(loss_fn, batches[i], counter)
             memories[i] = counter.total if counter else 0
         for round_ in range(repeats):
             for i, (_, loss_fn, _) in enumerate(entries):
@@ -111,7 +115,7 @@ def measure_rounds(entries: list[Entry], batch: int, seq: int, vocab: int, repea
                     synchronize(device)
                     torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
-                train_step(loss_fn, tokens)
+                train_step(loss_fn, batches[i])
                 synchronize(device)
                 times[i].append(time.perf_counter() - start)
                 if cuda and round_ == 0:
@@ -353,14 +357,15 @@ def time_per_token_by_length(args: argparse.Namespace, device: torch.device, mem
     print(f"\n| variant | length | batch | tokens/s | µs/token | × µs/token at {args.lengths[0]} "
           f"| {mem_label} |")
     print("|---|---|---|---|---|---|---|")
+    shapes = [(max(1, args.tokens_per_step // length), length) for length in args.lengths]
     for kind in args.long_variants:
         torch.manual_seed(0)
         model = TitansLM(bench_config(kind, args)).to(device)
+        entry = (model, ours_loss(model), True)  # every length of a variant in each round
+        results, _ = measure_rounds([entry] * len(shapes), 1, 1, args.vocab, max(1, args.repeats - 1),
+                                    device, shapes=shapes)
         first = None
-        for length in args.lengths:
-            batch = max(1, args.tokens_per_step // length)
-            seconds, memory = measure(model, ours_loss(model), batch, length, args.vocab,
-                                      max(1, args.repeats - 1), device)
+        for (batch, length), (seconds, memory) in zip(shapes, results, strict=True):
             per_token = seconds / (batch * length)
             first = first or per_token
             print(f"| {kind} | {length} | {batch} | {batch * length / seconds:,.0f} | "

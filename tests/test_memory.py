@@ -7,7 +7,7 @@ import pytest
 import torch
 from reference_memory import reference_memory
 
-from titans.memory import MemoryState, NeuralMemory, causal_depthwise_conv
+from titans.memory import MemoryState, NeuralMemory, ShiftedProductConv, causal_depthwise_conv
 
 LOGIT_1E4 = math.log(1e4)  # sigmoid(±LOGIT_1E4) ≈ 1 − 1e-4 / 1e-4
 
@@ -290,8 +290,19 @@ def test_state_gradient_stays_bounded_over_long_sequences():
     assert norms[:64].mean() < 10 * norms[-64:].mean()
 
 
-def test_causal_depthwise_conv_is_the_grouped_conv1d():
+@pytest.mark.parametrize("block_elements", [2**18, 36])  # one block; blocks of 3 tokens and a remainder
+def test_causal_depthwise_conv_is_the_grouped_conv1d(monkeypatch, block_elements):
+    """Output and both gradients, float64, with the sequence in one block and in many."""
+    monkeypatch.setattr(ShiftedProductConv, "BLOCK_ELEMENTS", block_elements)
     torch.manual_seed(0)
     window, weight = torch.randn(2, 13, 6, dtype=torch.float64), torch.randn(6, 1, 4, dtype=torch.float64)
-    expected = torch.nn.functional.conv1d(window.transpose(1, 2), weight, groups=6).transpose(1, 2)
-    torch.testing.assert_close(causal_depthwise_conv(window, weight), expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(2, 10, 6, dtype=torch.float64)
+    results = []
+    for conv in (causal_depthwise_conv,
+                 lambda w, k: torch.nn.functional.conv1d(w.transpose(1, 2), k, groups=6).transpose(1, 2)):
+        x, k = window.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = conv(x, k)
+        out.backward(grad)
+        results.append((out.detach(), x.grad, k.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
