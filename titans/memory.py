@@ -489,13 +489,21 @@ class NeuralMemory(nn.Module):
         if conv_cache is None:
             conv_cache = raw.new_zeros(B, pad, raw.shape[-1])
         history = torch.cat([conv_cache.to(raw.dtype), raw], dim=1)
-        pieces = []
-        for lo, hi in zip([0, *(cuts or [])], [*(cuts or []), T], strict=True):  # output rows [lo, hi)
-            window = history[:, lo : hi + pad]
-            if lo > 0:  # a cut: the previous rows feed the conv, not its gradient
-                window = torch.cat([window[:, :pad].detach(), window[:, pad:]], dim=1)
-            pieces.append(causal_depthwise_conv(window, self.conv.weight))
-        mixed = F.silu(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+        bounds = [0, *(cuts or []), T]  # output rows [lo, hi) of each piece
+        if len(bounds) == 2:
+            mixed = causal_depthwise_conv(history, self.conv.weight)
+        else:
+            # Split, not sliced: a slice's backward zero-fills the whole history, once per piece (quadratic
+            # in T). Piece i reads the `pad` rows before it, then its own rows, parts[i + 1].
+            parts = history.split([pad] + [hi - lo for lo, hi in zip(bounds, bounds[1:])], dim=1)
+            detached = history.detach()
+            pieces = []
+            for i, lo in enumerate(bounds[:-1]):
+                before = parts[0] if i == 0 else detached[:, lo : lo + pad]  # a cut: no gradient before it
+                window = torch.cat([before, parts[i + 1]], dim=1)
+                pieces.append(causal_depthwise_conv(window, self.conv.weight))
+            mixed = torch.cat(pieces, dim=1)
+        mixed = F.silu(mixed)
         # heads from the local width (-1): a tensor-parallel shard holds a subset of the heads
         q, k, v = mixed.reshape(B, T, 3, -1, self.head_dim).unbind(2)  # a view of the CPU layout
         new_cache = history[:, history.shape[1] - pad :].to(self.state_dtype())  # float32 under autocast
