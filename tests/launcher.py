@@ -1,8 +1,8 @@
 """A deadline-bounded launcher for multi-process tests: N worker processes of one script over gloo.
 
-The worker reads a spec (jobs + where to write results), runs every job on every rank, and rank 0
-writes the results as JSON. A rank that fails, or a launch past its deadline, fails the test with every
-rank's log tail, so a hang never outlives its deadline.
+The worker reads a spec (jobs + where to write results), runs every job on every rank (`serve_jobs`), and
+rank 0 writes the results as JSON. A rank that fails, or a launch past its deadline, fails the test with
+every rank's log tail, so a hang never outlives its deadline.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -64,3 +67,25 @@ def launch(worker: Path, jobs: list[dict], tmp: Path, world: int, timeout: float
                           for r, p in enumerate(procs))
         pytest.fail(f"{problem}\n{tails}")
     return json.loads(results.read_text())
+
+
+def serve_jobs(spec_path: str, mesh: Any, run_job: Callable[[dict, Any], Any]) -> NoReturn:
+    """The worker's side of `launch`: every job of the spec on this rank, rank 0 writing the results after
+    each. A failing job ends the process at once (the launcher then stops the other ranks); the end is a
+    barrier and `os._exit`, since gloo can abort at interpreter exit after the work is done."""
+    spec = json.loads(Path(spec_path).read_text())
+    results = {}
+    for job in spec["jobs"]:
+        try:
+            results[job["name"]] = run_job(job, mesh)
+        except Exception:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        if mesh.is_main:
+            Path(spec["results"]).write_text(json.dumps(results))
+        print(f"rank {mesh.rank}: job {job['name']} done", flush=True)
+    mesh.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -16,11 +16,9 @@ same global batch at every step, and the mean of the ranks' mean losses is the m
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -171,26 +169,12 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
 
 
 def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
+    from launcher import serve_jobs
+
     from parallel.mesh import init_mesh
 
     patch_for_tests()
-    dist = init_mesh()
-    results = {}
-    for job in spec["jobs"]:
-        try:
-            results[job["name"]] = run_job(job, dist)
-        except Exception:  # exit at once: the test sees it and stops the other ranks
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
-        if dist.is_main:
-            Path(spec["results"]).write_text(json.dumps(results))
-        print(f"rank {dist.rank}: job {job['name']} done", flush=True)
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    serve_jobs(sys.argv[1], init_mesh(), run_job)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ Rank 0 writes, per job, the largest differences from the reference. Ends with a 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -76,23 +74,11 @@ def differences(job: dict, mesh) -> dict[str, float]:
 
 
 def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
+    from launcher import serve_jobs
+
     from parallel.mesh import init_mesh
 
-    mesh = init_mesh(tp=int(os.environ["WORLD_SIZE"]))
-    results = {}
-    for job in spec["jobs"]:
-        try:
-            results[job["name"]] = differences(job, mesh)
-        except Exception:  # exit at once: the test sees it and stops the other ranks
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(1)
-    if mesh.is_main:
-        Path(spec["results"]).write_text(json.dumps(results))
-    mesh.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    serve_jobs(sys.argv[1], init_mesh(tp=int(os.environ["WORLD_SIZE"])), differences)
 
 
 if __name__ == "__main__":
