@@ -356,16 +356,15 @@ def causal_depthwise_conv(window: Tensor, weight: Tensor) -> Tensor:
 class ShiftedProductConv(torch.autograd.Function):
     """out[:, t] = Σ_j window[:, t + j] · taps[j], written block by block into one output (and backward
     likewise, in place). CPU's grouped conv1d is slow for a few taps; a sum of whole-length shifted
-    products is faster at a few thousand tokens but makes temporaries of the whole length, which at 32K
-    tokens no longer stay in cache (per token 2-3× slower than at 2K). Blocks of `BLOCK_ELEMENTS` keep
-    every temporary cache-sized at any length."""
+    products is faster at a few thousand tokens but makes temporaries of the whole length, which at tens
+    of thousands of tokens no longer stay in cache. Blocks of `BLOCK_ELEMENTS` keep every temporary
+    cache-sized at any length."""
 
     BLOCK_ELEMENTS = 2**18
 
     @staticmethod
-    def blocks(window: Tensor, length: int) -> range:
-        rows = max(1, ShiftedProductConv.BLOCK_ELEMENTS // (window.shape[0] * window.shape[2]))
-        return range(0, length, rows)
+    def block_rows(window: Tensor) -> int:
+        return max(1, ShiftedProductConv.BLOCK_ELEMENTS // (window.shape[0] * window.shape[2]))
 
     @staticmethod
     def forward(ctx, window: Tensor, weight: Tensor) -> Tensor:
@@ -374,9 +373,9 @@ class ShiftedProductConv(torch.autograd.Function):
         length = window.shape[1] - k + 1
         out = window.new_empty(window.shape[0], length, window.shape[2],
                                dtype=torch.result_type(window, weight))
-        step = ShiftedProductConv.blocks(window, length).step
-        for start in ShiftedProductConv.blocks(window, length):
-            end = min(start + step, length)
+        rows = ShiftedProductConv.block_rows(window)
+        for start in range(0, length, rows):
+            end = min(start + rows, length)
             block = out[:, start:end]
             torch.mul(window[:, start:end], taps[0], out=block)
             for j in range(1, k):
@@ -393,16 +392,15 @@ class ShiftedProductConv(torch.autograd.Function):
         grad_window = torch.zeros_like(window) if ctx.needs_input_grad[0] else None
         grad_taps = torch.zeros_like(taps, dtype=torch.result_type(grad_out, window)) \
             if ctx.needs_input_grad[1] else None
-        step = ShiftedProductConv.blocks(window, length).step
-        for start in ShiftedProductConv.blocks(window, length):
-            end = min(start + step, length)
+        rows = ShiftedProductConv.block_rows(window)
+        for start in range(0, length, rows):
+            end = min(start + rows, length)
             g = grad_out[:, start:end]
             for j in range(k):
-                shifted = window[:, start + j:end + j]
                 if grad_window is not None:
                     grad_window[:, start + j:end + j].addcmul_(g, taps[j])
                 if grad_taps is not None:
-                    grad_taps[j] += (g * shifted).sum((0, 1))
+                    grad_taps[j] += (g * window[:, start + j:end + j]).sum((0, 1))
         grad_weight = None if grad_taps is None else grad_taps.t().unsqueeze(1).to(weight.dtype)
         return grad_window, grad_weight
 
