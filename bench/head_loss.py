@@ -33,13 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_throughput import Entry, LossFn, bench_config, git_revision, measure_rounds, ours_loss  # noqa: E402
 
 from parallel.mesh import init_mesh  # noqa: E402
-from parallel.tensor import (  # noqa: E402
-    TensorShard,
-    VocabParallelCrossEntropy,
-    _pad_rows,
-    _parallel_linear,
-    padded_vocab,
-)
+from parallel.tensor import TensorShard, VocabParallelCrossEntropy, vocab_parallel_head  # noqa: E402
 from pretrain.loss import head_loss_sum, token_cross_entropy  # noqa: E402
 from titans.memory import CHUNK_STEPS  # noqa: E402
 from titans.model import TitansLM  # noqa: E402
@@ -91,9 +85,7 @@ def head_alone(rank: int, args: argparse.Namespace, port: int) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         mesh = init_mesh(tp=args.tp)
         shard = TensorShard(mesh.tp_group, mesh.tp_rank, args.tp)
-        padded = padded_vocab(args.vocab, args.tp)
-        head.weight = nn.Parameter(_pad_rows(head.weight, padded))
-        head = _parallel_linear(head, shard, "column")
+        head = vocab_parallel_head(head, args.vocab, shard)
         cross_entropy, name = VocabParallelCrossEntropy(args.vocab, shard), f"{name}, tp={args.tp}"
     seconds = fused_and_plain(head, head, lambda _: head_loss_sum(features, head, targets,
                                                                   cross_entropy=cross_entropy), args)

@@ -206,6 +206,15 @@ def _pad_rows(weight: Tensor, rows: int) -> Tensor:
     return F.pad(weight.detach(), (0, 0, 0, rows - weight.shape[0]))
 
 
+def vocab_parallel_head(dense: nn.Linear, vocab_size: int, shard: TensorShard) -> nn.Module:
+    """This rank's rows of a bias-free head (`dense`, modified) over the vocabulary padded to a multiple of
+    tp: a column-parallel linear that does not gather its output."""
+    padded = padded_vocab(vocab_size, shard.size)
+    dense.weight = nn.Parameter(_pad_rows(dense.weight, padded))
+    dense.out_features = padded
+    return _parallel_linear(dense, shard, "column")
+
+
 def parallelize_vocab(model: TitansLM, shard: TensorShard) -> None:
     """Embedding and head split by vocabulary rows (padded to a multiple of tp); a tied head shares the
     embedding's local rows, as the dense model shares the whole matrix."""
@@ -225,11 +234,8 @@ def parallelize_vocab(model: TitansLM, shard: TensorShard) -> None:
         mark_sharded(embed.weight, 0, (padded, dim))
         model.embed = embed
     if model.head is not None:
-        head_dense = model.head
-        tied_copy = getattr(head_dense.weight, "tied_copy", False)  # the last stage's copy (pipeline)
-        head_dense.weight = nn.Parameter(_pad_rows(head_dense.weight, padded))
-        head_dense.out_features = padded
-        model.head = _parallel_linear(head_dense, shard, "column")
+        tied_copy = getattr(model.head.weight, "tied_copy", False)  # the last stage's copy (pipeline)
+        model.head = vocab_parallel_head(model.head, vocab, shard)
         model.head.weight.tied_copy = tied_copy
         if tied:
             model.head.weight = model.embed.weight

@@ -11,6 +11,7 @@ Rank 0 writes, per job, the largest differences from the reference. Ends with a 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -28,8 +29,8 @@ def differences(job: dict, mesh) -> dict[str, float]:
         TensorShard,
         VocabParallelCrossEntropy,
         _pad_rows,
-        _parallel_linear,
         padded_vocab,
+        vocab_parallel_head,
     )
     from pretrain.loss import head_loss_sum
 
@@ -52,9 +53,7 @@ def differences(job: dict, mesh) -> dict[str, float]:
     rows = slice(shard.rank * padded // shard.size, (shard.rank + 1) * padded // shard.size)
     want_weight_grad = _pad_rows(dense.weight.grad, padded)[rows]  # the padding rows: no gradient
 
-    padded_dense = nn.Linear(dim, padded, bias=False, dtype=torch.float64)
-    padded_dense.weight = nn.Parameter(_pad_rows(dense.weight, padded))
-    head = _parallel_linear(padded_dense, shard, "column")
+    head = vocab_parallel_head(copy.deepcopy(dense), vocab, shard)
     cross_entropy = VocabParallelCrossEntropy(vocab, shard)
     out = {}
     for path in ("fused", "checkpointed"):  # a forward hook makes the head unfusable, as ZeRO-3's do
