@@ -243,11 +243,12 @@ class MACBlock(Block):
             ) -> tuple[Tensor, MemoryState | None]:  # segments are attention-local: no halo
         if state is None:
             state = self.memory.initial_state(x.shape[0])
-        outputs = []
+        attended, reads = [], []
         C = self.segment_len
         segments = x.split(C, dim=1)  # split: its backward does not zero-fill x
         # What depends on no memory state is computed for every segment at once, outside the loop: the
-        # read queries and the attention's q, k, v (RoPE positions restart at each segment's start).
+        # read queries and the attention's q, k, v (RoPE positions restart at each segment's start) before
+        # it, the memory's output projection and the gate after it.
         if self.memory_probes is not None:
             queries = [self.memory_queries(segment) for segment in segments]  # one shared tensor, no work
         else:
@@ -258,9 +259,13 @@ class MACBlock(Block):
             state = self.memory.cut_gradient(state)  # the read and the write see the same horizon
             memory_tokens = self.memory.read(query, state)
             y = self.attn.attend(q, k, v, memory_tokens, memory_tokens_causal=self.memory_probes is None)
-            memory_out, state = self.memory(self.memory_norm(self.write_input(segment, y)), state)
-            outputs.append(self.gate(y, memory_out))
-        return torch.cat(outputs, dim=1), state
+            written = self.memory_norm(self.write_input(segment, y))
+            read, state = self.memory(written, state, project_out=False)
+            attended.append(y)
+            reads.append(read)
+        # The memory's output projection and the gate are per token: one call for all segments, not one each.
+        memory_out = self.memory.output(torch.cat(reads, dim=1))
+        return self.gate(torch.cat(attended, dim=1), memory_out), state
 
 
 BLOCKS = {

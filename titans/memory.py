@@ -551,7 +551,10 @@ class NeuralMemory(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+    def forward(self, x: Tensor, state: MemoryState | None = None, project_out: bool = True
+                ) -> tuple[Tensor, MemoryState]:
+        """`project_out=False` returns the per-head reads (B, T, H, d) before `output`: MAC calls the memory
+        once per segment and projects every segment's reads at once after its loop."""
         B, T, _ = x.shape
         state = self.cut_gradient(state) if state is not None else self.initial_state(B)
         q, k, v, conv_cache = self.project(x, state.conv, self.cuts_within(state.chunks, T))
@@ -567,7 +570,8 @@ class NeuralMemory(nn.Module):
                     "alpha": -torch.expm1(log_keep.float()).mean(),
                 }
         n_chunks = -(-T // self.chunk_size)
-        return self.output(y), MemoryState(weights, momentum, conv_cache, state.chunks + n_chunks)
+        state = MemoryState(weights, momentum, conv_cache, state.chunks + n_chunks)
+        return (self.output(y) if project_out else y), state
 
     def chunk_inputs(
         self, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor,
