@@ -6,7 +6,7 @@
 
 Both paths run in one process, in the same rounds (`model_throughput.measure_rounds`), on the same model
 and tokens: the checkpointed one is what `pretrain.loss.head_loss_sum` falls back to for a head with
-forward hooks (ZeRO-3), so a no-op hook selects it. Table 1: the head and its loss alone (features of
+forward hooks, so a no-op hook selects it. Table 1: the head and its loss alone (features of
 `--seq × --batch` tokens → loss → backward). Table 2: a whole training step of each variant at
 `bench/model_throughput.py`'s config (dim 256, 4 layers, window = segment `--window`, memory kernel
 `--kernel`). Medians after one warm-up step each. With `--tp N`, table 1 runs in N processes (gloo), each

@@ -33,11 +33,17 @@ IGNORE_INDEX = -100  # F.cross_entropy's default: such targets contribute no los
 
 def fusable(head: nn.Module) -> bool:
     """Whether `head` is a plain bias-free linear whose weight can be used directly: not split into a
-    DTensor (tensor parallelism), and without forward hooks (ZeRO-3 gathers its partitioned weight in
-    them, so the weight outside the head's own forward is a placeholder)."""
-    return (type(head) is nn.Linear and head.bias is None and not isinstance(head.weight, DTensor)
-            and not head._forward_pre_hooks and not head._forward_hooks
-            and not hasattr(head.weight, "ds_id"))
+    DTensor (tensor parallelism), and without forward hooks that could change what its weight is, except
+    ZeRO-3's. ZeRO-3 partitions the weight and gathers it in the head's own forward hook; a read of the
+    weight inside the engine's forward gathers it too (DeepSpeed registers it as an external parameter
+    of the running module), and its gradient is reduced by the weight's own hooks, whoever computed it.
+    Outside the engine's forward the read gives the empty partition: not fusable."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return False
+    weight = head.weight  # under ZeRO-3, inside the engine's forward, this read gathers the weight
+    if hasattr(weight, "ds_id"):
+        return weight.shape == (head.out_features, head.in_features)
+    return not isinstance(weight, DTensor) and not head._forward_pre_hooks and not head._forward_hooks
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_matches_plain_cross_entropy_in_float64(chunk_tokens, weighted):
 
 def fused_and_plain(head, features, targets, weights=None, chunk_tokens=5, autocast=False):
     """(loss, features' gradient, head's gradient) through head_loss_sum, fused and then not (a forward
-    hook makes the head unfusable, as ZeRO-3's do)."""
+    hook makes the head unfusable)."""
     results = []
     for fused in (True, False):
         head.zero_grad()

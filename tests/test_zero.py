@@ -107,6 +107,12 @@ def test_ddp_with_separate_synthetic_sequences_matches_one_process(runs, referen
     assert all(close(a, b) for a, b in zip(got, want, strict=True)), (got, want)
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_trains_with_the_fused_loss(runs, stage):
+    """ZeRO-3's partitioned head too: the loss reading its weight in the engine's forward gathers it."""
+    assert runs[f"stage{stage}"]["fused_loss_calls"] == 6  # one per training step, none in evaluation
+
+
 @pytest.mark.parametrize("stage", STAGES[1:])
 def test_zero_gradient_accumulation_matches_one_process(runs, references, stage):
     got, want = runs[f"stage{stage}_accum"]["losses"], references["accum"].losses

@@ -140,11 +140,12 @@ def patch_for_tests() -> None:
 
 def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
     import pretrain.engine as engine_module
+    import pretrain.loss as loss_module
     import pretrain.train as train_module
     from pretrain.config import load_config
 
-    real_loss_on = engine_module.loss_on
-    calls = {"n": 0}
+    real_loss_on, real_fused = engine_module.loss_on, loss_module.linear_cross_entropy_sum
+    calls = {"n": 0, "fused": 0}
     nan_at = set(job.get("nan_calls", [])) if dist.rank == job.get("nan_rank", -1) else set()
 
     def loss_on(model, batch, autocast):
@@ -152,7 +153,11 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
         loss = real_loss_on(model, batch, autocast)
         return loss * math.nan if calls["n"] in nan_at else loss
 
-    engine_module.loss_on = loss_on
+    def fused(*args, **kwargs):
+        calls["fused"] += 1
+        return real_fused(*args, **kwargs)
+
+    engine_module.loss_on, loss_module.linear_cross_entropy_sum = loss_on, fused
     try:
         result = train_module.train(load_config(None, job["overrides"]))
     except Exception as err:
@@ -160,8 +165,9 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
             raise
         return {"error": f"{type(err).__name__}: {err}"}
     finally:
-        engine_module.loss_on = real_loss_on
-    return {"losses": result.losses, "val_losses": {str(k): v for k, v in result.val_losses.items()},
+        engine_module.loss_on, loss_module.linear_cross_entropy_sum = real_loss_on, real_fused
+    return {"losses": result.losses, "fused_loss_calls": calls["fused"],
+            "val_losses": {str(k): v for k, v in result.val_losses.items()},
             "local_parameter_elements": LOCAL_PARAMETER_ELEMENTS[0] if LOCAL_PARAMETER_ELEMENTS else None,
             "skipped_steps": result.skipped_steps, "last_step": result.last_step,
             "parameters_per_rank": result.parameters_per_rank,

@@ -56,7 +56,7 @@ def differences(job: dict, mesh) -> dict[str, float]:
     head = vocab_parallel_head(copy.deepcopy(dense), vocab, shard)
     cross_entropy = VocabParallelCrossEntropy(vocab, shard)
     out = {}
-    for path in ("fused", "checkpointed"):  # a forward hook makes the head unfusable, as ZeRO-3's do
+    for path in ("fused", "checkpointed"):  # a forward hook makes the head unfusable
         hook = head.register_forward_pre_hook(lambda *_: None) if path == "checkpointed" else None
         if (cross_entropy.split_of(head) is None) != (path == "checkpointed"):
             raise AssertionError(f"{path}: split_of gave {cross_entropy.split_of(head)}")
