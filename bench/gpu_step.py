@@ -471,10 +471,58 @@ def time_chunk_step(kernel: str, opts: ScanOptions, inputs: list[torch.Tensor], 
     return times
 
 
-def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats: int) -> list[str]:
+def time_triton_scan(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: int, device: torch.device,
+                     repeats: int) -> list[float]:
+    """ms per chunk of a scan of `n_chunks` chunks (the chunk's inputs repeated) with the Triton kernels:
+    [forward, a launch per chunk; forward, one launch; backward, a launch per chunk; backward, one
+    launch], as the recomputing scan calls them (the backward alone), each the mean of `repeats` scans
+    after a warm-up."""
+    from titans.kernels.chunk_step_triton import (
+        triton_chunk_step,
+        triton_chunk_step_backward,
+        triton_scan,
+        triton_scan_backward,
+    )
+
+    chunked = [t.unsqueeze(0).expand(n_chunks, *t.shape).contiguous() for t in inputs[:8]]
+    start = inputs[8:]
+    with torch.no_grad():
+        y, boundaries = triton_scan(opts, chunked, start)
+    grad_y, grad_end = torch.ones_like(y), [torch.ones_like(s) for s in start]
+    starts = [[b[i] for b in boundaries] for i in range(n_chunks)]
+
+    def forward_per_chunk() -> None:
+        state = start
+        for i in range(n_chunks):
+            _, *state = triton_chunk_step(opts, *(t[i] for t in chunked), *state)
+
+    def backward_per_chunk() -> None:
+        grad_state = grad_end
+        for i in reversed(range(n_chunks)):
+            grad_state = triton_chunk_step_backward(opts, *(t[i] for t in chunked), starts[i], grad_y[i],
+                                                    grad_state)[8:]
+
+    calls = (forward_per_chunk, lambda: triton_scan(opts, chunked, start), backward_per_chunk,
+             lambda: triton_scan_backward(opts, 0, chunked, boundaries, grad_y, grad_end))
+    times = []
+    with torch.no_grad():
+        for call in calls:
+            call()
+            synchronize(device)
+            begin = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            synchronize(device)
+            times.append((time.perf_counter() - begin) / repeats / n_chunks * 1e3)
+    return times
+
+
+def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats: int, seq: int = 4096
+                     ) -> list[str]:
     """The torch, analytic and (on CUDA) compiled and Triton chunk steps at `cfg`'s memory shape, with exact
     and (on CUDA) TF32 float32 matmuls: which kernel the memory should run on this card. The compiled step
-    (inductor's own Triton kernels on CUDA) compiles for tens of seconds per precision first."""
+    (inductor's own Triton kernels on CUDA) compiles for tens of seconds per precision first. With Triton,
+    a second table times a `seq`-token scan with a launch per chunk against one launch for all chunks."""
     kernels = ["torch", "analytic"]
     if device.type == "cuda":
         kernels.append("compiled")
@@ -499,6 +547,18 @@ def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats
                 except Exception as err:  # a kernel that cannot launch here is a row, not a crash
                     why = f"{type(err).__name__}: {first_line(err, 80)}"
                     lines.append(f"| {kernel} | {precision} | {why} | | |")
+        if "triton" in kernels:  # the launch per chunk against one launch per scan, per chunk
+            n_chunks = -(-seq // cfg.memory_chunk)  # one sequence's scan
+            lines += ["", f"Triton scan of {n_chunks} chunks, ms per chunk (mean of {repeats} scans)",
+                      "| float32 matmuls | forward, launch per chunk | forward, one launch | "
+                      "backward, launch per chunk | backward, one launch |", "|---|---:|---:|---:|---:|"]
+            for precision in precisions:
+                torch.backends.cuda.matmul.fp32_precision = precision
+                try:
+                    times = time_triton_scan(opts, inputs, n_chunks, device, repeats)
+                    lines.append(f"| {precision} | " + " | ".join(f"{t:.3f}" for t in times) + " |")
+                except Exception as err:
+                    lines.append(f"| {precision} | {type(err).__name__}: {first_line(err, 80)} | | | |")
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
     return lines
@@ -810,8 +870,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size in args.sizes:
             run = configs[size, args.variants[0]]
             rows = (args.batch or run.data.batch_size) * run.model.memory_heads
-            print(f"\n# {size} {args.variants[0]}", *chunk_step_table(run.model, rows, device, args.repeats),
-                  sep="\n", flush=True)
+            table = chunk_step_table(run.model, rows, device, args.repeats, args.seq)
+            print(f"\n# {size} {args.variants[0]}", *table, sep="\n", flush=True)
         return status
     run_cfg = next(iter(configs.values()))
     kernel = choose_kernel(args, device, run_cfg.train.fp32_matmul)

@@ -48,6 +48,7 @@ def test_a_failing_triton_kernel_falls_back_to_torch(monkeypatch, capsys):
         raise RuntimeError("out of resource: shared memory")
 
     monkeypatch.setattr(kernels, "triton_chunk_step", broken)
+    monkeypatch.setattr(kernels, "triton_scan", broken)  # what the recomputing scan launches
     monkeypatch.setattr(gpu_step, "choose_kernel", lambda args, device, fp32_matmul: "triton")
     status = gpu_step.main(["--device", "cpu", "--tiny", "--sizes", "340m", "--variants", "mac,mag",
                             "--repeats", "1", "--seq", "64"])
@@ -76,6 +77,16 @@ def test_chunk_step_and_profile_on_cpu(capsys):
     out = capsys.readouterr().out
     assert out.count("# profile of one step") == 2  # SWA's row and MAC's
     assert "Self CPU" in out
+
+
+def test_triton_scan_timing_runs_in_the_interpreter():
+    """The GPU table's scan timing (a launch per chunk against one per scan), on CPU in Triton's interpreter
+    at a tiny shape: it runs and gives four times."""
+    pytest.importorskip("titans.kernels.chunk_step_triton")
+    cfg = gpu_step.load_variant("340m", "mac", gpu_step.TINY_OVERRIDES).model
+    opts, inputs = gpu_step.chunk_step_inputs(cfg, 2, torch.device("cpu"))
+    times = gpu_step.time_triton_scan(opts, inputs, 3, torch.device("cpu"), 1)
+    assert len(times) == 4 and all(t > 0 for t in times)
 
 
 def test_the_default_kernel_follows_the_float32_matmul_precision(capsys):

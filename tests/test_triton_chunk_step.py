@@ -240,3 +240,79 @@ def test_module_with_triton_kernel_equals_torch_path(recompute):
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
+
+
+def scan_inputs(depth: int, clip: bool, n_chunks: int = 5) -> tuple[ScanOptions, list[torch.Tensor], list]:
+    """A scan's chunk-major inputs (n_chunks, N, ·) in float64, built by a memory from random tokens, and a
+    start state away from the memory's initial one; the gradient horizon cuts every 2 chunks."""
+    from titans.memory import NeuralMemory
+
+    torch.manual_seed(depth)
+    mem = NeuralMemory(32, 2, 16, depth=depth, hidden=32, chunk_size=16, max_grad_norm=1.0 if clip else None,
+                       grad_horizon=2).double()
+    x = torch.randn(2, 16 * n_chunks, 32, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v, _ = mem.project(x, None)
+        inputs = mem.chunk_inputs(q, k, v, *mem.gates(x), torch.float64)
+        state = mem.initial_state(2)
+    rows = inputs[0].shape[1]
+    start = [(s + 0.01 * torch.randn_like(s)).reshape(rows, *s.shape[2:])
+             for s in (*state.weights, *state.momentum)]
+    return mem.scan_options, [t.to(DEVICE) for t in inputs], [s.to(DEVICE) for s in start]
+
+
+@needs_triton
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("clip", [False, True])
+def test_triton_scan_in_one_launch_equals_its_chunk_steps(depth, clip):
+    """The whole-scan kernels (every chunk in one launch, forward and backward) against the per-chunk
+    kernels called chunk by chunk as the recomputing scan does, across the gradient horizon's cuts."""
+    from titans.kernels.chunk_step_triton import triton_chunk_step_backward, triton_scan, triton_scan_backward
+
+    opts, inputs, start = scan_inputs(depth, clip)
+    n_chunks, first_chunk = inputs[0].shape[0], 3  # global chunks 3..7: cuts before 4 and 6
+    y, boundaries = triton_scan(opts, inputs, start)
+    state, ys, starts = start, [], []
+    for i in range(n_chunks):
+        starts.append(state)
+        y_i, *state = triton_chunk_step(opts, *(t[i] for t in inputs), *state)
+        ys.append(y_i)
+    assert max_rel_err([y, *(b[-1] for b in boundaries)], [torch.stack(ys), *state]) <= 1e-12
+    y_alone, end = triton_scan(opts, inputs, start, keep_boundaries=False)  # inference: 2 state slots
+    assert max_rel_err([y_alone, *(e[-1] for e in end)], [y, *(b[-1] for b in boundaries)]) == 0
+
+    gen = torch.Generator().manual_seed(5)
+    grad_y = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(DEVICE)
+    grad_end = [torch.randn(s.shape, generator=gen, dtype=s.dtype).to(DEVICE) for s in start]
+    grads, grad_start = triton_scan_backward(opts, first_chunk, inputs, boundaries, grad_y, grad_end)
+    per_chunk: list[list[torch.Tensor]] = [[] for _ in inputs]
+    grad_state = grad_end
+    for i in reversed(range(n_chunks)):
+        every = triton_chunk_step_backward(opts, *(t[i] for t in inputs), tuple(starts[i]), grad_y[i],
+                                           tuple(grad_state))
+        for collected, g in zip(per_chunk, every[:8], strict=True):
+            collected.insert(0, g)
+        grad_state = list(every[8:])
+        if opts.cuts_before(first_chunk + i):
+            grad_state = [torch.zeros_like(g) for g in grad_state]
+    assert max_rel_err([*grads, *grad_start], [*(torch.stack(g) for g in per_chunk), *grad_state]) <= 1e-12
+    # chunk 3 is not cut, so its start weights get its read's gradient (its momentum none: 4 is cut)
+    assert all(g.abs().sum() > 0 for g in grad_start[:depth])
+
+
+@needs_triton
+def test_module_inference_with_triton_kernel_equals_torch_path():
+    """Without gradients the scan takes the whole-scan kernel keeping no boundary states."""
+    from titans.memory import NeuralMemory
+
+    x = torch.randn(2, 72, 32, device=DEVICE)
+    outputs = []
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        mem = NeuralMemory(dim=32, heads=2, head_dim=16, depth=2, hidden=32, chunk_size=16, max_grad_norm=1.0,
+                           kernel=kernel).to(DEVICE)
+        with torch.no_grad():
+            y, state = mem(x)
+        outputs.append([y, *state.weights, *state.momentum])
+    for a, b in zip(*outputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +218,12 @@ KERNEL_BACKWARDS = {"analytic": ("titans.kernels.chunk_step_reference", "chunk_s
                     "triton": ("titans.kernels.chunk_step_triton", "triton_chunk_step_backward")}
 
 
+# The kernels that also run a whole scan in one call, by name: (forward, backward) with `triton_scan`'s and
+# `triton_scan_backward`'s signatures (titans/kernels/chunk_step_triton.py). On a GPU a launch per chunk
+# costs host time per chunk and leaves the device idle between them; one launch walks every chunk.
+KERNEL_SCANS = {"triton": ("titans.kernels.chunk_step_triton", "triton_scan", "triton_scan_backward")}
+
+
 def chunk_step(kernel: str) -> Callable[..., tuple[Tensor, ...]]:
     """The chunk step by name, all with `memory_chunk_step`'s signature and outputs: "torch" (autograd
     through it), "analytic" (its explicit backward, titans/kernels/chunk_step_reference.py), "compiled"
@@ -234,6 +241,14 @@ def chunk_step_backward_of(kernel: str) -> Callable[..., Sequence[Tensor]] | Non
     return _import(*KERNEL_BACKWARDS[kernel]) if kernel in KERNEL_BACKWARDS else None
 
 
+def scan_kernel_of(kernel: str) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """The whole-scan forward and backward of the chunk step `kernel`, or None where it runs per chunk."""
+    if kernel not in KERNEL_SCANS:
+        return None
+    module, forward, backward = KERNEL_SCANS[kernel]
+    return _import(module, forward), _import(module, backward)
+
+
 def _import(module: str, function: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
@@ -246,6 +261,10 @@ def scan_chunks(
     the gradient horizon's cuts fall). Returns (y (n, N, b, d), *end_state)."""
     # unbind, not indexing: the backward of x[i] writes into a zero tensor of x's full size per chunk
     # (quadratic in length); unbind's backward stacks the chunk gradients once.
+    whole = scan_kernel_of(opts.kernel)
+    if whole is not None and not torch.is_grad_enabled():  # inference: one launch, no boundary states kept
+        y, end = whole[0](opts, inputs, state, keep_boundaries=False)
+        return (y, *(s[-1] for s in end))
     outputs, step = [], chunk_step(opts.kernel)
     for i, chunk in enumerate(zip(*(t.unbind(0) for t in inputs), strict=True)):
         if opts.cuts_before(first_chunk + i):
@@ -270,12 +289,17 @@ class RecomputedScan(torch.autograd.Function):
     def forward(ctx, opts: ScanOptions, first_chunk: int, *tensors: Tensor  # type: ignore[override]
                 ) -> tuple[Tensor, ...]:
         inputs, state = tensors[:8], list(tensors[8:])
+        ctx.opts, ctx.first_chunk, ctx.n_state = opts, first_chunk, len(state)
+        whole = scan_kernel_of(opts.kernel)
+        if whole is not None:  # one call for every chunk; the boundary states stacked, (n + 1, N, ·) each
+            y, stacked = whole[0](opts, inputs, state)
+            ctx.save_for_backward(*inputs, *stacked)
+            return (y, *(s[-1].clone() for s in stacked))  # a copy: outputs must not alias what is saved
         boundaries, outputs, step = [], [], chunk_step(opts.kernel)
         for chunk in zip(*(t.unbind(0) for t in inputs), strict=True):
             boundaries += state
             y, *state = step(opts, *chunk, *state)
             outputs.append(y)
-        ctx.opts, ctx.first_chunk, ctx.n_state = opts, first_chunk, len(state)
         ctx.save_for_backward(*inputs, *boundaries)
         return (torch.stack(outputs), *state)
 
@@ -284,6 +308,11 @@ class RecomputedScan(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, boundaries, n = saved[:8], saved[8:], ctx.n_state
         needed = [t.requires_grad for t in inputs]
+        whole = scan_kernel_of(ctx.opts.kernel)
+        if whole is not None:
+            grads_in, grad_start = whole[1](ctx.opts, ctx.first_chunk, inputs, boundaries, grad_y, grad_state)
+            return (None, None, *(g if need else None for g, need in zip(grads_in, needed, strict=True)),
+                    *grad_start)
         chunk_grads: list[list[Tensor]] = [[] for _ in inputs]  # last chunk first
         grad_state, step = list(grad_state), chunk_step(ctx.opts.kernel)
         explicit_backward = chunk_step_backward_of(ctx.opts.kernel)

@@ -31,6 +31,7 @@ Verified in Triton's CPU interpreter; `memory_kernel: triton` (`ScanOptions.kern
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -198,13 +199,13 @@ def _clip_scale(k, g_last, xx2, w1_ptr, w2_ptr, pid, max_norm, D: tl.constexpr, 
 
 
 @triton.jit
-def _chunk_forward_kernel(
-    q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+def _forward_chunk(
+    pid, q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
     const_ptr, y_ptr, nw1_ptr, nw2_ptr, ns1_ptr, ns2_ptr,
     B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
     RESIDUAL: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    """Row pid's chunk step: y and the new state from the chunk's inputs and the start state."""
     eps, max_norm, q, k, v, d, c, eta, beta, gamma = _load_chunk(
         q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, const_ptr, pid, B, D)
 
@@ -242,6 +243,45 @@ def _chunk_forward_kernel(
 
 
 @triton.jit
+def _chunk_forward_kernel(
+    q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+    const_ptr, y_ptr, nw1_ptr, nw2_ptr, ns1_ptr, ns2_ptr,
+    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
+    RESIDUAL: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+):
+    _forward_chunk(tl.program_id(0).to(tl.int64), q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr,
+                   gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, const_ptr, y_ptr, nw1_ptr, nw2_ptr, ns1_ptr,
+                   ns2_ptr, B, D, H, BH, DEPTH, RESIDUAL, CLIP, PREC)
+
+
+@triton.jit
+def _scan_forward_kernel(
+    q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+    const_ptr, y_ptr, n_chunks, rows, slots,
+    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
+    RESIDUAL: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+):
+    """Every chunk of a scan in one launch: row pid walks its chunks in order. The state tensors hold
+    `slots` states (slots, rows, ·), slot 0 the start state on entry; chunk i reads slot i % slots and
+    writes slot (i + 1) % slots: n_chunks + 1 slots keep every chunk-boundary state (what the recomputing
+    backward needs), 2 alternate (inference)."""
+    pid = tl.program_id(0).to(tl.int64)
+    L2: tl.constexpr = H if DEPTH == 2 else D  # layer 2's input width (depth 1: its slots alias layer 1)
+    layer1, layer2 = rows * D * H, rows * L2 * D
+    for i in range(n_chunks):
+        chunk = tl.cast(i, tl.int64)
+        tokens, scalars = chunk * rows * B * D, chunk * rows
+        read, write = chunk % slots, (chunk + 1) % slots
+        _forward_chunk(pid, q_ptr + tokens, k_ptr + tokens, v_ptr + tokens, d_ptr + scalars * B,
+                       c_ptr + scalars * B, eta_ptr + scalars, beta_ptr + scalars, gamma_ptr + scalars,
+                       w1_ptr + read * layer1, w2_ptr + read * layer2, s1_ptr + read * layer1,
+                       s2_ptr + read * layer2, const_ptr, y_ptr + tokens, w1_ptr + write * layer1,
+                       w2_ptr + write * layer2, s1_ptr + write * layer1, s2_ptr + write * layer2,
+                       B, D, H, BH, DEPTH, RESIDUAL, CLIP, PREC)
+        tl.debug_barrier()  # the next chunk reads the state this one wrote, written by other threads
+
+
+@triton.jit
 def _x_bar(g, a, b, wd, wc, PREC: tl.constexpr):
     """X̄_l = −(w^d ⊙ G_l A_lᵀ + w^c ⊙ G_l B_lᵀ): the weighted sums' backward into the layer's input."""
     return -(wd[:, None] * _dot(g, tl.trans(a), PREC) + wc[:, None] * _dot(g, tl.trans(b), PREC))
@@ -256,9 +296,15 @@ def _g1_bar(k, g1, a1, b1, wd, wc, clip_g1, PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_backward_kernel(
-    q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
-    const_ptr, gy_ptr, gnw1_ptr, gnw2_ptr, gns1_ptr, gns2_ptr,
+def _kept(x, keep):
+    """x, or zeros where the gradient horizon cuts (keep == 0): the start state's gradient is dropped."""
+    return tl.where(keep != 0, x, 0.0)
+
+
+@triton.jit
+def _backward_chunk(
+    pid, keep, q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr,
+    s2_ptr, const_ptr, gy_ptr, gnw1_ptr, gnw2_ptr, gns1_ptr, gns2_ptr,
     gq_ptr, gk_ptr, gv_ptr, gd_ptr, gc_ptr, geta_ptr, gbeta_ptr, ggamma_ptr, gw1_ptr, gw2_ptr, gs1_ptr,
     gs2_ptr,
     B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
@@ -266,8 +312,8 @@ def _chunk_backward_kernel(
 ):
     """The derivation of `chunk_step_reference` in four passes over the hidden tiles (one at depth 1):
     what needs a sum over the hidden dimension (M's outputs, w̄, X̄_1, X_2 A_2, Ḡ_2) is accumulated
-    first, then each tile's own gradients are recomputed from those and written once."""
-    pid = tl.program_id(0).to(tl.int64)
+    first, then each tile's own gradients are recomputed from those and written once (the start state's
+    zeroed where `keep` is 0)."""
     eps, max_norm, q, k, v, d, c, eta, beta, gamma = _load_chunk(
         q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, const_ptr, pid, B, D)
     gy = _load_row(gy_ptr, pid, B, D)
@@ -375,7 +421,8 @@ def _chunk_backward_kernel(
             geta += _sum_all(s1 * a1) + _sum_all(s2 * a2)
             gbeta += _sum_all(w1 * b1) + _sum_all(w2 * b2)
             ggamma += _sum_all(s1 * b1) + _sum_all(s2 * b2)
-            _store_tile(gs1_ptr, gs2_ptr, pid, j, eta * a1 + gamma * b1, eta * a2 + gamma * b2, D, H, BH)
+            _store_tile(gs1_ptr, gs2_ptr, pid, j, _kept(eta * a1 + gamma * b1, keep),
+                        _kept(eta * a2 + gamma * b2, keep), D, H, BH)
 
             xq2, dsq1, _ddsq1 = _silu_parts(_dot(q, w1, PREC))  # the read
             gw2 = beta * b2 + _dot(tl.trans(xq2), ghq, PREC)
@@ -390,23 +437,70 @@ def _chunk_backward_kernel(
             gz1 = gg1_bar * back * dds1 + (_dot(gh, tl.trans(w2), PREC) + gx2) * ds1
             gw1 += _dot(tl.trans(k), gz1, PREC)
             gk += _dot(gz1, tl.trans(w1), PREC)
-            _store_tile(gw1_ptr, gw2_ptr, pid, j, gw1, gw2, D, H, BH)
+            _store_tile(gw1_ptr, gw2_ptr, pid, j, _kept(gw1, keep), _kept(gw2, keep), D, H, BH)
     else:
         w1 = _load_row(w1_ptr, pid, D, H)
         s1 = _load_row(s1_ptr, pid, D, H)
         geta = _sum_all(s1 * a1)
         gbeta = _sum_all(w1 * b1)
         ggamma = _sum_all(s1 * b1)
-        _store_row(gs1_ptr, pid, eta * a1 + gamma * b1, D, H)
+        _store_row(gs1_ptr, pid, _kept(eta * a1 + gamma * b1, keep), D, H)
         gw1 = beta * b1 + _dot(tl.trans(q), ghq, PREC) + _dot(tl.trans(k), gh, PREC)
         gq += _dot(ghq, tl.trans(w1), PREC)
         gk += _dot(gh, tl.trans(w1), PREC)
-        _store_row(gw1_ptr, pid, gw1, D, H)
+        _store_row(gw1_ptr, pid, _kept(gw1, keep), D, H)
     tl.store(geta_ptr + pid, geta)
     tl.store(gbeta_ptr + pid, gbeta)
     tl.store(ggamma_ptr + pid, ggamma)
     _store_row(gq_ptr, pid, gq, B, D)
     _store_row(gk_ptr, pid, gk + gx1, B, D)
+
+
+@triton.jit
+def _chunk_backward_kernel(
+    q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+    const_ptr, gy_ptr, gnw1_ptr, gnw2_ptr, gns1_ptr, gns2_ptr,
+    gq_ptr, gk_ptr, gv_ptr, gd_ptr, gc_ptr, geta_ptr, gbeta_ptr, ggamma_ptr, gw1_ptr, gw2_ptr, gs1_ptr,
+    gs2_ptr,
+    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
+    RESIDUAL: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+):
+    _backward_chunk(tl.program_id(0).to(tl.int64), 1, q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr,
+                    gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, const_ptr, gy_ptr, gnw1_ptr, gnw2_ptr,
+                    gns1_ptr, gns2_ptr, gq_ptr, gk_ptr, gv_ptr, gd_ptr, gc_ptr, geta_ptr, gbeta_ptr,
+                    ggamma_ptr, gw1_ptr, gw2_ptr, gs1_ptr, gs2_ptr, B, D, H, BH, DEPTH, RESIDUAL, CLIP, PREC)
+
+
+@triton.jit
+def _scan_backward_kernel(
+    q_ptr, k_ptr, v_ptr, d_ptr, c_ptr, eta_ptr, beta_ptr, gamma_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+    const_ptr, gy_ptr, keep_ptr, gw1_ptr, gw2_ptr, gs1_ptr, gs2_ptr,
+    gq_ptr, gk_ptr, gv_ptr, gd_ptr, gc_ptr, geta_ptr, gbeta_ptr, ggamma_ptr, n_chunks, rows,
+    B: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, DEPTH: tl.constexpr,
+    RESIDUAL: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+):
+    """Every chunk's backward in one launch, last chunk first. The states are `_scan_forward_kernel`'s
+    boundary states; the state gradients (2, rows, ·) alternate: slot 0 holds the end state's gradient on
+    entry, chunk i reads the slot its successor wrote and writes the other (zeroed where keep[i] is 0);
+    the start state's gradient is left in slot n_chunks % 2."""
+    pid = tl.program_id(0).to(tl.int64)
+    L2: tl.constexpr = H if DEPTH == 2 else D
+    layer1, layer2 = rows * D * H, rows * L2 * D
+    for step in range(n_chunks):
+        chunk = tl.cast(n_chunks - 1 - step, tl.int64)
+        read, write = step % 2, 1 - step % 2
+        tokens, scalars = chunk * rows * B * D, chunk * rows
+        _backward_chunk(pid, tl.load(keep_ptr + chunk), q_ptr + tokens, k_ptr + tokens, v_ptr + tokens,
+                        d_ptr + scalars * B, c_ptr + scalars * B, eta_ptr + scalars, beta_ptr + scalars,
+                        gamma_ptr + scalars, w1_ptr + chunk * layer1, w2_ptr + chunk * layer2,
+                        s1_ptr + chunk * layer1, s2_ptr + chunk * layer2, const_ptr, gy_ptr + tokens,
+                        gw1_ptr + read * layer1, gw2_ptr + read * layer2, gs1_ptr + read * layer1,
+                        gs2_ptr + read * layer2, gq_ptr + tokens, gk_ptr + tokens, gv_ptr + tokens,
+                        gd_ptr + scalars * B, gc_ptr + scalars * B, geta_ptr + scalars, gbeta_ptr + scalars,
+                        ggamma_ptr + scalars, gw1_ptr + write * layer1, gw2_ptr + write * layer2,
+                        gs1_ptr + write * layer1, gs2_ptr + write * layer2, B, D, H, BH, DEPTH, RESIDUAL,
+                        CLIP, PREC)
+        tl.debug_barrier()  # the previous chunk reads the state gradient this one wrote
 
 
 def interpreted() -> bool:
@@ -555,6 +649,64 @@ def triton_chunk_step_backward(
             *tensors[:8], *_layer_pair(state, depth), consts, grad_y, *_layer_pair(grad_end, depth),
             *grads[:8], *_layer_pair(grads[8:], depth))
     return grads
+
+
+def _prepare_scan(opts: ScanOptions, inputs: Sequence[Tensor], state: Sequence[Tensor]
+                  ) -> tuple[list[Tensor], Tensor, dict, int, int]:
+    """`_prepare` for a whole scan: inputs chunk-major (n_chunks, N, ·), checked on their first chunk."""
+    inputs = [t.contiguous() for t in inputs]
+    n_chunks = inputs[0].shape[0]
+    if any(t.shape[0] != n_chunks for t in inputs):
+        raise ValueError(f"the scan's inputs disagree on their number of chunks: "
+                         f"{[t.shape[0] for t in inputs]}")
+    _, consts, meta = _prepare(opts, (*(t[0] for t in inputs), *state))
+    return inputs, consts, meta, n_chunks, inputs[0].shape[1]
+
+
+def triton_scan(opts: ScanOptions, inputs: Sequence[Tensor], state: Sequence[Tensor],
+                keep_boundaries: bool = True) -> tuple[Tensor, list[Tensor]]:
+    """Every chunk of a scan in one launch (one program per row walks the chunks; the state stays on the
+    device between them, and the host launches once instead of once per chunk). inputs: the 8 chunk-major
+    scan inputs (`NeuralMemory.chunk_inputs`); state: the start state, 2L tensors (N, ·). Returns y
+    (n_chunks, N, b, d) and per state tensor its boundary states (n_chunks + 1, N, ·), slot i the state
+    at chunk i's start and the last the end state; without `keep_boundaries` only the end state (1, N, ·)."""
+    inputs, consts, meta, n_chunks, rows = _prepare_scan(opts, inputs, state)
+    slots = n_chunks + 1 if keep_boundaries else 2
+    states = [s.new_empty(slots, *s.shape) for s in state]
+    for buffer, start in zip(states, state, strict=True):
+        buffer[0].copy_(start)
+    y = torch.empty_like(inputs[0])
+    _launch(_scan_forward_kernel, rows, meta, *inputs, *_layer_pair(states, opts.n_layers), consts, y,
+            n_chunks, rows, slots)
+    return y, states if keep_boundaries else [s[n_chunks % 2 : n_chunks % 2 + 1] for s in states]
+
+
+@functools.lru_cache(maxsize=256)
+def _keep_flags(device: torch.device, dtype: torch.dtype, first_chunk: int, n_chunks: int,
+                opts: ScanOptions) -> Tensor:
+    """1 where chunk i's start state passes its gradient on, 0 where the gradient horizon cuts; made once
+    per scan position (a host-to-device copy per call would block the host)."""
+    return torch.tensor([0.0 if opts.cuts_before(first_chunk + i) else 1.0 for i in range(n_chunks)],
+                        dtype=dtype, device=device)
+
+
+def triton_scan_backward(opts: ScanOptions, first_chunk: int, inputs: Sequence[Tensor],
+                         boundaries: Sequence[Tensor], grad_y: Tensor, grad_end: Sequence[Tensor]
+                         ) -> tuple[list[Tensor], list[Tensor]]:
+    """The backward of `triton_scan` in one launch, last chunk first, with the gradient horizon's cuts of
+    a scan starting at global chunk `first_chunk`. Returns the gradients of the 8 inputs (chunk-major)
+    and of the start state."""
+    inputs, consts, meta, n_chunks, rows = _prepare_scan(opts, inputs, [b[0] for b in boundaries])
+    boundaries = [b.contiguous() for b in boundaries]
+    grad_state = [g.new_empty(2, *g.shape) for g in grad_end]
+    for buffer, end in zip(grad_state, grad_end, strict=True):
+        buffer[0].copy_(end)
+    grads = [torch.empty_like(t) for t in inputs]
+    keep = _keep_flags(inputs[0].device, inputs[0].dtype, first_chunk, n_chunks, opts)
+    depth = opts.n_layers
+    _launch(_scan_backward_kernel, rows, meta, *inputs, *_layer_pair(boundaries, depth), consts,
+            grad_y.contiguous(), keep, *_layer_pair(grad_state, depth), *grads, n_chunks, rows)
+    return grads, [g[n_chunks % 2] for g in grad_state]
 
 
 def triton_chunk_step(

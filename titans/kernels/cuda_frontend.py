@@ -35,6 +35,11 @@ PAPER_SHAPE = (64, 64, 256)
 SHARED_MEMORY_LIMITS = {90: ("H100 / H200", 232_448), 80: ("A100", 166_912)}
 
 
+# The whole-scan kernels' integer arguments; every other non-constexpr argument is a pointer
+INTEGER_ARGUMENTS = ("n_chunks", "rows", "slots")
+KERNELS = ("_chunk_forward_kernel", "_chunk_backward_kernel", "_scan_forward_kernel", "_scan_backward_kernel")
+
+
 def specialisations(shapes: Sequence[tuple[int, int, int]] = SHAPES, depths: Sequence[int] = (1, 2)
                     ) -> Iterator[dict]:
     """Every constexpr combination the launcher (`chunk_step_triton._prepare`) can produce for `shapes`."""
@@ -52,7 +57,8 @@ def kernel_source(kernel, meta: dict):
     """`kernel` specialised by `meta`'s constexprs, every pointer argument of meta["dtype"]."""
     from triton.compiler import ASTSource
 
-    signature = {p.name: "constexpr" if p.is_constexpr else f"*{meta['dtype']}" for p in kernel.params}
+    signature = {p.name: "constexpr" if p.is_constexpr else "i32" if p.name in INTEGER_ARGUMENTS
+                 else f"*{meta['dtype']}" for p in kernel.params}
     constants = {name: meta[name] for name, kind in signature.items() if kind == "constexpr"}
     return ASTSource(kernel, signature, constexprs=constants)
 
@@ -93,7 +99,7 @@ def check_front_end() -> int:
 
     failures = count = 0
     for meta in specialisations():
-        for kernel in (kernels._chunk_forward_kernel, kernels._chunk_backward_kernel):
+        for kernel in (getattr(kernels, name) for name in KERNELS):
             count += 1
             try:
                 front_end(kernel, meta)
@@ -109,7 +115,7 @@ def check_shared_memory(workers: int) -> int:
     """The paper shape's float32 kernels (clipping on: the larger), both dot precisions, for sm_90."""
     jobs = [(name, meta) for meta in specialisations([PAPER_SHAPE], depths=[2])
             if meta["dtype"] == "fp32" and meta["RESIDUAL"] and meta["CLIP"]
-            for name in ("_chunk_forward_kernel", "_chunk_backward_kernel")]
+            for name in KERNELS]
     limit_name, limit = SHARED_MEMORY_LIMITS[90]
     print(f"compiling {len(jobs)} kernels for sm_90 ({workers} at a time; minutes each)", flush=True)
     status = 0
