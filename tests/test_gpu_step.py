@@ -89,6 +89,16 @@ def test_triton_scan_timing_runs_in_the_interpreter():
     assert len(times) == 4 and all(t > 0 for t in times)
 
 
+@pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="scan_host.py stubs interpreted kernels")
+def test_scan_host_bench_prints_its_table(capsys):
+    pytest.importorskip("titans.kernels.chunk_step_triton")
+    import scan_host
+
+    assert scan_host.main(["--rows", "2", "--chunks", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| forward |" in out and "| backward (the recomputing scan's) |" in out, out
+
+
 def test_the_default_kernel_follows_the_float32_matmul_precision(capsys):
     """On CUDA the default is Triton only with TF32 matmuls: with exact ones its dots run on the FMA units,
     slower than the torch step (measured on an H100); an explicit --kernel is kept."""
