@@ -282,7 +282,8 @@ class RecomputedScan(torch.autograd.Function):
     recomputes one chunk from its saved start state with autograd and pulls the output and end-state
     gradients through it (a kernel with an explicit backward gets that called directly instead), so
     activation memory is one chunk's worth plus the boundary states. At the gradient horizon's cuts the
-    state's gradient is dropped, as `scan_chunks`' detach drops it.
+    state's gradient is dropped, as `scan_chunks`' detach drops it. A kernel with a whole-scan form
+    (`scan_kernel_of`: triton) runs all chunks in one call each way instead.
     """
 
     @staticmethod

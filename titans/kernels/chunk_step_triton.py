@@ -3,18 +3,22 @@
 `triton_chunk_step(opts, q, k, v, d, c, eta_prod, beta, gamma, *state)` has the signature and outputs
 of `titans.memory.memory_chunk_step`, so it can stand in for it inside the chunk scan.
 
-Layout: one program per row N (one batch·head memory) and one chunk. The program loads q, k, v as
-(b, D) blocks, d and c as (b,) and the three chunk scalars; a depth-2 state (W_l, S_l: (D, H) and (H, D)
-with H = hidden) is walked in tiles of BLOCK_HIDDEN hidden units (layer 1's columns, layer 2's rows), so
-a program holds a few (D, BLOCK_HIDDEN) blocks at a time, never the whole state (at the paper's head 64
-and hidden 256 that would be 256 KiB in float32, beyond a program's registers and shared memory); a
-depth-1 state (D, D) is loaded whole. Every matmul is a `tl.dot` in IEEE precision (the results equal the
-torch path to fp32 rounding), or in TF32 on tensor cores when torch's float32 matmuls are set to TF32
-(`dot_precision`). The forward sums the read y = M(q) and M(k) over the tiles,
-forms the per-token gradient of ‖M(k_i) − v_i‖² at the output (`_last_gradient`), takes a second walk for
-the surprise clipping's norms when clipping is on, and a last one that writes each tile's new weights and
-momentum; per-token gradients are never formed, as in the torch path (one `X_lᵀ diag(w) G_l` matmul per
-layer and weighting).
+`triton_scan` / `triton_scan_backward` run every chunk of a scan in one launch per direction (each program
+walks its row's chunks through the same bodies): what the recomputing scan and inference call, so the host
+does not pay a launch's checks, allocations and Python per chunk.
+
+Layout: one program per row N (one batch·head memory) and one chunk (or, in a scan, all its chunks). The
+program loads q, k, v as (b, D) blocks, d and c as (b,) and the three chunk scalars; a depth-2 state
+(W_l, S_l: (D, H) and (H, D) with H = hidden) is walked in tiles of BLOCK_HIDDEN hidden units (layer 1's
+columns, layer 2's rows), so a program holds a few (D, BLOCK_HIDDEN) blocks at a time, never the whole
+state (at the paper's head 64 and hidden 256 that would be 256 KiB in float32, beyond a program's
+registers and shared memory); a depth-1 state (D, D) is loaded whole. Every matmul is a `tl.dot` in IEEE
+precision (the results equal the torch path to fp32 rounding), or in TF32 on tensor cores when torch's
+float32 matmuls are set to TF32 (`dot_precision`). The forward sums the read y = M(q) and M(k) over the
+tiles, forms the per-token gradient of ‖M(k_i) − v_i‖² at the output (`_last_gradient`), takes a second
+walk for the surprise clipping's norms when clipping is on, and a last one that writes each tile's new
+weights and momentum; per-token gradients are never formed, as in the torch path (one `X_lᵀ diag(w) G_l`
+matmul per layer and weighting).
 
 The backward kernel recomputes those activations from the saved inputs (as `RecomputedScan` does per
 chunk: nothing per token is kept between the passes) and walks the derivation written out in
