@@ -7,9 +7,9 @@
 # GPU time comes in short sessions, and every step has its own time limit, so a hang or a slow kernel
 # costs one step, not the session. Compiling takes most of the time (the depth-2 float32 Triton kernels at
 # the paper's shape take minutes, FlexAttention tens of seconds per shape). With no steps named it runs
-# $DEFAULT_STEPS (the short-lease steps below split the same work differently): about 16 minutes.
-# `environment triton-checks chunk-step profile-760m-mac` fits one 10-minute call; `train-smoke` a short
-# second one.
+# $DEFAULT_STEPS (the short-lease steps below split the same work differently): about 20 minutes.
+# A short lease: `environment triton-checks` in one 10-minute call, then at once (the machine stays warm
+# only briefly) `chunk-step profile-760m-mac`; `train-smoke` a short third one.
 #
 #     bench/gpu_checks.sh OUT_DIR        # every step's output in OUT_DIR/<step>.log, OUT_DIR/summary.txt
 #     bench/gpu_checks.sh OUT_DIR gpu-checks step-340m   # only the steps named (to rerun one, or fit a
@@ -68,11 +68,11 @@ def v(n):
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\",
       torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 print(\"triton\", v(\"triton\"), \"flash-attn\", v(\"flash-attn\"))'"
-# A short lease (one 10-minute call): `environment triton-checks chunk-step profile-760m-mac`. The Triton
-# checks compile the paper-shape kernels first, so the later steps find them in Triton's cache; the
-# profile says where a MAC step's time goes beside the chunk step's kernels.
-step triton-checks 250 "$python" bench/gpu_step.py --check-only triton
-step chunk-step 130 "$python" bench/gpu_step.py --chunk-step --sizes 760m --variants mac --repeats 5
+# A short lease: `environment triton-checks`, then `chunk-step profile-760m-mac`. The Triton checks compile
+# the paper-shape kernels first (per chunk and whole-scan, IEEE: minutes), so the later steps find them in
+# Triton's cache; the profile says where a MAC step's time goes beside the chunk step's kernels.
+step triton-checks 480 "$python" bench/gpu_step.py --check-only triton
+step chunk-step 200 "$python" bench/gpu_step.py --chunk-step --sizes 760m --variants mac --repeats 5
 step profile-760m-mac 180 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 3 --row-budget-s 8 \
     --profile 40 train.fp32_matmul=tf32
 # The training job itself on the GPU (README command 1 with the Triton kernel, TF32, 30 steps, bf16): what a
@@ -83,8 +83,8 @@ step train-smoke 150 "$python" -m pretrain.train --config configs/tiny.yaml trai
     train.out_dir="${TMPDIR:-/tmp}/gpu-checks-train-smoke"
 step step-760m-mac 190 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12
 step attention-checks 100 "$python" bench/gpu_step.py --check-only attention
-step gpu-checks 360 "$python" bench/gpu_step.py --check-only
-step triton-tests 120 "$python" -m pytest -v -p no:cacheprovider tests/test_triton_chunk_step.py
+step gpu-checks 540 "$python" bench/gpu_step.py --check-only
+step triton-tests 240 "$python" -m pytest -v -p no:cacheprovider tests/test_triton_chunk_step.py
 step step-760m 300 "$python" bench/gpu_step.py --sizes 760m --repeats 5 --row-budget-s 12
 step step-760m-tf32 90 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12 \
     train.fp32_matmul=tf32

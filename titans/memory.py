@@ -633,7 +633,10 @@ class NeuralMemory(nn.Module):
         inputs = self.chunk_inputs(q, k, v, theta, log_eta, log_keep, state.weights[0].dtype)
         n_chunks, _, b, _ = inputs[0].shape
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
-        if self.recompute and torch.is_grad_enabled():
+        # A whole-scan kernel recomputes in its backward whatever the setting: its per-chunk form saves just
+        # the chunk's inputs and start state too, so storing would keep nothing more.
+        recompute = self.recompute or scan_kernel_of(self.scan_options.kernel) is not None
+        if recompute and torch.is_grad_enabled():
             y, *flat = RecomputedScan.apply(self.scan_options, state.chunks, *inputs, *flat)
         else:
             y, *flat = scan_chunks(self.scan_options, inputs, flat, state.chunks)
