@@ -259,12 +259,12 @@ def scan_chunks(
     """Run the chunks in order with plain autograd. inputs, chunk-major: q, k, v (n, N, b, d), then d, c
     (n, N, b) and eta_prod, beta, gamma (n, N); `first_chunk`: the global index of the first chunk (where
     the gradient horizon's cuts fall). Returns (y (n, N, b, d), *end_state)."""
-    # unbind, not indexing: the backward of x[i] writes into a zero tensor of x's full size per chunk
-    # (quadratic in length); unbind's backward stacks the chunk gradients once.
     whole = scan_kernel_of(opts.kernel)
     if whole is not None and not torch.is_grad_enabled():  # inference: one launch, no boundary states kept
         y, end = whole[0](opts, inputs, state, keep_boundaries=False)
         return (y, *(s[-1] for s in end))
+    # unbind, not indexing: the backward of x[i] writes into a zero tensor of x's full size per chunk
+    # (quadratic in length); unbind's backward stacks the chunk gradients once.
     outputs, step = [], chunk_step(opts.kernel)
     for i, chunk in enumerate(zip(*(t.unbind(0) for t in inputs), strict=True)):
         if opts.cuts_before(first_chunk + i):
