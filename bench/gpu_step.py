@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -456,19 +457,19 @@ def time_chunk_step(kernel: str, opts: ScanOptions, inputs: list[torch.Tensor], 
     if backward:
         ones = [torch.ones_like(o) for o in step(opts, *inputs)]
 
-    times: list[float | None] = []
-    for call in (forward, forward_backward, backward_alone if backward else None):
-        if call is None:
-            times.append(None)
-            continue
+    calls = (forward, forward_backward, backward_alone if backward else None)
+    return [None if call is None else mean_ms(call, device, repeats) for call in calls]
+
+
+def mean_ms(call: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Mean milliseconds of `repeats` calls after a warm-up call, the device synchronised around them."""
+    call()
+    synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(repeats):
         call()
-        synchronize(device)
-        begin = time.perf_counter()
-        for _ in range(repeats):
-            call()
-        synchronize(device)
-        times.append((time.perf_counter() - begin) / repeats * 1e3)
-    return times
+    synchronize(device)
+    return (time.perf_counter() - begin) / repeats * 1e3
 
 
 def time_triton_scan(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: int, device: torch.device,
@@ -504,17 +505,8 @@ def time_triton_scan(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: in
 
     calls = (forward_per_chunk, lambda: triton_scan(opts, chunked, start), backward_per_chunk,
              lambda: triton_scan_backward(opts, 0, chunked, boundaries, grad_y, grad_end))
-    times = []
     with torch.no_grad():
-        for call in calls:
-            call()
-            synchronize(device)
-            begin = time.perf_counter()
-            for _ in range(repeats):
-                call()
-            synchronize(device)
-            times.append((time.perf_counter() - begin) / repeats / n_chunks * 1e3)
-    return times
+        return [mean_ms(call, device, repeats) / n_chunks for call in calls]
 
 
 def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats: int, seq: int = 4096
