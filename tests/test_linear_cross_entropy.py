@@ -88,6 +88,18 @@ def test_only_plain_bias_free_linears_are_fused():
     assert not fusable(nn.Sequential(nn.Linear(4, 8, bias=False)))
 
 
+def test_a_zero3_head_is_fused_while_its_weight_is_gathered():
+    """ZeRO-3 hooks every module and marks its parameters (ds_id); read inside the engine's forward, the
+    weight is gathered to its full shape, elsewhere it is an empty placeholder (tests/test_zero.py runs
+    the real engine)."""
+    head = nn.Linear(4, 8, bias=False)
+    head.register_forward_pre_hook(lambda *_: None)
+    head.weight.ds_id = 0
+    assert fusable(head)
+    head.weight.data = torch.empty(0)
+    assert not fusable(head)
+
+
 def test_no_grad_computes_the_loss_only():
     head = nn.Linear(8, 20, bias=False)
     features, targets = torch.randn(6, 8), torch.randint(20, (6,))
