@@ -241,7 +241,6 @@ def test_module_with_triton_kernel_equals_torch_path(recompute):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-
 def scan_inputs(depth: int, clip: bool, n_chunks: int = 5) -> tuple[ScanOptions, list[torch.Tensor], list]:
     """A scan's chunk-major inputs (n_chunks, N, ·) in float64, built by a memory from random tokens, and a
     start state away from the memory's initial one; the gradient horizon cuts every 2 chunks."""
