@@ -259,10 +259,6 @@ def scan_chunks(
     """Run the chunks in order with plain autograd. inputs, chunk-major: q, k, v (n, N, b, d), then d, c
     (n, N, b) and eta_prod, beta, gamma (n, N); `first_chunk`: the global index of the first chunk (where
     the gradient horizon's cuts fall). Returns (y (n, N, b, d), *end_state)."""
-    whole = scan_kernel_of(opts.kernel)
-    if whole is not None and not torch.is_grad_enabled():  # inference: one launch, no boundary states kept
-        y, end = whole[0](opts, inputs, state, keep_boundaries=False)
-        return (y, *(s[-1] for s in end))
     # unbind, not indexing: the backward of x[i] writes into a zero tensor of x's full size per chunk
     # (quadratic in length); unbind's backward stacks the chunk gradients once.
     outputs, step = [], chunk_step(opts.kernel)
@@ -282,25 +278,19 @@ class RecomputedScan(torch.autograd.Function):
     recomputes one chunk from its saved start state with autograd and pulls the output and end-state
     gradients through it (a kernel with an explicit backward gets that called directly instead), so
     activation memory is one chunk's worth plus the boundary states. At the gradient horizon's cuts the
-    state's gradient is dropped, as `scan_chunks`' detach drops it. A kernel with a whole-scan form
-    (`scan_kernel_of`: triton) runs all chunks in one call each way instead.
+    state's gradient is dropped, as `scan_chunks`' detach drops it.
     """
 
     @staticmethod
     def forward(ctx, opts: ScanOptions, first_chunk: int, *tensors: Tensor  # type: ignore[override]
                 ) -> tuple[Tensor, ...]:
         inputs, state = tensors[:8], list(tensors[8:])
-        ctx.opts, ctx.first_chunk, ctx.n_state = opts, first_chunk, len(state)
-        whole = scan_kernel_of(opts.kernel)
-        if whole is not None:  # one call for every chunk; the boundary states stacked, (n + 1, N, ·) each
-            y, stacked = whole[0](opts, inputs, state)
-            ctx.save_for_backward(*inputs, *stacked)
-            return (y, *(s[-1].clone() for s in stacked))  # a copy: outputs must not alias what is saved
         boundaries, outputs, step = [], [], chunk_step(opts.kernel)
         for chunk in zip(*(t.unbind(0) for t in inputs), strict=True):
             boundaries += state
             y, *state = step(opts, *chunk, *state)
             outputs.append(y)
+        ctx.opts, ctx.first_chunk, ctx.n_state = opts, first_chunk, len(state)
         ctx.save_for_backward(*inputs, *boundaries)
         return (torch.stack(outputs), *state)
 
@@ -309,11 +299,6 @@ class RecomputedScan(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, boundaries, n = saved[:8], saved[8:], ctx.n_state
         needed = [t.requires_grad for t in inputs]
-        whole = scan_kernel_of(ctx.opts.kernel)
-        if whole is not None:
-            grads_in, grad_start = whole[1](ctx.opts, ctx.first_chunk, inputs, boundaries, grad_y, grad_state)
-            return (None, None, *(g if need else None for g, need in zip(grads_in, needed, strict=True)),
-                    *grad_start)
         chunk_grads: list[list[Tensor]] = [[] for _ in inputs]  # last chunk first
         grad_state, step = list(grad_state), chunk_step(ctx.opts.kernel)
         explicit_backward = chunk_step_backward_of(ctx.opts.kernel)
@@ -339,6 +324,31 @@ class RecomputedScan(torch.autograd.Function):
         grads_in = (torch.stack(g[::-1]) if need else None
                     for g, need in zip(chunk_grads, needed, strict=True))
         return (None, None, *grads_in, *grad_state)
+
+
+class KernelScan(torch.autograd.Function):
+    """The chunk scan run by a whole-scan kernel (`scan_kernel_of`): every chunk in one call each way. The
+    forward keeps the chunk-boundary states and the backward recomputes from them, as `RecomputedScan`
+    does chunk by chunk; the gradient horizon's cuts are the kernel's to apply."""
+
+    @staticmethod
+    def forward(ctx, opts: ScanOptions, first_chunk: int, *tensors: Tensor  # type: ignore[override]
+                ) -> tuple[Tensor, ...]:
+        inputs = tensors[:8]
+        y, boundaries = scan_kernel_of(opts.kernel)[0](opts, inputs, tensors[8:])  # each (n + 1, N, ·)
+        ctx.opts, ctx.first_chunk = opts, first_chunk
+        ctx.save_for_backward(*inputs, *boundaries)
+        return (y, *(b[-1].clone() for b in boundaries))  # a copy: outputs must not alias what is saved
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, *grad_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        saved = ctx.saved_tensors
+        inputs, boundaries = saved[:8], saved[8:]
+        grads, grad_start = scan_kernel_of(ctx.opts.kernel)[1](ctx.opts, ctx.first_chunk, inputs, boundaries,
+                                                               grad_y, grad_state)
+        needed = ctx.needs_input_grad[2:10]
+        return (None, None, *(g if need else None for g, need in zip(grads, needed, strict=True)),
+                *grad_start)
 
 
 def init_memory_parameter(
@@ -633,13 +643,17 @@ class NeuralMemory(nn.Module):
         inputs = self.chunk_inputs(q, k, v, theta, log_eta, log_keep, state.weights[0].dtype)
         n_chunks, _, b, _ = inputs[0].shape
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
-        # A whole-scan kernel recomputes in its backward whatever the setting: its per-chunk form saves just
-        # the chunk's inputs and start state too, so storing would keep nothing more.
-        recompute = self.recompute or scan_kernel_of(self.scan_options.kernel) is not None
-        if recompute and torch.is_grad_enabled():
-            y, *flat = RecomputedScan.apply(self.scan_options, state.chunks, *inputs, *flat)
+        opts, whole = self.scan_options, scan_kernel_of(self.scan_options.kernel)
+        if whole is not None and torch.is_grad_enabled():
+            # whatever `recompute` says: the per-chunk form of such a kernel recomputes in backward too
+            y, *flat = KernelScan.apply(opts, state.chunks, *inputs, *flat)
+        elif whole is not None:  # inference: one call, no boundary states kept
+            y, ends = whole[0](opts, inputs, flat, keep_boundaries=False)
+            flat = [end[-1] for end in ends]
+        elif self.recompute and torch.is_grad_enabled():
+            y, *flat = RecomputedScan.apply(opts, state.chunks, *inputs, *flat)
         else:
-            y, *flat = scan_chunks(self.scan_options, inputs, flat, state.chunks)
+            y, *flat = scan_chunks(opts, inputs, flat, state.chunks)
         # (n_chunks, B·H, b, d) → (B, T, H, d)
         y = y.view(n_chunks, B, H, b, d).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * b, H, d)[:, :T]
         unflat = [t.reshape(B, H, *t.shape[1:]) for t in flat]

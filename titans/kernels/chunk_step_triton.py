@@ -3,9 +3,9 @@
 `triton_chunk_step(opts, q, k, v, d, c, eta_prod, beta, gamma, *state)` has the signature and outputs
 of `titans.memory.memory_chunk_step`, so it can stand in for it inside the chunk scan.
 
-`triton_scan` / `triton_scan_backward` run every chunk of a scan in one launch per direction (each program
-walks its row's chunks through the same bodies): what the recomputing scan and inference call, so the host
-does not pay a launch's checks, allocations and Python per chunk.
+`triton_scan` / `triton_scan_backward` run every chunk of a scan in one launch per direction (each
+program walks its row's chunks through the same bodies): what training (`KernelScan`) and inference call,
+so the host does not pay a launch's checks, allocations and Python per chunk.
 
 Layout: one program per row N (one batch·head memory) and one chunk (or, in a scan, all its chunks). The
 program loads q, k, v as (b, D) blocks, d and c as (b,) and the three chunk scalars; a depth-2 state
