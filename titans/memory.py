@@ -158,7 +158,8 @@ def weighted_loss_grads(
     return grads
 
 
-def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
+def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor, valid: Tensor | None = None
+                       ) -> tuple[Tensor, ...]:
     """Collapse b token steps of surprise/forgetting into per-chunk coefficients (docs/DESIGN.md §2).
 
     All inputs (..., b): θ_i, log η_i, log(1 − α_i). With β_i = Π_{j≤i}(1 − α_j) and gradients u_i taken
@@ -167,21 +168,25 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor, valid: 
         M_end = β_b M_0 + γ S_0 − Σ c_i u_i,           c_i = θ_i Σ_{m≥i} (β_b/β_m) Π_{i<j≤m} η_j
         γ = Σ_m (β_b/β_m) Π_{j≤m} η_j
     Everything is an exponential of a non-positive log sum, so no ratio of tiny numbers is ever formed.
-    `valid` (..., b) marks real tokens: padding (θ = 0, η = 1, α = 0) leaves S unchanged but would
-    still add S to M at every padded step, so padded steps m are left out of the sums over m.
+    `valid` (..., b) marks real tokens (None: all are): padding (θ = 0, η = 1, α = 0) leaves S unchanged
+    but would still add S to M at every padded step, so padded steps m are left out of the sums over m.
     Returns d, c (..., b) and eta_prod, beta, gamma (...,).
     """
     cum_eta = log_eta.cumsum(-1)
     cum_keep = log_keep.cumsum(-1)
     eta_end, keep_end = cum_eta[..., -1:], cum_keep[..., -1:]
     d = theta * torch.exp(eta_end - cum_eta)
-    # exponent[i, m] = log(β_b/β_m) + log Π_{i<j≤m} η_j, for m ≥ i
-    exponent = (keep_end - cum_keep + cum_eta).unsqueeze(-2) - cum_eta.unsqueeze(-1)
+    # per m: log(β_b/β_m) + log Π_{j≤m} η_j, the terms of γ; exponent[i, m] = that - log Π_{j≤i} η_j
+    # = log(β_b/β_m) + log Π_{i<j≤m} η_j, for m ≥ i
+    per_m = keep_end - cum_keep + cum_eta
+    exponent = per_m.unsqueeze(-2) - cum_eta.unsqueeze(-1)
     b = theta.shape[-1]
-    upper = torch.ones(b, b, dtype=torch.bool, device=theta.device).triu()
-    exponent = exponent.masked_fill(~(upper & valid.unsqueeze(-2)), float("-inf"))
-    c = theta * torch.exp(exponent).sum(-1)
-    gamma = torch.exp((keep_end - cum_keep + cum_eta).masked_fill(~valid, float("-inf"))).sum(-1)
+    hidden = torch.ones(b, b, dtype=torch.bool, device=theta.device).tril(-1)  # m < i
+    if valid is not None:
+        hidden = hidden | ~valid.unsqueeze(-2)
+        per_m = per_m.masked_fill(~valid, float("-inf"))
+    c = theta * torch.exp(exponent.masked_fill(hidden, float("-inf"))).sum(-1)
+    gamma = torch.exp(per_m).sum(-1)
     return d, c, torch.exp(eta_end[..., 0]), torch.exp(keep_end[..., 0]), gamma
 
 
@@ -627,11 +632,13 @@ class NeuralMemory(nn.Module):
 
         def chunk_major(t: Tensor) -> Tensor:
             # (B, T, H, d) → (n_chunks, B·H, b, d); padded tokens get θ = 0, η = 1, α = 0: identity steps.
-            t = F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad))
+            # (No pad call when none is needed: a zero pad is still a copy, forward and backward.)
+            t = F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else t.to(dtype)
             return t.reshape(B, n_chunks, b, H, -1).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, b, -1)
 
-        gates = [chunk_major(g.unsqueeze(-1)).squeeze(-1) for g in (theta, log_eta, log_keep)]
-        valid = (torch.arange(n_chunks * b, device=q.device) < T).view(n_chunks, 1, b)
+        # the three gates laid out together, one copy: (n_chunks, B·H, b, 3), then a view of each
+        gates = chunk_major(torch.stack([theta, log_eta, log_keep], dim=-1)).unbind(-1)
+        valid = None if not pad else (torch.arange(n_chunks * b, device=q.device) < T).view(n_chunks, 1, b)
         return (chunk_major(q), chunk_major(k), chunk_major(v), *chunk_coefficients(*gates, valid))
 
     def scan(
