@@ -341,14 +341,19 @@ def test_sequence_parallel_matches_one_process(sp_runs, sp_references, variant, 
     reference, ref_weights = sp_references[(variant, depth)]
     assert all(close(a, b) for a, b in zip(got["losses"], reference.losses, strict=True)), \
         (got["losses"], reference.losses)
+    # The validation loss comes after the third update, from weights that differ by up to ~1.2e-3 (below):
+    # 1e-5 was at the edge of the fp32 rounding (MAL sp=4 lands at 1.1e-5 to 1.2e-5 with any reordering of
+    # the memory's sums); a broken relay moves it by far more than 1e-4.
     for step, val in reference.val_losses.items():
-        assert close(got["val_losses"][str(step)], val), (step, got["val_losses"], reference.val_losses)
+        assert close(got["val_losses"][str(step)], val, rel=1e-4), (step, got["val_losses"],
+                                                                     reference.val_losses)
     weights = consolidate(Path(got["checkpoint"]))
     for name, want in ref_weights.items():  # the shards' gradients are summed in another order: in
         error = (weights[name] - want).norm() / want.norm()  # float64 they agree to 1e-15
-        assert error <= 1e-3, (name, error.item())  # (test_sequence_gradients.py); in fp32 Adam turns
-        # the rounding of near-zero gradients into ±lr steps: up to 2.4e-4 after 3 steps (MAG, sp=4);
-        # a wrong gradient shows as 1e-2 or more (the blocks' gradients lost under sp × pp: 2e-1)
+        assert error <= 3e-3, (name, error.item())  # (test_sequence_gradients.py); in fp32 Adam turns
+        # the rounding of near-zero gradients into ±lr steps: up to 1.2e-3 after 3 steps (MAL sp=4, after
+        # the memory's coefficient sums were reordered; 2.4e-4 for MAG before); a wrong gradient shows as
+        # 1e-2 or more (the blocks' gradients lost under sp × pp: 2e-1)
 
 
 @pytest.mark.parametrize("override, message", [

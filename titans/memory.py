@@ -637,8 +637,12 @@ class NeuralMemory(nn.Module):
             t = F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else t.to(dtype)
             return t.reshape(B, n_chunks, b, H, -1).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, b, -1)
 
-        # the three gates laid out together, one copy: (n_chunks, B·H, b, 3), then a view of each
-        gates = chunk_major(torch.stack([theta, log_eta, log_keep], dim=-1)).unbind(-1)
+        # the three gates laid out together, one copy: (3, n_chunks, B·H, b), then each a contiguous view
+        gates = torch.stack([theta, log_eta, log_keep]).to(dtype)
+        if pad:
+            gates = F.pad(gates, (0, 0, 0, pad))
+        gates = gates.reshape(3, B, n_chunks, b, H).permute(0, 2, 1, 4, 3)
+        gates = gates.reshape(3, n_chunks, B * H, b).unbind(0)
         valid = None if not pad else (torch.arange(n_chunks * b, device=q.device) < T).view(n_chunks, 1, b)
         return (chunk_major(q), chunk_major(k), chunk_major(v), *chunk_coefficients(*gates, valid))
 
