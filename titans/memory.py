@@ -632,17 +632,17 @@ class NeuralMemory(nn.Module):
         pad = n_chunks * b - T
 
         def chunk_major(t: Tensor) -> Tensor:
-            # (B, T, H, d) → (n_chunks, B·H, b, d); padded tokens get θ = 0, η = 1, α = 0: identity steps.
-            # (No pad call when none is needed: a zero pad is still a copy, forward and backward.)
+            # (..., B, T, H, d) → (..., n_chunks, B·H, b, d); padded tokens get θ = 0, η = 1, α = 0: identity
+            # steps. (No pad call when none is needed: a zero pad is still a copy, forward and backward.)
             t = F.pad(t.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else t.to(dtype)
-            return t.reshape(B, n_chunks, b, H, -1).permute(1, 0, 3, 2, 4).reshape(n_chunks, B * H, b, -1)
+            lead = t.shape[:-4]
+            t = t.reshape(*lead, B, n_chunks, b, H, -1)
+            n = len(lead)
+            t = t.permute(*range(n), n + 1, n, n + 3, n + 2, n + 4)
+            return t.reshape(*lead, n_chunks, B * H, b, -1)
 
         # the three gates laid out together, one copy: (3, n_chunks, B·H, b), then each a contiguous view
-        gates = torch.stack([theta, log_eta, log_keep]).to(dtype)
-        if pad:
-            gates = F.pad(gates, (0, 0, 0, pad))
-        gates = gates.reshape(3, B, n_chunks, b, H).permute(0, 2, 1, 4, 3)
-        gates = gates.reshape(3, n_chunks, B * H, b).unbind(0)
+        gates = chunk_major(torch.stack([theta, log_eta, log_keep]).unsqueeze(-1)).squeeze(-1).unbind(0)
         valid = None if not pad else (torch.arange(n_chunks * b, device=q.device) < T).view(n_chunks, 1, b)
         return (chunk_major(q), chunk_major(k), chunk_major(v), *chunk_coefficients(*gates, valid))
 
