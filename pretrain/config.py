@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from titans.model import TitansConfig
@@ -83,6 +84,10 @@ class TrainConfig:
     # "tf32" (tensor cores, inputs rounded to a 10-bit mantissa; the Triton memory kernel follows it)
     fp32_matmul: str = "ieee"
     activation_checkpointing: bool = False
+    # torch.compile each block (as torchtitan does), the memory's scan an opaque op inside it
+    # (titans/scan_op.py): the first step compiles (minutes); then fewer, fused kernels per block
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend; "aot_eager" traces without generating code
     log_every: int = 10
     eval_every: int = 100  # 0: no validation
     eval_batches: int = 8
@@ -275,6 +280,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     if t.fp32_matmul not in ("ieee", "tf32"):
         raise ConfigError(f"train.fp32_matmul must be ieee or tf32, got {t.fp32_matmul!r}")
+    if t.compile:
+        validate_compile(cfg)
     if not 0 <= t.warmup_steps < t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
     if not 0 <= t.min_lr_ratio <= 1:
@@ -319,6 +326,20 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.synthetic_max_distance={d.synthetic_max_distance} is below the shortest "
                               f"distance {shortest} (data.synthetic_min_distance)")
     validate_parallel(cfg)
+
+
+def validate_compile(cfg: RunConfig) -> None:
+    """train.compile with the layouts it is tested under: one process, data parallel, ZeRO-1/2, pp."""
+    p = cfg.parallel
+    unsupported = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "sp") if getattr(p, k) > 1]
+    unsupported += [f"parallel.zero_stage={p.zero_stage}"] if p.zero_stage == 3 else []
+    if unsupported:
+        raise ConfigError(f"train.compile with {', '.join(unsupported)} is not supported (megatron's tensor-"
+                          "parallel layers, the sequence relay and ZeRO-3's parameter hooks are not compiled "
+                          "yet): set train.compile=false or change the layout")
+    if cfg.train.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError("train.compile_backend must be a torch.compile backend (e.g. inductor, "
+                          f"aot_eager), got {cfg.train.compile_backend!r}")
 
 
 def splitting_fields(p: ParallelConfig, zero_stages: tuple[int, ...]) -> list[str]:

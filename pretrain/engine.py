@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from parallel.compile import compile_blocks
 from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
@@ -291,6 +292,8 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
     models, stage_indices = build_local_model(cfg.model, p, mesh.pp_rank, shard, mesh.device, cfg.train.seed)
     for model in models:
         model.checkpoint_blocks = cfg.train.activation_checkpointing
+        if cfg.train.compile:
+            compile_blocks(model, cfg.train.compile_backend)
     if initial is not None:  # before the optimizer (and ZeRO) copy the parameters
         load_dense(models, initial)
     optimizer = make_optimizer(models, cfg, mesh)

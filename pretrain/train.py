@@ -338,7 +338,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         started = time.perf_counter()
         log_now = (step + 1) % t.log_every == 0 or step == 0
         for _, m in memories:
-            m.record_stats = log_now
+            m.record_stats = log_now or t.compile  # compiled: one graph that has the stats, not a second
         loss_sum, held, step_tokens = 0.0, False, 0
         for micro in range(t.grad_accum):
             parts = as_parts(next(data_iter))

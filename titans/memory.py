@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from typing import Any
 
 import torch
@@ -258,6 +258,22 @@ def _import(module: str, function: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
+def compiling() -> bool:
+    """Whether torch.compile is tracing this call (our own name for it, so a test can take the compiled
+    branches eagerly without patching torch)."""
+    return torch.compiler.is_compiling()
+
+
+def has_scan_op() -> bool:
+    """Registers the scan's custom ops for torch.compile (titans/scan_op.py); False where that module is
+    absent (a copy of this file in the Hugging Face export), and compiling then breaks the graph there."""
+    try:
+        importlib.import_module("titans.scan_op")
+    except ImportError:
+        return False
+    return True
+
+
 def scan_chunks(
     opts: ScanOptions, inputs: tuple[Tensor, ...], state: list[Tensor], first_chunk: int = 0
 ) -> tuple[Tensor, ...]:
@@ -275,6 +291,55 @@ def scan_chunks(
     return (torch.stack(outputs), *state)
 
 
+def recomputed_scan(opts: ScanOptions, inputs: Sequence[Tensor], state: Sequence[Tensor]
+                    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The chunks in order without a graph. Returns y (n, N, b, d), the end state and the boundary states
+    (the state at each chunk's start, chunk by chunk: n · len(state) tensors), which are all that
+    `recomputed_scan_backward` needs."""
+    boundaries, outputs, step = [], [], chunk_step(opts.kernel)
+    state = list(state)
+    for chunk in zip(*(t.unbind(0) for t in inputs), strict=True):
+        boundaries += state
+        y, *state = step(opts, *chunk, *state)
+        outputs.append(y)
+    return torch.stack(outputs), state, boundaries
+
+
+def recomputed_scan_backward(
+    opts: ScanOptions, first_chunk: int, inputs: Sequence[Tensor], boundaries: Sequence[Tensor],
+    grad_y: Tensor, grad_state: Sequence[Tensor], needed: Sequence[bool],
+) -> tuple[list[Tensor | None], list[Tensor]]:
+    """The backward of `recomputed_scan`, last chunk first, with the gradient horizon's cuts of a scan
+    starting at global chunk `first_chunk`. Each chunk is recomputed from its start state with autograd (a
+    kernel with an explicit backward gets that called directly instead). Returns the gradients of the 8
+    inputs (None where not `needed`) and of the start state."""
+    n = len(grad_state)
+    chunk_grads: list[list[Tensor]] = [[] for _ in inputs]  # last chunk first
+    grad_state, step = list(grad_state), chunk_step(opts.kernel)
+    explicit_backward = chunk_step_backward_of(opts.kernel)
+    for i in reversed(range(inputs[0].shape[0])):
+        chunk, start = [t[i] for t in inputs], boundaries[i * n : (i + 1) * n]
+        if explicit_backward is not None:
+            every = explicit_backward(opts, *chunk, start, grad_y[i], grad_state)
+            grads = iter([g for g, need in zip(every[:8], needed, strict=True) if need] + list(every[8:]))
+        else:
+            with torch.enable_grad():
+                chunk = [t.detach().requires_grad_(need) for t, need in zip(chunk, needed, strict=True)]
+                start = [s.detach().requires_grad_() for s in start]
+                y, *end = step(opts, *chunk, *start)
+                wanted = [t for t in (*chunk, *start) if t.requires_grad]
+                grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[i], *grad_state]))
+        for need, collected in zip(needed, chunk_grads, strict=True):
+            if need:
+                collected.append(next(grads))
+        grad_state = list(grads)
+        if opts.cuts_before(first_chunk + i):
+            grad_state = [torch.zeros_like(g) for g in grad_state]
+    # one stack per input at the end, not a write into a zero tensor per chunk
+    grads_in = [torch.stack(g[::-1]) if need else None for g, need in zip(chunk_grads, needed, strict=True)]
+    return grads_in, grad_state
+
+
 class RecomputedScan(torch.autograd.Function):
     """The chunk scan with a backward that keeps only the chunk-boundary states.
 
@@ -289,46 +354,18 @@ class RecomputedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts: ScanOptions, first_chunk: int, *tensors: Tensor  # type: ignore[override]
                 ) -> tuple[Tensor, ...]:
-        inputs, state = tensors[:8], list(tensors[8:])
-        boundaries, outputs, step = [], [], chunk_step(opts.kernel)
-        for chunk in zip(*(t.unbind(0) for t in inputs), strict=True):
-            boundaries += state
-            y, *state = step(opts, *chunk, *state)
-            outputs.append(y)
-        ctx.opts, ctx.first_chunk, ctx.n_state = opts, first_chunk, len(state)
+        inputs = tensors[:8]
+        y, end, boundaries = recomputed_scan(opts, inputs, tensors[8:])
+        ctx.opts, ctx.first_chunk = opts, first_chunk
         ctx.save_for_backward(*inputs, *boundaries)
-        return (torch.stack(outputs), *state)
+        return (y, *end)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, *grad_state: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         saved = ctx.saved_tensors
-        inputs, boundaries, n = saved[:8], saved[8:], ctx.n_state
-        needed = [t.requires_grad for t in inputs]
-        chunk_grads: list[list[Tensor]] = [[] for _ in inputs]  # last chunk first
-        grad_state, step = list(grad_state), chunk_step(ctx.opts.kernel)
-        explicit_backward = chunk_step_backward_of(ctx.opts.kernel)
-        for i in reversed(range(inputs[0].shape[0])):
-            chunk, start = [t[i] for t in inputs], boundaries[i * n : (i + 1) * n]
-            if explicit_backward is not None:
-                every = explicit_backward(ctx.opts, *chunk, start, grad_y[i], grad_state)
-                grads = iter([g for g, need in zip(every[:8], needed, strict=True) if need] + list(every[8:]))
-            else:
-                with torch.enable_grad():
-                    chunk = [t.detach().requires_grad_(need) for t, need in zip(chunk, needed, strict=True)]
-                    start = [s.detach().requires_grad_() for s in start]
-                    y, *end = step(ctx.opts, *chunk, *start)
-                    wanted = [t for t in (*chunk, *start) if t.requires_grad]
-                    grads = iter(torch.autograd.grad([y, *end], wanted, [grad_y[i], *grad_state]))
-            for need, collected in zip(needed, chunk_grads, strict=True):
-                if need:
-                    collected.append(next(grads))
-            grad_state = list(grads)
-            if ctx.opts.cuts_before(ctx.first_chunk + i):
-                grad_state = [torch.zeros_like(g) for g in grad_state]
-        # one stack per input at the end, not a write into a zero tensor per chunk
-        grads_in = (torch.stack(g[::-1]) if need else None
-                    for g, need in zip(chunk_grads, needed, strict=True))
-        return (None, None, *grads_in, *grad_state)
+        grads_in, grad_start = recomputed_scan_backward(ctx.opts, ctx.first_chunk, saved[:8], saved[8:],
+                                                        grad_y, grad_state, ctx.needs_input_grad[2:10])
+        return (None, None, *grads_in, *grad_start)
 
 
 class KernelScan(torch.autograd.Function):
@@ -392,9 +429,14 @@ def init_memory_parameter(
 def causal_depthwise_conv(window: Tensor, weight: Tensor) -> Tensor:
     """The depthwise convolution `F.conv1d(window.transpose(1, 2), weight, groups=C).transpose(1, 2)`:
     window (B, T + k - 1, C), weight (C, 1, k) → (B, T, C). On CPU as a sum of shifted products over
-    blocks of tokens (`ShiftedProductConv`); on a GPU as the convolution, one kernel each way."""
+    blocks of tokens (`ShiftedProductConv`); on a GPU as the convolution, one kernel each way. Under
+    torch.compile on CPU as the plain sum, which inductor fuses into one loop (and cannot trace the
+    Function's blocks)."""
     if window.is_cuda:
         return F.conv1d(window.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2)
+    if compiling():
+        taps, length = weight.squeeze(1).t(), window.shape[1] - weight.shape[-1] + 1
+        return sum(window[:, j : j + length] * taps[j] for j in range(taps.shape[0]))
     return ShiftedProductConv.apply(window, weight)
 
 
@@ -495,6 +537,7 @@ class NeuralMemory(nn.Module):
         # gradient descent on a non-convex loss, so its Jacobian grows some directions at every chunk and
         # the exact gradient through thousands of chunks overflows; the forward pass is unchanged.
         self.scan_options = ScanOptions(depth, residual_norm, max_grad_norm, grad_horizon, kernel)
+        self.compilable = has_scan_op()
         # Diagnostics for logging: when record_stats is set, forward leaves the surprise (momentum)
         # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached).
         self.record_stats = False
@@ -656,7 +699,15 @@ class NeuralMemory(nn.Module):
         n_chunks, _, b, _ = inputs[0].shape
         flat = [t.reshape(B * H, *t.shape[2:]) for t in (*state.weights, *state.momentum)]
         opts, whole = self.scan_options, scan_kernel_of(self.scan_options.kernel)
-        if whole is not None and torch.is_grad_enabled():
+        if compiling() and self.compilable and (whole is not None or self.recompute):
+            # one opaque node of the compiled graph, with its own backward (titans/scan_op.py)
+            y, *rest = torch.ops.titans.memory_scan(list(inputs), flat, state.chunks, *astuple(opts))
+            flat = rest[: len(flat)]
+        elif compiling() and whole is None and not self.recompute:
+            # every chunk's activations kept: the chunk loop traced as the torch step, which the compiler
+            # fuses (the other per-chunk kernels are eager-mode forms of that same function)
+            y, *flat = scan_chunks(replace(opts, kernel="torch"), inputs, flat, state.chunks)
+        elif whole is not None and torch.is_grad_enabled():
             # whatever `recompute` says: the per-chunk form of such a kernel recomputes in backward too
             y, *flat = KernelScan.apply(opts, state.chunks, *inputs, *flat)
         elif whole is not None:  # inference: one call, no boundary states kept

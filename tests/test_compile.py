@@ -1,0 +1,125 @@
+"""torch.compile of whole blocks (parallel/compile.py, `train.compile`) and the scan's custom ops behind it
+(titans/scan_op.py): the ops against the eager scan in float64, every block kind compiled with
+fullgraph=True against eager, and the training job compiled against eager.
+
+Most cases compile with the "aot_eager" backend: it runs dynamo and AOT autograd over our ops exactly as
+inductor does, without generating code (seconds, not minutes, on CPU). The inductor run is slow.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from run_helpers import small_config
+
+import titans.memory
+from pretrain.config import ConfigError
+from pretrain.loss import causal_lm_loss
+from pretrain.train import train
+from titans.memory import NeuralMemory
+from titans.model import TitansConfig, TitansLM
+from titans.scan_op import memory_scan  # noqa: F401 (registers torch.ops.titans.*)
+
+slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="inductor compiles for minutes; RUN_SLOW=1")
+
+
+def memory_run(kernel: str, as_op: bool, monkeypatch) -> list[torch.Tensor]:
+    """Two calls of a float64 memory (the second continuing the first's state, across a gradient-horizon
+    cut and a padded last chunk): outputs, end state, and the gradients of the input and every parameter.
+    `as_op` takes the branch torch.compile takes (the scan's custom op, the conv as a plain sum), eagerly."""
+    torch.manual_seed(0)
+    memory = NeuralMemory(dim=16, heads=2, head_dim=8, depth=2, hidden=16, chunk_size=4, recompute=True,
+                          grad_horizon=3, max_grad_norm=0.5, kernel=kernel).double()
+    x = torch.randn(2, 30, 16, dtype=torch.float64, requires_grad=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(titans.memory, "compiling", lambda: as_op)
+        y1, state = memory(x[:, :12])
+        y2, state = memory(x[:, 12:], state)
+    outputs = [y1, y2, *state.weights, *state.momentum]
+    probes = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i))
+              for i, o in enumerate(outputs)]
+    wrt = [x, *memory.parameters()]
+    grads = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outputs, probes, strict=True)), wrt)
+    return [o.detach() for o in outputs] + list(grads)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "analytic"])
+def test_scan_op_equals_eager_scan_in_float64(kernel, monkeypatch):
+    """The custom op's forward and registered backward (the analytic chunk backward, autograd being off
+    inside an op) against the eager recomputing scan, through the gradient horizon's cuts."""
+    eager, op = memory_run(kernel, False, monkeypatch), memory_run(kernel, True, monkeypatch)
+    for a, b in zip(op, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_scan_op_passes_opcheck():
+    """torch.library.opcheck: the schema, the fake (meta) implementation and the autograd registration."""
+    torch.manual_seed(0)
+    memory = NeuralMemory(dim=16, heads=2, head_dim=8, depth=2, hidden=16, chunk_size=4, recompute=True)
+    x = torch.randn(1, 12, 16)
+    q, k, v, _ = memory.project(x, None, ())
+    state = memory.initial_state(1)
+    inputs = [t.detach().requires_grad_(t.is_floating_point())
+              for t in memory.chunk_inputs(q, k, v, *memory.gates(x), torch.float32)]
+    flat = [t.reshape(2, *t.shape[2:]).detach().requires_grad_() for t in (*state.weights, *state.momentum)]
+    options = (0, 2, True, None, None, "torch")  # first_chunk, then ScanOptions' fields
+    torch.library.opcheck(torch.ops.titans.memory_scan.default, (inputs, flat, *options))
+
+
+def tiny(layers: str) -> TitansConfig:
+    return TitansConfig(vocab_size=97, dim=32, n_layers=2, n_heads=2, head_dim=16, layers=layers, window=16,
+                        segment_len=16, n_persistent=2, memory_chunk=8, recompute_memory=True)
+
+
+def loss_and_grads(model: TitansLM, tokens: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = causal_lm_loss(model, tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layers", ["swa", "mac", "mag", "mal", "lmm"])
+def test_block_compiles_whole_and_matches_eager(layers):
+    """fullgraph=True: a graph break anywhere in a block (the scan, the conv, MAC's segment loop) fails."""
+    from parallel.compile import compile_blocks
+
+    torch.manual_seed(0)
+    eager = TitansLM(tiny(layers))
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, backend="aot_eager")
+    tokens = torch.randint(0, 97, (2, 49))  # 48 tokens: three MAC segments, the last memory chunk full
+    want_loss, want = loss_and_grads(eager, tokens)
+    got_loss, got = loss_and_grads(compiled, tokens)
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_job_compiled_matches_eager(dataset, tmp_path):
+    """train.compile through the whole job: same losses as the eager run (validation without gradients and
+    a logging step's memory statistics compile too)."""
+    common = ("model.layers=mac,lmm", "train.steps=6", "train.eval_every=3", "train.log_every=2",
+              "train.checkpoint_every=3")
+    eager = train(small_config(dataset, tmp_path / "eager", *common))
+    compiled = train(small_config(dataset, tmp_path / "compiled", *common, "train.compile=true",
+                                  "train.compile_backend=aot_eager"))
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+
+
+@slow
+def test_training_job_compiled_with_inductor_matches_eager(dataset, tmp_path):
+    common = ("model.layers=mac", "model.n_layers=1", "train.steps=4", "train.eval_every=0",
+              "train.checkpoint_every=4")
+    eager = train(small_config(dataset, tmp_path / "eager", *common))
+    compiled = train(small_config(dataset, tmp_path / "compiled", *common, "train.compile=true"))
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+
+
+@pytest.mark.parametrize(("override", "named"), [("parallel.tp=2", "parallel.tp=2"),
+                                                 ("parallel.sp=2", "parallel.sp=2"),
+                                                 ("train.compile_backend=nope", "train.compile_backend")])
+def test_compile_config_errors_name_the_field(override, named, tmp_path):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        small_config(tmp_path, tmp_path / "out", "train.compile=true", override)
