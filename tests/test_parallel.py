@@ -1,5 +1,5 @@
-"""Tensor and pipeline parallelism (and ZeRO-1 with them) in 2- and 4-process CPU runs over gloo, against
-the 1-process run on the same global batch: losses of every step and the updated weights, gathered from
+"""Tensor and pipeline parallelism (and ZeRO-1 with them), and compiled blocks under DDP, ZeRO-2 and the
+pipeline, in 2- and 4-process CPU runs over gloo, against the 1-process run on the same global batch: losses of every step and the updated weights, gathered from
 the sharded checkpoint through its layout record, equal within 1e-5 (losses) and 5e-5 (weights, fp32).
 
 One launch per world size runs all its jobs (tests/train_worker.py); each has a hard deadline and fails
@@ -26,6 +26,7 @@ from parallel.mesh import Layout
 from pretrain.checkpoint import load_checkpoint, verify_checkpoint
 from pretrain.checkpoint_shards import consolidate
 from pretrain.config import load_config
+from pretrain.train import initial_weights
 
 WORKER = Path(__file__).with_name("train_worker.py")
 GLOBAL_BATCH = 4
@@ -34,6 +35,7 @@ LAUNCH_TIMEOUT_S = 600
 VARIANTS = ("mac", "mag", "mal", "lmm")
 SLOW = os.environ.get("RUN_SLOW") == "1"
 
+COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]
 # layout name → (world size, overrides); dp = world / (tp · pp)
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
@@ -46,6 +48,11 @@ LAYOUTS = {
                          "train.activation_checkpointing=true"]),
     "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     "pp2_dp2_zero1": (4, ["parallel.pp=2", "parallel.pp_microbatches=2", "parallel.zero_stage=1"]),
+    # train.compile (aot_eager: dynamo and AOT autograd as inductor runs them, no code generated) under
+    # DDP, DeepSpeed ZeRO-2 and the pipeline
+    "dp2_compiled": (2, [*COMPILED]),
+    "dp2_zero2_compiled": (2, ["parallel.zero_stage=2", *COMPILED]),
+    "pp2_compiled": (2, ["parallel.pp=2", "parallel.pp_microbatches=2", *COMPILED]),
     "tp2_pp2_dp2_zero1": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
                               "parallel.zero_stage=1"]),
 }
@@ -125,7 +132,8 @@ def test_layout_matches_one_process(runs, references, variant, layout):
         assert close(got["val_losses"][str(step)], val), (step, got["val_losses"], reference.val_losses)
     ckpt = Path(got["checkpoint"])
     verify_checkpoint(ckpt)
-    weights = consolidate(ckpt)
+    sharded = any(o.startswith(("parallel.tp=", "parallel.pp=")) for o in LAYOUTS[layout][1])
+    weights = consolidate(ckpt) if sharded else initial_weights(str(ckpt))  # data parallel: dense
     assert set(weights) == set(ref_weights), set(weights) ^ set(ref_weights)
     for name, want in ref_weights.items():  # relative in norm: Adam turns rounding in near-zero
         error = (weights[name] - want).norm() / want.norm()  # gradients into ±lr steps elementwise
