@@ -26,20 +26,22 @@ from titans.scan_op import memory_scan  # noqa: F401 (registers torch.ops.titans
 slow = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="inductor compiles for minutes; RUN_SLOW=1")
 
 
-def memory_run(kernel: str, as_op: bool, monkeypatch) -> list[torch.Tensor]:
+def memory_run(kernel: str, as_op: bool, monkeypatch, device: str = "cpu", chunk: int = 4,
+               head_dim: int = 8) -> list[torch.Tensor]:
     """Two calls of a float64 memory (the second continuing the first's state, across a gradient-horizon
     cut and a padded last chunk): outputs, end state, and the gradients of the input and every parameter.
     `as_op` takes the branch torch.compile takes (the scan's custom op, the conv as a plain sum), eagerly."""
     torch.manual_seed(0)
-    memory = NeuralMemory(dim=16, heads=2, head_dim=8, depth=2, hidden=16, chunk_size=4, recompute=True,
-                          grad_horizon=3, max_grad_norm=0.5, kernel=kernel).double()
-    x = torch.randn(2, 30, 16, dtype=torch.float64, requires_grad=True)
+    memory = NeuralMemory(dim=16, heads=2, head_dim=head_dim, depth=2, hidden=2 * head_dim,
+                          chunk_size=chunk, recompute=True, grad_horizon=3, max_grad_norm=0.5, kernel=kernel)
+    memory = memory.double().to(device)
+    x = torch.randn(2, 15 * chunk // 2, 16, dtype=torch.float64).to(device).requires_grad_()
     with monkeypatch.context() as patch:
         patch.setattr(titans.memory, "compiling", lambda: as_op)
-        y1, state = memory(x[:, :12])
-        y2, state = memory(x[:, 12:], state)
+        y1, state = memory(x[:, : 3 * chunk])
+        y2, state = memory(x[:, 3 * chunk :], state)
     outputs = [y1, y2, *state.weights, *state.momentum]
-    probes = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i))
+    probes = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i)).to(device)
               for i, o in enumerate(outputs)]
     wrt = [x, *memory.parameters()]
     grads = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outputs, probes, strict=True)), wrt)

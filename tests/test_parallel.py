@@ -1,6 +1,7 @@
 """Tensor and pipeline parallelism (and ZeRO-1 with them), and compiled blocks under DDP, ZeRO-2 and the
-pipeline, in 2- and 4-process CPU runs over gloo, against the 1-process run on the same global batch: losses of every step and the updated weights, gathered from
-the sharded checkpoint through its layout record, equal within 1e-5 (losses) and 5e-5 (weights, fp32).
+pipeline, in 2- and 4-process CPU runs over gloo, against the 1-process run on the same global batch:
+losses of every step and the updated weights (gathered from a sharded checkpoint through its layout record)
+equal within 1e-5 (losses) and 5e-5 (weights, fp32).
 
 One launch per world size runs all its jobs (tests/train_worker.py); each has a hard deadline and fails
 with every rank's log. CI runs MAC in every layout and the other variants in the 4-process layouts that

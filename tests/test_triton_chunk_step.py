@@ -315,3 +315,14 @@ def test_module_inference_with_triton_kernel_equals_torch_path():
         outputs.append([y, *state.weights, *state.momentum])
     for a, b in zip(*outputs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+def test_scan_op_with_triton_kernel_equals_its_eager_scan(monkeypatch):
+    """Under torch.compile the whole-scan kernels run inside the scan's custom op (titans/scan_op.py):
+    the same values and gradients, in float64, as their eager autograd Function."""
+    from test_compile import memory_run
+
+    eager, op = (memory_run("triton", as_op, monkeypatch, DEVICE, chunk=16, head_dim=16)
+                 for as_op in (False, True))
+    assert max_rel_err(op, eager) <= 1e-12
