@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from parallel.compile import compile_blocks  # noqa: E402
 from pretrain.loss import causal_lm_loss  # noqa: E402
 from titans.flops import training_flops_per_token  # noqa: E402
 from titans.memory import CHUNK_STEPS  # noqa: E402
@@ -142,11 +143,15 @@ def ours_loss(model: TitansLM) -> LossFn:
     return lambda t: causal_lm_loss(model, t[:, :-1], t[:, 1:])
 
 
-def ours_entry(cfg: TitansConfig, device: torch.device) -> Entry:
-    """A fresh model of `cfg` (seed 0) with its loss, for `measure_rounds`."""
+def ours_entry(cfg: TitansConfig, device: torch.device, compile_blocks_with: str | None = None) -> Entry:
+    """A fresh model of `cfg` (seed 0) with its loss, for `measure_rounds`; with `compile_blocks_with` (a
+    torch.compile backend) its blocks compiled as `train.compile` does, and its saved bytes not counted
+    (the hooks that count them would be traced into the compiled graphs)."""
     torch.manual_seed(0)
     model = TitansLM(cfg).to(device)
-    return model, ours_loss(model), True
+    if compile_blocks_with:
+        compile_blocks(model, compile_blocks_with)
+    return model, ours_loss(model), not compile_blocks_with
 
 
 def roof_dtype(device: torch.device) -> torch.dtype:
@@ -227,7 +232,7 @@ def compare_titans_pytorch(cfg: TitansConfig, args: argparse.Namespace, device: 
         return
     kwargs, unmatched = titans_pytorch_kwargs(cfg)
     labels = ["1 residual stream (hyper-connections off)", "4 streams (default)"]
-    entries = [ours_entry(cfg, device)]
+    entries = [ours_entry(cfg, device, args.compile)]
     for streams in (1, 4):
         torch.manual_seed(0)
         model = MemoryAsContextTransformer(**kwargs, num_residual_streams=streams).to(device)
@@ -289,6 +294,10 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated kernels to run table 1's memory variants with, each against "
                              "the torch kernel's step time (e.g. torch,analytic); default: --kernel")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="compile our models' blocks as train.compile does (table 1 and the "
+                             "titans-pytorch comparison; the warm-up step compiles), with this backend "
+                             "(default inductor)")
     args = parser.parse_args()
     args.kernels = args.kernels or [args.kernel]
     for kernel in {args.kernel, *args.kernels}:
@@ -313,7 +322,8 @@ def main() -> None:
     print(f"# dim 256, 4 layers, 4 heads × 64, seq {args.seq}, batch {args.batch}, window/segment "
           f"{args.window}, memory chunk {args.chunk}, vocab {args.vocab}, MAC memory tokens "
           f"{args.mac_memory_tokens or 'per token'}, recompute {not args.no_recompute}, kernels "
-          f"{','.join(args.kernels)} (table 2: {args.kernel}), repeats {args.repeats} (median)")
+          f"{','.join(args.kernels)} (table 2: {args.kernel}), repeats {args.repeats} (median), blocks "
+          + (f"compiled ({args.compile}; table 2 eager)" if args.compile else "eager"))
     print(f"# config: {bench_config('mac', args)}")
     dtype = str(roof_dtype(device)).split(".")[-1]
     print(f"# roof: {ROOF_SIZE}×{ROOF_SIZE} @ {ROOF_SIZE}×{ROOF_SIZE} {dtype} matmul, timed once per round "
@@ -331,8 +341,8 @@ def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str
     rows = [(kind, kernel) for kind in args.variants
             for kernel in (["torch"] if kind in ("swa", "full") else args.kernels)]
     configs = [bench_config(kind, args, kernel) for kind, kernel in rows]
-    results, roof = measure_rounds([ours_entry(cfg, device) for cfg in configs], args.batch, args.seq,
-                                   args.vocab, args.repeats, device, roof=True)
+    entries = [ours_entry(cfg, device, args.compile) for cfg in configs]
+    results, roof = measure_rounds(entries, args.batch, args.seq, args.vocab, args.repeats, device, roof=True)
     seconds_of = {row: seconds for row, (seconds, _) in zip(rows, results, strict=True)}
     print(f"\nroof (median over the rounds): {roof / 1e9:,.1f} GFLOP/s")
     print(f"\n| variant | kernel | tokens/s | step s | × SWA step time | × torch-kernel step time | GFLOP/s "
