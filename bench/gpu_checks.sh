@@ -20,6 +20,7 @@ set -u
 
 DEFAULT_STEPS="environment gpu-checks triton-tests step-760m step-760m-tf32 step-340m"
 STEPS="$DEFAULT_STEPS triton-checks chunk-step profile-760m-mac step-760m-mac attention-checks train-smoke"
+STEPS="$STEPS step-760m-mac-compiled"
 if [ $# -lt 1 ]; then
     echo "usage: $0 OUT_DIR [STEP ...]   (steps: $STEPS)" >&2
     exit 2
@@ -82,6 +83,10 @@ step train-smoke 150 "$python" -m pretrain.train --config configs/tiny.yaml trai
     train.checkpoint_every=30 model.memory_kernel=triton train.fp32_matmul=tf32 \
     train.out_dir="${TMPDIR:-/tmp}/gpu-checks-train-smoke"
 step step-760m-mac 190 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12
+# Each block compiled whole (train.compile; the memory's scan a custom op inside it) against the eager MAC
+# step: whether launches set the eager step's time. The first step compiles (minutes at this size).
+step step-760m-mac-compiled 420 "$python" bench/gpu_step.py --sizes 760m --variants mac,swa --repeats 5 \
+    --row-budget-s 12 train.fp32_matmul=tf32 train.compile=true
 step attention-checks 100 "$python" bench/gpu_step.py --check-only attention
 step gpu-checks 540 "$python" bench/gpu_step.py --check-only
 step triton-tests 240 "$python" -m pytest -v -p no:cacheprovider tests/test_triton_chunk_step.py

@@ -64,6 +64,7 @@ from model_throughput import (  # noqa: E402
     train_step,
 )
 
+from parallel.compile import compile_blocks  # noqa: E402
 from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
 from titans import attention  # noqa: E402
 from titans.flops import training_flops_per_token  # noqa: E402
@@ -577,13 +578,16 @@ class Row:
     note: str = ""
 
 
-def build_model(cfg: TitansConfig, device: torch.device, checkpointing: bool) -> TitansLM:
+def build_model(cfg: TitansConfig, device: torch.device, checkpointing: bool,
+                compile_backend: str | None = None) -> TitansLM:
     """The model initialised where it runs (a 760M model initialised on the CPU first would take longer
-    than its measurement)."""
+    than its measurement); with `compile_backend`, its blocks compiled as `train.compile` does."""
     torch.manual_seed(0)
     with torch.device(device):
         model = TitansLM(cfg)
     model.checkpoint_blocks = checkpointing
+    if compile_backend:
+        compile_blocks(model, compile_backend)
     return model
 
 
@@ -592,7 +596,7 @@ def time_step(cfg: TitansConfig, batch: int, device: torch.device, args: argpars
     """(median step seconds, steps timed, memory) of a fresh model: one timed step after a warm-up
     (compilation, autotuning, allocator growth), then, as far as --row-budget-s allows, `--repeats` more
     (`measure` warms up again before them)."""
-    model = build_model(cfg, device, args.checkpointing)
+    model = build_model(cfg, device, args.checkpointing, args.compile_backend)
     try:
         loss = ours_loss(model)
         seconds, memory = measure(model, loss, batch, args.seq, cfg.vocab_size, 1, device)
@@ -874,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.backends.cuda.matmul.fp32_precision = run_cfg.train.fp32_matmul
     args.checkpointing = (run_cfg.train.activation_checkpointing if args.activation_checkpointing == "config"
                           else args.activation_checkpointing == "on")
+    args.compile_backend = run_cfg.train.compile_backend if run_cfg.train.compile else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     roof_size = 8192 if device.type == "cuda" else 256
     roof, _ = matmul_roof(device, dtype, roof_size)
@@ -886,10 +891,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         flash = "FlexAttention"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     batch = args.batch or "data.batch_size of the config (halved until it fits)"
+    blocks = f"compiled ({args.compile_backend}, train.compile)" if args.compile_backend else "eager"
     print(f"# settings: seq {args.seq}, batch {batch}, {precision}, attention {flash}, memory kernel "
           f"{kernel} (fallback {args.fallback_kernel}), activation "
-          f"checkpointing {'on' if args.checkpointing else 'off'}, up to {args.repeats} timed steps per row "
-          f"(median) within {args.row_budget_s:g} s, no optimizer step, float32 matmuls "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, blocks {blocks}, up to {args.repeats} "
+          f"timed steps per row (median) within {args.row_budget_s:g} s, no optimizer step, float32 matmuls "
           f"{run_cfg.train.fp32_matmul} (train.fp32_matmul)")
     card_text = f"{card / 1e12:,.0f} TFLOP/s dense bf16 ({card_source})" if card else card_source
     print(f"# card peak: {card_text}; roof: {roof_size}^3 "

@@ -38,25 +38,30 @@ class MetricsLogger:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr (rewritten in place on a terminal, every 10% otherwise)."""
+    """A one-line progress bar on stderr (rewritten in place on a terminal, every 10% otherwise). The rate
+    and ETA count from the end of the first step: it carries one-off work (compiling under train.compile,
+    the allocator's growth) that would otherwise skew them for the whole run."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True) -> None:
-        self.total, self.start, self.enabled = total, start, enabled
-        self.began = time.perf_counter()
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.enabled = total, enabled
+        self.first: tuple[int, float] | None = None  # (step, time) at the end of the first step
         self.tty = sys.stderr.isatty()
         self.last_printed = -1
 
     def update(self, step: int, **metrics: float) -> None:
         if not self.enabled:
             return
-        done = step - self.start
-        rate = done / max(time.perf_counter() - self.began, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]
+        rate = done / elapsed if done > 0 and elapsed > 0 else None
+        speed = f"{rate:.2f} it/s eta {(self.total - step) / rate:.0f}s" if rate else "eta -"
         width = 30
         filled = int(width * step / self.total)
         info = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         bar = "#" * filled + "." * (width - filled)
-        line = f"[{bar}] {step}/{self.total} {info} {rate:.2f} it/s eta {eta:.0f}s"
+        line = f"[{bar}] {step}/{self.total} {info} {speed}"
         if self.tty:
             sys.stderr.write("\r" + line)
             sys.stderr.flush()

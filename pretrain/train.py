@@ -313,7 +313,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
                + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
                   "logits are masked)" if vocab != cfg.model.vocab_size else ""))
     stop = StopSignal()
-    bar = ProgressBar(t.steps, start=step, enabled=mesh.is_main)
+    bar = ProgressBar(t.steps, enabled=mesh.is_main)
     data_iter = iter(train_loader)
     first_step = step
     nonfinite_in_a_row = 0
