@@ -13,6 +13,7 @@ GPU's one convolution each way.)
     python bench/op_count.py                                  # the research recipe and the 760M's layout
     python bench/op_count.py --presets research --variants swa mac --kernels torch
     python bench/op_count.py --presets research --kernels torch analytic compiled --repeats 5   # and time
+    python bench/op_count.py --presets research --kernels torch --repeats 5 --compile-blocks  # compiled
 
 Prints a table per preset: ops and launching ops (not views) per step, split as above, and the total
 against SWA's. With `--repeats N` also the median time of N steps (after two warm-up steps, which compile
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import titans.memory as memory_module  # noqa: E402
+from parallel.compile import compile_blocks  # noqa: E402
 from titans.model import TitansConfig, TitansLM  # noqa: E402
 
 # (config, batch): the long-context recipe (configs/compare_long/), and one layer with the 760M MAC's
@@ -94,11 +96,14 @@ def counting_kernels(counter: OpCounter) -> Iterator[None]:
         memory_module.chunk_step, memory_module.chunk_step_backward_of = step_of, backward_of
 
 
-def make_step(preset: str, variant: str, kernel: str) -> Callable[[], None]:
-    """One forward + backward of the preset's model (recomputing memory backward, as trained)."""
+def make_step(preset: str, variant: str, kernel: str, blocks_compiled: bool = False) -> Callable[[], None]:
+    """One forward + backward of the preset's model (recomputing memory backward, as trained); with
+    `blocks_compiled`, its blocks compiled as `train.compile` does (inductor)."""
     fields, batch = PRESETS[preset]
     torch.manual_seed(0)
     model = TitansLM(TitansConfig(**fields, layers=variant, memory_kernel=kernel, recompute_memory=True))
+    if blocks_compiled:
+        compile_blocks(model)
     tokens = torch.randint(fields["vocab_size"], (batch, SEQ_LEN[preset] + 1))
 
     def step() -> None:
@@ -116,9 +121,9 @@ def count_step(preset: str, variant: str, kernel: str) -> OpCounter:
     return counter
 
 
-def time_step(preset: str, variant: str, kernel: str, repeats: int) -> float:
+def time_step(preset: str, variant: str, kernel: str, repeats: int, blocks_compiled: bool = False) -> float:
     """Median seconds of `repeats` training steps after two warm-up steps."""
-    step = make_step(preset, variant, kernel)
+    step = make_step(preset, variant, kernel, blocks_compiled)
     step(), step()
     times = []
     for _ in range(repeats):
@@ -128,7 +133,8 @@ def time_step(preset: str, variant: str, kernel: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def table(preset: str, variants: list[str], kernels: list[str], repeats: int = 0) -> list[str]:
+def table(preset: str, variants: list[str], kernels: list[str], repeats: int = 0,
+          blocks_compiled: bool = False) -> list[str]:
     fields, batch = PRESETS[preset]
     lines = [f"{preset}: batch {batch} × {SEQ_LEN[preset]} tokens, {fields['n_layers']} layer(s), segment / "
              f"window {fields['segment_len']}, chunk {fields['memory_chunk']}",
@@ -151,6 +157,10 @@ def table(preset: str, variants: list[str], kernels: list[str], repeats: int = 0
                 seconds = swa_time if variant == "swa" else time_step(preset, variant, kernel, repeats)
                 cells += [f"{seconds:.3f}", f"{seconds / swa_time:.2f}"]
             lines.append(f"| {variant} | {kernel} | " + " | ".join(cells) + " |")
+            if repeats and blocks_compiled:
+                seconds = time_step(preset, variant, kernel, repeats, blocks_compiled=True)
+                lines.append(f"| {variant} | {kernel}, blocks compiled | " + " | ".join(["-"] * 7)
+                             + f" | {seconds:.3f} | {seconds / swa_time:.2f} |")
     return lines
 
 
@@ -163,12 +173,18 @@ def main() -> None:
                         help="compiled: timed only (it runs outside aten's dispatch); needs --repeats")
     parser.add_argument("--repeats", type=int, default=0, help="also time N steps each (0: count only)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="with --repeats, also time each row with its blocks compiled (train.compile; "
+                             "the warm-up steps compile, for minutes); against eager SWA")
     args = parser.parse_args()
+    if args.compile_blocks and not args.repeats:
+        parser.error("--compile-blocks is timed, not counted: give --repeats N")
     if "compiled" in args.kernels and not args.repeats:
         parser.error("--kernels compiled is timed, not counted: give --repeats N")
     torch.set_num_threads(args.threads)
     for preset in args.presets:
-        print("\n".join(table(preset, args.variants, args.kernels, args.repeats)), end="\n\n", flush=True)
+        lines = table(preset, args.variants, args.kernels, args.repeats, args.compile_blocks)
+        print("\n".join(lines), end="\n\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -99,11 +99,12 @@ def test_block_compiles_whole_and_matches_eager(layers):
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_training_job_compiled_matches_eager(dataset, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_job_compiled_matches_eager(dataset, tmp_path, checkpointing):
     """train.compile through the whole job: same losses as the eager run (validation without gradients and
-    a logging step's memory statistics compile too)."""
+    a logging step's memory statistics compile too), also inside activation checkpointing."""
     common = ("model.layers=mac,lmm", "train.steps=6", "train.eval_every=3", "train.log_every=2",
-              "train.checkpoint_every=3")
+              "train.checkpoint_every=3", f"train.activation_checkpointing={str(checkpointing).lower()}")
     eager = train(small_config(dataset, tmp_path / "eager", *common))
     compiled = train(small_config(dataset, tmp_path / "compiled", *common, "train.compile=true",
                                   "train.compile_backend=aot_eager"))

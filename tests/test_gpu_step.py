@@ -60,6 +60,17 @@ def test_a_failing_triton_kernel_falls_back_to_torch(monkeypatch, capsys):
     assert rows["mag"][4].strip() == "torch" and float(rows["mag"][6]) > 0
 
 
+def test_train_compile_override_compiles_the_blocks(capsys):
+    """`train.compile=true` (the GPU lease's compiled-block step) times the models with compiled blocks."""
+    status = gpu_step.main(["--device", "cpu", "--tiny", "--sizes", "340m", "--variants", "mac", "--repeats",
+                            "1", "--seq", "64", "train.compile=true", "train.compile_backend=aot_eager"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "blocks compiled (aot_eager, train.compile)" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 340m |")]
+    assert rows and all(float(cells[6]) > 0 for cells in rows), out
+
+
 def test_chunk_step_and_profile_on_cpu(capsys):
     """--chunk-step times the chunk step alone at the config's memory shape (torch and analytic on CPU:
     timing Triton's interpreter says nothing); --profile prints one step's top ops after the row's timing."""
