@@ -10,7 +10,7 @@ instead of thousands of launches.
 The ops run the same functions as the eager path (`recomputed_scan`, or a kernel's whole scan), with one
 difference: an op's body runs below autograd, so it cannot rebuild a chunk's graph to differentiate it. The
 "torch" chunk step's backward is therefore the analytic one (titans/kernels/chunk_step_reference.py), the
-same math, checked against autograd in tests/test_chunk_step_reference.py.
+same math, checked against autograd in tests/test_triton_chunk_step.py.
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ from torch import Tensor
 from titans.memory import ScanOptions, recomputed_scan, recomputed_scan_backward, scan_kernel_of
 
 
-def _options(n_layers: int, residual_norm: bool, max_grad_norm: float | None, grad_horizon: int | None,
-             kernel: str) -> ScanOptions:
-    return ScanOptions(n_layers, residual_norm, max_grad_norm, grad_horizon, kernel)
-
-
 @torch.library.custom_op("titans::memory_scan", mutates_args=())
 def memory_scan(inputs: list[Tensor], state: list[Tensor], first_chunk: int, n_layers: int,
                 residual_norm: bool, max_grad_norm: float | None, grad_horizon: int | None,
@@ -34,7 +29,7 @@ def memory_scan(inputs: list[Tensor], state: list[Tensor], first_chunk: int, n_l
     (a whole-scan kernel's stacked (n_chunks + 1, N, ·) per state tensor; else each chunk's start state).
     inputs: the 8 chunk-major scan inputs (`NeuralMemory.chunk_inputs`); state: 2L tensors (N, ·);
     first_chunk: the global index of the first chunk, where the backward's gradient horizon cuts fall."""
-    opts = _options(n_layers, residual_norm, max_grad_norm, grad_horizon, kernel)
+    opts = ScanOptions(n_layers, residual_norm, max_grad_norm, grad_horizon, kernel)
     whole = scan_kernel_of(kernel)
     if whole is not None:
         y, boundaries = whole[0](opts, inputs, state)
@@ -64,12 +59,12 @@ def memory_scan_backward(inputs: list[Tensor], boundaries: list[Tensor], grad_y:
     the start state; the gradient horizon's cuts fall as for a scan starting at global chunk `first_chunk`."""
     whole = scan_kernel_of(kernel)
     if whole is not None:
-        opts = _options(n_layers, residual_norm, max_grad_norm, grad_horizon, kernel)
+        opts = ScanOptions(n_layers, residual_norm, max_grad_norm, grad_horizon, kernel)
         grads, grad_start = whole[1](opts, first_chunk, inputs, boundaries, grad_y, grad_end)
         grads = [g if need else None for g, need in zip(grads, needed, strict=True)]
     else:  # autograd is off in here: the torch step's backward is its analytic form
-        opts = _options(n_layers, residual_norm, max_grad_norm, grad_horizon,
-                        "analytic" if kernel == "torch" else kernel)
+        opts = ScanOptions(n_layers, residual_norm, max_grad_norm, grad_horizon,
+                           "analytic" if kernel == "torch" else kernel)
         grads, grad_start = recomputed_scan_backward(opts, first_chunk, inputs, boundaries, grad_y,
                                                      grad_end, needed)
     grads = [g if g is not None else t.new_empty(0) for g, t in zip(grads, inputs, strict=True)]
