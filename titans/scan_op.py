@@ -36,8 +36,8 @@ def memory_scan(inputs: list[Tensor], state: list[Tensor], first_chunk: int, n_l
         return [y, *(b[-1].clone() for b in boundaries), *boundaries]
     y, end, boundaries = recomputed_scan(opts, inputs, state)
     # an op's outputs may not alias its inputs: the first chunk's start state is the input state
-    inputs_by_id = {id(s) for s in state}
-    return [y, *end, *(b.clone() if id(b) in inputs_by_id else b for b in boundaries)]
+    state_ids = {id(s) for s in state}
+    return [y, *end, *(b.clone() if id(b) in state_ids else b for b in boundaries)]
 
 
 @memory_scan.register_fake
