@@ -1,7 +1,13 @@
-"""Test configuration: make the tests folder importable (shared references) and seed by default."""
+"""Test configuration: make the tests folder importable (shared references), run Triton's kernels in its
+CPU interpreter unless the environment says otherwise, and build the shared dataset."""
 
+import os
 import sys
 from pathlib import Path
+
+# Before any test module is collected: `triton.jit` reads TRITON_INTERPRET when triton is first imported,
+# and importing parts of torch (torch._dynamo.testing, inductor) imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

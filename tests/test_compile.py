@@ -1,6 +1,7 @@
-"""torch.compile of whole blocks (parallel/compile.py, `train.compile`) and the scan's custom ops behind it
+"""torch.compile of blocks (parallel/compile.py, `train.compile`) and the scan's custom ops behind it
 (titans/scan_op.py): the ops against the eager scan in float64, every block kind compiled with
-fullgraph=True against eager, and the training job compiled against eager.
+fullgraph=True against eager (MAC by its segment step, compiled once per gradient-horizon phase), and the
+training job compiled against eager.
 
 Most cases compile with the "aot_eager" backend: it runs dynamo and AOT autograd over our ops exactly as
 inductor does, without generating code (seconds, not minutes, on CPU). The inductor run is slow.
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 from run_helpers import small_config
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import titans.memory
 from pretrain.config import ConfigError
@@ -83,8 +86,8 @@ def loss_and_grads(model: TitansLM, tokens: torch.Tensor) -> tuple[float, dict[s
 
 
 @pytest.mark.parametrize("layers", ["swa", "mac", "mag", "mal", "lmm"])
-def test_block_compiles_whole_and_matches_eager(layers):
-    """fullgraph=True: a graph break anywhere in a block (the scan, the conv, MAC's segment loop) fails."""
+def test_block_compiles_and_matches_eager(layers):
+    """fullgraph=True: a graph break anywhere in a block or MAC's segment step (the scan, the conv) fails."""
     from parallel.compile import compile_blocks
 
     torch.manual_seed(0)
@@ -94,6 +97,36 @@ def test_block_compiles_whole_and_matches_eager(layers):
     tokens = torch.randint(0, 97, (2, 49))  # 48 tokens: three MAC segments, the last memory chunk full
     want_loss, want = loss_and_grads(eager, tokens)
     got_loss, got = loss_and_grads(compiled, tokens)
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("horizon", [None, 1, 3, 16])
+@pytest.mark.parametrize("length", [8, 24, 40])
+def test_cut_phase_cuts_where_the_true_index_does(horizon, length):
+    memory = NeuralMemory(dim=16, heads=2, head_dim=8, depth=2, hidden=16, chunk_size=8, grad_horizon=horizon)
+    cuts = memory.scan_options.cuts_before
+    for first in range(60):
+        phase = memory.cut_phase(first, length)
+        assert 0 <= phase <= (horizon or 0)
+        assert [cuts(phase + i) for i in range(length // 8)] == [cuts(first + i) for i in range(length // 8)]
+
+
+def test_mac_segment_step_compiles_once_per_phase():
+    """Twelve segments across three gradient-horizon cuts, two MAC layers: the segment step compiles for the
+    first segment, a segment cut at its start and the rest, not once per segment, and equals eager."""
+    from parallel.compile import compile_blocks
+
+    torch.manual_seed(0)
+    eager = TitansLM(replace(tiny("mac"), memory_grad_horizon=8))  # segment 16 = 2 chunks: a cut every 4th
+    compiled = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_blocks(compiled, backend=counter)
+    tokens = torch.randint(0, 97, (2, 12 * 16 + 1))
+    want_loss, want = loss_and_grads(eager, tokens)
+    got_loss, got = loss_and_grads(compiled, tokens)
+    assert counter.frame_count == 3
     assert got_loss == pytest.approx(want_loss, rel=1e-6)
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)

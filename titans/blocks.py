@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans.attention import Attention
-from titans.memory import MemoryState, NeuralMemory
+from titans.memory import STAT_NAMES, MemoryState, NeuralMemory
 
 if TYPE_CHECKING:
     from titans.model import TitansConfig
@@ -222,6 +222,7 @@ class MACBlock(Block):
         self.gate = OutputGate(cfg.dim, cfg.norm_eps)
         self.memory_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.write_input = MAC_MEMORY_INPUTS[cfg.mac_memory_input]
+        self.segment_region: Callable[..., tuple[Tensor, ...]] = mac_segment_region
         shape = (cfg.memory_heads, cfg.memory_head_dim)
         if cfg.mac_memory_tokens > 0:
             self.memory_probes = nn.Parameter(torch.randn(cfg.mac_memory_tokens, *shape))
@@ -238,6 +239,20 @@ class MACBlock(Block):
         else:
             q = self.to_memory_query(segment).view(B, T, -1, self.memory.head_dim)
         return F.normalize(q, dim=-1)
+
+    def segment_step(self, segment: Tensor, query: Tensor, q: Tensor, k: Tensor, v: Tensor, state: MemoryState
+                     ) -> tuple[Tensor, Tensor, MemoryState]:
+        """One segment: read the memory, attend, write. `segment_region` runs it on plain tensors: it is
+        `mac_segment_region`, or that compiled once for every segment (parallel/compile.py)."""
+        layers = len(state.weights)
+        phase = self.memory.cut_phase(state.chunks, segment.shape[1])
+        y, read, *rest = self.segment_region(self, segment, query, q, k, v, state.weights, state.momentum,
+                                             state.conv, phase)
+        if rest[2 * layers + 1:]:
+            self.memory.stats = dict(zip(STAT_NAMES, rest[2 * layers + 1:], strict=True))
+        n_chunks = -(-segment.shape[1] // self.memory.chunk_size)
+        return y, read, MemoryState(rest[:layers], rest[layers:2 * layers], rest[2 * layers],
+                                    state.chunks + n_chunks)
 
     def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:  # segments are attention-local: no halo
@@ -257,15 +272,28 @@ class MACBlock(Block):
         qkv = zip(*(t.split(C, dim=2) for t in self.attn.project(x, positions)), strict=True)
         for segment, query, (q, k, v) in zip(segments, queries, qkv, strict=True):
             state = self.memory.cut_gradient(state)  # the read and the write see the same horizon
-            memory_tokens = self.memory.read(query, state)
-            y = self.attn.attend(q, k, v, memory_tokens, memory_tokens_causal=self.memory_probes is None)
-            written = self.memory_norm(self.write_input(segment, y))
-            read, state = self.memory(written, state, project_out=False)
+            y, read, state = self.segment_step(segment, query, q, k, v, state)
             attended.append(y)
             reads.append(read)
         # The memory's output projection and the gate are per token: one call for all segments, not one each.
         memory_out = self.memory.output(torch.cat(reads, dim=1))
         return self.gate(torch.cat(attended, dim=1), memory_out), state
+
+
+def mac_segment_region(block: MACBlock, segment: Tensor, query: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                       weights: list[Tensor], momentum: list[Tensor], conv: Tensor | None, phase: int
+                       ) -> tuple[Tensor, ...]:
+    """MAC's segment step, flat in tensors: y, the reads, the end state's weights, momentum and conv, then
+    the memory's stats when it records them (returned, not stored: no side effect). `phase` is the smallest
+    chunk index at which the gradient horizon cuts this segment where its true index would
+    (NeuralMemory.cut_phase), so that a compiled step serves every segment cut alike instead of
+    specialising on each segment's index."""
+    state = MemoryState(weights, momentum, conv, phase)
+    memory_tokens = block.memory.read(query, state)
+    y = block.attn.attend(q, k, v, memory_tokens, memory_tokens_causal=block.memory_probes is None)
+    written = block.memory_norm(block.write_input(segment, y))
+    read, state, stats = block.memory.write(written, state)
+    return y, read, *state.weights, *state.momentum, state.conv, *stats
 
 
 BLOCKS = {
