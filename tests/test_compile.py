@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +162,15 @@ def test_training_job_compiled_with_inductor_matches_eager(dataset, tmp_path):
 def test_compile_config_errors_name_the_field(override, named, tmp_path):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         small_config(tmp_path, tmp_path / "out", "train.compile=true", override)
+
+
+def test_compile_time_bench_prints_its_table():
+    """bench/compile_time.py end to end at a tiny size (tracing only), MAC compiled both ways."""
+    root = Path(__file__).resolve().parents[1]
+    args = ["--config", "configs/tiny.yaml", "--seq", "64", "--batch", "2", "--backend", "aot_eager",
+            "--whole-mac", "--steps", "1"]
+    out = subprocess.run([sys.executable, str(root / "bench/compile_time.py"), *args], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["model", "eager", "compiled (aot_eager)", "compiled, MAC blocks whole (aot_eager)"]

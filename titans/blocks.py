@@ -8,6 +8,7 @@ attention-only blocks), so a model can carry the long-term memory across calls.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans.attention import Attention
-from titans.memory import STAT_NAMES, MemoryState, NeuralMemory
+from titans.memory import MemoryState, NeuralMemory
 
 if TYPE_CHECKING:
     from titans.model import TitansConfig
@@ -222,7 +223,7 @@ class MACBlock(Block):
         self.gate = OutputGate(cfg.dim, cfg.norm_eps)
         self.memory_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.write_input = MAC_MEMORY_INPUTS[cfg.mac_memory_input]
-        self.segment_region: Callable[..., tuple[Tensor, ...]] = mac_segment_region
+        self.segment_region: Callable[..., tuple[Tensor, Tensor, MemoryState]] = mac_segment_region
         shape = (cfg.memory_heads, cfg.memory_head_dim)
         if cfg.mac_memory_tokens > 0:
             self.memory_probes = nn.Parameter(torch.randn(cfg.mac_memory_tokens, *shape))
@@ -244,15 +245,9 @@ class MACBlock(Block):
                      ) -> tuple[Tensor, Tensor, MemoryState]:
         """One segment: read the memory, attend, write. `segment_region` runs it on plain tensors: it is
         `mac_segment_region`, or that compiled once for every segment (parallel/compile.py)."""
-        layers = len(state.weights)
         phase = self.memory.cut_phase(state.chunks, segment.shape[1])
-        y, read, *rest = self.segment_region(self, segment, query, q, k, v, state.weights, state.momentum,
-                                             state.conv, phase)
-        if rest[2 * layers + 1:]:
-            self.memory.stats = dict(zip(STAT_NAMES, rest[2 * layers + 1:], strict=True))
-        n_chunks = -(-segment.shape[1] // self.memory.chunk_size)
-        return y, read, MemoryState(rest[:layers], rest[layers:2 * layers], rest[2 * layers],
-                                    state.chunks + n_chunks)
+        y, read, end = self.segment_region(self, segment, query, q, k, v, replace(state, chunks=phase))
+        return y, read, replace(end, chunks=end.chunks - phase + state.chunks)
 
     def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:  # segments are attention-local: no halo
@@ -281,20 +276,16 @@ class MACBlock(Block):
 
 
 def mac_segment_region(block: MACBlock, segment: Tensor, query: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                       weights: list[Tensor], momentum: list[Tensor], conv: Tensor | None, phase: int
-                       ) -> tuple[Tensor, ...]:
-    """MAC's segment step, flat in tensors: y, the reads, the end state's weights, momentum and conv, then
-    the memory's stats when it records them (returned, not stored: no side effect). `phase` is the smallest
-    chunk index at which the gradient horizon cuts this segment where its true index would
-    (NeuralMemory.cut_phase), so that a compiled step serves every segment cut alike instead of
-    specialising on each segment's index."""
-    state = MemoryState(weights, momentum, conv, phase)
+                       state: MemoryState) -> tuple[Tensor, Tensor, MemoryState]:
+    """MAC's segment step: the attention output y, the memory's per-head reads, the end state. The state's
+    `chunks` is the segment's phase (NeuralMemory.cut_phase), the smallest chunk index at which the
+    gradient horizon cuts the segment where its true index would: a compiled step specialises on it, and
+    so serves every segment cut alike instead of compiling once per segment."""
     memory_tokens = block.memory.read(query, state)
     y = block.attn.attend(q, k, v, memory_tokens, memory_tokens_causal=block.memory_probes is None)
     written = block.memory_norm(block.write_input(segment, y))
-    read, state, stats = block.memory.write(written, state)
-    return y, read, *state.weights, *state.momentum, state.conv, *stats
-
+    read, state = block.memory(written, state, project_out=False)
+    return y, read, state
 
 BLOCKS = {
     "mac": MACBlock,

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 # backwards through the chunks (NaN beyond ~1,000 chunks). At 1e-3, with surprise clipping, it stays
 # bounded (docs/DESIGN.md §2.6).
 NORM_EPS = 1e-3
-STAT_NAMES = ("surprise_norm", "theta", "eta", "alpha")  # NeuralMemory.stats, in `write`'s order
 
 
 @dataclass(frozen=True)
@@ -540,7 +539,7 @@ class NeuralMemory(nn.Module):
         self.scan_options = ScanOptions(depth, residual_norm, max_grad_norm, grad_horizon, kernel)
         self.compilable = has_scan_op()
         # Diagnostics for logging: when record_stats is set, forward leaves the surprise (momentum)
-        # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached, STAT_NAMES).
+        # norm per sequence and the mean gates θ, η, α of its last call in `stats` (detached).
         self.record_stats = False
         self.stats: dict[str, Tensor] = {}
         inner = heads * head_dim
@@ -655,32 +654,23 @@ class NeuralMemory(nn.Module):
                 ) -> tuple[Tensor, MemoryState]:
         """`project_out=False` returns the per-head reads (B, T, H, d) before `output`: MAC calls the memory
         once per segment and projects every segment's reads at once after its loop."""
-        y, state, stats = self.write(x, state)
-        if stats:
-            self.stats = dict(zip(STAT_NAMES, stats, strict=True))
-        return (self.output(y) if project_out else y), state
-
-    def write(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState, tuple[Tensor, ...]]:
-        """The scan over x: the per-head reads (B, T, H, d), the end state, and when `record_stats` the
-        diagnostics named by STAT_NAMES (else none), returned rather than stored: a compiled region that
-        writes (MAC's segment step) must have no side effect to be reused."""
         B, T, _ = x.shape
         state = self.cut_gradient(state) if state is not None else self.initial_state(B)
         q, k, v, conv_cache = self.project(x, state.conv, self.cuts_within(state.chunks, T))
         theta, log_eta, log_keep = self.gates(x)
         with torch.autocast(x.device.type, enabled=False):
             y, weights, momentum = self.scan(q, k, v, theta, log_eta, log_keep, state)
-        stats: tuple[Tensor, ...] = ()
         if self.record_stats:
             with torch.no_grad():
-                stats = (
-                    torch.stack([s.float().norm() for s in momentum]).norm() / B,
-                    theta.float().mean(),
-                    log_eta.float().exp().mean(),
-                    -torch.expm1(log_keep.float()).mean(),
-                )
+                self.stats = {
+                    "surprise_norm": torch.stack([s.float().norm() for s in momentum]).norm() / B,
+                    "theta": theta.float().mean(),
+                    "eta": log_eta.float().exp().mean(),
+                    "alpha": -torch.expm1(log_keep.float()).mean(),
+                }
         n_chunks = -(-T // self.chunk_size)
-        return y, MemoryState(weights, momentum, conv_cache, state.chunks + n_chunks), stats
+        state = MemoryState(weights, momentum, conv_cache, state.chunks + n_chunks)
+        return (self.output(y) if project_out else y), state
 
     def chunk_inputs(
         self, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, log_eta: Tensor, log_keep: Tensor,
