@@ -1,10 +1,11 @@
 """What `train.compile` costs and gains on a run's model and sequence: the first training step (which
 compiles) and the steady step time, eager against compiled, in one process with the same weights.
 
-Why: a compiled step pays off only after the compile is repaid, and the compile time of a MAC model grows
-with its segments per sequence unless the segment step is compiled once (parallel/compile.py). `--whole-mac`
-adds a row that compiles MAC blocks whole, the segment loop unrolled (the layout before the segment step
-was compiled on its own), to show that growth.
+Why: a compiled step pays off only after the compile is repaid, and a MAC block compiled whole unrolls its
+segment loop, so its compile time grows with the segments per sequence. `train.compile` compiles MAC
+blocks whole up to `MAX_WHOLE_MAC_SEGMENTS` segments per sequence and by segment step beyond
+(parallel/compile.py). The compiled row is by segment step; `--whole-mac` adds a row compiling MAC blocks
+whole, whatever the length.
 
     python bench/compile_time.py --config configs/compare_long/mac.yaml                 # research recipe
     python bench/compile_time.py --config configs/tiny.yaml --whole-mac --threads 2     # default run
@@ -47,7 +48,7 @@ def main() -> None:
     import torch
     from model_throughput import git_revision
 
-    from parallel.compile import RECOMPILE_LIMIT, compile_blocks
+    from parallel.compile import MAX_WHOLE_MAC_SEGMENTS, RECOMPILE_LIMIT, compile_blocks
     from pretrain.config import load_config
     from pretrain.loss import causal_lm_loss
     from titans.blocks import MACBlock
@@ -75,8 +76,9 @@ def main() -> None:
         compile_blocks(model, args.backend)
         return model
 
-    rows = {"eager": eager, f"compiled ({args.backend})": segment_step(copy_of_eager())}
-    if args.whole_mac and any(isinstance(b, MACBlock) for b in eager.blocks.values()):
+    has_mac = any(isinstance(b, MACBlock) for b in eager.blocks.values())
+    rows = {"eager": eager, f"compiled, MAC by segment step ({args.backend})": segment_step(copy_of_eager())}
+    if args.whole_mac and has_mac:
         rows[f"compiled, MAC blocks whole ({args.backend})"] = whole(copy_of_eager())
 
     def step(model: TitansLM) -> float:
@@ -85,11 +87,14 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    segments = -(-seq // run.model.segment_len) if "mac" in run.model.layers else 0
+    segments = -(-seq // run.model.segment_len)
     print(f"# {args.config}: layers {run.model.layers}, dim {run.model.dim}, {run.model.n_layers} layers, "
-          f"batch {batch} × {seq} tokens ({segments} MAC segments per sequence), {args.threads} thread(s), "
-          f"torch {torch.__version__}, commit {git_revision()}, "
-          f"{'warm' if args.warm_cache else 'cold'} compile cache", flush=True)
+          f"batch {batch} × {seq} tokens, {args.threads} thread(s), torch {torch.__version__}, commit "
+          f"{git_revision()}, {'warm' if args.warm_cache else 'cold'} compile cache", flush=True)
+    if has_mac:
+        how = "whole" if segments <= MAX_WHOLE_MAC_SEGMENTS else "by segment step"
+        print(f"# {segments} MAC segments per sequence: train.compile compiles MAC blocks {how} "
+              f"(whole up to {MAX_WHOLE_MAC_SEGMENTS})", flush=True)
     first = {}
     for name, model in rows.items():
         first[name] = step(model)

@@ -579,7 +579,7 @@ class Row:
 
 
 def build_model(cfg: TitansConfig, device: torch.device, checkpointing: bool,
-                compile_backend: str | None = None) -> TitansLM:
+                compile_backend: str | None = None, seq_len: int | None = None) -> TitansLM:
     """The model initialised where it runs (a 760M model initialised on the CPU first would take longer
     than its measurement); with `compile_backend`, its blocks compiled as `train.compile` does."""
     torch.manual_seed(0)
@@ -587,7 +587,7 @@ def build_model(cfg: TitansConfig, device: torch.device, checkpointing: bool,
         model = TitansLM(cfg)
     model.checkpoint_blocks = checkpointing
     if compile_backend:
-        compile_blocks(model, compile_backend)
+        compile_blocks(model, compile_backend, seq_len)
     return model
 
 
@@ -596,7 +596,7 @@ def time_step(cfg: TitansConfig, batch: int, device: torch.device, args: argpars
     """(median step seconds, steps timed, memory) of a fresh model: one timed step after a warm-up
     (compilation, autotuning, allocator growth), then, as far as --row-budget-s allows, `--repeats` more
     (`measure` warms up again before them)."""
-    model = build_model(cfg, device, args.checkpointing, args.compile_backend)
+    model = build_model(cfg, device, args.checkpointing, args.compile_backend, args.seq)
     try:
         loss = ours_loss(model)
         seconds, memory = measure(model, loss, batch, args.seq, cfg.vocab_size, 1, device)

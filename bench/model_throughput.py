@@ -143,14 +143,15 @@ def ours_loss(model: TitansLM) -> LossFn:
     return lambda t: causal_lm_loss(model, t[:, :-1], t[:, 1:])
 
 
-def ours_entry(cfg: TitansConfig, device: torch.device, compile_blocks_with: str | None = None) -> Entry:
+def ours_entry(cfg: TitansConfig, device: torch.device, compile_blocks_with: str | None = None,
+               seq_len: int | None = None) -> Entry:
     """A fresh model of `cfg` (seed 0) with its loss, for `measure_rounds`; with `compile_blocks_with` (a
     torch.compile backend) its blocks compiled as `train.compile` does, and its saved bytes not counted
     (the hooks that count them would be traced into the compiled graphs)."""
     torch.manual_seed(0)
     model = TitansLM(cfg).to(device)
     if compile_blocks_with:
-        compile_blocks(model, compile_blocks_with)
+        compile_blocks(model, compile_blocks_with, seq_len)
     return model, ours_loss(model), not compile_blocks_with
 
 
@@ -232,7 +233,7 @@ def compare_titans_pytorch(cfg: TitansConfig, args: argparse.Namespace, device: 
         return
     kwargs, unmatched = titans_pytorch_kwargs(cfg)
     labels = ["1 residual stream (hyper-connections off)", "4 streams (default)"]
-    entries = [ours_entry(cfg, device, args.compile)]
+    entries = [ours_entry(cfg, device, args.compile, args.seq)]
     for streams in (1, 4):
         torch.manual_seed(0)
         model = MemoryAsContextTransformer(**kwargs, num_residual_streams=streams).to(device)
@@ -341,7 +342,7 @@ def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str
     rows = [(kind, kernel) for kind in args.variants
             for kernel in (["torch"] if kind in ("swa", "full") else args.kernels)]
     configs = [bench_config(kind, args, kernel) for kind, kernel in rows]
-    entries = [ours_entry(cfg, device, args.compile) for cfg in configs]
+    entries = [ours_entry(cfg, device, args.compile, args.seq) for cfg in configs]
     results, roof = measure_rounds(entries, args.batch, args.seq, args.vocab, args.repeats, device, roof=True)
     seconds_of = {row: seconds for row, (seconds, _) in zip(rows, results, strict=True)}
     print(f"\nroof (median over the rounds): {roof / 1e9:,.1f} GFLOP/s")

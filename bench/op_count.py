@@ -103,7 +103,7 @@ def make_step(preset: str, variant: str, kernel: str, blocks_compiled: bool = Fa
     torch.manual_seed(0)
     model = TitansLM(TitansConfig(**fields, layers=variant, memory_kernel=kernel, recompute_memory=True))
     if blocks_compiled:
-        compile_blocks(model)
+        compile_blocks(model, seq_len=SEQ_LEN[preset])
     tokens = torch.randint(fields["vocab_size"], (batch, SEQ_LEN[preset] + 1))
 
     def step() -> None:

@@ -293,7 +293,7 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
     for model in models:
         model.checkpoint_blocks = cfg.train.activation_checkpointing
         if cfg.train.compile:
-            compile_blocks(model, cfg.train.compile_backend)
+            compile_blocks(model, cfg.train.compile_backend, cfg.data.seq_len)
     if initial is not None:  # before the optimizer (and ZeRO) copy the parameters
         load_dense(models, initial)
     optimizer = make_optimizer(models, cfg, mesh)

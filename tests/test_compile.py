@@ -88,15 +88,17 @@ def loss_and_grads(model: TitansLM, tokens: torch.Tensor) -> tuple[float, dict[s
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("layers", ["swa", "mac", "mag", "mal", "lmm"])
-def test_block_compiles_and_matches_eager(layers):
-    """fullgraph=True: a graph break anywhere in a block or MAC's segment step (the scan, the conv) fails."""
+@pytest.mark.parametrize(("layers", "seq_len"), [("swa", 48), ("mac", 48), ("mac", None), ("mag", 48),
+                                                  ("mal", 48), ("lmm", 48)])
+def test_block_compiles_and_matches_eager(layers, seq_len):
+    """fullgraph=True: a graph break anywhere in a block or MAC's segment step (the scan, the conv) fails.
+    MAC compiles whole at 48 tokens (three segments) and by segment step without a length."""
     from parallel.compile import compile_blocks
 
     torch.manual_seed(0)
     eager = TitansLM(tiny(layers))
     compiled = copy.deepcopy(eager)
-    compile_blocks(compiled, backend="aot_eager")
+    compile_blocks(compiled, backend="aot_eager", seq_len=seq_len)
     tokens = torch.randint(0, 97, (2, 49))  # 48 tokens: three MAC segments, the last memory chunk full
     want_loss, want = loss_and_grads(eager, tokens)
     got_loss, got = loss_and_grads(compiled, tokens)
@@ -117,15 +119,16 @@ def test_cut_phase_cuts_where_the_true_index_does(horizon, length):
 
 
 def test_mac_segment_step_compiles_once_per_phase():
-    """Twelve segments across three gradient-horizon cuts, two MAC layers: the segment step compiles for the
-    first segment, a segment cut at its start and the rest, not once per segment, and equals eager."""
+    """Twelve segments (more than compile whole) across three gradient-horizon cuts, two MAC layers: the
+    segment step compiles for the first segment, a segment cut at its start and the rest, not once per
+    segment, and equals eager."""
     from parallel.compile import compile_blocks
 
     torch.manual_seed(0)
     eager = TitansLM(replace(tiny("mac"), memory_grad_horizon=8))  # segment 16 = 2 chunks: a cut every 4th
     compiled = copy.deepcopy(eager)
     counter = CompileCounterWithBackend("aot_eager")
-    compile_blocks(compiled, backend=counter)
+    compile_blocks(compiled, backend=counter, seq_len=12 * 16)
     tokens = torch.randint(0, 97, (2, 12 * 16 + 1))
     want_loss, want = loss_and_grads(eager, tokens)
     got_loss, got = loss_and_grads(compiled, tokens)
@@ -173,4 +176,5 @@ def test_compile_time_bench_prints_its_table():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")]
-    assert rows == ["model", "eager", "compiled (aot_eager)", "compiled, MAC blocks whole (aot_eager)"]
+    assert rows == ["model", "eager", "compiled, MAC by segment step (aot_eager)",
+                    "compiled, MAC blocks whole (aot_eager)"]
