@@ -1,7 +1,6 @@
 """torch.compile applied to a built TitansLM from outside, block by block (torchtitan's per-block compile).
 
-    compile_blocks(model, backend="inductor", seq_len=4096)   # in place: parameter names and checkpoints
-                                                              # are unchanged
+    compile_blocks(model, backend="inductor", seq_len=4096)   # in place: names and checkpoints unchanged
 
 A block is the unit that repeats, so one compilation serves every block of a kind; the embedding and the
 head stay eager (the head's loss is already one fused op, `pretrain/linear_cross_entropy.py`). Everything

@@ -138,12 +138,14 @@ def test_mac_segment_step_compiles_once_per_phase():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_training_job_compiled_matches_eager(dataset, tmp_path, checkpointing):
+@pytest.mark.parametrize(("checkpointing", "seq_len"), [(False, 32), (True, 32), (False, 144)])
+def test_training_job_compiled_matches_eager(dataset, tmp_path, checkpointing, seq_len):
     """train.compile through the whole job: same losses as the eager run (validation without gradients and
-    a logging step's memory statistics compile too), also inside activation checkpointing."""
+    a logging step's memory statistics compile too), also inside activation checkpointing, and with MAC
+    compiled by segment step (144 tokens: nine segments of 16)."""
     common = ("model.layers=mac,lmm", "train.steps=6", "train.eval_every=3", "train.log_every=2",
-              "train.checkpoint_every=3", f"train.activation_checkpointing={str(checkpointing).lower()}")
+              "train.checkpoint_every=3", f"train.activation_checkpointing={str(checkpointing).lower()}",
+              f"data.seq_len={seq_len}")
     eager = train(small_config(dataset, tmp_path / "eager", *common))
     compiled = train(small_config(dataset, tmp_path / "compiled", *common, "train.compile=true",
                                   "train.compile_backend=aot_eager"))

@@ -243,8 +243,9 @@ class MACBlock(Block):
 
     def segment_step(self, segment: Tensor, query: Tensor, q: Tensor, k: Tensor, v: Tensor, state: MemoryState
                      ) -> tuple[Tensor, Tensor, MemoryState]:
-        """One segment: read the memory, attend, write. `segment_region` runs it on plain tensors: it is
-        `mac_segment_region`, or that compiled once for every segment (parallel/compile.py)."""
+        """One segment: read the memory, attend, write. `segment_region` is `mac_segment_region`, or that
+        compiled once for all segments (parallel/compile.py); it sees the segment's cut phase, not its
+        index."""
         phase = self.memory.cut_phase(state.chunks, segment.shape[1])
         y, read, end = self.segment_region(self, segment, query, q, k, v, replace(state, chunks=phase))
         return y, read, replace(end, chunks=end.chunks - phase + state.chunks)
@@ -286,6 +287,7 @@ def mac_segment_region(block: MACBlock, segment: Tensor, query: Tensor, q: Tenso
     written = block.memory_norm(block.write_input(segment, y))
     read, state = block.memory(written, state, project_out=False)
     return y, read, state
+
 
 BLOCKS = {
     "mac": MACBlock,
