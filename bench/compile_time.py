@@ -48,7 +48,7 @@ def main() -> None:
     import torch
     from model_throughput import git_revision
 
-    from parallel.compile import MAX_WHOLE_MAC_SEGMENTS, RECOMPILE_LIMIT, compile_blocks
+    from parallel.compile import MAX_WHOLE_MAC_SEGMENTS, compile_blocks, compiles_mac_whole
     from pretrain.config import load_config
     from pretrain.loss import causal_lm_loss
     from titans.blocks import MACBlock
@@ -61,25 +61,17 @@ def main() -> None:
     eager = TitansLM(run.model)
     tokens = torch.randint(0, run.model.vocab_size, (batch, seq + 1))
 
-    def copy_of_eager() -> TitansLM:
+    def compiled(whole_mac: bool) -> TitansLM:
+        """A copy of the eager model, compiled. A one-segment length compiles MAC whole; none, by step."""
         model = TitansLM(run.model)
         model.load_state_dict(eager.state_dict())
-        return model
-
-    def whole(model: TitansLM) -> TitansLM:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        for block in model.blocks.values():
-            block.compile(backend=args.backend, fullgraph=True, dynamic=False)
-        return model
-
-    def segment_step(model: TitansLM) -> TitansLM:
-        compile_blocks(model, args.backend)
+        compile_blocks(model, args.backend, run.model.segment_len if whole_mac else None)
         return model
 
     has_mac = any(isinstance(b, MACBlock) for b in eager.blocks.values())
-    rows = {"eager": eager, f"compiled, MAC by segment step ({args.backend})": segment_step(copy_of_eager())}
+    rows = {"eager": eager, f"compiled, MAC by segment step ({args.backend})": compiled(False)}
     if args.whole_mac and has_mac:
-        rows[f"compiled, MAC blocks whole ({args.backend})"] = whole(copy_of_eager())
+        rows[f"compiled, MAC blocks whole ({args.backend})"] = compiled(True)
 
     def step(model: TitansLM) -> float:
         start = time.perf_counter()
@@ -87,14 +79,13 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    segments = -(-seq // run.model.segment_len)
     print(f"# {args.config}: layers {run.model.layers}, dim {run.model.dim}, {run.model.n_layers} layers, "
           f"batch {batch} × {seq} tokens, {args.threads} thread(s), torch {torch.__version__}, commit "
           f"{git_revision()}, {'warm' if args.warm_cache else 'cold'} compile cache", flush=True)
     if has_mac:
-        how = "whole" if segments <= MAX_WHOLE_MAC_SEGMENTS else "by segment step"
-        print(f"# {segments} MAC segments per sequence: train.compile compiles MAC blocks {how} "
-              f"(whole up to {MAX_WHOLE_MAC_SEGMENTS})", flush=True)
+        how = "whole" if compiles_mac_whole(run.model, seq) else "by segment step"
+        print(f"# {-(-seq // run.model.segment_len)} MAC segments per sequence: train.compile compiles MAC "
+              f"blocks {how} (whole up to {MAX_WHOLE_MAC_SEGMENTS})", flush=True)
     first = {}
     for name, model in rows.items():
         first[name] = step(model)

@@ -22,13 +22,18 @@ from typing import Any
 import torch
 
 from titans.blocks import MACBlock, mac_segment_region
-from titans.model import TitansLM
+from titans.model import TitansConfig, TitansLM
 
 # Every block kind shares one `forward` (titans/blocks.py), and dynamo keeps its compiled graphs per code
 # object: kinds × with and without gradients × the few batch shapes of a run pass torch's default of 8
 # graphs, after which fullgraph=True fails. The shapes and kinds are finite, so the limit can be generous.
 RECOMPILE_LIMIT = 64
 MAX_WHOLE_MAC_SEGMENTS = 8  # the 760M/1.3B recipes' 4,096 tokens in segments of 512 compile whole
+
+
+def compiles_mac_whole(cfg: TitansConfig, seq_len: int) -> bool:
+    """Whether MAC blocks compile whole (not by segment step) for sequences of `seq_len` tokens."""
+    return -(-seq_len // cfg.segment_len) <= MAX_WHOLE_MAC_SEGMENTS
 
 
 def compile_blocks(model: TitansLM, backend: str | Any = "inductor", seq_len: int | None = None) -> None:
@@ -38,7 +43,7 @@ def compile_blocks(model: TitansLM, backend: str | Any = "inductor", seq_len: in
     gradients) compiles once more. `backend`: a torch.compile backend, by name or as a callable (tests
     pass a counting one)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    whole_mac = seq_len is not None and -(-seq_len // model.cfg.segment_len) <= MAX_WHOLE_MAC_SEGMENTS
+    whole_mac = seq_len is not None and compiles_mac_whole(model.cfg, seq_len)
     segment_step = torch.compile(mac_segment_region, backend=backend, fullgraph=True, dynamic=False)
     for block in model.blocks.values():
         if isinstance(block, MACBlock) and not whole_mac:
