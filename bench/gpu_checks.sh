@@ -8,8 +8,8 @@
 # costs one step, not the session. Compiling takes most of the time (the depth-2 float32 Triton kernels at
 # the paper's shape take minutes, FlexAttention tens of seconds per shape). With no steps named it runs
 # $DEFAULT_STEPS (the short-lease steps below split the same work differently): about 20 minutes.
-# A short lease: `environment triton-checks` in one 10-minute call, then at once (the machine stays warm
-# only briefly) `chunk-step profile-760m-mac`; `train-smoke` a short third one.
+# A short lease: `environment triton-checks scan-launches` in one 10-minute call, then at once (the machine
+# stays warm only briefly) `chunk-step profile-760m-mac`; `train-smoke` a short third one.
 #
 #     bench/gpu_checks.sh OUT_DIR        # every step's output in OUT_DIR/<step>.log, OUT_DIR/summary.txt
 #     bench/gpu_checks.sh OUT_DIR gpu-checks step-340m   # only the steps named (to rerun one, or fit a
@@ -20,7 +20,7 @@ set -u
 
 DEFAULT_STEPS="environment gpu-checks triton-tests step-760m step-760m-tf32 step-340m"
 STEPS="$DEFAULT_STEPS triton-checks chunk-step profile-760m-mac step-760m-mac attention-checks train-smoke"
-STEPS="$STEPS step-760m-mac-compiled"
+STEPS="$STEPS step-760m-mac-compiled scan-launches"
 if [ $# -lt 1 ]; then
     echo "usage: $0 OUT_DIR [STEP ...]   (steps: $STEPS)" >&2
     exit 2
@@ -69,10 +69,13 @@ def v(n):
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"device\",
       torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 print(\"triton\", v(\"triton\"), \"flash-attn\", v(\"flash-attn\"))'"
-# A short lease: `environment triton-checks`, then `chunk-step profile-760m-mac`. The Triton checks compile
-# the paper-shape kernels first (per chunk and whole-scan, IEEE: minutes), so the later steps find them in
-# Triton's cache; the profile says where a MAC step's time goes beside the chunk step's kernels.
+# A short lease: `environment triton-checks scan-launches`, then `chunk-step profile-760m-mac`. The Triton
+# checks compile the paper-shape kernels first (per chunk and whole-scan, IEEE), so the later steps find them
+# in Triton's cache; the scan's launches (hidden tile × warps, chosen from the compiler's register report)
+# are timed against each other, TF32 rows first; the profile says where a MAC step's time goes beside the
+# chunk step's kernels.
 step triton-checks 480 "$python" bench/gpu_step.py --check-only triton
+step scan-launches 300 "$python" bench/gpu_step.py --scan-launches --sizes 760m --variants mac --repeats 5
 step chunk-step 200 "$python" bench/gpu_step.py --chunk-step --sizes 760m --variants mac --repeats 5
 step profile-760m-mac 180 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 3 --row-budget-s 8 \
     --profile 40 train.fp32_matmul=tf32

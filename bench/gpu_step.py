@@ -510,6 +510,69 @@ def time_triton_scan(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: in
         return [mean_ms(call, device, repeats) / n_chunks for call in calls]
 
 
+# (hidden tile, warps) of the scan kernels' launch, timed by --scan-launches: the launcher's choice from the
+# compiler's register report (titans.kernels.cuda_frontend --resources), the launch before it, neighbours,
+# and 16 warps (the IEEE backward spills least there)
+SCAN_LAUNCHES = ((16, 8), (64, 4), (32, 8), (16, 4), (16, 16))
+
+
+def time_scan_launch(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: int, device: torch.device,
+                     repeats: int, tile: int, warps: int) -> tuple[float, float, str]:
+    """ms per chunk of the one-launch scan, forward and (the recomputing scan's) backward, launched with
+    hidden tile `tile` on `warps` warps, and the launch that ran when the card refused it ("" if none)."""
+    from titans.kernels import chunk_step_triton as kernels
+
+    saved = kernels.BLOCK_HIDDEN, kernels.NUM_WARPS, kernels._FITTING_LAUNCH
+    kernels.BLOCK_HIDDEN, kernels.NUM_WARPS, kernels._FITTING_LAUNCH = tile, warps, {}
+    try:
+        asked = (kernels.hidden_tile(opts.n_layers, inputs[8].shape[-1]), warps)
+        chunked = [t.unsqueeze(0).expand(n_chunks, *t.shape).contiguous() for t in inputs[:8]]
+        with torch.no_grad():
+            y, boundaries = kernels.triton_scan(opts, chunked, inputs[8:])
+            grad_y, grad_end = torch.ones_like(y), [torch.ones_like(s) for s in inputs[8:]]
+            forward = mean_ms(lambda: kernels.triton_scan(opts, chunked, inputs[8:]), device, repeats)
+            backward = mean_ms(lambda: kernels.triton_scan_backward(opts, 0, chunked, boundaries, grad_y,
+                                                                    grad_end), device, repeats)
+        ran = {(launch["BH"], launch["num_warps"]) for launch in kernels._FITTING_LAUNCH.values()}
+    finally:
+        kernels.BLOCK_HIDDEN, kernels.NUM_WARPS, kernels._FITTING_LAUNCH = saved
+    shrunk = ", ".join(f"tile {t}, {w} warps" for t, w in sorted(ran - {asked}))
+    return forward / n_chunks, backward / n_chunks, shrunk
+
+
+def scan_launch_table(cfg: TitansConfig, rows: int, device: torch.device, repeats: int, seq: int = 4096,
+                      launches: Sequence[tuple[int, int]] = SCAN_LAUNCHES) -> Iterator[str]:
+    """A table's lines, as they come: the Triton scan of one `seq`-token sequence at `cfg`'s memory shape
+    per launch (hidden tile, warps), TF32 dots first, then IEEE: which launch the kernels should make on
+    this card. Each launch compiles first (seconds with TF32 dots; a minute or more with IEEE ones)."""
+    opts, inputs = chunk_step_inputs(cfg, rows, device)
+    n_chunks = -(-seq // cfg.memory_chunk)
+    yield (f"Triton scan, one launch per direction: {rows} rows × {n_chunks} chunks, b {cfg.memory_chunk}, "
+           f"head {cfg.memory_head_dim}, hidden {cfg.memory_hidden}; ms per chunk, mean of {repeats} scans "
+           f"after a warm-up; × the first row of its precision")
+    yield "| dots | hidden tile | warps | forward ms | backward ms | forward + backward × first | note |"
+    yield "|---|---:|---:|---:|---:|---:|---|"
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        for precision in ("tf32", "ieee"):
+            torch.backends.cuda.matmul.fp32_precision = precision
+            first = None
+            for tile, warps in launches:
+                try:
+                    forward, backward, shrunk = time_scan_launch(opts, inputs, n_chunks, device, repeats,
+                                                                 tile, warps)
+                except Exception as err:  # a launch that cannot run here is a row, not a crash
+                    why = f"{type(err).__name__}: {first_line(err, 80)}"
+                    yield f"| {precision} | {tile} | {warps} | {why} | | | |"
+                    continue
+                first = first or forward + backward
+                note = f"the card refused it: ran {shrunk}" if shrunk else ""
+                yield (f"| {precision} | {tile} | {warps} | {forward:.3f} | {backward:.3f} | "
+                       f"{(forward + backward) / first:.2f} | {note} |")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
 def chunk_step_table(cfg: TitansConfig, rows: int, device: torch.device, repeats: int, seq: int = 4096
                      ) -> list[str]:
     """The torch, analytic and (on CUDA) compiled and Triton chunk steps at `cfg`'s memory shape, with exact
@@ -768,6 +831,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="time the chunk step alone (torch, analytic; on CUDA also compiled and "
                              "Triton, with exact and TF32 float32 matmuls) at each size's memory shape and "
                              "batch, no model steps")
+    parser.add_argument("--scan-launches", action="store_true",
+                        help="time the Triton scan (one launch per direction) at each size's memory shape "
+                             "with each hidden tile and warps in SCAN_LAUNCHES, TF32 and IEEE dots, no "
+                             "model steps")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after each row's timing, one more step under torch.profiler: its top N ops")
     args = parser.parse_args(argv)
@@ -868,6 +935,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = (args.batch or run.data.batch_size) * run.model.memory_heads
             table = chunk_step_table(run.model, rows, device, args.repeats, args.seq)
             print(f"\n# {size} {args.variants[0]}", *table, sep="\n", flush=True)
+        return status
+    if args.scan_launches:
+        for size in args.sizes:
+            run = configs[size, args.variants[0]]
+            rows = (args.batch or run.data.batch_size) * run.model.memory_heads
+            print(f"\n# {size} {args.variants[0]}", flush=True)
+            for line in scan_launch_table(run.model, rows, device, args.repeats, args.seq):
+                print(line, flush=True)  # as they come: the IEEE rows compile for minutes
         return status
     run_cfg = next(iter(configs.values()))
     kernel = choose_kernel(args, device, run_cfg.train.fp32_matmul)

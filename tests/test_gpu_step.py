@@ -90,14 +90,30 @@ def test_chunk_step_and_profile_on_cpu(capsys):
     assert "Self CPU" in out
 
 
-def test_triton_scan_timing_runs_in_the_interpreter():
+def test_triton_scan_timing_runs_in_the_interpreter(monkeypatch):
     """The GPU table's scan timing (a launch per chunk against one per scan), on CPU in Triton's interpreter
     at a tiny shape: it runs and gives four times."""
-    pytest.importorskip("titans.kernels.chunk_step_triton")
+    kernels = pytest.importorskip("titans.kernels.chunk_step_triton")
+    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", 128)  # one hidden tile: interpreted time grows with tiles
     cfg = gpu_step.load_variant("340m", "mac", gpu_step.TINY_OVERRIDES).model
     opts, inputs = gpu_step.chunk_step_inputs(cfg, 2, torch.device("cpu"))
     times = gpu_step.time_triton_scan(opts, inputs, 3, torch.device("cpu"), 1)
     assert len(times) == 4 and all(t > 0 for t in times)
+
+
+def test_scan_launch_table_runs_in_the_interpreter():
+    """--scan-launches' table at a tiny shape in Triton's interpreter: a row per launch and precision, each
+    launch as asked (the interpreter refuses none), and the kernels' own launch restored afterwards."""
+    kernels = pytest.importorskip("titans.kernels.chunk_step_triton")
+    cfg = gpu_step.load_variant("340m", "mac", gpu_step.TINY_OVERRIDES).model
+    launch = kernels.BLOCK_HIDDEN, kernels.NUM_WARPS
+    lines = list(gpu_step.scan_launch_table(cfg, 2, torch.device("cpu"), 1, seq=cfg.memory_chunk,
+                                            launches=[(128, 8), (64, 4)]))
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[3:]]
+    assert [row[:3] for row in rows] == [["tf32", "128", "8"], ["tf32", "64", "4"], ["ieee", "128", "8"],
+                                         ["ieee", "64", "4"]], lines
+    assert all(float(row[3]) > 0 and row[-1] == "" for row in rows), lines  # timed, nothing refused
+    assert launch == (kernels.BLOCK_HIDDEN, kernels.NUM_WARPS)
 
 
 @pytest.mark.skipif(os.environ["TRITON_INTERPRET"] != "1", reason="scan_host.py stubs interpreted kernels")

@@ -32,6 +32,16 @@ if not INTERPRET and not torch.cuda.is_available():
     needs_triton = pytest.mark.skip(reason="TRITON_INTERPRET=0 runs the kernels on CUDA, and there is none")
 
 
+@pytest.fixture
+def one_hidden_tile(monkeypatch):
+    """Depth-2 states walked in one hidden tile: the interpreter's time grows with the tiles, and the tile
+    only shapes a GPU launch. test_triton_hidden_tiles_match_float64_autograd and the one-launch scans walk
+    several."""
+    import titans.kernels.chunk_step_triton as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", 64)
+
+
 def value_and_grads(step, opts: ScanOptions, inputs: list[torch.Tensor], seed: int = 1):
     """The step's outputs and the gradients of every input for random output gradients."""
     inputs = [t.detach().requires_grad_() for t in inputs]
@@ -104,13 +114,14 @@ def test_triton_matches_float64_autograd(depth, residual_norm, clip):
 
 
 @needs_triton
-@pytest.mark.parametrize("residual_norm,clip", [(True, True), (False, False), (True, False)])
-def test_triton_hidden_tiles_match_float64_autograd(monkeypatch, residual_norm, clip):
-    """A depth-2 state walked in 4 hidden tiles (as at the paper's head 64 / hidden 256) equals the torch
-    step: every sum over the hidden dimension is accumulated across tiles before it is used."""
+@pytest.mark.parametrize("residual_norm,clip,tile", [(True, True, 16), (False, False, 16), (True, False, 16),
+                                                     (True, True, 64)])
+def test_triton_hidden_tiles_match_float64_autograd(monkeypatch, residual_norm, clip, tile):
+    """A depth-2 state walked in 4 hidden tiles (as the paper's hidden 256 is in tiles of 16) or in one
+    equals the torch step: every sum over the hidden dimension is accumulated across tiles before use."""
     import titans.kernels.chunk_step_triton as kernels
 
-    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", 16)
+    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", tile)
     opts, inputs = make_step(2, residual_norm, clip, hidden=64, seed=5)
     want = value_and_grads(memory_chunk_step, opts, inputs)
     got = value_and_grads(triton_chunk_step, opts, [t.to(DEVICE) for t in inputs])
@@ -118,37 +129,40 @@ def test_triton_hidden_tiles_match_float64_autograd(monkeypatch, residual_norm, 
 
 
 @needs_triton
-def test_a_hidden_tile_over_shared_memory_is_halved_until_it_fits(monkeypatch):
+def test_a_launch_over_shared_memory_shrinks_until_it_fits(monkeypatch):
     """When a card's shared memory refuses a specialisation (OutOfResources at launch), the launch halves
-    the hidden tile, gets the same step, and remembers the tile that fitted for the next chunk."""
+    the hidden tile, then the warps, gets the same step, and remembers the launch that fitted for the next
+    chunk."""
     from triton.runtime.errors import OutOfResources
 
     import titans.kernels.chunk_step_triton as kernels
 
-    tiles = []
+    launches = []
 
-    class SmallCard:  # the kernel on a card whose shared memory holds hidden tiles of 16 at most
+    class SmallCard:  # the kernel on a card whose shared memory holds tiles of 16 on 4 warps at most
         def __init__(self, kernel):
             self.kernel = kernel
 
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                tiles.append(meta["BH"])
-                if meta["BH"] > 16:
+                launches.append((meta["BH"], meta["num_warps"]))
+                if meta["BH"] > 16 or meta["num_warps"] > 4:
                     raise OutOfResources(2 * meta["BH"], 32, "shared memory")
                 return self.kernel[grid](*args, **meta)
             return launch
 
     for name in ("_chunk_forward_kernel", "_chunk_backward_kernel"):
         monkeypatch.setattr(kernels, name, SmallCard(getattr(kernels, name)))
-    monkeypatch.setattr(kernels, "_FITTING_TILE", {})
+    monkeypatch.setattr(kernels, "_FITTING_LAUNCH", {})
+    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", 64)
+    monkeypatch.setattr(kernels, "NUM_WARPS", 8)
     opts, inputs = make_step(2, True, True, hidden=64, seed=5)
     want = value_and_grads(memory_chunk_step, opts, inputs)
     got = value_and_grads(triton_chunk_step, opts, [t.to(DEVICE) for t in inputs])
     assert max_rel_err(got[0] + got[1], want[0] + want[1]) <= 1e-12
-    assert tiles == [64, 32, 16] * 2  # forward, then backward
+    assert launches == [(64, 8), (32, 8), (16, 8), (16, 4)] * 2  # forward, then backward
     value_and_grads(triton_chunk_step, opts, [t.to(DEVICE) for t in inputs])
-    assert tiles[6:] == [16, 16]  # remembered: no failing launch again
+    assert launches[8:] == [(16, 4), (16, 4)]  # remembered: no failing launch again
 
 
 @needs_triton
@@ -220,7 +234,7 @@ def test_triton_rejects_mismatched_inputs():
 
 @needs_triton
 @pytest.mark.parametrize("recompute", [False, True])
-def test_module_with_triton_kernel_equals_torch_path(recompute):
+def test_module_with_triton_kernel_equals_torch_path(recompute, one_hidden_tile):
     """NeuralMemory with memory_kernel "triton" (the scan's chunk step swapped for the kernels) equals the
     torch path in float32: outputs, end state and every gradient, across chunks and a gradient cut."""
     from titans.memory import NeuralMemory
@@ -318,7 +332,7 @@ def test_module_inference_with_triton_kernel_equals_torch_path():
 
 
 @needs_triton
-def test_scan_op_with_triton_kernel_equals_its_eager_scan(monkeypatch):
+def test_scan_op_with_triton_kernel_equals_its_eager_scan(monkeypatch, one_hidden_tile):
     """Under torch.compile the whole-scan kernels run inside the scan's custom op (titans/scan_op.py):
     the same values and gradients, in float64, as their eager autograd Function."""
     from test_compile import memory_run

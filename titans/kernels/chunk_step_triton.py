@@ -28,7 +28,8 @@ d, c, eta_prod, beta, gamma and of the start state.
 
 Limits: depth 1 or 2; float32 or float64; b, head_dim and hidden must be powers of two and at least 16
 (`tl.arange` needs powers of two, `tl.dot` tiles of at least 16). Recomputing the tile activations in
-each walk trades FLOPs for registers; the tile size is for tuning on a GPU.
+each walk trades FLOPs for registers; the tile and the warps come from the compiler's register report
+(`BLOCK_HIDDEN`), and a GPU's timings of the alternatives are to confirm them.
 Verified in Triton's CPU interpreter; `memory_kernel: triton` (`ScanOptions.kernel`) runs it in the scans.
 """
 
@@ -46,13 +47,21 @@ from triton.runtime.errors import OutOfResources
 from titans.memory import NORM_EPS, ScanOptions
 
 MIN_BLOCK = 16  # tl.dot's smallest tile side
-# Hidden units per tile of a depth-2 state: a program holds four (head_dim, BLOCK_HIDDEN) blocks at a time
-# (W_1, W_2 and their momenta or gradients) instead of the whole state. Read at call time (tests lower it).
-BLOCK_HIDDEN = 64
+MIN_WARPS = 4
+# The launch: hidden units per tile of a depth-2 state (a program holds a few (head_dim, BLOCK_HIDDEN) blocks
+# at a time: W_1, W_2 and their momenta or gradients, never the whole state) and warps per program. Chosen
+# from what the compiler reports for the paper's shape (chunk 64, head 64, hidden 256) on sm_90: a program
+# holds about six (b, head_dim) float32 blocks (q, k, v, M's outputs, their gradients) besides its tiles,
+# more than 4 warps' registers, and what does not fit spills to local memory on every chunk. 8 warps and
+# tiles of 16 spill the least in every kernel and precision (at 4 warps and tiles of 64 the IEEE forward
+# spilled 200× more), and still fit an H100's shared memory. `python -m titans.kernels.cuda_frontend
+# --resources` prints the table; `bench/gpu_step.py --scan-launches` times the launches on a GPU. Read at
+# call time (tests and benchmarks set them).
+BLOCK_HIDDEN = 16
+NUM_WARPS = 8
 # No software pipelining of the hidden-tile loops: Triton's default (3 stages on Hopper) keeps a copy of
-# every tile a loop loads per stage in shared memory, which puts the paper's shape (chunk 64, head 64,
-# hidden 256) over an H100's limit; the loops run 1 to 8 iterations, too few for prefetching to pay.
-# `python -m titans.kernels.cuda_frontend --shared-memory` prints what each kernel needs.
+# every tile a loop loads per stage in shared memory, which puts the paper's shape over an H100's limit;
+# the loops run a few iterations, too few for prefetching to pay.
 NUM_STAGES = 1
 
 
@@ -577,7 +586,7 @@ def _prepare(opts: ScanOptions, tensors: tuple[Tensor, ...]) -> tuple[list[Tenso
     consts = _constants(tensors[0].device, tensors[0].dtype, max_norm)
     meta = dict(B=b, D=dim, H=hidden, BH=hidden_tile(opts.n_layers, hidden), DEPTH=opts.n_layers,
                 RESIDUAL=opts.residual_norm, CLIP=opts.max_grad_norm is not None,
-                PREC=dot_precision(tensors[0]), num_stages=NUM_STAGES)
+                PREC=dot_precision(tensors[0]), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return tensors, consts, meta
 
 
@@ -587,26 +596,38 @@ def _layer_pair(tensors: list[Tensor], depth: int) -> list[Tensor]:
     return [weights[0], weights[-1], momentum[0], momentum[-1]]
 
 
-# The hidden tile that fitted each (kernel, specialisation, device): found once by _launch, then reused.
-_FITTING_TILE: dict[tuple, int] = {}
+# The launch (hidden tile, warps) that fitted each (kernel, specialisation, device): found once by _launch.
+_FITTING_LAUNCH: dict[tuple, dict[str, int]] = {}
+
+
+def _smaller_launch(meta: dict) -> dict | None:
+    """The next launch to try after one that needs more shared memory than the card has: the hidden tile
+    halved, then the warps (their shared memory for reductions and layout changes grows with them);
+    None when neither can shrink."""
+    if meta["DEPTH"] == 2 and meta["BH"] // 2 >= MIN_BLOCK:
+        return {**meta, "BH": meta["BH"] // 2}
+    if meta["num_warps"] // 2 >= MIN_WARPS:
+        return {**meta, "num_warps": meta["num_warps"] // 2}
+    return None
 
 
 def _launch(kernel, rows: int, meta: dict, *args: Tensor) -> None:
-    """Run `kernel` on one program per row, with the hidden tile halved until the specialisation fits the
-    device's shared memory. Why: what a kernel needs is known only once it is compiled, and cards differ
-    (the paper shape's TF32 backward fits an H100 at tile 64, an A100 only at 32); a smaller tile is the
-    same arithmetic in more, smaller steps."""
+    """Run `kernel` on one program per row, shrinking the launch (`_smaller_launch`) until the
+    specialisation fits the device's shared memory. Why: what a kernel needs is known only once it is
+    compiled, and cards differ (the paper shape's backward fits an H100 with 8 warps, an A100 with 4); a
+    smaller tile is the same arithmetic in more, smaller steps, and fewer warps the same program on fewer
+    threads."""
     key = (id(kernel), args[0].device, *meta.items())  # meta's order is _prepare's: no sorting
-    block = _FITTING_TILE.get(key, meta["BH"])
+    launch = {**meta, **_FITTING_LAUNCH.get(key, {})}
     while True:
         try:
-            kernel[(rows,)](*args, **{**meta, "BH": block})
+            kernel[(rows,)](*args, **launch)
         except OutOfResources:
-            if meta["DEPTH"] != 2 or block // 2 < MIN_BLOCK:
+            launch = _smaller_launch(launch)
+            if launch is None:
                 raise
-            block //= 2
             continue
-        _FITTING_TILE[key] = block
+        _FITTING_LAUNCH[key] = {"BH": launch["BH"], "num_warps": launch["num_warps"]}
         return
 
 
