@@ -53,8 +53,9 @@ MIN_WARPS = 4
 # from what the compiler reports for the paper's shape (chunk 64, head 64, hidden 256) on sm_90: a program
 # holds about six (b, head_dim) float32 blocks (q, k, v, M's outputs, their gradients) besides its tiles,
 # more than 4 warps' registers, and what does not fit spills to local memory on every chunk. 8 warps and
-# tiles of 16 spill the least in every kernel and precision (at 4 warps and tiles of 64 the IEEE forward
-# spilled 200× more), and still fit an H100's shared memory. `python -m titans.kernels.cuda_frontend
+# tiles of 16 spill the least in three of the scan's four kernels (the IEEE backward, least on 16 warps,
+# is second there; at 4 warps and tiles of 64 the IEEE forward spilled 190× more) and fit an H100's
+# shared memory. `python -m titans.kernels.cuda_frontend
 # --resources` prints the table; `bench/gpu_step.py --scan-launches` times the launches on a GPU. Read at
 # call time (tests and benchmarks set them).
 BLOCK_HIDDEN = 16
