@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -473,24 +473,40 @@ def mean_ms(call: Callable[[], Any], device: torch.device, repeats: int) -> floa
     return (time.perf_counter() - begin) / repeats * 1e3
 
 
-def time_triton_scan(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: int, device: torch.device,
-                     repeats: int) -> list[float]:
-    """ms per chunk of a scan of `n_chunks` chunks (the chunk's inputs repeated) with the Triton kernels:
-    [forward, a launch per chunk; forward, one launch; backward, a launch per chunk; backward, one
-    launch], as the recomputing scan calls them (the backward alone), each the mean of `repeats` scans
-    after a warm-up."""
-    from titans.kernels.chunk_step_triton import (
-        triton_chunk_step,
-        triton_chunk_step_backward,
-        triton_scan,
-        triton_scan_backward,
-    )
+class OneLaunchScan(NamedTuple):
+    chunked: list[torch.Tensor]  # the chunk-major scan inputs
+    forward: Callable[[], Any]
+    backward: Callable[[], Any]  # the recomputing scan's: from the boundary states and output gradients
+    boundaries: list[torch.Tensor]
+    grad_y: torch.Tensor
+    grad_end: list[torch.Tensor]
+
+
+def one_launch_scans(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: int) -> OneLaunchScan:
+    """A scan of `n_chunks` chunks (the chunk's inputs repeated) for the Triton whole-scan kernels, with
+    its forward and backward as calls. The forward runs once here, for the boundary states."""
+    from titans.kernels.chunk_step_triton import triton_scan, triton_scan_backward
 
     chunked = [t.unsqueeze(0).expand(n_chunks, *t.shape).contiguous() for t in inputs[:8]]
     start = inputs[8:]
     with torch.no_grad():
         y, boundaries = triton_scan(opts, chunked, start)
     grad_y, grad_end = torch.ones_like(y), [torch.ones_like(s) for s in start]
+    return OneLaunchScan(chunked, lambda: triton_scan(opts, chunked, start),
+                         lambda: triton_scan_backward(opts, 0, chunked, boundaries, grad_y, grad_end),
+                         boundaries, grad_y, grad_end)
+
+
+def time_triton_scan(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: int, device: torch.device,
+                     repeats: int) -> list[float]:
+    """ms per chunk of a scan of `n_chunks` chunks (the chunk's inputs repeated) with the Triton kernels:
+    [forward, a launch per chunk; forward, one launch; backward, a launch per chunk; backward, one
+    launch], as the recomputing scan calls them (the backward alone), each the mean of `repeats` scans
+    after a warm-up."""
+    from titans.kernels.chunk_step_triton import triton_chunk_step, triton_chunk_step_backward
+
+    chunked, forward, backward, boundaries, grad_y, grad_end = one_launch_scans(opts, inputs, n_chunks)
+    start = inputs[8:]
     starts = [[b[i] for b in boundaries] for i in range(n_chunks)]
 
     def forward_per_chunk() -> None:
@@ -504,8 +520,7 @@ def time_triton_scan(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: in
             grad_state = triton_chunk_step_backward(opts, *(t[i] for t in chunked), starts[i], grad_y[i],
                                                     grad_state)[8:]
 
-    calls = (forward_per_chunk, lambda: triton_scan(opts, chunked, start), backward_per_chunk,
-             lambda: triton_scan_backward(opts, 0, chunked, boundaries, grad_y, grad_end))
+    calls = (forward_per_chunk, forward, backward_per_chunk, backward)
     with torch.no_grad():
         return [mean_ms(call, device, repeats) / n_chunks for call in calls]
 
@@ -526,13 +541,10 @@ def time_scan_launch(opts: ScanOptions, inputs: list[torch.Tensor], n_chunks: in
     kernels.BLOCK_HIDDEN, kernels.NUM_WARPS, kernels._FITTING_LAUNCH = tile, warps, {}
     try:
         asked = (kernels.hidden_tile(opts.n_layers, inputs[8].shape[-1]), warps)
-        chunked = [t.unsqueeze(0).expand(n_chunks, *t.shape).contiguous() for t in inputs[:8]]
+        scan = one_launch_scans(opts, inputs, n_chunks)
         with torch.no_grad():
-            y, boundaries = kernels.triton_scan(opts, chunked, inputs[8:])
-            grad_y, grad_end = torch.ones_like(y), [torch.ones_like(s) for s in inputs[8:]]
-            forward = mean_ms(lambda: kernels.triton_scan(opts, chunked, inputs[8:]), device, repeats)
-            backward = mean_ms(lambda: kernels.triton_scan_backward(opts, 0, chunked, boundaries, grad_y,
-                                                                    grad_end), device, repeats)
+            forward = mean_ms(scan.forward, device, repeats)
+            backward = mean_ms(scan.backward, device, repeats)
         ran = {(launch["BH"], launch["num_warps"]) for launch in kernels._FITTING_LAUNCH.values()}
     finally:
         kernels.BLOCK_HIDDEN, kernels.NUM_WARPS, kernels._FITTING_LAUNCH = saved

@@ -92,6 +92,7 @@ def compile_report(name: str, meta: dict, capability: int = 90) -> dict:
     import io
     import re
     import tempfile
+    from unittest import mock
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -100,8 +101,8 @@ def compile_report(name: str, meta: dict, capability: int = 90) -> dict:
 
     log = io.StringIO()
     with tempfile.TemporaryDirectory() as cache:
-        os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
-        with contextlib.redirect_stdout(log):  # where Triton prints ptxas's report
+        settings = mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
+        with settings, contextlib.redirect_stdout(log):  # stdout: where Triton prints ptxas's report
             options = {"num_stages": kernels.NUM_STAGES, "num_warps": meta["num_warps"]}
             compiled = triton.compile(kernel_source(getattr(kernels, name), meta),
                                       target=GPUTarget("cuda", capability, 32), options=options)
