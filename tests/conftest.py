@@ -25,3 +25,14 @@ def dataset(tmp_path_factory) -> Path:
     from run_helpers import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+# The files that take minutes, longest first, before the others: under `--dist loadfile` a long file handed
+# out last keeps one worker busy while the rest wait.
+LONG_FILES = ("test_parallel.py", "test_scaling.py", "test_triton_chunk_step.py", "test_compile.py",
+              "test_sequence_gradients.py", "test_convert.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: a file keeps its order

@@ -67,7 +67,7 @@ def test_a_bad_family_file_names_the_field(tmp_path, text, match):
         load_family(str(path))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # six training runs one after another: 2-3 min beside another test worker
 def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
     family = tmp_path / "family.yaml"
     family.write_text(
@@ -82,7 +82,7 @@ def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
     command = [sys.executable, "-m", "pretrain.scaling", "--family", str(family), "--out", str(out),
                "--local"]
     done = subprocess.run(command + ["--bootstrap", "4"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=280)
+                          timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "s64-D1920: N=" in done.stdout and "val loss" in done.stdout  # a line per finished run
     assert "fit of 6 runs" in done.stdout and "compute-optimal" in done.stdout
