@@ -92,7 +92,8 @@ step step-760m-mac-compiled 420 "$python" bench/gpu_step.py --sizes 760m --varia
     --row-budget-s 12 train.fp32_matmul=tf32 train.compile=true
 step attention-checks 100 "$python" bench/gpu_step.py --check-only attention
 step gpu-checks 540 "$python" bench/gpu_step.py --check-only
-step triton-tests 240 "$python" -m pytest -v -p no:cacheprovider tests/test_triton_chunk_step.py
+# serially, without pyproject's addopts: one GPU, and pytest-xdist need not be installed here
+step triton-tests 240 "$python" -m pytest -o addopts= -v -p no:cacheprovider tests/test_triton_chunk_step.py
 step step-760m 300 "$python" bench/gpu_step.py --sizes 760m --repeats 5 --row-budget-s 12
 step step-760m-tf32 90 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12 \
     train.fp32_matmul=tf32
