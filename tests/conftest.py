@@ -1,5 +1,6 @@
 """Test configuration: make the tests folder importable (shared references), run Triton's kernels in its
-CPU interpreter unless the environment says otherwise, and build the shared dataset."""
+CPU interpreter unless the environment says otherwise, one thread per process under pytest-xdist, the long
+files first, and build the shared dataset."""
 
 import os
 import sys

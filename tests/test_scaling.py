@@ -67,7 +67,7 @@ def test_a_bad_family_file_names_the_field(tmp_path, text, match):
         load_family(str(path))
 
 
-@pytest.mark.timeout(600)  # six training runs one after another: 2-3 min beside another test worker
+@pytest.mark.timeout(600)  # six training runs one after another, beside another test worker
 def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
     family = tmp_path / "family.yaml"
     family.write_text(
