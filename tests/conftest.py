@@ -9,7 +9,7 @@ from pathlib import Path
 # Before any test module is collected: `triton.jit` reads TRITON_INTERPRET when triton is first imported,
 # and importing parts of torch (torch._dynamo.testing, inductor) imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# Under pytest-xdist there is a worker per core: one thread each (and in every process a test starts).
+# Under pytest-xdist there is a worker per logical CPU: one thread each (and in every process a test starts).
 # Two workers of two OpenMP threads each on two cores spin against each other and take longer than one.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
