@@ -28,6 +28,15 @@ def dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture
+def one_hidden_tile(monkeypatch):
+    """Depth-2 Triton states walked in one hidden tile, whatever a test's hidden width: the interpreter's
+    time grows with the tiles, and the tile only shapes a GPU launch. The hidden-tile and one-launch scan
+    tests (test_triton_chunk_step.py) walk several."""
+    kernels = pytest.importorskip("titans.kernels.chunk_step_triton")
+    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", 1 << 20)
+
+
 # The files that take minutes, longest first, before the others: under `--dist loadfile` a long file handed
 # out last keeps one worker busy while the rest wait.
 LONG_FILES = ("test_parallel.py", "test_scaling.py", "test_triton_chunk_step.py", "test_compile.py",

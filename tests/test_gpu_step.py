@@ -90,11 +90,9 @@ def test_chunk_step_and_profile_on_cpu(capsys):
     assert "Self CPU" in out
 
 
-def test_triton_scan_timing_runs_in_the_interpreter(monkeypatch):
+def test_triton_scan_timing_runs_in_the_interpreter(one_hidden_tile):
     """The GPU table's scan timing (a launch per chunk against one per scan), on CPU in Triton's interpreter
     at a tiny shape: it runs and gives four times."""
-    kernels = pytest.importorskip("titans.kernels.chunk_step_triton")
-    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", 128)  # one hidden tile: interpreted time grows with tiles
     cfg = gpu_step.load_variant("340m", "mac", gpu_step.TINY_OVERRIDES).model
     opts, inputs = gpu_step.chunk_step_inputs(cfg, 2, torch.device("cpu"))
     times = gpu_step.time_triton_scan(opts, inputs, 3, torch.device("cpu"), 1)

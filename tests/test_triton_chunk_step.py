@@ -32,16 +32,6 @@ if not INTERPRET and not torch.cuda.is_available():
     needs_triton = pytest.mark.skip(reason="TRITON_INTERPRET=0 runs the kernels on CUDA, and there is none")
 
 
-@pytest.fixture
-def one_hidden_tile(monkeypatch):
-    """Depth-2 states walked in one hidden tile: the interpreter's time grows with the tiles, and the tile
-    only shapes a GPU launch. test_triton_hidden_tiles_match_float64_autograd and the one-launch scans walk
-    several."""
-    import titans.kernels.chunk_step_triton as kernels
-
-    monkeypatch.setattr(kernels, "BLOCK_HIDDEN", 64)
-
-
 def value_and_grads(step, opts: ScanOptions, inputs: list[torch.Tensor], seed: int = 1):
     """The step's outputs and the gradients of every input for random output gradients."""
     inputs = [t.detach().requires_grad_() for t in inputs]

@@ -54,10 +54,9 @@ MIN_WARPS = 4
 # holds about six (b, head_dim) float32 blocks (q, k, v, M's outputs, their gradients) besides its tiles,
 # more than 4 warps' registers, and what does not fit spills to local memory on every chunk. 8 warps and
 # tiles of 16 spill the least in three of the scan's four kernels (the IEEE backward, least on 16 warps,
-# is second there; at 4 warps and tiles of 64 the IEEE forward spilled 190× more) and fit an H100's
-# shared memory. `python -m titans.kernels.cuda_frontend
-# --resources` prints the table; `bench/gpu_step.py --scan-launches` times the launches on a GPU. Read at
-# call time (tests and benchmarks set them).
+# is second there) and fit an H100's shared memory (figures: bench/RESULTS.md, session 23). `python -m
+# titans.kernels.cuda_frontend --resources` prints the table; `bench/gpu_step.py --scan-launches` times the
+# launches on a GPU. Read at call time (tests and benchmarks set them).
 BLOCK_HIDDEN = 16
 NUM_WARPS = 8
 # No software pipelining of the hidden-tile loops: Triton's default (3 stages on Hopper) keeps a copy of
