@@ -9,7 +9,7 @@ stays plain: it reads head counts from local widths). The memory is multi-head a
 interact inside the test-time update, so splitting it by head makes the update communication-free: each
 rank holds and trains the memory MLPs of its own heads. The communication per block is megatron's: an
 all-reduce of the input gradient behind each column-parallel projection and an all-reduce of the output
-of each row-parallel one.
+of each row-parallel one, through `parallel.tp_collectives` so that a block compiles whole.
 
 | piece                                                        | split                                      |
 |--------------------------------------------------------------|--------------------------------------------|
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from parallel.tp_collectives import copy_to_tp, reduce_from_tp
 from pretrain.linear_cross_entropy import IGNORE_INDEX, VocabSplit
 from titans.attention import Attention
 from titans.blocks import MACBlock, SwiGLU
@@ -99,17 +100,25 @@ def _no_init(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def _column_forward(self, x: Tensor) -> Tensor:
+    return F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
+
+
+def _row_forward(self, x: Tensor) -> Tensor:
+    out = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+    return out if self.bias is None else out + self.bias
+
+
 @functools.cache
 def _linear_class(kind: str) -> type:
-    """megatron-core's Column/RowParallelLinear, returning the output alone as nn.Linear does (theirs
-    return (output, bias)). Built on first use: megatron-core is imported only by model-parallel runs."""
+    """megatron-core's Column/RowParallelLinear (its parameters, their attributes, its state dict) with a
+    forward that returns the output alone, as nn.Linear does, and communicates through
+    `parallel.tp_collectives`, which torch.compile traces (megatron's forward breaks the graph). Built on
+    first use: megatron-core is imported only by model-parallel runs."""
     from megatron.core import tensor_parallel
 
     base = {"column": tensor_parallel.ColumnParallelLinear, "row": tensor_parallel.RowParallelLinear}[kind]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return base.forward(self, x)[0]
-
+    forward = _column_forward if kind == "column" else _row_forward
     return type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
 
 
@@ -144,16 +153,13 @@ def _shard_parameter(module: nn.Module, name: str, dim: int, shard: TensorShard)
 
 class TPSharedRMSNorm(nn.RMSNorm):
     """An RMSNorm whose one gain is applied to every local head: each tp rank sees only its heads'
-    share of the gain's gradient, so the gradient is summed over tp (megatron's copy-to-region:
-    identity forward, all-reduce backward) and every rank keeps the same gain."""
+    share of the gain's gradient, so the gradient is summed over tp (copy-to-tp: identity forward,
+    all-reduce backward) and every rank keeps the same gain."""
 
     group: Any = None
 
     def forward(self, x: Tensor) -> Tensor:
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-        weight = copy_to_tensor_model_parallel_region(self.weight, group=self.group)
-        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+        return F.rms_norm(x, self.normalized_shape, copy_to_tp(self.weight, self.group), self.eps)
 
 
 def _shared_norm(norm: nn.RMSNorm, shard: TensorShard) -> TPSharedRMSNorm:

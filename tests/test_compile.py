@@ -161,7 +161,7 @@ def test_training_job_compiled_with_inductor_matches_eager(dataset, tmp_path):
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
 
 
-@pytest.mark.parametrize(("override", "named"), [("parallel.tp=2", "parallel.tp=2"),
+@pytest.mark.parametrize(("override", "named"), [("parallel.zero_stage=3", "parallel.zero_stage=3"),
                                                  ("parallel.sp=2", "parallel.sp=2"),
                                                  ("train.compile_backend=nope", "train.compile_backend")])
 def test_compile_config_errors_name_the_field(override, named, tmp_path):

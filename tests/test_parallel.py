@@ -50,10 +50,12 @@ LAYOUTS = {
     "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     "pp2_dp2_zero1": (4, ["parallel.pp=2", "parallel.pp_microbatches=2", "parallel.zero_stage=1"]),
     # train.compile (aot_eager: dynamo and AOT autograd as inductor runs them, no code generated) under
-    # DDP, DeepSpeed ZeRO-2 and the pipeline
+    # DDP, DeepSpeed ZeRO-2, tensor parallelism and the pipeline
     "dp2_compiled": (2, [*COMPILED]),
     "dp2_zero2_compiled": (2, ["parallel.zero_stage=2", *COMPILED]),
+    "tp2_compiled": (2, ["parallel.tp=2", *COMPILED]),
     "pp2_compiled": (2, ["parallel.pp=2", "parallel.pp_microbatches=2", *COMPILED]),
+    "tp2_pp2_compiled": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2", *COMPILED]),
     "tp2_pp2_dp2_zero1": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
                               "parallel.zero_stage=1"]),
 }
