@@ -2,6 +2,7 @@
 
     python bench/parallel_overhead.py                       # all layouts, MAC, 8 steps (5 timed)
     python bench/parallel_overhead.py --layers mag --steps 12
+    python bench/parallel_overhead.py --only "tp=2" "tp=2, compiled"   # one process always runs first
 
 Each layout is a `torch.distributed.run` launch of the training job (`pretrain.train`) on a small dataset
 built from this repository's sources; dp ranks each take batch_size / dp rows, so the global batch is the
@@ -36,6 +37,9 @@ LAYOUTS = {  # name: (processes, overrides)
     "tp=2 × pp=2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "tp=2 × dp=2, ZeRO-1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     "pp=2 × dp=2, ZeRO-1": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
+    # blocks compiled (inductor): the first step compiles, and the median is of the last steps
+    "1 process, compiled": (1, ["train.compile=true"]),
+    "tp=2, compiled": (2, ["parallel.tp=2", "train.compile=true"]),
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from titans.blocks import MACBlock, mac_segment_region
+from titans.blocks import Block, MACBlock, mac_segment_region
 from titans.model import TitansConfig, TitansLM
 
 # Every block kind shares one `forward` (titans/blocks.py), and dynamo keeps its compiled graphs per code
@@ -36,17 +36,25 @@ def compiles_mac_whole(cfg: TitansConfig, seq_len: int) -> bool:
     return -(-seq_len // cfg.segment_len) <= MAX_WHOLE_MAC_SEGMENTS
 
 
-def compile_blocks(model: TitansLM, backend: str | Any = "inductor", seq_len: int | None = None) -> None:
+def compile_blocks(model: TitansLM, backend: str | Any = "inductor", seq_len: int | None = None,
+                   relay: bool = False) -> None:
     """Compile each of the model's blocks in place. MAC blocks compile whole when sequences of `seq_len`
     tokens have at most MAX_WHOLE_MAC_SEGMENTS segments, else (or without `seq_len`) by segment step.
     Shapes are static: a new batch or sequence shape (the last, shorter batch; validation without
     gradients) compiles once more. `backend`: a torch.compile backend, by name or as a callable (tests
-    pass a counting one)."""
+    pass a counting one). `relay`: the blocks run under sequence parallelism, whose relay calls each
+    block's two halves around the attention halo (`before_halo`, `after_halo`) instead of its forward, so
+    the halves are compiled (`seq_len` is then a shard's length)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     whole_mac = seq_len is not None and compiles_mac_whole(model.cfg, seq_len)
-    segment_step = torch.compile(mac_segment_region, backend=backend, fullgraph=True, dynamic=False)
+    options = {"backend": backend, "fullgraph": True, "dynamic": False}
+    segment_step = torch.compile(mac_segment_region, **options)
     for block in model.blocks.values():
         if isinstance(block, MACBlock) and not whole_mac:
             block.segment_region = segment_step
+        elif relay:
+            block.after_halo = torch.compile(block.after_halo, **options)
+            if type(block).before_halo is not Block.before_halo:  # MAL: its memory layer (else identity)
+                block.before_halo = torch.compile(block.before_halo, **options)
         else:
-            block.compile(backend=backend, fullgraph=True, dynamic=False)
+            block.compile(**options)

@@ -329,14 +329,12 @@ def validate(cfg: RunConfig) -> None:
 
 
 def validate_compile(cfg: RunConfig) -> None:
-    """train.compile with the layouts it is tested under: one process, data parallel, ZeRO-1/2, tp, pp."""
+    """train.compile with the layouts it is tested under: one process, data parallel, ZeRO-1/2, tp, pp, sp."""
     p = cfg.parallel
-    unsupported = [f"parallel.sp={p.sp}"] if p.sp > 1 else []
-    unsupported += [f"parallel.zero_stage={p.zero_stage}"] if p.zero_stage == 3 else []
-    if unsupported:
-        raise ConfigError(f"train.compile with {', '.join(unsupported)} is not supported (the sequence relay "
-                          "and ZeRO-3's parameter hooks are not compiled yet): set train.compile=false or "
-                          "change the layout")
+    if p.zero_stage == 3:
+        raise ConfigError(f"train.compile with parallel.zero_stage={p.zero_stage} is not supported (ZeRO-3's "
+                          "parameter hooks are not compiled yet): set train.compile=false or "
+                          "parallel.zero_stage to 0, 1 or 2")
     if cfg.train.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError("train.compile_backend must be a torch.compile backend (e.g. inductor, "
                           f"aot_eager), got {cfg.train.compile_backend!r}")
