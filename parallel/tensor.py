@@ -9,7 +9,7 @@ stays plain: it reads head counts from local widths). The memory is multi-head a
 interact inside the test-time update, so splitting it by head makes the update communication-free: each
 rank holds and trains the memory MLPs of its own heads. The communication per block is megatron's: an
 all-reduce of the input gradient behind each column-parallel projection and an all-reduce of the output
-of each row-parallel one, through `parallel.tp_collectives` so that a block compiles whole.
+of each row-parallel one (under torch.compile through `parallel.tp_collectives`, which dynamo traces).
 
 | piece                                                        | split                                      |
 |--------------------------------------------------------------|--------------------------------------------|
@@ -100,25 +100,31 @@ def _no_init(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _column_forward(self, x: Tensor) -> Tensor:
+def _column_traced(self, x: Tensor) -> Tensor:
     return F.linear(copy_to_tp(x, self.tp_group), self.weight, self.bias)
 
 
-def _row_forward(self, x: Tensor) -> Tensor:
+def _row_traced(self, x: Tensor) -> Tensor:
     out = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
     return out if self.bias is None else out + self.bias
 
 
 @functools.cache
 def _linear_class(kind: str) -> type:
-    """megatron-core's Column/RowParallelLinear (its parameters, their attributes, its state dict) with a
-    forward that returns the output alone, as nn.Linear does, and communicates through
-    `parallel.tp_collectives`, which torch.compile traces (megatron's forward breaks the graph). Built on
-    first use: megatron-core is imported only by model-parallel runs."""
+    """megatron-core's Column/RowParallelLinear, returning the output alone as nn.Linear does (theirs
+    return (output, bias)). Eagerly it runs megatron's forward, whose backward overlaps the input
+    gradient's all-reduce with the weight gradient's matmul (the plain form ran a tp=2 step 8-12 % slower
+    on CPU, bench/RESULTS.md); under torch.compile, where megatron's forward breaks the graph, the same
+    function through `parallel.tp_collectives`. Built on first use: megatron-core is imported only by
+    model-parallel runs."""
     from megatron.core import tensor_parallel
 
     base = {"column": tensor_parallel.ColumnParallelLinear, "row": tensor_parallel.RowParallelLinear}[kind]
-    forward = _column_forward if kind == "column" else _row_forward
+    traced = _column_traced if kind == "column" else _row_traced
+
+    def forward(self, x: Tensor) -> Tensor:
+        return traced(self, x) if torch.compiler.is_compiling() else base.forward(self, x)[0]
+
     return type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
 
 

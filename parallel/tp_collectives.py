@@ -6,9 +6,9 @@
 megatron-core's own layers and mappings break dynamo's graph: an all-reduce with `async_op=True` in their
 backward, a `warnings.warn`, and a custom Function that returns its input as-is and is then modified in
 place. These use functional collectives (`torch.distributed._functional_collectives`), which return new
-tensors and trace into a graph, so a tensor-parallel block compiles whole (`fullgraph=True`) and eager
-runs the same code. In eager the result is waited for when first used, so the communication can overlap
-with work that does not need it.
+tensors and trace into a graph, so a tensor-parallel block compiles whole (`fullgraph=True`). The
+tensor-parallel linears take them only while compiling (parallel/tensor.py); the memory's shared output
+norm always does.
 """
 
 from __future__ import annotations
