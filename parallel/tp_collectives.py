@@ -5,10 +5,10 @@
 
 megatron-core's own layers and mappings break dynamo's graph: an all-reduce with `async_op=True` in their
 backward, a `warnings.warn`, and a custom Function that returns its input as-is and is then modified in
-place. These use functional collectives (`torch.distributed._functional_collectives`), which return new
-tensors and trace into a graph, so a tensor-parallel block compiles whole (`fullgraph=True`). The
-tensor-parallel linears take them only while compiling (parallel/tensor.py); the memory's shared output
-norm always does.
+place. While compiling these use functional collectives (`torch.distributed._functional_collectives`),
+which return new tensors and trace into a graph, so a tensor-parallel block compiles whole
+(`fullgraph=True`). The tensor-parallel linears take them only while compiling (parallel/tensor.py); the
+memory's shared output norm always does.
 """
 
 from __future__ import annotations
@@ -16,8 +16,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+
+
+def _all_reduce(x: Tensor, group: Any) -> Tensor:
+    """The sum over tp as a new tensor: the functional collective while compiling; eagerly c10d's
+    in-place all-reduce on a copy, since a functional collective's eager result is a tensor subclass
+    (it would become a parameter's `.grad` as is)."""
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(x.contiguous(), "sum", group)
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -30,7 +42,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
+        return _all_reduce(grad, ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -38,7 +50,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
-        return funcol.all_reduce(x.contiguous(), "sum", group)
+        return _all_reduce(x, group)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
