@@ -113,10 +113,10 @@ def _row_traced(self, x: Tensor) -> Tensor:
 def _linear_class(kind: str) -> type:
     """megatron-core's Column/RowParallelLinear, returning the output alone as nn.Linear does (theirs
     return (output, bias)). Eagerly it runs megatron's forward, whose backward overlaps the input
-    gradient's all-reduce with the weight gradient's matmul (the plain form ran a tp=2 step 8-12 % slower
-    on CPU, bench/RESULTS.md); under torch.compile, where megatron's forward breaks the graph, the same
-    function through `parallel.tp_collectives`. Built on first use: megatron-core is imported only by
-    model-parallel runs."""
+    gradient's all-reduce with the weight gradient's matmul (without the overlap a tp step is slower,
+    bench/RESULTS.md, session 25); under torch.compile, where megatron's forward breaks the graph, the
+    same function through `parallel.tp_collectives`. Built on first use: megatron-core is imported only
+    by model-parallel runs."""
     from megatron.core import tensor_parallel
 
     base = {"column": tensor_parallel.ColumnParallelLinear, "row": tensor_parallel.RowParallelLinear}[kind]
