@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parallel.compile import compile_blocks  # noqa: E402
+from pretrain.cpu_allocator import CPU_ALLOCATORS, use_cpu_allocator  # noqa: E402
 from pretrain.loss import causal_lm_loss  # noqa: E402
 from titans.flops import training_flops_per_token  # noqa: E402
 from titans.memory import CHUNK_STEPS  # noqa: E402
@@ -295,6 +296,9 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated kernels to run table 1's memory variants with, each against "
                              "the torch kernel's step time (e.g. torch,analytic); default: --kernel")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="reuse",
+                        help="host memory on CPU, as train.cpu_allocator: reuse (freed blocks stay in the "
+                             "process for the next step) or system (malloc as configured)")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="compile our models' blocks as train.compile does (table 1 and the "
                              "titans-pytorch comparison; the warm-up step compiles), with this backend "
@@ -315,11 +319,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        use_cpu_allocator(args.cpu_allocator)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     mem_label = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
     print(f"# command: python {shlex.join(sys.argv)}  (commit {git_revision()})")
     print(f"# device: {name} ({device.type}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"autocast {'bf16' if device.type == 'cuda' else 'off'}")
+          f"autocast {'bf16' if device.type == 'cuda' else 'off'}"
+          + ("" if device.type == "cuda" else f", allocator {args.cpu_allocator}"))
     print(f"# dim 256, 4 layers, 4 heads × 64, seq {args.seq}, batch {args.batch}, window/segment "
           f"{args.window}, memory chunk {args.chunk}, vocab {args.vocab}, MAC memory tokens "
           f"{args.mac_memory_tokens or 'per token'}, recompute {not args.no_recompute}, kernels "

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from pretrain.cpu_allocator import CPU_ALLOCATORS
 from titans.model import TitansConfig
 
 
@@ -109,6 +110,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     seed: int = 0
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    # host memory on CPU runs: "reuse" keeps freed blocks in the process for the next step (a GPU's caching
+    # allocator does the same), "system" leaves malloc as configured (pretrain/cpu_allocator.py)
+    cpu_allocator: str = "reuse"
     allow_oversubscribe: bool = False  # start even when the memory estimate exceeds the device's memory
 
 
@@ -280,6 +284,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     if t.fp32_matmul not in ("ieee", "tf32"):
         raise ConfigError(f"train.fp32_matmul must be ieee or tf32, got {t.fp32_matmul!r}")
+    if t.cpu_allocator not in CPU_ALLOCATORS:
+        raise ConfigError(f"train.cpu_allocator must be one of {', '.join(CPU_ALLOCATORS)}, "
+                          f"got {t.cpu_allocator!r}")
     if t.compile:
         validate_compile(cfg)
     if not 0 <= t.warmup_steps < t.steps:

@@ -42,6 +42,7 @@ from pretrain.checkpoint import (
     verify_checkpoint,
 )
 from pretrain.config import ConfigError, RunConfig, load_config
+from pretrain.cpu_allocator import use_cpu_allocator
 from pretrain.data import build_loaders
 from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, peak_flops
@@ -245,6 +246,8 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     mesh = mesh or init_mesh(p.tp, p.pp, p.sp, p.comm_timeout_s)
     if t.threads:
         torch.set_num_threads(t.threads)
+    if mesh.device.type == "cpu":
+        use_cpu_allocator(t.cpu_allocator)
     torch.backends.cuda.matmul.fp32_precision = t.fp32_matmul  # CUDA only; CPU float32 stays IEEE
     torch.manual_seed(t.seed)
     out = Path(t.out_dir)
