@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import loss_by_position, synthetic, text_recall
+from pretrain.cpu_allocator import CPU_ALLOCATORS, use_cpu_allocator
 from pretrain.model_io import LanguageModel, default_piece_len, load_model, stream_logits
 
 TASKS = ("ppl", "needle", "mqar", "loss_by_position", "text_recall")
@@ -350,10 +351,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="TensorBoard log dir (default <run>/tensorboard/eval); 'none' to skip")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="reuse",
+                        help="host memory on CPU, as the training job's train.cpu_allocator: reuse (freed "
+                        "memory stays in the process for the next batch) or system (malloc as configured)")
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cpu":
+        use_cpu_allocator(args.cpu_allocator)
     tasks = parse_list(args.tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
