@@ -319,8 +319,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        use_cpu_allocator(args.cpu_allocator)
+    use_cpu_allocator(args.cpu_allocator, device.type)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     mem_label = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
     print(f"# command: python {shlex.join(sys.argv)}  (commit {git_revision()})")

@@ -27,12 +27,13 @@ def _glibc() -> ctypes.CDLL | None:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
-def use_cpu_allocator(kind: str) -> bool:
-    """Apply `kind` ("reuse": no mmap, no trim; "system": leave malloc as configured). Returns whether
-    malloc's settings were changed: False for "system" and where the C library is not glibc."""
+def use_cpu_allocator(kind: str, device_type: str = "cpu") -> bool:
+    """Apply `kind` ("reuse": no mmap, no trim; "system": leave malloc as configured) for a run on
+    `device_type`. Returns whether malloc's settings were changed: False for "system", for a run on an
+    accelerator (its tensors are not malloc's) and where the C library is not glibc."""
     if kind not in CPU_ALLOCATORS:
         raise ValueError(f"cpu allocator must be one of {CPU_ALLOCATORS}, got {kind!r}")
-    libc = _glibc() if kind == "reuse" else None
+    libc = _glibc() if kind == "reuse" and device_type == "cpu" else None
     if libc is None:
         return False
     # mallopt returns 1 on success; both take effect for every later allocation

@@ -358,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if torch.device(args.device).type == "cpu":
-        use_cpu_allocator(args.cpu_allocator)
+    use_cpu_allocator(args.cpu_allocator, torch.device(args.device).type)
     tasks = parse_list(args.tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:

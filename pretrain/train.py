@@ -246,8 +246,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     mesh = mesh or init_mesh(p.tp, p.pp, p.sp, p.comm_timeout_s)
     if t.threads:
         torch.set_num_threads(t.threads)
-    if mesh.device.type == "cpu":
-        use_cpu_allocator(t.cpu_allocator)
+    use_cpu_allocator(t.cpu_allocator, mesh.device.type)
     torch.backends.cuda.matmul.fp32_precision = t.fp32_matmul  # CUDA only; CPU float32 stays IEEE
     torch.manual_seed(t.seed)
     out = Path(t.out_dir)
