@@ -17,7 +17,7 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,16 +103,32 @@ def token_backward(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per layer, the inputs x_i and output gradients g_i of `ℓ_i = ‖M(k_i) − v_i‖²`: token i's gradient
     for that layer is the outer product x_iᵀ g_i, never formed here. Shapes (N, b, ·)."""
+    acts = token_activations(weights, k, v, residual_norm)
+    return acts.inputs, acts.grad_outs
+
+
+class TokenActivations(NamedTuple):
+    """What `token_backward` computes on the way, per layer: an explicit backward of the chunk step needs
+    it all, and taking it once matters because inductor does not merge repeated matmuls."""
+
+    inputs: list[Tensor]  # x_l, the layer inputs (x_0 = k)
+    pre: list[Tensor]  # z_l = x_l W_l (the last is the MLP's output h)
+    grad_outs: list[Tensor]  # g_l, the per-token loss gradients of z_l
+    grad_hidden: list[Tensor]  # g_{l+1} W_{l+1}ᵀ, those of the hidden activations x_{l+1} (l < L − 1)
+
+
+def token_activations(
+    weights: list[Tensor], k: Tensor, v: Tensor, residual_norm: bool = True
+) -> TokenActivations:
+    """`token_backward` with its intermediates (`TokenActivations`)."""
     inputs, pre_acts = [k], []
     h = k
     for layer, w in enumerate(weights):
-        z = h @ w
+        h = h @ w
+        pre_acts.append(h)
         if layer < len(weights) - 1:
-            pre_acts.append(z)
-            h = F.silu(z)
+            h = F.silu(h)
             inputs.append(h)
-        else:
-            h = z
     if residual_norm:
         sigma = torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + NORM_EPS)
         normed = (h - h.mean(-1, keepdim=True)) / sigma
@@ -121,11 +137,12 @@ def token_backward(
         grad_out = (g - g.mean(-1, keepdim=True) - normed * (g * normed).mean(-1, keepdim=True)) / sigma
     else:
         grad_out = 2 * (h - v)  # (N, b, d)
-    grad_outs = [grad_out]  # last layer first
+    grad_outs, grad_hidden = [grad_out], []  # last layer first
     for layer in reversed(range(1, len(weights))):
-        grad_out = (grad_out @ weights[layer].transpose(-1, -2)) * silu_derivative(pre_acts[layer - 1])
+        grad_hidden.append(grad_out @ weights[layer].transpose(-1, -2))
+        grad_out = grad_hidden[-1] * silu_derivative(pre_acts[layer - 1])
         grad_outs.append(grad_out)
-    return inputs, grad_outs[::-1]
+    return TokenActivations(inputs, pre_acts, grad_outs[::-1], grad_hidden[::-1])
 
 
 def token_grad_norms(inputs: list[Tensor], grad_outs: list[Tensor]) -> Tensor:

@@ -39,9 +39,11 @@ from torch import Tensor
 from titans.memory import (
     NORM_EPS,
     ScanOptions,
+    TokenActivations,
     chunk_coefficients,
     memory_chunk_step,
     silu_derivative,
+    token_activations,
     token_backward,
     token_grad_norms,
 )
@@ -107,21 +109,19 @@ def read_vjp(
 
 
 def token_backward_vjp(
-    opts: ScanOptions, weights: list[Tensor], k: Tensor, v: Tensor, grad_inputs: list[Tensor],
-    grad_outs: list[Tensor],
+    opts: ScanOptions, weights: list[Tensor], k: Tensor, v: Tensor, acts: TokenActivations,
+    grad_inputs: list[Tensor], grad_outs: list[Tensor],
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Backward of `token_backward` (its X_l, G_l) given X̄_l, Ḡ_l. Returns (k̄, v̄, [W̄_l])."""
-    inputs, pre = mlp_activations(weights, k)
-    _, outs = token_backward(weights, k, v, opts.residual_norm)
+    inputs, pre, outs = acts.inputs, acts.pre, acts.grad_outs
     n_layers = len(weights)
     grad_outs = list(grad_outs)
     grad_pre = [torch.zeros_like(z) for z in pre]
     grad_w_chain = [torch.zeros_like(w) for w in weights]
     # G_l = (G_{l+1} W_{l+1}ᵀ) ⊙ SiLU'(z_l) was computed for l = L−1 down to 1: reverse it upwards.
     for layer in range(n_layers - 1):
-        back = outs[layer + 1] @ weights[layer + 1].transpose(-1, -2)
         grad_back = grad_outs[layer] * silu_derivative(pre[layer])
-        grad_pre[layer] = grad_outs[layer] * back * silu_second_derivative(pre[layer])
+        grad_pre[layer] = grad_outs[layer] * acts.grad_hidden[layer] * silu_second_derivative(pre[layer])
         grad_outs[layer + 1] = grad_outs[layer + 1] + grad_back @ weights[layer + 1]
         grad_w_chain[layer + 1] = grad_back.transpose(-1, -2) @ outs[layer + 1]
     r = grad_outs[-1]
@@ -162,7 +162,8 @@ def chunk_step_backward(
 
     grad_q, grad_w_read = read_vjp(opts, weights, q, grad_y)
 
-    inputs, outs = token_backward(weights, k, v, opts.residual_norm)
+    acts = token_activations(weights, k, v, opts.residual_norm)
+    inputs, outs = acts.inputs, acts.grad_outs
     scale = torch.ones_like(d)
     if opts.max_grad_norm is not None:
         norms = token_grad_norms(inputs, outs)
@@ -184,7 +185,7 @@ def chunk_step_backward(
                        for gx, x, g in zip(grad_inputs, inputs, outs)]
         grad_outs = [gg + 2 * grad_sq * x.square().sum(-1, keepdim=True) * g
                      for gg, x, g in zip(grad_outs, inputs, outs)]
-    grad_k, grad_v, grad_w_write = token_backward_vjp(opts, weights, k, v, grad_inputs, grad_outs)
+    grad_k, grad_v, grad_w_write = token_backward_vjp(opts, weights, k, v, acts, grad_inputs, grad_outs)
 
     grad_weights = [beta[:, None, None] * b + r + w
                     for b, r, w in zip(grad_new_w, grad_w_read, grad_w_write, strict=True)]
