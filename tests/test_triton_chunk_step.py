@@ -7,11 +7,13 @@ imported) unless the environment sets TRITON_INTERPRET=0, which runs them compil
 """
 
 import os
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from titans.kernels.chunk_step_reference import analytic_chunk_step
+from titans.kernels.chunk_step_reference import analytic_chunk_step, chunk_step_backward
 from titans.kernels.chunk_step_reference import example_step as make_step
 from titans.memory import ScanOptions, memory_chunk_step
 
@@ -74,6 +76,32 @@ def test_analytic_backward_gradcheck(depth, residual_norm, clip):
     opts, inputs = make_step(depth, residual_norm, clip, n_rows=2, b=3, dim=4, hidden=6)
     inputs = [t.requires_grad_() for t in inputs]
     assert torch.autograd.gradcheck(lambda *t: analytic_chunk_step(opts, *t), inputs)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("clip", [False, True])
+def test_analytic_backward_takes_no_matmul_twice(depth, clip):
+    """Inductor fuses repeated elementwise work but runs every matmul it is given, so the compiled
+    backward is only as lean as this one: no product of the same two operands twice."""
+    opts, inputs = make_step(depth, True, clip, b=8, hidden=24)
+    state = tuple(inputs[8:])
+    grad_y = torch.randn_like(inputs[0])
+    grad_end = tuple(torch.randn_like(s) for s in state)
+    products, operands = Counter(), []  # operands held, so that no freed one's memory is reused
+
+    def operand(t: torch.Tensor) -> tuple:
+        return t.data_ptr(), t.shape, t.stride()
+
+    class CountMatmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default):
+                products[operand(args[0]), operand(args[1])] += 1
+                operands.extend(args[:2])
+            return func(*args, **(kwargs or {}))
+
+    with CountMatmuls():
+        chunk_step_backward(opts, *inputs[:8], state, grad_y, grad_end)
+    assert products and max(products.values()) == 1
 
 
 # -- the Triton kernels ------------------------------------------------------------------------
