@@ -98,13 +98,14 @@ def memory_mlp(weights: list[Tensor], x: Tensor, residual_norm: bool = True) -> 
     return x + F.layer_norm(h, h.shape[-1:], eps=NORM_EPS) if residual_norm else h
 
 
-def token_backward(
-    weights: list[Tensor], k: Tensor, v: Tensor, residual_norm: bool = True
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Per layer, the inputs x_i and output gradients g_i of `ℓ_i = ‖M(k_i) − v_i‖²`: token i's gradient
-    for that layer is the outer product x_iᵀ g_i, never formed here. Shapes (N, b, ·)."""
-    acts = token_activations(weights, k, v, residual_norm)
-    return acts.inputs, acts.grad_outs
+def mlp_activations(weights: list[Tensor], x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer its input X_l and pre-activation z_l = X_l W_l (the last z is the MLP's output h)."""
+    inputs, pre = [x], []
+    for layer, w in enumerate(weights):
+        pre.append(inputs[-1] @ w)
+        if layer < len(weights) - 1:
+            inputs.append(F.silu(pre[-1]))
+    return inputs, pre
 
 
 class TokenActivations(NamedTuple):
@@ -121,14 +122,8 @@ def token_activations(
     weights: list[Tensor], k: Tensor, v: Tensor, residual_norm: bool = True
 ) -> TokenActivations:
     """`token_backward` with its intermediates (`TokenActivations`)."""
-    inputs, pre_acts = [k], []
-    h = k
-    for layer, w in enumerate(weights):
-        h = h @ w
-        pre_acts.append(h)
-        if layer < len(weights) - 1:
-            h = F.silu(h)
-            inputs.append(h)
+    inputs, pre_acts = mlp_activations(weights, k)
+    h = pre_acts[-1]
     if residual_norm:
         sigma = torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + NORM_EPS)
         normed = (h - h.mean(-1, keepdim=True)) / sigma
@@ -143,6 +138,15 @@ def token_activations(
         grad_out = grad_hidden[-1] * silu_derivative(pre_acts[layer - 1])
         grad_outs.append(grad_out)
     return TokenActivations(inputs, pre_acts, grad_outs[::-1], grad_hidden[::-1])
+
+
+def token_backward(
+    weights: list[Tensor], k: Tensor, v: Tensor, residual_norm: bool = True
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer, the inputs x_i and output gradients g_i of `ℓ_i = ‖M(k_i) − v_i‖²`: token i's gradient
+    for that layer is the outer product x_iᵀ g_i, never formed here. Shapes (N, b, ·)."""
+    acts = token_activations(weights, k, v, residual_norm)
+    return acts.inputs, acts.grad_outs
 
 
 def token_grad_norms(inputs: list[Tensor], grad_outs: list[Tensor]) -> Tensor:

@@ -42,6 +42,7 @@ from titans.memory import (
     TokenActivations,
     chunk_coefficients,
     memory_chunk_step,
+    mlp_activations,
     silu_derivative,
     token_activations,
     token_backward,
@@ -63,16 +64,6 @@ def normalise(h: Tensor) -> tuple[Tensor, Tensor]:
 def norm_vjp(n: Tensor, sigma: Tensor, grad: Tensor) -> Tensor:
     """J·grad for J = ∂n/∂h, which is symmetric: the LayerNorm's backward."""
     return (grad - grad.mean(-1, keepdim=True) - n * (grad * n).mean(-1, keepdim=True)) / sigma
-
-
-def mlp_activations(weights: list[Tensor], x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """Per layer its input X_l and pre-activation z_l = X_l W_l (the last z is the MLP's output h)."""
-    inputs, pre = [x], []
-    for layer, w in enumerate(weights):
-        pre.append(inputs[-1] @ w)
-        if layer < len(weights) - 1:
-            inputs.append(torch.nn.functional.silu(pre[-1]))
-    return inputs, pre
 
 
 def mlp_vjp(
