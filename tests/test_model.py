@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from run_helpers import bench_module
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.loss import causal_lm_loss
 from titans.flops import _mean_causal_keys, training_flops_per_token
@@ -220,6 +221,37 @@ def test_attention_flops_match_an_independent_count(layers, window):
     expected = 6 * matmul_weights + 3 * 4 * cfg.dim * keys * cfg.n_layers
     assert _mean_causal_keys(seq, window) == pytest.approx(keys)
     assert training_flops_per_token(cfg, seq) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("layers,extra", [
+    ("swa", {}), ("mac", {}), ("mac", {"mac_memory_tokens": 3}), ("mag", {}), ("mal", {}), ("lmm", {}),
+    ("lmm", {"memory_depth": 3}),
+])
+def test_counted_flops_are_the_matmuls_a_forward_runs(layers, extra):
+    """titans.flops' forward count, less what it counts that no matmul computes (attention scores, the
+    memory's depthwise conv and per-chunk state update), is exactly what torch's FLOP counter sees the
+    torch path's matmuls do: an MFU reported in training counts what runs, no more, no less."""
+    seq = 32
+    cfg = tiny_config(layers, n_layers=1, memory_kernel="torch", tie_embeddings=False, **extra)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        TitansLM(cfg)(torch.randint(0, cfg.vocab_size, (1, seq)))
+    matmuls = ("aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm")
+    ran = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in matmuls) / seq
+
+    segment = cfg.segment_len
+    keys = {  # keys a query sees, past the persistent tokens
+        "swa": _mean_causal_keys(seq, cfg.window), "mag": _mean_causal_keys(seq, cfg.window),
+        "mal": _mean_causal_keys(seq, cfg.window), "lmm": 0,
+        "mac": (cfg.mac_memory_tokens or (segment + 1) / 2) + (segment + 1) / 2,
+    }[layers] + (cfg.n_persistent if layers != "lmm" else 0)
+    scores = 2 * 2 * cfg.n_heads * cfg.head_dim * keys
+    elementwise = 0.0
+    if layers != "swa":
+        h, d = cfg.memory_heads, cfg.memory_head_dim
+        sizes = [d] + [cfg.memory_hidden] * (cfg.memory_depth - 1) + [d]
+        mlp = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+        elementwise = 2 * cfg.memory_conv_kernel * 3 * h * d + h * 5 * mlp / cfg.memory_chunk
+    assert training_flops_per_token(cfg, seq) / 3 - scores - elementwise == pytest.approx(ran)
 
 
 def test_memory_layers_count_their_test_time_training():

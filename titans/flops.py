@@ -66,15 +66,17 @@ def layer_flops(cfg: TitansConfig, kind: str, seq_len: int) -> float:
         return ffn + swa + memory_flops(cfg)
     if kind == "mac":
         segment = min(cfg.segment_len, seq_len)
-        if cfg.mac_memory_tokens:  # N learned probes read once per segment
+        if cfg.mac_memory_tokens:  # N learned probes read once per segment, all N seen by every query
+            memory_tokens = cfg.mac_memory_tokens / segment  # per segment token
             long_term_keys = float(cfg.mac_memory_tokens)
-            read = memory_read_flops(cfg, cfg.mac_memory_tokens / segment)
-        else:  # one query per token, projected from the segment
+            read = memory_read_flops(cfg, memory_tokens)
+        else:  # one query per token, projected from the segment; query i sees memory tokens j ≤ i
+            memory_tokens = 1.0
             long_term_keys = _mean_causal_keys(segment, None)
             read = memory_read_flops(cfg, 1.0) + 2 * cfg.dim * cfg.memory_heads * cfg.memory_head_dim
         keys = cfg.n_persistent + long_term_keys + _mean_causal_keys(segment, None)
-        # memory tokens are also projected to keys/values
-        kv_proj = 2 * 2 * cfg.dim * cfg.n_heads * cfg.head_dim * long_term_keys / segment
+        # each memory token is projected once to a key and a value, however many queries see it
+        kv_proj = 2 * 2 * cfg.dim * cfg.n_heads * cfg.head_dim * memory_tokens
         return ffn + attention_flops(cfg, keys) + kv_proj + read + memory_flops(cfg)
     raise ValueError(f"unknown block kind {kind!r}")
 
