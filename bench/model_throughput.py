@@ -344,26 +344,37 @@ def main() -> None:
 
 
 def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str) -> None:
-    """Table 1: every variant (and memory kernel) at the fixed config, all timed in the same rounds."""
-    rows = [(kind, kernel) for kind in args.variants
+    """Table 1: every variant (and memory kernel) at the fixed config, all timed in the same rounds. With
+    --compile, SWA also runs eager and every row's FLOP/s is given against that too: compiling is a
+    per-model choice, so a compiled MAC is compared with SWA both compiled and eager (on CPU its faster)."""
+    backends = [args.compile] if args.compile else [None]
+    rows = [(kind, kernel, backend) for kind in args.variants for backend in backends
             for kernel in (["torch"] if kind in ("swa", "full") else args.kernels)]
-    configs = [bench_config(kind, args, kernel) for kind, kernel in rows]
-    entries = [ours_entry(cfg, device, args.compile, args.seq) for cfg in configs]
+    if args.compile and "swa" in args.variants:
+        rows.insert(0, ("swa", "torch", None))
+    configs = [bench_config(kind, args, kernel) for kind, kernel, _ in rows]
+    entries = [ours_entry(cfg, device, row[2], args.seq) for cfg, row in zip(configs, rows, strict=True)]
     results, roof = measure_rounds(entries, args.batch, args.seq, args.vocab, args.repeats, device, roof=True)
     seconds_of = {row: seconds for row, (seconds, _) in zip(rows, results, strict=True)}
+    tokens = args.batch * args.seq
+
+    def flops_per_s(cfg: TitansConfig, seconds: float | None) -> float | None:
+        return seconds and training_flops_per_token(cfg, args.seq) * tokens / seconds
+
+    eager_swa = flops_per_s(bench_config("swa", args), seconds_of.get(("swa", "torch", None)))
+    against_eager = bool(args.compile and eager_swa)
     print(f"\nroof (median over the rounds): {roof / 1e9:,.1f} GFLOP/s")
-    print(f"\n| variant | kernel | tokens/s | step s | × SWA step time | × torch-kernel step time | GFLOP/s "
-          f"| of roof | × SWA FLOP/s | {mem_label} |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    swa = seconds_of.get(("swa", "torch"))
-    swa_flops = None if swa is None else (training_flops_per_token(bench_config("swa", args), args.seq)
-                                          * args.batch * args.seq / swa)
-    for (kind, kernel), cfg, (seconds, memory) in zip(rows, configs, results, strict=True):
-        flops = training_flops_per_token(cfg, args.seq) * args.batch * args.seq / seconds
-        print(f"| {kind} | {kernel} | {args.batch * args.seq / seconds:,.0f} | {seconds:.3f} | "
-              f"{_ratio(seconds, swa)} | {_ratio(seconds, seconds_of.get((kind, 'torch')))} | "
-              f"{flops / 1e9:,.1f} | {flops / roof:.3f} | {_ratio(flops, swa_flops)} | "
-              f"{memory / 2**20:,.0f} |", flush=True)
+    print("\n| variant | blocks | kernel | tokens/s | step s | × SWA step time | × torch-kernel step time | "
+          f"GFLOP/s | of roof | × SWA FLOP/s |{' × eager SWA FLOP/s |' * against_eager} {mem_label} |")
+    print("|---" * (11 + against_eager) + "|")
+    for (kind, kernel, backend), cfg, (seconds, memory) in zip(rows, configs, results, strict=True):
+        swa, torch_kernel = (seconds_of.get((name, "torch", backend)) for name in ("swa", kind))
+        flops = flops_per_s(cfg, seconds)
+        swa_flops = flops_per_s(bench_config("swa", args), swa)
+        print(f"| {kind} | {'compiled' if backend else 'eager'} | {kernel} | {tokens / seconds:,.0f} | "
+              f"{seconds:.3f} | {_ratio(seconds, swa)} | {_ratio(seconds, torch_kernel)} | "
+              f"{flops / 1e9:,.1f} | {flops / roof:.3f} | {_ratio(flops, swa_flops)} |"
+              f"{f' {_ratio(flops, eager_swa)} |' * against_eager} {memory / 2**20:,.0f} |", flush=True)
 
 
 def time_per_token_by_length(args: argparse.Namespace, device: torch.device, mem_label: str) -> None:
