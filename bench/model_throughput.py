@@ -300,9 +300,9 @@ def parse_args() -> argparse.Namespace:
                         help="host memory on CPU, as train.cpu_allocator: reuse (freed blocks stay in the "
                              "process for the next step) or system (malloc as configured)")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                        help="compile our models' blocks as train.compile does (table 1 and the "
-                             "titans-pytorch comparison; the warm-up step compiles), with this backend "
-                             "(default inductor)")
+                        help="also compile our models' blocks as train.compile does (table 1: every row "
+                             "eager and compiled; the titans-pytorch comparison: ours compiled; the "
+                             "warm-up step compiles), with this backend (default inductor)")
     args = parser.parse_args()
     args.kernels = args.kernels or [args.kernel]
     for kernel in {args.kernel, *args.kernels}:
@@ -330,7 +330,7 @@ def main() -> None:
           f"{args.window}, memory chunk {args.chunk}, vocab {args.vocab}, MAC memory tokens "
           f"{args.mac_memory_tokens or 'per token'}, recompute {not args.no_recompute}, kernels "
           f"{','.join(args.kernels)} (table 2: {args.kernel}), repeats {args.repeats} (median), blocks "
-          + (f"compiled ({args.compile}; table 2 eager)" if args.compile else "eager"))
+          + (f"eager and compiled ({args.compile}; table 2 eager)" if args.compile else "eager"))
     print(f"# config: {bench_config('mac', args)}")
     dtype = str(roof_dtype(device)).split(".")[-1]
     print(f"# roof: {ROOF_SIZE}×{ROOF_SIZE} @ {ROOF_SIZE}×{ROOF_SIZE} {dtype} matmul, timed once per round "
@@ -345,13 +345,11 @@ def main() -> None:
 
 def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str) -> None:
     """Table 1: every variant (and memory kernel) at the fixed config, all timed in the same rounds. With
-    --compile, SWA also runs eager and every row's FLOP/s is given against that too: compiling is a
-    per-model choice, so a compiled MAC is compared with SWA both compiled and eager (on CPU its faster)."""
-    backends = [args.compile] if args.compile else [None]
+    --compile every row runs eager and compiled, and its FLOP/s is given against SWA's both ways: compiling
+    is a per-model choice, so a compiled MAC is compared with SWA compiled and eager (on CPU the faster)."""
+    backends = [None, args.compile] if args.compile else [None]
     rows = [(kind, kernel, backend) for kind in args.variants for backend in backends
             for kernel in (["torch"] if kind in ("swa", "full") else args.kernels)]
-    if args.compile and "swa" in args.variants:
-        rows.insert(0, ("swa", "torch", None))
     configs = [bench_config(kind, args, kernel) for kind, kernel, _ in rows]
     entries = [ours_entry(cfg, device, row[2], args.seq) for cfg, row in zip(configs, rows, strict=True)]
     results, roof = measure_rounds(entries, args.batch, args.seq, args.vocab, args.repeats, device, roof=True)
