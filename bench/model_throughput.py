@@ -359,7 +359,8 @@ def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str
     def flops_per_s(cfg: TitansConfig, seconds: float | None) -> float | None:
         return seconds and training_flops_per_token(cfg, args.seq) * tokens / seconds
 
-    eager_swa = flops_per_s(bench_config("swa", args), seconds_of.get(("swa", "torch", None)))
+    swa_cfg = bench_config("swa", args)
+    eager_swa = flops_per_s(swa_cfg, seconds_of.get(("swa", "torch", None)))
     against_eager = bool(args.compile and eager_swa)
     print(f"\nroof (median over the rounds): {roof / 1e9:,.1f} GFLOP/s")
     print("\n| variant | blocks | kernel | tokens/s | step s | × SWA step time | × torch-kernel step time | "
@@ -368,7 +369,7 @@ def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str
     for (kind, kernel, backend), cfg, (seconds, memory) in zip(rows, configs, results, strict=True):
         swa, torch_kernel = (seconds_of.get((name, "torch", backend)) for name in ("swa", kind))
         flops = flops_per_s(cfg, seconds)
-        swa_flops = flops_per_s(bench_config("swa", args), swa)
+        swa_flops = flops_per_s(swa_cfg, swa)
         print(f"| {kind} | {'compiled' if backend else 'eager'} | {kernel} | {tokens / seconds:,.0f} | "
               f"{seconds:.3f} | {_ratio(seconds, swa)} | {_ratio(seconds, torch_kernel)} | "
               f"{flops / 1e9:,.1f} | {flops / roof:.3f} | {_ratio(flops, swa_flops)} |"

@@ -233,23 +233,25 @@ def test_counted_flops_are_the_matmuls_a_forward_runs(layers, extra):
     torch path's matmuls do: an MFU reported in training counts what runs, no more, no less."""
     seq = 32
     cfg = tiny_config(layers, n_layers=1, memory_kernel="torch", tie_embeddings=False, **extra)
+    model = TitansLM(cfg)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        TitansLM(cfg)(torch.randint(0, cfg.vocab_size, (1, seq)))
+        model(torch.randint(0, cfg.vocab_size, (1, seq)))
     matmuls = ("aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm")
     ran = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in matmuls) / seq
 
-    segment = cfg.segment_len
-    keys = {  # keys a query sees, past the persistent tokens
-        "swa": _mean_causal_keys(seq, cfg.window), "mag": _mean_causal_keys(seq, cfg.window),
-        "mal": _mean_causal_keys(seq, cfg.window), "lmm": 0,
-        "mac": (cfg.mac_memory_tokens or (segment + 1) / 2) + (segment + 1) / 2,
-    }[layers] + (cfg.n_persistent if layers != "lmm" else 0)
+    half_segment = (cfg.segment_len + 1) / 2  # the segment's own keys and, per token, its memory tokens
+    if layers == "mac":
+        keys = cfg.n_persistent + (cfg.mac_memory_tokens or half_segment) + half_segment
+    elif layers == "lmm":
+        keys = 0
+    else:
+        keys = cfg.n_persistent + _mean_causal_keys(seq, cfg.window)
     scores = 2 * 2 * cfg.n_heads * cfg.head_dim * keys
     elementwise = 0.0
     if layers != "swa":
+        memory = model.blocks["0"].memory
         h, d = cfg.memory_heads, cfg.memory_head_dim
-        sizes = [d] + [cfg.memory_hidden] * (cfg.memory_depth - 1) + [d]
-        mlp = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+        mlp = sum(w.numel() for w in memory.init_weights) / h  # one head's memory MLP
         elementwise = 2 * cfg.memory_conv_kernel * 3 * h * d + h * 5 * mlp / cfg.memory_chunk
     assert training_flops_per_token(cfg, seq) / 3 - scores - elementwise == pytest.approx(ran)
 

@@ -69,11 +69,12 @@ def layer_flops(cfg: TitansConfig, kind: str, seq_len: int) -> float:
         if cfg.mac_memory_tokens:  # N learned probes read once per segment, all N seen by every query
             memory_tokens = cfg.mac_memory_tokens / segment  # per segment token
             long_term_keys = float(cfg.mac_memory_tokens)
-            read = memory_read_flops(cfg, memory_tokens)
+            query_proj = 0.0
         else:  # one query per token, projected from the segment; query i sees memory tokens j ≤ i
             memory_tokens = 1.0
             long_term_keys = _mean_causal_keys(segment, None)
-            read = memory_read_flops(cfg, 1.0) + 2 * cfg.dim * cfg.memory_heads * cfg.memory_head_dim
+            query_proj = 2 * cfg.dim * cfg.memory_heads * cfg.memory_head_dim
+        read = memory_read_flops(cfg, memory_tokens) + query_proj
         keys = cfg.n_persistent + long_term_keys + _mean_causal_keys(segment, None)
         # each memory token is projected once to a key and a value, however many queries see it
         kv_proj = 2 * 2 * cfg.dim * cfg.n_heads * cfg.head_dim * memory_tokens
