@@ -18,7 +18,9 @@ tokens per step (`--tokens-per-step`), every length of a variant timed in the sa
 `titans-pytorch` is installed (`pip install -e .[bench]`), its MemoryAsContextTransformer runs at the
 like-for-like config with one residual stream (hyper-connections off) and with its default four, and
 ours/theirs tokens/s is printed with its ceiling (the roof over their FLOP/s); the knobs it cannot match
-are listed. An empty `--variants` runs table 2 only.
+are listed. An empty `--variants` runs table 2 only. After each table, `# target:` lines judge it against
+the CPU targets (MAC's FLOP/s against SWA's at its faster setting and against the roof; ours against
+titans-pytorch with one residual stream; time per token at the longest length against the shortest).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ from titans.model import TitansConfig, TitansLM  # noqa: E402
 
 VARIANTS = ["swa", "mac", "mag", "mal", "lmm"]
 ROOF_SIZE = 2048  # the roof matmul: (n × n) @ (n × n)
+# The CPU targets each table is judged against: MAC's FLOP/s against SWA's and as a fraction of the roof,
+# ours against titans-pytorch with one residual stream, and time per token at the longest length against
+# the shortest (the targets name 32K against 2K)
+TARGET_SWA_FLOPS, TARGET_ROOF, TARGET_PEER, TARGET_LENGTH = 0.8, 0.5, 3.0, 1.2
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -254,6 +260,11 @@ def compare_titans_pytorch(cfg: TitansConfig, args: argparse.Namespace, device: 
         their_flops = flops_per_token * theirs
         print(f"| {label} | {theirs:,.0f} | {seconds:.3f} | {ours / theirs:.2f} | {their_flops / 1e9:,.1f} | "
               f"{roof / their_flops:.2f} |", flush=True)
+    seconds, _ = results[1]
+    ratio, ceiling = seconds / results[0][0], roof / (flops_per_token * args.batch * args.seq / seconds)
+    print(f"# target: ours / titans-pytorch with hyper-connections off {ratio:.2f} (>= {TARGET_PEER:.2f}): "
+          f"{verdict(ratio, TARGET_PEER)}; its ceiling here {ceiling:.2f}"
+          + (" (out of reach: ours at the matmul roof would not meet it)" if ceiling < TARGET_PEER else ""))
 
 
 def git_revision() -> str:
@@ -374,6 +385,22 @@ def variant_table(args: argparse.Namespace, device: torch.device, mem_label: str
               f"{seconds:.3f} | {_ratio(seconds, swa)} | {_ratio(seconds, torch_kernel)} | "
               f"{flops / 1e9:,.1f} | {flops / roof:.3f} | {_ratio(flops, swa_flops)} |"
               f"{f' {_ratio(flops, eager_swa)} |' * against_eager} {memory / 2**20:,.0f} |", flush=True)
+    # Judged against SWA as it runs fastest in this table (eager or compiled): compiling is a choice a run
+    # makes for each model, so MAC at its best setting has to match SWA at its best.
+    swa_rows = [(backend, flops_per_s(swa_cfg, seconds_of[("swa", "torch", backend)])) for backend in backends
+                if ("swa", "torch", backend) in seconds_of]
+    if not swa_rows:
+        return
+    best_backend, best_swa = max(swa_rows, key=lambda row: row[1])
+    for (kind, kernel, backend), cfg in zip(rows, configs, strict=True):
+        if kind == "mac":
+            flops = flops_per_s(cfg, seconds_of[(kind, kernel, backend)])
+            against_swa, of_roof = flops / best_swa, flops / roof
+            met = against_swa >= TARGET_SWA_FLOPS and of_roof >= TARGET_ROOF
+            print(f"# target: MAC ({'compiled' if backend else 'eager'}, kernel {kernel}) FLOP/s "
+                  f"{against_swa:.2f}× SWA's ({'compiled' if best_backend else 'eager'}, the faster; "
+                  f">= {TARGET_SWA_FLOPS:.2f}) and {of_roof:.3f} of the roof (>= {TARGET_ROOF:.2f}): "
+                  f"{'met' if met else 'NOT met'}")
 
 
 def time_per_token_by_length(args: argparse.Namespace, device: torch.device, mem_label: str) -> None:
@@ -385,6 +412,7 @@ def time_per_token_by_length(args: argparse.Namespace, device: torch.device, mem
           f"| {mem_label} |")
     print("|---|---|---|---|---|---|---|")
     shapes = [(max(1, args.tokens_per_step // length), length) for length in args.lengths]
+    lines = []
     for kind in args.long_variants:
         torch.manual_seed(0)
         model = TitansLM(bench_config(kind, args)).to(device)
@@ -397,10 +425,19 @@ def time_per_token_by_length(args: argparse.Namespace, device: torch.device, mem
             first = first or per_token
             print(f"| {kind} | {length} | {batch} | {batch * length / seconds:,.0f} | "
                   f"{per_token * 1e6:.1f} | {per_token / first:.2f} | {memory / 2**20:,.0f} |", flush=True)
+        growth = per_token / first
+        lines.append(f"# target: {kind} µs/token at {shapes[-1][1]} / at {shapes[0][1]} {growth:.2f} "
+                     f"(<= {TARGET_LENGTH:.2f}): {verdict(growth, TARGET_LENGTH, at_most=True)}")
+    print("\n".join(lines))
 
 
 def _ratio(value: float, base: float | None) -> str:
     return f"{value / base:.2f}" if base else "-"
+
+
+def verdict(value: float, bound: float, at_most: bool = False) -> str:
+    """'met' or 'NOT met': `value` at least `bound` (at most, with `at_most`)."""
+    return "met" if (value <= bound if at_most else value >= bound) else "NOT met"
 
 
 if __name__ == "__main__":
