@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from pretrain.checkpoint import STATE_FILE, load_checkpoint, newest_good_checkpoint, verify_checkpoint
+from titans.kernels.toolchain import runnable_kernel
 from titans.model import TitansConfig, TitansLM
 
 
@@ -161,7 +163,9 @@ def model_state(ckpt: Path, state: dict[str, Any], cfg: TitansConfig) -> dict[st
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a trained model from a run directory (latest checkpoint) or a checkpoint directory."""
+    """Load a trained model from a run directory (latest checkpoint) or a checkpoint directory. Its memory
+    kernel is the run's where it can run on `device`, else the eager one (the same function, with a
+    warning): a run trained with the Triton kernel on GPUs is evaluated on a CPU as it is."""
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt if ckpt.is_dir() else ckpt.parent)  # never evaluate a corrupt checkpoint
     state = load_checkpoint(ckpt)
@@ -169,6 +173,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ValueError(f"checkpoint {ckpt} has no 'config' entry: it was not written by pretrain.train")
     run_config = state["config"]
     cfg = model_config(run_config)
+    kernel = runnable_kernel(cfg.memory_kernel, torch.device(device).type)
+    if kernel != cfg.memory_kernel:
+        warnings.warn(f"{ckpt}: model.memory_kernel={cfg.memory_kernel} cannot run on {device} here; "
+                      f"loaded with memory_kernel={kernel} (the same function)", stacklevel=2)
+        cfg = replace(cfg, memory_kernel=kernel)
     model = TitansLM(cfg)
     model.load_state_dict(model_state(ckpt, state, cfg))
     model.to(device).eval()

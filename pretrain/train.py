@@ -48,6 +48,7 @@ from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, peak_flops
 from pretrain.loss import loss_denominator
 from titans.flops import training_flops_per_token
+from titans.kernels.toolchain import inductor_cpu_problem
 from titans.model import num_parameters
 
 
@@ -240,6 +241,25 @@ def slow_setting_warnings(cfg: RunConfig, device_type: str) -> list[str]:
     return warnings
 
 
+def check_cpu_toolchain(cfg: RunConfig, mesh: Mesh) -> None:
+    """A CPU run that compiles with inductor needs a C++ compiler: asked before any work, on every rank
+    (all raise if any lacks one), so that the run does not fail at its first step with inductor's
+    traceback. The error names the settings and the fix."""
+    fixes = {"model.memory_kernel=compiled": "model.memory_kernel=torch",
+             "train.compile=true": "train.compile=false (or train.compile_backend=aot_eager)"}
+    needs = [setting for setting, used in zip(fixes, (
+        cfg.model.memory_kernel == "compiled", cfg.train.compile and cfg.train.compile_backend == "inductor"),
+        strict=True) if used]
+    if not needs or mesh.device.type != "cpu":
+        return
+    problems = [p for p in mesh.gather_objects(inductor_cpu_problem()) if p]
+    if problems:
+        raise ConfigError(f"{' and '.join(needs)} compile C++ with torch.compile's inductor on CPU, which "
+                          f"cannot build here ({problems[0]}): install a C++ compiler (g++ or clang++, or "
+                          f"point CXX at one), or set {' and '.join(fixes[n] for n in needs)} (the same "
+                          "function, run eagerly)")
+
+
 def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     """Run (or resume) the configured training; returns the per-step losses and where it saved."""
     p, t = cfg.parallel, cfg.train
@@ -256,6 +276,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     precision = ("bf16" if mesh.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
     for warning in slow_setting_warnings(cfg, mesh.device.type):
         mesh.print(f"warning: {warning}")
+    check_cpu_toolchain(cfg, mesh)
     if not t.allow_oversubscribe:
         check_memory(cfg, mesh, precision)
     if mesh.is_main:  # only now: a run refused above leaves the folder as it was

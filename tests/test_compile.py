@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -198,6 +199,42 @@ def test_training_job_compiled_with_inductor_matches_eager(dataset, tmp_path):
 def test_compile_config_errors_name_the_field(override, named, tmp_path):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         small_config(tmp_path, tmp_path / "out", "train.compile=true", override)
+
+
+def test_inductor_check_reports_a_missing_compiler(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from titans.kernels.toolchain import inductor_cpu_problem
+
+    if shutil.which("g++"):  # .ci/run installs it where it can
+        assert inductor_cpu_problem() is None
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    assert "InvalidCxxCompiler" in inductor_cpu_problem.__wrapped__()
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (("model.memory_kernel=compiled",), "model.memory_kernel=compiled compile C++"),
+    (("train.compile=true",), "train.compile=true compile C++"),
+    (("model.memory_kernel=compiled", "train.compile=true"), "or set model.memory_kernel=torch and "
+                                                              "train.compile=false"),
+])
+def test_a_cpu_run_without_a_compiler_fails_at_start_naming_the_setting(dataset, tmp_path, monkeypatch,
+                                                                         overrides, named):
+    import pretrain.train
+
+    monkeypatch.setattr(pretrain.train, "inductor_cpu_problem", lambda: "InvalidCxxCompiler: none here")
+    with pytest.raises(ConfigError, match=named):
+        train(small_config(dataset, tmp_path, *overrides))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_tracing_without_generating_code_needs_no_compiler(dataset, tmp_path, monkeypatch):
+    import pretrain.train
+
+    monkeypatch.setattr(pretrain.train, "inductor_cpu_problem", lambda: "InvalidCxxCompiler: none here")
+    result = train(small_config(dataset, tmp_path, "train.compile=true", "train.compile_backend=aot_eager",
+                                "train.steps=1", "train.warmup_steps=0"))
+    assert len(result.losses) == 1
 
 
 def test_compile_time_bench_prints_its_table():

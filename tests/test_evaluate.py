@@ -96,6 +96,27 @@ def test_load_model_from_zero_shards(run, tmp_path, monkeypatch):
     assert torch.equal(loaded.logits(tokens)[0], load_model(run["dir"]).logits(tokens)[0])
 
 
+@pytest.mark.parametrize("kernel", ["triton", "compiled"])
+def test_load_model_falls_back_to_the_eager_kernel_where_the_runs_cannot_run(run, tmp_path, monkeypatch,
+                                                                             kernel):
+    """A run trained with the Triton kernel (GPU) or the compiled one (a C++ compiler) loads on a CPU
+    without them, with the eager kernel and a warning: the same function, so the same logits."""
+    import titans.kernels.toolchain as toolchain
+    from pretrain.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(toolchain, "inductor_cpu_problem", lambda: "InvalidCxxCompiler: none here")
+    state = load_checkpoint(run["result"].checkpoint)
+    state["config"]["model"]["memory_kernel"] = kernel
+    save_checkpoint(tmp_path, 6, state, keep_last=1)
+    with pytest.warns(UserWarning, match=f"memory_kernel={kernel} cannot run on cpu here; loaded with "
+                                         "memory_kernel=torch"):
+        loaded = load_model(tmp_path)
+    assert loaded.config.memory_kernel == "torch"
+    tokens = torch.randint(0, 257, (1, 20))
+    assert torch.equal(loaded.logits(tokens)[0], load_model(run["dir"]).logits(tokens)[0])
+
+
 def test_clean_state_dict_strips_training_wrappers():
     t = torch.zeros(1)
     cleaned = clean_state_dict({"module.blocks.3.block.attn.w": t, "_orig_mod.embed.weight": t, "norm.w": t})
