@@ -48,7 +48,7 @@ from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, peak_flops
 from pretrain.loss import loss_denominator
 from titans.flops import training_flops_per_token
-from titans.kernels.toolchain import inductor_cpu_problem
+from titans.kernels.toolchain import inductor_cpu_problem, runnable_kernel
 from titans.model import num_parameters
 
 
@@ -241,16 +241,20 @@ def slow_setting_warnings(cfg: RunConfig, device_type: str) -> list[str]:
     return warnings
 
 
-def check_cpu_toolchain(cfg: RunConfig, mesh: Mesh) -> None:
-    """A CPU run that compiles with inductor needs a C++ compiler: asked before any work, on every rank
-    (all raise if any lacks one), so that the run does not fail at its first step with inductor's
-    traceback. The error names the settings and the fix."""
+def check_toolchain(cfg: RunConfig, mesh: Mesh) -> None:
+    """What the configured kernels need from this machine, asked before any work instead of failing at the
+    first step with a traceback: the Triton memory kernel a CUDA device; inductor on CPU a C++ compiler
+    (asked on every rank, all raise if any lacks one). The errors name the settings and the fix."""
+    device = mesh.device.type
+    if cfg.model.memory_kernel == "triton" and runnable_kernel("triton", device) != "triton":
+        raise ConfigError(f"model.memory_kernel=triton needs a CUDA device, and this run is on {device}: set "
+                          "model.memory_kernel=torch or compiled (the same function)")
     fixes = {"model.memory_kernel=compiled": "model.memory_kernel=torch",
              "train.compile=true": "train.compile=false (or train.compile_backend=aot_eager)"}
     needs = [setting for setting, used in zip(fixes, (
         cfg.model.memory_kernel == "compiled", cfg.train.compile and cfg.train.compile_backend == "inductor"),
         strict=True) if used]
-    if not needs or mesh.device.type != "cpu":
+    if not needs or device != "cpu":
         return
     problems = [p for p in mesh.gather_objects(inductor_cpu_problem()) if p]
     if problems:
@@ -276,7 +280,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     precision = ("bf16" if mesh.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
     for warning in slow_setting_warnings(cfg, mesh.device.type):
         mesh.print(f"warning: {warning}")
-    check_cpu_toolchain(cfg, mesh)
+    check_toolchain(cfg, mesh)
     if not t.allow_oversubscribe:
         check_memory(cfg, mesh, precision)
     if mesh.is_main:  # only now: a run refused above leaves the folder as it was
