@@ -19,7 +19,7 @@ import torch
 
 from data_pipeline.tokenizer import ByteTokenizer
 from pretrain.convert import read_source
-from pretrain.model_io import end_of_document_id, run_tokenizer
+from pretrain.model_io import end_of_document_id, run_tokenizer, runnable_config
 from titans.model import TitansLM
 from titans.streaming import generate
 
@@ -27,7 +27,7 @@ from titans.streaming import generate
 def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[TitansLM, dict]:
     """A model in eval mode from any checkpoint or export `pretrain.convert` reads, and its run config."""
     src = read_source(path)
-    model = TitansLM(src.model)
+    model = TitansLM(runnable_config(src.model, device, path))
     model.load_state_dict(src.weights)
     return model.to(device).eval(), (src.run_config or {})
 

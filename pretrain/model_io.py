@@ -162,6 +162,17 @@ def model_state(ckpt: Path, state: dict[str, Any], cfg: TitansConfig) -> dict[st
     return weights
 
 
+def runnable_config(cfg: TitansConfig, device: str | torch.device, source: str | Path) -> TitansConfig:
+    """`cfg` with a memory kernel that runs on `device`: the run's where it can, else the eager one (the
+    same function), with a warning naming `source`."""
+    kernel = runnable_kernel(cfg.memory_kernel, torch.device(device).type)
+    if kernel == cfg.memory_kernel:
+        return cfg
+    warnings.warn(f"{source}: model.memory_kernel={cfg.memory_kernel} cannot run on {device} here; loaded "
+                  f"with memory_kernel={kernel} (the same function)", stacklevel=3)
+    return replace(cfg, memory_kernel=kernel)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a trained model from a run directory (latest checkpoint) or a checkpoint directory. Its memory
     kernel is the run's where it can run on `device`, else the eager one (the same function, with a
@@ -172,12 +183,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if "config" not in state:
         raise ValueError(f"checkpoint {ckpt} has no 'config' entry: it was not written by pretrain.train")
     run_config = state["config"]
-    cfg = model_config(run_config)
-    kernel = runnable_kernel(cfg.memory_kernel, torch.device(device).type)
-    if kernel != cfg.memory_kernel:
-        warnings.warn(f"{ckpt}: model.memory_kernel={cfg.memory_kernel} cannot run on {device} here; "
-                      f"loaded with memory_kernel={kernel} (the same function)", stacklevel=2)
-        cfg = replace(cfg, memory_kernel=kernel)
+    cfg = runnable_config(model_config(run_config), device, ckpt)
     model = TitansLM(cfg)
     model.load_state_dict(model_state(ckpt, state, cfg))
     model.to(device).eval()

@@ -100,19 +100,23 @@ def test_load_model_from_zero_shards(run, tmp_path, monkeypatch):
 def test_load_model_falls_back_to_the_eager_kernel_where_the_runs_cannot_run(run, tmp_path, monkeypatch,
                                                                              kernel):
     """A run trained with the Triton kernel (GPU) or the compiled one (a C++ compiler) loads on a CPU
-    without them, with the eager kernel and a warning: the same function, so the same logits."""
+    without them, for evaluation and generation, with the eager kernel and a warning: the same function,
+    so the same logits."""
     import titans.kernels.toolchain as toolchain
     from pretrain.checkpoint import load_checkpoint, save_checkpoint
+    from pretrain.generate import load_for_generation
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(toolchain, "inductor_cpu_problem", lambda: "InvalidCxxCompiler: none here")
     state = load_checkpoint(run["result"].checkpoint)
     state["config"]["model"]["memory_kernel"] = kernel
-    save_checkpoint(tmp_path, 6, state, keep_last=1)
-    with pytest.warns(UserWarning, match=f"memory_kernel={kernel} cannot run on cpu here; loaded with "
-                                         "memory_kernel=torch"):
+    ckpt = save_checkpoint(tmp_path, 6, state, keep_last=1)
+    warned = f"memory_kernel={kernel} cannot run on cpu here; loaded with memory_kernel=torch"
+    with pytest.warns(UserWarning, match=warned):
         loaded = load_model(tmp_path)
-    assert loaded.config.memory_kernel == "torch"
+    with pytest.warns(UserWarning, match=warned):
+        generating, _ = load_for_generation(ckpt)
+    assert loaded.config.memory_kernel == generating.cfg.memory_kernel == "torch"
     tokens = torch.randint(0, 257, (1, 20))
     assert torch.equal(loaded.logits(tokens)[0], load_model(run["dir"]).logits(tokens)[0])
 
