@@ -45,6 +45,7 @@ from parallel.compile import compile_blocks  # noqa: E402
 from pretrain.cpu_allocator import CPU_ALLOCATORS, use_cpu_allocator  # noqa: E402
 from pretrain.loss import causal_lm_loss  # noqa: E402
 from titans.flops import training_flops_per_token  # noqa: E402
+from titans.kernels.toolchain import inductor_cpu_problem  # noqa: E402
 from titans.memory import CHUNK_STEPS  # noqa: E402
 from titans.model import TitansConfig, TitansLM  # noqa: E402
 
@@ -322,6 +323,11 @@ def parse_args() -> argparse.Namespace:
         if kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("the triton kernel needs a CUDA device (on CPU only in Triton's interpreter: "
                          "set TRITON_INTERPRET=1, which measures the interpreter, not the kernel)")
+    inductor = [flag for flag, used in (("the compiled kernel", "compiled" in {args.kernel, *args.kernels}),
+                                        ("--compile", args.compile == "inductor")) if used]
+    if inductor and not torch.cuda.is_available() and (problem := inductor_cpu_problem()):
+        parser.error(f"{' and '.join(inductor)}: inductor cannot build C++ for the CPU here ({problem}); "
+                     "install a C++ compiler (g++), or use the torch kernel and no --compile")
     return args
 
 
