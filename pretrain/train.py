@@ -249,19 +249,18 @@ def check_toolchain(cfg: RunConfig, mesh: Mesh) -> None:
     if cfg.model.memory_kernel == "triton" and runnable_kernel("triton", device) != "triton":
         raise ConfigError(f"model.memory_kernel=triton needs a CUDA device, and this run is on {device}: set "
                           "model.memory_kernel=torch or compiled (the same function)")
-    fixes = {"model.memory_kernel=compiled": "model.memory_kernel=torch",
-             "train.compile=true": "train.compile=false (or train.compile_backend=aot_eager)"}
-    needs = [setting for setting, used in zip(fixes, (
-        cfg.model.memory_kernel == "compiled", cfg.train.compile and cfg.train.compile_backend == "inductor"),
-        strict=True) if used]
-    if not needs or device != "cpu":
+    fixes = {setting: fix for setting, fix, used in (  # what needs inductor here: how to do without it
+        ("model.memory_kernel=compiled", "model.memory_kernel=torch", cfg.model.memory_kernel == "compiled"),
+        ("train.compile=true", "train.compile=false (or train.compile_backend=aot_eager)",
+         cfg.train.compile and cfg.train.compile_backend == "inductor")) if used}
+    if not fixes or device != "cpu":
         return
     problems = [p for p in mesh.gather_objects(inductor_cpu_problem()) if p]
     if problems:
-        raise ConfigError(f"{' and '.join(needs)} compile C++ with torch.compile's inductor on CPU, which "
+        raise ConfigError(f"{' and '.join(fixes)} compile C++ with torch.compile's inductor on CPU, which "
                           f"cannot build here ({problems[0]}): install a C++ compiler (g++ or clang++, or "
-                          f"point CXX at one), or set {' and '.join(fixes[n] for n in needs)} (the same "
-                          "function, run eagerly)")
+                          f"point CXX at one), or set {' and '.join(fixes.values())} (the same function, run "
+                          "eagerly)")
 
 
 def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:

@@ -229,7 +229,9 @@ def test_a_cpu_run_without_a_compiler_fails_at_start_naming_the_setting(dataset,
 
 
 def test_a_triton_run_off_cuda_fails_at_start(dataset, tmp_path, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' default runs Triton's interpreter
+    import titans.kernels.chunk_step_triton as triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "interpreted", lambda: False)  # the tests run Triton's interpreter
     want = "model.memory_kernel=triton needs a CUDA device, and this run is on cpu: set model.memory_kernel="
     with pytest.raises(ConfigError, match=want):
         train(small_config(dataset, tmp_path, "model.memory_kernel=triton"))

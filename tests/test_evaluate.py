@@ -102,11 +102,12 @@ def test_load_model_falls_back_to_the_eager_kernel_where_the_runs_cannot_run(run
     """A run trained with the Triton kernel (GPU) or the compiled one (a C++ compiler) loads on a CPU
     without them, for evaluation and generation, with the eager kernel and a warning: the same function,
     so the same logits."""
+    import titans.kernels.chunk_step_triton as triton_kernels
     import titans.kernels.toolchain as toolchain
     from pretrain.checkpoint import load_checkpoint, save_checkpoint
     from pretrain.generate import load_for_generation
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_kernels, "interpreted", lambda: False)  # the tests run Triton's interpreter
     monkeypatch.setattr(toolchain, "inductor_cpu_problem", lambda: "InvalidCxxCompiler: none here")
     state = load_checkpoint(run["result"].checkpoint)
     state["config"]["model"]["memory_kernel"] = kernel

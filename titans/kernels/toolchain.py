@@ -10,7 +10,6 @@ to the eager kernel, which computes the same function.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -42,8 +41,12 @@ def runnable_kernel(kernel: str, device_type: str) -> str:
     """`kernel` where it can run on `device_type`, else "torch" (the same function, eager): a checkpoint
     trained with the Triton kernel on a GPU, or the compiled one on a machine with a compiler, still loads
     for evaluation on a CPU without them."""
-    if kernel == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "torch"
+    if kernel == "triton" and device_type != "cuda":
+        try:  # off CUDA the kernels run only in Triton's interpreter, as their module was imported
+            from titans.kernels.chunk_step_triton import interpreted
+        except ImportError:  # no triton installed
+            return "torch"
+        return kernel if interpreted() else "torch"
     if kernel == "compiled" and device_type == "cpu" and inductor_cpu_problem() is not None:
         return "torch"
     return kernel
