@@ -80,10 +80,11 @@ step chunk-step 200 "$python" bench/gpu_step.py --chunk-step --sizes 760m --vari
 step profile-760m-mac 180 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 3 --row-budget-s 8 \
     --profile 40 train.fp32_matmul=tf32
 # The training job itself on the GPU (README command 1 with the Triton kernel, TF32, 30 steps, bf16): what a
-# user runs first. Needs the data pipeline's webdataset and braceexpand importable (an offline machine:
-# their wheels, both pure Python).
+# user runs first, steps 20-22 profiled (train.profile_start: the CUDA activities, the device-time table).
+# Needs the data pipeline's webdataset and braceexpand importable (an offline machine: their wheels, both
+# pure Python).
 step train-smoke 150 "$python" -m pretrain.train --config configs/tiny.yaml train.steps=30 train.eval_every=30 \
-    train.checkpoint_every=30 model.memory_kernel=triton train.fp32_matmul=tf32 \
+    train.checkpoint_every=30 model.memory_kernel=triton train.fp32_matmul=tf32 train.profile_start=20 \
     train.out_dir="${TMPDIR:-/tmp}/gpu-checks-train-smoke"
 step step-760m-mac 190 "$python" bench/gpu_step.py --sizes 760m --variants mac --repeats 5 --row-budget-s 12
 # Each block compiled whole (train.compile; the memory's scan a custom op inside it) against the eager MAC

@@ -114,6 +114,10 @@ class TrainConfig:
     # allocator does the same), "system" leaves malloc as configured (pretrain/cpu_allocator.py)
     cpu_allocator: str = "reuse"
     allow_oversubscribe: bool = False  # start even when the memory estimate exceeds the device's memory
+    # torch.profiler over steps profile_start .. profile_start + profile_steps - 1 (0: off): a Chrome trace
+    # and a table of ops per rank under out_dir/profile/ (pretrain/profiling.py)
+    profile_start: int = 0
+    profile_steps: int = 3
 
 
 PP_SCHEDULES = ("1f1b", "interleaved", "gpipe")
@@ -277,6 +281,12 @@ def validate(cfg: RunConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if t.profile_start < 0 or t.profile_steps < 1:
+        raise ConfigError(f"train.profile_start must be >= 0 (0: no profile) and train.profile_steps >= 1, "
+                          f"got {t.profile_start} and {t.profile_steps}")
+    if t.profile_start and t.profile_start + t.profile_steps - 1 > t.steps:
+        raise ConfigError(f"train.profile_start={t.profile_start} with train.profile_steps={t.profile_steps} "
+                          f"profiles past train.steps={t.steps}")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every must be >= 0 (0: no validation), got {t.eval_every}")
     validate_eval_tasks(cfg)

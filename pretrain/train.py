@@ -47,9 +47,12 @@ from pretrain.data import build_loaders
 from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, peak_flops
 from pretrain.loss import loss_denominator
+from pretrain.profiling import StepProfiler
 from titans.flops import training_flops_per_token
 from titans.kernels.toolchain import inductor_cpu_problem, runnable_kernel
 from titans.model import num_parameters
+
+PROFILE_LINES_SHOWN = 14  # the header and the top ten ops of the profile's table
 
 
 class NonFiniteLossError(RuntimeError):
@@ -343,6 +346,8 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     data_iter = iter(train_loader)
     first_step = step
     nonfinite_in_a_row = 0
+    profiler = StepProfiler(t.profile_start, t.profile_steps, out, mesh.rank, mesh.device) \
+        if t.profile_start else None
 
     def save() -> None:
         if mesh.is_main:
@@ -361,6 +366,8 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         mesh.barrier()
 
     while step < t.steps:
+        if profiler and profiler.next_step(step + 1):
+            report_profile(profiler, bar, mesh)
         started = time.perf_counter()
         log_now = (step + 1) % t.log_every == 0 or step == 0
         for _, m in memories:
@@ -433,12 +440,22 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
                       f"{result.checkpoint}; run again to continue")
             break
     bar.close()
+    if profiler and profiler.stop():  # the window reached the last step, or the run stopped inside it
+        report_profile(profiler, bar, mesh)
     stop.restore()
     for _, m in memories:
         m.record_stats = False
     if logger:
         logger.close()
     return result
+
+
+def report_profile(profiler: StepProfiler, bar: ProgressBar, mesh: Mesh) -> None:
+    """The main rank names where the traces went and prints the top of its table."""
+    if mesh.is_main and profiler.written is not None:
+        top = "\n".join(profiler.written.read_text().splitlines()[:PROFILE_LINES_SHOWN])
+        bar.write(f"profile of steps {profiler.start}-{profiler.last} written to {profiler.dir} (a Chrome "
+                  f"trace and a table per rank); rank {mesh.rank}'s top ops:\n{top}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,7 +219,8 @@ STEP_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 @pytest.mark.timeout(400)
 def test_torchrun_tp2_pp2_prints_the_single_process_losses(tmp_path):
     """`torchrun --nproc-per-node 4 -m pretrain.train --config configs/tiny.yaml parallel.tp=2
-    parallel.pp=2` (dp = 1: the same data as one process) prints the losses of the 1-process run."""
+    parallel.pp=2` (dp = 1: the same data as one process) prints the losses of the 1-process run, and
+    profiling a step (`train.profile_start`) writes every rank's trace without changing them."""
     from data_pipeline.corpus import expand_inputs
     from data_pipeline.prepare import prepare
 
@@ -236,13 +237,17 @@ def test_torchrun_tp2_pp2_prints_the_single_process_losses(tmp_path):
                 str(free_port())]
     for name, launcher in (("single", [sys.executable, "-m", "pretrain.train"]),
                            ("tp2_pp2", torchrun + ["-m", "pretrain.train"])):
-        extra = ["parallel.tp=2", "parallel.pp=2"] if name != "single" else []
+        extra = ["parallel.tp=2", "parallel.pp=2", "train.profile_start=3", "train.profile_steps=1"] \
+            if name != "single" else []
         done = subprocess.run(launcher + common + extra + [f"train.out_dir={tmp_path / name}"], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         runs[name] = [tuple(map(float, m.groups())) for m in STEP_LINE.finditer(done.stdout + done.stderr)]
         if name != "single":
             assert "rank 3/4: tp 1/2, pp 1/2, sp 0/1, dp 0/1" in done.stdout
+            window = tmp_path / name / "profile" / "steps3-3"
+            assert sorted(p.name for p in window.glob("*.trace.json.gz")) == [f"rank{r}.trace.json.gz"
+                                                                             for r in range(4)]
     assert [r[0] for r in runs["single"]] == [2.0, 4.0]
     for a, b in zip(runs["single"], runs["tp2_pp2"], strict=True):
         assert a == pytest.approx(b, abs=2e-4), (runs["single"], runs["tp2_pp2"])

@@ -1,5 +1,7 @@
 """The training job: exact resume, atomic checkpoints under SIGKILL, config errors, non-finite losses."""
 
+import gzip
+import json
 import math
 import os
 import re
@@ -92,6 +94,28 @@ def test_run_writes_config_tensorboard_and_checkpoints(dataset, tmp_path):
     assert set(result.val_losses) == {10, 20}
 
 
+def test_profile_writes_a_trace_and_a_table_of_the_window(dataset, tmp_path, capsys):
+    plain = train(small_config(dataset, tmp_path / "plain", "train.steps=5", "train.eval_every=0"))
+    profiled = train(small_config(dataset, tmp_path / "profiled", "train.steps=5", "train.eval_every=0",
+                                  "train.profile_start=3", "train.profile_steps=2"))
+    assert profiled.losses == plain.losses  # watching changes nothing
+    window = tmp_path / "profiled" / "profile" / "steps3-4"
+    with gzip.open(window / "rank0.trace.json.gz", "rt") as trace:
+        names = {event.get("name") for event in json.load(trace)["traceEvents"]}
+    assert {"ProfilerStep#3", "ProfilerStep#4", "aten::mm"} <= names and "ProfilerStep#2" not in names
+    assert "aten::mm" in (window / "rank0.txt").read_text()
+    assert f"profile of steps 3-4 written to {window}" in capsys.readouterr().err
+
+
+def test_a_run_that_stops_inside_the_profile_writes_what_ran(dataset, tmp_path, capsys):
+    train(small_config(dataset, tmp_path, "train.steps=5", "train.eval_every=0", "train.stop_after_steps=3",
+                       "train.profile_start=3", "train.profile_steps=3"))
+    with gzip.open(tmp_path / "profile" / "steps3-5" / "rank0.trace.json.gz", "rt") as trace:
+        names = {event.get("name") for event in json.load(trace)["traceEvents"]}
+    assert "ProfilerStep#3" in names and "ProfilerStep#4" not in names
+    assert "profile of steps 3-5 written" in capsys.readouterr().err
+
+
 def test_recall_is_measured_at_every_validation(dataset, tmp_path, capsys):
     """train.eval_tasks: MQAR accuracy per distance at each validation, in the result, the log and
     TensorBoard, without changing the training itself (the tasks draw from their own generators)."""
@@ -182,6 +206,8 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("train.eval_tasks=needle train.eval_task_distances=0,8", "must be positive multiples"),
     ("train.eval_tasks=mqar parallel.pp=2", "the whole model on every rank, and parallel.pp=2 splits it"),
     ("train.eval_tasks=mqar train.eval_task_pairs=-1", "train.eval_task_pairs must be >= 1"),
+    ("train.profile_steps=0", "train.profile_steps >= 1, got 0 and 0"),
+    ("train.profile_start=299", "train.profile_steps=3 profiles past train.steps=300"),
 ])
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
