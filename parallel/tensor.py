@@ -118,7 +118,10 @@ def _linear_class(kind: str) -> type:
     same function through `parallel.tp_collectives`. Built on first use: megatron-core is imported only
     by model-parallel runs."""
     from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import layers
 
+    if not torch.cuda.is_available():  # its advice to set CUDA_DEVICE_MAX_CONNECTIONS means nothing here
+        layers.linear_with_grad_accumulation_and_async_allreduce.warned = True
     base = {"column": tensor_parallel.ColumnParallelLinear, "row": tensor_parallel.RowParallelLinear}[kind]
     traced = _column_traced if kind == "column" else _row_traced
 
