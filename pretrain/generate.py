@@ -21,7 +21,7 @@ from data_pipeline.tokenizer import ByteTokenizer
 from pretrain.convert import read_source
 from pretrain.model_io import end_of_document_id, run_tokenizer, runnable_config
 from titans.model import TitansLM
-from titans.streaming import generate
+from titans.streaming import generate, sampling_problem
 
 
 def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[TitansLM, dict]:
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    problem = sampling_problem(args.temperature, args.top_k, args.top_p)
+    if problem:
+        parser.error(problem)
     try:
         model, run_config = load_for_generation(args.checkpoint, args.device)
         tokenizer = run_tokenizer(run_config, model.cfg.vocab_size, args.tokenizer)

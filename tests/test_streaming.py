@@ -4,6 +4,7 @@ block kind, and the cache does not grow with the text."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -92,6 +93,17 @@ def test_sampling_options() -> None:
     assert draws <= {2, 3}
     draws = {next_token(logits, temperature=1.0, top_p=0.5, generator=g).item() for _ in range(50)}
     assert draws == {2}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=1.0, top_k=0), "top-k must be >= 1, got 0"),
+    (dict(temperature=1.0, top_p=1.5), "top-p must be in (0, 1], got 1.5"),
+    (dict(top_p=0.9), "temperature 0 is greedy: set a temperature > 0"),  # would be ignored, not sampled
+])
+def test_sampling_settings_that_would_not_sample_as_asked_are_refused(settings, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate(tiny("swa"), torch.randint(0, 41, (1, 5)), max_new_tokens=2, **settings)
 
 
 def test_eos_stops_generation() -> None:

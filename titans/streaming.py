@@ -163,12 +163,30 @@ def next_token(logits: Tensor, temperature: float = 0.0, top_k: int | None = Non
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def sampling_problem(temperature: float, top_k: int | None, top_p: float | None) -> str | None:
+    """What is wrong with these sampling settings, or None: a top-k or top-p at temperature 0 (greedy)
+    would be ignored without a word, and an out-of-range one would sample something else than asked."""
+    if temperature < 0:
+        return f"temperature must be >= 0 (0: greedy), got {temperature}"
+    if top_k is not None and top_k < 1:
+        return f"top-k must be >= 1, got {top_k}"
+    if top_p is not None and not 0 < top_p <= 1:
+        return f"top-p must be in (0, 1], got {top_p}"
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        return ("top-k and top-p choose what to sample from, and temperature 0 is greedy: set a temperature "
+                "> 0 (e.g. 0.8)")
+    return None
+
+
 @torch.no_grad()
 def generate(model: TitansLM, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              generator: torch.Generator | None = None, piece_len: int = 4096) -> Tensor:
     """Continue a (B, T) prompt by up to `max_new_tokens` tokens; returns prompt + continuation.
     Stops early when every row has produced `eos_id`."""
+    problem = sampling_problem(temperature, top_k, top_p)
+    if problem:
+        raise ValueError(problem)
     logits, cache = stream_logits(model, prompt, piece_len=piece_len)
     out, done = [prompt], torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
