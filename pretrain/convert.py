@@ -14,8 +14,12 @@ moments start at zero (they are not part of an export).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,12 +136,40 @@ def read_source(path: str | Path) -> Source:
     return read_training_checkpoint(path)
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A folder beside `out` to write an export into, which becomes `out` only once complete: an error or
+    a crash while writing leaves `out` as it was, and no file of an earlier export stays beside the new
+    one (a stale training state or tokenizer would describe another run)."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} already exists and is not empty: choose a new folder, or pass "
+                              "--overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        fsync_tree(staging)
+        if out.exists():  # two renames: a crash between them leaves the old export under .<name>.replaced-*
+            replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+            os.replace(out, replaced)
+            os.replace(staging, out)
+            if replaced.is_dir():
+                shutil.rmtree(replaced)
+            else:
+                replaced.unlink()
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def to_safetensors(src: Source, out: Path) -> list[str]:
-    out.mkdir(parents=True, exist_ok=True)
     save_weights(src.weights, out / WEIGHTS_FILE, src.model.tie_embeddings)
     meta = {"format_version": FORMAT_VERSION, "model": model_fields(src.model)}
     (out / TITANS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    notes = [f"{out / WEIGHTS_FILE}: {len(src.weights)} tensors"]
+    notes = [f"{WEIGHTS_FILE}: {len(src.weights)} tensors"]
     if src.training is not None:
         torch.save(src.training, out / TRAINING_STATE)
         notes.append(f"training state at step {src.training['step']}")
@@ -226,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                              "written by --to safetensors / --to hf")
     parser.add_argument("--to", required=True, choices=("safetensors", "hf", "checkpoint"))
     parser.add_argument("--out", required=True, help="output folder (for --to checkpoint: a new run folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--to safetensors / hf: replace a non-empty --out (written aside, swapped in)")
     parser.add_argument("--tokenizer", default=None,
                         help="--to hf: 'bytes' or a tokenizer file (default: the run's, from its dataset)")
     parser.add_argument("--config", default=None,
@@ -244,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         src = read_source(args.checkpoint)
         print(f"read {src.path}: {len(src.weights)} tensors"
               + (f", step {src.training['step']}" if src.training else ""))
-        if args.to == "safetensors":
-            notes = to_safetensors(src, out)
-        elif args.to == "hf":
-            notes = to_hf(src, out, args.tokenizer)
+        if args.to in ("safetensors", "hf"):
+            with staged_folder(out, args.overwrite) as staging:
+                notes = to_safetensors(src, staging) if args.to == "safetensors" else \
+                    to_hf(src, staging, args.tokenizer)
         else:
             notes = to_checkpoint(src, out, args.overrides, args.config, args.dp)
-    except (ConfigError, LayoutError, CorruptCheckpointError, NewerFormatError, FileNotFoundError,
-            FileExistsError, KeyError, ValueError) as err:
+    except (ConfigError, LayoutError, CorruptCheckpointError, NewerFormatError, OSError, KeyError,
+            ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in notes:

@@ -197,6 +197,28 @@ def test_bad_inputs_fail_naming_the_file(converted, tmp_path: Path, capsys) -> N
     assert "format version 99" in err and "titans_config.json" in err
 
 
+def test_an_export_replaces_a_folder_only_when_asked_and_only_once_complete(converted, tmp_path: Path, capsys,
+                                                                           monkeypatch) -> None:
+    import pretrain.hf_export
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("an earlier export's file")
+    args = ["--checkpoint", str(converted["hf"]), "--to", "hf", "--out", str(out)]
+    assert "already exists and is not empty" in error_of(args, capsys)
+
+    def disk_full(*_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patched:
+        patched.setattr(pretrain.hf_export, "save_weights", disk_full)
+        assert "No space left on device" in error_of([*args, "--overwrite"], capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"] and [p.name for p in out.iterdir()] == ["stale.txt"]
+
+    assert convert([*args, "--overwrite"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"] and not (out / "stale.txt").exists()
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
 def test_beam_search_reorders_the_streaming_cache(converted, tmp_path: Path, monkeypatch) -> None:
     """transformers' beam search with the TitansCache (reordered per step) equals it without a cache."""
     from transformers import AutoModelForCausalLM
