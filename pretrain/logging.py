@@ -20,6 +20,29 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
 
 
+def step_figures(tokens: int, seconds: float, flops_per_token: float, peak: float,
+                 device: torch.device) -> dict[str, float]:
+    """One step's throughput over the job, by its TensorBoard names: MFU where the peak is known, and the
+    peak memory allocated on a GPU (this rank's)."""
+    figures = {"perf/tokens_per_s": tokens / seconds, "perf/flops_per_s": flops_per_token * tokens / seconds}
+    if peak:
+        figures["perf/mfu"] = figures["perf/flops_per_s"] / peak
+    if device.type == "cuda":
+        figures["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return figures
+
+
+def describe_figures(figures: dict[str, float]) -> str:
+    """`step_figures` beyond tokens/s, for a log line."""
+    flops = figures["perf/flops_per_s"]
+    parts = [f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.2f} GFLOP/s"]
+    if "perf/mfu" in figures:
+        parts.append(f"MFU {figures['perf/mfu']:.1%}")
+    if "perf/peak_memory_gib" in figures:
+        parts.append(f"peak mem {figures['perf/peak_memory_gib']:.1f} GiB")
+    return " | ".join(parts)
+
+
 class MetricsLogger:
     def __init__(self, log_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -38,17 +61,20 @@ class MetricsLogger:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr (rewritten in place on a terminal, every 10% otherwise). The rate
-    and ETA count from the end of the first step: it carries one-off work (compiling under train.compile,
-    the allocator's growth) that would otherwise skew them for the whole run."""
+    """A progress bar on stderr: one line rewritten in place on a terminal; elsewhere (a Slurm log, a pipe)
+    a line every `every` steps (0: every 10 %) with the details a log reader needs (lr, grad norm, MFU,
+    memory), as torchtitan and Megatron-LM log. The rate and ETA count from the end of the first step: it
+    carries one-off work (compiling under train.compile, the allocator's growth) that would otherwise skew
+    them for the whole run."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, enabled: bool = True, every: int = 0) -> None:
+        self.total, self.enabled, self.every = total, enabled, every
         self.first: tuple[int, float] | None = None  # (step, time) at the end of the first step
         self.tty = sys.stderr.isatty()
         self.last_printed = -1
 
-    def update(self, step: int, **metrics: float) -> None:
+    def update(self, step: int, throughput: str = "", details: str = "", **metrics: float) -> None:
+        """`throughput` (e.g. tokens/s) shows on a terminal too, `details` only in a log."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -59,15 +85,16 @@ class ProgressBar:
         speed = f"{rate:.2f} it/s eta {(self.total - step) / rate:.0f}s" if rate else "eta -"
         width = 30
         filled = int(width * step / self.total)
-        info = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         bar = "#" * filled + "." * (width - filled)
-        line = f"[{bar}] {step}/{self.total} {info} {speed}"
+        fields = [f"[{bar}] {step}/{self.total}", *(f"{k} {v:.4f}" for k, v in metrics.items()), throughput]
         if self.tty:
-            sys.stderr.write("\r" + line)
+            sys.stderr.write("\r" + " | ".join(filter(None, [*fields, speed])))
             sys.stderr.flush()
-        elif step * 10 // self.total != self.last_printed or step == self.total:
-            self.last_printed = step * 10 // self.total
-            print(line, file=sys.stderr, flush=True)
+            return
+        mark = step // self.every if self.every else step * 10 // self.total
+        if mark != self.last_printed or step == self.total:
+            self.last_printed = mark
+            print(" | ".join(filter(None, [*fields, details, speed])), file=sys.stderr, flush=True)
 
     def write(self, message: str) -> None:
         if self.enabled:

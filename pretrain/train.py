@@ -45,7 +45,7 @@ from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.cpu_allocator import use_cpu_allocator
 from pretrain.data import build_loaders
 from pretrain.engine import Engine, build_engine
-from pretrain.logging import MetricsLogger, ProgressBar, peak_flops
+from pretrain.logging import MetricsLogger, ProgressBar, describe_figures, peak_flops, step_figures
 from pretrain.loss import loss_denominator
 from pretrain.profiling import StepProfiler
 from titans.flops import training_flops_per_token
@@ -342,7 +342,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
                + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
                   "logits are masked)" if vocab != cfg.model.vocab_size else ""))
     stop = StopSignal()
-    bar = ProgressBar(t.steps, enabled=mesh.is_main)
+    bar = ProgressBar(t.steps, enabled=mesh.is_main, every=t.log_every)
     data_iter = iter(train_loader)
     first_step = step
     nonfinite_in_a_row = 0
@@ -406,14 +406,13 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         result.last_step = step
         elapsed = time.perf_counter() - started
         result.step_seconds.append(elapsed)
-        bar.update(step, loss=loss_value)
+        figures = step_figures(step_tokens, elapsed, flops_per_token, peak, mesh.device)
+        lr = scheduler.get_last_lr()[0]
+        bar.update(step, loss=loss_value, throughput=f"{figures['perf/tokens_per_s']:,.0f} tok/s",
+                   details=f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {describe_figures(figures)}")
         if logger and log_now and math.isfinite(loss_value):
-            logger.scalars(step, {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                                  "train/grad_norm": grad_norm,
-                                  "perf/tokens_per_s": step_tokens / elapsed,
-                                  "perf/flops_per_s": flops_per_token * step_tokens / elapsed})
-            if peak:
-                logger.scalars(step, {"perf/mfu": flops_per_token * step_tokens / elapsed / peak})
+            logger.scalars(step, {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
+                                  **figures})
             for layer, m in memories:
                 logger.scalars(step, {f"memory/layer{layer}/{k}": v.item() for k, v in m.stats.items()})
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):

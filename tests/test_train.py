@@ -82,8 +82,13 @@ def test_activation_checkpointing_trains_the_same(dataset, tmp_path):
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
 
 
-def test_run_writes_config_tensorboard_and_checkpoints(dataset, tmp_path):
+def test_run_writes_config_tensorboard_and_checkpoints(dataset, tmp_path, capsys):
     result = train(small_config(dataset, tmp_path, "train.keep_last=2"))
+    # off a terminal (a Slurm log) a progress line every train.log_every steps, with what a log reader needs
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert [int(re.search(r"\] (\d+)/20 ", line)[1]) for line in lines] == [1, 5, 10, 15, 20]
+    fields = r"\| loss [\d.]+ \| [\d,]+ tok/s \| lr [\d.e-]+ \| grad norm [\d.]+ \| [\d.,]+ GFLOP/s"
+    assert all(re.search(fields, line) for line in lines), lines
     assert (tmp_path / "config.yaml").is_file()
     assert any((tmp_path / "tensorboard").iterdir())
     kept = list_checkpoints(tmp_path)
