@@ -42,6 +42,7 @@ from pretrain.checkpoint import (
     verify_checkpoint,
 )
 from pretrain.config import ConfigError, RunConfig, load_config
+from pretrain.config_doc import describe_fields
 from pretrain.cpu_allocator import use_cpu_allocator
 from pretrain.data import build_loaders
 from pretrain.engine import Engine, build_engine
@@ -468,12 +469,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")
+    parser.add_argument("--fields", action="store_true",
+                        help="list every config field with its default and what it does, then exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the file, then the overrides) as YAML, checked, "
+                             "then exit without training")
     args = parser.parse_args(argv)
+    if args.fields:
+        print(describe_fields())
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     try:
         mesh = init_mesh(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sp, cfg.parallel.comm_timeout_s)
     except LayoutError as err:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from run_helpers import small_config
 
 import pretrain.engine as engine_module
@@ -226,6 +227,29 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "unknown key(s) n_headz" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_fields_lists_every_field_with_its_default_and_comment(capsys):
+    from pretrain.config import RunConfig
+
+    assert main(["--fields"]) == 0
+    listing = capsys.readouterr().out
+    for section, fields in RunConfig().to_dict().items():
+        for key in fields:
+            assert f"  {section}.{key} = " in listing, f"{section}.{key}"
+    assert re.search(r"model\.window = 256 +sliding-window size for SWA / MAG / MAL attention", listing)
+    assert re.search(r"model\.memory_grad_horizon = 16 +Chunk updates the memory state's gradient", listing)
+    assert re.search(r"train\.profile_steps = 3\n", listing)  # no comment of its own: the default alone
+
+
+def test_print_config_resolves_and_checks_without_training(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"train.out_dir={out}", "train.steps=70",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 70 and printed["model"]["layers"] == "mac" and not out.exists()
+    assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), "train.stepz=7", "--print-config"]) == 2
+    assert "unknown key(s) stepz" in capsys.readouterr().err
 
 
 WRITER = textwrap.dedent("""
