@@ -35,6 +35,7 @@ from pretrain.checkpoint import (
     NewerFormatError,
     begin_checkpoint,
     fsync_tree,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     staging_dir,
@@ -213,7 +214,7 @@ def to_checkpoint(src: Source, out: Path, overrides: list[str], config: str | No
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} without tp / pp / sp is DeepSpeed's format, "
                           "which this tool does not write: convert with parallel.zero_stage=0, or start the "
                           "run with train.init_from pointing at this export")
-    if (out / "checkpoints").exists():
+    if list_checkpoints(out):  # a conversion that died while writing left only a .partial: not a checkpoint
         raise FileExistsError(f"{out} already holds checkpoints: choose a new --out")
     training = src.training or {}
     step = training.get("step") or 0

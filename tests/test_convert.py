@@ -219,6 +219,13 @@ def test_an_export_replaces_a_folder_only_when_asked_and_only_once_complete(conv
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
 
 
+def test_a_run_folder_is_refused_only_when_it_holds_a_checkpoint(converted, tmp_path: Path, capsys) -> None:
+    args = ["--checkpoint", str(converted["hf"]), "--to", "checkpoint", "--out", str(tmp_path / "run")]
+    (tmp_path / "run" / "checkpoints" / ".step_00000003.partial").mkdir(parents=True)  # one that died
+    assert convert(args) == 0
+    assert "already holds checkpoints: choose a new --out" in error_of(args, capsys)
+
+
 def test_beam_search_reorders_the_streaming_cache(converted, tmp_path: Path, monkeypatch) -> None:
     """transformers' beam search with the TitansCache (reordered per step) equals it without a cache."""
     from transformers import AutoModelForCausalLM
