@@ -285,16 +285,21 @@ class TokenLoader:
                 "batches": self.consumed, "next_worker": self.next_worker,
                 "workers": copy.deepcopy(self.positions)}
 
+    # what a resume needs unchanged, and the setting of a training run that decides it
+    RESUME_SETTINGS = {"dp_rank": "the layout", "dp_size": "the layout: world / (tp · pp · sp)",
+                       "num_workers": "data.num_workers", "seed": "data.seed",
+                       "sources": "the shards of data.train, and their split and weight"}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the batches already consumed; the data layout must be the one saved."""
         mine = self.state_dict()
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        for key in ("dp_rank", "dp_size", "num_workers", "seed", "sources"):
+        for key, setting in self.RESUME_SETTINGS.items():
             if state.get(key) != mine[key]:
-                raise DataError(f"loader state was saved with {key}={state.get(key)}, this run has "
-                                f"{key}={mine[key]}: the data order would differ, so it cannot continue "
-                                "exactly")
+                raise DataError(f"the data position was saved with {key}={state.get(key)}, this run has "
+                                f"{key}={mine[key]} (set by {setting}): the data order would differ, so it "
+                                "cannot continue exactly; resume with the saved setting, or start a new run")
         self.positions = copy.deepcopy(state["workers"])
         self.next_worker, self.consumed = int(state["next_worker"]), int(state["batches"])
 

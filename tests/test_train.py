@@ -229,6 +229,14 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_resume_that_would_read_other_data_names_the_setting(dataset, tmp_path):
+    from data_pipeline.loader import DataError
+
+    train(small_config(dataset, tmp_path, "train.steps=3", "train.eval_every=0"))
+    with pytest.raises(DataError, match=r"saved with seed=0, this run has seed=5 \(set by data\.seed\)"):
+        train(small_config(dataset, tmp_path, "train.steps=5", "train.eval_every=0", "data.seed=5"))
+
+
 def test_fields_lists_every_field_with_its_default_and_comment(capsys):
     from pretrain.config import RunConfig
 
