@@ -34,7 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare_variants import add_variant_arguments, load_variants, run_overrides, variant_names  # noqa: E402
+from compare_variants import (  # noqa: E402
+    add_variant_arguments,
+    load_variants,
+    run_overrides,
+    train_run,
+    variant_names,
+)
 
 from pretrain import loss_by_position  # noqa: E402
 from pretrain.config import ConfigError, RunConfig  # noqa: E402
@@ -63,10 +69,9 @@ def seed_configs(names: list[str], config_dir: Path, overrides: list[str], match
 def train_and_evaluate(name: str, seed: int, cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     """One run: train (unless --eval-only), evaluate, write the run's own results; returns its row."""
     from pretrain.model_io import load_model
-    from pretrain.train import train
 
     started = time.perf_counter()
-    result = None if args.eval_only else train(cfg)
+    result = None if args.eval_only else train_run(cfg, args.fresh)
     seconds = time.perf_counter() - started
     model = load_model(cfg.train.out_dir)
     started = time.perf_counter()
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--seeds / --distances: expected comma-separated numbers, got {args.seeds!r} / "
                      f"{args.distances!r}")
-    overrides = list(args.overrides) + run_overrides(args.steps, args.fresh)
+    overrides = list(args.overrides) + run_overrides(args.steps)
     try:
         plan = [(seed, seed_configs(names, Path(args.configs), overrides, not args.no_match, args.params,
                                     seed, args.runs)) for seed in seeds]

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 from pretrain.config import ConfigError, RunConfig, load_config  # noqa: E402
 from pretrain.evaluate import add_task_arguments, evaluate, parse_list  # noqa: E402
 from titans.model import num_parameters  # noqa: E402
+
+if TYPE_CHECKING:
+    from pretrain.train import TrainResult
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "swa")
 
@@ -60,15 +65,23 @@ def load_variants(names: list[str], config_dir: Path, overrides: list[str], matc
     return configs
 
 
-def run_overrides(steps: int | None, fresh: bool) -> list[str]:
-    """--steps (with a warmup, validation and checkpoint to match) and --fresh as config overrides."""
-    overrides = []
-    if steps:
-        overrides += [f"train.steps={steps}", f"train.warmup_steps={min(20, steps // 10)}",
-                      f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
+def run_overrides(steps: int | None) -> list[str]:
+    """--steps as config overrides, with a warmup, validation and checkpoint to match."""
+    if not steps:
+        return []
+    return [f"train.steps={steps}", f"train.warmup_steps={min(20, steps // 10)}", f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}"]
+
+
+def train_run(cfg: RunConfig, fresh: bool) -> TrainResult:
+    """Train (resuming what the run folder holds); with `fresh` (--fresh), its checkpoints and TensorBoard
+    logs are removed first, so the run starts over."""
+    from pretrain.train import train
+
     if fresh:
-        overrides.append("train.resume=false")
-    return overrides
+        for part in ("checkpoints", "tensorboard"):
+            shutil.rmtree(Path(cfg.train.out_dir) / part, ignore_errors=True)
+    return train(cfg)
 
 
 def markdown(rows: list[dict], distances: list[float]) -> str:
@@ -99,7 +112,7 @@ def add_variant_arguments(parser: argparse.ArgumentParser, variants: tuple[str, 
     parser.add_argument("--params", type=int, default=None, help="parameter target (default: the largest)")
     parser.add_argument("--no-match", action="store_true", help="keep the configs' FFN widths")
     parser.add_argument("--fresh", action="store_true",
-                        help="do not resume existing runs (train.resume=false)")
+                        help="start every run over: remove its checkpoints and TensorBoard logs first")
     parser.add_argument("--eval-only", action="store_true", help="skip training; evaluate the existing runs")
 
 
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     names = variant_names(parser, args.variants, VARIANTS)
-    overrides = list(args.overrides) + run_overrides(args.steps, args.fresh)
+    overrides = list(args.overrides) + run_overrides(args.steps)
     try:
         configs = load_variants(names, Path(args.configs), overrides, not args.no_match, args.params)
         if args.runs:
@@ -134,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pretrain.model_io import load_model
-    from pretrain.train import train
 
     distances = parse_list(args.distances, float)
     tasks = parse_list(args.tasks)
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {params:,} parameters (ffn_hidden {cfg.model.ffn_hidden}), "
               f"out {cfg.train.out_dir}", file=sys.stderr)
         started = time.perf_counter()
-        losses = [] if args.eval_only else train(cfg).losses
+        losses = [] if args.eval_only else train_run(cfg, args.fresh).losses
         seconds = time.perf_counter() - started
         model = load_model(cfg.train.out_dir)
         results = evaluate(model, tasks, distances, samples=args.samples,

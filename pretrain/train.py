@@ -169,9 +169,17 @@ LAYOUT_FIELDS = ("tp", "pp", "sp", "zero_stage", "pp_schedule", "pp_stages_per_r
 
 def check_run_folder(cfg: RunConfig, out: Path) -> None:
     """A run folder with checkpoints keeps describing them: its model and layout may not change (training
-    fields such as steps or lr may). Checked on every rank, before anything is written."""
+    fields such as steps or lr may), and a new run may not start in it. Checked on every rank, before
+    anything is written."""
+    held = list_checkpoints(out)
+    if held and not cfg.train.resume and not cfg.train.resume_from:
+        # the new run's checkpoints would sit beside the old ones: pruned by step order (the new run's
+        # first, when the old reached further), and a lost `latest` pointer would resume the old run
+        raise ConfigError(f"train.resume=false starts a new run, and train.out_dir={out} holds checkpoints "
+                          f"of an earlier one (newest: {held[-1].name}): choose a new train.out_dir, or "
+                          f"remove {out / 'checkpoints'} to start over there")
     saved_file = out / "config.yaml"
-    if not saved_file.is_file() or not list_checkpoints(out):
+    if not saved_file.is_file() or not held:
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
     now = cfg.to_dict()

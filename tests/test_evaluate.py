@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
 from pretrain import synthetic
+from pretrain.checkpoint import list_checkpoints
 from pretrain.config import load_config
 from pretrain.evaluate import main as evaluate_main
 from pretrain.evaluate import perplexity, task_accuracy, val_batches
@@ -366,3 +367,7 @@ def test_compare_variants_matches_parameters_and_prints_a_table(run, tmp_path, c
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [r["variant"] for r in rows] == ["mac", "swa"] and all(r["step"] == 2 for r in rows)
     assert "| swa |" in capsys.readouterr().out
+    # --fresh starts the runs over where they stand (a new run may not start beside old checkpoints)
+    assert compare.main(["--variants", "swa", "--steps", "3", "--samples", "2", "--distances", "2", "--tasks",
+                         "ppl", "--runs", str(tmp_path / "runs"), "--out", str(out), "--fresh", *tiny]) == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "runs" / "swa")] == ["step_00000003"]

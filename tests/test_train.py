@@ -229,6 +229,14 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_new_run_may_not_start_beside_an_earlier_runs_checkpoints(dataset, tmp_path):
+    train(small_config(dataset, tmp_path, "train.steps=3", "train.eval_every=0", "train.checkpoint_every=3"))
+    earlier = r"train\.out_dir=.* holds checkpoints of an earlier one \(newest: step_00000003\)"
+    with pytest.raises(ConfigError, match=r"train\.resume=false starts a new run, and " + earlier):
+        train(small_config(dataset, tmp_path, "train.steps=3", "train.eval_every=0", "train.resume=false"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003"]
+
+
 def test_a_resume_that_would_read_other_data_names_the_setting(dataset, tmp_path):
     from data_pipeline.loader import DataError
 
