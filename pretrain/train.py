@@ -14,8 +14,10 @@ import argparse
 import math
 import os
 import signal
+import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -193,6 +195,33 @@ def check_run_folder(cfg: RunConfig, out: Path) -> None:
                           "settings to resume that one")
 
 
+def check_shared_out_dir(out: Path, mesh: Mesh, wait_s: float = 10.0) -> None:
+    """Every rank writes its part of each checkpoint into train.out_dir, so it must be one folder for all
+    of them. Rank 0 leaves a file under a name no rank has looked up before (no stale negative cache on a
+    network filesystem) and every rank looks for it, for up to `wait_s`: a node whose out_dir is its own
+    disk fails the run here, at start, not at its first checkpoint hours later."""
+    if mesh.world_size == 1:
+        return
+    host = socket.gethostname()
+    token, host0 = mesh.gather_objects((uuid.uuid4().hex, host))[0]
+    probe = out / f".shared-check-{token}"
+    if mesh.is_main:
+        probe.write_text(host)
+    mesh.barrier()
+    deadline = time.monotonic() + wait_s
+    while not probe.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blind = mesh.gather_objects(None if probe.is_file() else f"rank {mesh.rank} on {host}")  # all looked
+    if mesh.is_main:
+        probe.unlink()
+    blind = [who for who in blind if who]
+    if blind:
+        raise ConfigError(f"train.out_dir={out} is not one folder for every rank: {', '.join(blind)} cannot "
+                          f"see the file rank 0 on {host0} wrote there. "
+                          "Every rank writes its part of each checkpoint into it: put it on a filesystem "
+                          "that every node mounts, at the same path")
+
+
 def check_memory(cfg: RunConfig, mesh: Mesh, precision: str) -> None:
     """Pre-flight: the planner's estimate of this rank's memory against what the device has; a run that
     cannot fit fails before it allocates anything (on every rank, if any rank cannot)."""
@@ -297,6 +326,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     if mesh.is_main:  # only now: a run refused above leaves the folder as it was
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    check_shared_out_dir(out, mesh)
     ckpt = choose_checkpoint(cfg, mesh)
     initial = initial_weights(t.init_from) if ckpt is None and t.init_from else None
     engine = build_engine(cfg, mesh, precision, initial)

@@ -201,3 +201,41 @@ def test_a_run_that_cannot_fit_fails_before_it_allocates(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="built"):
         train(load_config(ROOT / "configs" / "tiny.yaml", [*huge, "train.allow_oversubscribe=true"]))
     assert not checked  # insisting skips the check
+
+
+SHARED_CHECK_WORKER = """
+import sys
+from pathlib import Path
+from parallel.mesh import init_mesh
+from pretrain.config import ConfigError
+from pretrain.train import check_shared_out_dir
+from tests.launcher import serve_jobs
+
+def run(job, mesh):
+    out = Path(job["dirs"][mesh.rank])  # one folder for all ranks, or each its own (node-local disks)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_shared_out_dir(out, mesh, wait_s=1.0)
+    except ConfigError as err:
+        return str(err)
+    return "ok" if not list(out.iterdir()) else "a probe file was left behind"
+
+serve_jobs(sys.argv[1], init_mesh(), run)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_out_dir_that_is_not_one_folder_for_every_rank_stops_the_run_at_start(tmp_path):
+    """Two ranks whose train.out_dir are different folders (as node-local disks would be) are refused
+    before training, naming the rank that cannot see rank 0's file; one shared folder passes clean."""
+    from tests.launcher import launch
+
+    worker = tmp_path / "shared_check_worker.py"
+    worker.write_text(SHARED_CHECK_WORKER)
+    jobs = [{"name": "shared", "dirs": [str(tmp_path / "run")] * 2},
+            {"name": "local", "dirs": [str(tmp_path / "node0" / "run"), str(tmp_path / "node1" / "run")]}]
+    results = launch(worker, jobs, tmp_path / "launch", world=2, timeout=90)
+    assert results["shared"] == "ok"
+    refusal = results["local"]
+    assert re.match(rf"train.out_dir={tmp_path / 'node0' / 'run'} is not one folder for every rank: rank 1 "
+                    r"on \S+ cannot see the file rank 0 on \S+ wrote there", refusal), refusal
