@@ -60,7 +60,8 @@ def _save(obj: Any, path: Path) -> None:
 
 def save_shards(directory: Path, models: list[nn.Module], optimizer: torch.optim.Optimizer, mesh: Mesh,
                 cfg) -> dict[str, Any]:
-    """Collective: every rank writes its shard files under directory/shards; returns the layout record."""
+    """Collective: every rank writes its shard files under directory/shards; returns the layout record. A
+    rank whose write fails (a full disk) still joins the collective, then raises: no rank waits on it."""
     zero = _is_zero(optimizer)
     model_file, optim_file = shard_files(mesh, zero)
     folder = directory / SHARDS_DIR
@@ -68,16 +69,22 @@ def save_shards(directory: Path, models: list[nn.Module], optimizer: torch.optim
         folder.mkdir(parents=True, exist_ok=True)
     mesh.barrier()
     writes = mesh.sp_rank == 0  # sequence shards hold the same parameters and optimizer state
-    if writes and mesh.dp_rank == 0:
-        state = {}
-        for model in models:
-            state.update(model.state_dict())
-        _save(state, folder / model_file)
-    if writes and (zero or mesh.dp_rank == 0):
-        _save(optimizer.optim.state_dict() if zero else optimizer.state_dict(), folder / optim_file)
+    failed: OSError | None = None
+    try:
+        if writes and mesh.dp_rank == 0:
+            state = {}
+            for model in models:
+                state.update(model.state_dict())
+            _save(state, folder / model_file)
+        if writes and (zero or mesh.dp_rank == 0):
+            _save(optimizer.optim.state_dict() if zero else optimizer.state_dict(), folder / optim_file)
+    except OSError as err:
+        failed = err
     parameters: dict[str, Any] = {}
     for part in mesh.gather_objects(parameter_layout(models) if writes and mesh.dp_rank == 0 else {}):
         parameters.update(part)
+    if failed is not None:
+        raise failed
     return {"layout": asdict(mesh.layout), "zero_stage": cfg.parallel.zero_stage,
             "pp_stages": n_stages(cfg.parallel),
             "vocab_size": cfg.model.vocab_size, "tie_embeddings": cfg.model.tie_embeddings,

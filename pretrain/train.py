@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -60,6 +61,10 @@ PROFILE_LINES_SHOWN = 14  # the header and the top ten ops of the profile's tabl
 
 class NonFiniteLossError(RuntimeError):
     """Raised after `train.max_nonfinite_steps` non-finite losses in a row."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (on any rank); the message names the last good one."""
 
 
 @dataclass
@@ -389,20 +394,33 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         if t.profile_start else None
 
     def save() -> None:
-        if mesh.is_main:
-            begin_checkpoint(out, step)
-        mesh.barrier()
         staging = staging_dir(out, step)
-        model_state = engine.save(staging)  # every rank writes its part
-        fsync_tree(staging)
+
+        def on_every_rank(part: Callable[[], Any], here: bool = True) -> Any:
+            """This rank's part of the save, then a collective: a write that failed on any rank (a full
+            disk, a quota) stops every rank with it, instead of the others waiting for it."""
+            value, problem = None, None
+            try:
+                value = part() if here else None
+            except OSError as err:
+                problem = f"rank {mesh.rank}: {err}"
+            problems = [p for p in mesh.gather_objects(problem) if p]
+            if problems:
+                raise CheckpointWriteError(
+                    f"writing the checkpoint of step {step} failed ({'; '.join(problems)}); the last good "
+                    f"checkpoint is {latest_checkpoint(out) or 'none yet'}: free space or fix the folder's "
+                    "permissions, then run the same command to resume from it")
+            return value
+
+        on_every_rank(lambda: begin_checkpoint(out, step), here=mesh.is_main)
+        model_state = on_every_rank(lambda: save_rank_part(engine, staging))  # every rank writes its part
         state = {"scheduler": scheduler.state_dict(), "step": step, "losses": result.losses,
                  "data": mesh.gather_objects(train_loader.state_dict()),
                  "rng": mesh.gather_objects(rng_state()), "config": cfg.to_dict(), **model_state}
-        mesh.barrier()
-        if mesh.is_main:
-            layout = {"layout": model_state["shards"]} if "shards" in model_state else None
-            result.checkpoint = save_checkpoint(out, step, state, t.keep_last, staged=True, manifest=layout)
-        mesh.barrier()
+        layout = {"layout": model_state["shards"]} if "shards" in model_state else None
+        final = on_every_rank(lambda: save_checkpoint(out, step, state, t.keep_last, staged=True,
+                                                      manifest=layout), here=mesh.is_main)
+        result.checkpoint = final or result.checkpoint
 
     while step < t.steps:
         if profiler and profiler.next_step(step + 1):
@@ -488,6 +506,13 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     return result
 
 
+def save_rank_part(engine: Engine, staging: Path) -> dict[str, Any]:
+    """This rank's part of a checkpoint, written into the staging folder and flushed to disk."""
+    model_state = engine.save(staging)
+    fsync_tree(staging)
+    return model_state
+
+
 def report_profile(profiler: StepProfiler, bar: ProgressBar, mesh: Mesh) -> None:
     """The main rank names where the traces went and prints the top of its table."""
     if mesh.is_main and profiler.written is not None:
@@ -531,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(cfg, mesh)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ConfigError as err:  # found once the run folder or the data were looked at

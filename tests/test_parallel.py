@@ -96,6 +96,9 @@ def runs(tmp_path_factory):
                             "parallel.zero_stage=0", "train.steps=7") | {"expect_error": True})
             jobs.append(job("changed_layout", tmp / "mac_tp2_dp2_zero1", "mac", "tp2_pp2", "train.steps=7",
                             "parallel.zero_stage=1") | {"expect_error": True})
+            # rank 3 cannot write its shard of the step-6 checkpoint: every rank stops, none waits on it
+            jobs.append(job("full_disk", tmp / "full", "mac", "tp2_pp2", steps=6)
+                        | {"expect_error": True, "full_disk_rank": 3, "full_disk_step": 6})
         started = time.monotonic()
         results.update(launch(WORKER, jobs, tmp, world, LAUNCH_TIMEOUT_S))
         results[f"_seconds_world{world}"] = time.monotonic() - started
@@ -149,6 +152,13 @@ def test_resume_under_tp_and_pp_continues_bitwise(runs):
     first = consolidate(Path(runs["resume_second"]["checkpoint"]))
     second = consolidate(Path(runs["whole"]["checkpoint"]))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_checkpoint_one_rank_cannot_write_stops_every_rank(runs):
+    error = runs["full_disk"]["error"]
+    assert error.startswith("CheckpointWriteError: writing the checkpoint of step 6 failed (rank 3: [Errno "
+                            "28] No space left on device); the last good checkpoint is "), error
+    assert "full/checkpoints/step_00000003: free space" in error, error
 
 
 def test_resume_with_another_layout_is_refused(runs):

@@ -21,7 +21,7 @@ import pretrain.engine as engine_module
 from pretrain import synthetic
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pretrain.config import ConfigError, load_config
-from pretrain.train import NonFiniteLossError, main, slow_setting_warnings, train
+from pretrain.train import CheckpointWriteError, NonFiniteLossError, main, slow_setting_warnings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,6 +227,24 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "unknown key(s) n_headz" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_last_good_one(dataset, tmp_path,
+                                                                                   monkeypatch):
+    import pretrain.train as train_module
+
+    save = train_module.save_checkpoint
+
+    def full_disk_at_step_10(out, step, *args, **kwargs):
+        if step >= 10:
+            raise OSError(28, "No space left on device")
+        return save(out, step, *args, **kwargs)
+    monkeypatch.setattr(train_module, "save_checkpoint", full_disk_at_step_10)
+    said = (r"writing the checkpoint of step 10 failed \(rank 0: \[Errno 28\] No space left on device\); the "
+            r"last good checkpoint is .*step_00000005: free space")
+    with pytest.raises(CheckpointWriteError, match=said):
+        train(small_config(dataset, tmp_path, "train.eval_every=0"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005"]
 
 
 def test_a_new_run_may_not_start_beside_an_earlier_runs_checkpoints(dataset, tmp_path):

@@ -139,6 +139,7 @@ def patch_for_tests() -> None:
 
 
 def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
+    import pretrain.checkpoint_shards as shards_module
     import pretrain.engine as engine_module
     import pretrain.loss as loss_module
     import pretrain.train as train_module
@@ -157,7 +158,16 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
         calls["fused"] += 1
         return real_fused(*args, **kwargs)
 
+    real_save = shards_module._save
+    full_at = job.get("full_disk_step", 0) if dist.rank == job.get("full_disk_rank", -1) else 0
+
+    def save_shard(obj, path):  # this rank's disk is full from the checkpoint of step `full_at` on
+        if full_at and int(path.parent.parent.name.split("_")[1].split(".")[0]) >= full_at:
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
     engine_module.loss_on, loss_module.linear_cross_entropy_sum = loss_on, fused
+    shards_module._save = save_shard
     try:
         result = train_module.train(load_config(None, job["overrides"]))
     except Exception as err:
@@ -166,6 +176,7 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}"}
     finally:
         engine_module.loss_on, loss_module.linear_cross_entropy_sum = real_loss_on, real_fused
+        shards_module._save = real_save
     return {"losses": result.losses, "fused_loss_calls": calls["fused"],
             "val_losses": {str(k): v for k, v in result.val_losses.items()},
             "local_parameter_elements": LOCAL_PARAMETER_ELEMENTS[0] if LOCAL_PARAMETER_ELEMENTS else None,
