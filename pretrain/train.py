@@ -392,6 +392,9 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     nonfinite_in_a_row = 0
     profiler = StepProfiler(t.profile_start, t.profile_steps, out, mesh.rank, mesh.device) \
         if t.profile_start else None
+    if profiler and step >= t.profile_start:
+        mesh.print(f"warning: train.profile_start={t.profile_start} is past: this run resumes at step "
+                   f"{step + 1}, so nothing is profiled (set a later step)")
 
     def save() -> None:
         staging = staging_dir(out, step)

@@ -120,6 +120,8 @@ def test_a_run_that_stops_inside_the_profile_writes_what_ran(dataset, tmp_path, 
         names = {event.get("name") for event in json.load(trace)["traceEvents"]}
     assert "ProfilerStep#3" in names and "ProfilerStep#4" not in names
     assert "profile of steps 3-5 written" in capsys.readouterr().err
+    train(small_config(dataset, tmp_path, "train.steps=5", "train.eval_every=0", "train.profile_start=3"))
+    assert "train.profile_start=3 is past: this run resumes at step 4" in capsys.readouterr().out
 
 
 def test_recall_is_measured_at_every_validation(dataset, tmp_path, capsys):
