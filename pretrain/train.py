@@ -390,6 +390,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     data_iter = iter(train_loader)
     first_step = step
     nonfinite_in_a_row = 0
+    interval_tokens, interval_seconds = 0, 0.0
     profiler = StepProfiler(t.profile_start, t.profile_steps, out, mesh.rank, mesh.device) \
         if t.profile_start else None
     if profiler and step >= t.profile_start:
@@ -466,7 +467,12 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         result.last_step = step
         elapsed = time.perf_counter() - started
         result.step_seconds.append(elapsed)
-        figures = step_figures(step_tokens, elapsed, flops_per_token, peak, mesh.device)
+        # throughput over the steps since the last log line: one slow step (a page-in, a neighbour's
+        # burst) does not make the line, and the steps between lines are all counted
+        interval_tokens, interval_seconds = interval_tokens + step_tokens, interval_seconds + elapsed
+        figures = step_figures(interval_tokens, interval_seconds, flops_per_token, peak, mesh.device)
+        if log_now:
+            interval_tokens, interval_seconds = 0, 0.0
         lr = scheduler.get_last_lr()[0]
         bar.update(step, loss=loss_value, throughput=f"{figures['perf/tokens_per_s']:,.0f} tok/s",
                    details=f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {describe_figures(figures)}")
