@@ -65,11 +65,17 @@ def _content_hash(manifest: dict[str, Any]) -> str:
 
 def verify_checkpoint(directory: str | Path) -> None:
     """Check the manifest against its own checksum and every file it lists against theirs; raises
-    CorruptCheckpointError naming the first bad file. A checkpoint written before manifests existed
-    passes unchecked."""
+    CorruptCheckpointError naming the first bad file. A checkpoint without a manifest (written before
+    manifests existed, or not by this stack: the atomic save always writes one) has nothing to check
+    against, so its state file must at least load."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
+        try:
+            torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as err:  # whatever the reader raises, the file is unusable
+            raise CorruptCheckpointError(f"checkpoint {directory} has no {MANIFEST_FILE} and its "
+                                         f"{STATE_FILE} cannot be read: {err}") from err
         return
     try:
         manifest = json.loads(manifest_path.read_text())

@@ -280,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"read {src.path}: {len(src.weights)} tensors"
               + (f", step {src.training['step']}" if src.training else ""))
         if args.to in ("safetensors", "hf"):
+            source, target = src.path.resolve(), out.resolve()
+            if target == source or target in source.parents or source in target.parents:
+                raise FileExistsError(f"--out {out} holds (or is inside) the source {src.path}: replacing it "
+                                      "would delete what is being converted; choose another folder")
             with staged_folder(out, args.overwrite) as staging:
                 notes = to_safetensors(src, staging) if args.to == "safetensors" else \
                     to_hf(src, staging, args.tokenizer)

@@ -15,6 +15,7 @@ runs the very code that was trained.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -52,6 +53,9 @@ def save_weights(weights: dict[str, Tensor], path: Path, tied: bool, prefix: str
     tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in weights.items()
                if not (tied and k == "head.weight")}
     save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)  # safetensors creates its file 0600: readable by others as the rest are
 
 
 def load_weights(path: Path, cfg: TitansConfig, prefix: str = "") -> dict[str, Tensor]:

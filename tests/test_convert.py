@@ -217,6 +217,14 @@ def test_an_export_replaces_a_folder_only_when_asked_and_only_once_complete(conv
     assert convert([*args, "--overwrite"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["hf"] and not (out / "stale.txt").exists()
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
+    # an export over its own source would delete what it converts
+    own = ["--checkpoint", str(out), "--to", "safetensors", "--overwrite"]
+    assert "holds (or is inside) the source" in error_of([*own, "--out", str(out)], capsys)
+    assert "holds (or is inside) the source" in error_of([*own, "--out", str(tmp_path)], capsys)
+    assert (out / "model.safetensors").is_file()
 
 
 def test_a_run_folder_is_refused_only_when_it_holds_a_checkpoint(converted, tmp_path: Path, capsys) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,20 @@ def test_a_damaged_newest_checkpoint_is_reported_and_skipped_for_the_newest_good
     resumed = train(small_config(dataset, out))
     assert f"skipped a bad checkpoint: checkpoint file {newest / STATE_FILE}" in capsys.readouterr().out
     assert resumed.losses == whole.losses  # resumed at step 10, never from the damaged step 15
+
+
+def test_a_checkpoint_without_a_manifest_must_at_least_load(finished, tmp_path):
+    """No manifest (not written by the atomic save) leaves nothing to check against: a truncated state
+    file is caught by loading it, and skipped for the newest good checkpoint."""
+    _, out = finished
+    newest = list_checkpoints(out)[-1]
+    bare = tmp_path / "bare"
+    shutil.copytree(newest, bare)
+    (bare / MANIFEST_FILE).unlink()
+    verify_checkpoint(bare)  # intact: loads
+    truncate(bare / STATE_FILE)
+    with pytest.raises(CorruptCheckpointError, match=f"{bare} has no {MANIFEST_FILE} and its {STATE_FILE} "):
+        verify_checkpoint(bare)
 
 
 def test_no_good_checkpoint_is_a_clear_error(dataset, tmp_path):
