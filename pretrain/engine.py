@@ -43,7 +43,7 @@ from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
 from pretrain.batch import Batch
 from pretrain.checkpoint_shards import load_shards, save_shards
-from pretrain.config import RunConfig
+from pretrain.config import ConfigError, RunConfig
 from pretrain.loss import CausalLMLoss, head_loss_sum, loss_denominator, token_cross_entropy
 from titans.memory import NeuralMemory
 from titans.model import TitansLM
@@ -275,11 +275,12 @@ def load_dense(models: list[TitansLM], weights: dict[str, Tensor]) -> None:
         shard = getattr(model, "tensor_shard", None)
         for name, param in model.named_parameters():
             if name not in weights:
-                raise KeyError(f"train.init_from: the checkpoint has no parameter {name}")
+                raise ConfigError(f"train.init_from: the checkpoint has no parameter {name}: the model "
+                                  "configs differ")
             full = local_slice(weights[name].to(param.device, param.dtype), param, shard)
             if full.shape != param.shape:
-                raise ValueError(f"train.init_from: {name} is {tuple(full.shape)} in the checkpoint and "
-                                 f"{tuple(param.shape)} here: the model configs differ")
+                raise ConfigError(f"train.init_from: {name} is {tuple(full.shape)} in the checkpoint and "
+                                  f"{tuple(param.shape)} here: the model configs differ")
             param.copy_(full)
 
 

@@ -178,6 +178,8 @@ def check_run_folder(cfg: RunConfig, out: Path) -> None:
     """A run folder with checkpoints keeps describing them: its model and layout may not change (training
     fields such as steps or lr may), and a new run may not start in it. Checked on every rank, before
     anything is written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.out_dir={out} is a file, not a folder")
     held = list_checkpoints(out)
     if held and not cfg.train.resume and not cfg.train.resume_from:
         # the new run's checkpoints would sit beside the old ones: pruned by step order (the new run's
@@ -333,7 +335,10 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     check_shared_out_dir(out, mesh)
     ckpt = choose_checkpoint(cfg, mesh)
-    initial = initial_weights(t.init_from) if ckpt is None and t.init_from else None
+    try:
+        initial = initial_weights(t.init_from) if ckpt is None and t.init_from else None
+    except (FileNotFoundError, CorruptCheckpointError, ValueError) as err:
+        raise ConfigError(f"train.init_from={t.init_from}: {err}") from err
     engine = build_engine(cfg, mesh, precision, initial)
     if initial is not None:
         mesh.print(f"initialised from the weights of {t.init_from}")

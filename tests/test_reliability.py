@@ -129,6 +129,19 @@ def test_init_from_takes_the_weights_only(dataset, finished, tmp_path):
     assert state["step"] == 3
 
 
+def test_bad_init_from_and_out_dir_are_config_errors(dataset, finished, tmp_path):
+    _, source = finished
+    short = ("train.steps=3", "train.warmup_steps=1")
+    with pytest.raises(ConfigError, match=rf"train.init_from={tmp_path / 'nope'}: .*does not exist"):
+        train(small_config(dataset, tmp_path / "a", *short, f"train.init_from={tmp_path / 'nope'}"))
+    differ = r"train.init_from: embed.weight is \(257, 32\) in the checkpoint and \(257, 64\) here: the model"
+    with pytest.raises(ConfigError, match=differ):
+        train(small_config(dataset, tmp_path / "b", *short, "model.dim=64", f"train.init_from={source}"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=r"train.out_dir=.*afile is a file, not a folder"):
+        train(small_config(dataset, tmp_path / "afile", *short))
+
+
 # ------------------------------------------------------------ a run folder describes its checkpoints
 
 
