@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from pretrain import loss_by_position, synthetic, text_recall
 from pretrain.cpu_allocator import CPU_ALLOCATORS, use_cpu_allocator
-from pretrain.model_io import LanguageModel, default_piece_len, load_model, stream_logits
+from pretrain.model_io import LanguageModel, default_piece_len, device_problem, load_model, stream_logits
 
 TASKS = ("ppl", "needle", "mqar", "loss_by_position", "text_recall")
 DEFAULT_TASKS = ("ppl", "needle", "mqar")
@@ -355,18 +355,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="host memory on CPU, as the training job's train.cpu_allocator: reuse (freed "
                         "memory stays in the process for the next batch) or system (malloc as configured)")
     args = parser.parse_args(argv)
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(problem)
+    for name in ("samples", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cpu_allocator(args.cpu_allocator, torch.device(args.device).type)
     tasks = parse_list(args.tasks)
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if unknown or not tasks:
+        given = ", ".join(unknown) or "(none given)"
+        parser.error(f"unknown task(s) {given}; choose from {', '.join(TASKS)}")
     try:
         distances = parse_list(args.distances, float)
     except ValueError:
         parser.error(f"--distances: expected numbers like 2,8,32, got {args.distances!r}")
+    if any(d < 0 for d in distances):
+        parser.error(f"--distances are multiples of the attention span, >= 0: got {args.distances}")
     if args.buckets and args.max_position is not None:
         parser.error("give --buckets (its last edge is the max position) or --max-position, not both")
     if args.span is not None and args.span < 1:

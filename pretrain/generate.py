@@ -19,7 +19,7 @@ import torch
 
 from data_pipeline.tokenizer import ByteTokenizer
 from pretrain.convert import read_source
-from pretrain.model_io import end_of_document_id, run_tokenizer, runnable_config
+from pretrain.model_io import device_problem, end_of_document_id, run_tokenizer, runnable_config
 from titans.model import TitansLM
 from titans.streaming import generate, sampling_problem
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    problem = sampling_problem(args.temperature, args.top_k, args.top_p)
+    problem = sampling_problem(args.temperature, args.top_k, args.top_p) or device_problem(args.device)
     if problem:
         parser.error(problem)
     try:

@@ -162,6 +162,17 @@ def model_state(ckpt: Path, state: dict[str, Any], cfg: TitansConfig) -> dict[st
     return weights
 
 
+def device_problem(device: str) -> str | None:
+    """What is wrong with a --device, or None: an unknown name, or a CUDA device this torch cannot use."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        return f"--device {device}: {err}"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device is available to this torch ({torch.__version__})"
+    return None
+
+
 def runnable_config(cfg: TitansConfig, device: str | torch.device, source: str | Path) -> TitansConfig:
     """`cfg` with a memory kernel that runs on `device`: the run's where it can, else the eager one (the
     same function), with a warning naming `source`."""

@@ -292,6 +292,17 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["--checkpoint", str(tmp_path), "--tasks", "ppl,bleu"])
     assert "unknown task(s) bleu" in capsys.readouterr().err
+    cases = [(["--tasks", ""], "unknown task(s) (none given)"),
+             (["--samples", "0"], "--samples must be >= 1, got 0"),
+             (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+             (["--distances", "2,-1"], "--distances are multiples of the attention span, >= 0"),
+             (["--device", "nonsense"], "--device nonsense: ")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA device is available to this torch"))
+    for args, message in cases:
+        with pytest.raises(SystemExit):
+            evaluate_main(["--checkpoint", str(tmp_path), *args])
+        assert message in capsys.readouterr().err, args
 
 
 # ------------------------------------------------------------------------------------------ surprise map
