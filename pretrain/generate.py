@@ -47,12 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
     parser.add_argument("--ids", action="store_true", help="print the token ids as JSON, not the text")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (0: torch's default, one per core; fewer when the cores "
+                             "are shared)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     problem = sampling_problem(args.temperature, args.top_k, args.top_p) or device_problem(args.device)
     if problem:
         parser.error(problem)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         model, run_config = load_for_generation(args.checkpoint, args.device)
         tokenizer = run_tokenizer(run_config, model.cfg.vocab_size, args.tokenizer)
