@@ -67,8 +67,9 @@ class TitansConfig:
     # Chunk updates the memory state's gradient flows back through: cut at every multiple of it in the
     # sequence (None: the exact gradient, which overflows over thousands of chunks; docs/DESIGN.md §2.6).
     memory_grad_horizon: int | None = 16
-    # The chunk step: "torch" (autograd), "analytic" (explicit backward), "triton" (GPU kernels; chunk,
-    # head_dim and memory_hidden powers of two >= 16, depth <= 2). Same function, tested against each other.
+    # The chunk step: "torch" (autograd), "analytic" (explicit backward), "compiled" (the step through
+    # torch.compile; CPU and GPU), "triton" (GPU kernels; chunk, head_dim and memory_hidden powers of two
+    # >= 16, depth <= 2). Same function, tested against each other.
     memory_kernel: str = "torch"
     recompute_memory: bool = True  # backward keeps chunk-boundary states only, recomputes each chunk
     rope_base: float = 10000.0
