@@ -54,7 +54,7 @@ from pretrain.loss import loss_denominator
 from pretrain.profiling import StepProfiler
 from titans.flops import training_flops_per_token
 from titans.kernels.toolchain import inductor_cpu_problem, runnable_kernel
-from titans.model import num_parameters
+from titans.model import TitansLM, num_parameters
 
 PROFILE_LINES_SHOWN = 14  # the header and the top ten ops of the profile's table
 
@@ -339,6 +339,13 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         initial = initial_weights(t.init_from) if ckpt is None and t.init_from else None
     except (FileNotFoundError, CorruptCheckpointError, ValueError) as err:
         raise ConfigError(f"train.init_from={t.init_from}: {err}") from err
+    if initial is not None:
+        with torch.device("meta"):
+            unused = sorted(set(initial) - set(TitansLM(cfg.model).state_dict()))
+        if unused:  # e.g. another block kind: its tensors would be dropped without a word
+            raise ConfigError(f"train.init_from={t.init_from}: {len(unused)} of its tensors have no place in "
+                              f"this model ({', '.join(unused[:3])}{', …' if len(unused) > 3 else ''}): the "
+                              "model configs differ")
     engine = build_engine(cfg, mesh, precision, initial)
     if initial is not None:
         mesh.print(f"initialised from the weights of {t.init_from}")

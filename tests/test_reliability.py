@@ -137,6 +137,8 @@ def test_bad_init_from_and_out_dir_are_config_errors(dataset, finished, tmp_path
     differ = r"train.init_from: embed.weight is \(257, 32\) in the checkpoint and \(257, 64\) here: the model"
     with pytest.raises(ConfigError, match=differ):
         train(small_config(dataset, tmp_path / "b", *short, "model.dim=64", f"train.init_from={source}"))
+    with pytest.raises(ConfigError, match=r"tensors have no place in this model \(blocks\.0\."):
+        train(small_config(dataset, tmp_path / "c", *short, "model.layers=mag", f"train.init_from={source}"))
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match=r"train.out_dir=.*afile is a file, not a folder"):
         train(small_config(dataset, tmp_path / "afile", *short))
