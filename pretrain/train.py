@@ -269,13 +269,11 @@ def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Path | None:
 
 
 def initial_weights(path: str) -> dict[str, torch.Tensor]:
-    """The dense weights of a checkpoint (or the newest good one of a run folder), for train.init_from."""
-    from pretrain.model_io import model_config, model_state, resolve_checkpoint
+    """The dense weights of a checkpoint of any layout (or the newest good one of a run folder), or of a
+    `pretrain.convert` export, for train.init_from."""
+    from pretrain.convert import read_source
 
-    ckpt = resolve_checkpoint(path)
-    verify_checkpoint(ckpt)
-    state = load_checkpoint(ckpt)
-    return model_state(ckpt, state, model_config(state["config"]))
+    return read_source(path).weights
 
 
 def slow_setting_warnings(cfg: RunConfig, device_type: str) -> list[str]:
@@ -337,7 +335,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     ckpt = choose_checkpoint(cfg, mesh)
     try:
         initial = initial_weights(t.init_from) if ckpt is None and t.init_from else None
-    except (FileNotFoundError, CorruptCheckpointError, ValueError) as err:
+    except (OSError, CorruptCheckpointError, ValueError, KeyError) as err:
         raise ConfigError(f"train.init_from={t.init_from}: {err}") from err
     if initial is not None:
         with torch.device("meta"):

@@ -129,6 +129,18 @@ def test_init_from_takes_the_weights_only(dataset, finished, tmp_path):
     assert state["step"] == 3
 
 
+def test_init_from_takes_an_export_as_it_takes_the_checkpoint(dataset, finished, tmp_path):
+    from pretrain.convert import main as convert
+
+    _, source = finished
+    export = tmp_path / "export"
+    assert convert(["--checkpoint", str(source), "--to", "safetensors", "--out", str(export)]) == 0
+    short = ("train.steps=2", "train.warmup_steps=1")
+    runs = [train(small_config(dataset, tmp_path / name, *short, f"train.init_from={origin}"))
+            for name, origin in (("from_run", source), ("from_export", export))]
+    assert runs[0].losses == runs[1].losses
+
+
 def test_bad_init_from_and_out_dir_are_config_errors(dataset, finished, tmp_path):
     _, source = finished
     short = ("train.steps=3", "train.warmup_steps=1")
