@@ -23,6 +23,7 @@ from torch import nn
 
 from parallel.mesh import Layout, Mesh
 from parallel.model import n_stages
+from pretrain.config import ConfigError
 
 SHARDS_DIR = "shards"
 
@@ -97,9 +98,9 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
     saved = record["layout"]
     if saved != asdict(mesh.layout):
         written = " ".join(f"{k}={v}" for k, v in saved.items())
-        raise RuntimeError(f"checkpoint {directory} was written with the layout {written}, this run has "
-                           f"{mesh.layout}: resume with the same parallel.tp / parallel.pp and number of "
-                           "processes (converting between layouts is not built yet)")
+        raise ConfigError(f"checkpoint {directory} was written with the layout {written}, this run has "
+                          f"{mesh.layout}: resume with the same parallel.* and number of processes, or "
+                          "reshard it with python -m pretrain.convert --to checkpoint")
     zero = _is_zero(optimizer)
     model_file, optim_file = shard_files(mesh, zero)
     folder = directory / SHARDS_DIR

@@ -103,10 +103,19 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
     """The training loader of this dp rank and a function returning the validation batches. The default
     corpus is built by the main process (`is_main`, default: dp rank 0) while the others wait."""
     d = cfg.data
+    failed = None
     if dp_rank == 0 if is_main is None else is_main:
-        ensure_default_corpus(cfg)
+        try:
+            ensure_default_corpus(cfg)
+        except DataError as err:  # raised after the barrier: the other ranks are waiting there
+            failed = err
     barrier()
-    manifest = Manifest.read(d.train)
+    if failed is not None:
+        raise failed
+    try:
+        manifest = Manifest.read(d.train)
+    except FileNotFoundError as err:  # every rank says it, in one line (rank 0's own check said why above)
+        raise DataError(f"data.train={d.train}: {err}") from err
     if manifest.vocab_size > cfg.model.vocab_size:
         raise DataError(f"dataset {d.train} has vocabulary {manifest.vocab_size} but model.vocab_size is "
                         f"{cfg.model.vocab_size}")

@@ -547,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
                     "model (titans.model.TitansConfig), data, train and parallel (pretrain.config); any "
                     "field can be overridden as section.key=value, e.g. train.steps=100 model.layers=mag "
                     "parallel.tp=2. Launch several processes with torchrun or srun; the layout "
-                    "(parallel.tp, parallel.pp, parallel.zero_stage; dp is what remains) is checked first.",
+                    "(parallel.tp, parallel.pp, parallel.sp, parallel.zero_stage; dp is what remains) is "
+                    "checked first. `--fields` lists every field.",
     )
     parser.add_argument("--config", help="YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")
@@ -556,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (the file, then the overrides) as YAML, checked, "
                              "then exit without training")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
     if args.fields:
         print(describe_fields())
         return 0

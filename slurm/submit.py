@@ -251,7 +251,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # overrides may come before and after the options
     try:
         spec = spec_from_args(args)
         check(spec)

@@ -263,6 +263,23 @@ def test_torchrun_tp2_pp2_prints_the_single_process_losses(tmp_path):
         assert a == pytest.approx(b, abs=2e-4), (runs["single"], runs["tp2_pp2"])
 
 
+@pytest.mark.timeout(200)
+def test_a_missing_dataset_is_one_clean_error_on_every_rank(tmp_path):
+    """Rank 0 checks the dataset while the others wait at a barrier: its error reaches them as their own,
+    not as a closed connection and a traceback per rank."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port())]
+    done = subprocess.run([*torchrun, "-m", "pretrain.train", "--config", "configs/tiny.yaml",
+                           f"data.train={tmp_path / 'nope'}", f"train.out_dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert done.stderr.count(f"error: data.train={tmp_path / 'nope'}") == 2, done.stderr[-3000:]
+    assert "Connection closed by peer" not in done.stderr and "]: Traceback" not in done.stderr, \
+        done.stderr[-3000:]  # (torchrun's own traceback of a failed child remains: its way)
+
+
 # ------------------------------------------------------------------------------------------- planner
 
 
