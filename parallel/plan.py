@@ -244,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100-80gb", help="GPU kind (memory, peak)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation (0.4)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 parallel.pp=4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.gpus < 0:
+        parser.error(f"--gpus must be >= 1 (0: tp·pp·sp), got {args.gpus}")
+    if not 0 < args.mfu <= 1:
+        parser.error(f"--mfu is a fraction of the GPU's peak, in (0, 1], got {args.mfu}")
     try:
         cfg = load_config(args.config, args.overrides)
         p = cfg.parallel

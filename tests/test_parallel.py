@@ -318,6 +318,17 @@ def test_planner_cli_prints_a_table_and_a_verdict():
     assert re.search(r"verdict: (GO|NO-GO)", done.stdout)
 
 
+@pytest.mark.parametrize("args, message", [(["--mfu", "0"], "--mfu is a fraction of the GPU's peak"),
+                                           (["--mfu", "1.5"], "in (0, 1], got 1.5"),
+                                           (["--gpus", "-8"], "--gpus must be >= 1 (0: tp·pp·sp), got -8")])
+def test_planner_refuses_numbers_that_mean_nothing(args, message, capsys):
+    from parallel.plan import main as plan_main
+
+    with pytest.raises(SystemExit):
+        plan_main(["--config", "configs/tiny.yaml", *args])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "long").glob("*.yaml")), ids=lambda p: p.stem)
 def test_long_context_configs_validate_and_plan_per_shard(config):
     """The long-context configs load and pass the layout checks; the planner counts a rank's activations
