@@ -182,9 +182,14 @@ def preflight_problem(cfg: RunConfig, dp: int, parameters: int, layers: int, mem
     acts = need["acts_ckpt"] if cfg.train.activation_checkpointing else need["acts"]
     return (f"this run needs about {need['total'] / GIB:.1f} GiB per process ({parts}, activations "
             f"{acts / GIB:.1f}) but {have / GIB:.1f} GiB are available on {device}: lower data.batch_size or "
-            "data.seq_len, turn on train.activation_checkpointing, raise parallel.tp / parallel.pp / "
-            "parallel.zero_stage, or set train.allow_oversubscribe=true to try anyway "
+            f"data.seq_len, {remedies(cfg)}, or set train.allow_oversubscribe=true to try anyway "
             "(python -m parallel.plan shows the estimate)")
+
+
+def remedies(cfg: RunConfig) -> str:
+    """What else frees memory: activation checkpointing only where it is off."""
+    ckpt = "" if cfg.train.activation_checkpointing else "turn on train.activation_checkpointing, "
+    return f"{ckpt}raise parallel.tp / parallel.pp / parallel.zero_stage"
 
 
 def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], dict]:
@@ -227,9 +232,7 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
                      f"{r['acts_ckpt_gib']:.2f} | {r['total_gib']:.2f} | {'yes' if r['fits'] else 'NO'} |")
     lines += ["", f"{summary['tokens_per_step']:,} tokens per step; at MFU {summary['mfu']:.0%}: "
                   f"{summary['step_s']:.2f} s per step, {summary['tokens_per_s']:,.0f} tokens/s",
-              "verdict: " + ("GO" if summary["go"] else
-                             "NO-GO: raise parallel.tp / parallel.pp / parallel.zero_stage, turn on "
-                             "train.activation_checkpointing, or lower data.batch_size")]
+              "verdict: " + ("GO" if summary["go"] else f"NO-GO: {remedies(cfg)}, or lower data.batch_size")]
     return "\n".join(lines)
 
 

@@ -318,6 +318,17 @@ def test_planner_cli_prints_a_table_and_a_verdict():
     assert re.search(r"verdict: (GO|NO-GO)", done.stdout)
 
 
+def test_planner_advice_leaves_out_what_is_already_on():
+    from parallel.plan import format_plan, plan
+
+    for on in (True, False):
+        cfg = load_config(ROOT / "configs" / "paper" / "mac-7b.yaml",
+                          ["parallel.tp=1", "parallel.pp=1", f"train.activation_checkpointing={on}"])
+        verdict = format_plan(cfg, *plan(cfg, 8, "h100-80gb", 0.4)).splitlines()[-1]
+        assert verdict.startswith("verdict: NO-GO"), verdict
+        assert ("turn on train.activation_checkpointing" in verdict) != on, verdict
+
+
 @pytest.mark.parametrize("args, message", [(["--mfu", "0"], "--mfu is a fraction of the GPU's peak"),
                                            (["--mfu", "1.5"], "in (0, 1], got 1.5"),
                                            (["--gpus", "-8"], "--gpus must be >= 1 (0: tp·pp·sp), got -8")])
