@@ -138,10 +138,15 @@ def read_source(path: str | Path) -> Source:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A folder beside `out` to write an export into, which becomes `out` only once complete: an error or
-    a crash while writing leaves `out` as it was, and no file of an earlier export stays beside the new
-    one (a stale training state or tokenizer would describe another run)."""
+def staged_folder(out: Path, overwrite: bool, source: Path) -> Iterator[Path]:
+    """A folder beside `out` to write an export of `source` into, which becomes `out` only once complete:
+    an error or a crash while writing leaves `out` as it was, and no file of an earlier export stays beside
+    the new one (a stale training state or tokenizer would describe another run). An `out` that holds or
+    sits inside `source` is refused: replacing it would delete what is being converted."""
+    target, source = out.resolve(), source.resolve()
+    if target.is_relative_to(source) or source.is_relative_to(target):
+        raise FileExistsError(f"--out {out} holds (or is inside) the source {source}: replacing it would "
+                              "delete what is being converted; choose another folder")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} already exists and is not empty: choose a new folder, or pass "
                               "--overwrite to replace it")
@@ -280,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"read {src.path}: {len(src.weights)} tensors"
               + (f", step {src.training['step']}" if src.training else ""))
         if args.to in ("safetensors", "hf"):
-            source, target = src.path.resolve(), out.resolve()
-            if target == source or target in source.parents or source in target.parents:
-                raise FileExistsError(f"--out {out} holds (or is inside) the source {src.path}: replacing it "
-                                      "would delete what is being converted; choose another folder")
-            with staged_folder(out, args.overwrite) as staging:
+            with staged_folder(out, args.overwrite, src.path) as staging:
                 notes = to_safetensors(src, staging) if args.to == "safetensors" else \
                     to_hf(src, staging, args.tokenizer)
         else:

@@ -29,7 +29,7 @@ class StepProfiler:
         self.dir = Path(out_dir) / "profile" / f"steps{self.start}-{self.last}"
         self.rank, self.cuda = rank, device.type == "cuda"
         self.profiler: profile | None = None
-        self.written: Path | None = None  # this rank's table, once the window is over
+        self.table: str | None = None  # this rank's table of ops, once the window is over
 
     def next_step(self, step: int) -> bool:
         """Call before running step `step` (and `stop` after the loop): a profiled step ends where the next
@@ -38,7 +38,7 @@ class StepProfiler:
             if step > self.last:
                 return self.stop()
             self.profiler.step()
-        elif self.written is None and step in (self.start - 1, self.start):
+        elif self.table is None and step in (self.start - 1, self.start):
             warmup = 1 if step < self.start else 0
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.profiler = profile(activities=activities, record_shapes=True,
@@ -64,6 +64,5 @@ class StepProfiler:
         profiler.export_chrome_trace(str(self.dir / f"rank{self.rank}.trace.json.gz"))
         sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS)
-        self.written = self.dir / f"rank{self.rank}.txt"
-        header = f"steps {self.start}-{self.last}, rank {self.rank}, ops by {sort_by}"
-        self.written.write_text(f"{header}\n{table}\n")
+        self.table = f"steps {self.start}-{self.last}, rank {self.rank}, ops by {sort_by}\n{table}\n"
+        (self.dir / f"rank{self.rank}.txt").write_text(self.table)

@@ -11,6 +11,7 @@ pieces, the wrapping and the optimizer.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import signal
@@ -409,23 +410,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
 
     def save() -> None:
         staging = staging_dir(out, step)
-
-        def on_every_rank(part: Callable[[], Any], here: bool = True) -> Any:
-            """This rank's part of the save, then a collective: a write that failed on any rank (a full
-            disk, a quota) stops every rank with it, instead of the others waiting for it."""
-            value, problem = None, None
-            try:
-                value = part() if here else None
-            except OSError as err:
-                problem = f"rank {mesh.rank}: {err}"
-            problems = [p for p in mesh.gather_objects(problem) if p]
-            if problems:
-                raise CheckpointWriteError(
-                    f"writing the checkpoint of step {step} failed ({'; '.join(problems)}); the last good "
-                    f"checkpoint is {latest_checkpoint(out) or 'none yet'}: free space or fix the folder's "
-                    "permissions, then run the same command to resume from it")
-            return value
-
+        on_every_rank = functools.partial(write_on_every_rank, mesh, out, step)
         on_every_rank(lambda: begin_checkpoint(out, step), here=mesh.is_main)
         model_state = on_every_rank(lambda: save_rank_part(engine, staging))  # every rank writes its part
         state = {"scheduler": scheduler.state_dict(), "step": step, "losses": result.losses,
@@ -525,6 +510,24 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     return result
 
 
+def write_on_every_rank(mesh: Mesh, out: Path, step: int, part: Callable[[], Any], here: bool = True) -> Any:
+    """This rank's part of writing the checkpoint of `step` (`part`, where `here`), then a collective: a
+    write that failed on any rank (a full disk, a quota) stops every rank with it, instead of the others
+    waiting for it."""
+    value, problem = None, None
+    try:
+        value = part() if here else None
+    except OSError as err:
+        problem = f"rank {mesh.rank}: {err}"
+    problems = [p for p in mesh.gather_objects(problem) if p]
+    if problems:
+        raise CheckpointWriteError(
+            f"writing the checkpoint of step {step} failed ({'; '.join(problems)}); the last good checkpoint "
+            f"is {latest_checkpoint(out) or 'none yet'}: free space or fix the folder's permissions, then "
+            "run the same command to resume from it")
+    return value
+
+
 def save_rank_part(engine: Engine, staging: Path) -> dict[str, Any]:
     """This rank's part of a checkpoint, written into the staging folder and flushed to disk."""
     model_state = engine.save(staging)
@@ -534,8 +537,8 @@ def save_rank_part(engine: Engine, staging: Path) -> dict[str, Any]:
 
 def report_profile(profiler: StepProfiler, bar: ProgressBar, mesh: Mesh) -> None:
     """The main rank names where the traces went and prints the top of its table."""
-    if mesh.is_main and profiler.written is not None:
-        top = "\n".join(profiler.written.read_text().splitlines()[:PROFILE_LINES_SHOWN])
+    if mesh.is_main and profiler.table is not None:
+        top = "\n".join(profiler.table.splitlines()[:PROFILE_LINES_SHOWN])
         bar.write(f"profile of steps {profiler.start}-{profiler.last} written to {profiler.dir} (a Chrome "
                   f"trace and a table per rank); rank {mesh.rank}'s top ops:\n{top}")
 
