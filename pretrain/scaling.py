@@ -74,9 +74,28 @@ def non_embedding_parameters(model: TitansConfig) -> int:
         return count_parameters(TitansLM(model), include_embedding=False)
 
 
+def _keys(overrides: list[str]) -> set[str]:
+    return {o.split("=", 1)[0].strip() for o in overrides}
+
+
+def check_extra(family: Family, extra: list[str]) -> None:
+    """Command-line overrides apply to every run, so they may not set what the sizes vary (the sizes'
+    values would replace them silently), nor ask for more than the one process each run gets."""
+    for size, model in family.sizes.items():
+        clash = sorted(_keys(extra) & _keys(model))
+        if clash:
+            raise ConfigError(f"{', '.join(clash)} on the command line: size {size} sets it (every size sets "
+                              f"its own model); edit the sizes in the family file instead")
+    count = len(family.sizes) * len(family.tokens)
+    if count < 3:
+        raise ConfigError(f"{len(family.sizes)} size(s) x {len(family.tokens)} budget(s) make {count} runs; "
+                          f"the fit of L(N, D) needs at least 3")
+
+
 def build_sweep(family: Family, out: Path, extra: list[str]) -> list[Run]:
     """Every size × budget, each with its own steps, warmup ≤ 10 % of them, one validation at the end."""
-    runs = []
+    check_extra(family, extra)
+    runs: list[Run] = []
     for size, model in family.sizes.items():
         for budget in family.tokens:
             common = family.overrides + extra + model
@@ -84,11 +103,21 @@ def build_sweep(family: Family, out: Path, extra: list[str]) -> list[Run]:
                 cfg = load_config(family.base, common)
             except ConfigError as err:
                 raise ConfigError(f"size {size}: {err}") from None
+            layout = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.sp
+            if layout > 1:
+                raise ConfigError(f"size {size}: parallel.tp x pp x sp = {layout}, but every run of a sweep "
+                                  f"is one process (one device); remove the parallel.* overrides")
             per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
-            steps = max(1, round(budget / per_step))
+            steps = round(budget / per_step)
+            if steps < 1:
+                raise ConfigError(f"tokens: budget {budget:,} is under one step ({per_step:,} tokens: "
+                                  f"data.batch_size x data.seq_len x train.grad_accum)")
             name = f"{size}-D{steps * per_step}"
+            if any(r.name == name for r in runs):
+                raise ConfigError(f"tokens: two budgets round to the same {steps} steps of {per_step:,} "
+                                  f"tokens (run {name}); make the budgets differ by at least one step")
             overrides = common + [f"train.steps={steps}", f"train.out_dir={out / name}",
-                                  f"train.warmup_steps={min(cfg.train.warmup_steps, max(1, steps // 10))}",
+                                  f"train.warmup_steps={min(cfg.train.warmup_steps, steps // 10)}",
                                   f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
             cfg = load_config(family.base, overrides)
             runs.append(Run(name, size, non_embedding_parameters(cfg.model), steps * per_step, steps,
@@ -120,9 +149,11 @@ def run_local(runs: list[Run], base: str | None) -> None:
     """One run after another in this machine's processes; each run's output in <out_dir>/train.log."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(runs), desc="sweep", unit="run")
-    for run in runs:
+    bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not sys.stderr.isatty())
+    for number, run in enumerate(runs, 1):
         bar.set_postfix_str(run.name)
+        if bar.disable:  # a log, not a terminal: a line per run instead of the bar
+            print(f"run {number}/{len(runs)}: {run.name} (log {Path(run.out_dir) / 'train.log'})", flush=True)
         Path(run.out_dir).mkdir(parents=True, exist_ok=True)
         log = Path(run.out_dir) / "train.log"
         started = time.monotonic()
@@ -155,7 +186,7 @@ def run_slurm(runs: list[Run], base: str | None, out: Path, args: argparse.Names
     except SubmitError as err:
         raise RuntimeError(str(err)) from None
     print(f"submitted array job {job.job_id} ({len(runs)} runs); logs: {job.folder}", flush=True)
-    bar = tqdm(total=len(runs), desc="sweep", unit="run")
+    bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not sys.stderr.isatty())
     reported: set[str] = set()
     while True:
         squeue = subprocess.run(["squeue", "-h", "-r", "-j", job.job_id, "-o", "%i"], capture_output=True,

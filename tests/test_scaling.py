@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pretrain.config import ConfigError
-from pretrain.scaling import load_family
+from pretrain.scaling import build_sweep, load_family
 from pretrain.scaling_fit import Fit, bootstrap, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,35 @@ def test_a_bad_family_file_names_the_field(tmp_path, text, match):
         load_family(str(path))
 
 
+SWEEP = "sizes:\n  a: [model.dim=32, model.n_heads=2]\n  b: [model.dim=64, model.n_heads=2]\n"
+
+
+@pytest.mark.parametrize(("tokens", "extra", "match"), [
+    ("[2048, 4096]", ["model.dim=48"], "model.dim on the command line: size a sets it"),
+    ("[2048, 4096]", ["parallel.tp=2"], r"parallel.tp x pp x sp = 2, but every run of a sweep is one"),
+    ("[100, 4096]", [], "budget 100 is under one step"),
+    ("[2048, 2100]", [], "two budgets round to the same 1 steps"),
+    ("[2048]", [], "make 2 runs; the fit of L.N, D. needs at least 3"),
+])
+def test_a_sweep_that_cannot_give_what_was_asked_is_refused_before_training(tmp_path, tokens, extra, match):
+    family = tmp_path / "family.yaml"
+    family.write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\noverrides: [data.seq_len=64, "
+                      f"data.batch_size=32]\n{SWEEP}tokens: {tokens}\n")  # 2048 tokens per step
+    with pytest.raises(ConfigError, match=match):
+        build_sweep(load_family(str(family)), tmp_path / "out", extra)
+
+
+def test_a_short_budget_gets_no_warmup_and_other_overrides_reach_every_run(tmp_path):
+    family = tmp_path / "family.yaml"
+    family.write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\noverrides: [data.seq_len=64, "
+                      f"data.batch_size=32]\n{SWEEP}tokens: [2048, 40960]\n")
+    runs = build_sweep(load_family(str(family)), tmp_path / "out", ["model.n_layers=3"])
+    assert [(r.name, r.steps) for r in runs] == [("a-D2048", 1), ("a-D40960", 20), ("b-D2048", 1),
+                                                 ("b-D40960", 20)]
+    assert "train.warmup_steps=0" in runs[0].overrides and "train.warmup_steps=2" in runs[1].overrides
+    assert all("model.n_layers=3" in r.overrides for r in runs)
+
+
 @pytest.mark.timeout(600)  # six training runs one after another, beside another test worker
 def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
     family = tmp_path / "family.yaml"
@@ -85,6 +114,7 @@ def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
                           timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "s64-D1920: N=" in done.stdout and "val loss" in done.stdout  # a line per finished run
+    assert "run 1/6: s16-D640" in done.stdout and "\r" not in done.stdout + done.stderr  # a log, no bar
     assert "fit of 6 runs" in done.stdout and "compute-optimal" in done.stdout
     table = (out / "results.md").read_text()
     assert table.count("\n") == 2 + 6 and "| s16-D640 |" in table
