@@ -178,13 +178,20 @@ def _is_number(value: Any) -> bool:
     return True
 
 
+def _type_name(annotation: Any) -> str:
+    """`float`, not `<class 'float'>`; generics (tuple[float, float]) print well as they are."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
+
+
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
     """Check/convert one YAML value against a resolved dataclass field type."""
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if isinstance(value, str) and value.lower() == "none" and type(None) in options:
+        value = None  # a Python user's null on the command line, not a path or name called "none"
     if value is None:
         if type(None) in options:
             return None
-        raise ConfigError(f"{path}: null is not allowed (expected {annotation})")
+        raise ConfigError(f"{path}: null is not allowed (expected {_type_name(annotation)})")
     for option in options:
         if option is type(None):
             continue
@@ -194,17 +201,18 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             if isinstance(items, (list, tuple)):
                 item = typing.get_args(option)[0]
                 return tuple(_coerce(path, v, item) for v in items)
-        elif origin is tuple and isinstance(value, (list, tuple)):
+        elif origin is tuple:  # fixed length; "a,b" too
             args = typing.get_args(option)
-            if len(value) == len(args):
-                return tuple(_coerce(path, v, a) for v, a in zip(value, args))
+            items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)) and len(items) == len(args):
+                return tuple(_coerce(path, v, a) for v, a in zip(items, args))
         elif option is float and _is_number(value):  # YAML 1.1 reads 3e-3 as a string
             return float(value)
         elif (option is int and isinstance(value, int) and not isinstance(value, bool)) or (
             option in (bool, str) and isinstance(value, option)
         ):
             return value
-    raise ConfigError(f"{path}: {value!r} is not a valid {annotation}")
+    raise ConfigError(f"{path}: {value!r} is not a valid {_type_name(annotation)}")
 
 
 def _build(section: str, cls: type, values: dict[str, Any]) -> Any:

@@ -189,7 +189,9 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("model.colour=3", "model: unknown key(s) colour; valid keys: vocab_size, dim"),
     ("train.stepz=3", "train: unknown key(s) stepz; valid keys: out_dir, steps"),
     ("model.dim=30", "n_heads"),
-    ("train.steps=ten", "train.steps: 'ten' is not a valid"),
+    ("train.steps=ten", "train.steps: 'ten' is not a valid int"),
+    ("train.betas=0.9", "train.betas: 0.9 is not a valid tuple[float, float]"),
+    ("train.betas=0.9,x", "train.betas: 'x' is not a valid float"),
     ("train.warmup_steps=500", "train.warmup_steps=500 must be in"),
     ("model.layers=mac,attn", "bad item 'attn'"),
     ("train.precision=fp8", "train.precision must be"),
@@ -220,6 +222,12 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
 def test_bad_config_is_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(ROOT / "configs" / "tiny.yaml", override.split())
+
+
+def test_command_line_spellings_of_tuples_and_null_are_read():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.betas=0.9,0.99", "train.resume_from=None"])
+    assert cfg.train.betas == (0.9, 0.99) and cfg.train.resume_from is None
+    assert load_config(None, ["train.betas=[0.8, 0.9]"]).train.betas == (0.8, 0.9)
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
