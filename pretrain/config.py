@@ -104,7 +104,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 3
     resume: bool = True  # continue from the newest good checkpoint in out_dir
-    resume_from: str | None = None  # continue from this checkpoint directory instead (verified, no fallback)
+    # continue from this checkpoint (verified, no fallback), or from a run folder's newest good one
+    resume_from: str | None = None
     init_from: str | None = None  # a new run starting from this checkpoint's weights only (any layout)
     stop_after_steps: int = 0  # end this invocation after so many steps (checkpointed); 0: run to `steps`
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row

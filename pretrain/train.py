@@ -243,7 +243,8 @@ def check_memory(cfg: RunConfig, mesh: Mesh, precision: str) -> None:
 
 
 def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Path | None:
-    """The checkpoint to resume from: `train.resume_from` (verified, an error if bad), else the newest
+    """The checkpoint to resume from: `train.resume_from` (a checkpoint, verified, an error if bad; or a
+    run folder, its newest good checkpoint), else the newest
     good one in out_dir (newer corrupt ones reported and skipped), else None. Rank 0 reads the files;
     every rank gets its verdict, so no rank is left waiting on one that failed."""
     t = cfg.train
@@ -252,10 +253,15 @@ def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Path | None:
         try:
             if t.resume_from:
                 path = Path(t.resume_from)
-                if not (path / STATE_FILE).is_file():
-                    raise CorruptCheckpointError(f"train.resume_from={path}: no {STATE_FILE} there")
-                verify_checkpoint(path)
-                verdict = (str(path), [], None)
+                if (path / STATE_FILE).is_file():
+                    verify_checkpoint(path)
+                    verdict = (str(path), [], None)
+                elif list_checkpoints(path):  # a run folder: its newest good checkpoint, as train.resume
+                    found, skipped = newest_good_checkpoint(path)
+                    verdict = (str(found), skipped, None)
+                else:
+                    raise CorruptCheckpointError(f"train.resume_from={path}: neither a checkpoint (no "
+                                                 f"{STATE_FILE} there) nor a run folder with checkpoints")
             elif t.resume:
                 path, skipped = newest_good_checkpoint(t.out_dir)
                 verdict = (str(path) if path else None, skipped, None)

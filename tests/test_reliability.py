@@ -119,6 +119,18 @@ def test_resume_from_a_chosen_checkpoint(dataset, finished, tmp_path):
     assert resumed.losses == whole.losses  # steps 1-10 from the checkpoint, 11-20 recomputed bitwise
 
 
+def test_resume_from_a_run_folder_takes_its_newest_good_checkpoint(dataset, finished, tmp_path, capsys):
+    whole, source = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    flip_bytes([c for c in list_checkpoints(copy) if c.name == "step_00000020"][0] / STATE_FILE)
+    resumed = train(small_config(dataset, tmp_path / "new", f"train.resume_from={copy}"))
+    assert resumed.losses == whole.losses  # from step 10: step 20's checkpoint is corrupt
+    assert "skipped a bad checkpoint" in capsys.readouterr().out
+    with pytest.raises(CorruptCheckpointError, match="neither a checkpoint .* nor a run folder"):
+        train(small_config(dataset, tmp_path / "other", f"train.resume_from={tmp_path / 'nothing'}"))
+
+
 def test_init_from_takes_the_weights_only(dataset, finished, tmp_path):
     whole, source = finished
     fresh = train(small_config(dataset, tmp_path / "fresh", "train.steps=3", "train.warmup_steps=1",
