@@ -9,7 +9,9 @@
   with `--ppl-seq-len` also of longer sequences fed in pieces carrying the memory (`ppl_long`).
 - needle: one key–value pair planted early, filler, then the key asked for `distance` tokens after the
   value; accuracy of the argmax next-token prediction of the value (`pretrain.synthetic`).
-- mqar: multi-query associative recall: 8 pairs, `distance` tokens of filler, all keys asked for.
+- mqar: multi-query associative recall: the run's validation pairs (`train.eval_task_pairs`, else
+  `data.synthetic_pairs`; 8 for an export without its run config), `distance` tokens of filler, all keys
+  asked for.
 - loss_by_position (not in the default set): validation loss bucketed by the token's position inside its
   document, to 4× the training length, each document fed in pieces through the exact streaming cache
   (`pretrain/loss_by_position.py`), and over each bucket's far repeats (tokens only the context beyond
@@ -292,6 +294,13 @@ def parse_list(text: str, kind=str) -> list:
     return [kind(x) for x in text.replace(" ", "").split(",") if x]
 
 
+def run_mqar_pairs(run_config: dict[str, Any]) -> int:
+    """The pairs of the run's own mqar validation curves, so that evaluating a checkpoint reproduces them;
+    8 (Zoology's smallest setting) for a model without its run config."""
+    train, data = run_config.get("train", {}), run_config.get("data", {})
+    return train.get("eval_task_pairs") or data.get("synthetic_pairs") or 8
+
+
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """--tasks, --distances, --samples: what to evaluate (shared with bench/compare_variants.py)."""
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
@@ -313,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True,
-                        help="run directory (its latest checkpoint) or checkpoint directory (…/step_N)")
+                        help="run directory (its newest good checkpoint), checkpoint directory (…/step_N) "
+                             "or pretrain.convert export (--to safetensors / hf)")
     add_task_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward call")
-    parser.add_argument("--pairs", type=int, default=8, help="key-value pairs per mqar sequence")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="key-value pairs per mqar sequence (default: the pairs of the run's validation "
+                             "curves, train.eval_task_pairs or data.synthetic_pairs; 8 without a run config)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks")
     parser.add_argument("--piece-len", type=int, default=None,
                         help="tokens per call for long inputs (default: the training length, aligned)")
@@ -362,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
+    if args.pairs is not None and args.pairs < 1:
+        parser.error(f"--pairs must be >= 1, got {args.pairs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     use_cpu_allocator(args.cpu_allocator, torch.device(args.device).type)
@@ -393,11 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = model.path.parent.parent if model.path.parent.name == "checkpoints" else model.path
     step = model.step or 0
+    pairs = args.pairs or run_mqar_pairs(model.run_config)
     print(f"evaluating {model.path} (step {step}): layers {','.join(model.config.layer_kinds)}, "
-          f"attention span {model.attention_span}", file=sys.stderr)
+          f"attention span {model.attention_span}" + (f", mqar {pairs} pairs" if "mqar" in tasks else ""),
+          file=sys.stderr)
     try:
         results = evaluate(model, tasks, distances, args.samples, args.batch_size, args.seed, args.piece_len,
-                           args.pairs, args.data, args.val_batches or None, args.val_batch_size,
+                           pairs, args.data, args.val_batches or None, args.val_batch_size,
                            log=lambda m: print(m, file=sys.stderr), ppl_seq_len=args.ppl_seq_len,
                            max_position=args.max_position, bucket_edges=edges,
                            max_documents=args.documents or None, min_doc_len=args.min_doc_len,
@@ -406,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = {"checkpoint": str(model.path), "step": step, "layers": model.config.layers,
-               "tasks": tasks, "distances": distances, "samples": args.samples, "seed": args.seed, **results}
+               "tasks": tasks, "distances": distances, "samples": args.samples, "seed": args.seed,
+               **({"mqar_pairs": pairs} if "mqar" in tasks else {}), **results}
     out = Path(args.out) if args.out else run_dir / "eval" / f"step_{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

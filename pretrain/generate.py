@@ -18,18 +18,15 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import ByteTokenizer
-from pretrain.convert import read_source
-from pretrain.model_io import device_problem, end_of_document_id, run_tokenizer, runnable_config
+from pretrain.model_io import device_problem, end_of_document_id, load_model, run_tokenizer
 from titans.model import TitansLM
 from titans.streaming import generate, sampling_problem
 
 
 def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[TitansLM, dict]:
     """A model in eval mode from any checkpoint or export `pretrain.convert` reads, and its run config."""
-    src = read_source(path)
-    model = TitansLM(runnable_config(src.model, device, path))
-    model.load_state_dict(src.weights)
-    return model.to(device).eval(), (src.run_config or {})
+    loaded = load_model(path, device)
+    return loaded.model, loaded.run_config
 
 
 def main(argv: list[str] | None = None) -> int:

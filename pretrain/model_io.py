@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from pretrain.checkpoint import STATE_FILE, load_checkpoint, newest_good_checkpoint, verify_checkpoint
+from pretrain.checkpoint import STATE_FILE, newest_good_checkpoint
 from titans.kernels.toolchain import runnable_kernel
 from titans.model import TitansConfig, TitansLM
 
@@ -185,20 +185,20 @@ def runnable_config(cfg: TitansConfig, device: str | torch.device, source: str |
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a trained model from a run directory (latest checkpoint) or a checkpoint directory. Its memory
-    kernel is the run's where it can run on `device`, else the eager one (the same function, with a
-    warning): a run trained with the Triton kernel on GPUs is evaluated on a CPU as it is."""
-    ckpt = resolve_checkpoint(path)
-    verify_checkpoint(ckpt if ckpt.is_dir() else ckpt.parent)  # never evaluate a corrupt checkpoint
-    state = load_checkpoint(ckpt)
-    if "config" not in state:
-        raise ValueError(f"checkpoint {ckpt} has no 'config' entry: it was not written by pretrain.train")
-    run_config = state["config"]
-    cfg = runnable_config(model_config(run_config), device, ckpt)
+    """Load a trained model from a run directory (its newest good checkpoint), a checkpoint directory or a
+    `pretrain.convert` export (--to safetensors / hf). Its memory kernel is the run's where it can run on
+    `device`, else the eager one (the same function, with a warning): a run trained with the Triton kernel
+    on GPUs is evaluated on a CPU as it is."""
+    from pretrain.convert import read_source  # convert builds on this module
+    from pretrain.hf_export import model_fields
+
+    src = read_source(path)  # a training checkpoint is verified against its manifest first
+    cfg = runnable_config(src.model, device, src.path)
     model = TitansLM(cfg)
-    model.load_state_dict(model_state(ckpt, state, cfg))
+    model.load_state_dict(src.weights)
     model.to(device).eval()
-    return LoadedModel(model, cfg, run_config, ckpt if ckpt.is_dir() else ckpt.parent, state.get("step"))
+    run_config = src.run_config or {"model": model_fields(src.model)}  # an export without training state
+    return LoadedModel(model, cfg, run_config, src.path, (src.training or {}).get("step"))
 
 
 def default_piece_len(model: LanguageModel, seq_len: int | None = None) -> int:

@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                     "model's next-token loss, on one text: a PNG heatmap and the numbers as JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, checkpoint directory or pretrain.convert export")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="a text file to read")
     source.add_argument("--string", help="the text itself")
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     result = surprise_map(model, torch.tensor(tokens), args.piece_len)
     labels = token_labels(tokens, tokenizer)
     out = Path(args.out)
+    out = out if out.suffix else out.with_suffix(".png")  # what matplotlib would write, named as written
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(result, labels, out, f"{model.path} (step {model.step}): {len(tokens)} tokens")
     json_path = Path(args.json) if args.json else out.with_suffix(".json")

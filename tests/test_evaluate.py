@@ -97,6 +97,31 @@ def test_load_model_from_zero_shards(run, tmp_path, monkeypatch):
     assert torch.equal(loaded.logits(tokens)[0], load_model(run["dir"]).logits(tokens)[0])
 
 
+def test_exports_load_as_their_checkpoint_and_evaluate_with_the_runs_mqar_pairs(run, tmp_path, capsys):
+    from pretrain.convert import TRAINING_STATE
+    from pretrain.convert import main as convert
+
+    tokens = torch.randint(0, 257, (1, 40))
+    expected = load_model(run["dir"]).logits(tokens)[0]
+    for kind in ("safetensors", "hf"):
+        out = tmp_path / kind
+        assert convert(["--checkpoint", str(run["dir"]), "--to", kind, "--out", str(out)]) == 0
+        loaded = load_model(out)
+        assert loaded.path == out and loaded.step == 6 and loaded.run_config == run["cfg"].to_dict()
+        assert torch.equal(loaded.logits(tokens)[0], expected)
+    common = ["--tasks", "mqar", "--distances", "1", "--samples", "2", "--tensorboard", "none"]
+    assert evaluate_main(["--checkpoint", str(tmp_path / "hf"), *common, "--out",
+                          str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["mqar_pairs"] == 4  # the run's data.synthetic_pairs
+    (tmp_path / "safetensors" / TRAINING_STATE).unlink()  # weights and model config only
+    bare = load_model(tmp_path / "safetensors")
+    assert bare.step is None and set(bare.run_config) == {"model"}
+    assert evaluate_main(["--checkpoint", str(tmp_path / "safetensors"), *common, "--out",
+                          str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["mqar_pairs"] == 8
+    assert "mqar 8 pairs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kernel", ["triton", "compiled"])
 def test_load_model_falls_back_to_the_eager_kernel_where_the_runs_cannot_run(run, tmp_path, monkeypatch,
                                                                              kernel):
@@ -347,6 +372,12 @@ def test_surprise_map_cli_writes_png_and_json(run, tmp_path, capsys):
         assert all(0 < g < 1 for k in ("theta", "eta", "alpha") for g in layer[k])
         assert all(math.isfinite(s) and s >= 0 for s in layer["surprise"])
     assert "block 0 (mac): surprise mean" in capsys.readouterr().out
+    from pretrain.convert import main as convert
+
+    assert convert(["--checkpoint", str(run["dir"]), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert surprise_main(["--checkpoint", str(tmp_path / "hf"), "--string", text, "--out",
+                          str(tmp_path / "m7")]) == 0
+    assert (tmp_path / "m7.png").is_file() and f"wrote {tmp_path / 'm7.png'}" in capsys.readouterr().out
     source = tmp_path / "text.txt"
     source.write_text("x")
     assert surprise_main(["--checkpoint", str(run["dir"]), "--text", str(source)]) == 2
