@@ -21,16 +21,37 @@ from pretrain.repeats import RepeatedPassages
 DEFAULT_CORPUS_BYTES = 8_000_000
 
 
+def _at_default_corpus_path(train: str) -> bool:
+    """The default path or a sibling named after it (`data/stdlib-bytes-64k`: its samples are as long as
+    that run's sequences): the only places the embedded corpus is built."""
+    default, path = Path(DataConfig.train), Path(train)
+    return path == default or (path.parent == default.parent and path.name.startswith(f"{default.name}-"))
+
+
+def dataset_problem(cfg: RunConfig) -> str | None:
+    """Why the run would stop at start for want of its data, or None: what `slurm.submit` checks before a
+    job waits in the queue for hours only to fail in its first second."""
+    d = cfg.data
+    built_here = d.default_corpus and _at_default_corpus_path(d.train)  # the job builds the embedded corpus
+    if not (Path(d.train) / MANIFEST).is_file() and not built_here:
+        return f"data.train={d.train}: no prepared dataset there ({MANIFEST} is missing)"
+    if d.val and cfg.train.eval_every:
+        try:
+            Source(d.val, split="val").resolve()
+        except DataError as err:
+            return f"data.val={d.val}: {err}"
+    return None
+
+
 def ensure_default_corpus(cfg: RunConfig) -> None:
     """Tokenise the standard library's sources into `data.train` (bytes) unless already there.
 
-    Only at the default path or a sibling named after it (`data/stdlib-bytes-64k`: its samples are as
-    long as that run's sequences): a path the user named is theirs, and a missing dataset there is an
-    error, never silently replaced by the embedded corpus (a mistyped path would train on the wrong data)."""
+    Only at the default path or a sibling named after it: a path the user named is theirs, and a missing
+    dataset there is an error, never silently replaced by the embedded corpus (a mistyped path would train
+    on the wrong data)."""
     if (Path(cfg.data.train) / MANIFEST).is_file() or not cfg.data.default_corpus:
         return
-    default, path = Path(DataConfig.train), Path(cfg.data.train)
-    if path != default and not (path.parent == default.parent and path.name.startswith(f"{default.name}-")):
+    if not _at_default_corpus_path(cfg.data.train):
         raise DataError(f"data.train={cfg.data.train}: no prepared dataset there ({MANIFEST} is missing). "
                         "Prepare it with `python -m data_pipeline.prepare`, or leave data.train at its "
                         f"default ({DataConfig.train}, or {DataConfig.train}-NAME) to build the embedded "

@@ -92,8 +92,11 @@ def check_extra(family: Family, extra: list[str]) -> None:
                           f"the fit of L(N, D) needs at least 3")
 
 
-def build_sweep(family: Family, out: Path, extra: list[str]) -> list[Run]:
-    """Every size × budget, each with its own steps, warmup ≤ 10 % of them, one validation at the end."""
+def build_sweep(family: Family, out: Path, extra: list[str], check_data: bool = True) -> list[Run]:
+    """Every size × budget, each with its own steps, warmup ≤ 10 % of them, one validation at the end;
+    with `check_data`, each run's dataset must be there (before hours of training the others)."""
+    from pretrain.data import dataset_problem
+
     check_extra(family, extra)
     runs: list[Run] = []
     for size, model in family.sizes.items():
@@ -120,6 +123,9 @@ def build_sweep(family: Family, out: Path, extra: list[str]) -> list[Run]:
                                   f"train.warmup_steps={min(cfg.train.warmup_steps, steps // 10)}",
                                   f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
             cfg = load_config(family.base, overrides)
+            problem = dataset_problem(cfg) if check_data else None
+            if problem:
+                raise ConfigError(f"size {size}: {problem}")
             runs.append(Run(name, size, non_embedding_parameters(cfg.model), steps * per_step, steps,
                             str(out / name), overrides))
     return runs
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     try:
         family = load_family(args.family)
-        runs = build_sweep(family, out, list(args.overrides))
+        runs = build_sweep(family, out, list(args.overrides), check_data=not args.report_only)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ class JobSpec:
     config: str | None
     overrides: list[str] = field(default_factory=list)
     sweep: list[list[str]] = field(default_factory=list)  # array job: one override list per task
+    sweep_lines: list[int] = field(default_factory=list)  # each task's line in the sweep file (for errors)
+    check_data: bool = True  # data.train (and data.val) must be there before the job is queued
     nodes: int = 1
     tasks_per_node: int = 0  # 0: gpus_per_node, or 1 without GPUs
     gpus_per_node: int = 0
@@ -68,16 +71,24 @@ def check(spec: JobSpec) -> None:
     """The run config and layout of every task, as the job would load them; raises SubmitError."""
     from parallel.mesh import Layout, LayoutError
     from pretrain.config import ConfigError, load_config
+    from pretrain.data import dataset_problem
 
     for name in ("nodes", "cpus_per_task", "signal_seconds"):
         if getattr(spec, name) < 1:
             raise SubmitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
     if spec.tasks_per_node < 0 or spec.gpus_per_node < 0 or spec.max_parallel < 0:
         raise SubmitError("--tasks-per-node, --gpus-per-node and --max-parallel must be >= 0")
+    limit = time_limit_seconds(spec.time)
+    if limit is not None and spec.signal_seconds >= limit:
+        raise SubmitError(f"--signal-seconds {spec.signal_seconds} is not below --time {spec.time} "
+                          f"({limit} s): the run would be told to save and stop as it starts")
     if spec.config and not Path(spec.config).is_file():
         raise SubmitError(f"--config {spec.config}: no such file")
     for i, extra in enumerate(spec.sweep or [[]]):
-        where = f" (sweep line {i + 1})" if spec.sweep else ""
+        where = ""
+        if spec.sweep:
+            line = spec.sweep_lines[i] if spec.sweep_lines else i + 1
+            where = f" (sweep line {line}, array task {i})"
         try:
             cfg = load_config(spec.config, spec.overrides + extra)
             p = cfg.parallel
@@ -87,6 +98,36 @@ def check(spec: JobSpec) -> None:
         except LayoutError as err:
             raise SubmitError(f"layout error{where}: {err} (this job has {spec.nodes} node(s) x "
                               f"{spec.tasks} task(s) = {spec.world} processes)") from None
+        problem = dataset_problem(cfg) if spec.check_data else None
+        if problem:
+            raise SubmitError(f"data error{where}: {problem}; the job reads relative paths from the folder "
+                              "you submit from (--no-data-check if only the compute nodes see the data)")
+
+
+TIME_FORMAT = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """Seconds of a Slurm --time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None for
+    UNLIMITED / INFINITE. sbatch would refuse a bad one only after the job's files were written."""
+    if text.strip().lower() in ("unlimited", "infinite"):
+        return None
+    match = TIME_FORMAT.match(text.strip())
+    if not match:
+        raise SubmitError(f"--time {text!r}: expected Slurm's time format, e.g. 90 (minutes), 04:00:00 or "
+                          "2-00:00:00 (days-hours:minutes:seconds)")
+    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)
+    elif third is not None:  # HH:MM:SS
+        seconds = first * 3600 + second * 60 + third
+    elif second is not None:  # MM:SS
+        seconds = first * 60 + second
+    else:  # minutes
+        seconds = first * 60
+    if seconds <= 0:
+        raise SubmitError(f"--time {text!r}: the limit must be positive")
+    return seconds
 
 
 def sbatch_command(spec: JobSpec, folder: Path, wait: bool = False) -> list[str]:
@@ -170,21 +211,28 @@ def submit(spec: JobSpec, wait: bool = False, checked: bool = False) -> Submissi
     return Submission(job_id, folder, done.returncode if wait else 0)
 
 
-def read_sweep(path: str) -> list[list[str]]:
-    """Override lines of a sweep file (blank lines and # comments skipped)."""
+def read_sweep(path: str) -> tuple[list[list[str]], list[int]]:
+    """Override lines of a sweep file (blank lines and # comments skipped), and their line numbers in it."""
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise SubmitError(f"--sweep {path}: {err.strerror}") from None
-    lines = [shlex.split(line) for line in text.splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]
+    lines, numbers = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError as err:  # an unclosed quote
+            raise SubmitError(f"--sweep {path}: line {number}: {err}") from None
+        bad = [word for word in words if "=" not in word]
+        if bad:
+            raise SubmitError(f"--sweep {path}: line {number}: {bad[0]!r} is not section.key=value")
+        lines.append(words)
+        numbers.append(number)
     if not lines:
         raise SubmitError(f"--sweep {path}: no override lines")
-    for n, line in enumerate(lines, 1):
-        bad = [word for word in line if "=" not in word]
-        if bad:
-            raise SubmitError(f"--sweep {path}: line {n}: {bad[0]!r} is not section.key=value")
-    return lines
+    return lines, numbers
 
 
 def parser() -> argparse.ArgumentParser:
@@ -235,14 +283,18 @@ def parser() -> argparse.ArgumentParser:
                    help="pass ARG to sbatch as is (repeatable), e.g. --sbatch-arg=--exclusive")
     g.add_argument("--wait", action="store_true",
                    help="return when the job has ended (requeues included), with its exit code")
+    g.add_argument("--no-data-check", action="store_true",
+                   help="queue the job even if data.train / data.val are not there from this machine "
+                        "(a dataset only the compute nodes see)")
     g.add_argument("--dry-run", action="store_true",
                    help="check and print the sbatch command; submit nothing")
     return p
 
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
-    return JobSpec(config=args.config, overrides=list(args.overrides),
-                   sweep=read_sweep(args.sweep) if args.sweep else [], nodes=args.nodes,
+    sweep, lines = read_sweep(args.sweep) if args.sweep else ([], [])
+    return JobSpec(config=args.config, overrides=list(args.overrides), sweep=sweep, sweep_lines=lines,
+                   check_data=not args.no_data_check, nodes=args.nodes,
                    tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
                    cpus_per_task=args.cpus_per_task, mem=args.mem, time=args.time, partition=args.partition,
                    account=args.account, qos=args.qos, job_name=args.job_name, log_dir=args.log_dir,

@@ -76,6 +76,7 @@ SWEEP = "sizes:\n  a: [model.dim=32, model.n_heads=2]\n  b: [model.dim=64, model
     ("[100, 4096]", [], "budget 100 is under one step"),
     ("[2048, 2100]", [], "two budgets round to the same 1 steps"),
     ("[2048]", [], "make 2 runs; the fit of L.N, D. needs at least 3"),
+    ("[2048, 4096]", ["data.train=nowhere"], "size a: data.train=nowhere: no prepared dataset there"),
 ])
 def test_a_sweep_that_cannot_give_what_was_asked_is_refused_before_training(tmp_path, tokens, extra, match):
     family = tmp_path / "family.yaml"

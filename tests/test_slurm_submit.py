@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm.submit import main
+from slurm.submit import main, time_limit_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -34,14 +34,36 @@ def test_an_array_job_takes_one_override_line_per_task(tmp_path, capsys):
     (["--tasks-per-node", "3", "parallel.tp=2"], "layout error: world size 3 is not a multiple of tp"),
     (["train.stepz=3"], "config error: train: unknown key(s) stepz"),
     (["--nodes", "0"], "--nodes must be >= 1"),
+    (["--time", "banana"], "--time 'banana': expected Slurm's time format"),
+    (["--time", "0"], "--time '0': the limit must be positive"),
+    (["--time", "4"], "--signal-seconds 300 is not below --time 4 (240 s)"),
+    (["data.train=nowhere/at/all"], "data error: data.train=nowhere/at/all: no prepared dataset there"),
+    (["train.eval_every=10", "data.val=nowhere"], "data error: data.val=nowhere: "),
 ])
 def test_bad_options_stop_before_submitting(capsys, args, message):
     assert main(["--config", TINY, "--dry-run", *args]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_a_bad_sweep_line_is_named(tmp_path, capsys):
+@pytest.mark.parametrize(("limit", "seconds"), [("90", 5400), ("10:30", 630), ("04:00:00", 14400),
+                                              ("2-00", 172800), ("1-02:03", 93780), ("1-00:00:05", 86405),
+                                              ("UNLIMITED", None)])
+def test_slurm_time_formats_are_read(limit, seconds):
+    assert time_limit_seconds(limit) == seconds
+
+
+def test_a_missing_dataset_can_be_queued_on_request(capsys):
+    assert main(["--config", TINY, "--dry-run", "--no-data-check", "data.train=nowhere"]) == 0
+
+
+def test_a_bad_sweep_line_is_named_by_its_line_in_the_file(tmp_path, capsys):
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("train.lr=1e-3\ntrain.lr 3e-3\n")
     assert main(["--config", TINY, "--sweep", str(sweep), "--dry-run"]) == 2
     assert "line 2: 'train.lr' is not section.key=value" in capsys.readouterr().err
+    sweep.write_text("# learning rates\n\ntrain.lr=1e-3\n# the bad one\ntrain.lr=fast\n")
+    assert main(["--config", TINY, "--sweep", str(sweep), "--dry-run"]) == 2
+    assert "config error (sweep line 5, array task 1): train.lr: 'fast'" in capsys.readouterr().err
+    sweep.write_text("train.out_dir='runs/a\n")
+    assert main(["--config", TINY, "--sweep", str(sweep), "--dry-run"]) == 2
+    assert "line 1: No closing quotation" in capsys.readouterr().err
