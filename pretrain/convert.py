@@ -277,8 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*",
                         help="--to checkpoint: section.key=value, e.g. parallel.tp=2 parallel.pp=2")
     args = parser.parse_args(argv)
-    if args.overrides and args.to != "checkpoint":
-        parser.error(f"overrides ({' '.join(args.overrides)}) only apply to --to checkpoint")
+    for flag, given, targets in (("--config", args.config is not None, ("checkpoint",)),
+                                 ("--dp", args.dp is not None, ("checkpoint",)),
+                                 (" ".join(args.overrides), bool(args.overrides), ("checkpoint",)),
+                                 ("--overwrite", args.overwrite, ("safetensors", "hf")),
+                                 ("--tokenizer", args.tokenizer is not None, ("hf",))):
+        if given and args.to not in targets:  # said, not silently ignored
+            parser.error(f"{flag}: only with --to {' / '.join(targets)}, not --to {args.to}")
     out = Path(args.out)
     try:
         src = read_source(args.checkpoint)

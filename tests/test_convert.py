@@ -153,6 +153,19 @@ def error_of(args: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("to", "extra", "message"), [
+    ("hf", ["--dp", "2"], "--dp: only with --to checkpoint, not --to hf"),
+    ("safetensors", ["--config", "c.yaml"], "--config: only with --to checkpoint"),
+    ("hf", ["parallel.tp=2"], "parallel.tp=2: only with --to checkpoint"),
+    ("checkpoint", ["--overwrite"], "--overwrite: only with --to safetensors / hf, not --to checkpoint"),
+    ("safetensors", ["--tokenizer", "bytes"], "--tokenizer: only with --to hf, not --to safetensors"),
+])
+def test_an_option_the_target_does_not_take_is_refused(to, extra, message, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        convert(["--checkpoint", str(tmp_path), "--to", to, "--out", str(tmp_path / "out"), *extra])
+    assert message in capsys.readouterr().err
+
+
 def test_bad_inputs_fail_naming_the_file(converted, tmp_path: Path, capsys) -> None:
     step3, hf = converted["step3"], converted["hf"]
     missing = tmp_path / "missing_shard"
