@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,11 @@ class ZeroEngine:
         if os.access(EXTENSIONS_DIR.parents[1], os.W_OK):  # a checkout (not a read-only install)
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed asserts it (srun sets SLURM_LOCALID)
+        if device.type == "cpu":  # chosen, not a failed detection: DeepSpeed would warn once per rank
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's own calls of a torch collective torch has renamed: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated",
+                                category=FutureWarning)
         import deepspeed  # lazily: slow to import, and stage 0 never needs it
 
         _ensure_process_group(device)
