@@ -203,6 +203,23 @@ def check_run_folder(cfg: RunConfig, out: Path) -> None:
                           "settings to resume that one")
 
 
+# where the run is and what this invocation does (stop early, profile), not what the run computes
+INVOCATION_FIELDS = ("out_dir", "resume", "resume_from", "stop_after_steps", "profile_start", "profile_steps")
+SCHEDULE_FIELDS = ("steps", "warmup_steps", "lr", "min_lr_ratio")
+
+
+def changed_on_resume(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The train / data settings that differ from those the checkpoint was written with, `section.key` →
+    (old, new): allowed (a run may go on longer, at another lr or batch size), but said at the resume."""
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    return {f"{section}.{key}": (plain(saved[section][key]), plain(value))
+            for section in ("train", "data") for key, value in now[section].items()
+            if key not in INVOCATION_FIELDS and key in saved.get(section, {})
+            and plain(saved[section][key]) != plain(value)}
+
+
 def check_shared_out_dir(out: Path, mesh: Mesh, wait_s: float = 10.0) -> None:
     """Every rank writes its part of each checkpoint into train.out_dir, so it must be one folder for all
     of them. Rank 0 leaves a file under a name no rank has looked up before (no stale negative cache on a
@@ -383,6 +400,13 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         result.last_step, result.checkpoint = step, ckpt
         result.already_finished = step >= t.steps
         mesh.print(f"resumed from {ckpt} at step {step}")
+        changes = changed_on_resume(state.get("config", {}), cfg.to_dict())
+        if changes:
+            mesh.print("note: settings changed since that checkpoint: "
+                       + "; ".join(f"{name} {old!r} → {new!r}" for name, (old, new) in changes.items()))
+        if state.get("scheduler") and any(f"train.{name}" in changes for name in SCHEDULE_FIELDS):
+            mesh.print(f"note: the learning rate follows the new schedule from here: {lr_at(step, cfg):.3e} "
+                       f"at step {step}, where the checkpoint's run had {scheduler.get_last_lr()[0]:.3e}")
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * mesh.layout.dp
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)

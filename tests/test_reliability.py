@@ -119,6 +119,19 @@ def test_resume_from_a_chosen_checkpoint(dataset, finished, tmp_path):
     assert resumed.losses == whole.losses  # steps 1-10 from the checkpoint, 11-20 recomputed bitwise
 
 
+def test_a_resume_with_other_training_settings_says_what_changed(dataset, finished, tmp_path, capsys):
+    _, source = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    capsys.readouterr()
+    train(small_config(dataset, copy, "train.steps=22", "data.batch_size=4", "train.stop_after_steps=1"))
+    out = capsys.readouterr().out
+    assert "note: settings changed since that checkpoint: train.steps 20 → 22; data.batch_size 2 → 4\n" in out
+    assert "note: the learning rate follows the new schedule from here: " in out
+    train(small_config(dataset, copy, "train.steps=22", "data.batch_size=4"))  # as the last invocation
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_resume_from_a_run_folder_takes_its_newest_good_checkpoint(dataset, finished, tmp_path, capsys):
     whole, source = finished
     copy = tmp_path / "copy"
