@@ -223,8 +223,8 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
              f"{summary['gpu']}, ZeRO stage {p.zero_stage}, {summary['stages']} pipeline stage(s), "
              f"activation checkpointing {ckpt}, memory recompute {recompute}",
              "",
-             "| tp | pp | parameters | params GiB | grads GiB | optim GiB | acts GiB | acts GiB (ckpt) "
-             "| total GiB | fits |",
+             "| tp rank | pp stage | parameters | params GiB | grads GiB | optim GiB | acts GiB (no ckpt) "
+             "| acts GiB (ckpt) | total GiB | fits |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
         lines.append(f"| {r['tp']} | {r['pp']} | {r['parameters']:,} | {r['params_gib']:.2f} | "

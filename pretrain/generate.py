@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="a run folder, a checkpoint directory, or a pretrain.convert export")
     parser.add_argument("--prompt", default="", help="the text to continue (default: start from nothing)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of mass p")
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="'bytes' or a tokenizer file (default: the run's, from its dataset)")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
     parser.add_argument("--ids", action="store_true", help="print the token ids as JSON, not the text")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default cpu)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (0: torch's default, one per core; fewer when the cores "
                              "are shared)")
