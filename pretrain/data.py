@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def ensure_default_corpus(cfg: RunConfig) -> None:
                         "corpus")
     print(f"building the default corpus (Python standard library sources, PSF License) in {cfg.data.train}")
     prepare(default_corpus_files(DEFAULT_CORPUS_BYTES), cfg.data.train, "bytes",
-            sample_tokens=cfg.data.seq_len + 1, shard_samples=256, val_fraction=0.05, workers=1)
+            sample_tokens=cfg.data.seq_len + 1, shard_samples=256, val_fraction=0.05, workers=1,
+            progress=sys.stderr.isatty())  # a bar's carriage returns would garble a log
 
 
 class SyntheticMix:
@@ -140,6 +142,13 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
     if manifest.vocab_size > cfg.model.vocab_size:
         raise DataError(f"dataset {d.train} has vocabulary {manifest.vocab_size} but model.vocab_size is "
                         f"{cfg.model.vocab_size}")
+    unused = cfg.model.vocab_size - manifest.vocab_size
+    if unused > max(128, cfg.model.vocab_size // 20) and (dp_rank == 0 if is_main is None else is_main):
+        # padding to a multiple of 64 is common and cheap; tens of thousands of rows no token reaches (the
+        # default 32,000 on a byte dataset) is a forgotten setting that costs memory and time
+        print(f"warning: dataset {d.train} has a vocabulary of {manifest.vocab_size:,} and model.vocab_size "
+              f"is {cfg.model.vocab_size:,}: {unused:,} embedding rows no token uses; set "
+              f"model.vocab_size={manifest.vocab_size}", flush=True)
     text_rows = d.batch_size - d.synthetic_rows
     train = TokenStream([Source(d.train)], d.seq_len, text_rows, dp_rank, dp_size, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer, max_corrupt_shards=d.max_corrupt_shards)

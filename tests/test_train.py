@@ -339,3 +339,13 @@ def test_checkpoint_pointer_survives_a_half_written_directory(tmp_path):
     (partial / "state.pt").write_bytes(b"\x80\x02trunc")
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 1
+
+
+def test_a_vocabulary_far_larger_than_the_datasets_is_warned_about(dataset, tmp_path, capsys):
+    train(small_config(dataset, tmp_path / "a", "train.steps=1", "train.warmup_steps=0",
+                       "model.vocab_size=32000"))
+    assert ("has a vocabulary of 257 and model.vocab_size is 32,000: 31,743 embedding rows no token uses; "
+            "set model.vocab_size=257") in capsys.readouterr().out
+    train(small_config(dataset, tmp_path / "b", "train.steps=1", "train.warmup_steps=0",
+                       "model.vocab_size=320"))  # padded to a multiple of 64: common, not warned about
+    assert "embedding rows no token uses" not in capsys.readouterr().out
