@@ -44,7 +44,14 @@ from compare_variants import (  # noqa: E402
 
 from pretrain import loss_by_position  # noqa: E402
 from pretrain.config import ConfigError, RunConfig  # noqa: E402
-from pretrain.evaluate import add_task_arguments, evaluate, parse_list, to_markdown, write_tensorboard  # noqa: E402
+from pretrain.evaluate import (  # noqa: E402
+    add_task_arguments,
+    evaluate,
+    parse_list,
+    run_mqar_pairs,
+    to_markdown,
+    write_tensorboard,
+)
 from pretrain.synthetic import MQAR_TRAINING_PAIRS  # noqa: E402
 from titans.model import num_parameters  # noqa: E402
 
@@ -76,7 +83,7 @@ def train_and_evaluate(name: str, seed: int, cfg: RunConfig, args: argparse.Name
     model = load_model(cfg.train.out_dir)
     started = time.perf_counter()
     results = evaluate(model, parse_list(args.tasks), parse_list(args.distances, float),
-                       samples=args.samples, n_pairs=args.pairs or cfg.data.synthetic_pairs,
+                       samples=args.samples, n_pairs=args.pairs or run_mqar_pairs(cfg.to_dict()),
                        max_position=args.max_position,
                        max_documents=args.documents or None, min_doc_len=args.min_doc_len,
                        span=cfg.model.window,  # one unit for all: full attention's own span is its length
@@ -218,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     add_task_arguments(parser)
     parser.set_defaults(tasks="loss_by_position,mqar")
     parser.add_argument("--pairs", type=int, default=None,
-                        help="key-value pairs per MQAR sequence (default: as many as in training, "
-                             f"data.synthetic_pairs, {MQAR_TRAINING_PAIRS} unless set)")
+                        help="key-value pairs per MQAR sequence (default: those of the run's validation "
+                             f"curves, train.eval_task_pairs or data.synthetic_pairs, {MQAR_TRAINING_PAIRS} "
+                             "unless set)")
     parser.add_argument("--documents", type=int, default=loss_by_position.MAX_DOCUMENTS,
                         help="loss_by_position: most validation documents (0: all)")
     parser.add_argument("--max-position", type=int, default=None,
