@@ -386,6 +386,13 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         if saved_stage != p.zero_stage:
             raise RuntimeError(f"checkpoint {ckpt} was written with parallel.zero_stage={saved_stage}, this "
                                f"run has parallel.zero_stage={p.zero_stage}: resume with the same stage")
+        written = len(state.get("data") or [])  # one data position per process
+        if "shards" not in state and written and written != mesh.world_size:  # (shards check their layout)
+            raise ConfigError(f"checkpoint {ckpt} was written by {written} data-parallel processes, this run "
+                              f"has {mesh.world_size}: each resumes its own place in the data. Resume with "
+                              f"{written} processes, or reshard it (its data order restarts): python -m "
+                              f"pretrain.convert --checkpoint {ckpt} --to checkpoint --dp {mesh.layout.dp} "
+                              "--out NEW_RUN_FOLDER")
         engine.load(ckpt, state)
         if state.get("scheduler") is not None:  # None: converted weights that start a new run
             scheduler.load_state_dict(state["scheduler"])

@@ -22,7 +22,9 @@ from pretrain.checkpoint import (
     STATE_FILE,
     CorruptCheckpointError,
     list_checkpoints,
+    load_checkpoint,
     newest_good_checkpoint,
+    save_checkpoint,
     verify_checkpoint,
 )
 from pretrain.config import ConfigError, load_config
@@ -130,6 +132,18 @@ def test_a_resume_with_other_training_settings_says_what_changed(dataset, finish
     assert "note: the learning rate follows the new schedule from here: " in out
     train(small_config(dataset, copy, "train.steps=22", "data.batch_size=4"))  # as the last invocation
     assert "note:" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_data_parallel_size_is_refused_with_the_way_to_reshard_it(
+        dataset, finished, tmp_path):
+    _, source = finished
+    state = load_checkpoint(list_checkpoints(source)[-1])
+    state["data"], state["rng"] = state["data"] * 2, state["rng"] * 2  # as two data-parallel ranks write it
+    save_checkpoint(tmp_path / "dp2", state["step"], state, keep_last=1)
+    expected = (r"written by 2 data-parallel processes, this run has 1: .* "
+                r"pretrain.convert --checkpoint .*step_00000020 --to checkpoint --dp 1")
+    with pytest.raises(ConfigError, match=expected):
+        train(small_config(dataset, tmp_path / "dp2", "train.steps=22"))
 
 
 def test_resume_from_a_run_folder_takes_its_newest_good_checkpoint(dataset, finished, tmp_path, capsys):
