@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results JSON (default <run>/eval/step_N.json); the "
                         "Markdown table goes next to it with suffix .md")
     parser.add_argument("--tensorboard", default=None,
-                        help="TensorBoard log dir (default <run>/tensorboard/eval); 'none' to skip")
+                        help="TensorBoard log dir (default <run>/tensorboard/eval; none for an export); "
+                             "'none' to skip")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="reuse",
@@ -405,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_dir = model.path.parent.parent if model.path.parent.name == "checkpoints" else model.path
+    in_run = model.path.parent.name == "checkpoints"  # else an export: a folder to share, not a run's log
+    run_dir = model.path.parent.parent if in_run else model.path
     step = model.step or 0
     pairs = args.pairs or run_mqar_pairs(model.run_config)
     print(f"evaluating {model.path} (step {step}): layers {','.join(model.config.layer_kinds)}, "
@@ -434,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                                                      out.with_suffix(".loss_by_position.png"),
                                                      f"{model.path} (step {step})")
         print(f"loss by position: {png}", file=sys.stderr)
-    if (args.tensorboard or "").lower() != "none":
-        write_tensorboard(results, args.tensorboard or run_dir / "tensorboard" / "eval", step)
+    board = args.tensorboard or (run_dir / "tensorboard" / "eval" if in_run else "none")  # export: asked only
+    if str(board).lower() != "none":
+        write_tensorboard(results, board, step)
     print(table)
     print(f"results: {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0

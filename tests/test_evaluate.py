@@ -109,10 +109,11 @@ def test_exports_load_as_their_checkpoint_and_evaluate_with_the_runs_mqar_pairs(
         loaded = load_model(out)
         assert loaded.path == out and loaded.step == 6 and loaded.run_config == run["cfg"].to_dict()
         assert torch.equal(loaded.logits(tokens)[0], expected)
-    common = ["--tasks", "mqar", "--distances", "1", "--samples", "2", "--tensorboard", "none"]
+    common = ["--tasks", "mqar", "--distances", "1", "--samples", "2"]
     assert evaluate_main(["--checkpoint", str(tmp_path / "hf"), *common, "--out",
                           str(tmp_path / "a.json")]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["mqar_pairs"] == 4  # the run's data.synthetic_pairs
+    assert not (tmp_path / "hf" / "tensorboard").exists()  # an export gets no events unless asked
     (tmp_path / "safetensors" / TRAINING_STATE).unlink()  # weights and model config only
     bare = load_model(tmp_path / "safetensors")
     assert bare.step is None and set(bare.run_config) == {"model"}
