@@ -20,6 +20,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -166,6 +167,37 @@ def default_source(inputs: Sequence[InputFile]) -> dict[str, Any]:
     return {"files": len(inputs), "bytes": size}
 
 
+class InputProgress:
+    """tqdm's bar over the input bytes on a terminal; in a log (a batch job) a line at every 10 % of the
+    input instead, or every minute when its size is unknown (gzip), as a bar's carriage returns would
+    make the log one unreadable line."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenising", file=sys.stderr,
+                        disable=not (enabled and self.tty))
+        self.lines = enabled and not self.tty
+        self.total, self.done, self.mark = total or None, 0, 0
+        self.start = time.monotonic()
+
+    def update(self, size: int, documents: int) -> None:
+        self.bar.update(size)
+        self.bar.set_postfix(docs=documents, refresh=False)
+        if not self.lines:
+            return
+        self.done += size
+        elapsed = time.monotonic() - self.start
+        mark = self.done * 10 // self.total if self.total else int(elapsed // 60)
+        if mark > self.mark:
+            self.mark = mark
+            share = f"{100 * self.done / self.total:.0f}%, " if self.total else ""
+            print(f"tokenising: {share}{self.done / 1e6:,.1f} MB, {documents:,} documents, "
+                  f"{self.done / 1e6 / max(elapsed, 1e-9):.1f} MB/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokenizer: str = "bytes",
             sample_tokens: int = 2049, shard_samples: int = 1000, val_fraction: float = 0.02,
             workers: int = 1, text_field: str = "text", progress: bool = True,
@@ -190,8 +222,7 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
     documents = dict.fromkeys(SPLITS, 0)
     has_gz = any(f.path.name.endswith(".gz") for f in inputs)
     total = None if has_gz else sum(f.path.stat().st_size for f in inputs if f.path.is_file())
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenising", disable=not progress,
-               file=sys.stderr)
+    bar = InputProgress(total, progress)
     init_args = (tokenizer, val_fraction, text_field, workers > 1, force_val)
     lengths: dict[str, int] = {}  # training documents' token counts, to pick held-out ones if needed
     try:
@@ -201,8 +232,7 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
                 documents[split] += 1
                 if split == "train":
                     lengths[doc_id] = len(ids)
-            bar.update(size)
-            bar.set_postfix(docs=sum(documents.values()), refresh=False)
+            bar.update(size, sum(documents.values()))
     except BrokenProcessPool as err:
         raise RuntimeError(f"a tokenisation worker died ({err}); rerun with --workers 1 to see why") from err
     finally:
@@ -220,6 +250,9 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
             raise ValueError(f"the corpus is too small for a validation split ({sum(documents.values())} "
                              "document(s)): add documents, or use --val-fraction 0 and train with "
                              "train.eval_every=0 (no validation)")
+        if progress:
+            print(f"the validation split is empty: holding out {longest[0]} ({lengths[longest[0]]:,} tokens) "
+                  "and tokenising again", file=sys.stderr, flush=True)
         return prepare(files, out_dir, tokenizer, sample_tokens, shard_samples, val_fraction, workers,
                        text_field, progress, source, force_val | {longest[0]})
     if not manifest.splits["train"]:

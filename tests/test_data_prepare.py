@@ -67,6 +67,14 @@ def test_split_is_by_document_and_independent_of_workers(tmp_path: Path) -> None
     assert [split_of(p.name, 0.3) for p in docs].count("val") == one.documents["val"]
 
 
+def test_progress_in_a_log_is_a_line_per_tenth_without_carriage_returns(tmp_path: Path, capsys) -> None:
+    docs = write_docs(tmp_path / "text", 40)
+    prepare(docs, tmp_path / "out", sample_tokens=40, shard_samples=5, val_fraction=0.3)
+    err = capsys.readouterr().err  # captured: not a terminal, as a batch job's log
+    lines = [line for line in err.splitlines() if line.startswith("tokenising: ")]
+    assert "\r" not in err and 5 <= len(lines) <= 10 and lines[-1].startswith("tokenising: 100%, ")
+
+
 def test_jsonl_inputs_and_uint32(tmp_path: Path) -> None:
     records = [{"text": f"record {i} " * 5, "id": i} for i in range(20)]
     path = tmp_path / "corpus.jsonl.gz"
