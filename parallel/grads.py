@@ -53,7 +53,9 @@ def counted_here(param: Tensor, mesh: Mesh) -> bool:
 
 
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, mesh: Mesh) -> float:
-    """Scale the gradients so that their global norm is at most `max_norm`; returns the norm before."""
+    """Scale the gradients so that their global norm is at most `max_norm` (0: no clipping, as in
+    Megatron-LM and DeepSpeed; torch's own would scale every gradient to zero); returns the norm before."""
+    max_norm = max_norm if max_norm > 0 else math.inf
     params = [p for p in params if p.grad is not None]
     if not mesh.layout.model_parallel:
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()

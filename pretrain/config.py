@@ -78,7 +78,7 @@ class TrainConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the largest global gradient norm (larger ones are scaled down); 0: no clipping
     grad_accum: int = 1
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or "fp32", "bf16"
     # float32 matmuls on CUDA (the memory's state and update stay float32 under bf16 autocast): "ieee", or
@@ -314,6 +314,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    nonnegative = {"train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+                   "train.threads": t.threads, "data.num_workers": d.num_workers,
+                   "data.shuffle_buffer": d.shuffle_buffer, "data.max_corrupt_shards": d.max_corrupt_shards}
+    for name, value in nonnegative.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if not all(0 <= beta < 1 for beta in t.betas):
+        raise ConfigError(f"train.betas must both be in [0, 1) (AdamW's moment decays), got {t.betas}")
+    if t.eval_every and t.eval_batches < 1:
+        raise ConfigError(f"train.eval_batches must be >= 1 when train.eval_every={t.eval_every} validates "
+                          f"(train.eval_every=0 turns validation off), got {t.eval_batches}")
     if not 0 <= d.synthetic_rows < d.batch_size:
         raise ConfigError(f"data.synthetic_rows must be in [0, data.batch_size={d.batch_size}) (at least one "
                           f"text sequence per batch), got {d.synthetic_rows}")

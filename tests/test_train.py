@@ -217,6 +217,11 @@ def test_nonfinite_losses_are_skipped_then_stop_with_the_step(dataset, tmp_path,
     ("train.eval_tasks=mqar parallel.pp=2", "the whole model on every rank, and parallel.pp=2 splits it"),
     ("train.eval_tasks=mqar train.eval_task_pairs=-1", "train.eval_task_pairs must be >= 1"),
     ("train.profile_steps=0", "train.profile_steps >= 1, got 0 and 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0, got -0.1"),
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0, got -1.0"),
+    ("data.num_workers=-2", "data.num_workers must be >= 0, got -2"),
+    ("train.betas=0.9,1.0", "train.betas must both be in [0, 1) (AdamW's moment decays), got (0.9, 1.0)"),
+    ("train.eval_batches=0", "train.eval_batches must be >= 1 when train.eval_every=100 validates"),
     ("train.profile_start=299", "train.profile_steps=3 profiles past train.steps=300"),
 ])
 def test_bad_config_is_named(override, message):
@@ -349,3 +354,17 @@ def test_a_vocabulary_far_larger_than_the_datasets_is_warned_about(dataset, tmp_
     train(small_config(dataset, tmp_path / "b", "train.steps=1", "train.warmup_steps=0",
                        "model.vocab_size=320"))  # padded to a multiple of 64: common, not warned about
     assert "embedding rows no token uses" not in capsys.readouterr().out
+
+
+def test_grad_clip_zero_turns_clipping_off_instead_of_zeroing_the_gradients():
+    from types import SimpleNamespace
+
+    from parallel.grads import clip_grad_norm_
+
+    one_process = SimpleNamespace(layout=SimpleNamespace(model_parallel=False))
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert clip_grad_norm_([param], 0.0, one_process) == pytest.approx(5.0)
+    assert param.grad.tolist() == [3.0, 4.0, 0.0]
+    clip_grad_norm_([param], 1.0, one_process)
+    assert param.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
