@@ -316,7 +316,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     nonnegative = {"train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
                    "train.threads": t.threads, "data.num_workers": d.num_workers,
-                   "data.shuffle_buffer": d.shuffle_buffer, "data.max_corrupt_shards": d.max_corrupt_shards}
+                   "data.shuffle_buffer": d.shuffle_buffer, "data.max_corrupt_shards": d.max_corrupt_shards,
+                   "parallel.pp_microbatches": cfg.parallel.pp_microbatches}
     for name, value in nonnegative.items():
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")

@@ -183,6 +183,12 @@ def test_config_errors_name_the_field():
         TitansConfig(memory_grad_horizon=0)
     with pytest.raises(ValueError, match="mac_memory_input=.output. is not one of residual, attention"):
         TitansConfig(mac_memory_input="output")
+    for field, value, message in [("memory_max_grad_norm", 0.0, r"must be > 0 \(or null: no clipping\)"),
+                                  ("memory_theta_max", -1.0, r"must be > 0 \(or null: 1/memory_chunk\)"),
+                                  ("n_persistent", -1, "must be >= 0"), ("memory_depth", 0, "must be >= 1"),
+                                  ("norm_eps", 0.0, "must be > 0"), ("memory_hidden", -4, "must be >= 1")]:
+        with pytest.raises(ValueError, match=f"{field} {message}"):
+            TitansConfig(**{field: value})
 
 
 def test_mac_memory_input_is_what_the_memory_writes():

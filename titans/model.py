@@ -101,6 +101,21 @@ class TitansConfig:
                              f"{', '.join(MAC_MEMORY_INPUTS)}")
         if self.memory_kernel not in CHUNK_STEPS:
             raise ValueError(f"memory_kernel={self.memory_kernel!r} is not one of {', '.join(CHUNK_STEPS)}")
+        for name in ("head_dim", "ffn_hidden", "memory_heads", "memory_head_dim", "memory_hidden",
+                     "memory_depth", "memory_conv_kernel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_persistent", "mac_memory_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_base", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        nulls = {"memory_theta_max": "1/memory_chunk", "memory_max_grad_norm": "no clipping"}
+        for name, null in nulls.items():  # 0 would stop the memory learning
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 (or null: {null}), got {value}")
         if self.memory_grad_horizon is not None and self.memory_grad_horizon < 1:
             raise ValueError(f"memory_grad_horizon={self.memory_grad_horizon} must be >= 1 chunk "
                              "(or null: never cut)")
