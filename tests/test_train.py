@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import yaml
 from run_helpers import small_config
 
 import pretrain.engine as engine_module
+from data_pipeline.loader import DataError
 from pretrain import synthetic
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pretrain.config import ConfigError, load_config
@@ -368,3 +370,17 @@ def test_grad_clip_zero_turns_clipping_off_instead_of_zeroing_the_gradients():
     assert param.grad.tolist() == [3.0, 4.0, 0.0]
     clip_grad_norm_([param], 1.0, one_process)
     assert param.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_validation_set_of_another_tokenizer_is_refused(dataset, tmp_path):
+    other = tmp_path / "val"
+    shutil.copytree(dataset, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"] = {"type": "huggingface", "path": "tok.json", "sha256": "0" * 64, "vocab_size": 257,
+                             "eos_id": 256}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    expected = (r"data.val=.* was tokenised with huggingface tok.json \(vocabulary 257\), data.train=.* with "
+                r"bytes \(vocabulary 257\): prepare both with one tokenizer")
+    with pytest.raises(DataError, match=expected):
+        train(small_config(dataset, tmp_path / "run", f"data.val={other}", "train.steps=1",
+                           "train.warmup_steps=0"))
