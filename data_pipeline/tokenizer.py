@@ -33,6 +33,19 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def tokenizer_mismatch(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str] | None:
+    """None when two manifests' tokenizer records (`describe()`) name one tokenizer (wherever its file
+    lies: the checksum decides), else the two in words, for an error message."""
+    def key(info: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in info.items() if k != "path"}
+
+    def words(info: dict[str, Any]) -> str:
+        where = f" {info['path']}" if info.get("path") else ""
+        return f"{info.get('type', '?')}{where} (vocabulary {info.get('vocab_size', '?')})"
+
+    return None if key(a) == key(b) else (words(a), words(b))
+
+
 class ByteTokenizer:
     """UTF-8 bytes 0..255 plus EOS = 256: the default for tiny runs; needs no training or files."""
 

@@ -14,6 +14,7 @@ from data_pipeline.corpus import default_corpus_files
 from data_pipeline.loader import DataError, Source, TokenLoader, TokenStream
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import MANIFEST, Manifest
+from data_pipeline.tokenizer import tokenizer_mismatch
 from pretrain import synthetic
 from pretrain.batch import Batch, as_batch
 from pretrain.config import DataConfig, RunConfig
@@ -119,12 +120,6 @@ class SyntheticMix:
         self.generated = state["generated"]
 
 
-def describe_tokenizer(info: dict[str, Any]) -> str:
-    """A manifest's tokenizer record in a few words: its type, file and vocabulary."""
-    where = f" {info['path']}" if info.get("path") else ""
-    return f"{info.get('type', '?')}{where} (vocabulary {info.get('vocab_size', '?')})"
-
-
 def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[[], None] = lambda: None,
                   is_main: bool | None = None
                   ) -> tuple[TokenLoader | RepeatedPassages | SyntheticMix,
@@ -167,10 +162,10 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
         raise DataError(f"{err}: set data.val to a dataset with a validation split, or train.eval_every=0 "
                         "to train without validation") from err
     if d.val:  # a validation loss over other tokens than training's would be a number about nothing
-        theirs, ours = Manifest.read(d.val).tokenizer, manifest.tokenizer
-        if {k: v for k, v in theirs.items() if k != "path"} != {k: v for k, v in ours.items() if k != "path"}:
-            raise DataError(f"data.val={d.val} was tokenised with {describe_tokenizer(theirs)}, data.train="
-                            f"{d.train} with {describe_tokenizer(ours)}: prepare both with one tokenizer")
+        mismatch = tokenizer_mismatch(Manifest.read(d.val).tokenizer, manifest.tokenizer)
+        if mismatch:
+            raise DataError(f"data.val={d.val} was tokenised with {mismatch[0]}, data.train={d.train} with "
+                            f"{mismatch[1]}: prepare both with one tokenizer")
     # few validation shards: every rank evaluates the same batches (the mean is the same)
     val_rank, val_size = (dp_rank, dp_size) if val_shards >= dp_size else (0, 1)
 

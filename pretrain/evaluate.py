@@ -57,6 +57,8 @@ def val_batches(run_config: dict[str, Any], data: str | None = None, batch_size:
     """(B, seq_len + 1) batches of the run's validation split, in order, one pass (seq_len: the run's
     `data.seq_len` unless given)."""
     from data_pipeline.loader import Source, TokenLoader, TokenStream
+    from data_pipeline.shards import MANIFEST, Manifest
+    from data_pipeline.tokenizer import tokenizer_mismatch
 
     d = run_config.get("data", {})
     path = data or d.get("val") or d.get("train")
@@ -64,6 +66,12 @@ def val_batches(run_config: dict[str, Any], data: str | None = None, batch_size:
         raise ValueError("the checkpoint's config names no dataset: pass --data")
     if not Path(path).exists() and "://" not in str(path) and not str(path).startswith("pipe:"):
         raise FileNotFoundError(f"dataset {path} (from the run's config) does not exist here: pass --data")
+    trained_on = d.get("train")
+    if data and (Path(data) / MANIFEST).is_file() and trained_on and (Path(trained_on) / MANIFEST).is_file():
+        mismatch = tokenizer_mismatch(Manifest.read(data).tokenizer, Manifest.read(trained_on).tokenizer)
+        if mismatch:  # a perplexity over other tokens than the model's would be a number about nothing
+            raise ValueError(f"--data {data} was tokenised with {mismatch[0]}, the run's data.train "
+                             f"{trained_on} with {mismatch[1]}: prepare it with the run's tokenizer")
     stream = TokenStream([Source(str(path), split="val")], seq_len or d.get("seq_len", 256), batch_size or
                          d.get("batch_size", 8), epochs=1, shuffle=False,
                          max_corrupt_shards=d.get("max_corrupt_shards", 0))

@@ -312,6 +312,21 @@ def test_evaluate_cli_writes_json_markdown_and_tensorboard(run, tmp_path, capsys
     assert "| mqar | 2 | 32 |" in capsys.readouterr().out
 
 
+def test_perplexity_on_data_of_another_tokenizer_is_refused(run, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run["data"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"] = {"type": "sentencepiece", "path": "sp.model", "sha256": "0" * 64,
+                             "vocab_size": 257, "eos_id": 256}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert evaluate_main(["--checkpoint", str(run["dir"]), "--tasks", "ppl", "--data", str(other),
+                          "--tensorboard", "none", "--out", str(tmp_path / "r.json")]) == 2
+    assert "was tokenised with sentencepiece sp.model (vocabulary 257), the run's data.train" in \
+        capsys.readouterr().err
+
+
 def test_evaluate_cli_errors(tmp_path, capsys):
     assert evaluate_main(["--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
