@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -151,30 +153,62 @@ def _done_line(run: Run, loss: float, seconds: float | None = None) -> str:
     return f"{run.name}: N={run.n_params:,} D={run.tokens:,} val loss {loss:.4f}{took}"
 
 
-def run_local(runs: list[Run], base: str | None) -> None:
-    """One run after another in this machine's processes; each run's output in <out_dir>/train.log."""
+def local_slots(jobs: int) -> list[dict[str, str]]:
+    """The environment of each of `jobs` concurrent runs: a GPU each when there are that many (named as
+    CUDA_VISIBLE_DEVICES names them), else an equal share of the CPU cores as OpenMP threads."""
+    import torch
+
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if jobs > len(devices):
+            raise ConfigError(f"--jobs {jobs}: one GPU per run, and {len(devices)} are visible")
+        return [{"CUDA_VISIBLE_DEVICES": devices[i]} for i in range(jobs)]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return [{"OMP_NUM_THREADS": str(threads)} if jobs > 1 else {} for _ in range(jobs)]
+
+
+def run_local(runs: list[Run], base: str | None, slots: list[dict[str, str]]) -> None:
+    """The runs in this machine's processes, one per slot at a time (local_slots); each run's output in
+    <out_dir>/train.log. After a failure no new run starts; the running ones finish (their results are
+    kept, as every finished run's), then the failure is raised with its log's end."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not sys.stderr.isatty())
-    for number, run in enumerate(runs, 1):
-        bar.set_postfix_str(run.name)
-        if bar.disable:  # a log, not a terminal: a line per run instead of the bar
-            print(f"run {number}/{len(runs)}: {run.name} (log {Path(run.out_dir) / 'train.log'})", flush=True)
-        Path(run.out_dir).mkdir(parents=True, exist_ok=True)
-        log = Path(run.out_dir) / "train.log"
-        started = time.monotonic()
-        with open(log, "w") as handle:
-            code = subprocess.call([sys.executable, "-m", "pretrain.train"]
-                                   + (["--config", base] if base else []) + run.overrides,
-                                   stdout=handle, stderr=subprocess.STDOUT)
-        loss = final_val_loss(run)
-        if code != 0 or loss is None:
-            bar.close()
-            tail = log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"run {run.name} failed (exit {code}); its log {log} ends:\n{tail}")
-        bar.write(_done_line(run, loss, time.monotonic() - started))
-        bar.update()
+    free = list(slots)
+    pending = list(enumerate(runs, 1))
+    running: dict[subprocess.Popen, tuple[Run, dict[str, str], float, Any]] = {}
+    failed: list[str] = []
+    while running or (pending and not failed):
+        while pending and free and not failed:
+            number, run = pending.pop(0)
+            slot = free.pop(0)
+            bar.set_postfix_str(run.name)
+            log = Path(run.out_dir) / "train.log"
+            if bar.disable:  # a log, not a terminal: a line per run instead of the bar
+                print(f"run {number}/{len(runs)}: {run.name} (log {log})", flush=True)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log, "w")  # noqa: SIM115 - closed when the run ends
+            proc = subprocess.Popen([sys.executable, "-m", "pretrain.train"]
+                                    + (["--config", base] if base else []) + run.overrides,
+                                    stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **slot})
+            running[proc] = (run, slot, time.monotonic(), handle)
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            run, slot, started, handle = running.pop(proc)
+            handle.close()
+            free.append(slot)
+            loss = final_val_loss(run)
+            if proc.returncode != 0 or loss is None:
+                log = Path(run.out_dir) / "train.log"
+                tail = log.read_text(errors="replace")[-2000:]
+                failed.append(f"run {run.name} failed (exit {proc.returncode}); its log {log} ends:\n{tail}")
+                continue
+            bar.write(_done_line(run, loss, time.monotonic() - started))
+            bar.update()
     bar.close()
+    if failed:
+        raise RuntimeError("\n".join(failed))
 
 
 def run_slurm(runs: list[Run], base: str | None, out: Path, args: argparse.Namespace) -> None:
@@ -227,7 +261,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--family", required=True, help="family YAML: base, overrides, sizes, tokens")
     p.add_argument("--out", required=True, help="sweep folder: one run folder per size x budget, the results")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run, e.g. data.train=DIR")
-    p.add_argument("--local", action="store_true", help="run here, one run after another (default: Slurm)")
+    p.add_argument("--local", action="store_true", help="run here, --jobs at a time (default: Slurm)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with --local: runs at once, each on its own GPU, or without GPUs on an equal share "
+                        "of the CPU cores (default 1)")
     p.add_argument("--report-only", action="store_true", help="train nothing: fit and report finished runs")
     p.add_argument("--dry-run", action="store_true", help="print the sweep (N, D, steps per run) and stop")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
@@ -247,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = Path(args.out).resolve()
     try:
+        if args.jobs < 1 or (args.jobs > 1 and not args.local):
+            raise ConfigError(f"--jobs {args.jobs}: a number >= 1 of runs at once with --local (on Slurm: "
+                              "--max-parallel)")
         family = load_family(args.family)
         runs = build_sweep(family, out, list(args.overrides), check_data=not args.report_only)
+        slots = local_slots(args.jobs) if args.local else []
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -265,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         try:
             if args.local:
-                run_local(todo, family.base)
+                run_local(todo, family.base, slots)
             else:
                 run_slurm(todo, family.base, out, args)
         except RuntimeError as err:

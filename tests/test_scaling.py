@@ -110,12 +110,13 @@ def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
         "tokens: [640, 1920]\n")  # 10 and 30 steps of 64 tokens
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "pretrain.scaling", "--family", str(family), "--out", str(out),
-               "--local"]
+               "--local", "--jobs", "2"]  # two at a time, a core each
     done = subprocess.run(command + ["--bootstrap", "4"], cwd=ROOT, capture_output=True, text=True,
                           timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "s64-D1920: N=" in done.stdout and "val loss" in done.stdout  # a line per finished run
     assert "run 1/6: s16-D640" in done.stdout and "\r" not in done.stdout + done.stderr  # a log, no bar
+    assert done.stdout.count(" val loss ") == 6
     assert "fit of 6 runs" in done.stdout and "compute-optimal" in done.stdout
     table = (out / "results.md").read_text()
     assert table.count("\n") == 2 + 6 and "| s16-D640 |" in table
@@ -126,3 +127,19 @@ def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
     again = subprocess.run(command + ["--bootstrap", "0"], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0 and "training" not in again.stdout, again.stdout + again.stderr
+
+
+def test_a_failed_run_stops_new_ones_and_is_reported_with_its_log(tmp_path, monkeypatch):
+    from pretrain import scaling
+
+    family = tmp_path / "family.yaml"
+    family.write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\noverrides: [data.seq_len=64, "
+                      f"data.batch_size=32]\n{SWEEP}tokens: [2048, 4096]\n")
+    runs = build_sweep(load_family(str(family)), tmp_path / "out", [])
+    for run in runs:  # a trainer that fails at once, in the real subprocess machinery
+        run.overrides = ["train.steps=oops"]
+    with pytest.raises(RuntimeError, match=r"run a-D2048 failed \(exit 2\); its log .*train.log ends:\n.*"
+                                           r"train.steps: 'oops' is not a valid int"):
+        scaling.run_local(runs, None, [{}, {}])
+    started = [r.name for r in runs if (Path(r.out_dir) / "train.log").exists()]
+    assert started == ["a-D2048", "a-D4096"]  # the two slots' runs; none after the failure
