@@ -261,9 +261,9 @@ def check_memory(cfg: RunConfig, mesh: Mesh, precision: str) -> None:
 
 def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Path | None:
     """The checkpoint to resume from: `train.resume_from` (a checkpoint, verified, an error if bad; or a
-    run folder, its newest good checkpoint), else the newest
-    good one in out_dir (newer corrupt ones reported and skipped), else None. Rank 0 reads the files;
-    every rank gets its verdict, so no rank is left waiting on one that failed."""
+    run folder, its newest good checkpoint), else the newest good one in out_dir (newer corrupt ones
+    reported and skipped), else None. Rank 0 reads the files; every rank gets its verdict, so no rank is
+    left waiting on one that failed."""
     t = cfg.train
     verdict: tuple[str | None, list[str], str | None] = (None, [], None)  # (path, skipped, error)
     if mesh.is_main:
