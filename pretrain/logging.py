@@ -44,10 +44,14 @@ def describe_figures(figures: dict[str, float]) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: Path) -> None:
+    """TensorBoard scalars. A resumed run passes `purge_step` (the checkpoint's step + 1): the events a
+    crashed invocation logged after its last checkpoint are then dropped by TensorBoard, instead of the
+    steps it trains again showing twice as a zigzag."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():

@@ -419,7 +419,8 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(mesh.device) * mesh.world_size
     memories = engine.memories()
-    logger = MetricsLogger(out / "tensorboard") if mesh.is_main else None
+    purge = step + 1 if ckpt is not None else None  # what a crashed invocation logged past its checkpoint
+    logger = MetricsLogger(out / "tensorboard", purge) if mesh.is_main else None
     if logger:
         logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     vocab = padded_vocab(cfg.model.vocab_size, p.tp)

@@ -320,3 +320,18 @@ def test_an_out_dir_that_is_not_one_folder_for_every_rank_stops_the_run_at_start
     refusal = results["local"]
     assert re.match(rf"train.out_dir={tmp_path / 'node0' / 'run'} is not one folder for every rank: rank 1 "
                     r"on \S+ cannot see the file rank 0 on \S+ wrote there", refusal), refusal
+
+
+def test_steps_trained_again_after_a_crash_show_once_in_tensorboard(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(small_config(dataset, out, "train.steps=10", "train.log_every=1"))
+    shutil.rmtree(list_checkpoints(out)[-1])  # as if it had crashed after logging step 10, before saving it
+    (out / "checkpoints" / "latest").unlink()
+    resumed = train(small_config(dataset, out, "train.steps=10", "train.log_every=1"))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(1, 11))  # 6-10 of the first invocation purged, not shown twice
+    assert [e.value for e in events.Scalars("train/loss")][5:] == pytest.approx(resumed.losses[5:])
