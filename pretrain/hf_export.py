@@ -7,6 +7,7 @@
     dir/model.safetensors         the weights, keys prefixed `model.` (a tied head stored once)
     dir/generation_config.json    greedy by default, the end-of-document id
     dir/tokenizer.json, tokenizer_config.json, ...   the run's tokenizer (byte-level: built here)
+    dir/README.md                 the model card: what the model is, its training, how to load it
 
 Copying `titans/` rather than maintaining a second model file keeps one source of truth: the export
 runs the very code that was trained.
@@ -103,6 +104,62 @@ def save_tokenizer(tokenizer: Any | None, eos_id: int | None, out: Path) -> str:
     return f"no tokenizer files (convert {path} to a tokenizer.json to include it)"
 
 
+def model_card(cfg: TitansConfig, n_params: int, tokenizer_note: str,
+               training_state: dict[str, Any] | None) -> str:
+    """README.md of the export: the Hugging Face Hub shows it as the model card. What the model is, how
+    it was trained (when the export carries the run's state) and how to load it."""
+    memory = (f"an MLP of depth {cfg.memory_depth} per head ({cfg.memory_heads} heads of "
+              f"{cfg.memory_head_dim}, hidden {cfg.memory_hidden}), updated every {cfg.memory_chunk} tokens")
+    rows = [("blocks", cfg.layers + f" ({cfg.n_layers} layers)"), ("parameters", f"{n_params:,}"),
+            ("width, heads", f"{cfg.dim}, {cfg.n_heads}"),
+            ("attention window, MAC segment", f"{cfg.window}, {cfg.segment_len} tokens"),
+            ("persistent memory tokens", str(cfg.n_persistent)), ("long-term memory", memory),
+            ("vocabulary", f"{cfg.vocab_size:,}; {tokenizer_note}")]
+    if training_state is not None and training_state.get("config"):
+        run, layout = training_state["config"], training_state.get("layout") or {}
+        data, train = run.get("data", {}), run.get("train", {})
+        per_step = (data.get("batch_size", 0) * data.get("seq_len", 0) * train.get("grad_accum", 1)
+                    * layout.get("dp", 1))
+        step = training_state.get("step") or 0
+        losses = training_state.get("losses") or []
+        rows += [("trained", f"{step:,} steps of {per_step:,} tokens ({step * per_step:,} tokens) on "
+                             f"{data.get('train', '?')}, sequences of {data.get('seq_len', '?')}"),
+                 ("last training loss", f"{losses[-1]:.4f}" if losses else "-")]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [titans, neural-memory, long-context]
+---
+
+# Titans ({cfg.layers}, {n_params:,} parameters)
+
+A Titans language model (Behrouz, Zhong, Mirrokni, *Titans: Learning to Memorize at Test Time*, arXiv
+2501.00663): a long-term memory that is a small network trained at test time, by gradient descent with
+momentum and weight decay, beside sliding-window attention and persistent memory tokens.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = "."  # this folder, or its id on the Hub
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+ids = tokenizer("def main(", return_tensors="pt").input_ids
+print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))
+```
+
+The model code is in this folder (`model.py`, `memory.py`, ...), so only torch and transformers are
+needed. Generation carries each layer's memory state (`TitansCache`): memory use is constant in the
+length of the text. `training_state.pt`, when present, lets the training stack resume the run from here.
+"""
+
+
 def export_hf(weights: dict[str, Tensor], cfg: TitansConfig, out: Path, tokenizer: Any | None,
               eos_id: int | None, training_state: dict[str, Any] | None = None) -> list[str]:
     """Write the directory (see the module docstring); returns notes for the user."""
@@ -130,6 +187,9 @@ def export_hf(weights: dict[str, Tensor], cfg: TitansConfig, out: Path, tokenize
     save_weights({k: v.float() for k, v in weights.items()}, out / WEIGHTS_FILE, cfg.tie_embeddings,
                  prefix="model.")
     notes = [save_tokenizer(tokenizer, eos_id, out)]
+    n_params = sum(v.numel() for k, v in weights.items() if not (cfg.tie_embeddings and k == "head.weight"))
+    (out / "README.md").write_text(model_card(cfg, n_params, notes[0], training_state))
+    notes.append("README.md (model card)")
     if training_state is not None:
         torch.save(training_state, out / TRAINING_STATE)
         notes.append(f"training state at step {training_state['step']} ({TRAINING_STATE}, for resuming)")

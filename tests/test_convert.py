@@ -107,6 +107,8 @@ def test_hugging_face_export_equals_our_model_where_titans_is_not_importable(con
         ours = model(torch.tensor([tokens]))[0][0]
     torch.testing.assert_close(torch.tensor(theirs["logits"]), ours, rtol=1e-5, atol=1e-5)
     assert theirs["prompt"] == PROMPT  # the exported byte tokenizer encodes as ours does
+    card = (hf / "README.md").read_text()
+    assert "| trained | 3 steps of " in card and "| last training loss | " in card
     greedy = generate(model, torch.tensor([PROMPT]), NEW_TOKENS)[0, len(PROMPT):].tolist()
     assert theirs["generated"] == greedy
     cli = subprocess.run([sys.executable, "-m", "pretrain.generate", "--checkpoint", str(converted["step3"]),
@@ -135,6 +137,11 @@ def test_every_block_kind_exports(layers: str, tmp_path: Path) -> None:
     with torch.no_grad():
         ours = model(torch.tensor([tokens]))[0][0]
     torch.testing.assert_close(torch.tensor(theirs["logits"]), ours, rtol=1e-5, atol=1e-5)
+    card = (tmp_path / "hf" / "README.md").read_text()  # the model card, without a run behind it
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert f"| blocks | {layers} (2 layers) |" in card
+    assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in card
+    assert "trust_remote_code=True" in card and "| trained |" not in card
 
 
 def test_safetensors_round_trip(converted, tmp_path: Path) -> None:
