@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         first, last = result.losses[0], result.losses[-1]
         print(f"\ndone: {result.last_step} steps, loss {first:.3f} → {last:.3f}"
               + (f", {result.skipped_steps} skipped" if result.skipped_steps else ""))
-        print(f"checkpoint:  {result.checkpoint}")
+        print(f"checkpoint:  {Path(result.checkpoint).resolve()}")
         print(f"config:      {out / 'config.yaml'}")
         print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}   (then open http://localhost:6006)")
     mesh.close()
