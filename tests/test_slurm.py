@@ -149,3 +149,30 @@ def test_killing_one_task_ends_the_job_with_an_error_within_two_minutes(slurm, d
     assert "task 1: Exited with exit code 137" in log, log
     print(f"job {job} ended {seconds:.1f} s after rank 1 was killed")
     assert seconds < 120
+
+
+@pytest.mark.timeout(400)
+def test_a_scaling_sweep_runs_as_an_array_job_and_is_fitted(slurm, dataset, tmp_path):
+    """`python -m pretrain.scaling` without --local: one array task per run, followed to the end, then
+    the fit (the same family as the local sweep's test, tests/test_scaling.py)."""
+    family = tmp_path / "family.yaml"
+    family.write_text(
+        f"base: {ROOT / 'configs' / 'tiny.yaml'}\n"
+        f"overrides: [data.train={dataset}, data.default_corpus=false, data.seq_len=32, data.batch_size=2,\n"
+        "  model.window=8, model.segment_len=16, model.memory_chunk=8, train.eval_batches=2]\n"
+        "sizes:\n  s16: [model.dim=16, model.n_heads=2]\n  s32: [model.dim=32, model.n_heads=2]\n"
+        "  s64: [model.dim=64, model.n_heads=2]\n"
+        "tokens: [640, 1280]\n")  # 10 and 20 steps of 64 tokens
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "pretrain.scaling", "--family", str(family), "--out", str(out),
+               "--time", "00:10:00", "--bootstrap", "2"]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=360)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", "--name", f"scaling-{out.name}"], env=slurm, capture_output=True,
+                       timeout=30)
+        pytest.fail(f"the sweep did not end within 360 s\n{log_tail(out / 'slurm')}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log_tail(out / "slurm")
+    assert "submitted array job" in done.stdout and "(6 runs)" in done.stdout
+    assert done.stdout.count(" val loss ") == 6 and "fit of 6 runs" in done.stdout
+    assert (out / "fit.json").is_file() and (out / "scaling.png").is_file()
