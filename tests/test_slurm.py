@@ -1,6 +1,7 @@
 """The training job under a real Slurm (the local one-node cluster, slurm/local_cluster.sh): a 2-task job
 trains; a job warned with USR1 saves, requeues itself and resumes to the same end, bitwise, as an
-uninterrupted one; a killed task ends the job with an error in seconds.
+uninterrupted one; a killed task ends the job with an error in seconds; a scaling sweep runs as an array
+job and is fitted.
 
 Needs the cluster: skipped without it, failed without it under REQUIRE_SLURM=1 (.ci/run). Each job runs
 under a deadline: a hang is cancelled and fails the test with the job's log.
