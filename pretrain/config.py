@@ -245,6 +245,36 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     tree.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word: `lr` given twice in a file would train
+    with whichever came second. This loader refuses them, naming the key and its line."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"key {key!r} appears twice (lines {seen[key]} and {line})")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file; invalid YAML and duplicate keys are ConfigErrors naming the file (and key and lines)."""
+    try:
+        with open(path) as handle:  # a stream, so that YAML's errors name the file
+            return yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML file (or start from defaults when path is None), apply overrides, validate."""
     tree: dict[str, Any] = {}
@@ -252,10 +282,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path}: expected a mapping of {'/'.join(SECTIONS)} sections")
     return build_config(tree, overrides)

@@ -20,9 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError, load_config, read_yaml
 from titans.model import TitansConfig, TitansLM, count_parameters
 
 FAMILY_KEYS = ("base", "overrides", "sizes", "tokens")
@@ -51,7 +49,7 @@ def load_family(path: str) -> Family:
     """A family file, checked: unknown keys, empty lists and wrong types name the field and the file."""
     file = Path(path)
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
+        raw = read_yaml(file) or {}
     except OSError as err:
         raise ConfigError(f"--family {path}: {err.strerror}") from None
     if not isinstance(raw, dict) or set(raw) - set(FAMILY_KEYS):

@@ -231,6 +231,16 @@ def test_bad_config_is_named(override, message):
         load_config(ROOT / "configs" / "tiny.yaml", override.split())
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\n  steps: 5\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: key 'lr' appears twice \(lines 2 and 4\)"):
+        load_config(path)
+    path.write_text("train: [\n")
+    with pytest.raises(ConfigError, match=r'(?s)run.yaml is not valid YAML: .*in ".*run.yaml", line 2'):
+        load_config(path)
+
+
 def test_command_line_spellings_of_tuples_and_null_are_read():
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.betas=0.9,0.99", "train.resume_from=None"])
     assert cfg.train.betas == (0.9, 0.99) and cfg.train.resume_from is None
