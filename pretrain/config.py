@@ -8,6 +8,7 @@ An unknown key is an error that lists the valid ones; a value of the wrong type 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -119,6 +120,11 @@ class TrainConfig:
     # and a table of ops per rank under out_dir/profile/ (pretrain/profiling.py)
     profile_start: int = 0
     profile_steps: int = 3
+    # Weights & Biases (pip install wandb): the TensorBoard scalars also to this project ("": off), one
+    # run per out_dir, continued on resume. WANDB_MODE=offline where nodes have no internet (then wandb sync)
+    wandb_project: str = ""
+    wandb_entity: str = ""  # team or user (default: the logged-in account's)
+    wandb_name: str = ""  # run name (default: the out_dir's folder name)
 
 
 PP_SCHEDULES = ("1f1b", "interleaved", "gpipe")
@@ -335,6 +341,9 @@ def validate(cfg: RunConfig) -> None:
                           f"got {t.cpu_allocator!r}")
     if t.compile:
         validate_compile(cfg)
+    if t.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb_project={t.wandb_project!r} needs Weights & Biases: pip install "
+                          "wandb (or pip install -e '.[wandb]')")
     if not 0 <= t.warmup_steps < t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
     if not 0 <= t.min_lr_ratio <= 1:

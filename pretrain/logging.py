@@ -1,10 +1,13 @@
-"""TensorBoard scalars, a progress bar for the terminal, and the peak FLOP/s used for MFU."""
+"""TensorBoard (and optionally Weights & Biases) scalars, a progress bar for the terminal, and the peak
+FLOP/s used for MFU."""
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,25 +46,55 @@ def describe_figures(figures: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-class MetricsLogger:
-    """TensorBoard scalars. A resumed run passes `purge_step` (the checkpoint's step + 1): the events a
-    crashed invocation logged after its last checkpoint are then dropped by TensorBoard, instead of the
-    steps it trains again showing twice as a zigzag."""
+WANDB_ID_FILE = "wandb_id"  # in out_dir: a resumed run continues its Weights & Biases run
 
-    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
+
+class MetricsLogger:
+    """TensorBoard scalars, and the same to Weights & Biases when `wandb` names a project.
+
+    A resumed run passes `purge_step` (the checkpoint's step + 1): TensorBoard then drops the events a
+    crashed invocation logged after its last checkpoint, instead of the steps trained again showing twice
+    as a zigzag. Weights & Biases keeps one run per out_dir (its id in `wandb_id`), and its charts use the
+    training step as their x axis (`trainer/step`), since its own step counter may not go back."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None, wandb: dict[str, Any] | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        self.wandb = None
+        if wandb:
+            self.wandb = start_wandb(log_dir.parent, wandb, run_config or {})
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log({**values, "trainer/step": step})
 
     def text(self, name: str, value: str) -> None:
         self.writer.add_text(name, f"```\n{value}\n```")
 
     def close(self) -> None:
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(out_dir: Path, settings: dict[str, Any], run_config: dict[str, Any]) -> Any:
+    """A Weights & Biases run under out_dir/wandb: a new one, or the one whose id out_dir keeps. Offline
+    where the nodes have no internet: WANDB_MODE=offline, then `wandb sync out_dir/wandb/offline-run-*`."""
+    import wandb
+
+    id_file = out_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    run = wandb.init(project=settings["project"], entity=settings.get("entity") or None,
+                     name=settings.get("name") or out_dir.name, id=run_id, resume="allow",
+                     dir=str(out_dir), config=run_config)
+    id_file.write_text(run_id + "\n")
+    run.define_metric("trainer/step")
+    run.define_metric("*", step_metric="trainer/step")
+    return run
 
 
 class ProgressBar:

@@ -420,7 +420,10 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     peak = peak_flops(mesh.device) * mesh.world_size
     memories = engine.memories()
     purge = step + 1 if ckpt is not None else None  # what a crashed invocation logged past its checkpoint
-    logger = MetricsLogger(out / "tensorboard", purge) if mesh.is_main else None
+    wandb_settings = {"project": t.wandb_project, "entity": t.wandb_entity, "name": t.wandb_name} \
+        if t.wandb_project else None
+    logger = MetricsLogger(out / "tensorboard", purge, wandb_settings, cfg.to_dict()) \
+        if mesh.is_main else None
     if logger:
         logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     vocab = padded_vocab(cfg.model.vocab_size, p.tp)

@@ -394,3 +394,57 @@ def test_a_validation_set_of_another_tokenizer_is_refused(dataset, tmp_path):
     with pytest.raises(DataError, match=expected):
         train(small_config(dataset, tmp_path / "run", f"data.val={other}", "train.steps=1",
                            "train.warmup_steps=0"))
+
+
+class FakeWandb:
+    """What the training job asks of `wandb`, recorded."""
+
+    def __init__(self) -> None:
+        import importlib.machinery
+
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # as an installed module has
+        self.inits: list[dict] = []
+        self.rows: list[dict] = []
+        self.metrics: list[tuple] = []
+        self.finished = 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def define_metric(self, *args, **kwargs) -> None:
+        self.metrics.append((args, kwargs))
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+def test_weights_and_biases_gets_the_scalars_against_the_step_and_one_run_per_out_dir(
+        dataset, tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    train(small_config(dataset, out, "train.steps=4", "train.log_every=2", "train.wandb_project=titans",
+                       "train.stop_after_steps=2"))
+    train(small_config(dataset, out, "train.steps=4", "train.log_every=2", "train.wandb_project=titans"))
+    first, second = fake.inits
+    assert first["project"] == "titans" and first["name"] == "run" and first["resume"] == "allow"
+    assert second["id"] == first["id"] == (out / "wandb_id").read_text().strip()  # the resume continues it
+    assert first["config"]["train"]["steps"] == 4 and first["dir"] == str(out)
+    assert (("*",), {"step_metric": "trainer/step"}) in fake.metrics and fake.finished == 2
+    losses = [(row["trainer/step"], row["train/loss"]) for row in fake.rows if "train/loss" in row]
+    assert [step for step, _ in losses] == [1, 2, 4]
+
+
+def test_weights_and_biases_offline_writes_a_run_to_sync(dataset, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    train(small_config(dataset, out, "train.steps=2", "train.warmup_steps=0", "train.log_every=1",
+                       "train.wandb_project=titans"))
+    records = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1 and b"train/loss" in records[0].read_bytes()
+    assert records[0].name == f"run-{(out / 'wandb_id').read_text().strip()}.wandb"
