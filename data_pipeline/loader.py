@@ -288,7 +288,7 @@ class TokenLoader:
     # what a resume needs unchanged, and the setting of a training run that decides it
     RESUME_SETTINGS = {"dp_rank": "the layout", "dp_size": "the layout: world / (tp · pp · sp)",
                        "num_workers": "data.num_workers", "seed": "data.seed",
-                       "sources": "the shards of data.train, and their split and weight"}
+                       "sources": "the shards of data.train and data.mix, and data.mix_weights"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the batches already consumed; the data layout must be the one saved."""

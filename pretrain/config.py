@@ -30,6 +30,11 @@ class DataConfig:
     train: str = "data/stdlib-bytes"
     val: str | None = None  # default: the validation split of `train`
     default_corpus: bool = True  # build the embedded corpus into `train` if it is missing
+    # more prepared datasets whose training splits are mixed into `train`'s, each sample drawn from one
+    # of them by mix_weights (one tokenizer for all; validation stays `val`, or `train`'s split)
+    mix: tuple[str, ...] = ()
+    # sampling weights of `train`, then of each of `mix` (default: their training tokens, as if concatenated)
+    mix_weights: tuple[float, ...] = ()
     seq_len: int = 256
     batch_size: int = 8  # sequences per optimizer step and data-parallel rank (before accumulation)
     num_workers: int = 0
@@ -205,9 +210,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         origin = typing.get_origin(option)
         if origin is tuple and typing.get_args(option)[-1] is Ellipsis:  # any length; "a,b" too
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-            if isinstance(items, (list, tuple)):
-                item = typing.get_args(option)[0]
-                return tuple(_coerce(path, v, item) for v in items)
+            items = items if isinstance(items, (list, tuple)) else [items]  # one item without a list
+            return tuple(_coerce(path, v, typing.get_args(option)[0]) for v in items)
         elif origin is tuple:  # fixed length; "a,b" too
             args = typing.get_args(option)
             items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
@@ -373,6 +377,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.repeat_passage={d.repeat_passage} twice plus data.repeat_min_gap="
                           f"{d.repeat_min_gap} must fit a row of data.seq_len + 1 = {d.seq_len + 1} tokens "
                           "(passage >= 1, gap >= 0)")
+    if d.mix_weights and len(d.mix_weights) != 1 + len(d.mix):
+        raise ConfigError(f"data.mix_weights has {len(d.mix_weights)} weight(s), for data.train and "
+                          f"data.mix's {len(d.mix)} dataset(s) it needs {1 + len(d.mix)}")
+    if not all(w > 0 for w in d.mix_weights):
+        raise ConfigError(f"data.mix_weights must all be > 0, got {d.mix_weights}")
     if d.repeat_weight <= 0:
         raise ConfigError(f"data.repeat_weight must be > 0 (the copy targets' loss weight), "
                           f"got {d.repeat_weight}")

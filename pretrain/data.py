@@ -37,6 +37,9 @@ def dataset_problem(cfg: RunConfig) -> str | None:
     built_here = d.default_corpus and _at_default_corpus_path(d.train)  # the job builds the embedded corpus
     if not (Path(d.train) / MANIFEST).is_file() and not built_here:
         return f"data.train={d.train}: no prepared dataset there ({MANIFEST} is missing)"
+    for path in d.mix:
+        if not (Path(path) / MANIFEST).is_file():
+            return f"data.mix: {path}: no prepared dataset there ({MANIFEST} is missing)"
     if d.val and cfg.train.eval_every:
         try:
             Source(d.val, split="val").resolve()
@@ -120,6 +123,30 @@ class SyntheticMix:
         self.generated = state["generated"]
 
 
+def mixture_sources(cfg: RunConfig, manifest: Manifest, report: bool) -> list[Source]:
+    """`data.train` and the datasets of `data.mix`, weighted: one tokenizer for all (a mixture of two
+    vocabularies would train on ids that mean different things), said at start when there are several."""
+    d = cfg.data
+    manifests = [manifest]
+    for path in d.mix:
+        try:
+            other = Manifest.read(path)
+        except FileNotFoundError as err:
+            raise DataError(f"data.mix: {path}: {err}") from err
+        mismatch = tokenizer_mismatch(other.tokenizer, manifest.tokenizer)
+        if mismatch:
+            raise DataError(f"data.mix: {path} was tokenised with {mismatch[0]}, data.train={d.train} with "
+                            f"{mismatch[1]}: prepare every dataset of a mixture with one tokenizer")
+        manifests.append(other)
+    weights = list(d.mix_weights) or [float(m.tokens("train")) for m in manifests]
+    sources = [Source(path, weight=w) for path, w in zip([d.train, *d.mix], weights, strict=True)]
+    if report and d.mix:
+        total = sum(weights)
+        print("data: " + ", ".join(f"{s.path} {s.weight / total:.1%}" for s in sources)
+              + " of the training samples", flush=True)
+    return sources
+
+
 def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[[], None] = lambda: None,
                   is_main: bool | None = None
                   ) -> tuple[TokenLoader | RepeatedPassages | SyntheticMix,
@@ -151,7 +178,8 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
               f"is {cfg.model.vocab_size:,}: {unused:,} embedding rows no token uses; set "
               f"model.vocab_size={manifest.vocab_size}", flush=True)
     text_rows = d.batch_size - d.synthetic_rows
-    train = TokenStream([Source(d.train)], d.seq_len, text_rows, dp_rank, dp_size, seed=d.seed,
+    sources = mixture_sources(cfg, manifest, dp_rank == 0 if is_main is None else is_main)
+    train = TokenStream(sources, d.seq_len, text_rows, dp_rank, dp_size, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer, max_corrupt_shards=d.max_corrupt_shards)
     if cfg.train.eval_every == 0:  # no validation: the split is never opened
         return _train_mix(TokenLoader(train, d.num_workers), cfg, dp_rank), lambda: iter(())

@@ -1,0 +1,84 @@
+"""Training on a mixture of prepared datasets (`data.mix`, `data.mix_weights`): each sample is drawn
+from one dataset by weight, the datasets must share a tokenizer, and the config names what is wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.loader import DataError
+from data_pipeline.prepare import prepare
+from pretrain.config import ConfigError, load_config
+from pretrain.data import build_loaders
+
+
+def one_letter_dataset(folder: Path, letter: str) -> Path:
+    """A dataset whose every token is `letter`: a row tells which dataset it came from."""
+    text = folder / "text"
+    text.mkdir(parents=True)
+    for i in range(20):
+        (text / f"{i}.txt").write_text(letter * 3000)
+    prepare([text / f"{i}.txt" for i in range(20)], folder / "data", sample_tokens=33, shard_samples=20,
+            val_fraction=0.1, progress=False)
+    return folder / "data"
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("mix")
+    return one_letter_dataset(tmp / "a", "a"), one_letter_dataset(tmp / "b", "b")
+
+
+def config(a: Path, *overrides: str):
+    return load_config(None, [f"data.train={a}", "data.default_corpus=false", "data.seq_len=32",
+                              "data.batch_size=8", "model.vocab_size=257", *overrides])
+
+
+def share_of_a(cfg, batches: int = 60) -> float:
+    loader, _ = build_loaders(cfg, 0, 1)
+    rows = [row for _, batch in zip(range(batches), loader) for row in batch]
+    return sum(int((row == ord("a")).sum() > (row == ord("b")).sum()) for row in rows) / len(rows)
+
+
+def test_samples_are_drawn_by_weight(datasets, capsys):
+    a, b = datasets
+    share = share_of_a(config(a, f"data.mix={b}", "data.mix_weights=3,1"))
+    assert 0.65 < share < 0.85  # 480 rows at 3:1
+    assert f"data: {a} 75.0%, {b} 25.0% of the training samples" in capsys.readouterr().out
+    assert 0.4 < share_of_a(config(a, f"data.mix={b}")) < 0.6  # by default as their tokens: equal here
+    assert share_of_a(config(a)) == 1.0
+
+
+def test_a_mixture_needs_one_tokenizer_and_a_weight_per_dataset(datasets, tmp_path):
+    a, b = datasets
+    other = tmp_path / "other"
+    shutil.copytree(b, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"] = {"type": "huggingface", "path": "t.json", "sha256": "0" * 64, "vocab_size": 257,
+                             "eos_id": 256}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"data.mix: {other} was tokenised with huggingface t.json"):
+        build_loaders(config(a, f"data.mix={other}"), 0, 1)
+    expected = r"data.mix_weights has 1 weight\(s\), for data.train and data.mix's 1 dataset\(s\) it needs 2"
+    with pytest.raises(ConfigError, match=expected):
+        config(a, f"data.mix={b}", "data.mix_weights=2")
+    with pytest.raises(ConfigError, match="data.mix_weights must all be > 0"):
+        config(a, f"data.mix={b}", "data.mix_weights=1,0")
+    with pytest.raises(DataError, match="data.mix: .*nowhere"):
+        build_loaders(config(a, f"data.mix={tmp_path / 'nowhere'}"), 0, 1)
+
+
+def test_a_mixture_trains_and_resumes_and_another_mixture_is_refused_on_resume(datasets, tmp_path):
+    from pretrain.train import train
+
+    a, b = datasets
+    small = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.window=8", "model.segment_len=16",
+             "model.memory_chunk=8", f"train.out_dir={tmp_path / 'run'}", "train.steps=4",
+             "train.warmup_steps=1", "train.eval_every=4", "train.eval_batches=1", "train.checkpoint_every=2"]
+    train(config(a, f"data.mix={b}", "data.mix_weights=1,1", *small, "train.stop_after_steps=2"))
+    assert train(config(a, f"data.mix={b}", "data.mix_weights=1,1", *small)).last_step == 4
+    with pytest.raises(DataError, match="set by the shards of data.train and data.mix, and data.mix_weights"):
+        train(config(a, f"data.mix={b}", "data.mix_weights=3,1", *small, "train.steps=6"))
