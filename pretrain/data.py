@@ -123,9 +123,10 @@ class SyntheticMix:
         self.generated = state["generated"]
 
 
-def mixture_sources(cfg: RunConfig, manifest: Manifest, report: bool) -> list[Source]:
+def mixture_sources(cfg: RunConfig, manifest: Manifest, dp_size: int, report: bool) -> list[Source]:
     """`data.train` and the datasets of `data.mix`, weighted: one tokenizer for all (a mixture of two
-    vocabularies would train on ids that mean different things), said at start when there are several."""
+    vocabularies would train on ids that mean different things). With `report`, one line says how much
+    of each dataset the run reads, in epochs: a run that repeats its data should know it does."""
     d = cfg.data
     manifests = [manifest]
     for path in d.mix:
@@ -140,10 +141,18 @@ def mixture_sources(cfg: RunConfig, manifest: Manifest, report: bool) -> list[So
         manifests.append(other)
     weights = list(d.mix_weights) or [float(m.tokens("train")) for m in manifests]
     sources = [Source(path, weight=w) for path, w in zip([d.train, *d.mix], weights, strict=True)]
-    if report and d.mix:
-        total = sum(weights)
-        print("data: " + ", ".join(f"{s.path} {s.weight / total:.1%}" for s in sources)
-              + " of the training samples", flush=True)
+    if report:
+        text_rows = d.batch_size - d.synthetic_rows
+        read = cfg.train.steps * text_rows * d.seq_len * cfg.train.grad_accum * dp_size  # text tokens
+        shares = [w / sum(weights) for w in weights]
+        epochs = [read * share / max(1, m.tokens("train")) for share, m in zip(shares, manifests)]
+        print("data: " + "; ".join(
+            f"{s.path}: {m.tokens('train'):,} tokens" + (f", {share:.1%} of the samples" if d.mix else "")
+            + f", {e:.2f} epochs in {cfg.train.steps:,} steps"
+            for s, m, share, e in zip(sources, manifests, shares, epochs)), flush=True)
+        repeated = [f"{s.path} ({e:.2f} epochs)" for s, e in zip(sources, epochs) if e > 1]
+        if repeated:
+            print(f"warning: this run reads {', '.join(repeated)} more than once", flush=True)
     return sources
 
 
@@ -178,7 +187,7 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
               f"is {cfg.model.vocab_size:,}: {unused:,} embedding rows no token uses; set "
               f"model.vocab_size={manifest.vocab_size}", flush=True)
     text_rows = d.batch_size - d.synthetic_rows
-    sources = mixture_sources(cfg, manifest, dp_rank == 0 if is_main is None else is_main)
+    sources = mixture_sources(cfg, manifest, dp_size, dp_rank == 0 if is_main is None else is_main)
     train = TokenStream(sources, d.seq_len, text_rows, dp_rank, dp_size, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer, max_corrupt_shards=d.max_corrupt_shards)
     if cfg.train.eval_every == 0:  # no validation: the split is never opened

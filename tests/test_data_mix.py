@@ -4,6 +4,7 @@ from one dataset by weight, the datasets must share a tokenizer, and the config 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,15 @@ def test_samples_are_drawn_by_weight(datasets, capsys):
     a, b = datasets
     share = share_of_a(config(a, f"data.mix={b}", "data.mix_weights=3,1"))
     assert 0.65 < share < 0.85  # 480 rows at 3:1
-    assert f"data: {a} 75.0%, {b} 25.0% of the training samples" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    line = r"(\S+): ([\d,]+) tokens, ([\d.]+)% of the samples, ([\d.]+) epochs in 300 steps"
+    counts = {m.group(1): (int(m.group(2).replace(",", "")), float(m.group(3)), float(m.group(4)))
+              for m in re.finditer(line, out)}
+    read = 300 * 8 * 32  # steps x rows x tokens
+    for path, share in ((a, 75.0), (b, 25.0)):
+        tokens, percent, epochs = counts[str(path)]
+        assert percent == share and epochs == pytest.approx(read * share / 100 / tokens, abs=0.005)
+    assert f"warning: this run reads {a} (" in out and f"{b} (" not in out.split("warning")[1]
     assert 0.4 < share_of_a(config(a, f"data.mix={b}")) < 0.6  # by default as their tokens: equal here
     assert share_of_a(config(a)) == 1.0
 
