@@ -354,7 +354,6 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
         check_memory(cfg, mesh, precision)
     if mesh.is_main:  # only now: a run refused above leaves the folder as it was
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     check_shared_out_dir(out, mesh)
     ckpt = choose_checkpoint(cfg, mesh)
     try:
@@ -415,6 +414,8 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
             mesh.print(f"note: the learning rate follows the new schedule from here: {lr_at(step, cfg):.3e} "
                        f"at step {step}, where the checkpoint's run had {scheduler.get_last_lr()[0]:.3e}")
 
+    if mesh.is_main:  # once the run starts: a start that fails leaves the config of the checkpoints there
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * mesh.layout.dp
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(mesh.device) * mesh.world_size

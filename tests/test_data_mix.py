@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from data_pipeline.loader import DataError
 from data_pipeline.prepare import prepare
@@ -91,3 +92,5 @@ def test_a_mixture_trains_and_resumes_and_another_mixture_is_refused_on_resume(d
     assert train(config(a, f"data.mix={b}", "data.mix_weights=1,1", *small)).last_step == 4
     with pytest.raises(DataError, match="set by the shards of data.train and data.mix, and data.mix_weights"):
         train(config(a, f"data.mix={b}", "data.mix_weights=3,1", *small, "train.steps=6"))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())  # still the checkpoints' config
+    assert saved["data"]["mix_weights"] == [1.0, 1.0] and saved["train"]["steps"] == 4
