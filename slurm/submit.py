@@ -84,6 +84,7 @@ def check(spec: JobSpec) -> None:
                           f"({limit} s): the run would be told to save and stop as it starts")
     if spec.config and not Path(spec.config).is_file():
         raise SubmitError(f"--config {spec.config}: no such file")
+    out_dirs: dict[Path, str] = {}  # each array task needs its own run folder
     for i, extra in enumerate(spec.sweep or [[]]):
         where = ""
         if spec.sweep:
@@ -98,6 +99,12 @@ def check(spec: JobSpec) -> None:
         except LayoutError as err:
             raise SubmitError(f"layout error{where}: {err} (this job has {spec.nodes} node(s) x "
                               f"{spec.tasks} task(s) = {spec.world} processes)") from None
+        out_dir = Path(cfg.train.out_dir).resolve()
+        if spec.sweep and out_dir in out_dirs:  # they would write one folder's checkpoints at once
+            raise SubmitError(f"train.out_dir={cfg.train.out_dir} is the run folder of {out_dirs[out_dir]} "
+                              f"and {where.strip(' ()')}: each array task needs its own; set train.out_dir "
+                              "on every sweep line")
+        out_dirs[out_dir] = where.strip(" ()")
         problem = dataset_problem(cfg) if spec.check_data else None
         if problem:
             raise SubmitError(f"data error{where}: {problem}; the job reads relative paths from the folder "

@@ -64,6 +64,11 @@ def test_a_bad_sweep_line_is_named_by_its_line_in_the_file(tmp_path, capsys):
     sweep.write_text("# learning rates\n\ntrain.lr=1e-3\n# the bad one\ntrain.lr=fast\n")
     assert main(["--config", TINY, "--sweep", str(sweep), "--dry-run"]) == 2
     assert "config error (sweep line 5, array task 1): train.lr: 'fast'" in capsys.readouterr().err
+    sweep.write_text("train.lr=1e-3 train.out_dir=runs/a\ntrain.lr=2e-3\n# the same folder again\n"
+                     "train.lr=3e-3 train.out_dir=runs/a\n")
+    assert main(["--config", TINY, "--sweep", str(sweep), "--dry-run"]) == 2
+    assert ("train.out_dir=runs/a is the run folder of sweep line 1, array task 0 and sweep line 4, array "
+            "task 2: each array task needs its own") in capsys.readouterr().err
     sweep.write_text("train.out_dir='runs/a\n")
     assert main(["--config", TINY, "--sweep", str(sweep), "--dry-run"]) == 2
     assert "line 1: No closing quotation" in capsys.readouterr().err
