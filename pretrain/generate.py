@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.generate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="a run folder, a checkpoint directory, or a pretrain.convert export")
-    parser.add_argument("--prompt", default="", help="the text to continue (default: start from nothing)")
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument("--prompt", default="", help="the text to continue (default: start from nothing)")
+    given.add_argument("--prompt-file", default=None,
+                       help="a text file to continue, of any length (the memory carries it past the window); "
+                            "only the continuation is printed")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.prompt_file:
+            try:
+                args.prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
+            except OSError as err:
+                raise FileNotFoundError(f"--prompt-file {args.prompt_file}: {err.strerror}") from None
         model, run_config = load_for_generation(args.checkpoint, args.device)
         tokenizer = run_tokenizer(run_config, model.cfg.vocab_size, args.tokenizer)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ids:
         print(json.dumps({"prompt": ids, "generated": new}))
     else:
-        print(args.prompt + tokenizer.decode(new))
+        print(("" if args.prompt_file else args.prompt) + tokenizer.decode(new))
     print(f"[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0
 

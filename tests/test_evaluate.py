@@ -429,3 +429,17 @@ def test_compare_variants_matches_parameters_and_prints_a_table(run, tmp_path, c
     assert compare.main(["--variants", "swa", "--steps", "3", "--samples", "2", "--distances", "2", "--tasks",
                          "ppl", "--runs", str(tmp_path / "runs"), "--out", str(out), "--fresh", *tiny]) == 0
     assert [p.name for p in list_checkpoints(tmp_path / "runs" / "swa")] == ["step_00000003"]
+
+
+def test_generate_continues_a_prompt_file_as_the_same_prompt(run, tmp_path, capsys):
+    from pretrain.generate import main as generate_main
+
+    text = "def f(x):\n    return x + 1\n" * 40  # longer than the window: the memory carries it
+    (tmp_path / "prompt.txt").write_text(text)
+    common = ["--checkpoint", str(run["dir"]), "--max-new-tokens", "8", "--ids"]
+    assert generate_main([*common, "--prompt", text]) == 0
+    inline = json.loads(capsys.readouterr().out)
+    assert generate_main([*common, "--prompt-file", str(tmp_path / "prompt.txt")]) == 0
+    assert json.loads(capsys.readouterr().out) == inline and len(inline["prompt"]) == len(text)
+    assert generate_main(["--checkpoint", str(run["dir"]), "--prompt-file", str(tmp_path / "none")]) == 2
+    assert "--prompt-file " in capsys.readouterr().err
