@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import torch
 import yaml
@@ -53,6 +53,7 @@ from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, describe_figures, peak_flops, step_figures
 from pretrain.loss import loss_denominator
 from pretrain.profiling import StepProfiler
+from pretrain.run_lock import RunFolderBusy, hold_run_lock
 from titans.flops import training_flops_per_token
 from titans.kernels.toolchain import inductor_cpu_problem, runnable_kernel
 from titans.model import TitansLM, num_parameters
@@ -333,8 +334,21 @@ def check_toolchain(cfg: RunConfig, mesh: Mesh) -> None:
                           "eagerly)")
 
 
+LOCK_WAIT_S = 30.0  # how long a run waits for the folder's lock (a requeued job's predecessor ending)
+
+
 def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
-    """Run (or resume) the configured training; returns the per-step losses and where it saved."""
+    """Run (or resume) the configured training; returns the per-step losses and where it saved. The run
+    folder's lock (pretrain/run_lock.py) is released however the run ends."""
+    held: list[IO[str]] = []
+    try:
+        return _train(cfg, mesh, held)
+    finally:
+        for handle in held:
+            handle.close()
+
+
+def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResult:
     p, t = cfg.parallel, cfg.train
     mesh = mesh or init_mesh(p.tp, p.pp, p.sp, p.comm_timeout_s)
     if t.threads:
@@ -352,8 +366,19 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     check_toolchain(cfg, mesh)
     if not t.allow_oversubscribe:
         check_memory(cfg, mesh, precision)
+    problem = None
     if mesh.is_main:  # only now: a run refused above leaves the folder as it was
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock, warning = hold_run_lock(out, LOCK_WAIT_S)
+            held.extend([lock] if lock else [])
+            if warning:
+                mesh.print(f"warning: {warning}")
+        except RunFolderBusy as err:
+            problem = str(err)
+    problems = [p for p in mesh.gather_objects(problem) if p]  # every rank stops, none waits for rank 0
+    if problems:
+        raise ConfigError(problems[0])
     check_shared_out_dir(out, mesh)
     ckpt = choose_checkpoint(cfg, mesh)
     try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -335,3 +337,27 @@ def test_steps_trained_again_after_a_crash_show_once_in_tensorboard(dataset, tmp
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == list(range(1, 11))  # 6-10 of the first invocation purged, not shown twice
     assert [e.value for e in events.Scalars("train/loss")][5:] == pytest.approx(resumed.losses[5:])
+
+
+def test_a_run_folder_in_use_by_another_run_is_refused_naming_it(dataset, tmp_path, monkeypatch):
+    import pretrain.train as train_module
+
+    out = tmp_path / "run"
+    out.mkdir()
+    script = ("import sys; from pathlib import Path; from pretrain.run_lock import hold_run_lock; "
+              "lock = hold_run_lock(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen(  # another run's rank 0: holds the folder's lock until told to stop
+        [sys.executable, "-c", script, str(out)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(train_module, "LOCK_WAIT_S", 0.5)
+        with pytest.raises(ConfigError, match=rf"train.out_dir={out} is in use by another run \(host .*, "
+                                              rf"pid {holder.pid}, since .*\): wait for it to end"):
+            train(small_config(dataset, out, "train.steps=2", "train.warmup_steps=0"))
+        assert not list_checkpoints(out)  # nothing written beside the other run's
+    finally:
+        holder.communicate("", timeout=30)  # its end releases the lock
+    assert train(small_config(dataset, out, "train.steps=2", "train.warmup_steps=0")).last_step == 2
+    again = train(small_config(dataset, out, "train.steps=3", "train.warmup_steps=0"))  # own lock released
+    assert again.last_step == 3
