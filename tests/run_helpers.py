@@ -38,3 +38,14 @@ def small_config(dataset: Path, out: Path, *overrides: str) -> RunConfig:
         "train.eval_batches=2", "train.checkpoint_every=5", "train.log_every=5", "train.lr=3e-3",
     ]
     return load_config(None, base + list(overrides))
+
+
+def tiny_family(path: Path, dataset: Path, tokens: list[int], *overrides: str) -> Path:
+    """A scaling family (pretrain.scaling) of three widths of a tiny MAC on `dataset`, 64 tokens a step."""
+    every = ", ".join([f"data.train={dataset}", "data.default_corpus=false", "data.seq_len=32",
+                       "data.batch_size=2", "model.window=8", "model.segment_len=16", "model.memory_chunk=8",
+                       "train.eval_batches=2", *overrides])
+    path.write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\noverrides: [{every}]\n"
+                    "sizes:\n  s16: [model.dim=16, model.n_heads=2]\n  s32: [model.dim=32, model.n_heads=2]\n"
+                    f"  s64: [model.dim=64, model.n_heads=2]\ntokens: {tokens}\n")
+    return path

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -44,3 +46,13 @@ def shard_keys(folder: Path, manifest: Manifest, split: str = "train") -> list[s
         with tarfile.open(url) as tar:
             keys += [f"{url}#{m.name.split('.')[0]}" for m in tar.getmembers()]
     return keys
+
+
+def copy_with_tokenizer(dataset: Path, out: Path, kind: str, file: str) -> Path:
+    """A copy of a prepared dataset whose manifest says another tokenizer made it (`kind` from `file`, the
+    same vocabulary size): what the checks that datasets share one tokenizer must catch."""
+    shutil.copytree(dataset, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"] = {"type": kind, "path": file, "sha256": "0" * 64, "vocab_size": 257, "eos_id": 256}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out

@@ -3,13 +3,12 @@ from one dataset by weight, the datasets must share a tokenizer, and the config 
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from test_data_helpers import copy_with_tokenizer
 
 from data_pipeline.loader import DataError
 from data_pipeline.prepare import prepare
@@ -64,12 +63,7 @@ def test_samples_are_drawn_by_weight(datasets, capsys):
 
 def test_a_mixture_needs_one_tokenizer_and_a_weight_per_dataset(datasets, tmp_path):
     a, b = datasets
-    other = tmp_path / "other"
-    shutil.copytree(b, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["tokenizer"] = {"type": "huggingface", "path": "t.json", "sha256": "0" * 64, "vocab_size": 257,
-                             "eos_id": 256}
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    other = copy_with_tokenizer(b, tmp_path / "other", "huggingface", "t.json")
     with pytest.raises(DataError, match=f"data.mix: {other} was tokenised with huggingface t.json"):
         build_loaders(config(a, f"data.mix={other}"), 0, 1)
     expected = r"data.mix_weights has 1 weight\(s\), for data.train and data.mix's 1 dataset\(s\) it needs 2"

@@ -313,14 +313,9 @@ def test_evaluate_cli_writes_json_markdown_and_tensorboard(run, tmp_path, capsys
 
 
 def test_perplexity_on_data_of_another_tokenizer_is_refused(run, tmp_path, capsys):
-    import shutil
+    from test_data_helpers import copy_with_tokenizer
 
-    other = tmp_path / "other"
-    shutil.copytree(run["data"], other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["tokenizer"] = {"type": "sentencepiece", "path": "sp.model", "sha256": "0" * 64,
-                             "vocab_size": 257, "eos_id": 256}
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    other = copy_with_tokenizer(run["data"], tmp_path / "other", "sentencepiece", "sp.model")
     assert evaluate_main(["--checkpoint", str(run["dir"]), "--tasks", "ppl", "--data", str(other),
                           "--tensorboard", "none", "--out", str(tmp_path / "r.json")]) == 2
     assert "was tokenised with sentencepiece sp.model (vocabulary 257), the run's data.train" in \

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import tiny_family
 
 from pretrain.config import ConfigError
 from pretrain.scaling import build_sweep, load_family
@@ -99,15 +100,7 @@ def test_a_short_budget_gets_no_warmup_and_other_overrides_reach_every_run(tmp_p
 
 @pytest.mark.timeout(600)  # six training runs one after another, beside another test worker
 def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
-    family = tmp_path / "family.yaml"
-    family.write_text(
-        f"base: {ROOT / 'configs' / 'tiny.yaml'}\n"
-        f"overrides: [data.train={dataset}, data.default_corpus=false, data.seq_len=32, data.batch_size=2,\n"
-        "  model.window=8, model.segment_len=16, model.memory_chunk=8, train.eval_batches=2,\n"
-        "  train.threads=1]\n"
-        "sizes:\n  s16: [model.dim=16, model.n_heads=2]\n  s32: [model.dim=32, model.n_heads=2]\n"
-        "  s64: [model.dim=64, model.n_heads=2]\n"
-        "tokens: [640, 1920]\n")  # 10 and 30 steps of 64 tokens
+    family = tiny_family(tmp_path / "family.yaml", dataset, [640, 1920], "train.threads=1")  # 10, 30 steps
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "pretrain.scaling", "--family", str(family), "--out", str(out),
                "--local", "--jobs", "2"]  # two at a time, a core each

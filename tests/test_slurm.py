@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tiny_family
 from slurm_helpers import cluster_env, ended, log_tail, task_pids, wait_until
 
 from pretrain.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
@@ -156,14 +157,7 @@ def test_killing_one_task_ends_the_job_with_an_error_within_two_minutes(slurm, d
 def test_a_scaling_sweep_runs_as_an_array_job_and_is_fitted(slurm, dataset, tmp_path):
     """`python -m pretrain.scaling` without --local: one array task per run, followed to the end, then
     the fit (the same family as the local sweep's test, tests/test_scaling.py)."""
-    family = tmp_path / "family.yaml"
-    family.write_text(
-        f"base: {ROOT / 'configs' / 'tiny.yaml'}\n"
-        f"overrides: [data.train={dataset}, data.default_corpus=false, data.seq_len=32, data.batch_size=2,\n"
-        "  model.window=8, model.segment_len=16, model.memory_chunk=8, train.eval_batches=2]\n"
-        "sizes:\n  s16: [model.dim=16, model.n_heads=2]\n  s32: [model.dim=32, model.n_heads=2]\n"
-        "  s64: [model.dim=64, model.n_heads=2]\n"
-        "tokens: [640, 1280]\n")  # 10 and 20 steps of 64 tokens
+    family = tiny_family(tmp_path / "family.yaml", dataset, [640, 1280])  # 10 and 20 steps
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "pretrain.scaling", "--family", str(family), "--out", str(out),
                "--time", "00:10:00", "--bootstrap", "2"]

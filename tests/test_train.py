@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 from run_helpers import small_config
+from test_data_helpers import copy_with_tokenizer
 
 import pretrain.engine as engine_module
 from data_pipeline.loader import DataError
@@ -383,12 +383,7 @@ def test_grad_clip_zero_turns_clipping_off_instead_of_zeroing_the_gradients():
 
 
 def test_a_validation_set_of_another_tokenizer_is_refused(dataset, tmp_path):
-    other = tmp_path / "val"
-    shutil.copytree(dataset, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["tokenizer"] = {"type": "huggingface", "path": "tok.json", "sha256": "0" * 64, "vocab_size": 257,
-                             "eos_id": 256}
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    other = copy_with_tokenizer(dataset, tmp_path / "val", "huggingface", "tok.json")
     expected = (r"data.val=.* was tokenised with huggingface tok.json \(vocabulary 257\), data.train=.* with "
                 r"bytes \(vocabulary 257\): prepare both with one tokenizer")
     with pytest.raises(DataError, match=expected):
