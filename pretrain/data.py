@@ -132,7 +132,7 @@ def mixture_sources(cfg: RunConfig, manifest: Manifest, dp_size: int, report: bo
     for path in d.mix:
         try:
             other = Manifest.read(path)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:
             raise DataError(f"data.mix: {path}: {err}") from err
         mismatch = tokenizer_mismatch(other.tokenizer, manifest.tokenizer)
         if mismatch:
@@ -164,7 +164,8 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
     corpus is built by the main process (`is_main`, default: dp rank 0) while the others wait."""
     d = cfg.data
     failed = None
-    if dp_rank == 0 if is_main is None else is_main:
+    main = dp_rank == 0 if is_main is None else is_main  # builds the corpus, says what the data is
+    if main:
         try:
             ensure_default_corpus(cfg)
         except DataError as err:  # raised after the barrier: the other ranks are waiting there
@@ -180,14 +181,14 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
         raise DataError(f"dataset {d.train} has vocabulary {manifest.vocab_size} but model.vocab_size is "
                         f"{cfg.model.vocab_size}")
     unused = cfg.model.vocab_size - manifest.vocab_size
-    if unused > max(128, cfg.model.vocab_size // 20) and (dp_rank == 0 if is_main is None else is_main):
+    if unused > max(128, cfg.model.vocab_size // 20) and main:
         # padding to a multiple of 64 is common and cheap; tens of thousands of rows no token reaches (the
         # default 32,000 on a byte dataset) is a forgotten setting that costs memory and time
         print(f"warning: dataset {d.train} has a vocabulary of {manifest.vocab_size:,} and model.vocab_size "
               f"is {cfg.model.vocab_size:,}: {unused:,} embedding rows no token uses; set "
               f"model.vocab_size={manifest.vocab_size}", flush=True)
     text_rows = d.batch_size - d.synthetic_rows
-    sources = mixture_sources(cfg, manifest, dp_size, dp_rank == 0 if is_main is None else is_main)
+    sources = mixture_sources(cfg, manifest, dp_size, main)
     train = TokenStream(sources, d.seq_len, text_rows, dp_rank, dp_size, seed=d.seed,
                         shuffle_buffer=d.shuffle_buffer, max_corrupt_shards=d.max_corrupt_shards)
     if cfg.train.eval_every == 0:  # no validation: the split is never opened
