@@ -122,8 +122,9 @@ def model_card(cfg: TitansConfig, n_params: int, tokenizer_note: str,
                     * layout.get("dp", 1))
         step = training_state.get("step") or 0
         losses = training_state.get("losses") or []
+        datasets = ", ".join([data.get("train", "?"), *data.get("mix", ())])  # a mixture names them all
         rows += [("trained", f"{step:,} steps of {per_step:,} tokens ({step * per_step:,} tokens) on "
-                             f"{data.get('train', '?')}, sequences of {data.get('seq_len', '?')}"),
+                             f"{datasets}, sequences of {data.get('seq_len', '?')}"),
                  ("last training loss", f"{losses[-1]:.4f}" if losses else "-")]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"""---
