@@ -39,6 +39,7 @@ def test_an_array_job_takes_one_override_line_per_task(tmp_path, capsys):
     (["--time", "4"], "--signal-seconds 300 is not below --time 4 (240 s)"),
     (["data.train=nowhere/at/all"], "data error: data.train=nowhere/at/all: no prepared dataset there"),
     (["train.eval_every=10", "data.val=nowhere"], "data error: data.val=nowhere: "),
+    (["data.mix=elsewhere"], "data error: data.mix: elsewhere: no prepared dataset there"),
 ])
 def test_bad_options_stop_before_submitting(capsys, args, message):
     assert main(["--config", TINY, "--dry-run", *args]) == 2
