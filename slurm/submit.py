@@ -37,7 +37,7 @@ class JobSpec:
     overrides: list[str] = field(default_factory=list)
     sweep: list[list[str]] = field(default_factory=list)  # array job: one override list per task
     sweep_lines: list[int] = field(default_factory=list)  # each task's line in the sweep file (for errors)
-    check_data: bool = True  # data.train (and data.val) must be there before the job is queued
+    check_data: bool = True  # data.train, data.mix and data.val must be there before the job is queued
     nodes: int = 1
     tasks_per_node: int = 0  # 0: gpus_per_node, or 1 without GPUs
     gpus_per_node: int = 0
@@ -291,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", action="store_true",
                    help="return when the job has ended (requeues included), with its exit code")
     g.add_argument("--no-data-check", action="store_true",
-                   help="queue the job even if data.train / data.val are not there from this machine "
+                   help="queue the job even if data.train / data.mix / data.val are not there from here "
                         "(a dataset only the compute nodes see)")
     g.add_argument("--dry-run", action="store_true",
                    help="check and print the sbatch command; submit nothing")
