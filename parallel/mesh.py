@@ -191,6 +191,11 @@ class Mesh:
         torch_dist.all_gather_object(out, obj)
         return out
 
+    def problems(self, problem: str | None) -> list[str]:
+        """Every rank's problem (None where it has none), in rank order: all ranks raise on any rank's, so
+        none is left waiting in a collective for one that stopped."""
+        return [p for p in self.gather_objects(problem) if p]
+
     def barrier(self) -> None:
         if self.active:
             torch_dist.barrier()

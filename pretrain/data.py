@@ -195,17 +195,17 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
         return _train_mix(TokenLoader(train, d.num_workers), cfg, dp_rank), lambda: iter(())
     val_source = Source(d.val or d.train, split="val")
     try:
-        val_shards = len(val_source.resolve()[0])
+        val = val_source.resolve()
     except DataError as err:
         raise DataError(f"{err}: set data.val to a dataset with a validation split, or train.eval_every=0 "
                         "to train without validation") from err
     if d.val:  # a validation loss over other tokens than training's would be a number about nothing
-        mismatch = tokenizer_mismatch(Manifest.read(d.val).tokenizer, manifest.tokenizer)
+        mismatch = tokenizer_mismatch(val.manifest.tokenizer, manifest.tokenizer)
         if mismatch:
             raise DataError(f"data.val={d.val} was tokenised with {mismatch[0]}, data.train={d.train} with "
                             f"{mismatch[1]}: prepare both with one tokenizer")
     # few validation shards: every rank evaluates the same batches (the mean is the same)
-    val_rank, val_size = (dp_rank, dp_size) if val_shards >= dp_size else (0, 1)
+    val_rank, val_size = (dp_rank, dp_size) if len(val.urls) >= dp_size else (0, 1)
 
     def val_batches() -> Iterator[torch.Tensor]:
         stream = TokenStream([val_source], d.seq_len, d.batch_size, val_rank, val_size, epochs=1,

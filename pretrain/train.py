@@ -255,7 +255,7 @@ def check_memory(cfg: RunConfig, mesh: Mesh, precision: str) -> None:
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     problem = preflight_problem(cfg, mesh.layout.dp, rank.parameters, rank.layers, rank.memory_layers,
                                 mesh.device, local_processes, 2 if precision == "bf16" else 4)
-    problems = [p for p in mesh.gather_objects(problem) if p]
+    problems = mesh.problems(problem)
     if problems:
         raise ConfigError(problems[0])
 
@@ -326,7 +326,7 @@ def check_toolchain(cfg: RunConfig, mesh: Mesh) -> None:
          cfg.train.compile and cfg.train.compile_backend == "inductor")) if used}
     if not fixes or device != "cpu":
         return
-    problems = [p for p in mesh.gather_objects(inductor_cpu_problem()) if p]
+    problems = mesh.problems(inductor_cpu_problem())
     if problems:
         raise ConfigError(f"{' and '.join(fixes)} compile C++ with torch.compile's inductor on CPU, which "
                           f"cannot build here ({problems[0]}): install a C++ compiler (g++ or clang++, or "
@@ -357,6 +357,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
     torch.backends.cuda.matmul.fp32_precision = t.fp32_matmul  # CUDA only; CPU float32 stays IEEE
     torch.manual_seed(t.seed)
     out = Path(t.out_dir)
+    run_config = cfg.to_dict()  # what the checkpoints, config.yaml and the loggers record
     for line in mesh.gather_objects(mesh.describe()):  # every rank's coordinates, once, in rank order
         mesh.print(line)
     check_run_folder(cfg, out)
@@ -371,12 +372,13 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
         out.mkdir(parents=True, exist_ok=True)
         try:
             lock, warning = hold_run_lock(out, LOCK_WAIT_S)
-            held.extend([lock] if lock else [])
+            if lock:
+                held.append(lock)
             if warning:
                 mesh.print(f"warning: {warning}")
         except RunFolderBusy as err:
             problem = str(err)
-    problems = [p for p in mesh.gather_objects(problem) if p]  # every rank stops, none waits for rank 0
+    problems = mesh.problems(problem)  # every rank stops, none waits for rank 0
     if problems:
         raise ConfigError(problems[0])
     check_shared_out_dir(out, mesh)
@@ -431,7 +433,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
         result.last_step, result.checkpoint = step, ckpt
         result.already_finished = step >= t.steps
         mesh.print(f"resumed from {ckpt} at step {step}")
-        changes = changed_on_resume(state.get("config", {}), cfg.to_dict())
+        changes = changed_on_resume(state.get("config", {}), run_config)
         if changes:
             mesh.print("note: settings changed since that checkpoint: "
                        + "; ".join(f"{name} {old!r} → {new!r}" for name, (old, new) in changes.items()))
@@ -440,7 +442,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                        f"at step {step}, where the checkpoint's run had {scheduler.get_last_lr()[0]:.3e}")
 
     if mesh.is_main:  # once the run starts: a start that fails leaves the config of the checkpoints there
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * mesh.layout.dp
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(mesh.device) * mesh.world_size
@@ -448,10 +450,10 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
     purge = step + 1 if ckpt is not None else None  # what a crashed invocation logged past its checkpoint
     wandb_settings = {"project": t.wandb_project, "entity": t.wandb_entity, "name": t.wandb_name} \
         if t.wandb_project else None
-    logger = MetricsLogger(out / "tensorboard", purge, wandb_settings, cfg.to_dict()) \
+    logger = MetricsLogger(out / "tensorboard", purge, wandb_settings, run_config) \
         if mesh.is_main else None
     if logger:
-        logger.text("config", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        logger.text("config", yaml.safe_dump(run_config, sort_keys=False))
     vocab = padded_vocab(cfg.model.vocab_size, p.tp)
     mesh.print(f"model: {n_params:,} parameters, layers {','.join(cfg.model.layer_kinds)}; "
                f"{tokens_per_step:,} tokens per step"
@@ -482,7 +484,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
         model_state = on_every_rank(lambda: save_rank_part(engine, staging))  # every rank writes its part
         state = {"scheduler": scheduler.state_dict(), "step": step, "losses": result.losses,
                  "data": mesh.gather_objects(train_loader.state_dict()),
-                 "rng": mesh.gather_objects(rng_state()), "config": cfg.to_dict(), **model_state}
+                 "rng": mesh.gather_objects(rng_state()), "config": run_config, **model_state}
         layout = {"layout": model_state["shards"]} if "shards" in model_state else None
         final = on_every_rank(lambda: save_checkpoint(out, step, state, t.keep_last, staged=True,
                                                       manifest=layout), here=mesh.is_main)
@@ -586,7 +588,7 @@ def write_on_every_rank(mesh: Mesh, out: Path, step: int, part: Callable[[], Any
         value = part() if here else None
     except OSError as err:
         problem = f"rank {mesh.rank}: {err}"
-    problems = [p for p in mesh.gather_objects(problem) if p]
+    problems = mesh.problems(problem)
     if problems:
         raise CheckpointWriteError(
             f"writing the checkpoint of step {step} failed ({'; '.join(problems)}); the last good checkpoint "
