@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,10 @@ def fsync_tree(path: str | Path) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
-                    staged: bool = False, manifest: dict[str, Any] | None = None) -> Path:
-    """Write `state` as the checkpoint of `step`, move `latest` to it, prune all but the last k.
+                    staged: bool = False, manifest: dict[str, Any] | None = None,
+                    keep_steps: Collection[int] = ()) -> Path:
+    """Write `state` as the checkpoint of `step`, move `latest` to it, prune all but the last k (and
+    those of `keep_steps`).
 
     staged=True: `begin_checkpoint` made the staging directory and other writers have filled (and
     flushed) it; state.pt and manifest.json (checksums of everything, plus `manifest`) are added last,
@@ -175,9 +178,15 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_
     os.replace(staging, final)
     _fsync_dir(root)
     _write_file_atomic(root / "latest", name.encode())
-    for old in list_checkpoints(out_dir)[:-keep_last]:
+    prunable = [c for c in list_checkpoints(out_dir) if checkpoint_step(c) not in keep_steps]
+    for old in prunable[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory, from its name (step_00000100 → 100)."""
+    return int(path.name.removeprefix("step_"))
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from pretrain.cpu_allocator import CPU_ALLOCATORS
+from pretrain.schedule import DECAY_SHAPES
 from titans.model import TitansConfig
 
 
@@ -80,8 +81,14 @@ class TrainConfig:
     out_dir: str = "runs/tiny"
     steps: int = 300
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    min_lr_ratio: float = 0.1  # the decay ends at lr · min_lr_ratio
     warmup_steps: int = 30
+    # the decay's shape (pretrain/schedule.py): "cosine", "linear", "sqrt" (1 - sqrt of its progress, the
+    # usual cooldown of warmup-stable-decay) or "none" (constant after warmup)
+    lr_decay: str = "cosine"
+    # the last fraction of train.steps over which the lr decays: 1 from the end of warmup; e.g. 0.2 holds
+    # it at its peak until 80 % of the steps (warmup-stable-decay, WSD)
+    lr_decay_fraction: float = 1.0
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # the largest global gradient norm (larger ones are scaled down); 0: no clipping
@@ -108,7 +115,9 @@ class TrainConfig:
     # across runs, or across a resume, that change the pairs they train on.
     eval_task_pairs: int = 0
     checkpoint_every: int = 100
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept (the newest; those of checkpoint_at besides)
+    # more checkpoints at these steps, never pruned: e.g. the points a WSD run's cooldowns branch from
+    checkpoint_at: tuple[int, ...] = ()
     resume: bool = True  # continue from the newest good checkpoint in out_dir
     # continue from this checkpoint (verified, no fallback), or from a run folder's newest good one
     resume_from: str | None = None
@@ -219,6 +228,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
                 return tuple(_coerce(path, v, a) for v, a in zip(items, args))
         elif option is float and _is_number(value):  # YAML 1.1 reads 3e-3 as a string
             return float(value)
+        elif option is int and isinstance(value, str) and value.strip().lstrip("+-").isdecimal():
+            return int(value)  # an item of "a,b" on the command line
         elif (option is int and isinstance(value, int) and not isinstance(value, bool)) or (
             option in (bool, str) and isinstance(value, option)
         ):
@@ -352,6 +363,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.lr_decay not in DECAY_SHAPES:
+        raise ConfigError(f"train.lr_decay must be one of {', '.join(DECAY_SHAPES)}, got {t.lr_decay!r}")
+    if not 0 < t.lr_decay_fraction <= 1:
+        raise ConfigError(f"train.lr_decay_fraction must be in (0, 1] (the last fraction of train.steps over "
+                          f"which the lr decays; train.lr_decay=none for none), got {t.lr_decay_fraction}")
+    outside = [s for s in t.checkpoint_at if not 0 < s <= t.steps]
+    if outside:
+        raise ConfigError(f"train.checkpoint_at: step(s) {outside} outside 1..train.steps={t.steps}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     nonnegative = {"train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
