@@ -33,17 +33,14 @@ from parallel.plan import local_parameter_counts, preflight_problem
 from parallel.tensor import padded_vocab
 from pretrain.batch import Batch, as_batch
 from pretrain.checkpoint import (
-    STATE_FILE,
     CorruptCheckpointError,
     begin_checkpoint,
     fsync_tree,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    newest_good_checkpoint,
     save_checkpoint,
     staging_dir,
-    verify_checkpoint,
 )
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.config_doc import describe_fields
@@ -53,7 +50,9 @@ from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, describe_figures, peak_flops, step_figures
 from pretrain.loss import loss_denominator
 from pretrain.profiling import StepProfiler
+from pretrain.resume import Start, choose_start, record_start
 from pretrain.run_lock import RunFolderBusy, hold_run_lock
+from pretrain.schedule import lr_at
 from titans.flops import training_flops_per_token
 from titans.kernels.toolchain import inductor_cpu_problem, runnable_kernel
 from titans.model import TitansLM, num_parameters
@@ -81,15 +80,6 @@ class TrainResult:
     already_finished: bool = False  # resumed at train.steps: nothing left to do
     parameters_per_rank: list[int] = field(default_factory=list)  # in rank order (a shard, a stage)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step of this invocation
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup to lr, then cosine to lr · min_lr_ratio at the last step."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -206,7 +196,7 @@ def check_run_folder(cfg: RunConfig, out: Path) -> None:
 
 # where the run is and what this invocation does (stop early, profile), not what the run computes
 INVOCATION_FIELDS = ("out_dir", "resume", "resume_from", "stop_after_steps", "profile_start", "profile_steps")
-SCHEDULE_FIELDS = ("steps", "warmup_steps", "lr", "min_lr_ratio")
+SCHEDULE_FIELDS = ("steps", "warmup_steps", "lr", "min_lr_ratio", "lr_decay", "lr_decay_fraction")
 
 
 def changed_on_resume(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -260,37 +250,25 @@ def check_memory(cfg: RunConfig, mesh: Mesh, precision: str) -> None:
         raise ConfigError(problems[0])
 
 
-def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Path | None:
-    """The checkpoint to resume from: `train.resume_from` (a checkpoint, verified, an error if bad; or a
-    run folder, its newest good checkpoint), else the newest good one in out_dir (newer corrupt ones
-    reported and skipped), else None. Rank 0 reads the files; every rank gets its verdict, so no rank is
-    left waiting on one that failed."""
-    t = cfg.train
-    verdict: tuple[str | None, list[str], str | None] = (None, [], None)  # (path, skipped, error)
+def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Start:
+    """Where this run starts (pretrain/resume.py): `train.resume_from` (a checkpoint, verified, an error if
+    bad; or a run folder, its newest good checkpoint) the first time, else the newest good one in out_dir
+    (newer corrupt ones reported and skipped), else nothing. Rank 0 reads the files; every rank gets its
+    verdict, so no rank is left waiting on one that failed."""
+    verdict: tuple[Start | None, str | None] = (None, None)
     if mesh.is_main:
         try:
-            if t.resume_from:
-                path = Path(t.resume_from)
-                if (path / STATE_FILE).is_file():
-                    verify_checkpoint(path)
-                    verdict = (str(path), [], None)
-                elif list_checkpoints(path):  # a run folder: its newest good checkpoint, as train.resume
-                    found, skipped = newest_good_checkpoint(path)
-                    verdict = (str(found), skipped, None)
-                else:
-                    raise CorruptCheckpointError(f"train.resume_from={path}: neither a checkpoint (no "
-                                                 f"{STATE_FILE} there) nor a run folder with checkpoints")
-            elif t.resume:
-                path, skipped = newest_good_checkpoint(t.out_dir)
-                verdict = (str(path) if path else None, skipped, None)
+            verdict = (choose_start(cfg.train), None)
         except CorruptCheckpointError as err:
-            verdict = (None, [], str(err))
-    path, skipped, error = mesh.gather_objects(verdict)[0]
-    for problem in skipped:
-        mesh.print(f"warning: skipped a bad checkpoint: {problem}")
+            verdict = (None, str(err))
+    start, error = mesh.gather_objects(verdict)[0]
     if error:
         raise CorruptCheckpointError(error)
-    return Path(path) if path else None
+    for problem in start.skipped:
+        mesh.print(f"warning: skipped a bad checkpoint: {problem}")
+    for note in start.notes:
+        mesh.print(f"note: {note}")
+    return start
 
 
 def initial_weights(path: str) -> dict[str, torch.Tensor]:
@@ -382,7 +360,8 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
     if problems:
         raise ConfigError(problems[0])
     check_shared_out_dir(out, mesh)
-    ckpt = choose_checkpoint(cfg, mesh)
+    start = choose_checkpoint(cfg, mesh)
+    ckpt = start.checkpoint
     try:
         initial = initial_weights(t.init_from) if ckpt is None and t.init_from else None
     except (OSError, CorruptCheckpointError, ValueError, KeyError) as err:
@@ -401,7 +380,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
     local = {id(t): t.numel() for t in engine.parameters()}  # a tied matrix once
     result = TrainResult(parameters_per_rank=mesh.gather_objects(sum(local.values())))
     # the engine may wrap the optimizer; our scheduler keeps setting the lr of its groups
-    scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda s: lr_at(s, cfg) / t.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda s: lr_at(s, t) / t.lr)
     train_loader, val_batches = build_loaders(cfg, mesh.dp_rank, mesh.layout.dp, mesh.barrier, mesh.is_main)
 
     step = 0
@@ -438,11 +417,14 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
             mesh.print("note: settings changed since that checkpoint: "
                        + "; ".join(f"{name} {old!r} → {new!r}" for name, (old, new) in changes.items()))
         if state.get("scheduler") and any(f"train.{name}" in changes for name in SCHEDULE_FIELDS):
-            mesh.print(f"note: the learning rate follows the new schedule from here: {lr_at(step, cfg):.3e} "
+            mesh.print(f"note: the learning rate follows the new schedule from here: {lr_at(step, t):.3e} "
                        f"at step {step}, where the checkpoint's run had {scheduler.get_last_lr()[0]:.3e}")
 
-    if mesh.is_main:  # once the run starts: a start that fails leaves the config of the checkpoints there
+    if mesh.is_main:  # once the run starts: a start that fails leaves the folder as it was
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        if start.from_resume_from:
+            for note in record_start(t, ckpt, step):
+                mesh.print(f"note: {note}")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * mesh.layout.dp
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = peak_flops(mesh.device) * mesh.world_size
@@ -487,7 +469,8 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                  "rng": mesh.gather_objects(rng_state()), "config": run_config, **model_state}
         layout = {"layout": model_state["shards"]} if "shards" in model_state else None
         final = on_every_rank(lambda: save_checkpoint(out, step, state, t.keep_last, staged=True,
-                                                      manifest=layout), here=mesh.is_main)
+                                                      manifest=layout, keep_steps=t.checkpoint_at),
+                              here=mesh.is_main)
         result.checkpoint = final or result.checkpoint
 
     while step < t.steps:
@@ -559,7 +542,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
         signalled = mesh.any_flag(stop.received is not None)
         pause = t.stop_after_steps > 0 and step - first_step >= t.stop_after_steps
-        if step % t.checkpoint_every == 0 or step == t.steps or signalled or pause:
+        if step % t.checkpoint_every == 0 or step in t.checkpoint_at or step == t.steps or signalled or pause:
             save()
         if signalled:
             result.stopped_by_signal = True

@@ -123,6 +123,34 @@ def test_resume_from_a_chosen_checkpoint(dataset, finished, tmp_path):
     assert resumed.losses == whole.losses  # steps 1-10 from the checkpoint, 11-20 recomputed bitwise
 
 
+def test_a_fork_by_resume_from_continues_from_its_own_checkpoints_when_run_again(dataset, finished,
+                                                                                  tmp_path, capsys):
+    """A requeued job runs the same command: starting at resume_from again would drop its progress."""
+    whole, source = finished
+    fork = ("train.checkpoint_every=100", f"train.resume_from={source / 'checkpoints' / 'step_00000010'}")
+    train(small_config(dataset, tmp_path / "new", *fork, "train.stop_after_steps=3"))
+    capsys.readouterr()
+    resumed = train(small_config(dataset, tmp_path / "new", *fork))
+    assert "resumed from " + str(tmp_path / "new" / "checkpoints" / "step_00000013") in capsys.readouterr().out
+    assert resumed.losses == whole.losses
+
+
+def test_a_rollback_by_resume_from_sets_the_abandoned_checkpoints_aside(dataset, finished, tmp_path, capsys):
+    whole, source = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    rollback = ("train.checkpoint_every=100", f"train.resume_from={copy / 'checkpoints' / 'step_00000010'}")
+    capsys.readouterr()
+    train(small_config(dataset, copy, *rollback, "train.stop_after_steps=2"))
+    assert re.search(r"moved this folder's 2 checkpoint\(s\) after step 10 \(step_00000015, step_00000020\) "
+                     r"aside to .*abandoned-", capsys.readouterr().out)
+    assert [c.name for c in list_checkpoints(copy)] == ["step_00000010", "step_00000012"]
+    (aside,) = (copy / "checkpoints").glob("abandoned-*")
+    assert sorted(c.name for c in aside.iterdir()) == ["step_00000015", "step_00000020"]
+    resumed = train(small_config(dataset, copy, *rollback))  # the requeue: from step 12, not 10 again
+    assert resumed.losses == whole.losses and [c.name for c in list_checkpoints(copy)][-1] == "step_00000020"
+
+
 def test_a_resume_with_other_training_settings_says_what_changed(dataset, finished, tmp_path, capsys):
     _, source = finished
     copy = tmp_path / "copy"
