@@ -160,8 +160,7 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_
     """
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final, staging = root / name, staging_dir(out_dir, step)
+    final, staging = checkpoint_path(out_dir, step), staging_dir(out_dir, step)
     if staged:
         if not staging.is_dir():
             raise FileNotFoundError(f"staging directory {staging} is missing: call begin_checkpoint first")
@@ -177,11 +176,15 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_
     shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
     os.replace(staging, final)
     _fsync_dir(root)
-    _write_file_atomic(root / "latest", name.encode())
+    _write_file_atomic(root / "latest", final.name.encode())
     prunable = [c for c in list_checkpoints(out_dir) if checkpoint_step(c) not in keep_steps]
     for old in prunable[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(out_dir) / f"step_{step:08d}"
 
 
 def checkpoint_step(path: Path) -> int:

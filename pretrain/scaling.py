@@ -1,11 +1,16 @@
 """Scaling studies: `python -m pretrain.scaling --family configs/scaling/tiny-family.yaml --out DIR`.
 
 A family file lists model sizes (model overrides) and token budgets; the sweep trains every size on every
-budget (its own cosine schedule each, as Chinchilla's approach 3 wants), as a Slurm array job
-(slurm.submit) or one local process after another (`--local`), then reads each run's final validation
-loss from its TensorBoard events, fits L(N, D) = E + A/N^α + B/D^β (pretrain/scaling_fit.py) and writes
-the table, the fit and a plot (pretrain/scaling_report.py). N is the non-embedding parameter count, D the
-training tokens. Finished runs are kept: running the command again continues an interrupted sweep.
+budget (its own schedule each, as Chinchilla's approach 3 wants), as a Slurm array job (slurm.submit) or
+local processes (`--local`), then reads each run's final validation loss from its TensorBoard events,
+fits L(N, D) = E + A/N^α + B/D^β (pretrain/scaling_fit.py) and writes the table, the fit and a plot
+(pretrain/scaling_report.py). N is the non-embedding parameter count, D the training tokens. Finished
+runs are kept: running the command again continues an interrupted sweep.
+
+With a warmup-stable-decay schedule (train.lr_decay_fraction < 1, pretrain/schedule.py) a run is the same
+run as a longer one up to the start of its decay. So each size trains its largest budget once, and every
+smaller budget is a cooldown branched from that run's checkpoint where its decay starts (Hägele et al.
+2024): the same runs, bitwise on CPU, for a fraction of the tokens (`--independent` trains each alone).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.checkpoint import STATE_FILE, checkpoint_path, checkpoint_step, list_checkpoints
 from pretrain.config import ConfigError, load_config, read_yaml
 from titans.model import TitansConfig, TitansLM, count_parameters
 
@@ -43,6 +49,8 @@ class Run:
     steps: int
     out_dir: str
     overrides: list[str]
+    branch_of: str = ""  # a WSD cooldown: the run whose checkpoint `start_from` it continues
+    start_from: str = ""
 
 
 def load_family(path: str) -> Family:
@@ -92,42 +100,69 @@ def check_extra(family: Family, extra: list[str]) -> None:
                           f"the fit of L(N, D) needs at least 3")
 
 
-def build_sweep(family: Family, out: Path, extra: list[str], check_data: bool = True) -> list[Run]:
+def build_sweep(family: Family, out: Path, extra: list[str], check_data: bool = True,
+                independent: bool = False) -> list[Run]:
     """Every size × budget, each with its own steps, warmup ≤ 10 % of them, one validation at the end;
-    with `check_data`, each run's dataset must be there (before hours of training the others)."""
-    from pretrain.data import dataset_problem
-
+    with `check_data`, each run's dataset must be there (before hours of training the others). Under a
+    WSD schedule, unless `independent`, a size's smaller budgets are cooldowns of its largest (above)."""
     check_extra(family, extra)
     runs: list[Run] = []
     for size, model in family.sizes.items():
-        for budget in family.tokens:
-            common = family.overrides + extra + model
-            try:
-                cfg = load_config(family.base, common)
-            except ConfigError as err:
-                raise ConfigError(f"size {size}: {err}") from None
-            layout = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.sp
-            if layout > 1:
-                raise ConfigError(f"size {size}: parallel.tp x pp x sp = {layout}, but every run of a sweep "
-                                  f"is one process (one device); remove the parallel.* overrides")
-            per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+        common = family.overrides + extra + model
+        try:
+            cfg = load_config(family.base, common)
+        except ConfigError as err:
+            raise ConfigError(f"size {size}: {err}") from None
+        layout = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.sp
+        if layout > 1:
+            raise ConfigError(f"size {size}: parallel.tp x pp x sp = {layout}, but every run of a sweep "
+                              f"is one process (one device); remove the parallel.* overrides")
+        per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+        all_steps = []
+        for budget in sorted(family.tokens):
             steps = round(budget / per_step)
             if steps < 1:
                 raise ConfigError(f"tokens: budget {budget:,} is under one step ({per_step:,} tokens: "
                                   f"data.batch_size x data.seq_len x train.grad_accum)")
-            name = f"{size}-D{steps * per_step}"
-            if any(r.name == name for r in runs):
+            if steps in all_steps:
                 raise ConfigError(f"tokens: two budgets round to the same {steps} steps of {per_step:,} "
-                                  f"tokens (run {name}); make the budgets differ by at least one step")
-            overrides = common + [f"train.steps={steps}", f"train.out_dir={out / name}",
-                                  f"train.warmup_steps={min(cfg.train.warmup_steps, steps // 10)}",
-                                  f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
-            cfg = load_config(family.base, overrides)
-            problem = dataset_problem(cfg) if check_data else None
-            if problem:
-                raise ConfigError(f"size {size}: {problem}")
-            runs.append(Run(name, size, non_embedding_parameters(cfg.model), steps * per_step, steps,
-                            str(out / name), overrides))
+                                  f"tokens (run {size}-D{steps * per_step}); make the budgets differ by at "
+                                  "least one step")
+            all_steps.append(steps)
+        runs += size_runs(family, size, common, all_steps, per_step, out, check_data,
+                          branch=cfg.train.lr_decay_fraction < 1 and not independent)
+    return runs
+
+
+def size_runs(family: Family, size: str, common: list[str], all_steps: list[int], per_step: int, out: Path,
+              check_data: bool, branch: bool) -> list[Run]:
+    """One size's runs, shortest first. Branched (WSD), they share one warmup, and each shorter run starts
+    from the longest one's checkpoint at the step where its own decay starts, if that is past step 0."""
+    from pretrain.data import dataset_problem
+    from pretrain.schedule import decay_start
+
+    warmup = load_config(family.base, common).train.warmup_steps
+    longest = f"{size}-D{all_steps[-1] * per_step}"
+    runs, points = [], []
+    for steps in all_steps:
+        name = f"{size}-D{steps * per_step}"
+        overrides = common + [f"train.steps={steps}", f"train.out_dir={out / name}",
+                              f"train.warmup_steps={min(warmup, (all_steps[0] if branch else steps) // 10)}",
+                              f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
+        cfg = load_config(family.base, overrides)
+        problem = dataset_problem(cfg) if check_data else None
+        if problem:
+            raise ConfigError(f"size {size}: {problem}")
+        run = Run(name, size, non_embedding_parameters(cfg.model), steps * per_step, steps, str(out / name),
+                  overrides)
+        start = decay_start(cfg.train) if branch and name != longest else 0
+        if start > 0:
+            run.branch_of, run.start_from = longest, str(checkpoint_path(out / longest, start))
+            run.overrides.append(f"train.resume_from={run.start_from}")
+            points.append(start)
+        runs.append(run)
+    if points:
+        runs[-1].overrides.append("train.checkpoint_at=" + ",".join(map(str, points)))
     return runs
 
 
@@ -166,10 +201,17 @@ def local_slots(jobs: int) -> list[dict[str, str]]:
     return [{"OMP_NUM_THREADS": str(threads)} if jobs > 1 else {} for _ in range(jobs)]
 
 
+def ready(run: Run) -> bool:
+    """A run may start: it is no cooldown, its branch point is written, or it has started before."""
+    return not run.start_from or (Path(run.start_from) / STATE_FILE).is_file() or bool(
+        list_checkpoints(run.out_dir))
+
+
 def run_local(runs: list[Run], base: str | None, slots: list[dict[str, str]]) -> None:
-    """The runs in this machine's processes, one per slot at a time (local_slots); each run's output in
-    <out_dir>/train.log. After a failure no new run starts; the running ones finish (their results are
-    kept, as every finished run's), then the failure is raised with its log's end."""
+    """The runs in this machine's processes, one per slot at a time (local_slots), in order as they are
+    ready (a cooldown once its branch point is written); each run's output in <out_dir>/train.log. After a
+    failure no new run starts; the running ones finish (their results are kept, as every finished run's),
+    then the failure is raised with its log's end."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(runs), desc="sweep", unit="run", disable=not sys.stderr.isatty())
@@ -178,8 +220,9 @@ def run_local(runs: list[Run], base: str | None, slots: list[dict[str, str]]) ->
     running: dict[subprocess.Popen, tuple[Run, dict[str, str], float, Any]] = {}
     failed: list[str] = []
     while running or (pending and not failed):
-        while pending and free and not failed:
-            number, run = pending.pop(0)
+        while free and not failed and any(ready(run) for _, run in pending):
+            number, run = next(item for item in pending if ready(item[1]))
+            pending.remove((number, run))
             slot = free.pop(0)
             bar.set_postfix_str(run.name)
             log = Path(run.out_dir) / "train.log"
@@ -204,6 +247,10 @@ def run_local(runs: list[Run], base: str | None, slots: list[dict[str, str]]) ->
                 continue
             bar.write(_done_line(run, loss, time.monotonic() - started))
             bar.update()
+        if pending and not running and not failed and not any(ready(run) for _, run in pending):
+            # the runs left wait for checkpoints that never came
+            failed += [f"run {run.name} branches from {run.start_from}, which run {run.branch_of} did not "
+                       "write" for _, run in pending]
     bar.close()
     if failed:
         raise RuntimeError("\n".join(failed))
@@ -263,6 +310,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="with --local: runs at once, each on its own GPU, or without GPUs on an equal share "
                         "of the CPU cores (default 1)")
+    p.add_argument("--independent", action="store_true",
+                   help="with a warmup-stable-decay schedule (train.lr_decay_fraction < 1): train every "
+                        "budget from scratch instead of as cooldowns branched from each size's largest run")
     p.add_argument("--report-only", action="store_true", help="train nothing: fit and report finished runs")
     p.add_argument("--dry-run", action="store_true", help="print the sweep (N, D, steps per run) and stop")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
@@ -286,13 +336,22 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--jobs {args.jobs}: a number >= 1 of runs at once with --local (on Slurm: "
                               "--max-parallel)")
         family = load_family(args.family)
-        runs = build_sweep(family, out, list(args.overrides), check_data=not args.report_only)
+        runs = build_sweep(family, out, list(args.overrides), check_data=not args.report_only,
+                           independent=args.independent)
         slots = local_slots(args.jobs) if args.local else []
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     for run in runs:
-        print(f"{run.name:>16}: N={run.n_params:>10,}  D={run.tokens:>12,}  steps {run.steps}")
+        branch = f"  (cooldown from {run.branch_of} at step {checkpoint_step(Path(run.start_from))})" \
+            if run.branch_of else ""
+        print(f"{run.name:>16}: N={run.n_params:>10,}  D={run.tokens:>12,}  steps {run.steps}{branch}")
+    if any(r.branch_of for r in runs):
+        trained = sum(r.tokens * (1 - checkpoint_step(Path(r.start_from)) / r.steps) if r.branch_of
+                      else r.tokens for r in runs)
+        print(f"warmup-stable-decay: each size's smaller budgets are cooldowns of its largest run, "
+              f"{trained:,.0f} tokens trained in all instead of {sum(r.tokens for r in runs):,} "
+              "(--independent: every run from scratch)")
     if args.dry_run:
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -305,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.local:
                 run_local(todo, family.base, slots)
-            else:
-                run_slurm(todo, family.base, out, args)
+            else:  # cooldowns in a second array job, once the runs they branch from are done
+                for phase in ([r for r in todo if ready(r)], [r for r in todo if not ready(r)]):
+                    if phase:
+                        run_slurm(phase, family.base, out, args)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -98,17 +98,38 @@ def test_a_short_budget_gets_no_warmup_and_other_overrides_reach_every_run(tmp_p
     assert all("model.n_layers=3" in r.overrides for r in runs)
 
 
-@pytest.mark.timeout(600)  # six training runs one after another, beside another test worker
-def test_a_local_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
-    family = tiny_family(tmp_path / "family.yaml", dataset, [640, 1920], "train.threads=1")  # 10, 30 steps
+def test_under_wsd_the_smaller_budgets_are_cooldowns_of_the_largest(tmp_path):
+    family = tmp_path / "family.yaml"
+    family.write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\noverrides: [data.seq_len=64, "
+                      f"data.batch_size=32, train.lr_decay_fraction=0.2]\n{SWEEP}"
+                      "tokens: [81920, 40960, 204800]\n")  # 40, 20, 100 steps
+    runs = build_sweep(load_family(str(family)), tmp_path / "out", [])
+    a = runs[:3]
+    assert [(r.name, r.steps, r.branch_of) for r in a] == [
+        ("a-D40960", 20, "a-D204800"), ("a-D81920", 40, "a-D204800"), ("a-D204800", 100, "")]
+    longest = tmp_path / "out" / "a-D204800" / "checkpoints"
+    assert a[0].overrides[-1] == f"train.resume_from={longest / 'step_00000016'}"
+    assert a[1].start_from.endswith("step_00000032") and "train.checkpoint_at=16,32" in a[2].overrides
+    assert all("train.warmup_steps=2" in r.overrides for r in a)  # one warmup: 10 % of the shortest
+    independent = build_sweep(load_family(str(family)), tmp_path / "out", [], independent=True)
+    assert not any(r.branch_of for r in independent) and "train.warmup_steps=10" in independent[2].overrides
+
+
+@pytest.mark.timeout(600)  # training runs, two at a time, beside another test worker
+def test_a_local_wsd_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_path):
+    family = tiny_family(tmp_path / "family.yaml", dataset, [640, 1920], "train.threads=1",
+                         "train.lr_decay=sqrt", "train.lr_decay_fraction=0.25")  # 10, 30 steps
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "pretrain.scaling", "--family", str(family), "--out", str(out),
                "--local", "--jobs", "2"]  # two at a time, a core each
     done = subprocess.run(command + ["--bootstrap", "4"], cwd=ROOT, capture_output=True, text=True,
                           timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "s16-D640: N=" in done.stdout and "(cooldown from s16-D1920 at step 8)" in done.stdout
     assert "s64-D1920: N=" in done.stdout and "val loss" in done.stdout  # a line per finished run
-    assert "run 1/6: s16-D640" in done.stdout and "\r" not in done.stdout + done.stderr  # a log, no bar
+    assert "run 2/6: s16-D1920" in done.stdout and "\r" not in done.stdout + done.stderr  # a log, no bar
+    branch_log = (out / "s16-D640" / "train.log").read_text()
+    assert f"resumed from {out / 's16-D1920' / 'checkpoints' / 'step_00000008'} at step 8" in branch_log
     assert done.stdout.count(" val loss ") == 6
     assert "fit of 6 runs" in done.stdout and "compute-optimal" in done.stdout
     table = (out / "results.md").read_text()

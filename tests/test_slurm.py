@@ -156,8 +156,9 @@ def test_killing_one_task_ends_the_job_with_an_error_within_two_minutes(slurm, d
 @pytest.mark.timeout(400)
 def test_a_scaling_sweep_runs_as_an_array_job_and_is_fitted(slurm, dataset, tmp_path):
     """`python -m pretrain.scaling` without --local: one array task per run, followed to the end, then
-    the fit (the same family as the local sweep's test, tests/test_scaling.py)."""
-    family = tiny_family(tmp_path / "family.yaml", dataset, [640, 1280])  # 10 and 20 steps
+    the fit (the same family as the local sweep's test, tests/test_scaling.py). Under warmup-stable-decay
+    the cooldowns are a second array job, after the runs they branch from."""
+    family = tiny_family(tmp_path / "family.yaml", dataset, [640, 1280], "train.lr_decay_fraction=0.25")
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "pretrain.scaling", "--family", str(family), "--out", str(out),
                "--time", "00:10:00", "--bootstrap", "2"]
@@ -168,6 +169,6 @@ def test_a_scaling_sweep_runs_as_an_array_job_and_is_fitted(slurm, dataset, tmp_
                        timeout=30)
         pytest.fail(f"the sweep did not end within 360 s\n{log_tail(out / 'slurm')}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log_tail(out / "slurm")
-    assert "submitted array job" in done.stdout and "(6 runs)" in done.stdout
+    assert done.stdout.count("submitted array job") == 2 and done.stdout.count("(3 runs)") == 2
     assert done.stdout.count(" val loss ") == 6 and "fit of 6 runs" in done.stdout
     assert (out / "fit.json").is_file() and (out / "scaling.png").is_file()
