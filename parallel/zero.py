@@ -55,6 +55,8 @@ repository is not writable).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import warnings
@@ -119,7 +121,11 @@ class ZeroEngine:
         import deepspeed  # lazily: slow to import, and stage 0 never needs it
 
         _ensure_process_group(device)
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):  # "... shm_comm_op built successfully", once per rank on CPU
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        print("".join(line for line in said.getvalue().splitlines(keepends=True)
+                      if not line.rstrip().endswith("built successfully")), end="", flush=True)
         world_size = torch_dist.get_world_size()
         self.config = deepspeed_config(stage, micro_batch, grad_accum, world_size, grad_clip, precision)
         for key, value in (config_overrides or {}).items():
