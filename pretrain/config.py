@@ -30,6 +30,9 @@ class DataConfig:
 
     train: str = "data/stdlib-bytes"
     val: str | None = None  # default: the validation split of `train`
+    # more datasets validated at every validation, each its own loss (val/<folder name>/loss): e.g. long
+    # documents beside web text. Their validation split; one that has none and is not trained on, whole
+    val_sets: tuple[str, ...] = ()
     default_corpus: bool = True  # build the embedded corpus into `train` if it is missing
     # more prepared datasets whose training splits are mixed into `train`'s, each sample drawn from one
     # of them by mix_weights (one tokenizer for all; validation stays `val`, or `train`'s split)
@@ -396,6 +399,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.repeat_passage={d.repeat_passage} twice plus data.repeat_min_gap="
                           f"{d.repeat_min_gap} must fit a row of data.seq_len + 1 = {d.seq_len + 1} tokens "
                           "(passage >= 1, gap >= 0)")
+    names = [Path(v).name for v in d.val_sets]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"data.val_sets: two datasets in folders named {', '.join(twice)}; each is logged "
+                          "under its folder's name (val/<name>/loss), so the names must differ")
+    if d.val_sets and not cfg.train.eval_every:
+        raise ConfigError("data.val_sets is validated at every validation, and train.eval_every=0 turns "
+                          "validation off")
     if d.mix_weights and len(d.mix_weights) != 1 + len(d.mix):
         raise ConfigError(f"data.mix_weights has {len(d.mix_weights)} weight(s), for data.train and "
                           f"data.mix's {len(d.mix)} dataset(s) it needs {1 + len(d.mix)}")

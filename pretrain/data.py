@@ -14,6 +14,7 @@ from data_pipeline.corpus import default_corpus_files
 from data_pipeline.loader import DataError, Source, TokenLoader, TokenStream
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import MANIFEST, Manifest
+from data_pipeline.sources import ResolvedSource
 from data_pipeline.tokenizer import tokenizer_mismatch
 from pretrain import synthetic
 from pretrain.batch import Batch, as_batch
@@ -45,6 +46,9 @@ def dataset_problem(cfg: RunConfig) -> str | None:
             Source(d.val, split="val").resolve()
         except DataError as err:
             return f"data.val={d.val}: {err}"
+    for path in d.val_sets:
+        if not (Path(path) / MANIFEST).is_file():
+            return f"data.val_sets: {path}: no prepared dataset there ({MANIFEST} is missing)"
     return None
 
 
@@ -204,18 +208,52 @@ def build_loaders(cfg: RunConfig, dp_rank: int, dp_size: int, barrier: Callable[
         if mismatch:
             raise DataError(f"data.val={d.val} was tokenised with {mismatch[0]}, data.train={d.train} with "
                             f"{mismatch[1]}: prepare both with one tokenizer")
+    return _train_mix(TokenLoader(train, d.num_workers), cfg, dp_rank), _batches(val, cfg, dp_rank, dp_size)
+
+
+def _batches(val: ResolvedSource, cfg: RunConfig, dp_rank: int, dp_size: int
+             ) -> Callable[[], Iterator[torch.Tensor]]:
+    """A function returning the first train.eval_batches batches of `val`, split over the dp ranks."""
+    d = cfg.data
     # few validation shards: every rank evaluates the same batches (the mean is the same)
     val_rank, val_size = (dp_rank, dp_size) if len(val.urls) >= dp_size else (0, 1)
 
     def val_batches() -> Iterator[torch.Tensor]:
-        stream = TokenStream([val_source], d.seq_len, d.batch_size, val_rank, val_size, epochs=1,
+        stream = TokenStream([val.source], d.seq_len, d.batch_size, val_rank, val_size, epochs=1,
                              shuffle=False, max_corrupt_shards=d.max_corrupt_shards)
         for i, batch in enumerate(TokenLoader(stream)):
             if i == cfg.train.eval_batches:
                 break
             yield batch
 
-    return _train_mix(TokenLoader(train, d.num_workers), cfg, dp_rank), val_batches
+    return val_batches
+
+
+def validation_sets(cfg: RunConfig, dp_rank: int, dp_size: int, report: bool
+                    ) -> dict[str, Callable[[], Iterator[torch.Tensor]]]:
+    """data.val_sets by folder name: each dataset's validation split, or the whole of one that has none
+    and is not trained on (an evaluation-only dataset), in data.train's tokenizer."""
+    d = cfg.data
+    trained = {Path(p).resolve() for p in (d.train, *d.mix)}
+    tokenizer = Manifest.read(d.train).tokenizer
+    sets = {}
+    for path in d.val_sets:
+        try:
+            split = "val" if Manifest.read(path).splits.get("val") else "train"
+            if split == "train" and Path(path).resolve() in trained:
+                raise DataError(f"dataset {path} has no validation split, and this run trains on it")
+            val = Source(path, split=split).resolve()
+        except (FileNotFoundError, ValueError, DataError) as err:
+            raise DataError(f"data.val_sets: {err}") from err
+        if split == "train" and report:
+            print(f"note: data.val_sets: {path} has no validation split and is not trained on: "
+                  "validating on the whole of it", flush=True)
+        mismatch = tokenizer_mismatch(val.manifest.tokenizer, tokenizer)
+        if mismatch:
+            raise DataError(f"data.val_sets: {path} was tokenised with {mismatch[0]}, data.train={d.train} "
+                            f"with {mismatch[1]}: prepare both with one tokenizer")
+        sets[Path(path).name] = _batches(val, cfg, dp_rank, dp_size)
+    return sets
 
 
 def _train_mix(loader: TokenLoader, cfg: RunConfig, dp_rank: int

@@ -45,7 +45,7 @@ from pretrain.checkpoint import (
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.config_doc import describe_fields
 from pretrain.cpu_allocator import use_cpu_allocator
-from pretrain.data import build_loaders
+from pretrain.data import build_loaders, validation_sets
 from pretrain.engine import Engine, build_engine
 from pretrain.logging import MetricsLogger, ProgressBar, describe_figures, peak_flops, step_figures
 from pretrain.loss import loss_denominator
@@ -72,6 +72,7 @@ class CheckpointWriteError(RuntimeError):
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step (NaN for skipped steps)
     val_losses: dict[int, float] = field(default_factory=dict)
+    val_set_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # data.val_sets by name
     recall: dict[int, dict[str, float]] = field(default_factory=dict)  # train.eval_tasks per validation
     skipped_steps: int = 0
     last_step: int = 0
@@ -382,6 +383,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
     # the engine may wrap the optimizer; our scheduler keeps setting the lr of its groups
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda s: lr_at(s, t) / t.lr)
     train_loader, val_batches = build_loaders(cfg, mesh.dp_rank, mesh.layout.dp, mesh.barrier, mesh.is_main)
+    val_sets = validation_sets(cfg, mesh.dp_rank, mesh.layout.dp, mesh.is_main)
 
     step = 0
     if ckpt is not None:
@@ -509,6 +511,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
         else:
             nonfinite_in_a_row = 0
             result.losses.append(loss_value)
+        lr = scheduler.get_last_lr()[0]  # the one this step used: logged against it
         scheduler.step()
         step += 1
         result.last_step = step
@@ -520,7 +523,6 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
         figures = step_figures(interval_tokens, interval_seconds, flops_per_token, peak, mesh.device)
         if log_now:
             interval_tokens, interval_seconds = 0, 0.0
-        lr = scheduler.get_last_lr()[0]
         bar.update(step, loss=loss_value, throughput=f"{figures['perf/tokens_per_s']:,.0f} tok/s",
                    details=f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {describe_figures(figures)}")
         if logger and log_now and math.isfinite(loss_value):
@@ -535,6 +537,12 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                 logger.scalars(step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
             bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val:.4f}, "
                       f"val ppl {math.exp(min(val, 50.0)):.2f}")
+            for name, batches in val_sets.items():
+                result.val_set_losses.setdefault(step, {})[name] = val = evaluate(engine, batches())
+                if logger:
+                    logger.scalars(step, {f"val/{name}/loss": val,
+                                          f"val/{name}/perplexity": math.exp(min(val, 50.0))})
+                bar.write(f"step {step}: val loss on {name} {val:.4f}, ppl {math.exp(min(val, 50.0)):.2f}")
             if t.eval_tasks:
                 result.recall[step] = recall = recall_accuracy(engine, cfg)
                 if logger:

@@ -3,7 +3,9 @@ from one dataset by weight, the datasets must share a tokenizer, and the config 
 
 from __future__ import annotations
 
+import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,47 @@ def test_a_mixture_trains_and_resumes_and_another_mixture_is_refused_on_resume(d
         train(config(a, f"data.mix={b}", "data.mix_weights=3,1", *small, "train.steps=6"))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())  # still the checkpoints' config
     assert saved["data"]["mix_weights"] == [1.0, 1.0] and saved["train"]["steps"] == 4
+
+
+def test_more_validation_sets_get_a_loss_each(datasets, dataset, tmp_path, capsys):
+    """data.val_sets: the same validation split under another folder name gives the main val loss; an
+    evaluation-only dataset (no val split, not trained on) is validated whole; each is in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.train import train
+
+    same = tmp_path / "same"
+    shutil.copytree(dataset, same)
+    _, letters = datasets  # only a train split
+    small = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.window=8", "model.segment_len=16",
+             "model.memory_chunk=8", f"train.out_dir={tmp_path / 'run'}", "train.steps=2",
+             "train.warmup_steps=0", "train.eval_every=2", "train.eval_batches=2"]
+    result = train(config(dataset, *small, f"data.val_sets={same},{letters}"))
+    assert result.val_set_losses[2]["same"] == result.val_losses[2]
+    assert math.isfinite(result.val_set_losses[2]["data"])
+    out = "".join(capsys.readouterr())
+    assert f"note: data.val_sets: {letters} has no validation split and is not trained on" in out
+    assert re.search(r"step 2: val loss on same [\d.]+, ppl [\d.]+", out)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"val/same/loss", "val/data/perplexity"} <= set(events.Tags()["scalars"])
+
+
+def test_bad_validation_sets_are_named(datasets, dataset, tmp_path):
+    from pretrain.data import dataset_problem, validation_sets
+
+    a, b = datasets
+    nowhere = tmp_path / "nowhere"
+    assert dataset_problem(config(dataset, f"data.val_sets={nowhere}", "train.eval_every=5")) == (
+        f"data.val_sets: {nowhere}: no prepared dataset there (manifest.json is missing)")
+    with pytest.raises(ConfigError, match="data.val_sets: two datasets in folders named data"):
+        config(dataset, f"data.val_sets={a},{b}", "train.eval_every=5")
+    with pytest.raises(ConfigError, match="data.val_sets is validated at every validation, and "
+                                          "train.eval_every=0"):
+        config(dataset, f"data.val_sets={a}")
+    other = copy_with_tokenizer(dataset, tmp_path / "other", "huggingface", "t.json")
+    with pytest.raises(DataError, match=f"data.val_sets: {other} was tokenised with huggingface t.json"):
+        validation_sets(config(dataset, f"data.val_sets={other}", "train.eval_every=5"), 0, 1, True)
+    with pytest.raises(DataError, match="data.val_sets: dataset .* has no validation split, and this run "
+                                        "trains on it"):
+        validation_sets(config(a, f"data.mix={b}", f"data.val_sets={b}", "train.eval_every=5"), 0, 1, True)

@@ -131,7 +131,7 @@ def test_a_fork_by_resume_from_continues_from_its_own_checkpoints_when_run_again
     train(small_config(dataset, tmp_path / "new", *fork, "train.stop_after_steps=3"))
     capsys.readouterr()
     resumed = train(small_config(dataset, tmp_path / "new", *fork))
-    assert "resumed from " + str(tmp_path / "new" / "checkpoints" / "step_00000013") in capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'new' / 'checkpoints' / 'step_00000013'}" in capsys.readouterr().out
     assert resumed.losses == whole.losses
 
 

@@ -79,3 +79,15 @@ def test_a_cooldown_branched_from_a_longer_wsd_run_is_the_shorter_wsd_run_bitwis
     weights = [torch.load(tmp_path / run / "checkpoints" / "step_00000008" / "state.pt",
                           weights_only=False)["model"] for run in ("alone", "branch")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = small_config(dataset, tmp_path / "run", "train.steps=6", "train.log_every=1", "train.eval_every=0",
+                       "train.lr_decay=linear", "train.lr_decay_fraction=0.5")
+    train(cfg)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert logged == pytest.approx({s: lr_at(s - 1, cfg.train) for s in range(1, 7)})
