@@ -122,7 +122,8 @@ class TrainConfig:
     # more checkpoints at these steps, never pruned: e.g. the points a WSD run's cooldowns branch from
     checkpoint_at: tuple[int, ...] = ()
     resume: bool = True  # continue from the newest good checkpoint in out_dir
-    # continue from this checkpoint (verified, no fallback), or from a run folder's newest good one
+    # continue from this checkpoint (verified, no fallback), or from a run folder's newest good one; once:
+    # run again (a requeue), the run goes on from its own newest checkpoint (pretrain/resume.py)
     resume_from: str | None = None
     init_from: str | None = None  # a new run starting from this checkpoint's weights only (any layout)
     stop_after_steps: int = 0  # end this invocation after so many steps (checkpointed); 0: run to `steps`
@@ -367,7 +368,10 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.lr_decay not in DECAY_SHAPES:
-        raise ConfigError(f"train.lr_decay must be one of {', '.join(DECAY_SHAPES)}, got {t.lr_decay!r}")
+        hint = (" (warmup-stable-decay is a fraction below 1: e.g. train.lr_decay=sqrt "
+                "train.lr_decay_fraction=0.2)") if t.lr_decay.lower() == "wsd" else ""
+        raise ConfigError(f"train.lr_decay must be one of {', '.join(DECAY_SHAPES)}, "
+                          f"got {t.lr_decay!r}{hint}")
     if not 0 < t.lr_decay_fraction <= 1:
         raise ConfigError(f"train.lr_decay_fraction must be in (0, 1] (the last fraction of train.steps over "
                           f"which the lr decays; train.lr_decay=none for none), got {t.lr_decay_fraction}")

@@ -129,15 +129,17 @@ def build_sweep(family: Family, out: Path, extra: list[str], check_data: bool = 
                                   f"tokens (run {size}-D{steps * per_step}); make the budgets differ by at "
                                   "least one step")
             all_steps.append(steps)
-        runs += size_runs(family, size, common, all_steps, per_step, out, check_data,
-                          branch=cfg.train.lr_decay_fraction < 1 and not independent)
+        wsd = cfg.train.lr_decay_fraction < 1
+        runs += size_runs(family, size, common, all_steps, per_step, out, check_data, wsd,
+                          branch=wsd and not independent)
     return runs
 
 
 def size_runs(family: Family, size: str, common: list[str], all_steps: list[int], per_step: int, out: Path,
-              check_data: bool, branch: bool) -> list[Run]:
-    """One size's runs, shortest first. Branched (WSD), they share one warmup, and each shorter run starts
-    from the longest one's checkpoint at the step where its own decay starts, if that is past step 0."""
+              check_data: bool, wsd: bool, branch: bool) -> list[Run]:
+    """One size's runs, shortest first. Under WSD they share one warmup (so that they are one run up to
+    each one's decay); branched, each shorter run starts from the longest one's checkpoint at the step
+    where its own decay starts, if that is past step 0."""
     from pretrain.data import dataset_problem
     from pretrain.schedule import decay_start
 
@@ -147,7 +149,7 @@ def size_runs(family: Family, size: str, common: list[str], all_steps: list[int]
     for steps in all_steps:
         name = f"{size}-D{steps * per_step}"
         overrides = common + [f"train.steps={steps}", f"train.out_dir={out / name}",
-                              f"train.warmup_steps={min(warmup, (all_steps[0] if branch else steps) // 10)}",
+                              f"train.warmup_steps={min(warmup, (all_steps[0] if wsd else steps) // 10)}",
                               f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
         cfg = load_config(family.base, overrides)
         problem = dataset_problem(cfg) if check_data else None

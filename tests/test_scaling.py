@@ -112,7 +112,9 @@ def test_under_wsd_the_smaller_budgets_are_cooldowns_of_the_largest(tmp_path):
     assert a[1].start_from.endswith("step_00000032") and "train.checkpoint_at=16,32" in a[2].overrides
     assert all("train.warmup_steps=2" in r.overrides for r in a)  # one warmup: 10 % of the shortest
     independent = build_sweep(load_family(str(family)), tmp_path / "out", [], independent=True)
-    assert not any(r.branch_of for r in independent) and "train.warmup_steps=10" in independent[2].overrides
+    assert not any(r.branch_of for r in independent)  # the same runs, each from scratch
+    assert all("train.warmup_steps=2" in r.overrides and not any("resume_from" in o for o in r.overrides)
+               for r in independent[:3])
 
 
 @pytest.mark.timeout(600)  # training runs, two at a time, beside another test worker

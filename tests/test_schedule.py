@@ -48,7 +48,9 @@ def test_wsd_runs_of_two_lengths_agree_until_the_shorter_ones_decay():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lr_decay=exp", "train.lr_decay must be one of cosine, linear, sqrt, none"),
+    ("train.lr_decay=exp", "train.lr_decay must be one of cosine, linear, sqrt, none, got 'exp'$"),
+    ("train.lr_decay=wsd", "got 'wsd' (warmup-stable-decay is a fraction below 1: e.g. train.lr_decay=sqrt "
+                           "train.lr_decay_fraction=0.2)"),
     ("train.lr_decay_fraction=0", "train.lr_decay_fraction must be in (0, 1]"),
     ("train.lr_decay_fraction=1.5", "train.lr_decay_fraction must be in (0, 1]"),
     ("train.checkpoint_at=0,400", "train.checkpoint_at: step(s) [0, 400] outside 1..train.steps=300"),
