@@ -177,9 +177,9 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_
     os.replace(staging, final)
     _fsync_dir(root)
     _write_file_atomic(root / "latest", final.name.encode())
-    prunable = [c for c in list_checkpoints(out_dir) if checkpoint_step(c) not in keep_steps]
-    for old in prunable[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        if checkpoint_step(old) not in keep_steps:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -118,7 +118,8 @@ class TrainConfig:
     # across runs, or across a resume, that change the pairs they train on.
     eval_task_pairs: int = 0
     checkpoint_every: int = 100
-    keep_last: int = 3  # checkpoints kept (the newest; those of checkpoint_at besides)
+    keep_last: int = 3  # the newest checkpoints kept (and those of keep_every and checkpoint_at)
+    keep_every: int = 0  # checkpoints at multiples of this step are never pruned (0: none), e.g. for evals
     # more checkpoints at these steps, never pruned: e.g. the points a WSD run's cooldowns branch from
     checkpoint_at: tuple[int, ...] = ()
     resume: bool = True  # continue from the newest good checkpoint in out_dir
@@ -375,6 +376,9 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < t.lr_decay_fraction <= 1:
         raise ConfigError(f"train.lr_decay_fraction must be in (0, 1] (the last fraction of train.steps over "
                           f"which the lr decays; train.lr_decay=none for none), got {t.lr_decay_fraction}")
+    if t.keep_every < 0 or (t.keep_every and t.keep_every % t.checkpoint_every):
+        raise ConfigError(f"train.keep_every={t.keep_every} must be 0 (none) or a multiple of "
+                          f"train.checkpoint_every={t.checkpoint_every} (it keeps checkpoints written)")
     outside = [s for s in t.checkpoint_at if not 0 < s <= t.steps]
     if outside:
         raise ConfigError(f"train.checkpoint_at: step(s) {outside} outside 1..train.steps={t.steps}")

@@ -461,6 +461,8 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
         mesh.print(f"warning: train.profile_start={t.profile_start} is past: this run resumes at step "
                    f"{step + 1}, so nothing is profiled (set a later step)")
 
+    kept = {*t.checkpoint_at, *(range(t.keep_every, t.steps + 1, t.keep_every) if t.keep_every else ())}
+
     def save() -> None:
         staging = staging_dir(out, step)
         on_every_rank = functools.partial(write_on_every_rank, mesh, out, step)
@@ -471,7 +473,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                  "rng": mesh.gather_objects(rng_state()), "config": run_config, **model_state}
         layout = {"layout": model_state["shards"]} if "shards" in model_state else None
         final = on_every_rank(lambda: save_checkpoint(out, step, state, t.keep_last, staged=True,
-                                                      manifest=layout, keep_steps=t.checkpoint_at),
+                                                      manifest=layout, keep_steps=kept),
                               here=mesh.is_main)
         result.checkpoint = final or result.checkpoint
 

@@ -54,6 +54,7 @@ def test_wsd_runs_of_two_lengths_agree_until_the_shorter_ones_decay():
     ("train.lr_decay_fraction=0", "train.lr_decay_fraction must be in (0, 1]"),
     ("train.lr_decay_fraction=1.5", "train.lr_decay_fraction must be in (0, 1]"),
     ("train.checkpoint_at=0,400", "train.checkpoint_at: step(s) [0, 400] outside 1..train.steps=300"),
+    ("train.keep_every=150", "train.keep_every=150 must be 0 .none. or a multiple of train.checkpoint_every"),
 ])
 def test_bad_schedule_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
@@ -61,10 +62,12 @@ def test_bad_schedule_settings_are_named(override, message):
         load_config(None, [override])
 
 
-def test_checkpoints_of_checkpoint_at_are_never_pruned(dataset, tmp_path):
+def test_checkpoints_of_checkpoint_at_and_keep_every_are_never_pruned(dataset, tmp_path):
     train(small_config(dataset, tmp_path / "run", "train.steps=8", "train.checkpoint_every=2",
-                       "train.keep_last=1", "train.checkpoint_at=3", "train.eval_every=0"))
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000003", "step_00000008"]
+                       "train.keep_last=1", "train.checkpoint_at=3", "train.keep_every=4",
+                       "train.eval_every=0"))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000003", "step_00000004",
+                                                                    "step_00000008"]
 
 
 def test_a_cooldown_branched_from_a_longer_wsd_run_is_the_shorter_wsd_run_bitwise(dataset, tmp_path):
