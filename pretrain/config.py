@@ -301,17 +301,37 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
 
 
+def read_config_tree(path: str | Path, within: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's sections over those of the file its `base:` names (relative to it; a chain of
+    them), key by key: a variant says only what differs from a shared config."""
+    path = Path(path)
+    where = f" (the base: of {within[-1]})" if within else ""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist{where}")
+    if path.resolve() in within:
+        raise ConfigError(f"config file {path}: its base: chain comes back to it ("
+                          + " → ".join(str(p) for p in (*within, path.resolve())) + ")")
+    tree = read_yaml(path) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of {'/'.join(SECTIONS)} sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base: must name a config file, got {base!r}")
+    merged = read_config_tree(path.parent / base, (*within, path.resolve()))
+    for section, values in tree.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file (or start from defaults when path is None), apply overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = read_yaml(path) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of {'/'.join(SECTIONS)} sections")
-    return build_config(tree, overrides)
+    """Read a YAML file (and its base: files; or start from defaults when path is None), apply overrides,
+    validate."""
+    return build_config(read_config_tree(path) if path is not None else {}, overrides)
 
 
 def build_config(tree: dict[str, Any], overrides: list[str] = ()) -> RunConfig:

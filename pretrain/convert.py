@@ -42,7 +42,7 @@ from pretrain.checkpoint import (
     verify_checkpoint,
 )
 from pretrain.checkpoint_shards import SHARDS_DIR, split_dense
-from pretrain.config import ConfigError, build_config, read_yaml
+from pretrain.config import ConfigError, build_config, read_config_tree
 from pretrain.hf_export import (
     TRAINING_STATE,
     WEIGHTS_FILE,
@@ -205,9 +205,7 @@ def to_checkpoint(src: Source, out: Path, overrides: list[str], config: str | No
     if src.run_config is None and config is None:
         raise ConfigError(f"{src.path} carries no run config: pass --config with the run's data and train "
                           "settings")
-    tree = (read_yaml(Path(config)) or {}) if config else dict(src.run_config)
-    if not isinstance(tree, dict):
-        raise ConfigError(f"--config {config}: expected a mapping of model, data, train, parallel")
+    tree = read_config_tree(config) if config else dict(src.run_config)
     tree["model"] = model_fields(src.model)
     model_overrides = [o for o in overrides if o.split("=", 1)[0].startswith("model.")]
     if model_overrides:

@@ -241,6 +241,25 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
         load_config(path)
 
 
+def test_a_config_file_says_what_differs_from_its_base(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "root.yaml").write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\n"
+                                                   "train:\n  lr: 1.0e-3\n  steps: 50\n")
+    (tmp_path / "variant.yaml").write_text("base: shared/root.yaml\nmodel:\n  layers: mag\n"
+                                           "train:\n  steps: 70\n")
+    cfg = load_config(tmp_path / "variant.yaml", ["train.warmup_steps=5"])
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert (cfg.model.layers, cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps) == ("mag", 70, 1e-3, 5)
+    assert cfg.model.dim == tiny.model.dim and cfg.data.seq_len == tiny.data.seq_len  # the rest: tiny.yaml's
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: its base: chain comes back to it \(.*a.yaml → .*b.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"file .*gone.yaml does not exist \(the base: of .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_command_line_spellings_of_tuples_and_null_are_read():
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.betas=0.9,0.99", "train.resume_from=None"])
     assert cfg.train.betas == (0.9, 0.99) and cfg.train.resume_from is None
