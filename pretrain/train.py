@@ -35,6 +35,7 @@ from pretrain.batch import Batch, as_batch
 from pretrain.checkpoint import (
     CorruptCheckpointError,
     begin_checkpoint,
+    checkpoint_path,
     fsync_tree,
     latest_checkpoint,
     list_checkpoints,
@@ -52,7 +53,7 @@ from pretrain.loss import loss_denominator
 from pretrain.profiling import StepProfiler
 from pretrain.resume import Start, choose_start, record_start
 from pretrain.run_lock import RunFolderBusy, hold_run_lock
-from pretrain.schedule import lr_at
+from pretrain.schedule import decay_start, lr_at
 from titans.flops import training_flops_per_token
 from titans.kernels.toolchain import inductor_cpu_problem, runnable_kernel
 from titans.model import TitansLM, num_parameters
@@ -462,6 +463,8 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                    f"{step + 1}, so nothing is profiled (set a later step)")
 
     kept = {*t.checkpoint_at, *(range(t.keep_every, t.steps + 1, t.keep_every) if t.keep_every else ())}
+    if t.lr_decay_fraction < 1 and decay_start(t) > 0:  # a WSD run is extended from its last stable step
+        kept.add(decay_start(t))
 
     def save() -> None:
         staging = staging_dir(out, step)
@@ -552,7 +555,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
         signalled = mesh.any_flag(stop.received is not None)
         pause = t.stop_after_steps > 0 and step - first_step >= t.stop_after_steps
-        if step % t.checkpoint_every == 0 or step in t.checkpoint_at or step == t.steps or signalled or pause:
+        if step % t.checkpoint_every == 0 or step in kept or step == t.steps or signalled or pause:
             save()
         if signalled:
             result.stopped_by_signal = True
@@ -658,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     if result.already_finished:
         mesh.print(f"\nthis run already finished: {result.last_step} steps, checkpoint {result.checkpoint}. "
-                   "Raise train.steps to train on, or choose a new train.out_dir for a new run.")
+                   + (f"To train on past its cooldown: {extend_hint(cfg)}" if extend_hint(cfg) else
+                      "Raise train.steps to train on, or choose a new train.out_dir for a new run."))
         mesh.close()
         return 0
     if mesh.is_main:
@@ -668,8 +672,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint:  {Path(result.checkpoint).resolve()}")
         print(f"config:      {out / 'config.yaml'}")
         print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}   (then open http://localhost:6006)")
+        if extend_hint(cfg):
+            print(f"extend:      {extend_hint(cfg)}")
     mesh.close()
     return 0
+
+
+def extend_hint(cfg: RunConfig) -> str | None:
+    """How to train a finished warmup-stable-decay run for longer: fork it from its last stable step (kept
+    for this), where a longer run of the same schedule would be too."""
+    t = cfg.train
+    if t.lr_decay_fraction == 1 or decay_start(t) == 0:
+        return None
+    return (f"the same command with train.resume_from={checkpoint_path(t.out_dir, decay_start(t)).resolve()} "
+            "train.steps=MORE train.out_dir=NEW (its last step before the cooldown)")
 
 
 def exit_now(code: int) -> NoReturn:

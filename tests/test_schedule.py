@@ -96,3 +96,26 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(dataset, tmp_path):
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("train/lr")}
     assert logged == pytest.approx({s: lr_at(s - 1, cfg.train) for s in range(1, 7)})
+
+
+def test_a_finished_wsd_run_keeps_its_last_stable_step_and_says_how_to_extend_it(dataset, tmp_path, capsys):
+    """Forked from that checkpoint with more steps, it is the longer WSD run, bitwise."""
+    from pretrain.train import main
+
+    wsd = ["train.lr_decay=sqrt", "train.lr_decay_fraction=0.25", "train.warmup_steps=1",
+           "train.eval_every=0", "train.checkpoint_every=100"]
+    base = [f"data.train={dataset}", "data.default_corpus=false", "data.seq_len=32", "data.batch_size=2",
+            "model.vocab_size=257", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.window=8",
+            "model.segment_len=16", "model.memory_chunk=8", *wsd]
+    assert main([*base, "train.steps=8", f"train.out_dir={tmp_path / 'short'}"]) == 0
+    stable = tmp_path / "short" / "checkpoints" / "step_00000006"
+    assert [p.name for p in list_checkpoints(tmp_path / "short")] == ["step_00000006", "step_00000008"]
+    assert f"extend:      the same command with train.resume_from={stable} train.steps=MORE" in (
+        capsys.readouterr().out)
+    assert main([*base, "train.steps=8", f"train.out_dir={tmp_path / 'short'}"]) == 0
+    assert f"To train on past its cooldown: the same command with train.resume_from={stable}" in (
+        capsys.readouterr().out)
+    extended = train(load_config(None, [*base, "train.steps=12", f"train.out_dir={tmp_path / 'longer'}",
+                                        f"train.resume_from={stable}"]))
+    alone = train(load_config(None, [*base, "train.steps=12", f"train.out_dir={tmp_path / 'alone'}"]))
+    assert extended.losses == alone.losses
