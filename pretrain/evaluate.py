@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import loss_by_position, synthetic, text_recall
+from pretrain.checkpoint import list_checkpoints
 from pretrain.cpu_allocator import CPU_ALLOCATORS, use_cpu_allocator
 from pretrain.model_io import LanguageModel, default_piece_len, device_problem, load_model, stream_logits
 
@@ -365,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                         "attention span; full attention's is its training length: pass the window)")
     parser.add_argument("--passage", type=int, default=None,
                         help="text_recall: passage length in tokens (default: the attention span)")
+    parser.add_argument("--every-checkpoint", action="store_true",
+                        help="--checkpoint is a run folder: evaluate each of its checkpoints in step order "
+                             "(those train.keep_every keeps, say), each to <run>/eval/step_N.json and "
+                             "TensorBoard at its step (curves over training); ones evaluated before are "
+                             "skipped")
     parser.add_argument("--out", default=None, help="results JSON (default <run>/eval/step_N.json); the "
                         "Markdown table goes next to it with suffix .md")
     parser.add_argument("--tensorboard", default=None,
@@ -409,8 +415,33 @@ def main(argv: list[str] | None = None) -> int:
         edges = loss_by_position.parse_bucket_edges(args.buckets) if args.buckets else None
     except ValueError as err:
         parser.error(f"--buckets: {err}")
+    if not args.every_checkpoint:
+        return evaluate_checkpoint(args.checkpoint, args, tasks, distances, edges)
+    if args.out:
+        parser.error("--every-checkpoint writes a result per checkpoint (<run>/eval/step_N.json): drop --out")
+    checkpoints = list_checkpoints(args.checkpoint)
+    if not checkpoints:
+        print(f"error: --every-checkpoint: {args.checkpoint} is not a run folder with checkpoints",
+              file=sys.stderr)
+        return 2
+    for number, path in enumerate(checkpoints, 1):
+        done = Path(args.checkpoint) / "eval" / f"{path.name}.json"
+        if done.is_file():  # an earlier call's: a rerun evaluates only the checkpoints written since
+            print(f"checkpoint {number}/{len(checkpoints)}: {path.name} already evaluated ({done})",
+                  file=sys.stderr)
+            continue
+        print(f"checkpoint {number}/{len(checkpoints)}: {path.name}", file=sys.stderr, flush=True)
+        status = evaluate_checkpoint(str(path), args, tasks, distances, edges)
+        if status:
+            return status
+    return 0
+
+
+def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, tasks: list[str], distances: list[float],
+                        edges: list[int] | None) -> int:
+    """main() for one checkpoint: evaluate, write the JSON, the table and the TensorBoard scalars."""
     try:
-        model = load_model(args.checkpoint, args.device)
+        model = load_model(checkpoint, args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from data_pipeline.corpus import expand_inputs
 from data_pipeline.prepare import prepare
 from pretrain import synthetic
 from pretrain.checkpoint import list_checkpoints
-from pretrain.config import load_config
+from pretrain.config import build_config, load_config
 from pretrain.evaluate import main as evaluate_main
 from pretrain.evaluate import perplexity, task_accuracy, val_batches
 from pretrain.loss import causal_lm_loss
@@ -310,6 +310,26 @@ def test_evaluate_cli_writes_json_markdown_and_tensorboard(run, tmp_path, capsys
     assert "| needle | 4 | 64 |" in table and "perplexity" in table
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
     assert "| mqar | 2 | 32 |" in capsys.readouterr().out
+
+
+def test_every_checkpoint_of_a_run_is_evaluated_once_as_curves(run, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(build_config(run["cfg"].to_dict(), [f"train.out_dir={out}", "train.steps=4", "train.keep_every=2",
+                                              "train.checkpoint_every=2", "train.eval_every=0"]))
+    command = ["--checkpoint", str(out), "--every-checkpoint", "--tasks", "ppl", "--val-batches", "2"]
+    assert evaluate_main(command) == 0
+    assert sorted(p.name for p in (out / "eval").glob("*.json")) == ["step_00000002.json",
+                                                                     "step_00000004.json"]
+    events = EventAccumulator(str(out / "tensorboard" / "eval"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/val_loss")] == [2, 4]
+    capsys.readouterr()
+    assert evaluate_main(command) == 0  # again: nothing new to evaluate
+    assert capsys.readouterr().err.count("already evaluated") == 2
+    with pytest.raises(SystemExit):
+        evaluate_main([*command, "--out", str(tmp_path / "one.json")])
 
 
 def test_perplexity_on_data_of_another_tokenizer_is_refused(run, tmp_path, capsys):
