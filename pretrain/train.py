@@ -672,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint:  {Path(result.checkpoint).resolve()}")
         print(f"config:      {out / 'config.yaml'}")
         print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}   (then open http://localhost:6006)")
-        if extend_hint(cfg):
+        if extend_hint(cfg) and result.last_step == cfg.train.steps:  # (not a stop_after_steps pause)
             print(f"extend:      {extend_hint(cfg)}")
     mesh.close()
     return 0
