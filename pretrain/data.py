@@ -234,6 +234,8 @@ def validation_sets(cfg: RunConfig, dp_rank: int, dp_size: int, report: bool
     """data.val_sets by folder name: each dataset's validation split, or the whole of one that has none
     and is not trained on (an evaluation-only dataset), in data.train's tokenizer."""
     d = cfg.data
+    if not d.val_sets:
+        return {}
     trained = {Path(p).resolve() for p in (d.train, *d.mix)}
     tokenizer = Manifest.read(d.train).tokenizer
     sets = {}
