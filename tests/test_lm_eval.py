@@ -36,17 +36,23 @@ import json, sys
 import lm_eval
 from lm_eval.tasks import TaskManager
 spec = json.loads(sys.argv[1])
-def number(x):  # a response is nested: [(loglikelihood, is_greedy)] per choice, [loglikelihood] rolling
-    while isinstance(x, (list, tuple)):
-        x = x[0]
-    return float(x)
 res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={spec['model']},trust_remote_code=True",
                               tasks=spec["tasks"], task_manager=TaskManager(include_path=spec["include"]),
                               device="cpu", batch_size=2, log_samples=True)
-out = {task: [[number(r) for r in s["resps"]]
-              for s in sorted(res["samples"][task], key=lambda s: s["doc_id"])] for task in spec["tasks"]}
-print("RESULTS " + json.dumps(out))
+print("RESULTS " + json.dumps(res["samples"], default=str))
 """
+
+
+def responses(samples: dict) -> dict[str, list[list[float]]]:
+    """Each task's log-likelihoods by document, one per choice: the number inside the harness's nested
+    responses ([(loglikelihood, is_greedy)] per choice; [loglikelihood] for a rolling one)."""
+    def number(x):
+        while isinstance(x, (list, tuple)):
+            x = x[0]
+        return float(x)
+
+    return {task: [[number(r) for r in s["resps"]] for s in sorted(samples[task], key=lambda s: s["doc_id"])]
+            for task in TASKS}
 
 
 def write_tasks(folder: Path) -> None:
@@ -67,28 +73,61 @@ def log_likelihood(model: TitansLM, context: list[int], continuation: list[int])
     return picked.sum().item()
 
 
-@pytest.mark.timeout(DEADLINE_S + 60)
-def test_the_harness_scores_an_export_as_our_model_does(tmp_path):
-    torch.manual_seed(0)
-    cfg = TitansConfig(vocab_size=257, dim=32, n_layers=2, n_heads=2, layers="mac,mag", window=8,
-                       segment_len=16, memory_chunk=8, n_persistent=2)
-    model = TitansLM(cfg).eval()
-    export_hf(model.state_dict(), cfg, tmp_path / "hf", None, EOS)
-    write_tasks(tmp_path / "tasks")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS="1")
-    spec = {"model": str(tmp_path / "hf"), "include": str(tmp_path / "tasks"), "tasks": list(TASKS)}
-    done = subprocess.run([sys.executable, "-c", HARNESS, json.dumps(spec)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=DEADLINE_S)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    theirs = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULTS "))[8:])
-    for doc, scores in zip(DOCS, theirs["titans_choice"], strict=True):
+def check_against_our_model(model: TitansLM, scored: dict[str, list[list[float]]]) -> None:
+    for doc, scores in zip(DOCS, scored["titans_choice"], strict=True):
         # the harness joins context and choice with " " and scores a context's trailing whitespace as part
         # of the continuation
         context = doc["context"].rstrip()
         ours = [log_likelihood(model, list(context.encode()), list((doc["context"][len(context):] + " " + c)
                                                                     .encode())) for c in doc["choices"]]
         assert scores == pytest.approx(ours, rel=1e-5, abs=1e-4)
-    for doc, (score,) in zip(DOCS, theirs["titans_rolling"], strict=True):  # the whole text after EOS
+    for doc, (score,) in zip(DOCS, scored["titans_rolling"], strict=True):  # the whole text after EOS
         assert score == pytest.approx(log_likelihood(model, [EOS], list(doc["context"].encode())), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[TitansLM, Path]:
+    """A MAC + MAG model (random weights: every log-likelihood is checked, not accuracy), its Hugging Face
+    export and the two tasks."""
+    tmp = tmp_path_factory.mktemp("harness")
+    torch.manual_seed(0)
+    cfg = TitansConfig(vocab_size=257, dim=32, n_layers=2, n_heads=2, layers="mac,mag", window=8,
+                       segment_len=16, memory_chunk=8, n_persistent=2)
+    model = TitansLM(cfg).eval()
+    export_hf(model.state_dict(), cfg, tmp / "hf", None, EOS)
+    write_tasks(tmp / "tasks")
+    return model, tmp
+
+
+@pytest.mark.timeout(DEADLINE_S + 60)
+def test_the_harness_scores_an_export_as_our_model_does(exported):
+    model, tmp = exported
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    spec = {"model": str(tmp / "hf"), "include": str(tmp / "tasks"), "tasks": list(TASKS)}
+    done = subprocess.run([sys.executable, "-c", HARNESS, json.dumps(spec)], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS "))
+    check_against_our_model(model, responses(json.loads(line[len("RESULTS "):])))
+
+
+def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkeypatch):
+    """pretrain.harness in pieces of 16 tokens (every document spans two or three) gives the same
+    log-likelihoods, and its command line writes the results."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from pretrain.harness import TitansHarnessLM, main
+
+    model, tmp = exported
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm = TitansHarnessLM(str(tmp / "hf"), piece_len=16, tokenizer="bytes")
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), log_samples=True,
+                                      task_manager=TaskManager(include_path=str(tmp / "tasks")))
+    check_against_our_model(model, responses(results["samples"]))
+    out = tmp / "harness.json"
+    assert main(["--checkpoint", str(tmp / "hf"), "--tokenizer", "bytes", "--tasks", "titans_choice",
+                 "--include-path", str(tmp / "tasks"), "--out", str(out)]) == 0
+    assert "acc,none" in json.loads(out.read_text())["results"]["titans_choice"]
+    assert main(["--checkpoint", str(tmp / "hf"), "--tokenizer", "bytes", "--tasks", "nonesuch"]) == 2

@@ -1,0 +1,150 @@
+"""lm-evaluation-harness tasks on a run folder, checkpoint or export, without converting it first:
+
+    python -m pretrain.harness --checkpoint runs/tiny --tasks hellaswag,arc_easy
+    python -m pretrain.harness --checkpoint runs/tiny --tasks my_task --include-path tasks/ --limit 100
+
+Every request is one sequence fed through the exact streaming cache (titans/streaming.py) in pieces of
+`--piece-len` tokens, so a document of any length is scored as one call would score it, with bounded
+memory: a rolling perplexity over a long document carries the memory and the attention window across
+pieces, where `lm_eval --model hf` restarts both at every `max_length` window. Requests are scored one
+at a time (the streaming cache is per sequence): on short multiple-choice tasks the Hugging Face export
+with batches is faster, and gives the same log-likelihoods (tests/test_lm_eval.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.model import TemplateLM
+
+from pretrain.model_io import device_problem, end_of_document_id, load_model, run_tokenizer
+from titans.streaming import generate, stream_logits
+
+
+class TitansHarnessLM(TemplateLM):
+    """The harness's model interface over a loaded Titans model and its run's tokenizer."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", piece_len: int = 4096,
+                 tokenizer: str | None = None) -> None:
+        super().__init__()
+        self.loaded = load_model(checkpoint, device)
+        self.text_tokenizer = run_tokenizer(self.loaded.run_config, self.loaded.vocab_size, tokenizer)
+        if self.text_tokenizer is None:  # a byte vocabulary
+            from data_pipeline.tokenizer import ByteTokenizer
+
+            self.text_tokenizer = ByteTokenizer()
+        eos = end_of_document_id(self.text_tokenizer, self.loaded.vocab_size)
+        if eos is None:
+            raise ValueError(f"{checkpoint}: the tokenizer has no end-of-document id to condition on")
+        self.eos, self.piece_len = eos, piece_len
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.eos
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.text_tokenizer.encode(string)
+
+    @torch.no_grad()
+    def _scored(self, tokens: list[int], first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(token) (float64) and whether it is the argmax, for tokens[first:], each given all the
+        tokens before it: one sequence, streamed."""
+        inputs = torch.tensor([tokens[:-1]], device=self.loaded.device)
+        logits, _ = stream_logits(self.loaded.model, inputs, piece_len=self.piece_len)
+        log_probs = torch.log_softmax(logits[0, first - 1:].double(), -1)
+        wanted = torch.tensor(tokens[first:], device=log_probs.device)
+        return log_probs.gather(1, wanted[:, None])[:, 0], log_probs.argmax(-1) == wanted
+
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        results = []
+        for key, context, continuation in requests:
+            log_probs, greedy = self._scored(context + continuation, len(context))
+            results.append((log_probs.sum().item(), bool(greedy.all())))
+            self.cache_hook.add_partial("loglikelihood", key, results[-1])
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """The whole text after the end-of-document token, as one streamed sequence."""
+        results = []
+        for (text,) in (r.args for r in requests):
+            results.append(self._scored([self.eos, *self.tok_encode(text)], 1)[0].sum().item())
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), results[-1])
+        return results
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation (or sampled at the request's temperature), cut at the first `until`."""
+        outputs = []
+        for context, options in (r.args for r in requests):
+            until = options.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            prompt = torch.tensor([self.tok_encode(context) or [self.eos]], device=self.loaded.device)
+            new = generate(self.loaded.model, prompt, int(options.get("max_gen_toks", 256)),
+                           float(options.get("temperature", 0.0)), eos_id=self.eos,
+                           piece_len=self.piece_len)[0, prompt.shape[1]:].tolist()
+            text = self.text_tokenizer.decode([t for t in new if t != self.eos])
+            for stop in until:
+                text = text.split(stop)[0]
+            outputs.append(text)
+            self.cache_hook.add_partial("generate_until", (context, options), text)
+        return outputs
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pretrain.harness", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder (its newest good checkpoint), checkpoint (…/step_N) or export")
+    p.add_argument("--tasks", required=True, help="harness task names, comma-separated")
+    p.add_argument("--include-path", help="a folder of more task YAMLs (e.g. local data: dataset_path: json)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--limit", type=float, default=None, help="at most this many documents per task")
+    p.add_argument("--piece-len", type=int, default=4096, help="tokens per streamed piece")
+    p.add_argument("--tokenizer", default=None, help="the tokenizer (default: the run's dataset's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default <run>/eval/harness_step_N.json; ./harness.json for an export)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    args = parser().parse_args(argv)
+    problem = device_problem(args.device)
+    if problem:
+        parser().error(problem)
+    try:
+        lm = TitansHarnessLM(args.checkpoint, args.device, args.piece_len, args.tokenizer)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tasks = [t for t in args.tasks.split(",") if t]
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        print(f"error: unknown task(s) {', '.join(unknown)} (lm_eval --tasks list names them; local ones "
+              "need --include-path)", file=sys.stderr)
+        return 2
+    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
+                              limit=args.limit)
+    path = lm.loaded.path
+    in_run = path is not None and path.parent.name == "checkpoints"
+    out = Path(args.out) if args.out else (path.parent.parent / "eval" / f"harness_{path.name}.json"
+                                           if in_run else Path("harness.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(path), "step": lm.loaded.step, "tasks": tasks,
+                               "results": results["results"]}, indent=2, default=str) + "\n")
+    print(make_table(results))
+    print(f"results: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
