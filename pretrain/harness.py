@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lm_eval.api.model import TemplateLM
+
+try:
+    from lm_eval.api.model import TemplateLM
+except ImportError as err:  # an optional extra: say how to get it rather than a traceback
+    raise SystemExit("pretrain.harness needs lm-evaluation-harness: pip install -e '.[eval]'") from err
 
 from pretrain.model_io import device_problem, end_of_document_id, load_model, run_tokenizer
 from titans.streaming import generate, stream_logits
