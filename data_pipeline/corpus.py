@@ -1,8 +1,8 @@
-"""Where documents come from: text files, directories, .jsonl(.gz), and the embedded default corpus.
+"""Where documents come from: text files, directories, .jsonl(.gz), .parquet, and the embedded default corpus.
 
 Every input file gets a stable *name* (its path relative to the folder it was found in, or the path as
-given); document ids derive from it (`name`, or `name:line` for a jsonl record), so the train/val split,
-which hashes the id, does not depend on where the corpus sits on disk.
+given); document ids derive from it (`name`, or `name:line` for a jsonl record, `name:row` for a parquet
+one), so the train/val split, which hashes the id, does not depend on where the corpus sits on disk.
 
 The default corpus is the installed Python standard library's own `.py` sources: real English-and-code
 text present on every machine that runs this project, under the PSF License (see README.md here).
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-DEFAULT_GLOBS = ("*.txt", "*.md", "*.py", "*.jsonl", "*.jsonl.gz")
+DEFAULT_GLOBS = ("*.txt", "*.md", "*.py", "*.jsonl", "*.jsonl.gz", "*.parquet")
 SKIP_STDLIB_PARTS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
 
 
@@ -29,6 +29,10 @@ class InputFile(NamedTuple):
 
 def is_jsonl(path: Path) -> bool:
     return path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")
+
+
+def is_parquet(path: Path) -> bool:
+    return path.name.endswith(".parquet")
 
 
 def default_corpus_root() -> Path:
@@ -130,12 +134,42 @@ def parse_jsonl(file: InputFile, first: int, lines: list[bytes], text_field: str
         yield f"{file.name}:{lineno}", record[text_field]
 
 
+def parquet_chunks(file: InputFile, text_field: str, chunk_rows: int = 4096
+                   ) -> Iterator[tuple[int, list[str]]]:
+    """(first row number, texts) of a .parquet file's `text_field` column (the format of most datasets on
+    the Hugging Face hub), read a record batch at a time; rows count from 1, as jsonl lines do."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ValueError(f"{file.path}: reading .parquet needs pyarrow (pip install pyarrow)") from err
+    try:
+        table = pq.ParquetFile(file.path)
+    except (OSError, pq.lib.ArrowException) as err:
+        raise ValueError(f"{file.path}: cannot be read as parquet ({err})") from err
+    if text_field not in table.schema_arrow.names:
+        columns = ", ".join(table.schema_arrow.names)
+        raise ValueError(f"{file.path}: no column {text_field!r} (it has {columns}; choose one with "
+                         "--text-field)")
+    first = 1
+    for batch in table.iter_batches(batch_size=chunk_rows, columns=[text_field]):
+        texts = batch.column(0).to_pylist()
+        for row, text in enumerate(texts, first):
+            if not isinstance(text, str):
+                raise ValueError(f"{file.path}: row {row}: column {text_field!r} is "
+                                 f"{type(text).__name__}, not a string")
+        yield first, texts
+        first += len(texts)
+
+
 def iter_documents(file: InputFile | Path | str, text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(document id, text) pairs: one per plain file, one per record of a .jsonl(.gz) file."""
+    """(document id, text) pairs: one per plain file, one per record of a .jsonl(.gz) or .parquet file."""
     file = as_input(file)
     if is_jsonl(file.path):
         for first, lines in jsonl_chunks(file):
             yield from parse_jsonl(file, first, lines, text_field)
+    elif is_parquet(file.path):
+        for first, texts in parquet_chunks(file, text_field):
+            yield from ((f"{file.name}:{row}", text) for row, text in enumerate(texts, first))
     else:
         yield file.name, read_text(file)
 

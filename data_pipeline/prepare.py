@@ -4,13 +4,15 @@
     python -m data_pipeline.prepare corpus/ extra.jsonl.gz --tokenizer tok/tokenizer.json --out data/mix
 
 Inputs are text files, directories (searched recursively with --glob, default *.txt *.md *.py *.jsonl
-*.jsonl.gz) and .jsonl(.gz) files whose records hold the text in --text-field. Each document is
+*.jsonl.gz *.parquet), .jsonl(.gz) files whose records hold the text in --text-field, and .parquet files
+(the Hugging Face hub's format; pyarrow) whose --text-field column holds it. Each document is
 tokenised (in parallel with --workers, the order kept, so the output does not depend on the worker
 count), followed by the EOS id; each split's documents are concatenated and cut into samples of
 --sample-tokens ids (seq_len + 1: one sample is one training sequence with its shifted targets); the
 last partial sample is dropped and its length recorded in the manifest. A document goes to the
 validation split when a hash of its id (file name relative to its input folder, plus the line number
-for jsonl) falls below --val-fraction, so the split is stable across runs, machines and worker counts.
+for jsonl, the row for parquet) falls below --val-fraction, so the split is stable across runs, machines
+and worker counts.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from data_pipeline.corpus import (
     default_corpus_root,
     input_files,
     is_jsonl,
+    is_parquet,
     jsonl_chunks,
+    parquet_chunks,
     parse_jsonl,
     read_text,
 )
@@ -51,11 +55,12 @@ SPLITS = ("train", "val")
 
 
 class Task(NamedTuple):
-    """One unit of work: a whole plain file (read by the worker) or a chunk of raw jsonl lines."""
+    """One unit of work: a whole plain file (read by the worker), a chunk of raw jsonl lines, or a chunk of
+    a parquet file's texts (rows)."""
 
     file: InputFile
     first_line: int
-    lines: list[bytes] | None
+    lines: list[bytes] | list[str] | None
 
 
 class _Worker:
@@ -93,6 +98,9 @@ def _run_task(task: Task) -> tuple[list[tuple[str, np.ndarray, str]], int]:
     if task.lines is None:
         docs: Iterable[tuple[str, str]] = [(task.file.name, read_text(task.file))]
         size = task.file.path.stat().st_size
+    elif is_parquet(task.file.path):
+        docs = ((f"{task.file.name}:{row}", text) for row, text in enumerate(task.lines, task.first_line))
+        size = task_bytes(task)
     else:
         docs = parse_jsonl(task.file, task.first_line, task.lines, _Worker.text_field)
         size = sum(len(line) for line in task.lines)
@@ -108,17 +116,20 @@ def _run_task(task: Task) -> tuple[list[tuple[str, np.ndarray, str]], int]:
     return out, size
 
 
-def _tasks(files: Sequence[InputFile]) -> Iterator[Task]:
+def _tasks(files: Sequence[InputFile], text_field: str) -> Iterator[Task]:
     for file in files:
         if is_jsonl(file.path):
             for first, lines in jsonl_chunks(file):
                 yield Task(file, first, lines)
+        elif is_parquet(file.path):  # columnar: the rows' texts are read here, tokenised by the workers
+            for first, texts in parquet_chunks(file, text_field):
+                yield Task(file, first, texts)
         else:
             yield Task(file, 1, None)
 
 
 def task_bytes(task: Task) -> int:
-    if task.lines is not None:
+    if task.lines is not None:  # (a parquet chunk's texts: their characters)
         return sum(len(line) for line in task.lines)
     try:
         return task.file.path.stat().st_size
@@ -220,13 +231,14 @@ def prepare(files: Sequence[InputFile | Path | str], out_dir: str | Path, tokeni
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(out, s, sample_tokens, shard_samples, dtype) for s in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
-    has_gz = any(f.path.name.endswith(".gz") for f in inputs)
-    total = None if has_gz else sum(f.path.stat().st_size for f in inputs if f.path.is_file())
+    # compressed inputs: their size on disk is not the bytes read
+    unknown = any(f.path.name.endswith(".gz") or is_parquet(f.path) for f in inputs)
+    total = None if unknown else sum(f.path.stat().st_size for f in inputs if f.path.is_file())
     bar = InputProgress(total, progress)
     init_args = (tokenizer, val_fraction, text_field, workers > 1, force_val)
     lengths: dict[str, int] = {}  # training documents' token counts, to pick held-out ones if needed
     try:
-        for docs, size in ordered_map(_run_task, _tasks(inputs), workers, init_args):
+        for docs, size in ordered_map(_run_task, _tasks(inputs, text_field), workers, init_args):
             for split, ids, doc_id in docs:
                 writers[split].add(ids)
                 documents[split] += 1

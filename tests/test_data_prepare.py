@@ -96,6 +96,31 @@ def test_jsonl_inputs_and_uint32(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_parquet_inputs_give_the_jsonl_documents(tmp_path: Path, workers: int) -> None:
+    """A .parquet file's text column (the Hugging Face hub's format, read a record batch at a time) makes
+    the documents its rows would make as jsonl records; a missing column or a null names file and row."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    texts = [f"document {i}: " + "words " * (i % 7) for i in range(50)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pq.write_table(pa.table({"id": list(range(50)), "text": texts}), tmp_path / "docs.parquet",
+                   row_group_size=16)
+    options = {"sample_tokens": 16, "shard_samples": 100, "val_fraction": 0.0, "workers": workers,
+               "progress": False}
+    from_jsonl = prepare([tmp_path / "docs.jsonl"], tmp_path / "a", **options)
+    from_parquet = prepare([tmp_path / "docs.parquet"], tmp_path / "b", **options)
+    assert from_parquet.documents == from_jsonl.documents == {"train": 50, "val": 0}
+    assert np.array_equal(read_split(tmp_path / "b", from_parquet, "train"),
+                          read_split(tmp_path / "a", from_jsonl, "train"))
+    with pytest.raises(ValueError, match=r"docs\.parquet: no column 'body' \(it has id, text; choose one"):
+        prepare([tmp_path / "docs.parquet"], tmp_path / "c", text_field="body", progress=False)
+    pq.write_table(pa.table({"text": ["fine", None]}), tmp_path / "nulls.parquet")
+    with pytest.raises(ValueError, match=r"nulls\.parquet: row 2: column 'text' is NoneType, not a string"):
+        prepare([tmp_path / "nulls.parquet"], tmp_path / "d", progress=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_bad_json_line_names_file_and_line(tmp_path: Path, workers: int) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n')
