@@ -34,7 +34,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -419,19 +419,25 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_checkpoint(args.checkpoint, args, tasks, distances, edges)
     if args.out:
         parser.error("--every-checkpoint writes a result per checkpoint (<run>/eval/step_N.json): drop --out")
-    checkpoints = list_checkpoints(args.checkpoint)
+    return every_checkpoint(args.checkpoint, lambda path: path.parent.parent / "eval" / f"{path.name}.json",
+                            lambda path: evaluate_checkpoint(str(path), args, tasks, distances, edges))
+
+
+def every_checkpoint(run: str, result_of: Callable[[Path], Path], evaluate_one: Callable[[Path], int]) -> int:
+    """--every-checkpoint: `evaluate_one` on each checkpoint of the run folder in step order, but those
+    whose result file (`result_of`) an earlier call wrote: a rerun evaluates only the ones written since.
+    Stops at the first that fails, returning its status."""
+    checkpoints = list_checkpoints(run)
     if not checkpoints:
-        print(f"error: --every-checkpoint: {args.checkpoint} is not a run folder with checkpoints",
-              file=sys.stderr)
+        print(f"error: --every-checkpoint: {run} is not a run folder with checkpoints", file=sys.stderr)
         return 2
     for number, path in enumerate(checkpoints, 1):
-        done = Path(args.checkpoint) / "eval" / f"{path.name}.json"
-        if done.is_file():  # an earlier call's: a rerun evaluates only the checkpoints written since
-            print(f"checkpoint {number}/{len(checkpoints)}: {path.name} already evaluated ({done})",
-                  file=sys.stderr)
+        if result_of(path).is_file():
+            print(f"checkpoint {number}/{len(checkpoints)}: {path.name} already evaluated "
+                  f"({result_of(path)})", file=sys.stderr)
             continue
         print(f"checkpoint {number}/{len(checkpoints)}: {path.name}", file=sys.stderr, flush=True)
-        status = evaluate_checkpoint(str(path), args, tasks, distances, edges)
+        status = evaluate_one(path)
         if status:
             return status
     return 0

@@ -110,25 +110,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--piece-len", type=int, default=4096, help="tokens per streamed piece")
     p.add_argument("--tokenizer", default=None, help="the tokenizer (default: the run's dataset's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="--checkpoint is a run folder: each of its checkpoints in step order "
+                        "(train.keep_every keeps them), curves in TensorBoard; skips those done before")
+    p.add_argument("--tensorboard", default=None,
+                   help="TensorBoard log dir for harness/<task>/<metric> at the checkpoint's step (default "
+                        "<run>/tensorboard/eval; none for an export); 'none' to skip")
     p.add_argument("--out", default=None,
                    help="results JSON (default <run>/eval/harness_step_N.json; ./harness.json for an export)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import make_table
+
+    from pretrain.evaluate import every_checkpoint
 
     args = parser().parse_args(argv)
     problem = device_problem(args.device)
     if problem:
         parser().error(problem)
-    try:
-        lm = TitansHarnessLM(args.checkpoint, args.device, args.piece_len, args.tokenizer)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.every_checkpoint and args.out:
+        parser().error("--every-checkpoint writes a result per checkpoint (<run>/eval/harness_step_N.json): "
+                       "drop --out")
     tasks = [t for t in args.tasks.split(",") if t]
     manager = TaskManager(include_path=args.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
@@ -136,15 +140,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown task(s) {', '.join(unknown)} (lm_eval --tasks list names them; local ones "
               "need --include-path)", file=sys.stderr)
         return 2
+    if not args.every_checkpoint:
+        return run_tasks(args.checkpoint, args, tasks, manager)
+    return every_checkpoint(args.checkpoint, lambda path: result_file(path, args),
+                            lambda path: run_tasks(str(path), args, tasks, manager))
+
+
+def result_file(checkpoint: Path | None, args: argparse.Namespace) -> Path:
+    """--out, or <run>/eval/harness_step_N.json for a checkpoint of a run, ./harness.json for an export."""
+    if args.out:
+        return Path(args.out)
+    in_run = checkpoint is not None and checkpoint.parent.name == "checkpoints"
+    return checkpoint.parent.parent / "eval" / f"harness_{checkpoint.name}.json" if in_run else Path(
+        "harness.json")
+
+
+def run_tasks(checkpoint: str, args: argparse.Namespace, tasks: list[str], manager: Any) -> int:
+    """main() for one checkpoint: the tasks, their table, the JSON, and TensorBoard at the step (a run's)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import make_table
+
+    try:
+        lm = TitansHarnessLM(checkpoint, args.device, args.piece_len, args.tokenizer)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
                               limit=args.limit)
-    path = lm.loaded.path
-    in_run = path is not None and path.parent.name == "checkpoints"
-    out = Path(args.out) if args.out else (path.parent.parent / "eval" / f"harness_{path.name}.json"
-                                           if in_run else Path("harness.json"))
+    path, step = lm.loaded.path, lm.loaded.step or 0
+    out = result_file(path, args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(path), "step": lm.loaded.step, "tasks": tasks,
+    out.write_text(json.dumps({"checkpoint": str(path), "step": step, "tasks": tasks,
                                "results": results["results"]}, indent=2, default=str) + "\n")
+    in_run = path is not None and path.parent.name == "checkpoints"
+    board = args.tensorboard or (str(path.parent.parent / "tensorboard" / "eval") if in_run else "none")
+    if board.lower() != "none":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(board)
+        for task, metrics in results["results"].items():
+            for key, value in metrics.items():  # "acc,none": the metric under the task's default filter
+                if isinstance(value, (int, float)) and "stderr" not in key:
+                    writer.add_scalar(f"harness/{task}/{key.split(',')[0]}", value, step)
+        writer.close()
     print(make_table(results))
     print(f"results: {out}", file=sys.stderr)
     return 0

@@ -131,3 +131,26 @@ def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkey
                  "--include-path", str(tmp / "tasks"), "--out", str(out)]) == 0
     assert "acc,none" in json.loads(out.read_text())["results"]["titans_choice"]
     assert main(["--checkpoint", str(tmp / "hf"), "--tokenizer", "bytes", "--tasks", "nonesuch"]) == 2
+
+
+def test_our_harness_over_every_checkpoint_of_a_run_draws_curves(exported, dataset, tmp_path, capsys):
+    from run_helpers import small_config
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.harness import main
+    from pretrain.train import train
+
+    _, tmp = exported
+    run = tmp_path / "run"
+    train(small_config(dataset, run, "train.steps=4", "train.checkpoint_every=2", "train.keep_every=2",
+                       "train.eval_every=0"))
+    command = ["--checkpoint", str(run), "--every-checkpoint", "--tasks", "titans_choice",
+               "--include-path", str(tmp / "tasks")]
+    assert main(command) == 0
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["harness_step_00000002.json",
+                                                               "harness_step_00000004.json"]
+    events = EventAccumulator(str(run / "tensorboard" / "eval"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("harness/titans_choice/acc")] == [2, 4]
+    capsys.readouterr()
+    assert main(command) == 0 and capsys.readouterr().err.count("already evaluated") == 2
