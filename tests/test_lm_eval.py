@@ -114,11 +114,13 @@ def test_the_harness_scores_an_export_as_our_model_does(exported):
 
 def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkeypatch):
     """pretrain.harness in pieces of 16 tokens (every document spans two or three) gives the same
-    log-likelihoods, and its command line writes the results."""
+    log-likelihoods and our greedy continuation, and its command line writes the results."""
     import lm_eval
+    from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
 
     from pretrain.harness import TitansHarnessLM, main
+    from titans.streaming import generate
 
     model, tmp = exported
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -126,6 +128,10 @@ def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkey
     results = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), log_samples=True,
                                       task_manager=TaskManager(include_path=str(tmp / "tasks")))
     check_against_our_model(model, responses(results["samples"]))
+    request = Instance("generate_until", {}, ("def f(", {"until": [")"], "max_gen_toks": 12}), 0)
+    prompt = list(b"def f(")
+    greedy = generate(model, torch.tensor([prompt]), 12, eos_id=EOS)[0, len(prompt):].tolist()
+    assert lm.generate_until([request]) == [lm.text_tokenizer.decode(greedy).split(")")[0]]
     out = tmp / "harness.json"
     assert main(["--checkpoint", str(tmp / "hf"), "--tokenizer", "bytes", "--tasks", "titans_choice",
                  "--include-path", str(tmp / "tasks"), "--out", str(out)]) == 0
