@@ -484,7 +484,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
         if profiler and profiler.next_step(step + 1):
             report_profile(profiler, bar, mesh)
         started = time.perf_counter()
-        log_now = (step + 1) % t.log_every == 0 or step == 0
+        log_now = (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps  # the last too
         for _, m in memories:
             m.record_stats = log_now or t.compile  # compiled: one graph that has the stats, not a second
         loss_sum, held, step_tokens = 0.0, False, 0
