@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_data_helpers import write_docs
 
-from data_pipeline.corpus import default_corpus_files, expand_inputs
+from data_pipeline.corpus import default_corpus_files, expand_inputs, iter_documents
 from data_pipeline.prepare import main, prepare, split_of
 from data_pipeline.shards import Manifest, ShardWriter, sha256_of
 from data_pipeline.tokenizer import ByteTokenizer, token_dtype
@@ -113,6 +113,10 @@ def test_parquet_inputs_give_the_jsonl_documents(tmp_path: Path, workers: int) -
     assert from_parquet.documents == from_jsonl.documents == {"train": 50, "val": 0}
     assert np.array_equal(read_split(tmp_path / "b", from_parquet, "train"),
                           read_split(tmp_path / "a", from_jsonl, "train"))
+    documents = list(iter_documents(tmp_path / "docs.parquet"))  # what train_tokenizer reads
+    assert documents[:2] == [(f"{tmp_path / 'docs.parquet'}:1", texts[0]), (f"{tmp_path / 'docs.parquet'}:2",
+                                                                            texts[1])]
+    assert len(documents) == 50
     with pytest.raises(ValueError, match=r"docs\.parquet: no column 'body' \(it has id, text; choose one"):
         prepare([tmp_path / "docs.parquet"], tmp_path / "c", text_field="body", progress=False)
     pq.write_table(pa.table({"text": ["fine", None]}), tmp_path / "nulls.parquet")
