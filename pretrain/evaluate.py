@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(those train.keep_every keeps, say), each to <run>/eval/step_N.json and "
                              "TensorBoard at its step (curves over training); ones evaluated before are "
                              "skipped")
-    parser.add_argument("--out", default=None, help="results JSON (default <run>/eval/step_N.json); the "
+    parser.add_argument("--out", default=None, help="results JSON (default <run>/eval/step_N.json, "
+                        "./eval-<name>.json for an export); the "
                         "Markdown table goes next to it with suffix .md")
     parser.add_argument("--tensorboard", default=None,
                         help="TensorBoard log dir (default <run>/tensorboard/eval; none for an export); "
@@ -471,7 +472,9 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, tasks: list[s
     results = {"checkpoint": str(model.path), "step": step, "layers": model.config.layers,
                "tasks": tasks, "distances": distances, "samples": args.samples, "seed": args.seed,
                **({"mqar_pairs": pairs} if "mqar" in tasks else {}), **results}
-    out = Path(args.out) if args.out else run_dir / "eval" / f"step_{step:08d}.json"
+    # an export is a folder to share (or upload), not a run's log: its results go where the command runs
+    out = Path(args.out) if args.out else (run_dir / "eval" / f"step_{step:08d}.json" if in_run
+                                           else Path(f"eval-{model.path.name}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     table = to_markdown(results)

@@ -117,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
                    help="TensorBoard log dir for harness/<task>/<metric> at the checkpoint's step (default "
                         "<run>/tensorboard/eval; none for an export); 'none' to skip")
     p.add_argument("--out", default=None,
-                   help="results JSON (default <run>/eval/harness_step_N.json; ./harness.json for an export)")
+                   help="results JSON (default <run>/eval/harness_step_N.json; ./harness-<name>.json for an "
+                        "export)")
     return p
 
 
@@ -147,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def result_file(checkpoint: Path | None, args: argparse.Namespace) -> Path:
-    """--out, or <run>/eval/harness_step_N.json for a checkpoint of a run, ./harness.json for an export."""
+    """--out, or <run>/eval/harness_step_N.json for a checkpoint of a run, ./harness-<name>.json for an
+    export (a folder to share, not a run's log)."""
     if args.out:
         return Path(args.out)
     in_run = checkpoint is not None and checkpoint.parent.name == "checkpoints"
     return checkpoint.parent.parent / "eval" / f"harness_{checkpoint.name}.json" if in_run else Path(
-        "harness.json")
+        f"harness-{checkpoint.name}.json")
 
 
 def run_tasks(checkpoint: str, args: argparse.Namespace, tasks: list[str], manager: Any) -> int:

@@ -97,7 +97,8 @@ def test_load_model_from_zero_shards(run, tmp_path, monkeypatch):
     assert torch.equal(loaded.logits(tokens)[0], load_model(run["dir"]).logits(tokens)[0])
 
 
-def test_exports_load_as_their_checkpoint_and_evaluate_with_the_runs_mqar_pairs(run, tmp_path, capsys):
+def test_exports_load_as_their_checkpoint_and_evaluate_with_the_runs_mqar_pairs(run, tmp_path, capsys,
+                                                                                 monkeypatch):
     from pretrain.convert import TRAINING_STATE
     from pretrain.convert import main as convert
 
@@ -114,6 +115,9 @@ def test_exports_load_as_their_checkpoint_and_evaluate_with_the_runs_mqar_pairs(
                           str(tmp_path / "a.json")]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["mqar_pairs"] == 4  # the run's data.synthetic_pairs
     assert not (tmp_path / "hf" / "tensorboard").exists()  # an export gets no events unless asked
+    monkeypatch.chdir(tmp_path)  # by default where the command runs, not inside the export
+    assert evaluate_main(["--checkpoint", str(tmp_path / "hf"), *common]) == 0
+    assert (tmp_path / "eval-hf.json").is_file() and not (tmp_path / "hf" / "eval").exists()
     (tmp_path / "safetensors" / TRAINING_STATE).unlink()  # weights and model config only
     bare = load_model(tmp_path / "safetensors")
     assert bare.step is None and set(bare.run_config) == {"model"}
