@@ -168,8 +168,9 @@ def size_runs(family: Family, size: str, common: list[str], all_steps: list[int]
     return runs
 
 
-def final_val_loss(run: Run) -> float | None:
-    """The validation loss logged at the run's last step (TensorBoard events), or None if not there yet."""
+def final_val_loss(run: Run, tag: str = "val/loss") -> float | None:
+    """The validation loss (`tag`) logged at the run's last step (TensorBoard events), or None if not there
+    yet."""
     folder = Path(run.out_dir) / "tensorboard"
     if not folder.is_dir():
         return None
@@ -177,9 +178,9 @@ def final_val_loss(run: Run) -> float | None:
 
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
-    if "val/loss" not in events.Tags()["scalars"]:
+    if tag not in events.Tags()["scalars"]:
         return None
-    last = {e.step: e.value for e in events.Scalars("val/loss")}
+    last = {e.step: e.value for e in events.Scalars(tag)}
     return last.get(run.steps)
 
 
@@ -317,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
                         "budget from scratch instead of as cooldowns branched from each size's largest run")
     p.add_argument("--report-only", action="store_true", help="train nothing: fit and report finished runs")
     p.add_argument("--dry-run", action="store_true", help="print the sweep (N, D, steps per run) and stop")
+    p.add_argument("--loss", default="val/loss",
+                   help="the final loss the fit uses: val/loss, or a data.val_sets dataset's val/<name>/loss "
+                        "(e.g. long documents, where the memory has something to carry)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
     g = p.add_argument_group("Slurm (without --local)")
     g.add_argument("--cpus-per-task", type=int, default=1, help="CPU cores per run (default 1)")
@@ -373,8 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    losses = {r.name: final_val_loss(r) for r in runs}
+    losses = {r.name: final_val_loss(r, args.loss) for r in runs}
     finished = [r for r in runs if losses[r.name] is not None]
+    lacking = [r.name for r in runs if losses[r.name] is None and final_val_loss(r) is not None]
+    if lacking:
+        print(f"error: --loss {args.loss}: finished runs without it ({', '.join(lacking)}); a dataset of "
+              "data.val_sets logs val/<its folder name>/loss", file=sys.stderr)
+        return 1
     if len(finished) < 3:
         print(f"error: {len(finished)} finished runs in {out}; a fit needs at least 3", file=sys.stderr)
         return 1

@@ -145,6 +145,32 @@ def test_a_local_wsd_sweep_writes_the_table_the_fit_and_the_plot(dataset, tmp_pa
     assert again.returncode == 0 and "training" not in again.stdout, again.stdout + again.stderr
 
 
+def test_the_fit_can_use_a_validation_set_of_the_runs(tmp_path, capsys):
+    """--loss val/<set>/loss fits the runs' losses on a data.val_sets dataset (here written directly as
+    TensorBoard events: --report-only trains nothing)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pretrain.scaling import main
+
+    family = tmp_path / "family.yaml"
+    family.write_text(f"base: {ROOT / 'configs' / 'tiny.yaml'}\noverrides: [data.seq_len=64, "
+                      f"data.batch_size=32]\n{SWEEP}tokens: [2048, 4096, 8192]\n")
+    runs = build_sweep(load_family(str(family)), tmp_path / "out", [], check_data=False)
+    for run in runs:
+        writer = SummaryWriter(str(Path(run.out_dir) / "tensorboard"))
+        base = 1 + 50 / run.n_params ** 0.3 + 40 / run.tokens ** 0.3
+        writer.add_scalar("val/loss", base, run.steps)
+        writer.add_scalar("val/books/loss", base + 0.5, run.steps)
+        writer.close()
+    command = ["--family", str(family), "--out", str(tmp_path / "out"), "--report-only", "--bootstrap", "2"]
+    assert main([*command, "--loss", "val/books/loss"]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    first = runs[0]
+    assert f"| {1.5 + 50 / first.n_params ** 0.3 + 40 / first.tokens ** 0.3:.4f} |" in table
+    assert main([*command, "--loss", "val/code/loss"]) == 1
+    assert "--loss val/code/loss: finished runs without it (a-D2048, " in capsys.readouterr().err
+
+
 def test_a_failed_run_stops_new_ones_and_is_reported_with_its_log(tmp_path, monkeypatch):
     from pretrain import scaling
 
