@@ -23,6 +23,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pretrain.scaling import Run  # noqa: E402
 
 SWEEPS = {  # name → extra arguments of pretrain.scaling
     "cosine": [],
@@ -42,9 +45,7 @@ def run_sweep(family: Path, out: Path, extra: list[str], jobs: int) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out / "results.csv") as handle:
         losses = {row["run"]: float(row["val loss"]) for row in csv.DictReader(handle)}
-    runs = json.loads((out / "sweep.json").read_text())["runs"]
-    trained = sum(r["tokens"] * (1 - int(r["start_from"].rsplit("_", 1)[1]) / r["steps"]) if r["start_from"]
-                  else r["tokens"] for r in runs)
+    trained = sum(Run(**r).trained_tokens for r in json.loads((out / "sweep.json").read_text())["runs"])
     return {"losses": losses, "fit": json.loads((out / "fit.json").read_text()), "tokens": trained,
             "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
             "wall_s": time.perf_counter() - started}

@@ -183,6 +183,12 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_
     return final
 
 
+def run_folder(path: Path | None) -> Path | None:
+    """The run folder a checkpoint directory sits in (<out_dir>/checkpoints/step_N); None for anything else
+    (an export: a folder to share, not a run's log)."""
+    return path.parent.parent if path is not None and path.parent.name == "checkpoints" else None
+
+
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return checkpoint_root(out_dir) / f"step_{step:08d}"
 

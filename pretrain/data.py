@@ -38,17 +38,15 @@ def dataset_problem(cfg: RunConfig) -> str | None:
     built_here = d.default_corpus and _at_default_corpus_path(d.train)  # the job builds the embedded corpus
     if not (Path(d.train) / MANIFEST).is_file() and not built_here:
         return f"data.train={d.train}: no prepared dataset there ({MANIFEST} is missing)"
-    for path in d.mix:
-        if not (Path(path) / MANIFEST).is_file():
-            return f"data.mix: {path}: no prepared dataset there ({MANIFEST} is missing)"
+    for field_name, paths in (("data.mix", d.mix), ("data.val_sets", d.val_sets)):
+        for path in paths:
+            if not (Path(path) / MANIFEST).is_file():
+                return f"{field_name}: {path}: no prepared dataset there ({MANIFEST} is missing)"
     if d.val and cfg.train.eval_every:
         try:
             Source(d.val, split="val").resolve()
         except DataError as err:
             return f"data.val={d.val}: {err}"
-    for path in d.val_sets:
-        if not (Path(path) / MANIFEST).is_file():
-            return f"data.val_sets: {path}: no prepared dataset there ({MANIFEST} is missing)"
     return None
 
 

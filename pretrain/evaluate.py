@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import loss_by_position, synthetic, text_recall
-from pretrain.checkpoint import list_checkpoints
+from pretrain.checkpoint import list_checkpoints, run_folder
 from pretrain.cpu_allocator import CPU_ALLOCATORS, use_cpu_allocator
 from pretrain.model_io import LanguageModel, default_piece_len, device_problem, load_model, stream_logits
 
@@ -452,8 +452,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, tasks: list[s
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    in_run = model.path.parent.name == "checkpoints"  # else an export: a folder to share, not a run's log
-    run_dir = model.path.parent.parent if in_run else model.path
+    run_dir = run_folder(model.path)  # None: an export, a folder to share rather than a run's log
     step = model.step or 0
     pairs = args.pairs or run_mqar_pairs(model.run_config)
     print(f"evaluating {model.path} (step {step}): layers {','.join(model.config.layer_kinds)}, "
@@ -473,7 +472,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, tasks: list[s
                "tasks": tasks, "distances": distances, "samples": args.samples, "seed": args.seed,
                **({"mqar_pairs": pairs} if "mqar" in tasks else {}), **results}
     # an export is a folder to share (or upload), not a run's log: its results go where the command runs
-    out = Path(args.out) if args.out else (run_dir / "eval" / f"step_{step:08d}.json" if in_run
+    out = Path(args.out) if args.out else (run_dir / "eval" / f"step_{step:08d}.json" if run_dir
                                            else Path(f"eval-{model.path.name}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -484,7 +483,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, tasks: list[s
                                                      out.with_suffix(".loss_by_position.png"),
                                                      f"{model.path} (step {step})")
         print(f"loss by position: {png}", file=sys.stderr)
-    board = args.tensorboard or (run_dir / "tensorboard" / "eval" if in_run else "none")  # export: asked only
+    board = args.tensorboard or (run_dir / "tensorboard" / "eval" if run_dir else "none")  # export: if asked
     if str(board).lower() != "none":
         write_tensorboard(results, board, step)
     print(table)

@@ -26,6 +26,7 @@ try:
 except ImportError as err:  # an optional extra: say how to get it rather than a traceback
     raise SystemExit("pretrain.harness needs lm-evaluation-harness: pip install -e '.[eval]'") from err
 
+from pretrain.checkpoint import run_folder
 from pretrain.model_io import device_problem, end_of_document_id, load_model, run_tokenizer
 from titans.streaming import generate, stream_logits
 
@@ -147,14 +148,15 @@ def main(argv: list[str] | None = None) -> int:
                             lambda path: run_tasks(str(path), args, tasks, manager))
 
 
-def result_file(checkpoint: Path | None, args: argparse.Namespace) -> Path:
+def result_file(checkpoint: Path, args: argparse.Namespace) -> Path:
     """--out, or <run>/eval/harness_step_N.json for a checkpoint of a run, ./harness-<name>.json for an
     export (a folder to share, not a run's log)."""
     if args.out:
         return Path(args.out)
-    in_run = checkpoint is not None and checkpoint.parent.name == "checkpoints"
-    return checkpoint.parent.parent / "eval" / f"harness_{checkpoint.name}.json" if in_run else Path(
-        f"harness-{checkpoint.name}.json")
+    run = run_folder(checkpoint)
+    if run is None:
+        return Path(f"harness-{checkpoint.name}.json")
+    return run / "eval" / f"harness_{checkpoint.name}.json"
 
 
 def run_tasks(checkpoint: str, args: argparse.Namespace, tasks: list[str], manager: Any) -> int:
@@ -174,8 +176,8 @@ def run_tasks(checkpoint: str, args: argparse.Namespace, tasks: list[str], manag
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(path), "step": step, "tasks": tasks,
                                "results": results["results"]}, indent=2, default=str) + "\n")
-    in_run = path is not None and path.parent.name == "checkpoints"
-    board = args.tensorboard or (str(path.parent.parent / "tensorboard" / "eval") if in_run else "none")
+    run = run_folder(path)
+    board = args.tensorboard or (str(run / "tensorboard" / "eval") if run else "none")
     if board.lower() != "none":
         from torch.utils.tensorboard import SummaryWriter
 

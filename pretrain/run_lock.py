@@ -54,3 +54,19 @@ def hold_run_lock(out: Path, wait_s: float = 30.0, poll_s: float = 1.0) -> tuple
     handle.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {since}")
     handle.flush()
     return handle, None
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who holds the run lock now (the lock file's line), or None: tried without waiting, let go at once."""
+    path = folder / LOCK_FILE
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                return handle.read().strip() or "another process"
+            return None  # a filesystem that cannot lock: nothing to tell
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None

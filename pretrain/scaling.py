@@ -52,6 +52,12 @@ class Run:
     branch_of: str = ""  # a WSD cooldown: the run whose checkpoint `start_from` it continues
     start_from: str = ""
 
+    @property
+    def trained_tokens(self) -> float:
+        """The tokens this run trains itself: a cooldown only those after its branch point."""
+        first = checkpoint_step(Path(self.start_from)) if self.start_from else 0
+        return self.tokens * (1 - first / self.steps)
+
 
 def load_family(path: str) -> Family:
     """A family file, checked: unknown keys, empty lists and wrong types name the field and the file."""
@@ -130,20 +136,19 @@ def build_sweep(family: Family, out: Path, extra: list[str], check_data: bool = 
                                   "least one step")
             all_steps.append(steps)
         wsd = cfg.train.lr_decay_fraction < 1
-        runs += size_runs(family, size, common, all_steps, per_step, out, check_data, wsd,
-                          branch=wsd and not independent)
+        runs += size_runs(family, size, common, cfg.train.warmup_steps, all_steps, per_step, out, check_data,
+                          wsd, branch=wsd and not independent)
     return runs
 
 
-def size_runs(family: Family, size: str, common: list[str], all_steps: list[int], per_step: int, out: Path,
-              check_data: bool, wsd: bool, branch: bool) -> list[Run]:
+def size_runs(family: Family, size: str, common: list[str], warmup: int, all_steps: list[int], per_step: int,
+              out: Path, check_data: bool, wsd: bool, branch: bool) -> list[Run]:
     """One size's runs, shortest first. Under WSD they share one warmup (so that they are one run up to
     each one's decay); branched, each shorter run starts from the longest one's checkpoint at the step
     where its own decay starts, if that is past step 0."""
     from pretrain.data import dataset_problem
-    from pretrain.schedule import decay_start
+    from pretrain.schedule import stable_end
 
-    warmup = load_config(family.base, common).train.warmup_steps
     longest = f"{size}-D{all_steps[-1] * per_step}"
     runs, points = [], []
     for steps in all_steps:
@@ -157,7 +162,7 @@ def size_runs(family: Family, size: str, common: list[str], all_steps: list[int]
             raise ConfigError(f"size {size}: {problem}")
         run = Run(name, size, non_embedding_parameters(cfg.model), steps * per_step, steps, str(out / name),
                   overrides)
-        start = decay_start(cfg.train) if branch and name != longest else 0
+        start = stable_end(cfg.train) if branch and name != longest else 0
         if start > 0:
             run.branch_of, run.start_from = longest, str(checkpoint_path(out / longest, start))
             run.overrides.append(f"train.resume_from={run.start_from}")
@@ -223,9 +228,12 @@ def run_local(runs: list[Run], base: str | None, slots: list[dict[str, str]]) ->
     running: dict[subprocess.Popen, tuple[Run, dict[str, str], float, Any]] = {}
     failed: list[str] = []
     while running or (pending and not failed):
-        while free and not failed and any(ready(run) for _, run in pending):
-            number, run = next(item for item in pending if ready(item[1]))
-            pending.remove((number, run))
+        while free and not failed:
+            item = next((item for item in pending if ready(item[1])), None)
+            if item is None:
+                break
+            pending.remove(item)
+            number, run = item
             slot = free.pop(0)
             bar.set_postfix_str(run.name)
             log = Path(run.out_dir) / "train.log"
@@ -353,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             if run.branch_of else ""
         print(f"{run.name:>16}: N={run.n_params:>10,}  D={run.tokens:>12,}  steps {run.steps}{branch}")
     if any(r.branch_of for r in runs):
-        trained = sum(r.tokens * (1 - checkpoint_step(Path(r.start_from)) / r.steps) if r.branch_of
-                      else r.tokens for r in runs)
+        trained = sum(r.trained_tokens for r in runs)
         print(f"warmup-stable-decay: each size's smaller budgets are cooldowns of its largest run, "
               f"{trained:,.0f} tokens trained in all instead of {sum(r.tokens for r in runs):,} "
               "(--independent: every run from scratch)")

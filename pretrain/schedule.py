@@ -36,3 +36,10 @@ def lr_at(step: int, t: TrainConfig) -> float:
     start = decay_start(t)
     progress = min(1.0, max(0, step - start) / max(1, t.steps - start))
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * DECAY_SHAPES[t.lr_decay](progress))
+
+
+def stable_end(t: TrainConfig) -> int:
+    """A warmup-stable-decay run's last step at the peak rate (where its cooldown starts): the point a
+    shorter run of the same schedule forks from, and a longer one continues from; 0 when the lr decays from
+    the end of warmup (or there is no stable stretch)."""
+    return decay_start(t) if t.lr_decay_fraction < 1 else 0

@@ -12,8 +12,6 @@ holds the folder now, and which), the TensorBoard scalars (last losses, throughp
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -24,7 +22,7 @@ import yaml
 
 from pretrain.checkpoint import CorruptCheckpointError, checkpoint_step, list_checkpoints, verify_checkpoint
 from pretrain.resume import MARKER
-from pretrain.run_lock import LOCK_FILE
+from pretrain.run_lock import lock_holder
 
 SCALARS = ("train/loss", "val/loss", "perf/tokens_per_s")
 
@@ -43,22 +41,6 @@ class RunStatus:
     evaluations: list[str] = field(default_factory=list)
 
 
-def lock_holder(folder: Path) -> str | None:
-    """Who holds the run lock now (the lock file's line), or None: tried without waiting, let go at once."""
-    path = folder / LOCK_FILE
-    if not path.is_file():
-        return None
-    with open(path) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                return handle.read().strip() or "another process"
-            return None  # a filesystem that cannot lock: nothing to tell
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return None
-
-
 def last_scalars(folder: Path) -> dict[str, tuple[int, float]]:
     """The newest value of each of SCALARS and of every val/<set>/loss, from the TensorBoard events."""
     board = folder / "tensorboard"
@@ -70,7 +52,8 @@ def last_scalars(folder: Path) -> dict[str, tuple[int, float]]:
     events.Reload()
     tags = [t for t in events.Tags()["scalars"]
             if t in SCALARS or (t.startswith("val/") and t.endswith("/loss"))]
-    return {tag: (events.Scalars(tag)[-1].step, events.Scalars(tag)[-1].value) for tag in tags}
+    newest = {tag: events.Scalars(tag)[-1] for tag in tags}
+    return {tag: (event.step, event.value) for tag, event in newest.items()}
 
 
 def run_status(folder: Path, verify: bool = False) -> RunStatus:

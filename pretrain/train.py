@@ -53,7 +53,7 @@ from pretrain.loss import loss_denominator
 from pretrain.profiling import StepProfiler
 from pretrain.resume import Start, choose_start, record_start
 from pretrain.run_lock import RunFolderBusy, hold_run_lock
-from pretrain.schedule import decay_start, lr_at
+from pretrain.schedule import lr_at, stable_end
 from titans.flops import training_flops_per_token
 from titans.kernels.toolchain import inductor_cpu_problem, runnable_kernel
 from titans.model import TitansLM, num_parameters
@@ -463,8 +463,8 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                    f"{step + 1}, so nothing is profiled (set a later step)")
 
     kept = {*t.checkpoint_at, *(range(t.keep_every, t.steps + 1, t.keep_every) if t.keep_every else ())}
-    if t.lr_decay_fraction < 1 and decay_start(t) > 0:  # a WSD run is extended from its last stable step
-        kept.add(decay_start(t))
+    if stable_end(t):  # a WSD run is extended from its last stable step
+        kept.add(stable_end(t))
 
     def save() -> None:
         staging = staging_dir(out, step)
@@ -660,8 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         mesh.close()
         return EXIT_INTERRUPTED
     if result.already_finished:
+        hint = extend_hint(cfg)
         mesh.print(f"\nthis run already finished: {result.last_step} steps, checkpoint {result.checkpoint}. "
-                   + (f"To train on past its cooldown: {extend_hint(cfg)}" if extend_hint(cfg) else
+                   + (f"To train on past its cooldown: {hint}" if hint else
                       "Raise train.steps to train on, or choose a new train.out_dir for a new run."))
         mesh.close()
         return 0
@@ -672,8 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint:  {Path(result.checkpoint).resolve()}")
         print(f"config:      {out / 'config.yaml'}")
         print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}   (then open http://localhost:6006)")
-        if extend_hint(cfg) and result.last_step == cfg.train.steps:  # (not a stop_after_steps pause)
-            print(f"extend:      {extend_hint(cfg)}")
+        hint = extend_hint(cfg)
+        if hint and result.last_step == cfg.train.steps:  # (not a stop_after_steps pause)
+            print(f"extend:      {hint}")
     mesh.close()
     return 0
 
@@ -682,9 +684,9 @@ def extend_hint(cfg: RunConfig) -> str | None:
     """How to train a finished warmup-stable-decay run for longer: fork it from its last stable step (kept
     for this), where a longer run of the same schedule would be too."""
     t = cfg.train
-    if t.lr_decay_fraction == 1 or decay_start(t) == 0:
+    if not stable_end(t):
         return None
-    return (f"the same command with train.resume_from={checkpoint_path(t.out_dir, decay_start(t)).resolve()} "
+    return (f"the same command with train.resume_from={checkpoint_path(t.out_dir, stable_end(t)).resolve()} "
             "train.steps=MORE train.out_dir=NEW (its last step before the cooldown)")
 
 
