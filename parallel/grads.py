@@ -4,7 +4,8 @@ Each parameter is counted once over the model replica: a tensor-parallel shard b
 shards are disjoint), a replicated parameter by tp rank 0 only, the last stage's copy of a tied
 embedding not at all (the first stage counts it); the squares are summed over the model-parallel group
 (tp × pp). Data-parallel replicas hold the same averaged gradients after DDP, so they agree without
-talking. On one process this is `torch.nn.utils.clip_grad_norm_`.
+talking; under FSDP each holds a slice of them, and the squares are summed over dp first. On one process
+this is `torch.nn.utils.clip_grad_norm_`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from parallel.mesh import Mesh
 
@@ -57,13 +59,18 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, mesh: Mesh) -> fl
     Megatron-LM and DeepSpeed; torch's own would scale every gradient to zero); returns the norm before."""
     max_norm = max_norm if max_norm > 0 else math.inf
     params = [p for p in params if p.grad is not None]
-    if not mesh.layout.model_parallel:
+    fsdp = any(isinstance(p.grad, DTensor) for p in params)  # each dp rank holds a slice of each gradient
+    if not mesh.layout.model_parallel and not fsdp:
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
     square = torch.zeros((), dtype=torch.float64, device=mesh.device)
     for p in params:
         if counted_here(p, mesh):
-            square += p.grad.detach().double().square().sum()
-    torch_dist.all_reduce(square, group=mesh.model_parallel_group)
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            square += grad.detach().double().square().sum()
+    if fsdp:
+        torch_dist.all_reduce(square, group=mesh.dp_group)
+    if mesh.layout.model_parallel:
+        torch_dist.all_reduce(square, group=mesh.model_parallel_group)
     norm = math.sqrt(square.item())
     scale = max_norm / (norm + 1e-6)
     if scale < 1.0:  # as clip_grad_norm_: a non-finite norm leaves the gradients for the caller to skip

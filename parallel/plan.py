@@ -8,7 +8,7 @@ Every (tp, pp) rank's shard is built on the meta device by the training job's ow
 data-parallel ranks hold the same shard and differ only by their ZeRO partition. Per rank it prints:
 
 - parameters, and bytes of parameters / gradients / AdamW states (fp32 each: the training keeps fp32
-  weights under bf16 autocast), divided over dp as the ZeRO stage shards them;
+  weights under bf16 autocast), divided over dp as the ZeRO stage (or FSDP, `parallel.fsdp`) shards them;
 - activations of one micro-batch (an estimate, below) times the micro-batches a 1F1B stage keeps in
   flight, without and with activation checkpointing (`train.activation_checkpointing`), with the
   memory's recompute (`model.recompute_memory`) as configured;
@@ -148,6 +148,9 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
         grads /= dp
     if p.zero_stage >= 3:
         params /= dp
+    if p.fsdp:  # ZeRO-3's sharding, plus two blocks gathered whole (the running one, the next prefetched)
+        block = 4.0 * parameters / max(layers, 1)
+        optim, grads, params = optim / dp, grads / dp + 2 * block, params / dp + 2 * block
     micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
     in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens
@@ -189,7 +192,7 @@ def preflight_problem(cfg: RunConfig, dp: int, parameters: int, layers: int, mem
 def remedies(cfg: RunConfig) -> str:
     """What else frees memory: activation checkpointing only where it is off."""
     ckpt = "" if cfg.train.activation_checkpointing else "turn on train.activation_checkpointing, "
-    return f"{ckpt}raise parallel.tp / parallel.pp / parallel.zero_stage"
+    return f"{ckpt}raise parallel.tp / parallel.pp / parallel.zero_stage, or set parallel.fsdp=true"
 
 
 def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], dict]:
@@ -219,8 +222,9 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
     p = cfg.parallel
     ckpt = "on" if cfg.train.activation_checkpointing else "off"
     recompute = "on" if cfg.model.recompute_memory else "off"
+    sharding = "FSDP" if p.fsdp else f"ZeRO stage {p.zero_stage}"
     lines = [f"layout tp={p.tp} pp={p.pp} sp={p.sp} dp={summary['dp']} on {summary['gpus']} × "
-             f"{summary['gpu']}, ZeRO stage {p.zero_stage}, {summary['stages']} pipeline stage(s), "
+             f"{summary['gpu']}, {sharding}, {summary['stages']} pipeline stage(s), "
              f"activation checkpointing {ckpt}, memory recompute {recompute}",
              "",
              "| tp rank | pp stage | parameters | params GiB | grads GiB | optim GiB | acts GiB (no ckpt) "

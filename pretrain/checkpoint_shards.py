@@ -14,6 +14,7 @@ tool). Resume needs the layout the checkpoint was written with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,12 @@ def _save(obj: Any, path: Path) -> None:
 
 
 def save_shards(directory: Path, models: list[nn.Module], optimizer: torch.optim.Optimizer, mesh: Mesh,
-                cfg) -> dict[str, Any]:
+                cfg, model_state: dict[str, Any] | None = None,
+                optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collective: every rank writes its shard files under directory/shards; returns the layout record. A
-    rank whose write fails (a full disk) still joins the collective, then raises: no rank waits on it."""
+    rank whose write fails (a full disk) still joins the collective, then raises: no rank waits on it.
+    `model_state` / `optimizer_state`: what to write instead of the modules' state dicts (FSDP's, gathered
+    over dp)."""
     zero = _is_zero(optimizer)
     model_file, optim_file = shard_files(mesh, zero)
     folder = directory / SHARDS_DIR
@@ -73,12 +77,13 @@ def save_shards(directory: Path, models: list[nn.Module], optimizer: torch.optim
     failed: OSError | None = None
     try:
         if writes and mesh.dp_rank == 0:
-            state = {}
-            for model in models:
+            state = model_state or {}
+            for model in models if model_state is None else ():
                 state.update(model.state_dict())
             _save(state, folder / model_file)
         if writes and (zero or mesh.dp_rank == 0):
-            _save(optimizer.optim.state_dict() if zero else optimizer.state_dict(), folder / optim_file)
+            _save(optimizer_state or (optimizer.optim.state_dict() if zero else optimizer.state_dict()),
+                  folder / optim_file)
     except OSError as err:
         failed = err
     parameters: dict[str, Any] = {}
@@ -93,8 +98,11 @@ def save_shards(directory: Path, models: list[nn.Module], optimizer: torch.optim
 
 
 def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module],
-                optimizer: torch.optim.Optimizer, mesh: Mesh) -> None:
-    """Every rank reads its own shard files; the layout must be the one the checkpoint was written with."""
+                optimizer: torch.optim.Optimizer, mesh: Mesh,
+                set_model: Callable[[nn.Module, dict[str, Any]], None] = nn.Module.load_state_dict,
+                set_optimizer: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Every rank reads its own shard files; the layout must be the one the checkpoint was written with.
+    `set_model(model, state)` / `set_optimizer(state)` load them (FSDP's take this rank's dp shard)."""
     saved = record["layout"]
     if saved != asdict(mesh.layout):
         written = " ".join(f"{k}={v}" for k, v in saved.items())
@@ -112,12 +120,12 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
     state = torch.load(folder / model_file, map_location=mesh.device, weights_only=True)
     for model in models:
         own = model.state_dict()
-        model.load_state_dict({k: state[k] for k in own})
+        set_model(model, {k: state[k] for k in own})
     if fresh:
         mesh.print(f"{directory}: converted weights without optimizer state: AdamW moments start at zero")
         return
     optim_state = torch.load(folder / optim_file, map_location=mesh.device, weights_only=False)
-    (optimizer.optim if zero else optimizer).load_state_dict(optim_state)
+    (set_optimizer or (optimizer.optim if zero else optimizer).load_state_dict)(optim_state)
 
 
 def merge_tp(pieces: list[torch.Tensor], dim: int, parts: int) -> torch.Tensor:

@@ -159,6 +159,9 @@ class ParallelConfig:
     # 0: plain data parallel (DDP); 1, 2, 3: ZeRO sharding optimizer states (1), + gradients (2),
     # + parameters (3) over the data-parallel ranks (parallel/zero.py); with tp or pp > 1, stage 1 only
     zero_stage: int = 0
+    # shard parameters, gradients and AdamW state over the data-parallel ranks with torch's FSDP2 (what
+    # ZeRO-3 shards; parallel/fsdp.py): with tp too, and with train.compile; not with pp or sp yet
+    fsdp: bool = False
     pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
     pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
     pp_stages_per_rank: int = 2  # with pp_schedule: interleaved (virtual stages)
@@ -481,11 +484,12 @@ def validate_compile(cfg: RunConfig) -> None:
                           f"aot_eager), got {cfg.train.compile_backend!r}")
 
 
-def splitting_fields(p: ParallelConfig, zero_stages: tuple[int, ...]) -> list[str]:
+def splitting_fields(p: ParallelConfig, zero_stages: tuple[int, ...], fsdp: bool) -> list[str]:
     """The layout fields, as `parallel.tp=2`, under which a rank does not run whole batches through the
-    whole model: tp, pp or sp > 1, or a ZeRO stage among `zero_stages`."""
+    whole model: tp, pp or sp > 1, a ZeRO stage among `zero_stages`, or FSDP where `fsdp`."""
     fields = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "pp", "sp") if getattr(p, k) > 1]
-    return fields + ([f"parallel.zero_stage={p.zero_stage}"] if p.zero_stage in zero_stages else [])
+    return (fields + ([f"parallel.zero_stage={p.zero_stage}"] if p.zero_stage in zero_stages else [])
+            + (["parallel.fsdp=true"] if p.fsdp and fsdp else []))
 
 
 def validate_synthetic_sequences(cfg: RunConfig) -> None:
@@ -498,7 +502,7 @@ def validate_synthetic_sequences(cfg: RunConfig) -> None:
     if d.synthetic_pack:
         raise ConfigError("data.synthetic_pack packs rows of the batch; data.synthetic_sequences holds one "
                           "instance per sequence: unset one of them")
-    split = splitting_fields(p, zero_stages=(1, 2, 3))
+    split = splitting_fields(p, zero_stages=(1, 2, 3), fsdp=False)
     if split:
         raise ConfigError(f"data.synthetic_sequences runs a second batch per step, which {', '.join(split)} "
                           "does not schedule: use data.synthetic_rows")
@@ -524,7 +528,7 @@ def validate_eval_tasks(cfg: RunConfig) -> None:
     if t.eval_task_pairs < 0:
         raise ConfigError(f"train.eval_task_pairs must be >= 1 (or 0: data.synthetic_pairs), got "
                           f"{t.eval_task_pairs}")
-    split = splitting_fields(p, zero_stages=(3,))
+    split = splitting_fields(p, zero_stages=(3,), fsdp=True)
     if split:
         raise ConfigError(f"train.eval_tasks needs the whole model on every rank, and {', '.join(split)} "
                           "splits it: evaluate the checkpoints instead "
@@ -578,6 +582,14 @@ def validate_parallel(cfg: RunConfig) -> None:
     if p.zero_stage > 1 and p.tp * p.pp > 1:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with tp={p.tp}, pp={p.pp}: ZeRO-2/3 run with "
                           "pure data parallelism only; use parallel.zero_stage=1 (or 0) with tp / pp")
+    if p.fsdp and p.zero_stage:
+        raise ConfigError(f"parallel.fsdp=true and parallel.zero_stage={p.zero_stage} both shard over the "
+                          "data-parallel ranks: choose one (FSDP shards what ZeRO-3 does; set "
+                          "parallel.zero_stage=0 with it)")
+    if p.fsdp and p.pp * p.sp > 1:
+        raise ConfigError(f"parallel.fsdp=true with pp={p.pp}, sp={p.sp}: FSDP runs with data and tensor "
+                          "parallelism only (not built with pipeline or sequence parallelism yet); use "
+                          "parallel.zero_stage=1 there")
     if p.tp > 1:
         for name in ("n_heads", "memory_heads"):  # the vocabulary is padded to a multiple of tp instead
             if getattr(m, name) % p.tp:

@@ -5,9 +5,11 @@
     grad_norm = engine.step(cfg.train.grad_clip, apply=loss_is_finite)
     engine.eval_loss(batch); engine.save(staging_dir) / engine.load(checkpoint_dir)
 
-Three engines, picked by the layout alone:
+The engine is picked by the layout alone:
 - `ReplicaEngine` (pp = 1): the model (whole, or split over tp) with its loss, DDP over the dp group;
   ZeRO-1 with tp > 1 shards AdamW's state over the dp group (torch's ZeroRedundancyOptimizer).
+- `FsdpEngine` (pp = sp = 1, parallel.fsdp): the same, with parameters, gradients and AdamW's state
+  sharded over the dp group by torch's FSDP2 (parallel/fsdp.py), tp or not.
 - `PipelineEngine` (pp > 1): this rank's stages under a pipeline schedule (parallel/pipeline.py); the
   gradients are averaged over the dp group once per step, ZeRO-1 as above.
 - `DeepSpeedEngine` (tp = pp = 1, ZeRO 1–3): DeepSpeed's engine over all ranks (parallel/zero.py).
@@ -33,6 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from parallel.compile import compile_blocks
+from parallel.fsdp import (
+    apply_fsdp,
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
@@ -108,26 +117,46 @@ class Engine:
         for model in self.models:
             model.train(mode)
 
+    def model_state(self) -> dict[str, Tensor]:
+        """Collective where the parameters are sharded over dp: this rank's model state dict, as a run
+        without FSDP holds it."""
+        return self.models[0].state_dict()
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def set_model_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        model.load_state_dict(state)
+
+    def set_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
     def save(self, directory: Path) -> dict[str, Any]:
         """Collective. Writes this rank's part of the checkpoint into `directory`; returns what rank 0 puts
         into state.pt for the model and optimizer."""
         if not self.mesh.layout.model_parallel:  # one whole model (ZeRO under tp / pp only: see above)
-            return {"model": self.models[0].state_dict(), "optimizer": self.optimizer.state_dict()}
-        return {"shards": save_shards(directory, self.models, self.optimizer, self.mesh, self.cfg)}
+            return {"model": self.model_state(), "optimizer": self.optimizer_state()}
+        return {"shards": save_shards(directory, self.models, self.optimizer, self.mesh, self.cfg,
+                                      *self.tensor_shard_states())}
+
+    def tensor_shard_states(self) -> tuple[dict[str, Tensor], dict[str, Any]] | tuple[()]:
+        """What save_shards writes for this rank, where it cannot read it from the modules itself."""
+        return ()
 
     def load(self, directory: Path, state: dict[str, Any]) -> None:
         if "shards" in state:
-            load_shards(directory, state["shards"], self.models, self.optimizer, self.mesh)
+            load_shards(directory, state["shards"], self.models, self.optimizer, self.mesh,
+                        self.set_model_state, self.set_optimizer_state)
         elif "model" in state:
             if self.mesh.layout.model_parallel:
                 raise RuntimeError(f"checkpoint {directory} holds a whole model, this run is split over "
                                    f"{self.mesh.layout}: resume with the layout it was written with")
-            self.models[0].load_state_dict(state["model"])
+            self.set_model_state(self.models[0], state["model"])
             if state.get("optimizer") is None:  # converted from dense weights
                 self.mesh.print(f"{directory}: converted weights without optimizer state: AdamW moments "
                                 "start at zero")
             else:
-                self.optimizer.load_state_dict(state["optimizer"])
+                self.set_optimizer_state(state["optimizer"])
         else:
             raise RuntimeError(f"checkpoint {directory} was written by a DeepSpeed ZeRO run: resume it with "
                                "the same parallel.zero_stage")
@@ -150,6 +179,40 @@ class ReplicaEngine(Engine):
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> Tensor | None:
         return loss_on(self.loss_module, batch, self.autocast)
+
+
+class FsdpEngine(Engine):
+    """pp = sp = 1 with parallel.fsdp: the model (split over tp when tp > 1) with its loss, its parameters,
+    gradients and AdamW state sharded over the dp group by FSDP2 (parallel/fsdp.py)."""
+
+    def __init__(self, models, optimizer, mesh, cfg, autocast, root: nn.Module) -> None:
+        super().__init__(models, optimizer, mesh, cfg, autocast)
+        self.root = root
+
+    def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
+        self.root.set_requires_gradient_sync(last)  # accumulate unsharded, reduce-scatter once per step
+        loss = loss_on(self.root, batch, self.autocast)
+        (loss * scale).backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> Tensor | None:
+        return loss_on(self.root, batch, self.autocast)
+
+    def model_state(self) -> dict[str, Tensor]:
+        return full_model_state(self.models[0], keep=self.mesh.dp_rank == 0)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return full_optimizer_state(self.optimizer, keep=self.mesh.dp_rank == 0)
+
+    def tensor_shard_states(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self.model_state(), self.optimizer_state()
+
+    def set_model_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        load_full_model_state(model, state)
+
+    def set_optimizer_state(self, state: dict[str, Any]) -> None:
+        load_full_optimizer_state(self.optimizer, state)
 
 
 class PipelineEngine(Engine):
@@ -297,12 +360,20 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
             compile_blocks(model, cfg.train.compile_backend, cfg.data.seq_len // p.sp, relay=p.sp > 1)
     if initial is not None:  # before the optimizer (and ZeRO) copy the parameters
         load_dense(models, initial)
+    fsdp_root = None
+    if p.fsdp and mesh.layout.dp == 1:
+        mesh.print("note: parallel.fsdp=true with one data-parallel rank: nothing to shard, so nothing is")
+    if p.fsdp and mesh.layout.dp > 1:  # before the optimizer: it must hold the sharded parameters
+        loss_module = CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy)
+        fsdp_root = apply_fsdp(loss_module, models[0], mesh)
     optimizer = make_optimizer(models, cfg, mesh)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if p.pp > 1:
         return PipelineEngine(models, optimizer, mesh, cfg, autocast, stage_indices)
     if p.sp > 1:
         return SequenceEngine(models, optimizer, mesh, cfg, autocast)
+    if fsdp_root is not None:
+        return FsdpEngine(models, optimizer, mesh, cfg, autocast, fsdp_root)
     if p.zero_stage > 0 and not mesh.layout.model_parallel:
         return DeepSpeedEngine(models, optimizer, mesh, cfg, autocast, precision)
     return ReplicaEngine(models, optimizer, mesh, cfg, autocast)

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from data_pipeline.loader import DataError
+from parallel.fsdp import local_numel
 from parallel.mesh import LayoutError, Mesh, init_mesh, launch_environment
 from parallel.plan import local_parameter_counts, preflight_problem
 from parallel.tensor import padded_vocab
@@ -379,7 +380,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
     if initial is not None:
         mesh.print(f"initialised from the weights of {t.init_from}")
     n_params = num_parameters(cfg.model)
-    local = {id(t): t.numel() for t in engine.parameters()}  # a tied matrix once
+    local = {id(t): local_numel(t) for t in engine.parameters()}  # a tied matrix once
     result = TrainResult(parameters_per_rank=mesh.gather_objects(sum(local.values())))
     # the engine may wrap the optimizer; our scheduler keeps setting the lr of its groups
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda s: lr_at(s, t) / t.lr)
@@ -447,6 +448,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
                   if cfg.data.synthetic_alone_steps else "")
                + f"; device {mesh.device}, layout {mesh.layout}"
                + (f", ZeRO stage {p.zero_stage}" if p.zero_stage else "")
+               + (", FSDP over the dp ranks" if p.fsdp and mesh.layout.dp > 1 else "")
                + (f", {p.pp_schedule} schedule" if p.pp > 1 else "")
                + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
                   "logits are masked)" if vocab != cfg.model.vocab_size else ""))

@@ -56,6 +56,9 @@ LAYOUTS = {
     "tp2_compiled": (2, ["parallel.tp=2", *COMPILED]),
     "pp2_compiled": (2, ["parallel.pp=2", "parallel.pp_microbatches=2", *COMPILED]),
     "tp2_pp2_compiled": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2", *COMPILED]),
+    # FSDP over the dp ranks of each tp shard (torchtitan's 2D)
+    "tp2_dp2_fsdp": (4, ["parallel.tp=2", "parallel.fsdp=true"]),
+    "tp2_dp2_fsdp_compiled": (4, ["parallel.tp=2", "parallel.fsdp=true", *COMPILED]),
     "tp2_pp2_dp2_zero1": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
                               "parallel.zero_stage=1"]),
 }
@@ -91,6 +94,10 @@ def runs(tmp_path_factory):
                             steps=6))
             jobs.append(job("resume_second", tmp / "resume", "mac", "tp2_pp2", steps=6))
             jobs.append(job("whole", tmp / "whole", "mac", "tp2_pp2", steps=6))
+            for name in ("fsdp_resume_first", "fsdp_resume_second", "fsdp_whole"):  # the same under tp × FSDP
+                stop = ["train.stop_after_steps=3"] if name.endswith("first") else []
+                folder = tmp / ("fsdp_whole" if name == "fsdp_whole" else "fsdp_resume")
+                jobs.append(job(name, folder, "mac", "tp2_dp2_fsdp", *stop, steps=6))
             # the same config on 4 processes (dp 2) resuming a 2-process (dp 1) tp=2 checkpoint
             jobs.append(job("wrong_layout", folders[2] / "mac_tp2", "mac", "tp2_dp2_zero1",
                             "parallel.zero_stage=0", "train.steps=7") | {"expect_error": True})
@@ -146,11 +153,13 @@ def test_layout_matches_one_process(runs, references, variant, layout):
         assert error <= 5e-5, (name, error.item())  # (the losses, above, agree to 1e-5)
 
 
-def test_resume_under_tp_and_pp_continues_bitwise(runs):
-    assert runs["resume_first"]["last_step"] == 3
-    assert runs["resume_second"]["losses"] == runs["whole"]["losses"]
-    first = consolidate(Path(runs["resume_second"]["checkpoint"]))
-    second = consolidate(Path(runs["whole"]["checkpoint"]))
+@pytest.mark.parametrize("prefix", ["", "fsdp_"])
+def test_resume_under_tp_and_pp_continues_bitwise(runs, prefix):
+    """tp × pp, and tp × FSDP (each rank loads its dp slice of its tp shard)."""
+    assert runs[f"{prefix}resume_first"]["last_step"] == 3
+    assert runs[f"{prefix}resume_second"]["losses"] == runs[f"{prefix}whole"]["losses"]
+    first = consolidate(Path(runs[f"{prefix}resume_second"]["checkpoint"]))
+    second = consolidate(Path(runs[f"{prefix}whole"]["checkpoint"]))
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 

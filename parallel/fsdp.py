@@ -1,0 +1,115 @@
+"""Fully sharded data parallelism: torch's FSDP2 (`fully_shard`) applied from outside, as torchtitan's
+`apply_fsdp` does. Parameters, gradients and AdamW's state are sharded over the data-parallel group (what
+ZeRO-3 shards), and each block's parameters are gathered just before the block runs and freed after it.
+
+    loss_module = CausalLMLoss(model)
+    apply_fsdp(loss_module, mesh)          # in place: each block a unit, the root holds embed, norm, head
+    optimizer = AdamW(model.parameters())  # built after, on the sharded parameters
+    state = full_model_state(model)        # collective: the dense (or tp-shard) state dict, for rank 0
+
+Why the root is the model *with its loss*: the loss reads the head's weight outside `TitansLM.forward`
+(`pretrain/loss.py` fuses the head into the cross-entropy), so the unit whose hooks gather the embedding,
+final norm and head must be the module whose forward runs the loss. Unlike DeepSpeed's ZeRO-3, FSDP2
+composes with tensor parallelism (its shards are sharded again over dp: torchtitan's 2D) and with
+`torch.compile`d blocks (dynamo leaves its hooks outside the graph).
+
+Checkpoints are written gathered: the model and AdamW state dicts equal those of the same run without
+FSDP (a dense `state.pt`, or the tp shard files), so a run may switch FSDP on or off when it resumes, and
+every tool that reads checkpoints (conversion, export, evaluation) reads these. Each tensor is gathered in
+turn; rank 0 keeps them on the CPU. Parameters stay float32 in the shards; bf16 compute is autocast's,
+as without FSDP (the memory's state and update stay float32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from parallel.mesh import Mesh
+
+# attributes that tensor parallelism sets on a parameter (megatron-core's, ours): FSDP2 replaces each
+# parameter by a sharded one, and gradient clipping and the checkpoint layout still need them
+PARAMETER_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "full_shape",
+                        "tp_parts", "tied_copy", "allreduce", "sequence_parallel")
+
+
+def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh) -> FSDPModule:
+    """Shard `model`'s parameters over the dp group: one FSDP unit per block, `root` (the module whose
+    forward runs `model` and the loss) the unit of everything else. Returns the root."""
+    dp_mesh = DeviceMesh.from_group(mesh.dp_group, mesh.device.type)
+    before = dict(model.named_parameters())
+    for block in model.blocks.values():
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(root, mesh=dp_mesh)
+    for name, param in model.named_parameters():
+        for attribute in PARAMETER_ATTRIBUTES:
+            if hasattr(before[name], attribute):
+                setattr(param, attribute, getattr(before[name], attribute))
+    return root
+
+
+def is_sharded(tensor: Any) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def local_numel(tensor: Tensor) -> int:
+    """Elements this rank holds of a (possibly sharded) tensor."""
+    return tensor.to_local().numel() if is_sharded(tensor) else tensor.numel()
+
+
+def gathered(value: Any, keep: bool) -> Any:
+    """A DTensor gathered whole (a collective: every rank calls it), on the CPU where `keep`, else None
+    (ranks that only take part in the gather); anything else as it is."""
+    if not is_sharded(value):
+        return value
+    full = value.full_tensor()
+    return full.cpu() if keep else None
+
+
+def full_model_state(model: nn.Module, keep: bool) -> dict[str, Tensor]:
+    """Collective: the model's state dict with every sharded tensor gathered (kept where `keep`)."""
+    return {name: gathered(value, keep) for name, value in model.state_dict().items()}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict[str, Any]:
+    """Collective: the optimizer's state dict with every sharded tensor gathered: what the same
+    optimizer over unsharded parameters would return."""
+    state = optimizer.state_dict()
+    return {"param_groups": state["param_groups"],
+            "state": {index: {key: gathered(value, keep) for key, value in entry.items()}
+                      for index, entry in state["state"].items()}}
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of a whole tensor, placed as `like` is (no communication: every rank holds it);
+    anything else (megatron-core layers' `_extra_state`) as it is."""
+    if not torch.is_tensor(full):
+        return full
+    full = full.to(like.device, like.dtype)
+    if not is_sharded(like):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Set a sharded model from a whole state dict (every rank holds it)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise KeyError(f"the checkpoint has no {', '.join(missing[:3])}: the model configs differ")
+    model.load_state_dict({name: shard_like(state[name], value) for name, value in own.items()})
+
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Set a sharded model's optimizer from the state dict of the same optimizer over whole parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {index: {key: shard_like(value, params[index]) if torch.is_tensor(value) and value.dim()
+                       else value for key, value in entry.items()}  # (AdamW's step count stays whole)
+               for index, entry in state["state"].items()}
+    optimizer.load_state_dict({"param_groups": state["param_groups"], "state": sharded})

@@ -1,0 +1,172 @@
+"""FSDP (parallel.fsdp: torch's fully_shard over the data-parallel ranks) in 2-process CPU runs over gloo,
+against the 1-process run on the same global batch: losses and weights, accumulation, activation
+checkpointing, compiled blocks, bf16 autocast; exact resume; a checkpoint that is the dense run's, so a run
+may switch FSDP on or off when it resumes. One launch for every job, with a deadline (tests/launcher.py).
+Tensor parallelism under FSDP is in tests/test_parallel.py's layouts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from launcher import launch
+from train_worker import base_overrides, in_memory_loaders
+
+import pretrain.train as train_module
+from parallel.fsdp import full_optimizer_state, load_full_optimizer_state, shard_like
+from pretrain.checkpoint import load_checkpoint, verify_checkpoint
+from pretrain.config import ConfigError, load_config
+from titans.model import num_parameters
+
+WORKER = Path(__file__).with_name("train_worker.py")
+WORLD = 2
+MICRO_BATCH = 2  # per rank; the 1-process reference takes WORLD × MICRO_BATCH
+LAUNCH_TIMEOUT_S = 400
+FSDP = "parallel.fsdp=true"
+
+
+def job(name: str, out: Path, *extra: str, **fields) -> dict:
+    return {"name": name, "overrides": base_overrides(out, MICRO_BATCH) + [*extra], **fields}
+
+
+def one_process(out: Path, batch_size: int, *extra: str):
+    patch = pytest.MonkeyPatch()
+    patch.setattr(train_module, "build_loaders", in_memory_loaders)
+    try:
+        return train_module.train(load_config(None, base_overrides(out, batch_size) + list(extra)))
+    finally:
+        patch.undo()
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """1-process runs on the global batch: plain, with 2 accumulated micro-batches, with bf16 autocast,
+    with WORLD separate synthetic sequences a step."""
+    return {"plain": one_process(tmp_path_factory.mktemp("plain"), WORLD * MICRO_BATCH),
+            "accum": one_process(tmp_path_factory.mktemp("accum"), WORLD, "train.grad_accum=2"),
+            "bf16": one_process(tmp_path_factory.mktemp("bf16"), WORLD * MICRO_BATCH, "train.precision=bf16"),
+            "separate": one_process(tmp_path_factory.mktemp("separate"), WORLD * MICRO_BATCH,
+                                    f"data.synthetic_sequences={WORLD}")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    jobs = [job("fsdp", tmp / "fsdp", FSDP),
+            job("first", tmp / "split", FSDP, "train.stop_after_steps=3"),  # then resumed in a new engine
+            job("resumed", tmp / "split", FSDP),
+            job("accum", tmp / "accum", FSDP, "data.batch_size=1", "train.grad_accum=2"),
+            job("checkpointing", tmp / "ckpt", FSDP, "train.activation_checkpointing=true"),
+            job("compiled", tmp / "compiled", FSDP, "train.compile=true", "train.compile_backend=aot_eager"),
+            job("bf16", tmp / "bf16", FSDP, "train.precision=bf16"),
+            job("separate", tmp / "separate", FSDP, "data.synthetic_sequences=1"),  # two forwards a step
+            job("nan", tmp / "nan", FSDP, nan_rank=1, nan_calls=[2]),  # rank 1's loss of step 2 is NaN
+            # a DDP run's checkpoint resumed under FSDP, and an FSDP run's under DDP
+            job("ddp_first", tmp / "to_fsdp", "train.stop_after_steps=3"),
+            job("to_fsdp", tmp / "to_fsdp", FSDP),
+            job("fsdp_first", tmp / "to_ddp", FSDP, "train.stop_after_steps=3"),
+            job("to_ddp", tmp / "to_ddp")]
+    started = time.monotonic()
+    results = launch(WORKER, jobs, tmp, WORLD, LAUNCH_TIMEOUT_S)
+    results["_seconds"] = time.monotonic() - started
+    return results
+
+
+def close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return abs(a - b) <= rel * abs(b)
+
+
+def assert_losses_close(got: list[float], want: list[float], rel: float = 1e-5) -> None:
+    assert len(got) == len(want) == 6 and all(close(a, b, rel) for a, b in zip(got, want)), (got, want)
+
+
+def assert_weights_close(checkpoint: str, reference: str) -> None:
+    got, want = load_checkpoint(checkpoint)["model"], load_checkpoint(reference)["model"]
+    assert set(got) == set(want), set(got) ^ set(want)
+    for name, value in want.items():  # 6 AdamW steps from the same start on the same data
+        assert not isinstance(got[name], torch.distributed.tensor.DTensor), name  # gathered, dense
+        torch.testing.assert_close(got[name], value, rtol=0, atol=2e-5, msg=name)
+
+
+def test_fsdp_matches_one_process_on_the_same_global_batch(runs, references):
+    got, reference = runs["fsdp"], references["plain"]
+    assert_losses_close(got["losses"], reference.losses)
+    for step, val in reference.val_losses.items():
+        assert close(got["val_losses"][str(step)], val), (step, got["val_losses"], reference.val_losses)
+    verify_checkpoint(got["checkpoint"])
+    assert_weights_close(got["checkpoint"], reference.checkpoint)
+    assert got["fused_loss_calls"] == 6  # the head's weight, read by the loss outside forward, is gathered
+
+
+def test_fsdp_shards_every_parameter_over_the_ranks(runs):
+    cfg = load_config(None, base_overrides(Path("unused"), MICRO_BATCH)).model
+    per_rank = runs["fsdp"]["parameters_per_rank"]
+    assert len(per_rank) == WORLD and max(per_rank) < num_parameters(cfg)
+    assert num_parameters(cfg) <= sum(per_rank) <= num_parameters(cfg) + WORLD * 64  # (uneven dim-0 padding)
+
+
+def test_fsdp_checkpoint_holds_the_dense_optimizer_state(runs, references):
+    got = load_checkpoint(runs["fsdp"]["checkpoint"])["optimizer"]
+    want = load_checkpoint(references["plain"].checkpoint)["optimizer"]
+    assert got["param_groups"] == want["param_groups"] and set(got["state"]) == set(want["state"])
+    for index, entry in want["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(got["state"][index][key], value, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, reference, rel", [("accum", "accum", 1e-5), ("checkpointing", "plain", 1e-5),
+                                                  ("compiled", "plain", 1e-5), ("bf16", "bf16", 1e-3),
+                                                  ("separate", "separate", 1e-5)])
+def test_fsdp_variants_match_one_process(runs, references, name, reference, rel):
+    assert_losses_close(runs[name]["losses"], references[reference].losses, rel)
+
+
+def test_fsdp_resume_continues_bitwise(runs):
+    assert runs["first"]["last_step"] == 3
+    resumed, whole = runs["resumed"], runs["fsdp"]
+    assert resumed["last_step"] == 6 and resumed["losses"] == whole["losses"]  # bitwise on CPU
+    got, want = (load_checkpoint(r["checkpoint"])["model"] for r in (resumed, whole))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("first, second", [("ddp_first", "to_fsdp"), ("fsdp_first", "to_ddp")])
+def test_a_run_switches_fsdp_on_or_off_when_it_resumes(runs, references, first, second):
+    assert runs[first]["last_step"] == 3 and runs[second]["last_step"] == 6
+    assert_losses_close(runs[second]["losses"], references["plain"].losses)
+    assert_weights_close(runs[second]["checkpoint"], references["plain"].checkpoint)
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
+    got, clean = runs["nan"], runs["fsdp"]
+    assert got["skipped_steps"] == 1 and math.isnan(got["losses"][1])
+    assert got["losses"][0] == clean["losses"][0]
+    assert all(math.isfinite(x) for i, x in enumerate(got["losses"]) if i != 1)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["parallel.zero_stage=3"], "parallel.fsdp=true and parallel.zero_stage=3 both shard"),
+    (["parallel.pp=2"], "FSDP runs with data and tensor parallelism only"),
+    (["train.eval_tasks=mqar"], "parallel.fsdp=true splits it"),
+])
+def test_layouts_fsdp_cannot_run_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [FSDP, "model.n_layers=2", *override])
+
+
+def test_full_optimizer_state_round_trips_on_one_rank():
+    """The gather / shard helpers on unsharded tensors (one process) are the identity."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = full_optimizer_state(optimizer, keep=True)
+    fresh = torch.optim.AdamW(model.parameters())
+    load_full_optimizer_state(fresh, state)
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(fresh.state_dict()["state"][index][key], value)
+    assert shard_like(torch.ones(2), torch.zeros(2, dtype=torch.float64)).dtype == torch.float64
