@@ -58,8 +58,11 @@ def is_sharded(tensor: Any) -> bool:
 
 
 def local_numel(tensor: Tensor) -> int:
-    """Elements this rank holds of a (possibly sharded) tensor."""
-    return tensor.to_local().numel() if is_sharded(tensor) else tensor.numel()
+    """Elements this rank holds of a (possibly sharded) tensor: an FSDP shard, or a DeepSpeed ZeRO-3
+    parameter's partition (its own tensor is empty)."""
+    if is_sharded(tensor):
+        return tensor.to_local().numel()
+    return tensor.ds_tensor.numel() if hasattr(tensor, "ds_tensor") else tensor.numel()
 
 
 def gathered(value: Any, keep: bool) -> Any:

@@ -170,3 +170,18 @@ def test_full_optimizer_state_round_trips_on_one_rank():
         for key, value in entry.items():
             assert torch.equal(fresh.state_dict()["state"][index][key], value)
     assert shard_like(torch.ones(2), torch.zeros(2, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_planner_counts_fsdp_as_sharded_weights_plus_two_gathered_blocks():
+    from parallel.plan import format_plan, plan, rank_memory
+
+    overrides = ["parallel.zero_stage=0"]
+    cfg = load_config("configs/paper/mac-1.3b.yaml", overrides)
+    fsdp = load_config("configs/paper/mac-1.3b.yaml", [*overrides, FSDP])
+    parameters, layers = 1_000_000, 10
+    dense, sharded = (rank_memory(c, 8, parameters, layers, layers) for c in (cfg, fsdp))
+    block = 4.0 * parameters / layers
+    assert sharded["params"] == dense["params"] / 8 + 2 * block
+    assert sharded["optim"] == dense["optim"] / 8
+    assert format_plan(fsdp, *plan(fsdp, 8, "h100-80gb", 0.4)).startswith(
+        "layout tp=1 pp=1 sp=1 dp=8 on 8 × h100-80gb, FSDP,")
