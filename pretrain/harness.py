@@ -6,9 +6,9 @@
 Every request is one sequence fed through the exact streaming cache (titans/streaming.py) in pieces of
 `--piece-len` tokens, so a document of any length is scored as one call would score it, with bounded
 memory: a rolling perplexity over a long document carries the memory and the attention window across
-pieces, where `lm_eval --model hf` restarts both at every `max_length` window. Requests are scored one
-at a time (the streaming cache is per sequence): on short multiple-choice tasks the Hugging Face export
-with batches is faster, and gives the same log-likelihoods (tests/test_lm_eval.py).
+pieces, where `lm_eval --model hf` restarts both at every `max_length` window. Requests are scored
+`--batch-size` at a time, longest first, right-padded to the batch's longest: the model is causal, so
+what follows a sequence's end changes none of its scores. Only one piece's logits exist at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -28,14 +29,14 @@ except ImportError as err:  # an optional extra: say how to get it rather than a
 
 from pretrain.checkpoint import run_folder
 from pretrain.model_io import device_problem, end_of_document_id, load_model, run_tokenizer
-from titans.streaming import generate, stream_logits
+from titans.streaming import generate, stream_step
 
 
 class TitansHarnessLM(TemplateLM):
     """The harness's model interface over a loaded Titans model and its run's tokenizer."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", piece_len: int = 4096,
-                 tokenizer: str | None = None) -> None:
+                 tokenizer: str | None = None, batch_size: int = 8) -> None:
         super().__init__()
         self.loaded = load_model(checkpoint, device)
         self.text_tokenizer = run_tokenizer(self.loaded.run_config, self.loaded.vocab_size, tokenizer)
@@ -46,7 +47,7 @@ class TitansHarnessLM(TemplateLM):
         eos = end_of_document_id(self.text_tokenizer, self.loaded.vocab_size)
         if eos is None:
             raise ValueError(f"{checkpoint}: the tokenizer has no end-of-document id to condition on")
-        self.eos, self.piece_len = eos, piece_len
+        self.eos, self.piece_len, self.batch_size = eos, piece_len, batch_size
 
     @property
     def eot_token_id(self) -> int:
@@ -56,30 +57,57 @@ class TitansHarnessLM(TemplateLM):
         return self.text_tokenizer.encode(string)
 
     @torch.no_grad()
-    def _scored(self, tokens: list[int], first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(token) (float64) and whether it is the argmax, for tokens[first:], each given all the
-        tokens before it: one sequence, streamed."""
-        inputs = torch.tensor([tokens[:-1]], device=self.loaded.device)
-        logits, _ = stream_logits(self.loaded.model, inputs, piece_len=self.piece_len)
-        log_probs = torch.log_softmax(logits[0, first - 1:].double(), -1)
-        wanted = torch.tensor(tokens[first:], device=log_probs.device)
-        return log_probs.gather(1, wanted[:, None])[:, 0], log_probs.argmax(-1) == wanted
+    def _scored(self, sequences: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+        """(Σ log p(token), whether every token is the argmax) over tokens[first:] of each (tokens, first),
+        each token given all the tokens before it: the sequences as one right-padded batch, streamed."""
+        width = max(len(tokens) for tokens, _ in sequences) - 1
+        inputs = torch.full((len(sequences), width), self.eos, dtype=torch.long)
+        targets = torch.full((len(sequences), width), -1, dtype=torch.long)  # -1: not scored
+        for row, (tokens, first) in enumerate(sequences):
+            inputs[row, :len(tokens) - 1] = torch.tensor(tokens[:-1])
+            targets[row, first - 1:len(tokens) - 1] = torch.tensor(tokens[first:])
+        inputs, targets = inputs.to(self.loaded.device), targets.to(self.loaded.device)
+        log_prob = torch.zeros(len(sequences), dtype=torch.float64, device=inputs.device)
+        greedy = torch.ones(len(sequences), dtype=torch.bool, device=inputs.device)
+        cache = None
+        pieces = zip(inputs.split(self.piece_len, 1), targets.split(self.piece_len, 1), strict=True)
+        for piece, wanted in pieces:
+            logits, cache = stream_step(self.loaded.model, piece, cache)
+            logits, scored = logits.float(), wanted >= 0
+            picked = logits.gather(-1, wanted.clamp(min=0)[..., None])[..., 0] - logits.logsumexp(-1)
+            log_prob += (picked.double() * scored).sum(1)
+            greedy &= ((logits.argmax(-1) == wanted) | ~scored).all(1)
+        return list(zip(log_prob.tolist(), greedy.tolist(), strict=True))
+
+    def _scored_in_batches(self, sequences: list[tuple[list[int], int]], disable_tqdm: bool
+                           ) -> list[tuple[float, bool]]:
+        """_scored over `batch_size` sequences at a time, longest first (a batch too large for memory fails
+        at once); the results in the order given."""
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
+        with tqdm(total=len(sequences), disable=disable_tqdm, desc="scoring") as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                for index, result in zip(batch, self._scored([sequences[i] for i in batch]), strict=True):
+                    results[index] = result
+                bar.update(len(batch))
+        return results
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        results = []
-        for key, context, continuation in requests:
-            log_probs, greedy = self._scored(context + continuation, len(context))
-            results.append((log_probs.sum().item(), bool(greedy.all())))
-            self.cache_hook.add_partial("loglikelihood", key, results[-1])
+        results = self._scored_in_batches([(context + continuation, len(context))
+                                           for _, context, continuation in requests], disable_tqdm)
+        for (key, _, _), result in zip(requests, results, strict=True):
+            self.cache_hook.add_partial("loglikelihood", key, result)
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """The whole text after the end-of-document token, as one streamed sequence."""
-        results = []
-        for (text,) in (r.args for r in requests):
-            results.append(self._scored([self.eos, *self.tok_encode(text)], 1)[0].sum().item())
-            self.cache_hook.add_partial("loglikelihood_rolling", (text,), results[-1])
+        texts = [r.args[0] for r in requests]
+        sequences = [([self.eos, *self.tok_encode(text)], 1) for text in texts]
+        results = [log_prob for log_prob, _ in self._scored_in_batches(sequences, disable_tqdm)]
+        for text, result in zip(texts, results, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), result)
         return results
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
@@ -109,6 +137,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     p.add_argument("--limit", type=float, default=None, help="at most this many documents per task")
     p.add_argument("--piece-len", type=int, default=4096, help="tokens per streamed piece")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="requests scored together (memory: batch × piece-len × vocabulary logits)")
     p.add_argument("--tokenizer", default=None, help="the tokenizer (default: the run's dataset's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--every-checkpoint", action="store_true",
@@ -132,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     problem = device_problem(args.device)
     if problem:
         parser().error(problem)
+    for name in ("batch_size", "piece_len"):
+        if getattr(args, name) < 1:
+            parser().error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.every_checkpoint and args.out:
         parser().error("--every-checkpoint writes a result per checkpoint (<run>/eval/harness_step_N.json): "
                        "drop --out")
@@ -165,7 +198,7 @@ def run_tasks(checkpoint: str, args: argparse.Namespace, tasks: list[str], manag
     from lm_eval.utils import make_table
 
     try:
-        lm = TitansHarnessLM(checkpoint, args.device, args.piece_len, args.tokenizer)
+        lm = TitansHarnessLM(checkpoint, args.device, args.piece_len, args.tokenizer, args.batch_size)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

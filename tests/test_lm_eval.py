@@ -113,8 +113,9 @@ def test_the_harness_scores_an_export_as_our_model_does(exported):
 
 
 def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkeypatch):
-    """pretrain.harness in pieces of 16 tokens (every document spans two or three) gives the same
-    log-likelihoods and our greedy continuation, and its command line writes the results."""
+    """pretrain.harness in pieces of 16 tokens (every document spans two or three), one request at a time
+    and in batches, gives the same log-likelihoods and our greedy continuation, and its command line
+    writes the results."""
     import lm_eval
     from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
@@ -124,10 +125,11 @@ def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkey
 
     model, tmp = exported
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    lm = TitansHarnessLM(str(tmp / "hf"), piece_len=16, tokenizer="bytes")
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), log_samples=True,
-                                      task_manager=TaskManager(include_path=str(tmp / "tasks")))
-    check_against_our_model(model, responses(results["samples"]))
+    for batch_size in (1, 4):  # one at a time, and right-padded batches of several lengths
+        lm = TitansHarnessLM(str(tmp / "hf"), piece_len=16, tokenizer="bytes", batch_size=batch_size)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), log_samples=True,
+                                          task_manager=TaskManager(include_path=str(tmp / "tasks")))
+        check_against_our_model(model, responses(results["samples"]))
     request = Instance("generate_until", {}, ("def f(", {"until": [")"], "max_gen_toks": 12}), 0)
     prompt = list(b"def f(")
     greedy = generate(model, torch.tensor([prompt]), 12, eos_id=EOS)[0, len(prompt):].tolist()
@@ -137,6 +139,8 @@ def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkey
                  "--include-path", str(tmp / "tasks"), "--out", str(out)]) == 0
     assert "acc,none" in json.loads(out.read_text())["results"]["titans_choice"]
     assert main(["--checkpoint", str(tmp / "hf"), "--tokenizer", "bytes", "--tasks", "nonesuch"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main(["--checkpoint", str(tmp / "hf"), "--tasks", "titans_choice", "--batch-size", "0"])
 
 
 def test_our_harness_over_every_checkpoint_of_a_run_draws_curves(exported, dataset, tmp_path, capsys):
