@@ -3,15 +3,17 @@
 ZeRO-3 shards), and each block's parameters are gathered just before the block runs and freed after it.
 
     loss_module = CausalLMLoss(model)
-    apply_fsdp(loss_module, mesh)          # in place: each block a unit, the root holds embed, norm, head
+    apply_fsdp(loss_module, model, mesh)   # in place: each block a unit, the root holds embed, norm, head
     optimizer = AdamW(model.parameters())  # built after, on the sharded parameters
-    state = full_model_state(model)        # collective: the dense (or tp-shard) state dict, for rank 0
+    state = full_model_state(model, keep=mesh.dp_rank == 0)  # collective: the state without FSDP
 
 Why the root is the model *with its loss*: the loss reads the head's weight outside `TitansLM.forward`
 (`pretrain/loss.py` fuses the head into the cross-entropy), so the unit whose hooks gather the embedding,
-final norm and head must be the module whose forward runs the loss. Unlike DeepSpeed's ZeRO-3, FSDP2
-composes with tensor parallelism (its shards are sharded again over dp: torchtitan's 2D) and with
-`torch.compile`d blocks (dynamo leaves its hooks outside the graph).
+final norm and head must be the module whose forward runs the loss; under a pipeline the root is the
+stage and stays gathered until its backward (the last stage's loss reads the head after its forward).
+Unlike DeepSpeed's ZeRO-3, FSDP2 composes with tensor and pipeline parallelism (each tp shard or stage is
+sharded again over dp: torchtitan's 2D and 3D) and with `torch.compile`d blocks (dynamo leaves its hooks
+outside the graph).
 
 Checkpoints are written gathered: the model and AdamW state dicts equal those of the same run without
 FSDP (a dense `state.pt`, or the tp shard files), so a run may switch FSDP on or off when it resumes, and
@@ -38,14 +40,16 @@ PARAMETER_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_str
                         "tp_parts", "tied_copy", "allreduce", "sequence_parallel")
 
 
-def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh) -> FSDPModule:
+def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, reshard_root: bool = True) -> FSDPModule:
     """Shard `model`'s parameters over the dp group: one FSDP unit per block, `root` (the module whose
-    forward runs `model` and the loss) the unit of everything else. Returns the root."""
+    forward runs `model`, and the loss) the unit of everything else. `reshard_root=False` keeps the root's
+    parameters gathered from its forward to its backward: a pipeline's last stage computes its loss with
+    the head after the stage's forward. Returns the root."""
     dp_mesh = DeviceMesh.from_group(mesh.dp_group, mesh.device.type)
     before = dict(model.named_parameters())
     for block in model.blocks.values():
         fully_shard(block, mesh=dp_mesh)
-    fully_shard(root, mesh=dp_mesh)
+    fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_root)
     for name, param in model.named_parameters():
         for attribute in PARAMETER_ATTRIBUTES:
             if hasattr(before[name], attribute):

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from parallel.mesh import Mesh
 from titans.model import TitansLM
@@ -166,5 +167,7 @@ def sync_tied_gradients(models: list[TitansLM], mesh: Mesh) -> None:
         return
     for model in models:
         for module in (model.embed, model.head):
-            if module is not None and module.weight.grad is not None:
-                torch_dist.all_reduce(module.weight.grad, group=mesh.embedding_group)
+            if module is not None and module.weight.grad is not None:  # (an FSDP shard: the same slice)
+                grad = module.weight.grad
+                torch_dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad,
+                                      group=mesh.embedding_group)

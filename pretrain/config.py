@@ -160,7 +160,7 @@ class ParallelConfig:
     # + parameters (3) over the data-parallel ranks (parallel/zero.py); with tp or pp > 1, stage 1 only
     zero_stage: int = 0
     # shard parameters, gradients and AdamW state over the data-parallel ranks with torch's FSDP2 (what
-    # ZeRO-3 shards; parallel/fsdp.py): with tp too, and with train.compile; not with pp or sp yet
+    # ZeRO-3 shards; parallel/fsdp.py): with tp and pp too, and with train.compile; not with sp yet
     fsdp: bool = False
     pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
     pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
@@ -572,6 +572,14 @@ def validate_parallel(cfg: RunConfig) -> None:
     for name in ("tp", "pp", "sp", "pp_stages_per_rank"):
         if getattr(p, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if p.fsdp and p.zero_stage:
+        raise ConfigError(f"parallel.fsdp=true and parallel.zero_stage={p.zero_stage} both shard over the "
+                          "data-parallel ranks: choose one (FSDP shards what ZeRO-3 does; set "
+                          "parallel.zero_stage=0 with it)")
+    if p.fsdp and p.sp > 1:
+        raise ConfigError(f"parallel.fsdp=true with sp={p.sp}: FSDP runs with data, tensor and pipeline "
+                          "parallelism (not built with sequence parallelism yet); use parallel.zero_stage=1 "
+                          "there")
     if p.sp > 1:
         validate_sequence_parallel(cfg)
     if p.comm_timeout_s < 1:
@@ -582,14 +590,6 @@ def validate_parallel(cfg: RunConfig) -> None:
     if p.zero_stage > 1 and p.tp * p.pp > 1:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with tp={p.tp}, pp={p.pp}: ZeRO-2/3 run with "
                           "pure data parallelism only; use parallel.zero_stage=1 (or 0) with tp / pp")
-    if p.fsdp and p.zero_stage:
-        raise ConfigError(f"parallel.fsdp=true and parallel.zero_stage={p.zero_stage} both shard over the "
-                          "data-parallel ranks: choose one (FSDP shards what ZeRO-3 does; set "
-                          "parallel.zero_stage=0 with it)")
-    if p.fsdp and p.pp * p.sp > 1:
-        raise ConfigError(f"parallel.fsdp=true with pp={p.pp}, sp={p.sp}: FSDP runs with data and tensor "
-                          "parallelism only (not built with pipeline or sequence parallelism yet); use "
-                          "parallel.zero_stage=1 there")
     if p.tp > 1:
         for name in ("n_heads", "memory_heads"):  # the vocabulary is padded to a multiple of tp instead
             if getattr(m, name) % p.tp:

@@ -9,7 +9,8 @@ The engine is picked by the layout alone:
 - `ReplicaEngine` (pp = 1): the model (whole, or split over tp) with its loss, DDP over the dp group;
   ZeRO-1 with tp > 1 shards AdamW's state over the dp group (torch's ZeroRedundancyOptimizer).
 - `FsdpEngine` (pp = sp = 1, parallel.fsdp): the same, with parameters, gradients and AdamW's state
-  sharded over the dp group by torch's FSDP2 (parallel/fsdp.py), tp or not.
+  sharded over the dp group by torch's FSDP2 (parallel/fsdp.py), tp or not; `FsdpPipelineEngine` the
+  pipeline's, each stage sharded so.
 - `PipelineEngine` (pp > 1): this rank's stages under a pipeline schedule (parallel/pipeline.py); the
   gradients are averaged over the dp group once per step, ZeRO-1 as above.
 - `DeepSpeedEngine` (tp = pp = 1, ZeRO 1–3): DeepSpeed's engine over all ranks (parallel/zero.py).
@@ -45,7 +46,7 @@ from parallel.fsdp import (
 from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
-from parallel.pipeline import Pipeline, sync_tied_gradients
+from parallel.pipeline import Pipeline, StageModule, sync_tied_gradients
 from parallel.sequence import SequenceShards, SequenceStage, shard_of
 from parallel.tensor import TensorShard, local_slice, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
@@ -181,26 +182,20 @@ class ReplicaEngine(Engine):
         return loss_on(self.loss_module, batch, self.autocast)
 
 
-class FsdpEngine(Engine):
-    """pp = sp = 1 with parallel.fsdp: the model (split over tp when tp > 1) with its loss, its parameters,
-    gradients and AdamW state sharded over the dp group by FSDP2 (parallel/fsdp.py)."""
+class FsdpStates:
+    """Checkpoint state of models sharded over dp by FSDP (`roots`: their FSDP root modules), gathered
+    into what the same engine without FSDP holds: a checkpoint does not depend on FSDP."""
 
-    def __init__(self, models, optimizer, mesh, cfg, autocast, root: nn.Module) -> None:
-        super().__init__(models, optimizer, mesh, cfg, autocast)
-        self.root = root
-
-    def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
-        self.root.set_requires_gradient_sync(last)  # accumulate unsharded, reduce-scatter once per step
-        loss = loss_on(self.root, batch, self.autocast)
-        (loss * scale).backward()
-        return loss.detach()
-
-    @torch.no_grad()
-    def eval_loss(self, batch: Batch) -> Tensor | None:
-        return loss_on(self.root, batch, self.autocast)
+    models: list[TitansLM]
+    optimizer: torch.optim.Optimizer
+    mesh: Mesh
+    roots: list[nn.Module]
 
     def model_state(self) -> dict[str, Tensor]:
-        return full_model_state(self.models[0], keep=self.mesh.dp_rank == 0)
+        for root in self.roots:  # a root kept whole after forward (under a pipeline) is sharded again
+            root.reshard()
+        keep = self.mesh.dp_rank == 0
+        return {name: value for model in self.models for name, value in full_model_state(model, keep).items()}
 
     def optimizer_state(self) -> dict[str, Any]:
         return full_optimizer_state(self.optimizer, keep=self.mesh.dp_rank == 0)
@@ -215,18 +210,39 @@ class FsdpEngine(Engine):
         load_full_optimizer_state(self.optimizer, state)
 
 
+class FsdpEngine(FsdpStates, Engine):
+    """pp = sp = 1 with parallel.fsdp: the model (split over tp when tp > 1) with its loss, its parameters,
+    gradients and AdamW state sharded over the dp group by FSDP2 (parallel/fsdp.py)."""
+
+    def __init__(self, models, optimizer, mesh, cfg, autocast, roots: list[nn.Module]) -> None:
+        super().__init__(models, optimizer, mesh, cfg, autocast)
+        self.roots = roots
+
+    def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
+        self.roots[0].set_requires_gradient_sync(last)  # accumulate unsharded, reduce-scatter once a step
+        loss = loss_on(self.roots[0], batch, self.autocast)
+        (loss * scale).backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> Tensor | None:
+        return loss_on(self.roots[0], batch, self.autocast)
+
+
 class PipelineEngine(Engine):
     """pp > 1: this rank's stages under a pipeline schedule; with sp > 1 each stage runs this rank's
     sequence shard, relaying the memory state to the same stage on the other sp ranks."""
 
-    def __init__(self, models, optimizer, mesh, cfg, autocast, stage_indices: list[int]) -> None:
+    def __init__(self, models, optimizer, mesh, cfg, autocast, stage_indices: list[int],
+                 modules: list[nn.Module] | None = None) -> None:
+        """`modules`: what the schedule runs per stage, where they are not `StageModule`s of `models`."""
         super().__init__(models, optimizer, mesh, cfg, autocast)
         p = cfg.parallel
         microbatches = p.pp_microbatches or 2 * p.pp
         self.sequence = [SequenceStage(m, mesh) for m in models] if p.sp > 1 else []
         micro_shape = (cfg.data.batch_size // microbatches, cfg.data.seq_len // p.sp) if p.sp > 1 else None
         self.pipe = Pipeline(models, stage_indices, n_stages(p), mesh, p.pp_schedule, microbatches,
-                             self.head_loss_sum(), modules=self.sequence or None, micro_shape=micro_shape)
+                             self.head_loss_sum(), modules=self.sequence or modules, micro_shape=micro_shape)
 
     def _run(self, batch: Batch, scale: float, train: bool) -> Tensor | None:
         tokens, weights = batch
@@ -265,6 +281,19 @@ class PipelineEngine(Engine):
         average_gradients(self.parameters(), self.mesh)  # once per step, after every micro-batch
         sync_tied_gradients(self.models, self.mesh)
         return super().step(grad_clip, apply)
+
+
+class FsdpPipelineEngine(FsdpStates, PipelineEngine):
+    """pp > 1 with parallel.fsdp: each stage an FSDP root over the dp group (the schedule gathers and
+    reduce-scatters, torch.distributed.pipelining drives FSDP), so the gradients arrive averaged."""
+
+    def __init__(self, models, optimizer, mesh, cfg, autocast, stage_indices, roots: list[nn.Module]) -> None:
+        super().__init__(models, optimizer, mesh, cfg, autocast, stage_indices, modules=roots)
+        self.roots = roots
+
+    def step(self, grad_clip: float, apply: bool) -> float:
+        sync_tied_gradients(self.models, self.mesh)
+        return Engine.step(self, grad_clip, apply)
 
 
 class SequenceEngine(Engine):
@@ -360,20 +389,25 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
             compile_blocks(model, cfg.train.compile_backend, cfg.data.seq_len // p.sp, relay=p.sp > 1)
     if initial is not None:  # before the optimizer (and ZeRO) copy the parameters
         load_dense(models, initial)
-    fsdp_root = None
+    roots = []
     if p.fsdp and mesh.layout.dp == 1:
         mesh.print("note: parallel.fsdp=true with one data-parallel rank: nothing to shard, so nothing is")
     if p.fsdp and mesh.layout.dp > 1:  # before the optimizer: it must hold the sharded parameters
-        loss_module = CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy)
-        fsdp_root = apply_fsdp(loss_module, models[0], mesh)
+        if p.pp > 1:  # the last stage's loss reads the head after the stage's forward: kept gathered
+            roots = [apply_fsdp(StageModule(m), m, mesh, reshard_root=False) for m in models]
+        else:
+            loss_module = CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy)
+            roots = [apply_fsdp(loss_module, models[0], mesh)]
     optimizer = make_optimizer(models, cfg, mesh)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if p.pp > 1 and roots:
+        return FsdpPipelineEngine(models, optimizer, mesh, cfg, autocast, stage_indices, roots)
     if p.pp > 1:
         return PipelineEngine(models, optimizer, mesh, cfg, autocast, stage_indices)
     if p.sp > 1:
         return SequenceEngine(models, optimizer, mesh, cfg, autocast)
-    if fsdp_root is not None:
-        return FsdpEngine(models, optimizer, mesh, cfg, autocast, fsdp_root)
+    if roots:
+        return FsdpEngine(models, optimizer, mesh, cfg, autocast, roots)
     if p.zero_stage > 0 and not mesh.layout.model_parallel:
         return DeepSpeedEngine(models, optimizer, mesh, cfg, autocast, precision)
     return ReplicaEngine(models, optimizer, mesh, cfg, autocast)

@@ -2,7 +2,7 @@
 against the 1-process run on the same global batch: losses and weights, accumulation, activation
 checkpointing, compiled blocks, bf16 autocast; exact resume; a checkpoint that is the dense run's, so a run
 may switch FSDP on or off when it resumes. One launch for every job, with a deadline (tests/launcher.py).
-Tensor parallelism under FSDP is in tests/test_parallel.py's layouts.
+Tensor and pipeline parallelism under FSDP are in tests/test_parallel.py's layouts.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
 
 @pytest.mark.parametrize("override, message", [
     (["parallel.zero_stage=3"], "parallel.fsdp=true and parallel.zero_stage=3 both shard"),
-    (["parallel.pp=2"], "FSDP runs with data and tensor parallelism only"),
+    (["parallel.sp=2"], "FSDP runs with data, tensor and pipeline parallelism"),
     (["train.eval_tasks=mqar"], "parallel.fsdp=true splits it"),
 ])
 def test_layouts_fsdp_cannot_run_are_refused(override, message):

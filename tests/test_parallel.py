@@ -56,9 +56,14 @@ LAYOUTS = {
     "tp2_compiled": (2, ["parallel.tp=2", *COMPILED]),
     "pp2_compiled": (2, ["parallel.pp=2", "parallel.pp_microbatches=2", *COMPILED]),
     "tp2_pp2_compiled": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2", *COMPILED]),
-    # FSDP over the dp ranks of each tp shard (torchtitan's 2D)
+    # FSDP over the dp ranks of each tp shard and pipeline stage (torchtitan's 2D and 3D)
     "tp2_dp2_fsdp": (4, ["parallel.tp=2", "parallel.fsdp=true"]),
     "tp2_dp2_fsdp_compiled": (4, ["parallel.tp=2", "parallel.fsdp=true", *COMPILED]),
+    "pp2_dp2_fsdp": (4, ["parallel.pp=2", "parallel.pp_microbatches=2", "parallel.fsdp=true"]),
+    "pp2_dp2_fsdp_interleaved": (4, ["parallel.pp=2", "parallel.pp_microbatches=2",
+                                     "parallel.pp_schedule=interleaved", "parallel.fsdp=true"]),
+    "tp2_pp2_dp2_fsdp": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
+                             "parallel.fsdp=true"]),
     "tp2_pp2_dp2_zero1": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
                               "parallel.zero_stage=1"]),
 }
@@ -94,10 +99,11 @@ def runs(tmp_path_factory):
                             steps=6))
             jobs.append(job("resume_second", tmp / "resume", "mac", "tp2_pp2", steps=6))
             jobs.append(job("whole", tmp / "whole", "mac", "tp2_pp2", steps=6))
-            for name in ("fsdp_resume_first", "fsdp_resume_second", "fsdp_whole"):  # the same under tp × FSDP
-                stop = ["train.stop_after_steps=3"] if name.endswith("first") else []
-                folder = tmp / ("fsdp_whole" if name == "fsdp_whole" else "fsdp_resume")
-                jobs.append(job(name, folder, "mac", "tp2_dp2_fsdp", *stop, steps=6))
+            for prefix, layout in (("fsdp_", "tp2_dp2_fsdp"), ("fsdp_pp_", "pp2_dp2_fsdp")):  # FSDP's
+                for part in ("resume_first", "resume_second", "whole"):
+                    stop = ["train.stop_after_steps=3"] if part == "resume_first" else []
+                    folder = tmp / (prefix + ("whole" if part == "whole" else "resume"))
+                    jobs.append(job(prefix + part, folder, "mac", layout, *stop, steps=6))
             # the same config on 4 processes (dp 2) resuming a 2-process (dp 1) tp=2 checkpoint
             jobs.append(job("wrong_layout", folders[2] / "mac_tp2", "mac", "tp2_dp2_zero1",
                             "parallel.zero_stage=0", "train.steps=7") | {"expect_error": True})
@@ -153,9 +159,9 @@ def test_layout_matches_one_process(runs, references, variant, layout):
         assert error <= 5e-5, (name, error.item())  # (the losses, above, agree to 1e-5)
 
 
-@pytest.mark.parametrize("prefix", ["", "fsdp_"])
+@pytest.mark.parametrize("prefix", ["", "fsdp_", "fsdp_pp_"])
 def test_resume_under_tp_and_pp_continues_bitwise(runs, prefix):
-    """tp × pp, and tp × FSDP (each rank loads its dp slice of its tp shard)."""
+    """tp × pp, tp × FSDP and pp × FSDP (each rank loads its dp slice of its tp shard or stage)."""
     assert runs[f"{prefix}resume_first"]["last_step"] == 3
     assert runs[f"{prefix}resume_second"]["losses"] == runs[f"{prefix}whole"]["losses"]
     first = consolidate(Path(runs[f"{prefix}resume_second"]["checkpoint"]))
