@@ -14,6 +14,7 @@ tool). Resume needs the layout the checkpoint was written with.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -58,43 +59,44 @@ def parameter_layout(models: list[nn.Module]) -> dict[str, dict[str, Any]]:
 def _save(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def save_shards(directory: Path, models: list[nn.Module], optimizer: torch.optim.Optimizer, mesh: Mesh,
+def shard_parts(directory: Path, models: list[nn.Module], optimizer: torch.optim.Optimizer, mesh: Mesh,
                 cfg, model_state: dict[str, Any] | None = None,
-                optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Collective: every rank writes its shard files under directory/shards; returns the layout record. A
-    rank whose write fails (a full disk) still joins the collective, then raises: no rank waits on it.
-    `model_state` / `optimizer_state`: what to write instead of the modules' state dicts (FSDP's, gathered
-    over dp)."""
+                optimizer_state: dict[str, Any] | None = None) -> tuple[dict[Path, Any], dict[str, Any]]:
+    """Collective: this rank's shard files under directory/shards (path → object, for `write_files`; none
+    on ranks whose dp or sp peer writes the same) and the layout record. `model_state` /
+    `optimizer_state`: what to write instead of the modules' state dicts (FSDP's, gathered over dp)."""
     zero = _is_zero(optimizer)
     model_file, optim_file = shard_files(mesh, zero)
     folder = directory / SHARDS_DIR
-    if mesh.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-    mesh.barrier()
     writes = mesh.sp_rank == 0  # sequence shards hold the same parameters and optimizer state
-    failed: OSError | None = None
-    try:
-        if writes and mesh.dp_rank == 0:
-            state = model_state or {}
-            for model in models if model_state is None else ():
-                state.update(model.state_dict())
-            _save(state, folder / model_file)
-        if writes and (zero or mesh.dp_rank == 0):
-            _save(optimizer_state or (optimizer.optim.state_dict() if zero else optimizer.state_dict()),
-                  folder / optim_file)
-    except OSError as err:
-        failed = err
+    files: dict[Path, Any] = {}
+    if writes and mesh.dp_rank == 0:
+        state = model_state or {}
+        for model in models if model_state is None else ():
+            state.update(model.state_dict())
+        files[folder / model_file] = state
+    if writes and (zero or mesh.dp_rank == 0):
+        files[folder / optim_file] = optimizer_state or (optimizer.optim.state_dict() if zero
+                                                         else optimizer.state_dict())
     parameters: dict[str, Any] = {}
     for part in mesh.gather_objects(parameter_layout(models) if writes and mesh.dp_rank == 0 else {}):
         parameters.update(part)
-    if failed is not None:
-        raise failed
-    return {"layout": asdict(mesh.layout), "zero_stage": cfg.parallel.zero_stage,
-            "pp_stages": n_stages(cfg.parallel),
-            "vocab_size": cfg.model.vocab_size, "tie_embeddings": cfg.model.tie_embeddings,
-            "parameters": parameters}
+    record = {"layout": asdict(mesh.layout), "zero_stage": cfg.parallel.zero_stage,
+              "pp_stages": n_stages(cfg.parallel),
+              "vocab_size": cfg.model.vocab_size, "tie_embeddings": cfg.model.tie_embeddings,
+              "parameters": parameters}
+    return files, record
+
+
+def write_files(files: dict[Path, Any]) -> None:
+    """torch.save each object to its path (folders made as needed), each file flushed to disk."""
+    for path, obj in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save(obj, path)
 
 
 def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module],

@@ -120,6 +120,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 3  # the newest checkpoints kept (and those of keep_every and checkpoint_at)
     keep_every: int = 0  # checkpoints at multiples of this step are never pruned (0: none), e.g. for evals
+    # write checkpoints in a background thread while training goes on (pretrain/async_checkpoint.py): the
+    # step waits only for the gathers and a host copy; not with DeepSpeed ZeRO, which writes its own
+    async_checkpoint: bool = False
     # more checkpoints at these steps, never pruned: e.g. the points a WSD run's cooldowns branch from
     checkpoint_at: tuple[int, ...] = ()
     resume: bool = True  # continue from the newest good checkpoint in out_dir
@@ -399,6 +402,11 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < t.lr_decay_fraction <= 1:
         raise ConfigError(f"train.lr_decay_fraction must be in (0, 1] (the last fraction of train.steps over "
                           f"which the lr decays; train.lr_decay=none for none), got {t.lr_decay_fraction}")
+    p = cfg.parallel
+    if t.async_checkpoint and p.zero_stage and p.tp * p.pp * p.sp == 1:
+        raise ConfigError(f"train.async_checkpoint with parallel.zero_stage={p.zero_stage}: DeepSpeed writes "
+                          "its own checkpoint, with collectives inside, so it cannot run in the background; "
+                          "set train.async_checkpoint=false, or parallel.fsdp=true instead of ZeRO")
     if t.keep_every < 0 or (t.keep_every and t.keep_every % t.checkpoint_every):
         raise ConfigError(f"train.keep_every={t.keep_every} must be 0 (none) or a multiple of "
                           f"train.checkpoint_every={t.checkpoint_every} (it keeps checkpoints written)")

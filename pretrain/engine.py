@@ -52,7 +52,7 @@ from parallel.tensor import TensorShard, local_slice, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
 from pretrain.batch import Batch
-from pretrain.checkpoint_shards import load_shards, save_shards
+from pretrain.checkpoint_shards import load_shards, shard_parts, write_files
 from pretrain.config import ConfigError, RunConfig
 from pretrain.loss import CausalLMLoss, head_loss_sum, loss_denominator, token_cross_entropy
 from titans.memory import NeuralMemory
@@ -132,16 +132,25 @@ class Engine:
     def set_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
 
+    def checkpoint_parts(self, directory: Path) -> tuple[dict[Path, Any], dict[str, Any]]:
+        """Collective. This rank's files of the checkpoint in `directory` (path → object to save) and what
+        rank 0 puts into state.pt for the model and optimizer; both hold the live tensors (a writer that
+        runs while training goes on copies them first)."""
+        if not self.mesh.layout.model_parallel:  # one whole model (ZeRO under tp / pp only: see above)
+            return {}, {"model": self.model_state(), "optimizer": self.optimizer_state()}
+        files, record = shard_parts(directory, self.models, self.optimizer, self.mesh, self.cfg,
+                                    *self.tensor_shard_states())
+        return files, {"shards": record}
+
     def save(self, directory: Path) -> dict[str, Any]:
         """Collective. Writes this rank's part of the checkpoint into `directory`; returns what rank 0 puts
         into state.pt for the model and optimizer."""
-        if not self.mesh.layout.model_parallel:  # one whole model (ZeRO under tp / pp only: see above)
-            return {"model": self.model_state(), "optimizer": self.optimizer_state()}
-        return {"shards": save_shards(directory, self.models, self.optimizer, self.mesh, self.cfg,
-                                      *self.tensor_shard_states())}
+        files, state = self.checkpoint_parts(directory)
+        write_files(files)
+        return state
 
     def tensor_shard_states(self) -> tuple[dict[str, Tensor], dict[str, Any]] | tuple[()]:
-        """What save_shards writes for this rank, where it cannot read it from the modules itself."""
+        """What shard_parts writes for this rank, where it cannot read it from the modules itself."""
         return ()
 
     def load(self, directory: Path, state: dict[str, Any]) -> None:
@@ -349,6 +358,9 @@ class DeepSpeedEngine(Engine):
 
     def step(self, grad_clip: float, apply: bool) -> float:
         return self.zero.step()  # DeepSpeed clips, and skips a non-finite step on every rank
+
+    def checkpoint_parts(self, directory: Path) -> tuple[dict[Path, Any], dict[str, Any]]:
+        raise NotImplementedError("DeepSpeed writes its own checkpoint files (collectives inside)")
 
     def save(self, directory: Path) -> dict[str, Any]:
         self.zero.save(directory / ZERO_CHECKPOINT_DIR)

@@ -32,6 +32,7 @@ from parallel.fsdp import local_numel
 from parallel.mesh import LayoutError, Mesh, init_mesh, launch_environment
 from parallel.plan import local_parameter_counts, preflight_problem
 from parallel.tensor import padded_vocab
+from pretrain.async_checkpoint import AsyncCheckpointWriter, CheckpointWriteFailed, detached_copy
 from pretrain.batch import Batch, as_batch
 from pretrain.checkpoint import (
     CorruptCheckpointError,
@@ -321,7 +322,7 @@ LOCK_WAIT_S = 30.0  # how long a run waits for the folder's lock (a requeued job
 def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
     """Run (or resume) the configured training; returns the per-step losses and where it saved. The run
     folder's lock (pretrain/run_lock.py) is released however the run ends."""
-    held: list[IO[str]] = []
+    held: list[IO[str] | AsyncCheckpointWriter] = []
     try:
         return _train(cfg, mesh, held)
     finally:
@@ -329,7 +330,7 @@ def train(cfg: RunConfig, mesh: Mesh | None = None) -> TrainResult:
             handle.close()
 
 
-def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResult:
+def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpointWriter]) -> TrainResult:
     p, t = cfg.parallel, cfg.train
     mesh = mesh or init_mesh(p.tp, p.pp, p.sp, p.comm_timeout_s)
     if t.threads:
@@ -468,19 +469,47 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
     if stable_end(t):  # a WSD run is extended from its last stable step
         kept.add(stable_end(t))
 
-    def save() -> None:
+    writer = AsyncCheckpointWriter(mesh, out, p.comm_timeout_s) if t.async_checkpoint else None
+    if writer is not None:  # a run that fails still lets its checkpoint in flight finish, lock held
+        held.insert(0, writer)
+
+    def finish_writing() -> None:
+        """Collective: the background checkpoint committed (or its failure raised on every rank)."""
+        if writer is None:
+            return
+        try:
+            result.checkpoint = writer.finish() or result.checkpoint
+        except CheckpointWriteFailed as err:
+            good = latest_checkpoint(out) or "none yet"
+            raise CheckpointWriteError(f"{err}; the last good checkpoint is {good}: free space or fix the "
+                                       "folder's permissions, then run the same command to resume from "
+                                       "it") from err
+
+    def save(wait: bool) -> None:
+        finish_writing()  # the previous one first: one checkpoint in flight at a time
         staging = staging_dir(out, step)
         on_every_rank = functools.partial(write_on_every_rank, mesh, out, step)
         on_every_rank(lambda: begin_checkpoint(out, step), here=mesh.is_main)
-        model_state = on_every_rank(lambda: save_rank_part(engine, staging))  # every rank writes its part
+        if writer is None:
+            model_state = on_every_rank(lambda: save_rank_part(engine, staging))  # every rank writes its part
+        else:
+            files, model_state = engine.checkpoint_parts(staging)  # the collective part, now
         state = {"scheduler": scheduler.state_dict(), "step": step, "losses": result.losses,
                  "data": mesh.gather_objects(train_loader.state_dict()),
                  "rng": mesh.gather_objects(rng_state()), "config": run_config, **model_state}
         layout = {"layout": model_state["shards"]} if "shards" in model_state else None
-        final = on_every_rank(lambda: save_checkpoint(out, step, state, t.keep_last, staged=True,
-                                                      manifest=layout, keep_steps=kept),
-                              here=mesh.is_main)
-        result.checkpoint = final or result.checkpoint
+
+        def commit(state: dict[str, Any]) -> Path:
+            return save_checkpoint(out, step, state, t.keep_last, staged=True, manifest=layout,
+                                   keep_steps=kept)
+
+        if writer is None:
+            result.checkpoint = on_every_rank(lambda: commit(state), here=mesh.is_main) or result.checkpoint
+            return
+        state = detached_copy(state) if mesh.is_main else None  # training goes on while it is written
+        writer.start(step, files, functools.partial(commit, state) if mesh.is_main else None)
+        if wait:
+            finish_writing()
 
     while step < t.steps:
         if profiler and profiler.next_step(step + 1):
@@ -558,7 +587,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str]]) -> TrainResul
         signalled = mesh.any_flag(stop.received is not None)
         pause = t.stop_after_steps > 0 and step - first_step >= t.stop_after_steps
         if step % t.checkpoint_every == 0 or step in kept or step == t.steps or signalled or pause:
-            save()
+            save(wait=step == t.steps or signalled or pause)  # the run stops after these: committed now
         if signalled:
             result.stopped_by_signal = True
             break
