@@ -64,6 +64,7 @@ def runs(tmp_path_factory):
             job("compiled", tmp / "compiled", FSDP, "train.compile=true", "train.compile_backend=aot_eager"),
             job("bf16", tmp / "bf16", FSDP, "train.precision=bf16"),
             job("separate", tmp / "separate", FSDP, "data.synthetic_sequences=1"),  # two forwards a step
+            job("async", tmp / "async", FSDP, "train.async_checkpoint=true"),  # gathered, then written aside
             job("nan", tmp / "nan", FSDP, nan_rank=1, nan_calls=[2]),  # rank 1's loss of step 2 is NaN
             # a DDP run's checkpoint resumed under FSDP, and an FSDP run's under DDP
             job("ddp_first", tmp / "to_fsdp", "train.stop_after_steps=3"),
@@ -123,6 +124,13 @@ def test_fsdp_checkpoint_holds_the_dense_optimizer_state(runs, references):
                                                   ("separate", "separate", 1e-5)])
 def test_fsdp_variants_match_one_process(runs, references, name, reference, rel):
     assert_losses_close(runs[name]["losses"], references[reference].losses, rel)
+
+
+def test_fsdp_checkpoints_written_in_the_background_equal_the_synchronous_ones(runs):
+    got, want = runs["async"], runs["fsdp"]
+    assert got["losses"] == want["losses"]
+    for name in ("model", "optimizer"):  # every tensor, bitwise
+        assert str(load_checkpoint(got["checkpoint"])[name]) == str(load_checkpoint(want["checkpoint"])[name])
 
 
 def test_fsdp_resume_continues_bitwise(runs):

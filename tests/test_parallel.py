@@ -112,6 +112,11 @@ def runs(tmp_path_factory):
             # rank 3 cannot write its shard of the step-6 checkpoint: every rank stops, none waits on it
             jobs.append(job("full_disk", tmp / "full", "mac", "tp2_pp2", steps=6)
                         | {"expect_error": True, "full_disk_rank": 3, "full_disk_step": 6})
+            # the same two with checkpoints written in the background (train.async_checkpoint)
+            background = "train.async_checkpoint=true"
+            jobs.append(job("async_whole", tmp / "async_whole", "mac", "tp2_pp2", background, steps=6))
+            jobs.append(job("full_disk_async", tmp / "full_async", "mac", "tp2_pp2", background, steps=6)
+                        | {"expect_error": True, "full_disk_rank": 3, "full_disk_step": 6})
         started = time.monotonic()
         results.update(launch(WORKER, jobs, tmp, world, LAUNCH_TIMEOUT_S))
         results[f"_seconds_world{world}"] = time.monotonic() - started
@@ -169,11 +174,19 @@ def test_resume_under_tp_and_pp_continues_bitwise(runs, prefix):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_a_checkpoint_one_rank_cannot_write_stops_every_rank(runs):
-    error = runs["full_disk"]["error"]
+@pytest.mark.parametrize("name, folder", [("full_disk", "full"), ("full_disk_async", "full_async")])
+def test_a_checkpoint_one_rank_cannot_write_stops_every_rank(runs, name, folder):
+    """Written in the step or in the background: the same error on every rank."""
+    error = runs[name]["error"]
     assert error.startswith("CheckpointWriteError: writing the checkpoint of step 6 failed (rank 3: [Errno "
                             "28] No space left on device); the last good checkpoint is "), error
-    assert "full/checkpoints/step_00000003: free space" in error, error
+    assert f"{folder}/checkpoints/step_00000003: free space" in error, error
+
+
+def test_background_checkpoints_under_tp_and_pp_equal_the_synchronous_ones(runs):
+    assert runs["async_whole"]["losses"] == runs["whole"]["losses"]
+    got, want = (consolidate(Path(runs[name]["checkpoint"])) for name in ("async_whole", "whole"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_resume_with_another_layout_is_refused(runs):
