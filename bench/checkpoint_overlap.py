@@ -2,7 +2,7 @@
 (`train.async_checkpoint`), against the same run without checkpoints.
 
     python bench/checkpoint_overlap.py                    # dim 512, 8 layers, 12 steps, a checkpoint every 2
-    python bench/checkpoint_overlap.py --dim 768 --every 1
+    python bench/checkpoint_overlap.py --threads 1          # training on one core, the writer on another
 
 One process, the real training job on a small dataset built from this repository's sources, each mode run
 twice in turn in this process (the faster of the two kept). Printed: the wall time of the whole run, its
@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=2, help="a checkpoint every N steps")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="train.threads (0: torch's default); 1 on a 2-core machine leaves the writer a "
+                             "core, as a GPU node's host is free while the GPU computes")
     args = parser.parse_args()
     from data_pipeline.corpus import expand_inputs
     from data_pipeline.prepare import prepare
@@ -54,7 +57,7 @@ def main() -> None:
         common = [f"data.train={tmp / 'data'}", "data.default_corpus=false", "data.seq_len=128",
                   "data.batch_size=4", f"model.dim={args.dim}", f"model.n_layers={args.layers}",
                   f"train.steps={args.steps}", "train.warmup_steps=1", "train.eval_every=0",
-                  f"train.log_every={args.steps}", "train.keep_last=2"]
+                  f"train.log_every={args.steps}", "train.keep_last=2", f"train.threads={args.threads}"]
         modes = {"no checkpoints": [f"train.checkpoint_every={10 * args.steps}"],
                  "in the step": [f"train.checkpoint_every={args.every}"],
                  "background": [f"train.checkpoint_every={args.every}", "train.async_checkpoint=true"]}
@@ -71,7 +74,8 @@ def main() -> None:
     saves = -(-args.steps // args.every)
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model dim "
           f"{args.dim}, {args.layers} layers ({parameters / 1e6:.1f}M parameters), {args.steps} steps, "
-          f"a checkpoint every {args.every} ({saves}) of {size / 2**20:.0f} MiB")
+          f"a checkpoint every {args.every} ({saves}) of {size / 2**20:.0f} MiB; "
+          f"train.threads={args.threads}")
     print("\n| checkpoints | run (s) | per checkpoint (s) |\n|---|---:|---:|")
     for name, seconds in best.items():
         cost = "" if name == "no checkpoints" else f"{(seconds - best['no checkpoints']) / saves:.2f}"
