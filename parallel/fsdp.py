@@ -27,12 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from parallel.mesh import Mesh
+from parallel.mesh import LayoutError, Mesh
 
 # attributes that tensor parallelism sets on a parameter (megatron-core's, ours): FSDP2 replaces each
 # parameter by a sharded one, and gradient clipping and the checkpoint layout still need them
@@ -40,12 +41,35 @@ PARAMETER_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_str
                         "tp_parts", "tied_copy", "allreduce", "sequence_parallel")
 
 
-def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, reshard_root: bool = True) -> FSDPModule:
-    """Shard `model`'s parameters over the dp group: one FSDP unit per block, `root` (the module whose
-    forward runs `model`, and the loss) the unit of everything else. `reshard_root=False` keeps the root's
-    parameters gathered from its forward to its backward: a pipeline's last stage computes its loss with
-    the head after the stage's forward. Returns the root."""
-    dp_mesh = DeviceMesh.from_group(mesh.dp_group, mesh.device.type)
+def dp_device_mesh(mesh: Mesh, shard: int) -> DeviceMesh:
+    """This rank's dp group as a device mesh: 1-D (shard over every dp rank) when `shard` is 0 or dp, else
+    2-D (replicate, shard): groups of `shard` consecutive dp ranks each hold one sharded copy, replicated
+    across the groups (HSDP). Collective (every rank makes the new groups)."""
+    layout = mesh.layout
+    if shard in (0, layout.dp):
+        return DeviceMesh.from_group(mesh.dp_group, mesh.device.type)
+    if layout.dp % shard:
+        raise LayoutError(f"parallel.fsdp_shard={shard} does not divide the {layout.dp} data-parallel ranks: "
+                          f"use a divisor of {layout.dp} (0: all of them)")
+    # global ranks in megatron-core's order (parallel/mesh.py), the dp dimension split into (replicate, shard)
+    ranks = torch.arange(layout.world).reshape(layout.pp, layout.dp // shard, shard, layout.sp, layout.tp)
+    by_dp = ranks.permute(0, 3, 4, 1, 2).reshape(-1, layout.dp // shard, shard)  # one (rep, shard) grid each
+    shard_group, _ = torch_dist.new_subgroups_by_enumeration(by_dp.reshape(-1, shard).tolist())
+    replicate_group, _ = torch_dist.new_subgroups_by_enumeration(by_dp.transpose(1, 2).reshape(
+        -1, layout.dp // shard).tolist())
+    grid = next(g for g in by_dp if mesh.rank in g)
+    return DeviceMesh.from_group([replicate_group, shard_group], mesh.device.type, mesh=grid,
+                                 mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, reshard_root: bool = True,
+               shard: int = 0) -> FSDPModule:
+    """Shard `model`'s parameters over the dp group (or over groups of `shard` dp ranks, replicated across
+    them: `dp_device_mesh`): one FSDP unit per block, `root` (the module whose forward runs `model`, and
+    the loss) the unit of everything else. `reshard_root=False` keeps the root's parameters gathered from
+    its forward to its backward: a pipeline's last stage computes its loss with the head after the stage's
+    forward. Returns the root."""
+    dp_mesh = dp_device_mesh(mesh, shard)
     before = dict(model.named_parameters())
     for block in model.blocks.values():
         fully_shard(block, mesh=dp_mesh)
@@ -59,6 +83,13 @@ def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, reshard_root: bool
 
 def is_sharded(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
+
+
+def shard_group(tensor: DTensor) -> Any:
+    """The process group over which an FSDP tensor's slices differ (its mesh's shard dimension): summing
+    per-slice quantities over it counts each element once (HSDP replicates over the other)."""
+    dims = [i for i, placement in enumerate(tensor.placements) if placement.is_shard()]
+    return tensor.device_mesh.get_group(dims[0])
 
 
 def local_numel(tensor: Tensor) -> int:

@@ -4,8 +4,8 @@ Each parameter is counted once over the model replica: a tensor-parallel shard b
 shards are disjoint), a replicated parameter by tp rank 0 only, the last stage's copy of a tied
 embedding not at all (the first stage counts it); the squares are summed over the model-parallel group
 (tp × pp). Data-parallel replicas hold the same averaged gradients after DDP, so they agree without
-talking; under FSDP each holds a slice of them, and the squares are summed over dp first. On one process
-this is `torch.nn.utils.clip_grad_norm_`.
+talking; under FSDP each holds a slice of them, and the squares are summed over the slices first. On one
+process this is `torch.nn.utils.clip_grad_norm_`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
+from parallel.fsdp import shard_group
 from parallel.mesh import Mesh
 
 
@@ -59,16 +60,16 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, mesh: Mesh) -> fl
     Megatron-LM and DeepSpeed; torch's own would scale every gradient to zero); returns the norm before."""
     max_norm = max_norm if max_norm > 0 else math.inf
     params = [p for p in params if p.grad is not None]
-    fsdp = any(isinstance(p.grad, DTensor) for p in params)  # each dp rank holds a slice of each gradient
-    if not mesh.layout.model_parallel and not fsdp:
+    sharded = next((p.grad for p in params if isinstance(p.grad, DTensor)), None)  # FSDP: slices
+    if not mesh.layout.model_parallel and sharded is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
     square = torch.zeros((), dtype=torch.float64, device=mesh.device)
     for p in params:
         if counted_here(p, mesh):
             grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             square += grad.detach().double().square().sum()
-    if fsdp:
-        torch_dist.all_reduce(square, group=mesh.dp_group)
+    if sharded is not None:
+        torch_dist.all_reduce(square, group=shard_group(sharded))
     if mesh.layout.model_parallel:
         torch_dist.all_reduce(square, group=mesh.model_parallel_group)
     norm = math.sqrt(square.item())

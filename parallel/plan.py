@@ -148,9 +148,10 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
         grads /= dp
     if p.zero_stage >= 3:
         params /= dp
-    if p.fsdp:  # ZeRO-3's sharding, plus two blocks gathered whole (the running one, the next prefetched)
-        block = 4.0 * parameters / max(layers, 1)
-        optim, grads, params = optim / dp, grads / dp + 2 * block, params / dp + 2 * block
+    if p.fsdp:  # ZeRO-3's sharding (over fsdp_shard ranks under HSDP), plus two blocks gathered whole (the
+        block = 4.0 * parameters / max(layers, 1)  # running one, the next prefetched)
+        shards = p.fsdp_shard or dp
+        optim, grads, params = optim / shards, grads / shards + 2 * block, params / shards + 2 * block
     micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
     in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens
@@ -222,7 +223,8 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
     p = cfg.parallel
     ckpt = "on" if cfg.train.activation_checkpointing else "off"
     recompute = "on" if cfg.model.recompute_memory else "off"
-    sharding = "FSDP" if p.fsdp else f"ZeRO stage {p.zero_stage}"
+    sharding = (f"FSDP over {p.fsdp_shard or summary['dp']} dp ranks" if p.fsdp
+                else f"ZeRO stage {p.zero_stage}")
     lines = [f"layout tp={p.tp} pp={p.pp} sp={p.sp} dp={summary['dp']} on {summary['gpus']} × "
              f"{summary['gpu']}, {sharding}, {summary['stages']} pipeline stage(s), "
              f"activation checkpointing {ckpt}, memory recompute {recompute}",

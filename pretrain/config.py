@@ -165,6 +165,9 @@ class ParallelConfig:
     # shard parameters, gradients and AdamW state over the data-parallel ranks with torch's FSDP2 (what
     # ZeRO-3 shards; parallel/fsdp.py): with tp and pp too, and with train.compile; not with sp yet
     fsdp: bool = False
+    # with fsdp: shard over groups of this many consecutive dp ranks (within a node) and replicate across
+    # the groups, HSDP (0: shard over every dp rank); must divide dp
+    fsdp_shard: int = 0
     pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
     pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
     pp_stages_per_rank: int = 2  # with pp_schedule: interleaved (virtual stages)
@@ -584,6 +587,9 @@ def validate_parallel(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.fsdp=true and parallel.zero_stage={p.zero_stage} both shard over the "
                           "data-parallel ranks: choose one (FSDP shards what ZeRO-3 does; set "
                           "parallel.zero_stage=0 with it)")
+    if p.fsdp_shard < 0 or (p.fsdp_shard and not p.fsdp):
+        raise ConfigError(f"parallel.fsdp_shard={p.fsdp_shard} must be >= 0 and needs parallel.fsdp=true "
+                          "(the number of dp ranks each sharded copy spans; 0: all of them)")
     if p.fsdp and p.sp > 1:
         raise ConfigError(f"parallel.fsdp=true with sp={p.sp}: FSDP runs with data, tensor and pipeline "
                           "parallelism (not built with sequence parallelism yet); use parallel.zero_stage=1 "

@@ -406,10 +406,11 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
         mesh.print("note: parallel.fsdp=true with one data-parallel rank: nothing to shard, so nothing is")
     if p.fsdp and mesh.layout.dp > 1:  # before the optimizer: it must hold the sharded parameters
         if p.pp > 1:  # the last stage's loss reads the head after the stage's forward: kept gathered
-            roots = [apply_fsdp(StageModule(m), m, mesh, reshard_root=False) for m in models]
+            roots = [apply_fsdp(StageModule(m), m, mesh, reshard_root=False, shard=p.fsdp_shard)
+                     for m in models]
         else:
             loss_module = CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy)
-            roots = [apply_fsdp(loss_module, models[0], mesh)]
+            roots = [apply_fsdp(loss_module, models[0], mesh, shard=p.fsdp_shard)]
     optimizer = make_optimizer(models, cfg, mesh)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if p.pp > 1 and roots:

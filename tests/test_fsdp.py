@@ -159,6 +159,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
     (["parallel.zero_stage=3"], "parallel.fsdp=true and parallel.zero_stage=3 both shard"),
     (["parallel.sp=2"], "FSDP runs with data, tensor and pipeline parallelism"),
     (["train.eval_tasks=mqar"], "parallel.fsdp=true splits it"),
+    (["parallel.fsdp=false", "parallel.fsdp_shard=2"], "parallel.fsdp_shard=2 must be >= 0 and needs"),
 ])
 def test_layouts_fsdp_cannot_run_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -192,4 +193,6 @@ def test_planner_counts_fsdp_as_sharded_weights_plus_two_gathered_blocks():
     assert sharded["params"] == dense["params"] / 8 + 2 * block
     assert sharded["optim"] == dense["optim"] / 8
     assert format_plan(fsdp, *plan(fsdp, 8, "h100-80gb", 0.4)).startswith(
-        "layout tp=1 pp=1 sp=1 dp=8 on 8 × h100-80gb, FSDP,")
+        "layout tp=1 pp=1 sp=1 dp=8 on 8 × h100-80gb, FSDP over 8 dp ranks,")
+    hsdp = load_config("configs/paper/mac-1.3b.yaml", [*overrides, FSDP, "parallel.fsdp_shard=4"])
+    assert rank_memory(hsdp, 8, parameters, layers, layers)["optim"] == dense["optim"] / 4

@@ -62,6 +62,8 @@ LAYOUTS = {
     "pp2_dp2_fsdp": (4, ["parallel.pp=2", "parallel.pp_microbatches=2", "parallel.fsdp=true"]),
     "pp2_dp2_fsdp_interleaved": (4, ["parallel.pp=2", "parallel.pp_microbatches=2",
                                      "parallel.pp_schedule=interleaved", "parallel.fsdp=true"]),
+    # HSDP: two sharded copies over dp=4, each over 2 ranks
+    "dp4_hsdp": (4, ["parallel.fsdp=true", "parallel.fsdp_shard=2"]),
     "tp2_pp2_dp2_fsdp": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
                              "parallel.fsdp=true"]),
     "tp2_pp2_dp2_zero1": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
@@ -112,6 +114,8 @@ def runs(tmp_path_factory):
             # rank 3 cannot write its shard of the step-6 checkpoint: every rank stops, none waits on it
             jobs.append(job("full_disk", tmp / "full", "mac", "tp2_pp2", steps=6)
                         | {"expect_error": True, "full_disk_rank": 3, "full_disk_step": 6})
+            jobs.append(job("hsdp_bad", tmp / "hsdp_bad", "mac", "dp4_hsdp", "parallel.fsdp_shard=3")
+                        | {"expect_error": True})
             # the same two with checkpoints written in the background (train.async_checkpoint)
             background = "train.async_checkpoint=true"
             jobs.append(job("async_whole", tmp / "async_whole", "mac", "tp2_pp2", background, steps=6))
@@ -181,6 +185,11 @@ def test_a_checkpoint_one_rank_cannot_write_stops_every_rank(runs, name, folder)
     assert error.startswith("CheckpointWriteError: writing the checkpoint of step 6 failed (rank 3: [Errno "
                             "28] No space left on device); the last good checkpoint is "), error
     assert f"{folder}/checkpoints/step_00000003: free space" in error, error
+
+
+def test_an_fsdp_shard_size_that_does_not_divide_dp_is_refused(runs):
+    assert runs["hsdp_bad"]["error"].startswith("LayoutError: parallel.fsdp_shard=3 does not divide the 4 "
+                                                "data-parallel ranks")
 
 
 def test_background_checkpoints_under_tp_and_pp_equal_the_synchronous_ones(runs):
