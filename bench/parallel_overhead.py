@@ -41,6 +41,9 @@ LAYOUTS = {  # name: (processes, overrides)
     "tp=2 × dp=2, ZeRO-1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
     "tp=2 × dp=2, FSDP": (4, ["parallel.tp=2", "parallel.fsdp=true"]),
     "pp=2 × dp=2, ZeRO-1": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
+    "pp=2 × dp=2, FSDP": (4, ["parallel.pp=2", "parallel.fsdp=true"]),
+    "dp=4, FSDP": (4, ["parallel.fsdp=true"]),
+    "dp=4, HSDP 2 × 2": (4, ["parallel.fsdp=true", "parallel.fsdp_shard=2"]),
     # blocks compiled (inductor): the first step compiles, and the median is of the last steps
     "1 process, compiled": (1, ["train.compile=true"]),
     "tp=2, compiled": (2, ["parallel.tp=2", "train.compile=true"]),
