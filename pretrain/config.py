@@ -495,12 +495,11 @@ def validate_compile(cfg: RunConfig) -> None:
                           f"aot_eager), got {cfg.train.compile_backend!r}")
 
 
-def splitting_fields(p: ParallelConfig, zero_stages: tuple[int, ...], fsdp: bool) -> list[str]:
+def splitting_fields(p: ParallelConfig, zero_stages: tuple[int, ...]) -> list[str]:
     """The layout fields, as `parallel.tp=2`, under which a rank does not run whole batches through the
-    whole model: tp, pp or sp > 1, a ZeRO stage among `zero_stages`, or FSDP where `fsdp`."""
+    whole model: tp, pp or sp > 1, or a ZeRO stage among `zero_stages`."""
     fields = [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "pp", "sp") if getattr(p, k) > 1]
-    return (fields + ([f"parallel.zero_stage={p.zero_stage}"] if p.zero_stage in zero_stages else [])
-            + (["parallel.fsdp=true"] if p.fsdp and fsdp else []))
+    return fields + ([f"parallel.zero_stage={p.zero_stage}"] if p.zero_stage in zero_stages else [])
 
 
 def validate_synthetic_sequences(cfg: RunConfig) -> None:
@@ -513,7 +512,7 @@ def validate_synthetic_sequences(cfg: RunConfig) -> None:
     if d.synthetic_pack:
         raise ConfigError("data.synthetic_pack packs rows of the batch; data.synthetic_sequences holds one "
                           "instance per sequence: unset one of them")
-    split = splitting_fields(p, zero_stages=(1, 2, 3), fsdp=False)
+    split = splitting_fields(p, zero_stages=(1, 2, 3))
     if split:
         raise ConfigError(f"data.synthetic_sequences runs a second batch per step, which {', '.join(split)} "
                           "does not schedule: use data.synthetic_rows")
@@ -539,7 +538,7 @@ def validate_eval_tasks(cfg: RunConfig) -> None:
     if t.eval_task_pairs < 0:
         raise ConfigError(f"train.eval_task_pairs must be >= 1 (or 0: data.synthetic_pairs), got "
                           f"{t.eval_task_pairs}")
-    split = splitting_fields(p, zero_stages=(3,), fsdp=True)
+    split = splitting_fields(p, zero_stages=(3,))  # (FSDP gathers the model for them)
     if split:
         raise ConfigError(f"train.eval_tasks needs the whole model on every rank, and {', '.join(split)} "
                           "splits it: evaluate the checkpoints instead "

@@ -27,13 +27,16 @@ loop averages over replicas with `Mesh.replica_mean`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from parallel.compile import compile_blocks
 from parallel.fsdp import (
@@ -117,6 +120,10 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         for model in self.models:
             model.train(mode)
+
+    def whole_model(self) -> contextlib.AbstractContextManager:
+        """While inside, every parameter of `models` is whole on this rank (a no-op unless sharded)."""
+        return contextlib.nullcontext()
 
     def model_state(self) -> dict[str, Tensor]:
         """Collective where the parameters are sharded over dp: this rank's model state dict, as a run
@@ -217,6 +224,19 @@ class FsdpStates:
 
     def set_optimizer_state(self, state: dict[str, Any]) -> None:
         load_full_optimizer_state(self.optimizer, state)
+
+    @contextlib.contextmanager
+    def whole_model(self) -> Iterator[None]:
+        """Every FSDP unit gathered (code that calls blocks' methods, not their forward, such as the
+        streaming evaluation, finds whole parameters), sharded again after."""
+        units = [m for root in self.roots for m in root.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
 
 
 class FsdpEngine(FsdpStates, Engine):

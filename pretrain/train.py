@@ -102,7 +102,8 @@ def evaluate(engine: Engine, batches) -> float:
 @torch.no_grad()
 def recall_accuracy(engine: Engine, cfg: RunConfig) -> dict[str, float]:
     """train.eval_tasks on the model as it trains: {"mqar/x8": accuracy, ...}. Every rank holds the whole
-    model (config validation) and computes the same, so no rank waits on another."""
+    model (config validation; FSDP gathers it for the while) and computes the same, so no rank waits on
+    another."""
     from pretrain.evaluate import evaluate as evaluate_tasks
     from pretrain.evaluate import scalars
     from pretrain.model_io import LoadedModel
@@ -110,8 +111,10 @@ def recall_accuracy(engine: Engine, cfg: RunConfig) -> dict[str, float]:
     t = cfg.train
     model = LoadedModel(engine.models[0], cfg.model, cfg.to_dict())
     engine.train(False)
-    results = evaluate_tasks(model, t.eval_tasks, t.eval_task_distances, t.eval_task_samples,
-                             n_pairs=t.eval_task_pairs or cfg.data.synthetic_pairs, log=lambda message: None)
+    with engine.whole_model():  # FSDP: gathered on every rank for the evaluation
+        results = evaluate_tasks(model, t.eval_tasks, t.eval_task_distances, t.eval_task_samples,
+                                 n_pairs=t.eval_task_pairs or cfg.data.synthetic_pairs,
+                                 log=lambda message: None)
     engine.train(True)
     return {key.removeprefix("eval/"): value for key, value in scalars(results).items()}
 

@@ -27,6 +27,7 @@ WORLD = 2
 MICRO_BATCH = 2  # per rank; the 1-process reference takes WORLD × MICRO_BATCH
 LAUNCH_TIMEOUT_S = 400
 FSDP = "parallel.fsdp=true"
+RECALL = ("train.eval_tasks=mqar", "train.eval_task_samples=8")  # at every validation (steps 3 and 6)
 
 
 def job(name: str, out: Path, *extra: str, **fields) -> dict:
@@ -45,12 +46,13 @@ def one_process(out: Path, batch_size: int, *extra: str):
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """1-process runs on the global batch: plain, with 2 accumulated micro-batches, with bf16 autocast,
-    with WORLD separate synthetic sequences a step."""
+    with WORLD separate synthetic sequences a step, with MQAR recall measured at each validation."""
     return {"plain": one_process(tmp_path_factory.mktemp("plain"), WORLD * MICRO_BATCH),
             "accum": one_process(tmp_path_factory.mktemp("accum"), WORLD, "train.grad_accum=2"),
             "bf16": one_process(tmp_path_factory.mktemp("bf16"), WORLD * MICRO_BATCH, "train.precision=bf16"),
             "separate": one_process(tmp_path_factory.mktemp("separate"), WORLD * MICRO_BATCH,
-                                    f"data.synthetic_sequences={WORLD}")}
+                                    f"data.synthetic_sequences={WORLD}"),
+            "recall": one_process(tmp_path_factory.mktemp("recall"), WORLD * MICRO_BATCH, *RECALL)}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,7 @@ def runs(tmp_path_factory):
             job("bf16", tmp / "bf16", FSDP, "train.precision=bf16"),
             job("separate", tmp / "separate", FSDP, "data.synthetic_sequences=1"),  # two forwards a step
             job("async", tmp / "async", FSDP, "train.async_checkpoint=true"),  # gathered, then written aside
+            job("recall", tmp / "recall", FSDP, *RECALL),  # the model gathered for the evaluation
             job("nan", tmp / "nan", FSDP, nan_rank=1, nan_calls=[2]),  # rank 1's loss of step 2 is NaN
             # a DDP run's checkpoint resumed under FSDP, and an FSDP run's under DDP
             job("ddp_first", tmp / "to_fsdp", "train.stop_after_steps=3"),
@@ -133,6 +136,13 @@ def test_fsdp_checkpoints_written_in_the_background_equal_the_synchronous_ones(r
         assert str(load_checkpoint(got["checkpoint"])[name]) == str(load_checkpoint(want["checkpoint"])[name])
 
 
+def test_recall_while_training_under_fsdp_equals_one_process(runs, references):
+    got, want = runs["recall"], references["recall"]
+    assert_losses_close(got["losses"], want.losses)
+    assert got["recall"] == {str(step): value for step, value in want.recall.items()}
+    assert set(got["recall"]) == {"3", "6"} and "mqar/x2" in got["recall"]["3"]
+
+
 def test_fsdp_resume_continues_bitwise(runs):
     assert runs["first"]["last_step"] == 3
     resumed, whole = runs["resumed"], runs["fsdp"]
@@ -158,7 +168,6 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
 @pytest.mark.parametrize("override, message", [
     (["parallel.zero_stage=3"], "parallel.fsdp=true and parallel.zero_stage=3 both shard"),
     (["parallel.sp=2"], "FSDP runs with data, tensor and pipeline parallelism"),
-    (["train.eval_tasks=mqar"], "parallel.fsdp=true splits it"),
     (["parallel.fsdp=false", "parallel.fsdp_shard=2"], "parallel.fsdp_shard=2 must be >= 0 and needs"),
 ])
 def test_layouts_fsdp_cannot_run_are_refused(override, message):

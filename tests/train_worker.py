@@ -182,6 +182,7 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
             "local_parameter_elements": LOCAL_PARAMETER_ELEMENTS[0] if LOCAL_PARAMETER_ELEMENTS else None,
             "skipped_steps": result.skipped_steps, "last_step": result.last_step,
             "parameters_per_rank": result.parameters_per_rank,
+            "recall": {str(k): v for k, v in result.recall.items()},
             "checkpoint": str(result.checkpoint) if result.checkpoint else None}
 
 
