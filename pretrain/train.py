@@ -452,7 +452,8 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
                   if cfg.data.synthetic_alone_steps else "")
                + f"; device {mesh.device}, layout {mesh.layout}"
                + (f", ZeRO stage {p.zero_stage}" if p.zero_stage else "")
-               + (", FSDP over the dp ranks" if p.fsdp and mesh.layout.dp > 1 else "")
+               + ((f", HSDP: sharded over groups of {p.fsdp_shard} dp ranks" if p.fsdp_shard
+                   else ", FSDP over the dp ranks") if p.fsdp and mesh.layout.dp > 1 else "")
                + (f", {p.pp_schedule} schedule" if p.pp > 1 else "")
                + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
                   "logits are masked)" if vocab != cfg.model.vocab_size else ""))
@@ -502,10 +503,9 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
                  "rng": mesh.gather_objects(rng_state()), "config": run_config, **model_state}
         layout = {"layout": model_state["shards"]} if "shards" in model_state else None
 
-        def commit(state: dict[str, Any]) -> Path:
-            return save_checkpoint(out, step, state, t.keep_last, staged=True, manifest=layout,
-                                   keep_steps=kept)
-
+        # bound now: the background thread commits while `step` moves on
+        commit = functools.partial(save_checkpoint, out, step, keep_last=t.keep_last, staged=True,
+                                   manifest=layout, keep_steps=kept)
         if writer is None:
             result.checkpoint = on_every_rank(lambda: commit(state), here=mesh.is_main) or result.checkpoint
             return

@@ -4,6 +4,7 @@ run config on it."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -49,3 +50,17 @@ def tiny_family(path: Path, dataset: Path, tokens: list[int], *overrides: str) -
                     "sizes:\n  s16: [model.dim=16, model.n_heads=2]\n  s32: [model.dim=32, model.n_heads=2]\n"
                     f"  s64: [model.dim=64, model.n_heads=2]\ntokens: {tokens}\n")
     return path
+
+
+def fill_disk(monkeypatch, full: Callable[[int], bool]) -> None:
+    """The training job's checkpoint commit fails with ENOSPC for the steps where `full(step)`."""
+    import pretrain.train as train_module
+
+    real = train_module.save_checkpoint
+
+    def save(out, step, *args, **kwargs):
+        if full(step):
+            raise OSError(28, "No space left on device")
+        return real(out, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)

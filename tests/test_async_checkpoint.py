@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import small_config
+from run_helpers import fill_disk, small_config
 
 import pretrain.train as train_module
-from pretrain.async_checkpoint import detached_copy
+from pretrain.async_checkpoint import AsyncCheckpointWriter, detached_copy
 from pretrain.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.train import CheckpointWriteError, train
@@ -25,17 +25,22 @@ STEPS = ("train.steps=8", "train.checkpoint_every=2", "train.keep_last=10", "tra
 
 @pytest.fixture
 def slow_commit(monkeypatch):
-    """The background thread's commit waits 0.3 s first, so training steps run while it writes; returns
-    the steps committed from a thread other than the main one."""
-    real, committed = train_module.save_checkpoint, []
+    """The background thread waits 0.3 s before it commits (as if other ranks were still writing), so
+    training steps run in between; returns the steps committed from a thread other than the main one."""
+    real_wait, real_save = AsyncCheckpointWriter._every_rank_wrote, train_module.save_checkpoint
+    committed = []
 
-    def slow(out, step, *args, **kwargs):
+    def slow_wait(self, marks):
+        time.sleep(0.3)
+        return real_wait(self, marks)
+
+    def save(out, step, *args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
-            time.sleep(0.3)
             committed.append(step)
-        return real(out, step, *args, **kwargs)
+        return real_save(out, step, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", slow)
+    monkeypatch.setattr(AsyncCheckpointWriter, "_every_rank_wrote", slow_wait)
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
     return committed
 
 
@@ -75,14 +80,7 @@ def test_a_run_resumes_from_background_checkpoints_bitwise(dataset, tmp_path, sl
 
 
 def test_a_background_write_that_fails_stops_the_run_at_the_next_save(dataset, tmp_path, monkeypatch):
-    real = train_module.save_checkpoint
-
-    def full_disk(out, step, *args, **kwargs):
-        if step == 4:
-            raise OSError(28, "No space left on device")
-        return real(out, step, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "save_checkpoint", full_disk)
+    fill_disk(monkeypatch, lambda step: step == 4)
     message = (r"writing the checkpoint of step 4 failed \(rank 0: \[Errno 28\] No space left on device\); "
                r"the last good checkpoint is .*step_00000002: free")
     with pytest.raises(CheckpointWriteError, match=message):

@@ -8,15 +8,13 @@ Tensor and pipeline parallelism under FSDP are in tests/test_parallel.py's layou
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from launcher import launch
-from train_worker import base_overrides, in_memory_loaders
+from train_worker import base_overrides, one_process
 
-import pretrain.train as train_module
 from parallel.fsdp import full_optimizer_state, load_full_optimizer_state, shard_like
 from pretrain.checkpoint import load_checkpoint, verify_checkpoint
 from pretrain.config import ConfigError, load_config
@@ -32,15 +30,6 @@ RECALL = ("train.eval_tasks=mqar", "train.eval_task_samples=8")  # at every vali
 
 def job(name: str, out: Path, *extra: str, **fields) -> dict:
     return {"name": name, "overrides": base_overrides(out, MICRO_BATCH) + [*extra], **fields}
-
-
-def one_process(out: Path, batch_size: int, *extra: str):
-    patch = pytest.MonkeyPatch()
-    patch.setattr(train_module, "build_loaders", in_memory_loaders)
-    try:
-        return train_module.train(load_config(None, base_overrides(out, batch_size) + list(extra)))
-    finally:
-        patch.undo()
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +63,7 @@ def runs(tmp_path_factory):
             job("to_fsdp", tmp / "to_fsdp", FSDP),
             job("fsdp_first", tmp / "to_ddp", FSDP, "train.stop_after_steps=3"),
             job("to_ddp", tmp / "to_ddp")]
-    started = time.monotonic()
-    results = launch(WORKER, jobs, tmp, WORLD, LAUNCH_TIMEOUT_S)
-    results["_seconds"] = time.monotonic() - started
-    return results
+    return launch(WORKER, jobs, tmp, WORLD, LAUNCH_TIMEOUT_S)
 
 
 def close(a: float, b: float, rel: float = 1e-5) -> bool:

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from launcher import ROOT, free_port, launch
-from train_worker import base_overrides, in_memory_loaders
+from train_worker import base_overrides, one_process
 
-import pretrain.train as train_module
 from parallel.mesh import Layout
 from pretrain.checkpoint import load_checkpoint, verify_checkpoint
 from pretrain.checkpoint_shards import consolidate
@@ -127,21 +126,16 @@ def runs(tmp_path_factory):
     return results
 
 
-def one_process(out: Path, *extra: str):
+def reference_run(out: Path, *extra: str):
     """The 1-process run on the global batch (in-memory data): its result and final weights."""
-    patch = pytest.MonkeyPatch()
-    patch.setattr(train_module, "build_loaders", in_memory_loaders)
-    try:
-        result = train_module.train(load_config(None, base_overrides(out, GLOBAL_BATCH, STEPS) + list(extra)))
-    finally:
-        patch.undo()
+    result = one_process(out, GLOBAL_BATCH, *extra, steps=STEPS)
     return result, load_checkpoint(result.checkpoint)["model"]
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """The 1-process runs of each variant on the global batch."""
-    return {v: one_process(tmp_path_factory.mktemp(f"ref_{v}"), *model_overrides(v))
+    return {v: reference_run(tmp_path_factory.mktemp(f"ref_{v}"), *model_overrides(v))
             for v in sorted({v for v, _ in CASES})}
 
 
@@ -435,7 +429,7 @@ def sp_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp_references(tmp_path_factory):
-    return {(v, d): one_process(tmp_path_factory.mktemp(f"sp_ref_{v}{d}"), *model_overrides(v),
+    return {(v, d): reference_run(tmp_path_factory.mktemp(f"sp_ref_{v}{d}"), *model_overrides(v),
                                 f"model.memory_depth={d}", f"data.seq_len={SP_SEQ_LEN}")
             for v, d in sorted({(v, d) for v, d, _ in SP_CASES})}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_helpers import small_config
+from run_helpers import fill_disk, small_config
 from test_data_helpers import copy_with_tokenizer
 
 import pretrain.engine as engine_module
@@ -277,15 +277,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_last_good_one(dataset, tmp_path,
                                                                                    monkeypatch):
-    import pretrain.train as train_module
-
-    save = train_module.save_checkpoint
-
-    def full_disk_at_step_10(out, step, *args, **kwargs):
-        if step >= 10:
-            raise OSError(28, "No space left on device")
-        return save(out, step, *args, **kwargs)
-    monkeypatch.setattr(train_module, "save_checkpoint", full_disk_at_step_10)
+    fill_disk(monkeypatch, lambda step: step >= 10)
     said = (r"writing the checkpoint of step 10 failed \(rank 0: \[Errno 28\] No space left on device\); the "
             r"last good checkpoint is .*step_00000005: free space")
     with pytest.raises(CheckpointWriteError, match=said):

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from launcher import launch
-from train_worker import base_overrides, in_memory_loaders
+from train_worker import base_overrides, one_process
 
-import pretrain.train as train_module
 from pretrain.checkpoint import load_checkpoint
 from pretrain.config import ConfigError, load_config
 
@@ -35,15 +34,6 @@ STAGES = (0, 1, 2, 3)
 def job(name: str, out: Path, stage: int, *extra: str, **fields) -> dict:
     overrides = base_overrides(out, MICRO_BATCH) + [f"parallel.zero_stage={stage}", *extra]
     return {"name": name, "overrides": overrides, **fields}
-
-
-def one_process(out: Path, batch_size: int, *extra: str):
-    patch = pytest.MonkeyPatch()
-    patch.setattr(train_module, "build_loaders", in_memory_loaders)
-    try:
-        return train_module.train(load_config(None, base_overrides(out, batch_size) + list(extra)))
-    finally:
-        patch.undo()
 
 
 @pytest.fixture(scope="module")

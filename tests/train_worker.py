@@ -117,6 +117,19 @@ def base_overrides(out: Path, batch_size: int, steps: int = 6) -> list[str]:
     ]
 
 
+def one_process(out: Path, batch_size: int, *extra: str, steps: int = 6):
+    """The multi-process tests' reference: one process on the global batch of `batch_size` rows, with the
+    in-memory loader."""
+    import pretrain.train as train_module
+    from pretrain.config import load_config
+
+    real, train_module.build_loaders = train_module.build_loaders, in_memory_loaders
+    try:
+        return train_module.train(load_config(None, base_overrides(out, batch_size, steps) + list(extra)))
+    finally:
+        train_module.build_loaders = real
+
+
 LOCAL_PARAMETER_ELEMENTS: list[int] = []  # this rank's parameter elements in the last ZeRO engine
 
 
