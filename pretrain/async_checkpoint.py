@@ -63,6 +63,11 @@ class AsyncCheckpointWriter:
     def marks(self, step: int) -> Path:
         return self.root / f".step_{step:08d}.ranks"
 
+    def clear_marks(self, step: int) -> None:
+        """Rank 0, before a save of `step` starts: the marks an interrupted earlier attempt at the same
+        step left (a requeued run reaching it again) would otherwise commit files not yet rewritten."""
+        shutil.rmtree(self.marks(step), ignore_errors=True)
+
     def start(self, step: int, files: dict[Path, Any], finalize: Callable[[], Path] | None) -> None:
         """Copy `files` (path → object) now, write them in the background; on rank 0, `finalize` (which
         writes state.pt from its own copy and commits) runs once every rank has marked its files done."""

@@ -493,6 +493,8 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
         finish_writing()  # the previous one first: one checkpoint in flight at a time
         staging = staging_dir(out, step)
         on_every_rank = functools.partial(write_on_every_rank, mesh, out, step)
+        if writer is not None and mesh.is_main:  # before any rank marks this attempt's files (a collective
+            writer.clear_marks(step)  # follows): an interrupted attempt's marks must not vouch for them
         on_every_rank(lambda: begin_checkpoint(out, step), here=mesh.is_main)
         if writer is None:
             model_state = on_every_rank(lambda: save_rank_part(engine, staging))  # every rank writes its part

@@ -102,3 +102,21 @@ def test_the_copy_is_the_values_at_the_time_of_the_save():
     live["groups"][0]["m"].add_(1)
     assert torch.equal(copy["w"], torch.ones(3)) and torch.equal(copy["groups"][0]["m"], torch.zeros(2))
     assert copy["step"] == 4
+
+
+def test_marks_left_by_an_interrupted_attempt_are_cleared_before_the_same_step_is_saved(dataset, tmp_path,
+                                                                                       monkeypatch):
+    """A run killed after rank 1 marked its files of step 4, resumed from step 2: when it saves step 4
+    again, the old mark must not let rank 0 commit before rank 1 has rewritten them."""
+    from parallel.mesh import Mesh
+
+    writer = AsyncCheckpointWriter(Mesh(), tmp_path, timeout_s=1)
+    writer.marks(4).mkdir(parents=True)
+    (writer.marks(4) / "1.done").touch()
+    writer.clear_marks(4)
+    assert not writer.marks(4).exists()
+    cleared, real = [], AsyncCheckpointWriter.clear_marks
+    monkeypatch.setattr(AsyncCheckpointWriter, "clear_marks",
+                        lambda self, step: (cleared.append(step), real(self, step)))
+    train(small_config(dataset, tmp_path / "run", *STEPS, "train.async_checkpoint=true"))
+    assert cleared == [2, 4, 6, 8]  # at every save, before it starts
