@@ -75,7 +75,10 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(900)
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+@pytest.mark.parametrize("writer", [[], ["train.async_checkpoint=true"]], ids=["in-the-step", "background"])
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(dataset, tmp_path, writer):
+    """Checkpoints written in the step, or by the background writer (a kill then often lands while a
+    checkpoint is half written and the next step runs)."""
     started = time.monotonic()
     run(command(dataset, tmp_path / "whole"))
     step_seconds = (time.monotonic() - started) / STEPS  # an upper bound (start-up included)
@@ -84,10 +87,10 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(datas
     rng = random.Random(20261125)
     out = tmp_path / "killed"
     targets = sorted(rng.sample(range(1, STEPS - 1), KILLS))  # spread over the whole run
-    kills = sum(run(command(dataset, out), kill_at_step=target, delay=rng.uniform(0, step_seconds))
+    kills = sum(run(command(dataset, out) + writer, kill_at_step=target, delay=rng.uniform(0, step_seconds))
                 for target in targets)  # each restart resumes from the newest good checkpoint
     assert kills >= KILLS - 1  # (a kill late in a run's last step can miss it)
-    run(command(dataset, out))  # the last restart runs to the end
+    run(command(dataset, out) + writer)  # the last restart runs to the end
     got = final_weights(out)
     assert set(got) == set(want)
     differ = [k for k in want if not torch.equal(got[k], want[k])]
