@@ -20,7 +20,8 @@ The activation estimate per layer and sequence of T tokens, width h, bf16 (2 byt
 - a memory branch: its projections, conv and gates, ≈ 18·T·h/tp bytes, the scan's fp32 inputs
   12·T·h/tp, and the scan's saved state: with recompute, one (weights, momentum) state per chunk and
   local head, fp32; without, about three times that plus the per-token MLP activations;
-- activation checkpointing keeps each block's input (2·T·h) and recomputes one block at a time.
+- activation checkpointing keeps each block's input (2·T·h) and recomputes one block at a time (every
+  N-th block with `train.activation_checkpointing_every`, the others keeping all of theirs).
 It is an estimate to decide go / no-go with a margin, not an allocator trace.
 """
 
@@ -116,9 +117,10 @@ def local_parameter_counts(cfg: RunConfig, only: tuple[int, int] | None = None) 
 
 
 def activation_bytes(model: TitansConfig, tp: int, tokens: int, layers: int, memory_layers: int,
-                     checkpointing: bool, value_bytes: int = 2) -> float:
+                     checkpointing: int, value_bytes: int = 2) -> float:
     """Estimated activation bytes of one micro-batch of `tokens` tokens on a rank (see module docstring);
-    `value_bytes` 2 under bf16 autocast, 4 in fp32 (the fp32 terms of the memory's scan stay as they are)."""
+    `checkpointing` 0 (off), 1 (every block) or N (every N-th block); `value_bytes` 2 under bf16 autocast,
+    4 in fp32 (the fp32 terms of the memory's scan stay as they are)."""
     h = model.dim
     attention_ffn = (10 + 24 / tp) * tokens * h * value_bytes / 2
     heads = model.memory_heads / tp
@@ -132,7 +134,8 @@ def activation_bytes(model: TitansConfig, tp: int, tokens: int, layers: int, mem
     memory = 18 * tokens * h / tp * value_bytes / 2 + 12 * tokens * h / tp + scan_states
     per_layer = attention_ffn + memory * memory_layers / max(layers, 1)
     if checkpointing:
-        return layers * value_bytes * tokens * h + per_layer
+        kept = layers / checkpointing  # blocks that keep their input only
+        return kept * value_bytes * tokens * h + (layers - kept) * per_layer + per_layer
     return layers * per_layer
 
 
@@ -155,8 +158,9 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
     micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
     in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens
-    acts, acts_ckpt = (in_flight * activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, ckpt,
-                                                    value_bytes) for ckpt in (False, True))
+    acts, acts_ckpt = (in_flight * activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, every,
+                                                    value_bytes)
+                       for every in (0, cfg.train.activation_checkpointing_every))
     chosen = acts_ckpt if cfg.train.activation_checkpointing else acts
     return {"params": params, "grads": grads, "optim": optim, "acts": acts, "acts_ckpt": acts_ckpt,
             "total": params + grads + optim + chosen}

@@ -101,6 +101,9 @@ class TrainConfig:
     # "tf32" (tensor cores, inputs rounded to a 10-bit mantissa; the Triton memory kernel follows it)
     fp32_matmul: str = "ieee"
     activation_checkpointing: bool = False
+    # with activation_checkpointing: every N-th block (1: all; 2: half of them, as torchtitan's selective
+    # layer option): less recompute, more activation memory
+    activation_checkpointing_every: int = 1
     # torch.compile each block (as torchtitan does), the memory's scan an opaque op inside it
     # (titans/scan_op.py): the first step compiles (minutes); then fewer, fused kernels per block
     compile: bool = False
@@ -405,6 +408,9 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < t.lr_decay_fraction <= 1:
         raise ConfigError(f"train.lr_decay_fraction must be in (0, 1] (the last fraction of train.steps over "
                           f"which the lr decays; train.lr_decay=none for none), got {t.lr_decay_fraction}")
+    if t.activation_checkpointing_every < 1:
+        raise ConfigError(f"train.activation_checkpointing_every must be >= 1 (1: every block), got "
+                          f"{t.activation_checkpointing_every}")
     p = cfg.parallel
     if t.async_checkpoint and p.zero_stage and p.tp * p.pp * p.sp == 1:
         raise ConfigError(f"train.async_checkpoint with parallel.zero_stage={p.zero_stage}: DeepSpeed writes "

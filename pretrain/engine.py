@@ -416,7 +416,8 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
     shard = TensorShard(mesh.tp_group, mesh.tp_rank, p.tp)
     models, stage_indices = build_local_model(cfg.model, p, mesh.pp_rank, shard, mesh.device, cfg.train.seed)
     for model in models:
-        model.checkpoint_blocks = cfg.train.activation_checkpointing
+        t = cfg.train
+        model.checkpoint_blocks = t.activation_checkpointing and t.activation_checkpointing_every
         if cfg.train.compile:  # under sp a block sees one shard of each sequence
             compile_blocks(model, cfg.train.compile_backend, cfg.data.seq_len // p.sp, relay=p.sp > 1)
     if initial is not None:  # before the optimizer (and ZeRO) copy the parameters

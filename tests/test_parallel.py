@@ -350,6 +350,18 @@ def test_planner_cli_prints_a_table_and_a_verdict():
     assert re.search(r"verdict: (GO|NO-GO)", done.stdout)
 
 
+def test_planner_counts_checkpointing_every_nth_block_between_none_and_all():
+    from parallel.plan import rank_memory
+
+    def total(every: int) -> float:  # 0: off
+        cfg = load_config(ROOT / "configs" / "paper" / "mac-1.3b.yaml",
+                          [f"train.activation_checkpointing={every > 0}",
+                           f"train.activation_checkpointing_every={max(every, 1)}"])
+        return rank_memory(cfg, 8, 10**9, 24, 12)["total"]
+
+    assert total(0) > total(2) > total(1)
+
+
 def test_planner_advice_leaves_out_what_is_already_on():
     from parallel.plan import format_plan, plan
 

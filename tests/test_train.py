@@ -80,9 +80,13 @@ def test_a_slow_gpu_setting_is_named_with_its_fix(tmp_path):
 
 def test_activation_checkpointing_trains_the_same(dataset, tmp_path):
     plain = train(small_config(dataset, tmp_path / "plain", "train.steps=4", "train.warmup_steps=1"))
-    recomputed = train(small_config(dataset, tmp_path / "ckpt", "train.steps=4", "train.warmup_steps=1",
-                                    "train.activation_checkpointing=true"))
-    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
+    for every in (1, 2):  # every block, every second one
+        recomputed = train(small_config(dataset, tmp_path / f"ckpt{every}", "train.steps=4",
+                                        "train.warmup_steps=1", "train.activation_checkpointing=true",
+                                        f"train.activation_checkpointing_every={every}"))
+        assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
+    with pytest.raises(ConfigError, match="train.activation_checkpointing_every must be >= 1"):
+        small_config(dataset, tmp_path, "train.activation_checkpointing_every=0")
 
 
 def test_run_writes_config_tensorboard_and_checkpoints(dataset, tmp_path, capsys):

@@ -144,7 +144,9 @@ class TitansLM(nn.Module):
         self.blocks = nn.ModuleDict({str(i): build_block(k, cfg) for i, k in enumerate(cfg.layer_kinds)})
         self.norm: nn.Module | None = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head: nn.Module | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.checkpoint_blocks = False  # set by the training job (train.activation_checkpointing)
+        # activation checkpointing, set by the training job: False / 0 off, True / 1 every block, N every
+        # N-th block by its global index (0, N, 2N, ...: the same blocks in every pipeline layout)
+        self.checkpoint_blocks: bool | int = False
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         if not any(p.is_meta for p in self.parameters()):
@@ -183,9 +185,9 @@ class TitansLM(nn.Module):
             x = self.embed(x)
         states = states or [None] * len(self.blocks)
         new_states = []
-        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
-        for block, state in zip(self.blocks.values(), states, strict=True):
-            if recompute:  # activation checkpointing: keep block inputs only, recompute in backward
+        every = int(self.checkpoint_blocks) if torch.is_grad_enabled() else 0
+        for (name, block), state in zip(self.blocks.items(), states, strict=True):
+            if every and int(name) % every == 0:  # activation checkpointing: keep block inputs, recompute
                 x, state = checkpoint(block, x, state, use_reentrant=False)
             else:
                 x, state = block(x, state)
