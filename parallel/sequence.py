@@ -26,9 +26,13 @@ needs a ring: not built, refused by the config check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from parallel.mesh import Mesh
 from parallel.pipeline import HeadLossSum
@@ -60,6 +64,14 @@ def state_template(model: TitansLM, layer: str, batch: int, device: torch.device
     conv = torch.empty(batch, memory.conv_kernel - 1, 3 * heads * memory.head_dim, dtype=memory.state_dtype(),
                        device=device)
     return [*weights, *[torch.empty_like(w) for w in weights], conv]
+
+
+def called(function: Callable, *args: Any) -> Any:
+    return function(*args)
+
+
+def checkpointed(function: Callable, *args: Any) -> Any:
+    return checkpoint(function, *args, use_reentrant=False)
 
 
 class SequenceShards:
@@ -101,7 +113,11 @@ class SequenceShards:
         incoming halo leaf, the rows sent as the next shard's halo). Tags follow the blocks' global
         names, so the stages of a pipeline never mix their messages."""
         records = []
+        every = int(self.model.checkpoint_blocks) if grad else 0  # train.activation_checkpointing(_every)
         for name, block in self.model.blocks.items():
+            # checkpointed: each half keeps its inputs only and reruns in backward; the relay's sends and
+            # receives sit between the halves, so a rerun never sends again
+            run = checkpointed if every and int(name) % every == 0 else called
             x_in = x.detach().requires_grad_(grad)
             tag, halo = int(name) * 64, self.halo_rows(name)
             incoming = None
@@ -112,7 +128,7 @@ class SequenceShards:
             start, state = self.mesh.sp_rank * x.shape[1], None
             if incoming is not None:
                 state = state_from(incoming, block.memory.depth, start // block.memory.chunk_size)
-            h, state = block.before_halo(x_in, state)
+            h, state = run(block.before_halo, x_in, state)
             past = sent = None
             if halo:  # our last w − 1 attention inputs go to the next shard, ours come from the previous
                 if self.next is not None:
@@ -121,7 +137,7 @@ class SequenceShards:
                 if self.prev is not None:
                     (past,) = self._recv([h.new_empty(h.shape[0], halo, h.shape[2])], tag + 63, self.prev)
                     past.requires_grad_(grad)
-            x, out_state = block.after_halo(h, state, past, start)
+            x, out_state = run(block.after_halo, h, state, past, start)
             outgoing = state_tensors(out_state) if out_state is not None else []
             if self.next is not None:
                 self._send(outgoing, tag)

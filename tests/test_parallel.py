@@ -407,13 +407,15 @@ SP_LAYOUTS = {  # name → (world size, overrides)
     "sp2_dp2_zero1": (4, ["parallel.sp=2", "parallel.zero_stage=1"]),
     "sp2_pp2": (4, ["parallel.sp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
     # train.compile under the relay: each block's halves around the halo compiled (aot_eager)
+    "sp2_ckpt": (2, ["parallel.sp=2", "train.activation_checkpointing=true"]),  # each block's two halves
     "sp2_compiled": (2, ["parallel.sp=2", *COMPILED]),
     "sp2_tp2_compiled": (4, ["parallel.sp=2", "parallel.tp=2", *COMPILED]),
 }
 SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp2"), ("lmm", 2, "sp4"),
          ("mac", 2, "sp4"), ("mac", 2, "sp2_tp2"), ("lmm", 2, "sp2_dp2_zero1"), ("mag", 2, "sp2"),
          ("mag", 2, "sp4"), ("swa", 2, "sp4"), ("mal", 2, "sp4"), ("mag", 2, "sp2_pp2"),
-         ("mal", 2, "sp2_compiled")]  # compiled: MAL's memory before the halo, the halo, and the relay
+         ("mal", 2, "sp2_compiled"),  # compiled: MAL's memory before the halo, the halo, and the relay
+         ("mac", 2, "sp2_ckpt"), ("mag", 2, "sp2_ckpt")]
 SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa") for d in (1, 2)
              for layout in SP_LAYOUTS if v != "swa" or d == 2] if SLOW else SP_CI)
 
