@@ -92,12 +92,15 @@ def shard_group(tensor: DTensor) -> Any:
     return tensor.device_mesh.get_group(dims[0])
 
 
+def local(tensor: Tensor) -> Tensor:
+    """This rank's slice of an FSDP-sharded tensor; any other tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
 def local_numel(tensor: Tensor) -> int:
     """Elements this rank holds of a (possibly sharded) tensor: an FSDP shard, or a DeepSpeed ZeRO-3
     parameter's partition (its own tensor is empty)."""
-    if is_sharded(tensor):
-        return tensor.to_local().numel()
-    return tensor.ds_tensor.numel() if hasattr(tensor, "ds_tensor") else tensor.numel()
+    return tensor.ds_tensor.numel() if hasattr(tensor, "ds_tensor") else local(tensor).numel()
 
 
 def gathered(value: Any, keep: bool) -> Any:

@@ -17,9 +17,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.distributed.tensor import DTensor
 
-from parallel.fsdp import shard_group
+from parallel.fsdp import is_sharded, local, shard_group
 from parallel.mesh import Mesh
 
 
@@ -60,14 +59,13 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, mesh: Mesh) -> fl
     Megatron-LM and DeepSpeed; torch's own would scale every gradient to zero); returns the norm before."""
     max_norm = max_norm if max_norm > 0 else math.inf
     params = [p for p in params if p.grad is not None]
-    sharded = next((p.grad for p in params if isinstance(p.grad, DTensor)), None)  # FSDP: slices
+    sharded = next((p.grad for p in params if is_sharded(p.grad)), None)  # FSDP: slices
     if not mesh.layout.model_parallel and sharded is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
     square = torch.zeros((), dtype=torch.float64, device=mesh.device)
     for p in params:
         if counted_here(p, mesh):
-            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            square += grad.detach().double().square().sum()
+            square += local(p.grad).detach().double().square().sum()
     if sharded is not None:
         torch_dist.all_reduce(square, group=shard_group(sharded))
     if mesh.layout.model_parallel:

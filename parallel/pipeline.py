@@ -33,8 +33,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
+from parallel.fsdp import local
 from parallel.mesh import Mesh
 from titans.model import TitansLM
 
@@ -168,6 +168,4 @@ def sync_tied_gradients(models: list[TitansLM], mesh: Mesh) -> None:
     for model in models:
         for module in (model.embed, model.head):
             if module is not None and module.weight.grad is not None:  # (an FSDP shard: the same slice)
-                grad = module.weight.grad
-                torch_dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad,
-                                      group=mesh.embedding_group)
+                torch_dist.all_reduce(local(module.weight.grad), group=mesh.embedding_group)

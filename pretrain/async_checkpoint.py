@@ -47,7 +47,12 @@ def detached_copy(obj: Any) -> Any:
 
 
 class CheckpointWriteFailed(RuntimeError):
-    """A rank could not write its part of a background checkpoint (the message names rank and error)."""
+    """Some rank could not write its part of the background checkpoint of `step`; `problems` names each
+    rank and its error."""
+
+    def __init__(self, step: int, problems: list[str]) -> None:
+        super().__init__(f"writing the checkpoint of step {step} failed ({'; '.join(problems)})")
+        self.step, self.problems = step, problems
 
 
 class AsyncCheckpointWriter:
@@ -122,11 +127,8 @@ class AsyncCheckpointWriter:
         """Collective: wait for this rank's thread; raise on every rank if any rank's write failed.
         Returns the committed checkpoint on rank 0 (None elsewhere, or when nothing was started)."""
         started = self.thread is not None
-        if started:
-            self.thread.join()
-            self.thread = None
+        self.close()
         problems = self.mesh.problems(self.problem)
         if problems:
-            raise CheckpointWriteFailed(f"writing the checkpoint of step {self.step} failed "
-                                        f"({'; '.join(problems)})")
+            raise CheckpointWriteFailed(self.step, problems)
         return self.final if started else None

@@ -75,10 +75,8 @@ def shard_parts(directory: Path, models: list[nn.Module], optimizer: torch.optim
     writes = mesh.sp_rank == 0  # sequence shards hold the same parameters and optimizer state
     files: dict[Path, Any] = {}
     if writes and mesh.dp_rank == 0:
-        state = model_state or {}
-        for model in models if model_state is None else ():
-            state.update(model.state_dict())
-        files[folder / model_file] = state
+        files[folder / model_file] = (model_state if model_state is not None else
+                                      {k: v for model in models for k, v in model.state_dict().items()})
     if writes and (zero or mesh.dp_rank == 0):
         files[folder / optim_file] = optimizer_state or (optimizer.optim.state_dict() if zero
                                                          else optimizer.state_dict())

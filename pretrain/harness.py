@@ -28,8 +28,9 @@ except ImportError as err:  # an optional extra: say how to get it rather than a
     raise SystemExit("pretrain.harness needs lm-evaluation-harness: pip install -e '.[eval]'") from err
 
 from pretrain.checkpoint import run_folder
+from pretrain.loss_by_position import token_scores
 from pretrain.model_io import device_problem, end_of_document_id, load_model, run_tokenizer
-from titans.streaming import generate, stream_step
+from titans.streaming import generate
 
 
 class TitansHarnessLM(TemplateLM):
@@ -62,21 +63,13 @@ class TitansHarnessLM(TemplateLM):
         each token given all the tokens before it: the sequences as one right-padded batch, streamed."""
         width = max(len(tokens) for tokens, _ in sequences) - 1
         inputs = torch.full((len(sequences), width), self.eos, dtype=torch.long)
-        targets = torch.full((len(sequences), width), -1, dtype=torch.long)  # -1: not scored
+        targets = torch.full((len(sequences), width), -100, dtype=torch.long)  # -100: not scored
         for row, (tokens, first) in enumerate(sequences):
             inputs[row, :len(tokens) - 1] = torch.tensor(tokens[:-1])
             targets[row, first - 1:len(tokens) - 1] = torch.tensor(tokens[first:])
-        inputs, targets = inputs.to(self.loaded.device), targets.to(self.loaded.device)
-        log_prob = torch.zeros(len(sequences), dtype=torch.float64, device=inputs.device)
-        greedy = torch.ones(len(sequences), dtype=torch.bool, device=inputs.device)
-        cache = None
-        pieces = zip(inputs.split(self.piece_len, 1), targets.split(self.piece_len, 1), strict=True)
-        for piece, wanted in pieces:
-            logits, cache = stream_step(self.loaded.model, piece, cache)
-            logits, scored = logits.float(), wanted >= 0
-            picked = logits.gather(-1, wanted.clamp(min=0)[..., None])[..., 0] - logits.logsumexp(-1)
-            log_prob += (picked.double() * scored).sum(1)
-            greedy &= ((logits.argmax(-1) == wanted) | ~scored).all(1)
+        losses, hits = token_scores(self.loaded.model, inputs, targets, self.piece_len, greedy=True)
+        log_prob = -losses.double().sum(1)  # (unscored positions: loss 0)
+        greedy = (hits | (targets < 0)).all(1)
         return list(zip(log_prob.tolist(), greedy.tolist(), strict=True))
 
     def _scored_in_batches(self, sequences: list[tuple[list[int], int]], disable_tqdm: bool

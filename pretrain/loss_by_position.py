@@ -157,13 +157,23 @@ def titans_model(model: Any) -> TitansLM:
 def token_losses(model: TitansLM, inputs: Tensor, targets: Tensor, piece_len: int) -> Tensor:
     """Next-token losses (B, T) of `inputs` fed in pieces of `piece_len` through the exact streaming cache:
     equal to one call over the whole input, with logits held for one piece at a time."""
+    return token_scores(model, inputs, targets, piece_len)[0]
+
+
+@torch.no_grad()
+def token_scores(model: TitansLM, inputs: Tensor, targets: Tensor, piece_len: int, greedy: bool = False
+                 ) -> tuple[Tensor, Tensor | None]:
+    """`token_losses` (a target of -100 is not scored: loss 0), and with `greedy` whether each target is
+    the argmax of its logits (B, T)."""
     device = model.embed.weight.device
-    cache, losses = None, []
+    cache, losses, hits = None, [], []
     for piece, target in zip(inputs.split(piece_len, 1), targets.split(piece_len, 1)):
         logits, cache = stream_step(model, piece.to(device), cache)
-        losses.append(F.cross_entropy(logits.float().transpose(1, 2), target.to(device), reduction="none")
-                      .cpu())
-    return torch.cat(losses, 1)
+        target = target.to(device)
+        losses.append(F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").cpu())
+        if greedy:
+            hits.append((logits.argmax(-1) == target).cpu())
+    return torch.cat(losses, 1), torch.cat(hits, 1) if greedy else None
 
 
 @torch.no_grad()

@@ -484,10 +484,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
         try:
             result.checkpoint = writer.finish() or result.checkpoint
         except CheckpointWriteFailed as err:
-            good = latest_checkpoint(out) or "none yet"
-            raise CheckpointWriteError(f"{err}; the last good checkpoint is {good}: free space or fix the "
-                                       "folder's permissions, then run the same command to resume from "
-                                       "it") from err
+            raise write_failure(out, err.step, err.problems) from err
 
     def save(wait: bool) -> None:
         finish_writing()  # the previous one first: one checkpoint in flight at a time
@@ -622,11 +619,17 @@ def write_on_every_rank(mesh: Mesh, out: Path, step: int, part: Callable[[], Any
         problem = f"rank {mesh.rank}: {err}"
     problems = mesh.problems(problem)
     if problems:
-        raise CheckpointWriteError(
-            f"writing the checkpoint of step {step} failed ({'; '.join(problems)}); the last good checkpoint "
-            f"is {latest_checkpoint(out) or 'none yet'}: free space or fix the folder's permissions, then "
-            "run the same command to resume from it")
+        raise write_failure(out, step, problems)
     return value
+
+
+def write_failure(out: Path, step: int, problems: list[str]) -> CheckpointWriteError:
+    """The error every rank raises when some rank could not write its part of the checkpoint of `step`,
+    written in the step or in the background."""
+    return CheckpointWriteError(
+        f"writing the checkpoint of step {step} failed ({'; '.join(problems)}); the last good checkpoint "
+        f"is {latest_checkpoint(out) or 'none yet'}: free space or fix the folder's permissions, then "
+        "run the same command to resume from it")
 
 
 def save_rank_part(engine: Engine, staging: Path) -> dict[str, Any]:
