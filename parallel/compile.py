@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from titans.blocks import Block, MACBlock, mac_segment_region
+from titans.blocks import MACBlock, halo_halves, mac_segment_region
 from titans.model import TitansConfig, TitansLM
 
 # Every block kind shares one `forward` (titans/blocks.py), and dynamo keeps its compiled graphs per code
@@ -53,8 +53,7 @@ def compile_blocks(model: TitansLM, backend: str | Any = "inductor", seq_len: in
         if isinstance(block, MACBlock) and not whole_mac:
             block.segment_region = segment_step
         elif relay:
-            block.after_halo = torch.compile(block.after_halo, **options)
-            if type(block).before_halo is not Block.before_halo:  # MAL: its memory layer (else identity)
-                block.before_halo = torch.compile(block.before_halo, **options)
+            for method in halo_halves(block):
+                setattr(block, method, torch.compile(getattr(block, method), **options))
         else:
             block.compile(**options)

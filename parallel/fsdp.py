@@ -30,10 +30,11 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from parallel.mesh import LayoutError, Mesh
+from titans.blocks import halo_halves
 
 # attributes that tensor parallelism sets on a parameter (megatron-core's, ours): FSDP2 replaces each
 # parameter by a sharded one, and gradient clipping and the checkpoint layout still need them
@@ -63,16 +64,20 @@ def dp_device_mesh(mesh: Mesh, shard: int) -> DeviceMesh:
 
 
 def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, reshard_root: bool = True,
-               shard: int = 0) -> FSDPModule:
+               shard: int = 0, relay: bool = False) -> FSDPModule:
     """Shard `model`'s parameters over the dp group (or over groups of `shard` dp ranks, replicated across
     them: `dp_device_mesh`): one FSDP unit per block, `root` (the module whose forward runs `model`, and
     the loss) the unit of everything else. `reshard_root=False` keeps the root's parameters gathered from
     its forward to its backward: a pipeline's last stage computes its loss with the head after the stage's
-    forward. Returns the root."""
+    forward. `relay`: the blocks run under sequence parallelism, whose relay calls each block's halves
+    around the attention halo instead of its forward: FSDP's gather before and its gradient reduce-scatter
+    after are hooked on those. Returns the root."""
     dp_mesh = dp_device_mesh(mesh, shard)
     before = dict(model.named_parameters())
     for block in model.blocks.values():
         fully_shard(block, mesh=dp_mesh)
+        for method in halo_halves(block) if relay else []:
+            register_fsdp_forward_method(block, method)
     fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_root)
     for name, param in model.named_parameters():
         for attribute in PARAMETER_ATTRIBUTES:

@@ -25,12 +25,12 @@ from parallel.mesh import Mesh
 def reduce_gradients(params: Iterable[Tensor], group, divisor: int = 1) -> None:
     """Sum the gradients over `group` (then divide), in one flat all-reduce per dtype. A parameter this
     rank did not use (e.g. the initial memory on a later sequence shard) takes part with zeros, so every
-    rank reduces the same buffers."""
+    rank reduces the same buffers. FSDP gradients: their slices (the ranks of `group` hold the same ones)."""
     params = [p for p in params if p.requires_grad]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    grads = [local(p.grad) for p in params]
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
         flat = _flatten_dense_tensors(same)

@@ -1,7 +1,8 @@
 """Sequence parallelism: one sequence split over sp ranks, the long-term memory's state relayed exactly.
 
-    runner = SequenceShards(model, mesh)
-    loss = runner.forward_backward(tokens_shard, targets_shard, weights_shard, loss_sum, denominator)
+    shard_loss = SequenceLoss(model, mesh, loss_sum)
+    loss = shard_loss(tokens_shard, targets_shard, weights_shard, denominator)   # this shard's share
+    loss.backward(); shard_loss.shards.finish_sends()   # then sum the gradients over sp
 
 Each sp rank holds a contiguous shard of every sequence (a multiple of the memory chunk and of MAC's
 segment). Layer by layer, rank r receives the memory state (weights M, momentum S and the conv
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from parallel.mesh import Mesh
@@ -166,34 +167,6 @@ class SequenceShards:
             grad_x = x_in.grad
         return grad_x
 
-    def forward(self, tokens: Tensor, grad: bool) -> tuple[Tensor, list]:
-        embedded = self.model.embed(tokens)
-        top, records = self.forward_blocks(embedded, grad)
-        return top, [embedded, records]
-
-    def backward(self, grad_out: Tensor, saved: list) -> None:
-        embedded, records = saved
-        embedded.backward(self.backward_blocks(grad_out, records))
-        self.finish_sends()
-
-    def forward_backward(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: HeadLossSum,
-                         denominator: Tensor | float) -> Tensor:
-        """This shard's share of the batch loss, Σ (w·) ce / `denominator`, with its gradients added to
-        the parameters (the shards' gradients still need summing over sp)."""
-        top, saved = self.forward(tokens, grad=True)
-        top_in = top.detach().requires_grad_()
-        loss = loss_sum(self.model.norm(top_in), self.model.head, targets, weights) / denominator
-        loss.backward()
-        self.backward(top_in.grad, saved)
-        return loss.detach()
-
-    @torch.no_grad()
-    def loss(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, loss_sum: HeadLossSum,
-             denominator: Tensor | float) -> Tensor:
-        top, _ = self.forward(tokens, grad=False)
-        self.finish_sends()
-        return loss_sum(self.model.norm(top), self.model.head, targets, weights) / denominator
-
 
 def shard_of(t: Tensor, mesh: Mesh) -> Tensor:
     """This sp rank's contiguous slice of the sequence dimension (dim 1)."""
@@ -219,7 +192,15 @@ class _RelayedBlocks(torch.autograd.Function):
         return None, grad_x
 
 
-class SequenceStage(torch.nn.Module):
+def relayed(shards: SequenceShards, x: Tensor) -> Tensor:
+    """The blocks over this rank's shard `x` with the relay: in training one autograd node whose backward
+    runs the relay's (a caller's `loss.backward()` reaches it), else a plain forward."""
+    if torch.is_grad_enabled():
+        return _RelayedBlocks.apply(shards, x)
+    return shards.forward_blocks(x, grad=False)[0]
+
+
+class SequenceStage(nn.Module):
     """A pipeline stage (see parallel/pipeline.StageModule) whose blocks run this rank's sequence shard
     with the relay to the same stage on the other sp ranks. Sends complete at `finish_sends` (the
     engine calls it once per step), since the schedule interleaves micro-batches' forwards and
@@ -233,8 +214,21 @@ class SequenceStage(torch.nn.Module):
         model = self.model
         if model.embed is not None:
             x = model.embed(x)
-        if torch.is_grad_enabled():
-            x = _RelayedBlocks.apply(self.shards, x)
-        else:
-            x = self.shards.forward_blocks(x, grad=False)[0]
+        x = relayed(self.shards, x)
         return model.norm(x) if model.norm is not None else x
+
+
+class SequenceLoss(nn.Module):
+    """The whole model (pp = 1) with its loss over this rank's sequence shard: this shard's share of the
+    batch loss, Σ (w·) ce / `denominator`, whose `backward()` adds this shard's part of every gradient (the
+    shards' parts still need summing over sp). One module whose forward runs everything, so that FSDP can
+    wrap it as the root that gathers the embedding, final norm and head."""
+
+    def __init__(self, model: TitansLM, mesh: Mesh, loss_sum: HeadLossSum) -> None:
+        super().__init__()
+        self.model, self.shards, self.loss_sum = model, SequenceShards(model, mesh), loss_sum
+
+    def forward(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, denominator: Tensor | float
+                ) -> Tensor:
+        top = relayed(self.shards, self.model.embed(tokens))
+        return self.loss_sum(self.model.norm(top), self.model.head, targets, weights) / denominator

@@ -166,7 +166,7 @@ class ParallelConfig:
     # + parameters (3) over the data-parallel ranks (parallel/zero.py); with tp or pp > 1, stage 1 only
     zero_stage: int = 0
     # shard parameters, gradients and AdamW state over the data-parallel ranks with torch's FSDP2 (what
-    # ZeRO-3 shards; parallel/fsdp.py): with tp and pp too, and with train.compile; not with sp yet
+    # ZeRO-3 shards; parallel/fsdp.py): with tp, pp and sp too, and with train.compile
     fsdp: bool = False
     # with fsdp: shard over groups of this many consecutive dp ranks (within a node) and replicate across
     # the groups, HSDP (0: shard over every dp rank); must divide dp
@@ -595,10 +595,6 @@ def validate_parallel(cfg: RunConfig) -> None:
     if p.fsdp_shard < 0 or (p.fsdp_shard and not p.fsdp):
         raise ConfigError(f"parallel.fsdp_shard={p.fsdp_shard} must be >= 0 and needs parallel.fsdp=true "
                           "(the number of dp ranks each sharded copy spans; 0: all of them)")
-    if p.fsdp and p.sp > 1:
-        raise ConfigError(f"parallel.fsdp=true with sp={p.sp}: FSDP runs with data, tensor and pipeline "
-                          "parallelism (not built with sequence parallelism yet); use parallel.zero_stage=1 "
-                          "there")
     if p.sp > 1:
         validate_sequence_parallel(cfg)
     if p.comm_timeout_s < 1:

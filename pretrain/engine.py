@@ -10,9 +10,11 @@ The engine is picked by the layout alone:
   ZeRO-1 with tp > 1 shards AdamW's state over the dp group (torch's ZeroRedundancyOptimizer).
 - `FsdpEngine` (pp = sp = 1, parallel.fsdp): the same, with parameters, gradients and AdamW's state
   sharded over the dp group by torch's FSDP2 (parallel/fsdp.py), tp or not; `FsdpPipelineEngine` the
-  pipeline's, each stage sharded so.
+  pipeline's, each stage sharded so; `FsdpSequenceEngine` sequence parallelism's.
 - `PipelineEngine` (pp > 1): this rank's stages under a pipeline schedule (parallel/pipeline.py); the
   gradients are averaged over the dp group once per step, ZeRO-1 as above.
+- `SequenceEngine` (sp > 1, pp = 1): this rank's shard of every sequence, the memory state relayed
+  between sp ranks (parallel/sequence.py); under pp > 1 the pipeline engines run relayed stages.
 - `DeepSpeedEngine` (tp = pp = 1, ZeRO 1–3): DeepSpeed's engine over all ranks (parallel/zero.py).
 
 Why ZeRO-1 with tp / pp is torch's and not DeepSpeed's: DeepSpeed's ZeRO optimizer reduces and
@@ -50,7 +52,7 @@ from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
 from parallel.pipeline import Pipeline, StageModule, sync_tied_gradients
-from parallel.sequence import SequenceShards, SequenceStage, shard_of
+from parallel.sequence import SequenceLoss, SequenceStage, shard_of
 from parallel.tensor import TensorShard, local_slice, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
@@ -80,6 +82,11 @@ def make_optimizer(models: list[nn.Module], cfg: RunConfig, mesh: Mesh) -> torch
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
 
 
+def head_loss_sum_of(model: TitansLM) -> partial:
+    """Σ (w·) cross-entropy of a head's logits, vocabulary-parallel when the head is split over tp."""
+    return partial(head_loss_sum, cross_entropy=vocab_parallel_loss(model) or token_cross_entropy)
+
+
 def loss_on(module: nn.Module, batch: Batch, autocast: torch.autocast) -> Tensor:
     """Mean (or weighted mean) next-token loss of a CausalLMLoss module (or a wrapper around one)."""
     tokens, weights = batch
@@ -101,9 +108,7 @@ class Engine:
                 for m in block.modules() if isinstance(m, NeuralMemory)]
 
     def head_loss_sum(self) -> partial:
-        """Σ (w·) cross-entropy of a head's logits, vocabulary-parallel when the head is split over tp."""
-        cross_entropy = vocab_parallel_loss(self.models[-1]) or token_cross_entropy
-        return partial(head_loss_sum, cross_entropy=cross_entropy)
+        return head_loss_sum_of(self.models[-1])
 
     def parameters(self) -> list[Tensor]:
         return [p for model in self.models for p in model.parameters()]
@@ -116,6 +121,10 @@ class Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def average_over_dp(self) -> None:
+        """Average the gradients over the data-parallel group, where no wrapper (DDP, FSDP) did."""
+        average_gradients(self.parameters(), self.mesh)
 
     def train(self, mode: bool = True) -> None:
         for model in self.models:
@@ -207,14 +216,21 @@ class FsdpStates:
     mesh: Mesh
     roots: list[nn.Module]
 
+    def average_over_dp(self) -> None:
+        """Nothing to do: FSDP's reduce-scatter averaged the gradients over dp."""
+
     def model_state(self) -> dict[str, Tensor]:
         for root in self.roots:  # a root kept whole after forward (under a pipeline) is sharded again
             root.reshard()
-        keep = self.mesh.dp_rank == 0
-        return {name: value for model in self.models for name, value in full_model_state(model, keep).items()}
+        return {name: value for model in self.models
+                for name, value in full_model_state(model, self.writes()).items()}
 
     def optimizer_state(self) -> dict[str, Any]:
-        return full_optimizer_state(self.optimizer, keep=self.mesh.dp_rank == 0)
+        return full_optimizer_state(self.optimizer, keep=self.writes())
+
+    def writes(self) -> bool:
+        """Whether this rank writes the gathered state (dp and sp rank 0: the others hold the same)."""
+        return self.mesh.dp_rank == 0 and self.mesh.sp_rank == 0
 
     def tensor_shard_states(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return self.model_state(), self.optimizer_state()
@@ -268,10 +284,11 @@ class PipelineEngine(Engine):
         super().__init__(models, optimizer, mesh, cfg, autocast)
         p = cfg.parallel
         microbatches = p.pp_microbatches or 2 * p.pp
-        self.sequence = [SequenceStage(m, mesh) for m in models] if p.sp > 1 else []
+        modules = modules or stage_modules(models, mesh)
+        self.sequence = [m for m in modules if isinstance(m, SequenceStage)]
         micro_shape = (cfg.data.batch_size // microbatches, cfg.data.seq_len // p.sp) if p.sp > 1 else None
         self.pipe = Pipeline(models, stage_indices, n_stages(p), mesh, p.pp_schedule, microbatches,
-                             self.head_loss_sum(), modules=self.sequence or modules, micro_shape=micro_shape)
+                             self.head_loss_sum(), modules=modules, micro_shape=micro_shape)
 
     def _run(self, batch: Batch, scale: float, train: bool) -> Tensor | None:
         tokens, weights = batch
@@ -307,7 +324,7 @@ class PipelineEngine(Engine):
         if self.sequence:
             self.finish_sends()
             reduce_gradients(self.parameters(), self.mesh.sp_group)  # each shard holds its part
-        average_gradients(self.parameters(), self.mesh)  # once per step, after every micro-batch
+        self.average_over_dp()  # once per step, after every micro-batch
         sync_tied_gradients(self.models, self.mesh)
         return super().step(grad_clip, apply)
 
@@ -320,41 +337,57 @@ class FsdpPipelineEngine(FsdpStates, PipelineEngine):
         super().__init__(models, optimizer, mesh, cfg, autocast, stage_indices, modules=roots)
         self.roots = roots
 
-    def step(self, grad_clip: float, apply: bool) -> float:
-        sync_tied_gradients(self.models, self.mesh)
-        return Engine.step(self, grad_clip, apply)
-
 
 class SequenceEngine(Engine):
     """sp > 1 (pp = 1): each rank runs its shard of every sequence, the memory state relayed between sp
     ranks (parallel/sequence.py); gradients summed over sp, then averaged over dp."""
 
-    def __init__(self, models, optimizer, mesh, cfg, autocast) -> None:
+    def __init__(self, models, optimizer, mesh, cfg, autocast, root: SequenceLoss | None = None) -> None:
+        """`root`: the model with its loss over a shard, where built before (FSDP wraps it)."""
         super().__init__(models, optimizer, mesh, cfg, autocast)
-        self.shards = SequenceShards(models[0], mesh)
+        self.root = root or SequenceLoss(models[0], mesh, self.head_loss_sum())
+        self.shards = self.root.shards
 
     def _run(self, batch: Batch, scale: float, train: bool) -> Tensor:
         tokens, weights = batch
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         args = (shard_of(inputs, self.mesh), shard_of(targets, self.mesh),
-                None if weights is None else shard_of(weights, self.mesh), self.head_loss_sum(),
+                None if weights is None else shard_of(weights, self.mesh),
                 loss_denominator(targets, weights) / scale)
         with self.autocast:
-            loss = self.shards.forward_backward(*args) if train else self.shards.loss(*args)
-        loss = loss.float().clone()
+            loss = self.root(*args)
+        if train:
+            loss.backward()
+        self.shards.finish_sends()
+        loss = loss.detach().float().clone()
         torch.distributed.all_reduce(loss, group=self.mesh.sp_group)  # the shards' shares → the batch's
         return loss / scale
 
     def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
         return self._run(batch, scale, train=True)
 
+    @torch.no_grad()
     def eval_loss(self, batch: Batch) -> Tensor | None:
         return self._run(batch, 1.0, train=False)
 
     def step(self, grad_clip: float, apply: bool) -> float:
         reduce_gradients(self.parameters(), self.mesh.sp_group)  # each shard holds its part
-        average_gradients(self.parameters(), self.mesh)
+        self.average_over_dp()
         return super().step(grad_clip, apply)
+
+
+class FsdpSequenceEngine(FsdpStates, SequenceEngine):
+    """sp > 1 (pp = 1) with parallel.fsdp: the model with its loss over a shard as the FSDP root, each
+    block's halves around the halo hooked for FSDP's gathers (parallel/fsdp.py); FSDP averages the
+    gradients' slices over dp, the sp ranks (which hold the same slices) sum them."""
+
+    def __init__(self, models, optimizer, mesh, cfg, autocast, roots: list[nn.Module]) -> None:
+        super().__init__(models, optimizer, mesh, cfg, autocast, root=roots[0])
+        self.roots = roots
+
+    def forward_backward(self, batch: Batch, scale: float, last: bool) -> Tensor | None:
+        self.root.set_requires_gradient_sync(last)  # accumulate unsharded, reduce-scatter once a step
+        return super().forward_backward(batch, scale, last)
 
 
 class DeepSpeedEngine(Engine):
@@ -389,6 +422,11 @@ class DeepSpeedEngine(Engine):
 
     def load(self, directory: Path, state: dict[str, Any]) -> None:
         self.zero.load(directory / ZERO_CHECKPOINT_DIR)
+
+
+def stage_modules(models: list[TitansLM], mesh: Mesh) -> list[nn.Module]:
+    """What the pipeline schedule runs for each of this rank's stages: with sp > 1 the relayed stage."""
+    return [SequenceStage(m, mesh) if mesh.layout.sp > 1 else StageModule(m) for m in models]
 
 
 @torch.no_grad()
@@ -426,18 +464,22 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
     if p.fsdp and mesh.layout.dp == 1:
         mesh.print("note: parallel.fsdp=true with one data-parallel rank: nothing to shard, so nothing is")
     if p.fsdp and mesh.layout.dp > 1:  # before the optimizer: it must hold the sharded parameters
+        relay = p.sp > 1
         if p.pp > 1:  # the last stage's loss reads the head after the stage's forward: kept gathered
-            roots = [apply_fsdp(StageModule(m), m, mesh, reshard_root=False, shard=p.fsdp_shard)
-                     for m in models]
+            roots = [apply_fsdp(module, m, mesh, reshard_root=False, shard=p.fsdp_shard, relay=relay)
+                     for module, m in zip(stage_modules(models, mesh), models, strict=True)]
         else:
-            loss_module = CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy)
-            roots = [apply_fsdp(loss_module, models[0], mesh, shard=p.fsdp_shard)]
+            loss_module = (SequenceLoss(models[0], mesh, head_loss_sum_of(models[0])) if relay else
+                           CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy))
+            roots = [apply_fsdp(loss_module, models[0], mesh, shard=p.fsdp_shard, relay=relay)]
     optimizer = make_optimizer(models, cfg, mesh)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if p.pp > 1 and roots:
         return FsdpPipelineEngine(models, optimizer, mesh, cfg, autocast, stage_indices, roots)
     if p.pp > 1:
         return PipelineEngine(models, optimizer, mesh, cfg, autocast, stage_indices)
+    if p.sp > 1 and roots:
+        return FsdpSequenceEngine(models, optimizer, mesh, cfg, autocast, roots)
     if p.sp > 1:
         return SequenceEngine(models, optimizer, mesh, cfg, autocast)
     if roots:

@@ -153,7 +153,6 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
 
 @pytest.mark.parametrize("override, message", [
     (["parallel.zero_stage=3"], "parallel.fsdp=true and parallel.zero_stage=3 both shard"),
-    (["parallel.sp=2"], "FSDP runs with data, tensor and pipeline parallelism"),
     (["parallel.fsdp=false", "parallel.fsdp_shard=2"], "parallel.fsdp_shard=2 must be >= 0 and needs"),
 ])
 def test_layouts_fsdp_cannot_run_are_refused(override, message):

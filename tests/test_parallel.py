@@ -410,33 +410,46 @@ SP_LAYOUTS = {  # name → (world size, overrides)
     "sp2_ckpt": (2, ["parallel.sp=2", "train.activation_checkpointing=true"]),  # each block's two halves
     "sp2_compiled": (2, ["parallel.sp=2", *COMPILED]),
     "sp2_tp2_compiled": (4, ["parallel.sp=2", "parallel.tp=2", *COMPILED]),
+    # FSDP over the dp ranks of each sequence shard (each block's halves hooked for its gathers)
+    "sp2_dp2_fsdp": (4, ["parallel.sp=2", "parallel.fsdp=true"]),
+    "sp2_dp2_fsdp_compiled": (4, ["parallel.sp=2", "parallel.fsdp=true", *COMPILED]),
+    "sp2_pp2_dp2_fsdp": (8, ["parallel.sp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
+                             "parallel.fsdp=true"]),
+    "sp2_tp2_dp2_fsdp": (8, ["parallel.sp=2", "parallel.tp=2", "parallel.fsdp=true"]),
 }
 SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp2"), ("lmm", 2, "sp4"),
          ("mac", 2, "sp4"), ("mac", 2, "sp2_tp2"), ("lmm", 2, "sp2_dp2_zero1"), ("mag", 2, "sp2"),
          ("mag", 2, "sp4"), ("swa", 2, "sp4"), ("mal", 2, "sp4"), ("mag", 2, "sp2_pp2"),
          ("mal", 2, "sp2_compiled"),  # compiled: MAL's memory before the halo, the halo, and the relay
-         ("mac", 2, "sp2_ckpt"), ("mag", 2, "sp2_ckpt")]
+         ("mac", 2, "sp2_ckpt"), ("mag", 2, "sp2_ckpt"),
+         ("mac", 2, "sp2_dp2_fsdp"), ("mal", 2, "sp2_dp2_fsdp"), ("mag", 2, "sp2_dp2_fsdp_compiled")]
 SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa") for d in (1, 2)
              for layout in SP_LAYOUTS if v != "swa" or d == 2] if SLOW else SP_CI)
 
 
-def sp_job(name: str, out: Path, variant: str, depth: int, layout: str) -> dict:
+def sp_job(name: str, out: Path, variant: str, depth: int, layout: str, *extra: str, steps: int = STEPS
+           ) -> dict:
     world, layout_overrides = SP_LAYOUTS[layout]
     sizes = dict(o.removeprefix("parallel.").split("=") for o in layout_overrides
                  if o[9:12] in ("sp=", "tp=", "pp="))
     dp = world // int(sizes.get("sp", 1)) // int(sizes.get("tp", 1)) // int(sizes.get("pp", 1))
-    ov = (base_overrides(out, GLOBAL_BATCH // dp, STEPS) + model_overrides(variant)
-          + [f"model.memory_depth={depth}", f"data.seq_len={SP_SEQ_LEN}", *layout_overrides])
+    ov = (base_overrides(out, GLOBAL_BATCH // dp, steps) + model_overrides(variant)
+          + [f"model.memory_depth={depth}", f"data.seq_len={SP_SEQ_LEN}", *layout_overrides, *extra])
     return {"name": name, "overrides": ov}
 
 
 @pytest.fixture(scope="module")
 def sp_runs(tmp_path_factory):
     results = {}
-    for world in sorted({SP_LAYOUTS[layout][0] for _, _, layout in SP_CASES}):
+    for world in sorted({SP_LAYOUTS[layout][0] for _, _, layout in SP_CASES} | {4}):
         tmp = tmp_path_factory.mktemp(f"sp_world{world}")
         jobs = [sp_job(f"{v}{d}_{layout}", tmp / f"{v}{d}_{layout}", v, d, layout)
                 for v, d, layout in SP_CASES if SP_LAYOUTS[layout][0] == world]
+        if world == 4:  # 3 + 3 steps with a resume under sp × FSDP (MAL: memory and attention both relayed)
+            for part in ("resume_first", "resume_second", "whole"):
+                stop = ["train.stop_after_steps=3"] if part == "resume_first" else []
+                folder = tmp / ("sp_fsdp_" + ("whole" if part == "whole" else "resume"))
+                jobs.append(sp_job("sp_fsdp_" + part, folder, "mal", 2, "sp2_dp2_fsdp", *stop, steps=6))
         results.update(launch(WORKER, jobs, tmp, world, LAUNCH_TIMEOUT_S))
     return results
 
@@ -469,6 +482,15 @@ def test_sequence_parallel_matches_one_process(sp_runs, sp_references, variant, 
         # the rounding of near-zero gradients into ±lr steps: up to 1.2e-3 after 3 steps (MAL sp=4, after
         # the memory's coefficient sums were reordered; 2.4e-4 for MAG before); a wrong gradient shows as
         # 1e-2 or more (the blocks' gradients lost under sp × pp: 2e-1)
+
+
+def test_resume_under_sp_and_fsdp_continues_bitwise(sp_runs):
+    """Each rank reloads its dp slice of the gathered checkpoint; the relay starts again from it."""
+    assert sp_runs["sp_fsdp_resume_first"]["last_step"] == 3
+    assert sp_runs["sp_fsdp_resume_second"]["losses"] == sp_runs["sp_fsdp_whole"]["losses"]
+    first = initial_weights(sp_runs["sp_fsdp_resume_second"]["checkpoint"])
+    second = initial_weights(sp_runs["sp_fsdp_whole"]["checkpoint"])
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("override, message", [

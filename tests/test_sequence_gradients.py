@@ -39,14 +39,18 @@ def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, 
     import torch.distributed as dist
 
     from parallel.mesh import init_mesh
-    from parallel.sequence import SequenceShards, shard_of
+    from parallel.sequence import SequenceLoss, shard_of
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     mesh = init_mesh(sp=world, timeout_s=DEADLINE_S)
     m = model(kind, horizon)
     inputs, targets = shard_of(tokens[:, :-1], mesh), shard_of(tokens[:, 1:], mesh)
-    loss = SequenceShards(m, mesh).forward_backward(inputs, targets, None, LOSS, tokens[:, 1:].numel())
+    shard_loss = SequenceLoss(m, mesh, LOSS)
+    loss = shard_loss(inputs, targets, None, tokens[:, 1:].numel())
+    loss.backward()
+    shard_loss.shards.finish_sends()
+    loss = loss.detach()
     dist.all_reduce(loss)
     grads = {}
     for name, p in m.named_parameters():

@@ -119,6 +119,14 @@ class Block(nn.Module):
         return h + self.ffn(self.ffn_norm(h)), state
 
 
+def halo_halves(block: Block) -> list[str]:
+    """The methods sequence parallelism's relay (parallel/sequence.py) calls in place of a block's forward:
+    `after_halo`, and `before_halo` where the block overrides it (MAL's memory layer; elsewhere it is the
+    identity and uses no parameter)."""
+    return ["after_halo"] + (["before_halo"] if type(block).before_halo is not Block.before_halo else [])
+
+
+
 class AttentionBlock(Block):
     """SWA baseline (window w, persistent tokens) or, with window=None, plain full causal attention."""
 
