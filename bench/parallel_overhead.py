@@ -44,6 +44,8 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp=2 × dp=2, FSDP": (4, ["parallel.pp=2", "parallel.fsdp=true"]),
     "dp=4, FSDP": (4, ["parallel.fsdp=true"]),
     "dp=4, HSDP 2 × 2": (4, ["parallel.fsdp=true", "parallel.fsdp_shard=2"]),
+    "sp=2 × dp=2, ZeRO-1": (4, ["parallel.sp=2", "parallel.zero_stage=1"]),
+    "sp=2 × dp=2, FSDP": (4, ["parallel.sp=2", "parallel.fsdp=true"]),
     # blocks compiled (inductor): the first step compiles, and the median is of the last steps
     "1 process, compiled": (1, ["train.compile=true"]),
     "tp=2, compiled": (2, ["parallel.tp=2", "train.compile=true"]),

@@ -2,7 +2,7 @@
 against the 1-process run on the same global batch: losses and weights, accumulation, activation
 checkpointing, compiled blocks, bf16 autocast; exact resume; a checkpoint that is the dense run's, so a run
 may switch FSDP on or off when it resumes. One launch for every job, with a deadline (tests/launcher.py).
-Tensor and pipeline parallelism under FSDP are in tests/test_parallel.py's layouts.
+Tensor, pipeline and sequence parallelism under FSDP are in tests/test_parallel.py's layouts.
 """
 
 from __future__ import annotations
