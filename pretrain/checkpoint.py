@@ -242,11 +242,15 @@ def newest_good_checkpoint(out_dir: str | Path) -> tuple[Path | None, list[str]]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state.pt, memory-mapped: the tensors are read from the file as they are copied
+    into the model (or sliced, under FSDP), so the processes of a node share one copy in the page cache
+    instead of each holding the whole state (a loader that keeps a tensor must copy it:
+    `pretrain.engine.copy_mapped_optimizer_state`)."""
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {file} does not exist")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # a truncated or foreign file
         raise RuntimeError(f"checkpoint {file} cannot be read: {err}") from err

@@ -117,14 +117,16 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
         if not path.is_file():
             raise FileNotFoundError(f"rank {mesh.rank}: checkpoint shard {path} is missing (the checkpoint "
                                     f"was written with parallel.zero_stage={record['zero_stage']})")
-    state = torch.load(folder / model_file, map_location=mesh.device, weights_only=True)
+    # memory-mapped, as state.pt (pretrain/checkpoint.load_checkpoint): each tensor is read as it is copied
+    # into the model or sliced for FSDP, never the whole shard onto the device at once
+    state = torch.load(folder / model_file, map_location="cpu", weights_only=True, mmap=True)
     for model in models:
         own = model.state_dict()
         set_model(model, {k: state[k] for k in own})
     if fresh:
         mesh.print(f"{directory}: converted weights without optimizer state: AdamW moments start at zero")
         return
-    optim_state = torch.load(folder / optim_file, map_location=mesh.device, weights_only=False)
+    optim_state = torch.load(folder / optim_file, map_location="cpu", weights_only=False, mmap=True)
     (set_optimizer or (optimizer.optim if zero else optimizer).load_state_dict)(optim_state)
 
 

@@ -64,6 +64,17 @@ from titans.memory import NeuralMemory
 from titans.model import TitansLM
 
 
+def copy_mapped_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Checkpoints load memory-mapped; on the CPU an optimizer's `load_state_dict` keeps the loaded tensors
+    as its state (`.to(cpu)` is no copy), which would keep the checkpoint file mapped, and its disk space
+    taken after retention deletes it, for the whole run. Its CPU state tensors are replaced by copies."""
+    for opt in (optimizer, getattr(optimizer, "optim", None)):  # ZeroRedundancyOptimizer: the local AdamW
+        for entry in getattr(opt, "state", {}).values():
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.device.type == "cpu":
+                    entry[key] = value.clone()
+
+
 def make_optimizer(models: list[nn.Module], cfg: RunConfig, mesh: Mesh) -> torch.optim.Optimizer:
     """AdamW; matrices decay, vectors (norm gains, biases) and the learned initial memory do not. With
     ZeRO-1 under tp / pp, its state is sharded over the data-parallel group."""
@@ -170,6 +181,10 @@ class Engine:
         return ()
 
     def load(self, directory: Path, state: dict[str, Any]) -> None:
+        self._load(directory, state)
+        copy_mapped_optimizer_state(self.optimizer)
+
+    def _load(self, directory: Path, state: dict[str, Any]) -> None:
         if "shards" in state:
             load_shards(directory, state["shards"], self.models, self.optimizer, self.mesh,
                         self.set_model_state, self.set_optimizer_state)

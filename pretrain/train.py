@@ -427,6 +427,7 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
         if state.get("scheduler") and any(f"train.{name}" in changes for name in SCHEDULE_FIELDS):
             mesh.print(f"note: the learning rate follows the new schedule from here: {lr_at(step, t):.3e} "
                        f"at step {step}, where the checkpoint's run had {scheduler.get_last_lr()[0]:.3e}")
+        del state  # the loaded checkpoint (memory-mapped) is not kept past the start
 
     if mesh.is_main:  # once the run starts: a start that fails leaves the folder as it was
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))

@@ -123,6 +123,33 @@ def test_resume_from_a_chosen_checkpoint(dataset, finished, tmp_path):
     assert resumed.losses == whole.losses  # steps 1-10 from the checkpoint, 11-20 recomputed bitwise
 
 
+def mapped(file: Path) -> bool:
+    """Whether this process maps `file` (a tensor loaded with torch.load(mmap=True) still alive)."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return any(line.endswith(str(file.resolve())) for line in maps)
+
+
+def test_a_resumed_run_reads_its_checkpoint_mapped_and_keeps_none_of_it(dataset, finished, tmp_path,
+                                                                       monkeypatch):
+    """The ranks of a node share one copy of the checkpoint in the page cache while they load it; once
+    training runs, no tensor maps the file (the optimizer's CPU state would, and a mapping keeps a deleted
+    checkpoint's disk space taken for the whole run)."""
+    _, source = finished
+    ckpt = source / "checkpoints" / "step_00000010"
+    state = load_checkpoint(ckpt)
+    assert mapped(ckpt / STATE_FILE)
+    del state
+    assert not mapped(ckpt / STATE_FILE)
+    import pretrain.engine as engine_module
+
+    seen = []
+    step = engine_module.Engine.step
+    monkeypatch.setattr(engine_module.Engine, "step",
+                        lambda self, *a, **k: seen.append(mapped(ckpt / STATE_FILE)) or step(self, *a, **k))
+    train(small_config(dataset, tmp_path / "new", f"train.resume_from={ckpt}", "train.stop_after_steps=12"))
+    assert seen and not any(seen)
+
+
 def test_a_fork_by_resume_from_continues_from_its_own_checkpoints_when_run_again(dataset, finished,
                                                                                   tmp_path, capsys):
     """A requeued job runs the same command: starting at resume_from again would drop its progress."""
