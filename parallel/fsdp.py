@@ -24,6 +24,7 @@ as without FSDP (the memory's state and update stay float32).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,8 +98,8 @@ def shard_group(tensor: DTensor) -> Any:
     return tensor.device_mesh.get_group(dims[0])
 
 
-def local(tensor: Tensor) -> Tensor:
-    """This rank's slice of an FSDP-sharded tensor; any other tensor as it is."""
+def local(tensor: Any) -> Any:
+    """This rank's slice of an FSDP-sharded tensor; anything else as it is."""
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
@@ -131,6 +132,29 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict[s
                       for index, entry in state["state"].items()}}
 
 
+def local_model_state(model: nn.Module) -> dict[str, Any]:
+    """This rank's slices of the model's state dict (no communication)."""
+    return {name: local(value) for name, value in model.state_dict().items()}
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's slices of the optimizer's state dict (no communication)."""
+    state = optimizer.state_dict()
+    return {"param_groups": state["param_groups"],
+            "state": {index: {key: local(value) for key, value in entry.items()}
+                      for index, entry in state["state"].items()}}
+
+
+def placed_like(part: Tensor, like: Tensor) -> Tensor:
+    """This rank's slice (saved by `local_model_state` / `local_optimizer_state`) placed as `like` is."""
+    if not torch.is_tensor(part):
+        return part
+    part = part.to(like.device, like.dtype)
+    if not is_sharded(like):
+        return part
+    return DTensor.from_local(part, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+
+
 def shard_like(full: Tensor, like: Tensor) -> Tensor:
     """This rank's shard of a whole tensor, placed as `like` is (no communication: every rank holds it);
     anything else (megatron-core layers' `_extra_state`) as it is."""
@@ -143,19 +167,22 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Set a sharded model from a whole state dict (every rank holds it)."""
+def load_full_model_state(model: nn.Module, state: dict[str, Tensor], place: Callable = shard_like) -> None:
+    """Set a sharded model from a whole state dict (every rank holds it); `place=placed_like`: from this
+    rank's slices instead."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
         raise KeyError(f"the checkpoint has no {', '.join(missing[:3])}: the model configs differ")
-    model.load_state_dict({name: shard_like(state[name], value) for name, value in own.items()})
+    model.load_state_dict({name: place(state[name], value) for name, value in own.items()})
 
 
-def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Set a sharded model's optimizer from the state dict of the same optimizer over whole parameters."""
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                              place: Callable = shard_like) -> None:
+    """Set a sharded model's optimizer from the state dict of the same optimizer over whole parameters;
+    `place=placed_like`: from this rank's slices of it instead."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    sharded = {index: {key: shard_like(value, params[index]) if torch.is_tensor(value) and value.dim()
+    sharded = {index: {key: place(value, params[index]) if torch.is_tensor(value) and value.dim()
                        else value for key, value in entry.items()}  # (AdamW's step count stays whole)
                for index, entry in state["state"].items()}
     optimizer.load_state_dict({"param_groups": state["param_groups"], "state": sharded})

@@ -5,6 +5,10 @@ sha256 of every file):
     shards/model-tp{t}-pp{p}.pt        parameters of tp rank t, pipeline rank p (written by dp and sp rank 0)
     shards/optim-tp{t}-pp{p}.pt        AdamW state for those parameters (dp rank 0), or with ZeRO-1
     shards/optim-tp{t}-pp{p}-dp{d}.pt  each dp rank's partition of it
+    shards/fsdp-tp{t}-pp{p}-dp{d}.pt   with parallel.fsdp_checkpoint=sharded instead of both: the model and
+                                       AdamW state slices FSDP rank d of its shard group holds (sp rank 0,
+                                       the first HSDP replica); joined along dim 0 in order of d, the
+                                       tensors of the two files above
 
 The layout record (in state.pt and manifest.json) says, per parameter, its full shape, the dimension
 split over tp (and how many interleaved blocks that dimension holds, e.g. 3 for [θ ‖ η ‖ α]), and the
@@ -80,14 +84,36 @@ def shard_parts(directory: Path, models: list[nn.Module], optimizer: torch.optim
     if writes and (zero or mesh.dp_rank == 0):
         files[folder / optim_file] = optimizer_state or (optimizer.optim.state_dict() if zero
                                                          else optimizer.state_dict())
+    return files, layout_record(models, mesh, cfg, writes and mesh.dp_rank == 0)
+
+
+def layout_record(models: list[nn.Module], mesh: Mesh, cfg, describes: bool) -> dict[str, Any]:
+    """Collective: the layout record, with the parameters of the ranks that `describes` (one per tp shard
+    and stage)."""
     parameters: dict[str, Any] = {}
-    for part in mesh.gather_objects(parameter_layout(models) if writes and mesh.dp_rank == 0 else {}):
+    for part in mesh.gather_objects(parameter_layout(models) if describes else {}):
         parameters.update(part)
-    record = {"layout": asdict(mesh.layout), "zero_stage": cfg.parallel.zero_stage,
-              "pp_stages": n_stages(cfg.parallel),
-              "vocab_size": cfg.model.vocab_size, "tie_embeddings": cfg.model.tie_embeddings,
-              "parameters": parameters}
-    return files, record
+    return {"layout": asdict(mesh.layout), "zero_stage": cfg.parallel.zero_stage,
+            "pp_stages": n_stages(cfg.parallel),
+            "vocab_size": cfg.model.vocab_size, "tie_embeddings": cfg.model.tie_embeddings,
+            "parameters": parameters}
+
+
+def slice_file(tp: int, pp: int, index: int) -> str:
+    return f"fsdp-tp{tp}-pp{pp}-dp{index}.pt"
+
+
+def sliced_parts(directory: Path, models: list[nn.Module], mesh: Mesh, cfg, slices: int, index: int | None,
+                 model_state: dict[str, Any], optimizer_state: dict[str, Any]
+                 ) -> tuple[dict[Path, Any], dict[str, Any]]:
+    """Collective: parallel.fsdp_checkpoint=sharded. This rank's slice file (`model_state` /
+    `optimizer_state`: its FSDP slices; `index`: its place among the `slices` ranks that hold different
+    slices, None where another rank writes the same) and the layout record, which names the count."""
+    writes = mesh.sp_rank == 0 and index is not None
+    files = {directory / SHARDS_DIR / slice_file(mesh.tp_rank, mesh.pp_rank, index): {
+        "model": model_state, "optimizer": optimizer_state}} if writes else {}
+    record = layout_record(models, mesh, cfg, writes and index == 0)
+    return files, record | {"fsdp_slices": slices}
 
 
 def write_files(files: dict[Path, Any]) -> None:
@@ -109,6 +135,12 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
         raise ConfigError(f"checkpoint {directory} was written with the layout {written}, this run has "
                           f"{mesh.layout}: resume with the same parallel.* and number of processes, or "
                           "reshard it with python -m pretrain.convert --to checkpoint")
+    if "fsdp_slices" in record:
+        model_state, optim_state = read_slices(directory / SHARDS_DIR, record, mesh.tp_rank, mesh.pp_rank)
+        for model in models:
+            set_model(model, {k: model_state[k] for k in model.state_dict()})
+        (set_optimizer or optimizer.load_state_dict)(optim_state)
+        return
     zero = _is_zero(optimizer)
     model_file, optim_file = shard_files(mesh, zero)
     folder = directory / SHARDS_DIR
@@ -130,6 +162,34 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
     (set_optimizer or (optimizer.optim if zero else optimizer).load_state_dict)(optim_state)
 
 
+def read_slices(folder: Path, record: dict[str, Any], tp: int, pp: int
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and optimizer state of tp shard `tp`, stage `pp` from its FSDP slice files, joined: what a
+    gathered checkpoint holds in model-tp{tp}-pp{pp}.pt and optim-tp{tp}-pp{pp}.pt. Memory-mapped, so a
+    tensor is read as it is joined."""
+    parts = []
+    for index in range(record["fsdp_slices"]):
+        path = folder / slice_file(tp, pp, index)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint slice {path} is missing (written by FSDP over "
+                                    f"{record['fsdp_slices']} ranks)")
+        parts.append(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+    model = {name: join_slices([part["model"][name] for part in parts]) for name in parts[0]["model"]}
+    optimizer = parts[0]["optimizer"]
+    state = {index: {key: join_slices([part["optimizer"]["state"][index][key] for part in parts])
+                     for key in entry} for index, entry in optimizer["state"].items()}
+    return model, {"param_groups": optimizer["param_groups"], "state": state}
+
+
+def join_slices(values: list[Any]) -> Any:
+    """FSDP's dim-0 slices of one tensor, in rank order → the tensor; a value every rank holds whole (AdamW's
+    step count, megatron-core's extra state) → that value."""
+    first = values[0]
+    if not torch.is_tensor(first) or first.dim() == 0:
+        return first
+    return torch.cat(values, 0)
+
+
 def merge_tp(pieces: list[torch.Tensor], dim: int, parts: int) -> torch.Tensor:
     """Undo `parallel.tensor.shard_tensor`: the tp ranks' slices → the full tensor."""
     blocks = [torch.cat([p.chunk(parts, dim)[i] for p in pieces], dim) for i in range(parts)]
@@ -144,8 +204,9 @@ def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     record = load_checkpoint(directory)["shards"]
     tp, pp = record["layout"]["tp"], record["layout"]["pp"]
-    shards = {(t, p): torch.load(directory / SHARDS_DIR / f"model-tp{t}-pp{p}.pt", map_location="cpu",
-                                 weights_only=True)
+    folder = directory / SHARDS_DIR
+    shards = {(t, p): read_slices(folder, record, t, p)[0] if "fsdp_slices" in record else
+              torch.load(folder / f"model-tp{t}-pp{p}.pt", map_location="cpu", weights_only=True, mmap=True)
               for t in range(tp) for p in range(pp)}
     out = {}
     for name, info in record["parameters"].items():

@@ -171,6 +171,10 @@ class ParallelConfig:
     # with fsdp: shard over groups of this many consecutive dp ranks (within a node) and replicate across
     # the groups, HSDP (0: shard over every dp rank); must divide dp
     fsdp_shard: int = 0
+    # with fsdp, how checkpoints are written: "gathered" (rank 0 of each tp shard / stage writes the whole
+    # state, the files of the same run without FSDP) or "sharded" (every rank writes its own slice, in
+    # parallel, none holds more than its slice; tools join the slices when they read them)
+    fsdp_checkpoint: str = "gathered"
     pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
     pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
     pp_stages_per_rank: int = 2  # with pp_schedule: interleaved (virtual stages)
@@ -595,6 +599,8 @@ def validate_parallel(cfg: RunConfig) -> None:
     if p.fsdp_shard < 0 or (p.fsdp_shard and not p.fsdp):
         raise ConfigError(f"parallel.fsdp_shard={p.fsdp_shard} must be >= 0 and needs parallel.fsdp=true "
                           "(the number of dp ranks each sharded copy spans; 0: all of them)")
+    if p.fsdp_checkpoint not in ("gathered", "sharded"):
+        raise ConfigError(f"parallel.fsdp_checkpoint={p.fsdp_checkpoint!r}: use gathered or sharded")
     if p.sp > 1:
         validate_sequence_parallel(cfg)
     if p.comm_timeout_s < 1:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ from parallel.fsdp import (
     full_optimizer_state,
     load_full_model_state,
     load_full_optimizer_state,
+    local_model_state,
+    local_optimizer_state,
+    placed_like,
 )
 from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
@@ -57,7 +61,14 @@ from parallel.tensor import TensorShard, local_slice, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
 from pretrain.batch import Batch
-from pretrain.checkpoint_shards import load_shards, shard_parts, write_files
+from pretrain.checkpoint_shards import (
+    SHARDS_DIR,
+    load_shards,
+    shard_parts,
+    slice_file,
+    sliced_parts,
+    write_files,
+)
 from pretrain.config import ConfigError, RunConfig
 from pretrain.loss import CausalLMLoss, head_loss_sum, loss_denominator, token_cross_entropy
 from titans.memory import NeuralMemory
@@ -233,6 +244,40 @@ class FsdpStates:
 
     def average_over_dp(self) -> None:
         """Nothing to do: FSDP's reduce-scatter averaged the gradients over dp."""
+
+    def slices(self) -> tuple[int, int]:
+        """(how many ranks hold different slices of each tensor, this rank's place among them): the dp
+        group, or an HSDP shard group of consecutive dp ranks."""
+        count = self.cfg.parallel.fsdp_shard or self.mesh.layout.dp
+        return count, self.mesh.dp_rank % count
+
+    def checkpoint_parts(self, directory: Path) -> tuple[dict[Path, Any], dict[str, Any]]:
+        """parallel.fsdp_checkpoint=sharded: every rank's slices, in its own file (the first HSDP replica's
+        ranks write them), nothing gathered; else gathered (`Engine.checkpoint_parts`)."""
+        if self.cfg.parallel.fsdp_checkpoint != "sharded":
+            return super().checkpoint_parts(directory)
+        for root in self.roots:  # a root kept whole after forward (under a pipeline) is sharded again
+            root.reshard()
+        count, index = self.slices()
+        model_state = {k: v for model in self.models for k, v in local_model_state(model).items()}
+        files, record = sliced_parts(directory, self.models, self.mesh, self.cfg, count,
+                                     index if self.mesh.dp_rank < count else None, model_state,
+                                     local_optimizer_state(self.optimizer))
+        return files, {"shards": record}
+
+    def _load(self, directory: Path, state: dict[str, Any]) -> None:
+        """A sliced checkpoint of this layout: each rank reads its own slices only; else as any engine
+        (the slices joined for a run without FSDP, or that slices otherwise)."""
+        record = state.get("shards", {})
+        if record.get("fsdp_slices") != self.slices()[0] or record["layout"] != asdict(self.mesh.layout):
+            return super()._load(directory, state)
+        path = directory / SHARDS_DIR / slice_file(self.mesh.tp_rank, self.mesh.pp_rank, self.slices()[1])
+        if not path.is_file():
+            raise FileNotFoundError(f"rank {self.mesh.rank}: checkpoint slice {path} is missing")
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        for model in self.models:
+            load_full_model_state(model, saved["model"], place=placed_like)
+        load_full_optimizer_state(self.optimizer, saved["optimizer"], place=placed_like)
 
     def model_state(self) -> dict[str, Tensor]:
         for root in self.roots:  # a root kept whole after forward (under a pipeline) is sharded again

@@ -17,6 +17,7 @@ from train_worker import base_overrides, one_process
 
 from parallel.fsdp import full_optimizer_state, load_full_optimizer_state, shard_like
 from pretrain.checkpoint import load_checkpoint, verify_checkpoint
+from pretrain.checkpoint_shards import consolidate
 from pretrain.config import ConfigError, load_config
 from titans.model import num_parameters
 
@@ -25,6 +26,7 @@ WORLD = 2
 MICRO_BATCH = 2  # per rank; the 1-process reference takes WORLD × MICRO_BATCH
 LAUNCH_TIMEOUT_S = 400
 FSDP = "parallel.fsdp=true"
+SLICED = "parallel.fsdp_checkpoint=sharded"
 RECALL = ("train.eval_tasks=mqar", "train.eval_task_samples=8")  # at every validation (steps 3 and 6)
 
 
@@ -62,7 +64,15 @@ def runs(tmp_path_factory):
             job("ddp_first", tmp / "to_fsdp", "train.stop_after_steps=3"),
             job("to_fsdp", tmp / "to_fsdp", FSDP),
             job("fsdp_first", tmp / "to_ddp", FSDP, "train.stop_after_steps=3"),
-            job("to_ddp", tmp / "to_ddp")]
+            job("to_ddp", tmp / "to_ddp"),
+            # checkpoints of each rank's slices (parallel.fsdp_checkpoint=sharded): whole, split and
+            # resumed, and resumed without FSDP
+            job("sliced", tmp / "sliced", FSDP, SLICED),
+            job("sliced_first", tmp / "sliced_split", FSDP, SLICED, "train.stop_after_steps=3"),
+            job("sliced_resumed", tmp / "sliced_split", FSDP, SLICED),
+            job("sliced_first_ddp", tmp / "sliced_to_ddp", FSDP, SLICED, "train.stop_after_steps=3"),
+            job("sliced_to_ddp", tmp / "sliced_to_ddp"),
+            job("sliced_async", tmp / "sliced_async", FSDP, SLICED, "train.async_checkpoint=true")]
     return launch(WORKER, jobs, tmp, WORLD, LAUNCH_TIMEOUT_S)
 
 
@@ -80,6 +90,22 @@ def assert_weights_close(checkpoint: str, reference: str) -> None:
     for name, value in want.items():  # 6 AdamW steps from the same start on the same data
         assert not isinstance(got[name], torch.distributed.tensor.DTensor), name  # gathered, dense
         torch.testing.assert_close(got[name], value, rtol=0, atol=2e-5, msg=name)
+
+
+def assert_same(got, want) -> None:
+    """Equal structures with bitwise-equal tensors."""
+    if torch.is_tensor(want):
+        assert torch.equal(got, want)
+    elif isinstance(want, dict):
+        assert set(got) == set(want), set(got) ^ set(want)
+        for key in want:
+            assert_same(got[key], want[key])
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert_same(a, b)
+    else:
+        assert got == want
 
 
 def test_fsdp_matches_one_process_on_the_same_global_batch(runs, references):
@@ -119,7 +145,13 @@ def test_fsdp_checkpoints_written_in_the_background_equal_the_synchronous_ones(r
     got, want = runs["async"], runs["fsdp"]
     assert got["losses"] == want["losses"]
     for name in ("model", "optimizer"):  # every tensor, bitwise
-        assert str(load_checkpoint(got["checkpoint"])[name]) == str(load_checkpoint(want["checkpoint"])[name])
+        assert_same(load_checkpoint(got["checkpoint"])[name], load_checkpoint(want["checkpoint"])[name])
+
+
+def test_sliced_checkpoints_written_in_the_background_equal_the_synchronous_ones(runs):
+    got, want = (Path(runs[name]["checkpoint"]) / "shards" for name in ("sliced_async", "sliced"))
+    for file in ("fsdp-tp0-pp0-dp0.pt", "fsdp-tp0-pp0-dp1.pt"):  # every slice, bitwise
+        assert_same(*(torch.load(folder / file, weights_only=False) for folder in (got, want)))
 
 
 def test_recall_while_training_under_fsdp_equals_one_process(runs, references):
@@ -142,6 +174,24 @@ def test_a_run_switches_fsdp_on_or_off_when_it_resumes(runs, references, first, 
     assert runs[first]["last_step"] == 3 and runs[second]["last_step"] == 6
     assert_losses_close(runs[second]["losses"], references["plain"].losses)
     assert_weights_close(runs[second]["checkpoint"], references["plain"].checkpoint)
+
+
+def test_sliced_checkpoints_join_into_the_gathered_ones_and_resume(runs, references):
+    """parallel.fsdp_checkpoint=sharded: each rank writes the slices it holds, nothing is gathered; joined
+    (as every tool reads them) they are the gathered checkpoint's weights; a run resumes from them
+    bitwise, and a run without FSDP resumes from them too."""
+    ckpt = Path(runs["sliced"]["checkpoint"])
+    verify_checkpoint(ckpt)
+    files = sorted(f.name for f in (ckpt / "shards").iterdir())
+    assert files == ["fsdp-tp0-pp0-dp0.pt", "fsdp-tp0-pp0-dp1.pt"]
+    assert runs["sliced"]["losses"] == runs["fsdp"]["losses"]
+    got, want = consolidate(ckpt), load_checkpoint(runs["fsdp"]["checkpoint"])["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert runs["sliced_first"]["last_step"] == 3
+    assert runs["sliced_resumed"]["losses"] == runs["sliced"]["losses"]
+    assert runs["sliced_to_ddp"]["last_step"] == 6
+    assert_losses_close(runs["sliced_to_ddp"]["losses"], references["plain"].losses)
+    assert_weights_close(runs["sliced_to_ddp"]["checkpoint"], references["plain"].checkpoint)
 
 
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):

@@ -73,6 +73,12 @@ CI_CASES = {(v, "tp2_pp2") for v in VARIANTS} | {("mac", layout) for layout in C
 CASES = [(v, layout) for v in VARIANTS for layout in LAYOUTS if SLOW or (v, layout) in CI_CASES]
 
 
+SLICED = "parallel.fsdp_checkpoint=sharded"
+# (job prefix, layout, extra overrides): 3 + 3 steps resumed against 6 (the plain tp2_pp2 one besides)
+RESUMES = [("fsdp_", "tp2_dp2_fsdp"), ("fsdp_pp_", "pp2_dp2_fsdp"), ("sliced_tp_", "tp2_dp2_fsdp", SLICED),
+           ("sliced_pp_", "pp2_dp2_fsdp", SLICED), ("sliced_hsdp_", "dp4_hsdp", SLICED)]
+
+
 def model_overrides(variant: str) -> list[str]:
     """A 4-layer model (2 per stage), 4 heads (2 per tp rank), an odd vocabulary (padded under tp)."""
     return [f"model.layers={variant}", "model.n_layers=4", "model.n_heads=4", "model.dim=32",
@@ -100,11 +106,11 @@ def runs(tmp_path_factory):
                             steps=6))
             jobs.append(job("resume_second", tmp / "resume", "mac", "tp2_pp2", steps=6))
             jobs.append(job("whole", tmp / "whole", "mac", "tp2_pp2", steps=6))
-            for prefix, layout in (("fsdp_", "tp2_dp2_fsdp"), ("fsdp_pp_", "pp2_dp2_fsdp")):  # FSDP's
+            for prefix, layout, *extra in RESUMES:  # FSDP's, gathered or in slices
                 for part in ("resume_first", "resume_second", "whole"):
                     stop = ["train.stop_after_steps=3"] if part == "resume_first" else []
                     folder = tmp / (prefix + ("whole" if part == "whole" else "resume"))
-                    jobs.append(job(prefix + part, folder, "mac", layout, *stop, steps=6))
+                    jobs.append(job(prefix + part, folder, "mac", layout, *extra, *stop, steps=6))
             # the same config on 4 processes (dp 2) resuming a 2-process (dp 1) tp=2 checkpoint
             jobs.append(job("wrong_layout", folders[2] / "mac_tp2", "mac", "tp2_dp2_zero1",
                             "parallel.zero_stage=0", "train.steps=7") | {"expect_error": True})
@@ -162,9 +168,10 @@ def test_layout_matches_one_process(runs, references, variant, layout):
         assert error <= 5e-5, (name, error.item())  # (the losses, above, agree to 1e-5)
 
 
-@pytest.mark.parametrize("prefix", ["", "fsdp_", "fsdp_pp_"])
+@pytest.mark.parametrize("prefix", ["", *(prefix for prefix, *_ in RESUMES)])
 def test_resume_under_tp_and_pp_continues_bitwise(runs, prefix):
-    """tp × pp, tp × FSDP and pp × FSDP (each rank loads its dp slice of its tp shard or stage)."""
+    """tp × pp, tp × FSDP and pp × FSDP (each rank loads its dp slice of its tp shard or stage), with
+    gathered checkpoints or each rank's slices (under HSDP the first replica's)."""
     assert runs[f"{prefix}resume_first"]["last_step"] == 3
     assert runs[f"{prefix}resume_second"]["losses"] == runs[f"{prefix}whole"]["losses"]
     first = consolidate(Path(runs[f"{prefix}resume_second"]["checkpoint"]))
@@ -446,10 +453,12 @@ def sp_runs(tmp_path_factory):
         jobs = [sp_job(f"{v}{d}_{layout}", tmp / f"{v}{d}_{layout}", v, d, layout)
                 for v, d, layout in SP_CASES if SP_LAYOUTS[layout][0] == world]
         if world == 4:  # 3 + 3 steps with a resume under sp × FSDP (MAL: memory and attention both relayed)
-            for part in ("resume_first", "resume_second", "whole"):
-                stop = ["train.stop_after_steps=3"] if part == "resume_first" else []
-                folder = tmp / ("sp_fsdp_" + ("whole" if part == "whole" else "resume"))
-                jobs.append(sp_job("sp_fsdp_" + part, folder, "mal", 2, "sp2_dp2_fsdp", *stop, steps=6))
+            for prefix, extra in (("sp_fsdp_", []), ("sp_sliced_", [SLICED])):
+                for part in ("resume_first", "resume_second", "whole"):
+                    stop = ["train.stop_after_steps=3"] if part == "resume_first" else []
+                    folder = tmp / (prefix + ("whole" if part == "whole" else "resume"))
+                    jobs.append(sp_job(prefix + part, folder, "mal", 2, "sp2_dp2_fsdp", *extra, *stop,
+                                       steps=6))
         results.update(launch(WORKER, jobs, tmp, world, LAUNCH_TIMEOUT_S))
     return results
 
@@ -484,12 +493,14 @@ def test_sequence_parallel_matches_one_process(sp_runs, sp_references, variant, 
         # 1e-2 or more (the blocks' gradients lost under sp × pp: 2e-1)
 
 
-def test_resume_under_sp_and_fsdp_continues_bitwise(sp_runs):
-    """Each rank reloads its dp slice of the gathered checkpoint; the relay starts again from it."""
-    assert sp_runs["sp_fsdp_resume_first"]["last_step"] == 3
-    assert sp_runs["sp_fsdp_resume_second"]["losses"] == sp_runs["sp_fsdp_whole"]["losses"]
-    first = initial_weights(sp_runs["sp_fsdp_resume_second"]["checkpoint"])
-    second = initial_weights(sp_runs["sp_fsdp_whole"]["checkpoint"])
+@pytest.mark.parametrize("prefix", ["sp_fsdp_", "sp_sliced_"])
+def test_resume_under_sp_and_fsdp_continues_bitwise(sp_runs, prefix):
+    """Each rank reloads its dp slice (of the gathered checkpoint, or the slice file sp rank 0 wrote); the
+    relay starts again from it."""
+    assert sp_runs[prefix + "resume_first"]["last_step"] == 3
+    assert sp_runs[prefix + "resume_second"]["losses"] == sp_runs[prefix + "whole"]["losses"]
+    first = initial_weights(sp_runs[prefix + "resume_second"]["checkpoint"])
+    second = initial_weights(sp_runs[prefix + "whole"]["checkpoint"])
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
