@@ -45,7 +45,7 @@ from pretrain.checkpoint import (
     save_checkpoint,
     staging_dir,
 )
-from pretrain.config import ConfigError, RunConfig, load_config
+from pretrain.config import ConfigError, ParallelConfig, RunConfig, load_config
 from pretrain.config_doc import describe_fields
 from pretrain.cpu_allocator import use_cpu_allocator
 from pretrain.data import build_loaders, validation_sets
@@ -278,6 +278,20 @@ def choose_checkpoint(cfg: RunConfig, mesh: Mesh) -> Start:
     return start
 
 
+GATHERED_NOTE_BYTES = 8 * 2**30  # FSDP checkpoints gathered past this size: the start says so
+
+
+def gathered_checkpoint_note(p: ParallelConfig, dp: int, n_params: int) -> str | None:
+    """Where FSDP checkpoints are gathered and large: how much rank 0's host holds, and the setting that
+    writes slices instead."""
+    gathered = 12 * n_params / (p.tp * p.pp)  # float32 weights and AdamW's two moments, a tp shard / stage
+    if not (p.fsdp and dp > 1 and p.fsdp_checkpoint == "gathered" and gathered > GATHERED_NOTE_BYTES):
+        return None
+    return (f"note: each checkpoint gathers {gathered / 2**30:.0f} GiB of state into rank 0's host memory "
+            "and writes it from there; parallel.fsdp_checkpoint=sharded has every rank write its own "
+            "slices instead")
+
+
 def initial_weights(path: str) -> dict[str, torch.Tensor]:
     """The dense weights of a checkpoint of any layout (or the newest good one of a run folder), or of a
     `pretrain.convert` export, for train.init_from."""
@@ -458,6 +472,9 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
                + (f", {p.pp_schedule} schedule" if p.pp > 1 else "")
                + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
                   "logits are masked)" if vocab != cfg.model.vocab_size else ""))
+    note = gathered_checkpoint_note(p, mesh.layout.dp, n_params)
+    if note:
+        mesh.print(note)
     stop = StopSignal()
     bar = ProgressBar(t.steps, enabled=mesh.is_main, every=t.log_every)
     data_iter = iter(train_loader)

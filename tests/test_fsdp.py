@@ -240,3 +240,18 @@ def test_planner_counts_fsdp_as_sharded_weights_plus_two_gathered_blocks():
         "layout tp=1 pp=1 sp=1 dp=8 on 8 × h100-80gb, FSDP over 8 dp ranks,")
     hsdp = load_config("configs/paper/mac-1.3b.yaml", [*overrides, FSDP, "parallel.fsdp_shard=4"])
     assert rank_memory(hsdp, 8, parameters, layers, layers)["optim"] == dense["optim"] / 4
+
+
+def test_a_large_gathered_checkpoint_is_noted_at_the_start_with_the_sliced_setting():
+    from pretrain.config import ParallelConfig
+    from pretrain.train import gathered_checkpoint_note
+
+    fsdp = ParallelConfig(fsdp=True)
+    note = gathered_checkpoint_note(fsdp, 8, 7_000_000_000)
+    assert note.startswith("note: each checkpoint gathers 78 GiB of state into rank 0's host memory")
+    assert "parallel.fsdp_checkpoint=sharded" in note
+    assert gathered_checkpoint_note(fsdp, 8, 100_000_000) is None  # 1 GiB: nothing to say
+    sliced = ParallelConfig(fsdp=True, fsdp_checkpoint="sharded")
+    assert gathered_checkpoint_note(sliced, 8, 7_000_000_000) is None
+    split = ParallelConfig(fsdp=True, tp=8, pp=2)  # rank 0 of each tp shard and stage gathers 5 GiB
+    assert gathered_checkpoint_note(split, 8, 7_000_000_000) is None
