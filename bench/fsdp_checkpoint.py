@@ -20,9 +20,7 @@ import ctypes
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,12 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ranks import run_ranks  # noqa: E402
 
 
 def anonymous_bytes() -> int:
@@ -108,14 +103,8 @@ def worker(out: Path, folder: Path, overrides: list[str]) -> None:
 
 def run_mode(mode: str, processes: int, common: list[str], tmp: Path) -> list[dict]:
     out, folder = tmp / f"{mode}.json", tmp / mode
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-               "--master-port", str(free_port()), str(Path(__file__).resolve()), "--worker", str(out),
-               "--folder", str(folder), *common, "parallel.fsdp=true", f"parallel.fsdp_checkpoint={mode}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    return run_ranks(Path(__file__), processes, out, ["--folder", str(folder), *common, "parallel.fsdp=true",
+                                                       f"parallel.fsdp_checkpoint={mode}"], mode, threads=1)
 
 
 def main() -> None:

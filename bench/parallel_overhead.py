@@ -19,15 +19,16 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ranks import run_ranks  # noqa: E402
 
 LAYOUTS = {  # name: (processes, overrides)
     "1 process": (1, []),
@@ -53,12 +54,6 @@ LAYOUTS = {  # name: (processes, overrides)
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(out: Path, overrides: list[str]) -> None:
     """One rank: train, then rank 0 writes the step times and the parameter elements it held."""
     from pretrain.config import load_config
@@ -77,15 +72,7 @@ def run_layout(name: str, processes: int, extra: list[str], common: list[str], t
     overrides = common + extra + [f"data.batch_size={8 // dp}", f"train.out_dir={tmp / str(abs(hash(name)))}"]
     if "parallel.pp=2" in extra:
         overrides.append(f"parallel.pp_microbatches={4 // dp}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-               "--master-port", str(free_port()), str(Path(__file__).resolve()), "--worker", str(out),
-               *overrides]
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    return run_ranks(Path(__file__), processes, out, overrides, name)
 
 
 def main() -> None:

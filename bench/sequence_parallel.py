@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from parallel_overhead import free_port  # noqa: E402
+from ranks import run_ranks  # noqa: E402
 
 
 def worker(out: Path, layers: str, n_layers: int, length: int, steps: int) -> None:
@@ -91,17 +90,9 @@ def main() -> None:
         for length in args.lengths:
             for sp in args.sp:
                 out = Path(tmp) / f"{sp}-{length}.json"
-                command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(sp),
-                           "--master-port", str(free_port()), str(Path(__file__).resolve()),
-                           "--worker", str(out),
-                           "--layers", args.layers, "--n-layers", str(args.n_layers), "--length", str(length),
-                           "--steps", str(args.steps)]
-                env = {**os.environ, "PYTHONPATH": str(ROOT),
-                       "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // sp))}
-                done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(f"sp={sp}, length {length} failed:\n{done.stderr[-3000:]}")
-                ranks = json.loads(out.read_text())
+                worker_args = ["--layers", args.layers, "--n-layers", str(args.n_layers),
+                               "--length", str(length), "--steps", str(args.steps)]
+                ranks = run_ranks(Path(__file__), sp, out, worker_args, f"sp={sp}, length {length}")
                 rows.append((length, sp, max(r["sent"] for r in ranks), max(r["saved"] for r in ranks),
                              statistics.median(r["step"] for r in ranks)))
                 print(f"length {length}, sp {sp}: done", file=sys.stderr, flush=True)
