@@ -423,6 +423,7 @@ SP_LAYOUTS = {  # name → (world size, overrides)
     "sp2_pp2_dp2_fsdp": (8, ["parallel.sp=2", "parallel.pp=2", "parallel.pp_microbatches=2",
                              "parallel.fsdp=true"]),
     "sp2_tp2_dp2_fsdp": (8, ["parallel.sp=2", "parallel.tp=2", "parallel.fsdp=true"]),
+    "sp2_dp4_hsdp": (8, ["parallel.sp=2", "parallel.fsdp=true", "parallel.fsdp_shard=2"]),
 }
 SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp2"), ("lmm", 2, "sp4"),
          ("mac", 2, "sp4"), ("mac", 2, "sp2_tp2"), ("lmm", 2, "sp2_dp2_zero1"), ("mag", 2, "sp2"),
