@@ -223,6 +223,19 @@ def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], d
     return rows, summary
 
 
+def checkpoint_line(cfg: RunConfig, parameters: int, dp: int) -> str:
+    """What one checkpoint asks of the host: the largest part one rank writes (float32 weights and AdamW's
+    two moments of its tp shard and stage, or its slice of them), and where FSDP gathers it."""
+    p = cfg.parallel
+    state = 12 * parameters  # the largest rank's
+    if p.fsdp and dp > 1 and p.fsdp_checkpoint == "sharded":
+        return (f"checkpoint: every rank writes its FSDP slice, {state / (p.fsdp_shard or dp) / GIB:.2f} GiB "
+                "at most")
+    where = ("gathered into rank 0's host memory first; parallel.fsdp_checkpoint=sharded writes slices"
+             if p.fsdp and dp > 1 else "written by dp rank 0 of each tp shard and stage")
+    return f"checkpoint: up to {state / GIB:.2f} GiB of state per file, {where}"
+
+
 def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
     p = cfg.parallel
     ckpt = "on" if cfg.train.activation_checkpointing else "off"
@@ -242,6 +255,7 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
                      f"{r['acts_ckpt_gib']:.2f} | {r['total_gib']:.2f} | {'yes' if r['fits'] else 'NO'} |")
     lines += ["", f"{summary['tokens_per_step']:,} tokens per step; at MFU {summary['mfu']:.0%}: "
                   f"{summary['step_s']:.2f} s per step, {summary['tokens_per_s']:,.0f} tokens/s",
+              checkpoint_line(cfg, max(r["parameters"] for r in rows), summary["dp"]),
               "verdict: " + ("GO" if summary["go"] else f"NO-GO: {remedies(cfg)}, or lower data.batch_size")]
     return "\n".join(lines)
 

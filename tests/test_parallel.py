@@ -355,6 +355,19 @@ def test_planner_cli_prints_a_table_and_a_verdict():
     assert len(rows) == 8, done.stdout
     assert "layout tp=2 pp=4 sp=1 dp=8 on 64 × h100-80gb" in done.stdout
     assert re.search(r"verdict: (GO|NO-GO)", done.stdout)
+    assert re.search(r"checkpoint: up to \d+\.\d\d GiB of state per file, written by dp rank 0", done.stdout)
+
+
+def test_planner_says_what_a_checkpoint_asks_of_the_host():
+    from parallel.plan import checkpoint_line
+
+    cfg = load_config(None, ["parallel.fsdp=true"])
+    assert checkpoint_line(cfg, 10**9, 8) == (
+        "checkpoint: up to 11.18 GiB of state per file, gathered into rank 0's host memory first; "
+        "parallel.fsdp_checkpoint=sharded writes slices")
+    sliced = load_config(None, ["parallel.fsdp=true", "parallel.fsdp_checkpoint=sharded"])
+    want = "checkpoint: every rank writes its FSDP slice, 1.40 GiB at most"
+    assert checkpoint_line(sliced, 10**9, 8) == want
 
 
 def test_planner_counts_checkpointing_every_nth_block_between_none_and_all():
