@@ -162,18 +162,21 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
     (set_optimizer or (optimizer.optim if zero else optimizer).load_state_dict)(optim_state)
 
 
+def load_slice(folder: Path, record: dict[str, Any], tp: int, pp: int, index: int) -> dict[str, Any]:
+    """One FSDP slice file (memory-mapped): {"model": slices, "optimizer": slices of its state dict}."""
+    path = folder / slice_file(tp, pp, index)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint slice {path} is missing (written by FSDP over "
+                                f"{record['fsdp_slices']} ranks)")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
 def read_slices(folder: Path, record: dict[str, Any], tp: int, pp: int
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model and optimizer state of tp shard `tp`, stage `pp` from its FSDP slice files, joined: what a
-    gathered checkpoint holds in model-tp{tp}-pp{pp}.pt and optim-tp{tp}-pp{pp}.pt. Memory-mapped, so a
-    tensor is read as it is joined."""
-    parts = []
-    for index in range(record["fsdp_slices"]):
-        path = folder / slice_file(tp, pp, index)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint slice {path} is missing (written by FSDP over "
-                                    f"{record['fsdp_slices']} ranks)")
-        parts.append(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+    gathered checkpoint holds in model-tp{tp}-pp{pp}.pt and optim-tp{tp}-pp{pp}.pt (a whole copy, for a
+    reader that needs the whole state)."""
+    parts = [load_slice(folder, record, tp, pp, index) for index in range(record["fsdp_slices"])]
     model = {name: join_slices([part["model"][name] for part in parts]) for name in parts[0]["model"]}
     optimizer = parts[0]["optimizer"]
     state = {index: {key: join_slices([part["optimizer"]["state"][index][key] for part in parts])

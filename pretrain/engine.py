@@ -64,8 +64,8 @@ from pretrain.batch import Batch
 from pretrain.checkpoint_shards import (
     SHARDS_DIR,
     load_shards,
+    load_slice,
     shard_parts,
-    slice_file,
     sliced_parts,
     write_files,
 )
@@ -256,8 +256,7 @@ class FsdpStates:
         ranks write them), nothing gathered; else gathered (`Engine.checkpoint_parts`)."""
         if self.cfg.parallel.fsdp_checkpoint != "sharded":
             return super().checkpoint_parts(directory)
-        for root in self.roots:  # a root kept whole after forward (under a pipeline) is sharded again
-            root.reshard()
+        self.reshard_roots()
         count, index = self.slices()
         model_state = {k: v for model in self.models for k, v in local_model_state(model).items()}
         files, record = sliced_parts(directory, self.models, self.mesh, self.cfg, count,
@@ -268,20 +267,20 @@ class FsdpStates:
     def _load(self, directory: Path, state: dict[str, Any]) -> None:
         """A sliced checkpoint of this layout: each rank reads its own slices only; else as any engine
         (the slices joined for a run without FSDP, or that slices otherwise)."""
-        record = state.get("shards", {})
-        if record.get("fsdp_slices") != self.slices()[0] or record["layout"] != asdict(self.mesh.layout):
+        record, (count, index) = state.get("shards", {}), self.slices()
+        if record.get("fsdp_slices") != count or record["layout"] != asdict(self.mesh.layout):
             return super()._load(directory, state)
-        path = directory / SHARDS_DIR / slice_file(self.mesh.tp_rank, self.mesh.pp_rank, self.slices()[1])
-        if not path.is_file():
-            raise FileNotFoundError(f"rank {self.mesh.rank}: checkpoint slice {path} is missing")
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        saved = load_slice(directory / SHARDS_DIR, record, self.mesh.tp_rank, self.mesh.pp_rank, index)
         for model in self.models:
             load_full_model_state(model, saved["model"], place=placed_like)
         load_full_optimizer_state(self.optimizer, saved["optimizer"], place=placed_like)
 
-    def model_state(self) -> dict[str, Tensor]:
+    def reshard_roots(self) -> None:
         for root in self.roots:  # a root kept whole after forward (under a pipeline) is sharded again
             root.reshard()
+
+    def model_state(self) -> dict[str, Tensor]:
+        self.reshard_roots()
         return {name: value for model in self.models
                 for name, value in full_model_state(model, self.writes()).items()}
 

@@ -126,7 +126,6 @@ def halo_halves(block: Block) -> list[str]:
     return ["after_halo"] + (["before_halo"] if type(block).before_halo is not Block.before_halo else [])
 
 
-
 class AttentionBlock(Block):
     """SWA baseline (window w, persistent tokens) or, with window=None, plain full causal attention."""
 
