@@ -6,8 +6,8 @@ sha256 of every file):
     shards/optim-tp{t}-pp{p}.pt        AdamW state for those parameters (dp rank 0), or with ZeRO-1
     shards/optim-tp{t}-pp{p}-dp{d}.pt  each dp rank's partition of it
     shards/fsdp-tp{t}-pp{p}-dp{d}.pt   with parallel.fsdp_checkpoint=sharded instead of both: the model and
-                                       AdamW state slices FSDP rank d of its shard group holds (sp rank 0,
-                                       the first HSDP replica); joined along dim 0 in order of d, the
+                                       AdamW state slices FSDP rank d of its shard group holds (sp rank 0;
+                                       HSDP replica d mod replicas); joined along dim 0 in order of d, the
                                        tensors of the two files above
 
 The layout record (in state.pt and manifest.json) says, per parameter, its full shape, the dimension
@@ -101,6 +101,14 @@ def layout_record(models: list[nn.Module], mesh: Mesh, cfg, describes: bool) -> 
 
 def slice_file(tp: int, pp: int, index: int) -> str:
     return f"fsdp-tp{tp}-pp{pp}-dp{index}.pt"
+
+
+def slice_written_by(dp_rank: int, count: int, dp: int) -> int | None:
+    """The slice dp rank `dp_rank` writes when each tensor is in `count` slices over `dp` ranks (HSDP:
+    dp / count replicas hold each), or None: slice d by replica d mod replicas, so that every replica
+    (a node, typically) writes its share."""
+    replica, index = divmod(dp_rank, count)
+    return index if replica == index % (dp // count) else None
 
 
 def sliced_parts(directory: Path, models: list[nn.Module], mesh: Mesh, cfg, slices: int, index: int | None,

@@ -66,6 +66,7 @@ from pretrain.checkpoint_shards import (
     load_shards,
     load_slice,
     shard_parts,
+    slice_written_by,
     sliced_parts,
     write_files,
 )
@@ -252,16 +253,17 @@ class FsdpStates:
         return count, self.mesh.dp_rank % count
 
     def checkpoint_parts(self, directory: Path) -> tuple[dict[Path, Any], dict[str, Any]]:
-        """parallel.fsdp_checkpoint=sharded: every rank's slices, in its own file (the first HSDP replica's
-        ranks write them), nothing gathered; else gathered (`Engine.checkpoint_parts`)."""
+        """parallel.fsdp_checkpoint=sharded: every rank's slices, in its own file, nothing gathered; else
+        gathered (`Engine.checkpoint_parts`). Under HSDP the replicas hold the same slices, and they share
+        the writing (`slice_written_by`)."""
         if self.cfg.parallel.fsdp_checkpoint != "sharded":
             return super().checkpoint_parts(directory)
         self.reshard_roots()
-        count, index = self.slices()
+        count = self.slices()[0]
         model_state = {k: v for model in self.models for k, v in local_model_state(model).items()}
         files, record = sliced_parts(directory, self.models, self.mesh, self.cfg, count,
-                                     index if self.mesh.dp_rank < count else None, model_state,
-                                     local_optimizer_state(self.optimizer))
+                                     slice_written_by(self.mesh.dp_rank, count, self.mesh.layout.dp),
+                                     model_state, local_optimizer_state(self.optimizer))
         return files, {"shards": record}
 
     def _load(self, directory: Path, state: dict[str, Any]) -> None:

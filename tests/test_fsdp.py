@@ -255,3 +255,13 @@ def test_a_large_gathered_checkpoint_is_noted_at_the_start_with_the_sliced_setti
     assert gathered_checkpoint_note(sliced, 8, 7_000_000_000) is None
     split = ParallelConfig(fsdp=True, tp=8, pp=2)  # rank 0 of each tp shard and stage gathers 5 GiB
     assert gathered_checkpoint_note(split, 8, 7_000_000_000) is None
+
+
+def test_hsdp_replicas_share_the_writing_of_the_slices():
+    from pretrain.checkpoint_shards import slice_written_by
+
+    # 4 nodes of 8 ranks, sharded within a node: slice d written by node d mod 4, two slices a node
+    writers = {d: [r for r in range(32) if slice_written_by(r, 8, 32) == d] for d in range(8)}
+    assert writers == {d: [8 * (d % 4) + d] for d in range(8)}
+    assert [slice_written_by(r, 4, 4) for r in range(4)] == [0, 1, 2, 3]  # FSDP over every rank
+    assert [slice_written_by(r, 2, 6) for r in range(6)] == [0, None, None, 1, None, None]
