@@ -171,7 +171,7 @@ def test_layout_matches_one_process(runs, references, variant, layout):
 @pytest.mark.parametrize("prefix", ["", *(prefix for prefix, *_ in RESUMES)])
 def test_resume_under_tp_and_pp_continues_bitwise(runs, prefix):
     """tp × pp, tp × FSDP and pp × FSDP (each rank loads its dp slice of its tp shard or stage), with
-    gathered checkpoints or each rank's slices (under HSDP the first replica's)."""
+    gathered checkpoints or each rank's slices (under HSDP written by the replicas in turn)."""
     assert runs[f"{prefix}resume_first"]["last_step"] == 3
     assert runs[f"{prefix}resume_second"]["losses"] == runs[f"{prefix}whole"]["losses"]
     first = consolidate(Path(runs[f"{prefix}resume_second"]["checkpoint"]))
