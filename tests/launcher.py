@@ -48,18 +48,20 @@ def launch(worker: Path, jobs: list[dict], tmp: Path, world: int, timeout: float
                                           stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     problem = None
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):
-            problem = "a rank failed"
-        elif time.monotonic() > deadline:
-            problem = f"the {world}-process launch did not finish within {timeout:.0f} s (hang?)"
-        if problem:
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
+    try:  # whatever ends the wait (pytest's own timeout, Ctrl-C too), no rank outlives it
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                problem = "a rank failed"
+            elif time.monotonic() > deadline:
+                problem = f"the {world}-process launch did not finish within {timeout:.0f} s (hang?)"
+            if problem:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
     if problem is None and any(p.returncode != 0 for p in procs):
         problem = "a rank failed"
     if problem is not None:

@@ -34,6 +34,8 @@ STEPS = 3
 LAUNCH_TIMEOUT_S = 600
 VARIANTS = ("mac", "mag", "mal", "lmm")
 SLOW = os.environ.get("RUN_SLOW") == "1"
+if SLOW:  # every layout × variant: the module's launches take far longer than pytest's default deadline
+    pytestmark = pytest.mark.timeout(4 * 3600)
 
 COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]
 # layout name → (world size, overrides); dp = world / (tp · pp)
@@ -77,6 +79,11 @@ SLICED = "parallel.fsdp_checkpoint=sharded"
 # (job prefix, layout, extra overrides): 3 + 3 steps resumed against 6 (the plain tp2_pp2 one besides)
 RESUMES = [("fsdp_", "tp2_dp2_fsdp"), ("fsdp_pp_", "pp2_dp2_fsdp"), ("sliced_tp_", "tp2_dp2_fsdp", SLICED),
            ("sliced_pp_", "pp2_dp2_fsdp", SLICED), ("sliced_hsdp_", "dp4_hsdp", SLICED)]
+
+
+def launch_deadline(jobs: list) -> float:
+    """A launch's deadline: the CI set's, or a minute a job (8 processes on 2 cores) for the slow set."""
+    return max(LAUNCH_TIMEOUT_S, 60 * len(jobs))
 
 
 def model_overrides(variant: str) -> list[str]:
@@ -127,7 +134,7 @@ def runs(tmp_path_factory):
             jobs.append(job("full_disk_async", tmp / "full_async", "mac", "tp2_pp2", background, steps=6)
                         | {"expect_error": True, "full_disk_rank": 3, "full_disk_step": 6})
         started = time.monotonic()
-        results.update(launch(WORKER, jobs, tmp, world, LAUNCH_TIMEOUT_S))
+        results.update(launch(WORKER, jobs, tmp, world, launch_deadline(jobs)))
         results[f"_seconds_world{world}"] = time.monotonic() - started
     return results
 
@@ -478,7 +485,7 @@ def sp_runs(tmp_path_factory):
                     folder = tmp / (prefix + ("whole" if part == "whole" else "resume"))
                     jobs.append(sp_job(prefix + part, folder, "mal", 2, "sp2_dp2_fsdp", *extra, *stop,
                                        steps=6))
-        results.update(launch(WORKER, jobs, tmp, world, LAUNCH_TIMEOUT_S))
+        results.update(launch(WORKER, jobs, tmp, world, launch_deadline(jobs)))
     return results
 
 
