@@ -81,6 +81,13 @@ RESUMES = [("fsdp_", "tp2_dp2_fsdp"), ("fsdp_pp_", "pp2_dp2_fsdp"), ("sliced_tp_
            ("sliced_pp_", "pp2_dp2_fsdp", SLICED), ("sliced_hsdp_", "dp4_hsdp", SLICED)]
 
 
+def by_layout(cases: list[tuple]) -> list[tuple]:
+    """Cases with the same layout together: a worker builds a layout's process groups again whenever the
+    layout changes from one job to the next, and megatron-core never frees the old ones (each holds gloo
+    threads): the slow set's hundreds of jobs in layout-alternating order piled up thousands of threads."""
+    return sorted(cases, key=lambda case: case[-1])
+
+
 def launch_deadline(jobs: list) -> float:
     """A launch's deadline: the CI set's, or a minute a job (8 processes on 2 cores) for the slow set."""
     return max(LAUNCH_TIMEOUT_S, 60 * len(jobs))
@@ -106,7 +113,7 @@ def runs(tmp_path_factory):
     folders = {}
     for world in sorted({LAYOUTS[layout][0] for _, layout in CASES}):
         tmp = folders[world] = tmp_path_factory.mktemp(f"world{world}")
-        jobs = [job(f"{v}_{layout}", tmp / f"{v}_{layout}", v, layout) for v, layout in CASES
+        jobs = [job(f"{v}_{layout}", tmp / f"{v}_{layout}", v, layout) for v, layout in by_layout(CASES)
                 if LAYOUTS[layout][0] == world]
         if world == 4:  # 3 + 3 steps with a resume under tp=2 × pp=2
             jobs.append(job("resume_first", tmp / "resume", "mac", "tp2_pp2", "train.stop_after_steps=3",
@@ -477,7 +484,7 @@ def sp_runs(tmp_path_factory):
     for world in sorted({SP_LAYOUTS[layout][0] for _, _, layout in SP_CASES} | {4}):
         tmp = tmp_path_factory.mktemp(f"sp_world{world}")
         jobs = [sp_job(f"{v}{d}_{layout}", tmp / f"{v}{d}_{layout}", v, d, layout)
-                for v, d, layout in SP_CASES if SP_LAYOUTS[layout][0] == world]
+                for v, d, layout in by_layout(SP_CASES) if SP_LAYOUTS[layout][0] == world]
         if world == 4:  # 3 + 3 steps with a resume under sp × FSDP (MAL: memory and attention both relayed)
             for prefix, extra in (("sp_fsdp_", []), ("sp_sliced_", [SLICED])):
                 for part in ("resume_first", "resume_second", "whole"):
