@@ -223,11 +223,14 @@ def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], d
     return rows, summary
 
 
+CHECKPOINT_BYTES_PER_PARAMETER = 12  # float32 weights and AdamW's two moments
+
+
 def checkpoint_line(cfg: RunConfig, parameters: int, dp: int) -> str:
     """What one checkpoint asks of the host: the largest part one rank writes (float32 weights and AdamW's
     two moments of its tp shard and stage, or its slice of them), and where FSDP gathers it."""
     p = cfg.parallel
-    state = 12 * parameters  # the largest rank's
+    state = CHECKPOINT_BYTES_PER_PARAMETER * parameters  # the largest rank's
     if p.fsdp and dp > 1 and p.fsdp_checkpoint == "sharded":
         return (f"checkpoint: every rank writes its FSDP slice, {state / (p.fsdp_shard or dp) / GIB:.2f} GiB "
                 "at most")

@@ -143,13 +143,24 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
         raise ConfigError(f"checkpoint {directory} was written with the layout {written}, this run has "
                           f"{mesh.layout}: resume with the same parallel.* and number of processes, or "
                           "reshard it with python -m pretrain.convert --to checkpoint")
-    if "fsdp_slices" in record:
-        model_state, optim_state = read_slices(directory / SHARDS_DIR, record, mesh.tp_rank, mesh.pp_rank)
-        for model in models:
-            set_model(model, {k: model_state[k] for k in model.state_dict()})
-        (set_optimizer or optimizer.load_state_dict)(optim_state)
-        return
     zero = _is_zero(optimizer)
+    if "fsdp_slices" in record:
+        state, optim_state = read_slices(directory / SHARDS_DIR, record, mesh.tp_rank, mesh.pp_rank)
+    else:
+        state, optim_state = read_shard_files(directory, record, mesh, zero)
+    for model in models:
+        set_model(model, {k: state[k] for k in model.state_dict()})
+    if optim_state is None:
+        mesh.print(f"{directory}: converted weights without optimizer state: AdamW moments start at zero")
+        return
+    (set_optimizer or (optimizer.optim if zero else optimizer).load_state_dict)(optim_state)
+
+
+def read_shard_files(directory: Path, record: dict[str, Any], mesh: Mesh, zero: bool
+                     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """This rank's model shard and optimizer state (None: converted weights, without one). Memory-mapped,
+    as state.pt (pretrain/checkpoint.load_checkpoint): each tensor is read as it is copied into the model
+    or sliced for FSDP, never the whole shard onto the device at once."""
     model_file, optim_file = shard_files(mesh, zero)
     folder = directory / SHARDS_DIR
     fresh = record.get("optimizer") == "fresh"  # converted from dense weights: no optimizer state
@@ -157,17 +168,10 @@ def load_shards(directory: Path, record: dict[str, Any], models: list[nn.Module]
         if not path.is_file():
             raise FileNotFoundError(f"rank {mesh.rank}: checkpoint shard {path} is missing (the checkpoint "
                                     f"was written with parallel.zero_stage={record['zero_stage']})")
-    # memory-mapped, as state.pt (pretrain/checkpoint.load_checkpoint): each tensor is read as it is copied
-    # into the model or sliced for FSDP, never the whole shard onto the device at once
     state = torch.load(folder / model_file, map_location="cpu", weights_only=True, mmap=True)
-    for model in models:
-        own = model.state_dict()
-        set_model(model, {k: state[k] for k in own})
     if fresh:
-        mesh.print(f"{directory}: converted weights without optimizer state: AdamW moments start at zero")
-        return
-    optim_state = torch.load(folder / optim_file, map_location="cpu", weights_only=False, mmap=True)
-    (set_optimizer or (optimizer.optim if zero else optimizer).load_state_dict)(optim_state)
+        return state, None
+    return state, torch.load(folder / optim_file, map_location="cpu", weights_only=False, mmap=True)
 
 
 def load_slice(folder: Path, record: dict[str, Any], tp: int, pp: int, index: int) -> dict[str, Any]:
@@ -179,13 +183,15 @@ def load_slice(folder: Path, record: dict[str, Any], tp: int, pp: int, index: in
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
-def read_slices(folder: Path, record: dict[str, Any], tp: int, pp: int
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model and optimizer state of tp shard `tp`, stage `pp` from its FSDP slice files, joined: what a
-    gathered checkpoint holds in model-tp{tp}-pp{pp}.pt and optim-tp{tp}-pp{pp}.pt (a whole copy, for a
-    reader that needs the whole state)."""
+def read_slices(folder: Path, record: dict[str, Any], tp: int, pp: int, optimizer: bool = True
+                ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model and (unless `optimizer` is false: None) optimizer state of tp shard `tp`, stage `pp` from
+    its FSDP slice files, joined: what a gathered checkpoint holds in model-tp{tp}-pp{pp}.pt and
+    optim-tp{tp}-pp{pp}.pt (a whole copy, for a reader that needs the whole state)."""
     parts = [load_slice(folder, record, tp, pp, index) for index in range(record["fsdp_slices"])]
     model = {name: join_slices([part["model"][name] for part in parts]) for name in parts[0]["model"]}
+    if not optimizer:
+        return model, None
     optimizer = parts[0]["optimizer"]
     state = {index: {key: join_slices([part["optimizer"]["state"][index][key] for part in parts])
                      for key in entry} for index, entry in optimizer["state"].items()}
@@ -216,7 +222,7 @@ def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
     record = load_checkpoint(directory)["shards"]
     tp, pp = record["layout"]["tp"], record["layout"]["pp"]
     folder = directory / SHARDS_DIR
-    shards = {(t, p): read_slices(folder, record, t, p)[0] if "fsdp_slices" in record else
+    shards = {(t, p): read_slices(folder, record, t, p, optimizer=False)[0] if "fsdp_slices" in record else
               torch.load(folder / f"model-tp{t}-pp{p}.pt", map_location="cpu", weights_only=True, mmap=True)
               for t in range(tp) for p in range(pp)}
     out = {}

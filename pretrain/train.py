@@ -30,7 +30,7 @@ import yaml
 from data_pipeline.loader import DataError
 from parallel.fsdp import local_numel
 from parallel.mesh import LayoutError, Mesh, init_mesh, launch_environment
-from parallel.plan import local_parameter_counts, preflight_problem
+from parallel.plan import CHECKPOINT_BYTES_PER_PARAMETER, local_parameter_counts, preflight_problem
 from parallel.tensor import padded_vocab
 from pretrain.async_checkpoint import AsyncCheckpointWriter, CheckpointWriteFailed, detached_copy
 from pretrain.batch import Batch, as_batch
@@ -284,7 +284,7 @@ GATHERED_NOTE_BYTES = 8 * 2**30  # FSDP checkpoints gathered past this size: the
 def gathered_checkpoint_note(p: ParallelConfig, dp: int, n_params: int) -> str | None:
     """Where FSDP checkpoints are gathered and large: how much rank 0's host holds, and the setting that
     writes slices instead."""
-    gathered = 12 * n_params / (p.tp * p.pp)  # float32 weights and AdamW's two moments, a tp shard / stage
+    gathered = CHECKPOINT_BYTES_PER_PARAMETER * n_params / (p.tp * p.pp)  # of a tp shard / stage
     if not (p.fsdp and dp > 1 and p.fsdp_checkpoint == "gathered" and gathered > GATHERED_NOTE_BYTES):
         return None
     return (f"note: each checkpoint gathers {gathered / 2**30:.0f} GiB of state into rank 0's host memory "
