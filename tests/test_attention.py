@@ -22,11 +22,13 @@ def dense_reference(
     """Explicit full boolean mask over [prefix ‖ extra ‖ sequence] keys, then softmax.
 
     Query i sees: every prefix token; every extra token (or, if extra_causal, extra j iff j <= i);
-    sequence key j iff i - window < j <= i (window None: j <= i). Returns (out, lse).
+    sequence key j iff p - window < j <= p, p = i + Tk − T its position among the keys (window None:
+    j <= p). Returns (out, lse).
     """
     B, H, T, d = q.shape
     dev = q.device
     qpos = torch.arange(T, device=dev)[:, None]
+    kpos = torch.arange(k.shape[2], device=dev)[None, :] - (k.shape[2] - T)
     keys, vals, masks = [], [], []
     if prefix_k is not None:
         keys.append(prefix_k.to(q.dtype).unsqueeze(0).expand(B, -1, -1, -1))
@@ -38,7 +40,6 @@ def dense_reference(
         vals.append(extra_v.to(q.dtype))
         jpos = torch.arange(n, device=dev)[None, :]
         masks.append(jpos <= qpos if extra_causal else torch.ones(T, n, dtype=torch.bool, device=dev))
-    kpos = torch.arange(T, device=dev)[None, :]
     seq_mask = kpos <= qpos
     if window is not None:
         seq_mask = seq_mask & (kpos > qpos - window)
@@ -51,13 +52,14 @@ def dense_reference(
     return torch.softmax(scores, dim=-1) @ vals, lse
 
 
-def make_inputs(T, prefix, extra, causal, seed=0, B=2, H=2, d=4, P=3, N=5, dtype=F64, device="cpu"):
+def make_inputs(T, prefix, extra, causal, seed=0, B=2, H=2, d=4, P=3, N=5, dtype=F64, device="cpu", past=0):
+    """q of T positions; k, v of `past` earlier positions (keys only) and the same T."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=F64).to(device=device, dtype=dtype).requires_grad_()
 
-    q, k, v = r(B, H, T, d), r(B, H, T, d), r(B, H, T, d)
+    q, k, v = r(B, H, T, d), r(B, H, past + T, d), r(B, H, past + T, d)
     pk, pv = (r(H, P, d), r(H, P, d)) if prefix else (None, None)
     n = T if causal else N
     ek, ev = (r(B, H, n, d), r(B, H, n, d)) if extra else (None, None)
@@ -101,6 +103,27 @@ def test_windowed_attention_matches_dense_reference(prefix, extra, causal, windo
         assert_exact_close(got, want)
 
 
+@pytest.mark.parametrize("block", [4, 256])
+@pytest.mark.parametrize("T,past", [(1, 1), (1, 9), (7, 3), (16, 20)])
+@pytest.mark.parametrize("window", [1, 3, 8, None])
+@pytest.mark.parametrize("prefix,extra,causal", CONTEXTS)
+def test_windowed_attention_with_keys_before_the_queries(prefix, extra, causal, window, T, past, block):
+    """Keys of `past` earlier positions without queries (a halo, a streaming cache) give the last T rows
+    of the attention over all past + T positions, its gradients included."""
+    q, k, v, pk, pv, ek, ev = inputs = make_inputs(T, prefix, extra, causal, seed=T + past, past=past)
+    out = windowed_attention(q, k, v, window, pk, pv, ek, ev, causal, block_size=block)
+    ref, _ = dense_reference(q, k, v, window, pk, pv, ek, ev, causal)
+    assert out.shape == q.shape
+    assert_exact_close(out, ref)
+    leaves = [t for t in inputs if t is not None]
+    for got, want in zip(grads_with_probe(out, leaves), grads_with_probe(ref, leaves)):
+        assert_exact_close(got, want)
+    if not (prefix or extra):  # the same rows of attention over every position, queries and all
+        wide_q = torch.cat([torch.randn(2, 2, past, 4, dtype=F64), q.detach()], dim=2)
+        whole = windowed_attention(wide_q, k.detach(), v.detach(), window, block_size=block)
+        assert_exact_close(out.detach(), whole[:, :, past:])
+
+
 @pytest.mark.parametrize("block", [3, 256])
 @pytest.mark.parametrize("window", [7, 8, 9, 100])
 @pytest.mark.parametrize("prefix,extra,causal", [(False, False, False), (True, True, True)])
@@ -133,8 +156,10 @@ def test_windowed_attention_rejects_bad_arguments():
         windowed_attention(q, k, v, 2, extra_k=ek)
     with pytest.raises(ValueError, match="N == T"):
         windowed_attention(q, k, v, 2, extra_k=ek, extra_v=ev, extra_causal=True)  # N=5, T=6
-    with pytest.raises(ValueError, match=r"\(B, H, T, d\)"):
-        windowed_attention(q, k[:, :, :5], v, 2)
+    with pytest.raises(ValueError, match=r"Tk >= T"):
+        windowed_attention(q, k[:, :, :5], v[:, :, :5], 2)  # fewer keys than queries
+    with pytest.raises(ValueError, match=r"Tk >= T"):
+        windowed_attention(q, k, v[:, :, :5], 2)
 
 
 # ------------------------------------------------------------------------ Attention module causality
@@ -405,12 +430,13 @@ def test_flash_with_lse_gradients_gradcheck(fake_flash, window_size):
 
 
 @pytest.mark.parametrize("fake_flash", [0, 64], indirect=True)
+@pytest.mark.parametrize("past", [0, 5])
 @pytest.mark.parametrize("window", [1, 3, None])
 @pytest.mark.parametrize("prefix,extra,causal", CONTEXTS)
-def test_flash_path_matches_reference_and_torch_path(fake_flash, window, prefix, extra, causal):
+def test_flash_path_matches_reference_and_torch_path(fake_flash, window, past, prefix, extra, causal):
     """_flash_attention (lse merges + _FlashWithLSE) equals the dense reference and _torch_attention,
-    outputs and gradients wrt q, k, v, prefix, extra."""
-    q, k, v, pk, pv, ek, ev = inputs = make_inputs(11, prefix, extra, causal, seed=3)
+    outputs and gradients wrt q, k, v, prefix, extra; with `past` keys before the queries too."""
+    q, k, v, pk, pv, ek, ev = inputs = make_inputs(11, prefix, extra, causal, seed=3, past=past)
     ctx_k, ctx_v = attention._context_kv(q, pk, pv, None if causal else ek, None if causal else ev)
     causal_k, causal_v = (ek, ev) if causal else (None, None)
     out = attention._flash_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v)
@@ -529,15 +555,15 @@ def detached(inputs):
 
 
 @needs_flex
-@pytest.mark.parametrize("T", [11, 130])
+@pytest.mark.parametrize("T,past", [(11, 0), (130, 0), (11, 140), (130, 7)])
 @pytest.mark.parametrize("window", [1, 3, 12, None])
 @pytest.mark.parametrize("prefix,extra,causal", CONTEXTS)
-def test_flex_path_matches_reference(prefix, extra, causal, window, T):
+def test_flex_path_matches_reference(prefix, extra, causal, window, T, past):
     """The block mask is the layout: [prefix ‖ extra (all, or causal) ‖ sequence in the window], T past
-    one mask block (128) too. Forward only: torch runs FlexAttention's backward on CUDA alone (the GPU
-    test below and bench/gpu_step.py check it)."""
+    one mask block (128) too, and keys before the queries. Forward only: torch runs FlexAttention's
+    backward on CUDA alone (the GPU test below and bench/gpu_step.py check it)."""
     with torch.no_grad():
-        q, k, v, pk, pv, ek, ev = detached(make_inputs(T, prefix, extra, causal, seed=T, d=16))
+        q, k, v, pk, pv, ek, ev = detached(make_inputs(T, prefix, extra, causal, seed=T, d=16, past=past))
         ctx_k, ctx_v = attention._context_kv(q, pk, pv, None if causal else ek, None if causal else ev)
         causal_k, causal_v = (ek, ev) if causal else (None, None)
         out = attention._flex_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v)

@@ -5,6 +5,9 @@ Key layout seen by a query at position t (docs/DESIGN.md §3):
 
     [persistent tokens (always visible) ‖ memory tokens (all visible, or causal) ‖ sequence t-w+1 .. t]
 
+The sequence keys may start before the first query (a sequence shard's halo, a streaming cache): the
+queries are the last positions, and the positions before them are keys only.
+
 Two implementations of the same maths:
 
 * a plain torch path (any device / dtype, differentiable) that works query-block by query-block, so
@@ -150,32 +153,33 @@ def _torch_attention(
 ) -> Tensor:
     """Reference-quality attention on any device, one block of queries at a time.
 
-    A query block [s, e) needs sequence keys [s - w + 1, e) only, so each block builds a
-    (e - s) × (ctx + causal + e - s + w - 1) boolean mask; nothing is O(T²) unless window is None
-    and memory tokens are present, where each block still only needs (block × T).
+    A query block [s, e) (at key positions [s + o, e + o), o = Tk − Tq) needs sequence keys
+    [s + o − w + 1, e + o) only, so each block builds a (e − s) × (ctx + causal + e − s + w − 1) boolean
+    mask; nothing is O(T²) unless window is None, where each block still only needs (block × Tk).
     """
     B, H, T, d = q.shape
+    offset = k.shape[2] - T  # earlier keys without queries (a halo, a cache)
     scale = 1.0 / math.sqrt(d)
-    if window is not None and window >= T:
+    if window is not None and window >= k.shape[2]:
         window = None  # every key in the causal past is within the window
-    if window is None and ctx_k is None and causal_k is None:
+    if window is None and ctx_k is None and causal_k is None and offset == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
     device = q.device
     outs = []
     for s in range(0, T, block_size):
         e = min(s + block_size, T)
-        lo = 0 if window is None else max(0, s - window + 1)
-        qpos = torch.arange(s, e, device=device).unsqueeze(1)
-        kpos = torch.arange(lo, e, device=device).unsqueeze(0)
+        lo = 0 if window is None else max(0, s + offset - window + 1)
+        qpos = torch.arange(s + offset, e + offset, device=device).unsqueeze(1)
+        kpos = torch.arange(lo, e + offset, device=device).unsqueeze(0)
         seq_mask = kpos <= qpos
         if window is not None:
             seq_mask = seq_mask & (kpos > qpos - window)
-        keys, vals, masks = [k[:, :, lo:e]], [v[:, :, lo:e]], [seq_mask]
+        keys, vals, masks = [k[:, :, lo : e + offset]], [v[:, :, lo : e + offset]], [seq_mask]
         if causal_k is not None:  # memory token j is visible to query i iff j <= i
             keys.insert(0, causal_k[:, :, :e])
             vals.insert(0, causal_v[:, :, :e])
-            masks.insert(0, torch.arange(e, device=device).unsqueeze(0) <= qpos)
+            masks.insert(0, torch.arange(e, device=device).unsqueeze(0) <= qpos - offset)
         if ctx_k is not None:  # always visible
             keys.insert(0, ctx_k)
             vals.insert(0, ctx_v)
@@ -255,7 +259,9 @@ def _flash_attention(
     causal_v: Tensor | None,
 ) -> Tensor:
     """flash-attn for the sequence (and causal memory) keys, dense torch for the always-visible
-    keys, merged via log-sum-exp. Without memory/persistent tokens this is one plain flash call."""
+    keys, merged via log-sum-exp. Without memory/persistent tokens this is one plain flash call. Keys
+    longer than the queries need nothing more: flash-attn's causal mask and window are bottom-right
+    aligned (since 2.1), the queries are the last positions."""
     if ctx_k is None and causal_k is None:
         out = flash_attn_func(
             q.transpose(1, 2),
@@ -287,19 +293,20 @@ def _use_flash(q: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _flex_block_mask(length: int, n_ctx: int, n_causal: int, window: int | None, device: str):
-    """The block mask of keys [ctx ‖ causal memory ‖ sequence] for `length` queries: the layout in the
-    module docstring. Cached: every layer of a model asks for the same one."""
+def _flex_block_mask(length: int, keys: int, n_ctx: int, n_causal: int, window: int | None, device: str):
+    """The block mask of keys [ctx ‖ causal memory ‖ `keys` sequence keys] for the last `length` of
+    them as queries: the layout in the module docstring. Cached: every layer asks for the same one."""
+    offset = keys - length
 
     def visible(b, h, q, kv):
         seq = kv - n_ctx - n_causal  # position of a sequence key (negative for ctx and memory keys)
-        in_window = (seq >= 0) & (seq <= q)
+        in_window = (seq >= 0) & (seq <= q + offset)
         if window is not None:
-            in_window = in_window & (q - seq < window)
+            in_window = in_window & (q + offset - seq < window)
         memory = (kv >= n_ctx) & (seq < 0) & (kv - n_ctx <= q)  # causal memory token j: queries i >= j
         return (kv < n_ctx) | memory | in_window
 
-    return create_block_mask(visible, None, None, length, n_ctx + n_causal + length, device=device)
+    return create_block_mask(visible, None, None, length, n_ctx + n_causal + keys, device=device)
 
 
 @functools.cache
@@ -322,7 +329,7 @@ def _flex_attention(
     values = [t for t in (ctx_v, causal_v, v) if t is not None]
     n_ctx = 0 if ctx_k is None else ctx_k.shape[2]
     n_causal = 0 if causal_k is None else causal_k.shape[2]
-    mask = _flex_block_mask(q.shape[2], n_ctx, n_causal, window, str(q.device))
+    mask = _flex_block_mask(q.shape[2], k.shape[2], n_ctx, n_causal, window, str(q.device))
     attend = _compiled_flex_attention() if q.is_cuda else flex_attention_func
     return attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), block_mask=mask)
 
@@ -357,14 +364,18 @@ def windowed_attention(
 ) -> Tensor:
     """Causal sliding-window attention with optional always-visible prefix and extra tokens.
 
-    q, k, v: (B, H, T, d). `window=w`: query t sees sequence keys t-w+1 .. t (flash-attn
-    `window_size=(w-1, 0)`); `None` = full causal. prefix_k/v: (H, P, d), shared over the batch,
-    visible to every query. extra_k/v: (B, H, N, d), visible to every query, or if `extra_causal`
-    (needs N == T) extra token j only to queries i >= j. Scale 1/sqrt(d). Returns (B, H, T, d).
-    `block_size` is the query block of the torch path (memory O(T·(block_size + w))).
+    q: (B, H, T, d); k, v: (B, H, Tk, d) with Tk >= T: the queries are the last T of the Tk positions
+    (the earlier Tk − T are keys only: a sequence shard's halo, a streaming cache's past, whose queries
+    would be thrown away). `window=w`: the query at position t sees sequence keys t-w+1 .. t (flash-attn
+    `window_size=(w-1, 0)`, bottom-right aligned); `None` = full causal. prefix_k/v: (H, P, d), shared
+    over the batch, visible to every query. extra_k/v: (B, H, N, d), visible to every query, or if
+    `extra_causal` (needs N == T) extra token j only to queries i >= j. Scale 1/sqrt(d). Returns
+    (B, H, T, d). `block_size` is the query block of the torch path (memory O(T·(block_size + w))).
     """
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be (B, H, T, d) alike, got {q.shape}, {k.shape}, {v.shape}")
+    if (q.dim() != 4 or k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]
+            or k.shape[2] < q.shape[2] or v.shape[:3] != k.shape[:3]):
+        raise ValueError(f"q (B, H, T, d), k and v (B, H, Tk >= T, d) expected, got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
     if (prefix_k is None) != (prefix_v is None) or (extra_k is None) != (extra_v is None):
@@ -441,12 +452,15 @@ class Attention(nn.Module):
         positions = torch.arange(position_offset, position_offset + x.shape[1], device=x.device)
         return self.attend(*self.project(x, positions), memory_tokens, memory_tokens_causal)
 
-    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (B, H, T, d) of x (B, T, dim), RoPE applied at `positions` (T,). Apart from `attend`
-        so that MAC projects all its segments at once: they do not depend on the memory."""
-        q, k, v = (self._split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, q.dtype, x.device)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    def project(self, x: Tensor, positions: Tensor, queries: bool = True
+                ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """q, k, v (B, H, T, d) of x (B, T, dim), RoPE applied at `positions` (T,); q is None without
+        `queries` (positions that are keys only). Apart from `attend` so that MAC projects all its
+        segments at once: they do not depend on the memory."""
+        k, v = self._split_heads(self.to_k(x)), self._split_heads(self.to_v(x))
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, k.dtype, x.device)
+        q = apply_rope(self._split_heads(self.to_q(x)), cos, sin) if queries else None
+        return q, apply_rope(k, cos, sin), v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, memory_tokens: Tensor | None = None,
                memory_tokens_causal: bool = False) -> Tensor:

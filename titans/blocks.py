@@ -51,11 +51,15 @@ class OutputGate(nn.Module):
 
 def attend(attn: Attention, x: Tensor, past: Tensor | None, start: int) -> Tensor:
     """Attention over x (x[:, 0] at sequence position `start`), with the normed inputs of the positions
-    before it (if any) as extra keys. Positions are absolute: queries meet the persistent keys, which
-    carry no position, at their true rotation."""
+    before it (if any) as extra keys: their keys and values only, no queries (a halo's or a cache's
+    outputs are not wanted). Positions are absolute: queries meet the persistent keys, which carry no
+    position, at their true rotation."""
     if past is None:
         return attn(x, position_offset=start)
-    return attn(torch.cat([past, x], dim=1), position_offset=start - past.shape[1])[:, past.shape[1] :]
+    q, k, v = attn.project(x, torch.arange(start, start + x.shape[1], device=x.device))
+    _, past_k, past_v = attn.project(past, torch.arange(start - past.shape[1], start, device=x.device),
+                                     queries=False)
+    return attn.attend(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
 
 
 def make_memory(cfg: TitansConfig) -> NeuralMemory:
