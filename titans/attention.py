@@ -452,15 +452,15 @@ class Attention(nn.Module):
         positions = torch.arange(position_offset, position_offset + x.shape[1], device=x.device)
         return self.attend(*self.project(x, positions), memory_tokens, memory_tokens_causal)
 
-    def project(self, x: Tensor, positions: Tensor, queries: bool = True
-                ) -> tuple[Tensor | None, Tensor, Tensor]:
-        """q, k, v (B, H, T, d) of x (B, T, dim), RoPE applied at `positions` (T,); q is None without
-        `queries` (positions that are keys only). Apart from `attend` so that MAC projects all its
-        segments at once: they do not depend on the memory."""
+    def project(self, x: Tensor, positions: Tensor, keys_only: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """k, v (B, H, T, d) of x (B, T, dim) and q of all but its first `keys_only` positions (earlier
+        positions whose outputs are not wanted: a halo, a cache), RoPE applied at `positions` (T,).
+        Apart from `attend` so that MAC projects all its segments at once: they do not depend on the
+        memory."""
         k, v = self._split_heads(self.to_k(x)), self._split_heads(self.to_v(x))
+        q = self._split_heads(self.to_q(x[:, keys_only:]))
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, k.dtype, x.device)
-        q = apply_rope(self._split_heads(self.to_q(x)), cos, sin) if queries else None
-        return q, apply_rope(k, cos, sin), v
+        return apply_rope(q, cos[keys_only:], sin[keys_only:]), apply_rope(k, cos, sin), v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, memory_tokens: Tensor | None = None,
                memory_tokens_causal: bool = False) -> Tensor:

@@ -56,10 +56,9 @@ def attend(attn: Attention, x: Tensor, past: Tensor | None, start: int) -> Tenso
     position, at their true rotation."""
     if past is None:
         return attn(x, position_offset=start)
-    q, k, v = attn.project(x, torch.arange(start, start + x.shape[1], device=x.device))
-    _, past_k, past_v = attn.project(past, torch.arange(start - past.shape[1], start, device=x.device),
-                                     queries=False)
-    return attn.attend(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
+    rows = past.shape[1]
+    positions = torch.arange(start - rows, start + x.shape[1], device=x.device)
+    return attn.attend(*attn.project(torch.cat([past, x], dim=1), positions, keys_only=rows))
 
 
 def make_memory(cfg: TitansConfig) -> NeuralMemory:
