@@ -21,8 +21,11 @@ attention stays inside its segment, segments align with shards), and SWA, MAG an
 sliding-window attention also reads a halo: the previous shard's last w − 1 attention inputs, sent
 forward with the state, their gradient sent back into that shard's backward of the same layer. The
 halo is exchanged between `Block.before_halo` and `Block.after_halo`: at the block input for SWA and
-MAG, after the memory layer for MAL (whose attention reads the memory layer's output). Full attention
-needs a ring: not built, refused by the config check.
+MAG, after the memory layer for MAL (whose attention reads the memory layer's output). Full causal
+attention reads every earlier row: its halo is all of them, relayed along the same chain (rank r sends
+r − 1's halo with its own rows appended), so rank r receives r shards' attention inputs and projects
+their keys and values, never their queries. Rank r does r + 1 shards' attention, as in context
+parallelism without load balancing: contiguous shards are what the memory's relay needs.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from parallel.pipeline import HeadLossSum
 from titans.memory import MemoryState
 from titans.model import TitansLM
 
-SP_BLOCKS = ("lmm", "mac", "swa", "mag", "mal")  # the blocks sequence parallelism runs today
 HALO_BLOCKS = ("swa", "mag", "mal")  # sliding-window attention over the shard boundary: w − 1 rows of halo
 BACKWARD_TAG = 1 << 20
 
@@ -103,9 +105,12 @@ class SequenceShards:
             work.wait()
         self.pending.clear()
 
-    def halo_rows(self, name: str) -> int:
-        """Rows of attention halo block `name` needs from the previous shard (0: none)."""
+    def halo_rows(self, name: str, shard: int) -> int:
+        """Rows of attention halo block `name` needs from the previous shards (0: none), shards being
+        `shard` rows long: w − 1 for sliding-window attention, every earlier row for full attention."""
         kind = self.model.cfg.layer_kinds[int(name)]
+        if kind == "full":
+            return self.mesh.sp_rank * shard
         return self.model.cfg.window - 1 if kind in HALO_BLOCKS else 0
 
     def forward_blocks(self, x: Tensor, grad: bool) -> tuple[Tensor, list]:
@@ -116,11 +121,12 @@ class SequenceShards:
         records = []
         every = int(self.model.checkpoint_blocks) if grad else 0  # train.activation_checkpointing(_every)
         for name, block in self.model.blocks.items():
+            full = self.model.cfg.layer_kinds[int(name)] == "full"
             # checkpointed: each half keeps its inputs only and reruns in backward; the relay's sends and
             # receives sit between the halves, so a rerun never sends again
             run = checkpointed if every and int(name) % every == 0 else called
             x_in = x.detach().requires_grad_(grad)
-            tag, halo = int(name) * 64, self.halo_rows(name)
+            tag, halo = int(name) * 64, self.halo_rows(name, x.shape[1])
             incoming = None
             if self.prev is not None and block.has_memory:
                 incoming = self._recv(state_template(self.model, name, x.shape[0], x.device), tag, self.prev)
@@ -131,13 +137,12 @@ class SequenceShards:
                 state = state_from(incoming, block.memory.depth, start // block.memory.chunk_size)
             h, state = run(block.before_halo, x_in, state)
             past = sent = None
-            if halo:  # our last w − 1 attention inputs go to the next shard, ours come from the previous
-                if self.next is not None:
-                    sent = h[:, -halo:]
-                    self._send([sent], tag + 63)
-                if self.prev is not None:
-                    (past,) = self._recv([h.new_empty(h.shape[0], halo, h.shape[2])], tag + 63, self.prev)
-                    past.requires_grad_(grad)
+            if halo and self.prev is not None:  # the earlier rows our attention reads
+                (past,) = self._recv([h.new_empty(h.shape[0], halo, h.shape[2])], tag + 63, self.prev)
+                past.requires_grad_(grad)
+            if self.next is not None and (halo or full):  # the next shard's: our last w − 1, or all rows
+                sent = (h if past is None else torch.cat([past, h], dim=1)) if full else h[:, -halo:]
+                self._send([sent], tag + 63)
             x, out_state = run(block.after_halo, h, state, past, start)
             outgoing = state_tensors(out_state) if out_state is not None else []
             if self.next is not None:

@@ -556,16 +556,9 @@ def validate_eval_tasks(cfg: RunConfig) -> None:
 
 
 def validate_sequence_parallel(cfg: RunConfig) -> None:
-    """sp > 1: blocks the relay runs, equal micro-batches under a pipeline, and shards aligned to chunks
-    and MAC segments."""
+    """sp > 1: equal micro-batches under a pipeline, shards aligned to chunks and MAC segments, and
+    windows within a shard."""
     p, m = cfg.parallel, cfg.model
-    from parallel.sequence import SP_BLOCKS
-
-    other = sorted(set(m.layer_kinds) - set(SP_BLOCKS))
-    if other:
-        raise ConfigError(f"parallel.sp={p.sp} with model.layers={m.layers!r}: sequence parallelism runs "
-                          f"{', '.join(SP_BLOCKS)} blocks ({', '.join(other)}: full attention over shards "
-                          "needs ring attention, not built); use parallel.sp=1")
     if p.pp > 1:
         microbatches = p.pp_microbatches or 2 * p.pp
         if cfg.data.batch_size % microbatches:

@@ -462,8 +462,9 @@ SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp
          ("mal", 2, "sp2_compiled"),  # compiled: MAL's memory before the halo, the halo, and the relay
          ("mac", 2, "sp2_ckpt"), ("mag", 2, "sp2_ckpt"),
          ("mac", 2, "sp2_dp2_fsdp"), ("mal", 2, "sp2_dp2_fsdp"), ("mag", 2, "sp2_dp2_fsdp_compiled"),
-         ("mal", 2, "sp2_dp2_fsdp_ckpt"), ("mag", 2, "sp2_dp2_fsdp_accum")]
-SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa") for d in (1, 2)
+         ("mal", 2, "sp2_dp2_fsdp_ckpt"), ("mag", 2, "sp2_dp2_fsdp_accum"),
+         ("full,mac", 2, "sp4"), ("full,mag", 2, "sp2_dp2_fsdp")]  # full attention: every earlier row
+SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa", "full,mac") for d in (1, 2)
              for layout in SP_LAYOUTS if v != "swa" or d == 2] if SLOW else SP_CI)
 
 
@@ -539,8 +540,6 @@ def test_resume_under_sp_and_fsdp_continues_bitwise(sp_runs, prefix):
 
 
 @pytest.mark.parametrize("override, message", [
-    (["parallel.sp=2", "model.layers=lmm,full"],
-     "sequence parallelism runs lmm, mac, swa, mag, mal blocks (full: full attention over shards needs ring"),
     (["parallel.sp=4", "model.layers=mag", "model.window=32", "data.seq_len=64"],
      "model.window=32 reaches past the previous sequence shard (data.seq_len / parallel.sp = 16 tokens)"),
     (["parallel.sp=2", "parallel.pp=2", "parallel.pp_microbatches=4", "model.layers=lmm",

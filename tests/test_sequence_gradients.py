@@ -68,8 +68,8 @@ def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, 
 
 # (kind, sp, gradient horizon in chunks): at sp 2 a shard is 4 chunks, so horizon 3 cuts inside both
 # shards (and inside a MAC segment of 2 chunks), horizon 2 at sp 4 at every shard's start.
-CASES = [(kind, 2, None) for kind in ("lmm", "mac", "mag", "mal", "swa")] + [
-    ("mac,mal", 4, None), ("mac,mag", 2, 3), ("lmm,mal", 4, 2)]
+CASES = [(kind, 2, None) for kind in ("lmm", "mac", "mag", "mal", "swa", "full")] + [
+    ("mac,mal", 4, None), ("mac,mag", 2, 3), ("lmm,mal", 4, 2), ("full,mal", 4, None)]
 
 
 @pytest.mark.parametrize("kind, world, horizon", CASES)
