@@ -75,6 +75,21 @@ def test_full_attention_cache_grows() -> None:  # honest: a full-attention layer
     assert long.nbytes() > short.nbytes()
 
 
+@pytest.mark.parametrize("layers", ["swa", "full", "mag"])
+def test_a_new_token_projects_keys_for_itself_only(layers: str) -> None:
+    """The cache holds keys and values (a KV cache): a generated token's attention projects its own row,
+    not the window's or the context's again (the memory blocks rerun their open chunk, < 4 rows here)."""
+    model = tiny(layers)
+    rows: list[int] = []
+    model.blocks["0"].attn.to_k.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    _, cache = stream_step(model, torch.randint(0, 41, (1, 64)))
+    rows.clear()
+    for token in torch.randint(0, 41, (8, 1, 1)):
+        _, cache = stream_step(model, token, cache)
+    per_token = sum(rows) / 8
+    assert per_token <= (2 if layers != "mag" else 2 + commit_every(model.cfg)), rows
+
+
 def test_greedy_generation_equals_argmax_of_whole_sequence() -> None:
     model = tiny("mag")
     prompt = torch.randint(0, 41, (2, 11))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -396,6 +397,14 @@ def windowed_attention(
     return _torch_attention(q, k, v, window, ctx_k, ctx_v, causal_k, causal_v, block_size)
 
 
+class KeyValues(NamedTuple):
+    """Keys and values (B, H, n, d) of n earlier positions, RoPE applied: a streaming cache's past, so
+    that a new token does not project the window (or, for full attention, the whole context) again."""
+
+    k: Tensor
+    v: Tensor
+
+
 class Attention(nn.Module):
     """Multi-head causal (sliding-window) attention with RoPE and persistent memory.
 
@@ -458,7 +467,7 @@ class Attention(nn.Module):
         Apart from `attend` so that MAC projects all its segments at once: they do not depend on the
         memory."""
         k, v = self._split_heads(self.to_k(x)), self._split_heads(self.to_v(x))
-        q = self._split_heads(self.to_q(x[:, keys_only:]))
+        q = self._split_heads(self.to_q(x[:, keys_only:])) if keys_only < x.shape[1] else k[:, :, :0]
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, k.dtype, x.device)
         return apply_rope(q, cos[keys_only:], sin[keys_only:]), apply_rope(k, cos, sin), v
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans.attention import Attention
+from titans.attention import Attention, KeyValues
 from titans.memory import MemoryState, NeuralMemory
 
 if TYPE_CHECKING:
@@ -49,13 +49,21 @@ class OutputGate(nn.Module):
         return self.norm_attn(attn) * torch.sigmoid(self.norm_memory(memory))
 
 
-def attend(attn: Attention, x: Tensor, past: Tensor | None, start: int) -> Tensor:
-    """Attention over x (x[:, 0] at sequence position `start`), with the normed inputs of the positions
-    before it (if any) as extra keys: their keys and values only, no queries (a halo's or a cache's
-    outputs are not wanted). Positions are absolute: queries meet the persistent keys, which carry no
-    position, at their true rotation."""
+# What a block's attention reads of the positions before its input: their (normed) attention inputs (a
+# sequence shard's halo), their keys and values (a streaming cache), or nothing.
+Past = Tensor | KeyValues | None
+
+
+def attend(attn: Attention, x: Tensor, past: Past, start: int) -> Tensor:
+    """Attention over x (x[:, 0] at sequence position `start`), with the positions before it (if any) as
+    extra keys: their keys and values only, no queries (a halo's or a cache's outputs are not wanted).
+    Positions are absolute: queries meet the persistent keys, which carry no position, at their true
+    rotation."""
     if past is None:
         return attn(x, position_offset=start)
+    if isinstance(past, KeyValues):
+        q, k, v = attn.project(x, torch.arange(start, start + x.shape[1], device=x.device))
+        return attn.attend(q, torch.cat([past.k, k], dim=2), torch.cat([past.v, v], dim=2))
     rows = past.shape[1]
     positions = torch.arange(start - rows, start + x.shape[1], device=x.device)
     return attn.attend(*attn.project(torch.cat([past, x], dim=1), positions, keys_only=rows))
@@ -90,21 +98,21 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+    def mix(self, x: Tensor, state: MemoryState | None, past: Past = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, state: MemoryState | None = None, past: Tensor | None = None,
+    def forward(self, x: Tensor, state: MemoryState | None = None, past: Past = None,
                 start: int = 0) -> tuple[Tensor, MemoryState | None]:
-        """`past`: the attention inputs of the positions just before x (a sequence shard's halo, a
-        streaming cache's window); sliding-window attention sees them as keys, nothing else reads them.
+        """`past`: the attention inputs of the positions just before x (a sequence shard's halo), or their
+        keys and values (a streaming cache's window); attention sees them as keys, nothing else reads them.
         `start`: the sequence position of x[:, 0], for the attention's rotary positions."""
         x, state, _ = self.run(x, state, past, start)
         return x, state
 
-    def run(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+    def run(self, x: Tensor, state: MemoryState | None, past: Past = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None, Tensor]:
-        """`forward`, plus the attention inputs of x's positions: what a later call's `past` must hold."""
+        """`forward`, plus the attention inputs of x's positions: a later call's `past` (or its keys)."""
         h, state = self.before_halo(x, state)
         out, state = self.after_halo(h, state, past, start)
         return out, state, h
@@ -114,10 +122,12 @@ class Block(nn.Module):
         block input; MAL overrides it with its memory layer. (Sequence shards exchange the halo here.)"""
         return x, state
 
-    def after_halo(self, h: Tensor, state: MemoryState | None, past: Tensor | None, start: int
+    def after_halo(self, h: Tensor, state: MemoryState | None, past: Past, start: int
                    ) -> tuple[Tensor, MemoryState | None]:
         """The token mixer and the FFN, from the attention input h and the earlier positions' `past`."""
-        mixed, state = self.mix(self.mix_norm(h), state, None if past is None else self.mix_norm(past), start)
+        if isinstance(past, Tensor):
+            past = self.mix_norm(past)
+        mixed, state = self.mix(self.mix_norm(h), state, past, start)
         h = h + mixed
         return h + self.ffn(self.ffn_norm(h)), state
 
@@ -137,7 +147,7 @@ class AttentionBlock(Block):
         n_persistent = cfg.n_persistent if window is not None else 0
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, window, n_persistent, cfg.rope_base)
 
-    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+    def mix(self, x: Tensor, state: MemoryState | None, past: Past = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:
         return attend(self.attn, x, past, start), state
 
@@ -151,7 +161,7 @@ class LMMBlock(Block):
         super().__init__(cfg)
         self.memory = make_memory(cfg)
 
-    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+    def mix(self, x: Tensor, state: MemoryState | None, past: Past = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:
         return self.memory(x, state)
 
@@ -171,7 +181,7 @@ class MALBlock(Block):
         memory_out, state = self.memory(self.memory_norm(x), state)
         return x + memory_out, state  # the attention's input: `past` holds earlier positions' of it
 
-    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+    def mix(self, x: Tensor, state: MemoryState | None, past: Past = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:
         return attend(self.attn, x, past, start), state
 
@@ -187,7 +197,7 @@ class MAGBlock(Block):
         self.memory = make_memory(cfg)
         self.gate = OutputGate(cfg.dim, cfg.norm_eps)
 
-    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+    def mix(self, x: Tensor, state: MemoryState | None, past: Past = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:
         memory_out, state = self.memory(x, state)
         return self.gate(attend(self.attn, x, past, start), memory_out), state
@@ -260,7 +270,7 @@ class MACBlock(Block):
         y, read, end = self.segment_region(self, segment, query, q, k, v, replace(state, chunks=phase))
         return y, read, replace(end, chunks=end.chunks - phase + state.chunks)
 
-    def mix(self, x: Tensor, state: MemoryState | None, past: Tensor | None = None, start: int = 0
+    def mix(self, x: Tensor, state: MemoryState | None, past: Past = None, start: int = 0
             ) -> tuple[Tensor, MemoryState | None]:  # segments are attention-local: no halo
         if state is None:
             state = self.memory.initial_state(x.shape[0])

@@ -2,7 +2,7 @@
 
 A sequence fed in pieces must give the logits it gives fed whole. Three things cross a cut:
   - the long-term memory (weights, momentum, conv history): `MemoryState`;
-  - sliding-window attention's last `w − 1` inputs (MAL: the memory layer's output, its attention input);
+  - sliding-window attention's last `w − 1` keys and values (a KV cache: each position is projected once);
   - the open chunk / MAC segment: the memory updates, and MAC attends, a whole chunk / segment at a time,
     so the positions after the last boundary are not yet in the state.
 
@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from titans.attention import KeyValues
+from titans.blocks import Block
 from titans.memory import MemoryState
 from titans.model import TitansConfig, TitansLM
 
@@ -41,21 +43,29 @@ def commit_every(cfg: TitansConfig) -> int:
 
 
 def halo_length(kind: str, cfg: TitansConfig) -> int | None:
-    """How many past attention inputs a layer keeps: w − 1 for windowed attention, all (None) for full
-    attention, none for MAC (its attention stays inside a segment) and LMM."""
+    """How many past positions' keys and values a layer keeps: w − 1 for windowed attention, all (None)
+    for full attention, none for MAC (its attention stays inside a segment) and LMM."""
     if kind in WINDOWED:
         return cfg.window - 1
     return None if kind == "full" else 0
 
 
+def attention_keys(block: Block, h: Tensor, start: int) -> KeyValues:
+    """The keys and values `block`'s attention takes from its attention inputs h (B, n, dim) at positions
+    start .. start + n − 1 (no queries)."""
+    positions = torch.arange(start, start + h.shape[1], device=h.device)
+    _, k, v = block.attn.project(block.mix_norm(h), positions, keys_only=h.shape[1])
+    return KeyValues(k, v)
+
+
 @dataclass
 class LayerCache:
     state: MemoryState | None = None  # the memory at the committed position (None: attention only)
-    past: Tensor | None = None  # attention inputs just before the committed position (B, ≤ w − 1, dim)
+    past: KeyValues | None = None  # keys, values just before the committed position (B, H, ≤ w − 1, d)
     tail: Tensor | None = None  # block inputs since the committed position (B, < commit_every, dim)
 
     def tensors(self) -> list[Tensor]:
-        found = [t for t in (self.past, self.tail) if t is not None]
+        found = [*([] if self.past is None else self.past), *([] if self.tail is None else [self.tail])]
         if self.state is not None:
             found += [*self.state.weights, *self.state.momentum]
             found += [] if self.state.conv is None else [self.state.conv]
@@ -66,7 +76,7 @@ class LayerCache:
         if state is not None:
             state = MemoryState([fn(w) for w in state.weights], [fn(s) for s in state.momentum],
                                 None if state.conv is None else fn(state.conv), state.chunks)
-        return LayerCache(state, None if self.past is None else fn(self.past),
+        return LayerCache(state, None if self.past is None else KeyValues(*map(fn, self.past)),
                           None if self.tail is None else fn(self.tail))
 
 
@@ -91,10 +101,13 @@ class StreamCache:
         return StreamCache([layer.map(fn) for layer in self.layers], self.committed, self.pending)
 
 
-def _keep_last(t: Tensor | None, n: int | None) -> Tensor | None:
-    if t is None or n is None:
-        return t
-    return t[:, max(0, t.shape[1] - n) :] if n > 0 else None
+def _keep_last(past: KeyValues | None, new: KeyValues, n: int | None) -> KeyValues:
+    """The last n (None: all) positions' keys and values of past followed by new."""
+    if past is not None:
+        new = KeyValues(torch.cat([past.k, new.k], dim=2), torch.cat([past.v, new.v], dim=2))
+    if n is None or new.k.shape[2] <= n:
+        return new
+    return KeyValues(new.k[:, :, -n:], new.v[:, :, -n:])
 
 
 def _cat(a: Tensor | None, b: Tensor) -> Tensor:
@@ -124,7 +137,11 @@ def stream_step(model: TitansLM, tokens: Tensor, cache: StreamCache | None = Non
         state, past, outputs = layer.state, layer.past, []
         if commit:
             out, state, attn_in = block.run(inputs[:, :commit], state, past, cache.committed)
-            past = _keep_last(_cat(past, attn_in), halo_length(kind, cfg))
+            keep = halo_length(kind, cfg)
+            if keep != 0:  # the keys of the positions a later call's attention reads: projected once
+                rows = commit if keep is None else min(keep, commit)
+                new = attention_keys(block, attn_in[:, commit - rows :], cache.committed + commit - rows)
+                past = _keep_last(past, new, keep)
             outputs.append(out)
         if commit < total:
             outputs.append(block.run(inputs[:, commit:], state, past, cache.committed + commit)[0])
