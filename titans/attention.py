@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 try:  # optional GPU extra (`pip install .[gpu]`)
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -166,34 +167,47 @@ def _torch_attention(
     if window is None and ctx_k is None and causal_k is None and offset == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
-    device = q.device
+    # Full attention with earlier keys (a sequence shard's halo of every earlier row): a block's masked
+    # SDPA keeps its (block × Tk) probabilities for backward, more than the shard's own attention would;
+    # recomputing them in backward keeps only views of the inputs.
+    recompute = window is None and offset > 0 and torch.is_grad_enabled()
     outs = []
     for s in range(0, T, block_size):
         e = min(s + block_size, T)
         lo = 0 if window is None else max(0, s + offset - window + 1)
-        qpos = torch.arange(s + offset, e + offset, device=device).unsqueeze(1)
-        kpos = torch.arange(lo, e + offset, device=device).unsqueeze(0)
-        seq_mask = kpos <= qpos
-        if window is not None:
-            seq_mask = seq_mask & (kpos > qpos - window)
-        keys, vals, masks = [k[:, :, lo : e + offset]], [v[:, :, lo : e + offset]], [seq_mask]
-        if causal_k is not None:  # memory token j is visible to query i iff j <= i
-            keys.insert(0, causal_k[:, :, :e])
-            vals.insert(0, causal_v[:, :, :e])
-            masks.insert(0, torch.arange(e, device=device).unsqueeze(0) <= qpos - offset)
-        if ctx_k is not None:  # always visible
-            keys.insert(0, ctx_k)
-            vals.insert(0, ctx_v)
-            masks.insert(0, torch.ones(e - s, ctx_k.shape[2], dtype=torch.bool, device=device))
-        out = F.scaled_dot_product_attention(
-            q[:, :, s:e],
-            torch.cat(keys, dim=2),
-            torch.cat(vals, dim=2),
-            attn_mask=torch.cat(masks, dim=1),
-            scale=scale,
-        )
-        outs.append(out)
+        causal = (None, None) if causal_k is None else (causal_k[:, :, :e], causal_v[:, :, :e])
+        args = (q[:, :, s:e], k[:, :, lo : e + offset], v[:, :, lo : e + offset], ctx_k, ctx_v, *causal,
+                s + offset - lo, window, scale)
+        outs.append(checkpoint(_query_block, *args, use_reentrant=False) if recompute
+                    else _query_block(*args))
     return torch.cat(outs, dim=2)
+
+
+def _query_block(q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor | None, ctx_v: Tensor | None,
+                 causal_k: Tensor | None, causal_v: Tensor | None, first: int, window: int | None,
+                 scale: float) -> Tensor:
+    """One block of queries of `_torch_attention`: q (B, H, n, d) at key positions first .. first + n − 1
+    of the sequence keys k, v given (the block's range, starting at the block's lowest visible key);
+    `causal_k` holds the memory tokens up to the block's last query."""
+    n, device = q.shape[2], q.device
+    qpos = torch.arange(first, first + n, device=device).unsqueeze(1)
+    kpos = torch.arange(k.shape[2], device=device).unsqueeze(0)
+    seq_mask = kpos <= qpos
+    if window is not None:
+        seq_mask = seq_mask & (kpos > qpos - window)
+    keys, vals, masks = [k], [v], [seq_mask]
+    if causal_k is not None:  # memory token j is visible to query i iff j <= i: the last n are the block's
+        keys.insert(0, causal_k)
+        vals.insert(0, causal_v)
+        e = causal_k.shape[2]
+        masks.insert(0, torch.arange(e, device=device).unsqueeze(0) <= torch.arange(e - n, e, device=device)
+                     .unsqueeze(1))
+    if ctx_k is not None:  # always visible
+        keys.insert(0, ctx_k)
+        vals.insert(0, ctx_v)
+        masks.insert(0, torch.ones(n, ctx_k.shape[2], dtype=torch.bool, device=device))
+    return F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(vals, dim=2),
+                                          attn_mask=torch.cat(masks, dim=1), scale=scale)
 
 
 # --------------------------------------------------------------------------------------- flash path
