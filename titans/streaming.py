@@ -63,9 +63,14 @@ class LayerCache:
     state: MemoryState | None = None  # the memory at the committed position (None: attention only)
     past: KeyValues | None = None  # keys, values just before the committed position (B, H, ≤ w − 1, d)
     tail: Tensor | None = None  # block inputs since the committed position (B, < commit_every, dim)
+    # Where the tail's rows need not be rerun (`reads_open_rows`): their keys and values, and the memory's
+    # conv history at the tail's end, so that new rows continue from them.
+    tail_keys: KeyValues | None = None
+    tail_conv: Tensor | None = None
 
     def tensors(self) -> list[Tensor]:
-        found = [*([] if self.past is None else self.past), *([] if self.tail is None else [self.tail])]
+        found = [t for kv in (self.past, self.tail_keys) if kv is not None for t in kv]
+        found += [t for t in (self.tail, self.tail_conv) if t is not None]
         if self.state is not None:
             found += [*self.state.weights, *self.state.momentum]
             found += [] if self.state.conv is None else [self.state.conv]
@@ -76,8 +81,12 @@ class LayerCache:
         if state is not None:
             state = MemoryState([fn(w) for w in state.weights], [fn(s) for s in state.momentum],
                                 None if state.conv is None else fn(state.conv), state.chunks)
-        return LayerCache(state, None if self.past is None else KeyValues(*map(fn, self.past)),
-                          None if self.tail is None else fn(self.tail))
+
+        def keys(kv: KeyValues | None) -> KeyValues | None:
+            return None if kv is None else KeyValues(*map(fn, kv))
+
+        return LayerCache(state, keys(self.past), None if self.tail is None else fn(self.tail),
+                          keys(self.tail_keys), None if self.tail_conv is None else fn(self.tail_conv))
 
 
 @dataclass
@@ -101,13 +110,26 @@ class StreamCache:
         return StreamCache([layer.map(fn) for layer in self.layers], self.committed, self.pending)
 
 
+def _join(past: KeyValues | None, new: KeyValues | None) -> KeyValues | None:
+    if past is None or new is None:
+        return new if past is None else past
+    return KeyValues(torch.cat([past.k, new.k], dim=2), torch.cat([past.v, new.v], dim=2))
+
+
 def _keep_last(past: KeyValues | None, new: KeyValues, n: int | None) -> KeyValues:
     """The last n (None: all) positions' keys and values of past followed by new."""
-    if past is not None:
-        new = KeyValues(torch.cat([past.k, new.k], dim=2), torch.cat([past.v, new.v], dim=2))
+    new = _join(past, new)
     if n is None or new.k.shape[2] <= n:
         return new
     return KeyValues(new.k[:, :, -n:], new.v[:, :, -n:])
+
+
+def reads_open_rows(cfg: TitansConfig) -> bool:
+    """Whether a layer's rows after the committed position can run without rerunning the earlier ones:
+    the memory reads them from the committed state (chunk-causal reads, DESIGN §2.2) and attention from
+    cached keys. True unless the model has MAC: its segment attends to its own memory tokens, and its
+    boundary (lcm with the segment) puts memory chunk boundaries of the other layers inside the tail."""
+    return "mac" not in cfg.layer_kinds
 
 
 def _cat(a: Tensor | None, b: Tensor) -> Tensor:
@@ -119,7 +141,9 @@ def stream_step(model: TitansLM, tokens: Tensor, cache: StreamCache | None = Non
                 ) -> tuple[Tensor, StreamCache]:
     """Logits (B, T, vocab) of `tokens`, the continuation of whatever `cache` has seen; the new cache.
 
-    Each layer reruns its tail (fewer than `commit_every` tokens) with the new tokens: the price of
+    At a boundary each layer runs its tail (fewer than `commit_every` tokens) with the new tokens from
+    the committed state: the chunk's memory update needs them all. Between boundaries a layer runs the
+    new tokens only (`reads_open_rows`), or, in a model with MAC, reruns its tail with them: the price of
     exactness for chunked memory updates, constant per token.
     """
     cfg = model.cfg
@@ -131,22 +155,38 @@ def stream_step(model: TitansLM, tokens: Tensor, cache: StreamCache | None = Non
     total = cache.pending + T
     commit = total - total % unit  # of the positions from `cache.committed`: those completing boundaries
     x = model.embed(tokens)
-    layers = []
+    layers, incremental = [], reads_open_rows(cfg)
     for kind, block, layer in zip(kinds, model.blocks.values(), cache.layers, strict=True):
         inputs = _cat(layer.tail, x)  # block inputs from the committed position on
         state, past, outputs = layer.state, layer.past, []
+        keep = halo_length(kind, cfg)  # 0: no attention across calls
+        tail_keys, tail_conv = layer.tail_keys, layer.tail_conv
         if commit:
             out, state, attn_in = block.run(inputs[:, :commit], state, past, cache.committed)
-            keep = halo_length(kind, cfg)
             if keep != 0:  # the keys of the positions a later call's attention reads: projected once
                 rows = commit if keep is None else min(keep, commit)
                 new = attention_keys(block, attn_in[:, commit - rows :], cache.committed + commit - rows)
                 past = _keep_last(past, new, keep)
             outputs.append(out)
-        if commit < total:
+        if commit or layer.tail is None:  # the open rows start at the committed position
+            tail_keys, tail_conv = None, None if state is None else state.conv
+        if commit < total and incremental:  # only the rows not run yet, from the tail's keys and conv
+            first, read = max(commit, total - T), None
+            if block.has_memory:  # the committed weights (reads are chunk-causal), the tail end's conv
+                base = state if state is not None else block.memory.initial_state(x.shape[0])
+                read = MemoryState(base.weights, base.momentum, tail_conv, base.chunks)
+            out, end, attn_in = block.run(inputs[:, first:], read, _join(past, tail_keys),
+                                          cache.committed + first)
+            outputs.append(out)
+            if keep != 0:
+                tail_keys = _join(tail_keys, attention_keys(block, attn_in, cache.committed + first))
+            tail_conv = None if end is None else end.conv
+        elif commit < total:
             outputs.append(block.run(inputs[:, commit:], state, past, cache.committed + commit)[0])
-        x = torch.cat(outputs, dim=1)[:, total - T :]
-        layers.append(LayerCache(state, past, inputs[:, commit:] if commit < total else None))
+        x = torch.cat(outputs, dim=1)[:, -T:]
+        open_rows = commit < total
+        layers.append(LayerCache(state, past, inputs[:, commit:] if open_rows else None,
+                                 tail_keys if open_rows else None, tail_conv if open_rows else None))
     logits = model.head(model.norm(x))
     return logits, StreamCache(layers, cache.committed + commit, total - commit)
 
