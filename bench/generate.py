@@ -2,6 +2,7 @@
 
     python bench/generate.py                       # tiny config, 1K / 8K / 64K tokens of context
     python bench/generate.py --contexts 1024 8192 --new-tokens 64 --layers mac swa full
+    python bench/generate.py --contexts 2048 --model dim=512 n_heads=8 window=512 memory_chunk=64
 
 Each (model, context) runs in its own process so its peak resident memory is its own: the context is
 scored in pieces through the streaming cache, then `--new-tokens` tokens are generated greedily. Full
@@ -19,20 +20,21 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(layers: str, context: int, new_tokens: int, threads: int) -> dict:
+def measure(layers: str, context: int, new_tokens: int, threads: int, model_fields: dict) -> dict:
     """One run, in this process: scoring tokens/s, generation tokens/s, cache MiB, peak RSS MiB."""
     import torch
-    import yaml
 
     from titans.model import TitansConfig, TitansLM
     from titans.streaming import stream_step
 
     torch.set_num_threads(threads)
     fields = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"]
-    model = TitansLM(TitansConfig(**{**fields, "layers": layers})).eval()
+    model = TitansLM(TitansConfig(**{**fields, **model_fields, "layers": layers})).eval()
     tokens = torch.randint(0, 256, (1, context))
     started, cache = time.perf_counter(), None
     for piece in tokens.split(2048, dim=1):  # keep only the last piece's logits: memory is the cache's
@@ -56,19 +58,29 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 65536])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="model fields over configs/tiny.yaml's, e.g. dim=512 window=512")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     args = parser.parse_args()
+    model_fields = {}
+    for item in args.model:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--model takes FIELD=VALUE, got {item!r}")
+        model_fields[field] = yaml.safe_load(value)
     if args.one:
         layers, context = args.one.split(":")
-        print(json.dumps(measure(layers, int(context), args.new_tokens, args.threads)))
+        print(json.dumps(measure(layers, int(context), args.new_tokens, args.threads, model_fields)))
         return
-    print(f"tiny config (configs/tiny.yaml), {args.new_tokens} new tokens, {args.threads} threads")
+    over = f", model {' '.join(args.model)}" if args.model else ""
+    print(f"tiny config (configs/tiny.yaml){over}, {args.new_tokens} new tokens, {args.threads} threads")
     print(f"{'layers':>6} {'context':>8} {'score tok/s':>12} {'gen tok/s':>10} {'cache MiB':>10} "
           f"{'peak RSS MiB':>13}")
     for layers in args.layers:
         for context in args.contexts:
             done = subprocess.run([sys.executable, __file__, "--one", f"{layers}:{context}", "--new-tokens",
-                                   str(args.new_tokens), "--threads", str(args.threads)],
+                                   str(args.new_tokens), "--threads", str(args.threads),
+                                   "--model", *args.model],
                                   capture_output=True, text=True, cwd=ROOT)
             if done.returncode:
                 print(f"{layers:>6} {context:>8} failed: {done.stderr.strip().splitlines()[-1]}")
