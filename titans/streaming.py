@@ -17,7 +17,6 @@ attention is the exception: its cache grows with the text, as any KV cache does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,14 +32,12 @@ from titans.model import TitansConfig, TitansLM
 WINDOWED = ("swa", "mag", "mal")  # blocks whose attention needs the last w − 1 inputs across a cut
 
 
-def commit_every(cfg: TitansConfig) -> int:
-    """The boundary at which every layer's state can move forward: memory chunks and MAC segments."""
-    unit = 1
-    if any(kind in ("mac", "mag", "mal", "lmm") for kind in cfg.layer_kinds):
-        unit = cfg.memory_chunk
-    if "mac" in cfg.layer_kinds:
-        unit = math.lcm(unit, cfg.segment_len)
-    return unit
+def commit_every(kind: str, cfg: TitansConfig) -> int:
+    """The boundary at which a layer's state moves forward: its memory chunk, MAC's segment (a multiple of
+    the chunk); every position for attention alone (its state is the window's keys)."""
+    if kind == "mac":
+        return cfg.segment_len
+    return cfg.memory_chunk if kind in ("mag", "mal", "lmm") else 1
 
 
 def halo_length(kind: str, cfg: TitansConfig) -> int | None:
@@ -95,12 +92,7 @@ class StreamCache:
     """Everything a model needs to continue a batch of sequences: one `LayerCache` per layer."""
 
     layers: list[LayerCache] = field(default_factory=list)
-    committed: int = 0  # tokens folded into the layers' states
-    pending: int = 0  # tokens held in the tails
-
-    @property
-    def seen(self) -> int:
-        return self.committed + self.pending
+    seen: int = 0  # tokens fed so far: each layer's state holds them but its tail
 
     def nbytes(self) -> int:
         """The cache's size: flat in the text's length unless the model has full-attention layers."""
@@ -108,7 +100,7 @@ class StreamCache:
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> StreamCache:
         """The same cache with `fn` applied to every tensor along the batch: beam reordering, repeats."""
-        return StreamCache([layer.map(fn) for layer in self.layers], self.committed, self.pending)
+        return StreamCache([layer.map(fn) for layer in self.layers], self.seen)
 
 
 def _join(past: KeyValues | None, new: KeyValues | None) -> KeyValues | None:
@@ -125,16 +117,12 @@ def _keep_last(past: KeyValues | None, new: KeyValues, n: int | None) -> KeyValu
     return KeyValues(new.k[:, :, -n:], new.v[:, :, -n:])
 
 
-def reads_open_rows(cfg: TitansConfig) -> bool:
-    """Whether a layer's rows after the committed position can run without rerunning the earlier ones:
-    the memory reads them from the committed state (chunk-causal reads, DESIGN §2.2) and attention from
-    cached keys. True unless the model has MAC: its segment attends to its own memory tokens, and its
-    boundary (lcm with the segment) puts memory chunk boundaries of the other layers inside the tail."""
-    return "mac" not in cfg.layer_kinds
-
-
-def _cat(a: Tensor | None, b: Tensor) -> Tensor:
-    return b if a is None else torch.cat([a, b], dim=1)
+def reads_open_rows(kind: str) -> bool:
+    """Whether a layer's rows after its last boundary can run without rerunning the earlier ones: the
+    memory reads them from the committed state (the open rows lie in one chunk, whose reads are
+    chunk-causal: DESIGN §2.2) and attention from cached keys. Not MAC: its open segment spans several
+    chunks, and its attention reads the segment's own memory tokens."""
+    return kind != "mac"
 
 
 @torch.no_grad()
@@ -142,54 +130,60 @@ def stream_step(model: TitansLM, tokens: Tensor, cache: StreamCache | None = Non
                 ) -> tuple[Tensor, StreamCache]:
     """Logits (B, T, vocab) of `tokens`, the continuation of whatever `cache` has seen; the new cache.
 
-    At a boundary each layer runs its tail (fewer than `commit_every` tokens) with the new tokens from
-    the committed state: the chunk's memory update needs them all. Between boundaries a layer runs the
-    new tokens only (`reads_open_rows`), or, in a model with MAC, reruns its tail with them: the price of
-    exactness for chunked memory updates, constant per token.
+    Where the new tokens complete a layer's boundaries (`commit_every`), the layer runs its tail (the
+    inputs since its last boundary) with them from the committed state: the chunk's memory update needs
+    every row. Past its last boundary a layer runs the new tokens only (`reads_open_rows`); MAC reruns its
+    open segment with them: the price of exactness for chunked updates, constant per token.
     """
-    cfg = model.cfg
-    kinds = cfg.layer_kinds
     if cache is None or not cache.layers:
-        cache = StreamCache([LayerCache() for _ in kinds])
-    unit = commit_every(cfg)
+        cache = StreamCache([LayerCache() for _ in model.cfg.layer_kinds])
     T = tokens.shape[1]
-    total = cache.pending + T
-    commit = total - total % unit  # of the positions from `cache.committed`: those completing boundaries
     x = model.embed(tokens)
-    layers, incremental = [], reads_open_rows(cfg)
-    for kind, block, layer in zip(kinds, model.blocks.values(), cache.layers, strict=True):
-        inputs = _cat(layer.tail, x)  # block inputs from the committed position on
-        state, past, outputs = layer.state, layer.past, []
-        keep = halo_length(kind, cfg)  # 0: no attention across calls
-        tail_keys, tail_conv = layer.tail_keys, layer.tail_conv
-        if commit:
-            out, state, attn_in = block.run(inputs[:, :commit], state, past, cache.committed)
-            if keep != 0:  # the keys of the positions a later call's attention reads: projected once
-                rows = commit if keep is None else min(keep, commit)
-                new = attention_keys(block, attn_in[:, commit - rows :], cache.committed + commit - rows)
-                past = _keep_last(past, new, keep)
-            outputs.append(out)
-        if commit or layer.tail is None:  # the open rows start at the committed position
-            tail_keys, tail_conv = None, None if state is None else state.conv
-        if commit < total and incremental:  # only the rows not run yet, from the tail's keys and conv
-            first, read = max(commit, total - T), None
-            if block.has_memory:  # the committed weights (reads are chunk-causal), the tail end's conv
-                base = state if state is not None else block.memory.initial_state(x.shape[0])
-                read = MemoryState(base.weights, base.momentum, tail_conv, base.chunks)
-            out, end, attn_in = block.run(inputs[:, first:], read, _join(past, tail_keys),
-                                          cache.committed + first)
-            outputs.append(out)
-            if keep != 0:
-                tail_keys = _join(tail_keys, attention_keys(block, attn_in, cache.committed + first))
-            tail_conv = None if end is None else end.conv
-        elif commit < total:
-            outputs.append(block.run(inputs[:, commit:], state, past, cache.committed + commit)[0])
-        x = torch.cat(outputs, dim=1)[:, -T:]
-        open_rows = commit < total
-        layers.append(LayerCache(state, past, inputs[:, commit:] if open_rows else None,
-                                 tail_keys if open_rows else None, tail_conv if open_rows else None))
+    layers = []
+    for kind, block, layer in zip(model.cfg.layer_kinds, model.blocks.values(), cache.layers, strict=True):
+        x, new_layer = layer_step(kind, block, model.cfg, layer, x, cache.seen)
+        layers.append(new_layer)
     logits = model.head(model.norm(x))
-    return logits, StreamCache(layers, cache.committed + commit, total - commit)
+    return logits, StreamCache(layers, cache.seen + T)
+
+
+def layer_step(kind: str, block: Block, cfg: TitansConfig, layer: LayerCache, x: Tensor, seen: int
+               ) -> tuple[Tensor, LayerCache]:
+    """One layer of `stream_step`: the outputs of its new inputs x (B, T, dim), which follow `seen`
+    positions, and its new cache."""
+    T = x.shape[1]
+    inputs = x if layer.tail is None else torch.cat([layer.tail, x], dim=1)  # from its last boundary on
+    total = inputs.shape[1]
+    committed = seen + T - total  # the position of its last boundary
+    commit = total - total % commit_every(kind, cfg)  # the rows that complete boundaries
+    state, past, outputs = layer.state, layer.past, []
+    keep = halo_length(kind, cfg)  # 0: no attention across calls
+    tail_keys, tail_conv = layer.tail_keys, layer.tail_conv
+    if commit:
+        out, state, attn_in = block.run(inputs[:, :commit], state, past, committed)
+        if keep != 0:  # the keys of the positions a later call's attention reads: projected once
+            rows = commit if keep is None else min(keep, commit)
+            new = attention_keys(block, attn_in[:, commit - rows :], committed + commit - rows)
+            past = _keep_last(past, new, keep)
+        outputs.append(out)
+    if commit or layer.tail is None:  # the open rows start at the committed position
+        tail_keys, tail_conv = None, None if state is None else state.conv
+    if commit < total and reads_open_rows(kind):  # only the rows not run yet, from the tail's keys and conv
+        first, read = max(commit, total - T), None
+        if block.has_memory:  # the committed weights (reads are chunk-causal), the tail end's conv
+            base = state if state is not None else block.memory.initial_state(x.shape[0])
+            read = MemoryState(base.weights, base.momentum, tail_conv, base.chunks)
+        out, end, attn_in = block.run(inputs[:, first:], read, _join(past, tail_keys), committed + first)
+        outputs.append(out)
+        if keep != 0:
+            tail_keys = _join(tail_keys, attention_keys(block, attn_in, committed + first))
+        tail_conv = None if end is None else end.conv
+    elif commit < total:
+        outputs.append(block.run(inputs[:, commit:], state, past, committed + commit)[0])
+    out = torch.cat(outputs, dim=1)[:, -T:]
+    if commit == total:
+        return out, LayerCache(state, past)
+    return out, LayerCache(state, past, inputs[:, commit:], tail_keys, tail_conv)
 
 
 @torch.no_grad()
