@@ -6,11 +6,11 @@ A sequence fed in pieces must give the logits it gives fed whole. Three things c
   - the open chunk / MAC segment: the memory updates, and MAC attends, a whole chunk / segment at a time,
     so the positions after the last boundary are not yet in the state.
 
-The cache therefore commits at boundaries (`commit_every`: the memory chunk, the MAC segment) and keeps
-each layer's inputs since the last boundary (its `tail`, fewer than `commit_every` tokens); a call that
-completes a boundary runs each layer on tail + new tokens from the committed state and moves the state
-forward by the whole boundaries it completed; between boundaries only the new tokens run
-(`reads_open_rows`). Per layer that is the memory's size, w − 1 and fewer than `commit_every` vectors
+Each layer therefore commits at its own boundary (`commit_every`: its memory chunk, MAC's segment) and
+keeps its inputs since the last one (its `tail`, fewer than `commit_every` tokens); where new tokens
+complete a boundary the layer runs tail + new tokens from the committed state and moves the state forward
+by the whole boundaries completed; past it only the new tokens run (`reads_open_rows`; MAC reruns its
+open segment). Per layer that is the memory's size, w − 1 and fewer than `commit_every` vectors
 whatever the length, so generating the millionth token costs what the hundredth did. Full causal
 attention is the exception: its cache grows with the text, as any KV cache does.
 """
