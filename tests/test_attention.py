@@ -21,9 +21,9 @@ def dense_reference(
 ):
     """Explicit full boolean mask over [prefix ‖ extra ‖ sequence] keys, then softmax.
 
-    Query i sees: every prefix token; every extra token (or, if extra_causal, extra j iff j <= i);
-    sequence key j iff p - window < j <= p, p = i + Tk − T its position among the keys (window None:
-    j <= p). Returns (out, lse).
+    Query i, at position p = i + Tk − T among the keys, sees: every prefix token; every extra token (or,
+    if extra_causal, extra j iff j <= p); sequence key j iff p - window < j <= p (window None: j <= p).
+    Returns (out, lse).
     """
     B, H, T, d = q.shape
     dev = q.device
@@ -39,7 +39,8 @@ def dense_reference(
         keys.append(extra_k.to(q.dtype))
         vals.append(extra_v.to(q.dtype))
         jpos = torch.arange(n, device=dev)[None, :]
-        masks.append(jpos <= qpos if extra_causal else torch.ones(T, n, dtype=torch.bool, device=dev))
+        masks.append(jpos <= qpos + k.shape[2] - T if extra_causal
+                     else torch.ones(T, n, dtype=torch.bool, device=dev))
     seq_mask = kpos <= qpos
     if window is not None:
         seq_mask = seq_mask & (kpos > qpos - window)
@@ -61,7 +62,7 @@ def make_inputs(T, prefix, extra, causal, seed=0, B=2, H=2, d=4, P=3, N=5, dtype
 
     q, k, v = r(B, H, T, d), r(B, H, past + T, d), r(B, H, past + T, d)
     pk, pv = (r(H, P, d), r(H, P, d)) if prefix else (None, None)
-    n = T if causal else N
+    n = past + T if causal else N  # causal: a memory token per sequence key
     ek, ev = (r(B, H, n, d), r(B, H, n, d)) if extra else (None, None)
     return q, k, v, pk, pv, ek, ev
 

@@ -75,12 +75,13 @@ def test_full_attention_cache_grows() -> None:  # honest: a full-attention layer
     assert long.nbytes() > short.nbytes()
 
 
-@pytest.mark.parametrize("layers", ["swa", "full", "mag", "mal", "lmm,swa", "mac,mag"])
+@pytest.mark.parametrize("layers", ["swa", "full", "mag", "mal", "lmm,swa", "mac,mag", "mac"])
 def test_a_new_token_runs_its_own_row(layers: str) -> None:
-    """A generated token runs its own row through each block but MAC, from cached keys and values (a KV
-    cache) and the committed memory: the window and the open chunk are not run again, except that each
-    chunk boundary runs the chunk once for the memory's update (one more row a token, amortised). In a
-    model with MAC too: each layer keeps its own boundary."""
+    """A generated token runs its own row through each block, from cached keys and values (a KV cache)
+    and the committed memory: the window and the open chunk (MAC: segment) are not run again, except
+    that each boundary runs the chunk or segment once for the memory's update (one more row a token,
+    amortised). Each layer keeps its own boundary: a MAG beside MAC's longer segment too. (MAC's keys:
+    its rows' and its memory tokens', each twice.)"""
     model = tiny(layers, memory_chunk=16, segment_len=32)  # MAC's segment: two of the MAG layer's chunks
     ffn_rows: list[int] = []
     key_rows: list[int] = []
@@ -95,6 +96,19 @@ def test_a_new_token_runs_its_own_row(layers: str) -> None:
     assert sum(ffn_rows) / 32 <= 2, ffn_rows
     # keys: its own row as it runs and as it is cached; at a boundary the chunk's rerun and the w − 1 cached
     assert sum(key_rows) / 32 <= 4, key_rows
+
+
+def test_mac_probe_tokens_stream_one_token_at_a_time() -> None:
+    """MAC with N probe tokens: read once per segment from the memory at its start, cached for its rows."""
+    model = tiny("mac", mac_memory_tokens=3, segment_len=16)
+    tokens = torch.randint(0, 41, (2, 40))
+    with torch.no_grad():
+        whole, _ = model(tokens)
+    cache, outputs = None, []
+    for i in range(tokens.shape[1]):
+        logits, cache = stream_step(model, tokens[:, i : i + 1], cache)
+        outputs.append(logits)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), whole, rtol=0, atol=1e-9)
 
 
 def test_greedy_generation_equals_argmax_of_whole_sequence() -> None:

@@ -175,7 +175,8 @@ def _torch_attention(
     for s in range(0, T, block_size):
         e = min(s + block_size, T)
         lo = 0 if window is None else max(0, s + offset - window + 1)
-        causal = (None, None) if causal_k is None else (causal_k[:, :, :e], causal_v[:, :, :e])
+        end = e + offset  # memory tokens up to the block's last query position
+        causal = (None, None) if causal_k is None else (causal_k[:, :, :end], causal_v[:, :, :end])
         args = (q[:, :, s:e], k[:, :, lo : e + offset], v[:, :, lo : e + offset], ctx_k, ctx_v, *causal,
                 s + offset - lo, window, scale)
         outs.append(checkpoint(_query_block, *args, use_reentrant=False) if recompute
@@ -196,7 +197,7 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor | None, ctx_v: T
     if window is not None:
         seq_mask = seq_mask & (kpos > qpos - window)
     keys, vals, masks = [k], [v], [seq_mask]
-    if causal_k is not None:  # memory token j is visible to query i iff j <= i: the last n are the block's
+    if causal_k is not None:  # memory token j is visible to the query at position p iff j <= p
         keys.insert(0, causal_k)
         vals.insert(0, causal_v)
         e = causal_k.shape[2]
@@ -287,7 +288,7 @@ def _flash_attention(
         )
         return out.transpose(1, 2)
     out, lse = _flash_part(q, k, v, window)
-    if causal_k is not None:  # N == T, so flash's causal mask is exactly "j <= i"
+    if causal_k is not None:  # N == Tk, so flash's (bottom-right) causal mask is exactly "j <= position"
         out, lse = merge_attention(out, lse, *_flash_part(q, causal_k, causal_v, None))
     if ctx_k is not None:
         out, lse = merge_attention(out, lse, *_dense_attention_lse(q, ctx_k, ctx_v))
@@ -318,7 +319,7 @@ def _flex_block_mask(length: int, keys: int, n_ctx: int, n_causal: int, window: 
         in_window = (seq >= 0) & (seq <= q + offset)
         if window is not None:
             in_window = in_window & (q + offset - seq < window)
-        memory = (kv >= n_ctx) & (seq < 0) & (kv - n_ctx <= q)  # causal memory token j: queries i >= j
+        memory = (kv >= n_ctx) & (seq < 0) & (kv - n_ctx <= q + offset)  # memory token j: positions >= j
         return (kv < n_ctx) | memory | in_window
 
     return create_block_mask(visible, None, None, length, n_ctx + n_causal + keys, device=device)
@@ -384,7 +385,8 @@ def windowed_attention(
     would be thrown away). `window=w`: the query at position t sees sequence keys t-w+1 .. t (flash-attn
     `window_size=(w-1, 0)`, bottom-right aligned); `None` = full causal. prefix_k/v: (H, P, d), shared
     over the batch, visible to every query. extra_k/v: (B, H, N, d), visible to every query, or if
-    `extra_causal` (needs N == T) extra token j only to queries i >= j. Scale 1/sqrt(d). Returns
+    `extra_causal` (one per sequence key: N == Tk) extra token j only to the queries at positions >= j.
+    Scale 1/sqrt(d). Returns
     (B, H, T, d). `block_size` is the query block of the torch path (memory O(T·(block_size + w))).
     """
     if (q.dim() != 4 or k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]
@@ -395,8 +397,9 @@ def windowed_attention(
         raise ValueError(f"window must be >= 1 or None, got {window}")
     if (prefix_k is None) != (prefix_v is None) or (extra_k is None) != (extra_v is None):
         raise ValueError("keys and values must be given together")
-    if extra_causal and extra_k is not None and extra_k.shape[2] != q.shape[2]:
-        raise ValueError(f"extra_causal needs N == T, got N={extra_k.shape[2]}, T={q.shape[2]}")
+    if extra_causal and extra_k is not None and extra_k.shape[2] != k.shape[2]:
+        raise ValueError(f"extra_causal needs N == Tk (a token per sequence key), got N={extra_k.shape[2]}, "
+                         f"Tk={k.shape[2]}")
 
     causal_k = causal_v = None
     if extra_causal and extra_k is not None:
@@ -485,14 +488,20 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, k.dtype, x.device)
         return apply_rope(q, cos[keys_only:], sin[keys_only:]), apply_rope(k, cos, sin), v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, memory_tokens: Tensor | None = None,
+    def memory_keys(self, memory_tokens: Tensor) -> KeyValues:
+        """Keys and values (B, H, N, d) of long-term-memory tokens (B, N, dim): no RoPE."""
+        k, v = self.to_k(memory_tokens), self.to_v(memory_tokens)
+        return KeyValues(self._split_heads(k), self._split_heads(v))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, memory_tokens: Tensor | KeyValues | None = None,
                memory_tokens_causal: bool = False) -> Tensor:
-        """Attention of projected q, k, v (B, H, T, d) over them, the persistent tokens and
-        `memory_tokens` (as `forward`); returns (B, T, dim) after the output projection."""
+        """Attention of projected q (B, H, T, d) over k, v (B, H, Tk >= T, d), the persistent tokens and
+        `memory_tokens` (as `forward`, or their `memory_keys`); returns (B, T, dim) after the output
+        projection."""
         extra_k = extra_v = None
         if memory_tokens is not None:
-            extra_k = self._split_heads(self.to_k(memory_tokens))
-            extra_v = self._split_heads(self.to_v(memory_tokens))
+            extra_k, extra_v = (memory_tokens if isinstance(memory_tokens, KeyValues)
+                                else self.memory_keys(memory_tokens))
         out = windowed_attention(
             q,
             k,

@@ -128,8 +128,12 @@ class Block(nn.Module):
         if isinstance(past, Tensor):
             past = self.mix_norm(past)
         mixed, state = self.mix(self.mix_norm(h), state, past, start)
+        return self.add_mixed(h, mixed), state
+
+    def add_mixed(self, h: Tensor, mixed: Tensor) -> Tensor:
+        """The token mixer's residual, then the FFN half."""
         h = h + mixed
-        return h + self.ffn(self.ffn_norm(h)), state
+        return h + self.ffn(self.ffn_norm(h))
 
 
 def halo_halves(block: Block) -> list[str]:

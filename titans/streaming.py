@@ -18,14 +18,14 @@ attention is the exception: its cache grows with the text, as any KV cache does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from titans.attention import KeyValues
-from titans.blocks import Block
+from titans.blocks import Block, MACBlock
 from titans.memory import MemoryState
 from titans.model import TitansConfig, TitansLM
 
@@ -57,34 +57,58 @@ def attention_keys(block: Block, h: Tensor, start: int) -> KeyValues:
 
 
 @dataclass
+class MACTail:
+    """MAC's open segment beyond `LayerCache`'s tail keys and conv: its memory tokens' keys and values
+    (one per row read so far, or the N probes'), and its write memory at the open chunk's start with the
+    rows written since, for the chunk's update when it completes."""
+
+    memory_keys: KeyValues
+    chunk_state: MemoryState
+    written: Tensor | None = None
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> MACTail:
+        return MACTail(KeyValues(*map(fn, self.memory_keys)), _map_state(self.chunk_state, fn),
+                       None if self.written is None else fn(self.written))
+
+
+def _map_state(state: MemoryState, fn: Callable[[Tensor], Tensor]) -> MemoryState:
+    return MemoryState([fn(w) for w in state.weights], [fn(s) for s in state.momentum],
+                       None if state.conv is None else fn(state.conv), state.chunks)
+
+
+def _state_tensors(state: MemoryState | None) -> list[Tensor]:
+    if state is None:
+        return []
+    return [*state.weights, *state.momentum, *([] if state.conv is None else [state.conv])]
+
+
+@dataclass
 class LayerCache:
     state: MemoryState | None = None  # the memory at the committed position (None: attention only)
     past: KeyValues | None = None  # keys, values just before the committed position (B, H, ≤ w − 1, d)
     tail: Tensor | None = None  # block inputs since the committed position (B, < commit_every, dim)
-    # Where the tail's rows need not be rerun (`reads_open_rows`): their keys and values, and the memory's
-    # conv history at the tail's end, so that new rows continue from them.
+    # So that new rows run alone, never the tail again: the tail's attention keys and values, the memory's
+    # conv history at the tail's end (MAC: its write memory's) and MAC's open segment.
     tail_keys: KeyValues | None = None
     tail_conv: Tensor | None = None
+    mac: MACTail | None = None
 
     def tensors(self) -> list[Tensor]:
         found = [t for kv in (self.past, self.tail_keys) if kv is not None for t in kv]
-        found += [t for t in (self.tail, self.tail_conv) if t is not None]
-        if self.state is not None:
-            found += [*self.state.weights, *self.state.momentum]
-            found += [] if self.state.conv is None else [self.state.conv]
+        found += [t for t in (self.tail, self.tail_conv) if t is not None] + _state_tensors(self.state)
+        if self.mac is not None:
+            found += [*self.mac.memory_keys, *_state_tensors(self.mac.chunk_state)]
+            found += [] if self.mac.written is None else [self.mac.written]
         return found
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> LayerCache:
-        state = self.state
-        if state is not None:
-            state = MemoryState([fn(w) for w in state.weights], [fn(s) for s in state.momentum],
-                                None if state.conv is None else fn(state.conv), state.chunks)
-
         def keys(kv: KeyValues | None) -> KeyValues | None:
             return None if kv is None else KeyValues(*map(fn, kv))
 
-        return LayerCache(state, keys(self.past), None if self.tail is None else fn(self.tail),
-                          keys(self.tail_keys), None if self.tail_conv is None else fn(self.tail_conv))
+        return LayerCache(None if self.state is None else _map_state(self.state, fn), keys(self.past),
+                          None if self.tail is None else fn(self.tail), keys(self.tail_keys),
+                          None if self.tail_conv is None else fn(self.tail_conv),
+                          None if self.mac is None else self.mac.map(fn))
 
 
 @dataclass
@@ -117,14 +141,6 @@ def _keep_last(past: KeyValues | None, new: KeyValues, n: int | None) -> KeyValu
     return KeyValues(new.k[:, :, -n:], new.v[:, :, -n:])
 
 
-def reads_open_rows(kind: str) -> bool:
-    """Whether a layer's rows after its last boundary can run without rerunning the earlier ones: the
-    memory reads them from the committed state (the open rows lie in one chunk, whose reads are
-    chunk-causal: DESIGN §2.2) and attention from cached keys. Not MAC: its open segment spans several
-    chunks, and its attention reads the segment's own memory tokens."""
-    return kind != "mac"
-
-
 @torch.no_grad()
 def stream_step(model: TitansLM, tokens: Tensor, cache: StreamCache | None = None
                 ) -> tuple[Tensor, StreamCache]:
@@ -132,8 +148,8 @@ def stream_step(model: TitansLM, tokens: Tensor, cache: StreamCache | None = Non
 
     Where the new tokens complete a layer's boundaries (`commit_every`), the layer runs its tail (the
     inputs since its last boundary) with them from the committed state: the chunk's memory update needs
-    every row. Past its last boundary a layer runs the new tokens only (`reads_open_rows`); MAC reruns its
-    open segment with them: the price of exactness for chunked updates, constant per token.
+    every row. Past its last boundary a layer runs the new tokens only, from what its cache holds of the
+    tail: the price of exactness for chunked updates is one rerun of each chunk.
     """
     if cache is None or not cache.layers:
         cache = StreamCache([LayerCache() for _ in model.cfg.layer_kinds])
@@ -168,22 +184,58 @@ def layer_step(kind: str, block: Block, cfg: TitansConfig, layer: LayerCache, x:
         outputs.append(out)
     if commit or layer.tail is None:  # the open rows start at the committed position
         tail_keys, tail_conv = None, None if state is None else state.conv
-    if commit < total and reads_open_rows(kind):  # only the rows not run yet, from the tail's keys and conv
-        first, read = max(commit, total - T), None
-        if block.has_memory:  # the committed weights (reads are chunk-causal), the tail end's conv
-            base = state if state is not None else block.memory.initial_state(x.shape[0])
-            read = MemoryState(base.weights, base.momentum, tail_conv, base.chunks)
-        out, end, attn_in = block.run(inputs[:, first:], read, _join(past, tail_keys), committed + first)
+    mac = None if commit or layer.tail is None else layer.mac
+    if commit < total:  # only the rows not run yet, from the tail's keys and conv
+        first = max(commit, total - T)
+        base = state if state is not None or not block.has_memory else block.memory.initial_state(x.shape[0])
+        if isinstance(block, MACBlock):
+            out, tail_keys, tail_conv, mac = mac_open_rows(block, inputs[:, first:], base, tail_keys,
+                                                           tail_conv, mac, first - commit)
+        else:
+            # the committed weights (the open rows lie in one chunk, whose reads are chunk-causal), the
+            # tail end's conv
+            read = None if base is None else MemoryState(base.weights, base.momentum, tail_conv, base.chunks)
+            out, end, attn_in = block.run(inputs[:, first:], read, _join(past, tail_keys), committed + first)
+            if keep != 0:
+                tail_keys = _join(tail_keys, attention_keys(block, attn_in, committed + first))
+            tail_conv = None if end is None else end.conv
         outputs.append(out)
-        if keep != 0:
-            tail_keys = _join(tail_keys, attention_keys(block, attn_in, committed + first))
-        tail_conv = None if end is None else end.conv
-    elif commit < total:
-        outputs.append(block.run(inputs[:, commit:], state, past, committed + commit)[0])
     out = torch.cat(outputs, dim=1)[:, -T:]
     if commit == total:
         return out, LayerCache(state, past)
-    return out, LayerCache(state, past, inputs[:, commit:], tail_keys, tail_conv)
+    return out, LayerCache(state, past, inputs[:, commit:], tail_keys, tail_conv, mac)
+
+
+def mac_open_rows(block: MACBlock, x: Tensor, state: MemoryState, keys: KeyValues | None, conv: Tensor | None,
+                  mac: MACTail | None, offset: int) -> tuple[Tensor, KeyValues, Tensor | None, MACTail]:
+    """MAC's outputs for new inputs x (B, T, dim) at rows offset .. offset + T − 1 of the open segment,
+    which started from `state`, from its earlier rows' cached attention `keys`, memory tokens and write
+    memory (`mac`; None at offset 0) and the write memory's `conv` history: the segment step of
+    `mac_segment_region` one piece at a time. Returns the outputs and the cache's new parts."""
+    xn, T = block.mix_norm(x), x.shape[1]
+    q, k, v = block.attn.project(xn, torch.arange(offset, offset + T, device=x.device))  # in the segment
+    keys = _join(keys, KeyValues(k, v))
+    per_token = block.memory_probes is None  # a memory token per row (causal), else the N probes' for all
+    memory_keys = None if mac is None else mac.memory_keys
+    if per_token or memory_keys is None:  # read from the memory as it stood at the segment's start
+        read = block.attn.memory_keys(block.memory.read(block.memory_queries(xn), state))
+        memory_keys = _join(memory_keys, read) if per_token else read
+    y = block.attn.attend(q, keys.k, keys.v, memory_keys, memory_tokens_causal=per_token)
+    written = block.memory_norm(block.write_input(xn, y))
+    # the write memory chunk by chunk: rows read the weights at their chunk's start, a completed chunk updates
+    chunk_state, pending = (state, None) if mac is None else (mac.chunk_state, mac.written)
+    reads, chunk, i = [], block.memory.chunk_size, 0
+    while i < T:
+        n = min(T - i, chunk - (offset + i) % chunk)
+        piece = written[:, i : i + n]
+        read, end = block.memory(piece, replace(chunk_state, conv=conv), project_out=False)
+        reads.append(read)
+        conv, pending = end.conv, piece if pending is None else torch.cat([pending, piece], dim=1)
+        if (offset + i + n) % chunk == 0:
+            chunk_state, pending = block.memory(pending, chunk_state, project_out=False)[1], None
+        i += n
+    out = block.add_mixed(x, block.gate(y, block.memory.output(torch.cat(reads, dim=1))))
+    return out, keys, conv, MACTail(memory_keys, chunk_state, pending)
 
 
 @torch.no_grad()
