@@ -9,10 +9,10 @@ A sequence fed in pieces must give the logits it gives fed whole. Three things c
 Each layer therefore commits at its own boundary (`commit_every`: its memory chunk, MAC's segment) and
 keeps its inputs since the last one (its `tail`, fewer than `commit_every` tokens); where new tokens
 complete a boundary the layer runs tail + new tokens from the committed state and moves the state forward
-by the whole boundaries completed; past it only the new tokens run (`reads_open_rows`; MAC reruns its
-open segment). Per layer that is the memory's size, w − 1 and fewer than `commit_every` vectors
-whatever the length, so generating the millionth token costs what the hundredth did. Full causal
-attention is the exception: its cache grows with the text, as any KV cache does.
+by the whole boundaries completed; past it only the new tokens run, from the tail's cached keys and
+memory (MAC: `mac_open_rows`). Per layer that is the memory's size, w − 1 and fewer than
+`commit_every` vectors whatever the length, so generating the millionth token costs what the hundredth
+did. Full causal attention is the exception: its cache grows with the text, as any KV cache does.
 """
 
 from __future__ import annotations
