@@ -21,7 +21,11 @@ The activation estimate per layer and sequence of T tokens, width h, bf16 (2 byt
   12·T·h/tp, and the scan's saved state: with recompute, one (weights, momentum) state per chunk and
   local head, fp32; without, about three times that plus the per-token MLP activations;
 - activation checkpointing keeps each block's input (2·T·h) and recomputes one block at a time (every
-  N-th block with `train.activation_checkpointing_every`, the others keeping all of theirs).
+  N-th block with `train.activation_checkpointing_every`, the others keeping all of theirs);
+- under sequence parallelism, full attention's halo on the last sp rank, which receives every earlier
+  shard's attention inputs ((sp − 1)·T rows a full layer): the received rows, their norm and their keys
+  and values, (4 + 4/tp)·(sp − 1)·T·h bytes a full layer, or the received rows alone (2·(sp − 1)·T·h)
+  where checkpointing recomputes the rest.
 It is an estimate to decide go / no-go with a margin, not an allocator trace.
 """
 
@@ -80,6 +84,7 @@ class RankPlan:
     parameters: int  # held on this rank (a tied embedding's second copy included)
     memory_layers: int
     layers: int
+    full_layers: int  # full causal attention: under sp, the last rank holds every earlier shard's rows
     first_stage: bool
     last_stage: bool
 
@@ -109,8 +114,9 @@ def local_parameter_counts(cfg: RunConfig, only: tuple[int, int] | None = None) 
     for tp_rank, pp_rank, _, models, stages in meta_shards(cfg, only):
         params = {id(t): t.numel() for m in models for t in m.parameters()}
         blocks = [b for m in models for b in m.blocks.values()]
+        full = sum(getattr(getattr(b, "attn", None), "window", 0) is None for b in blocks)
         plans.append(RankPlan(tp_rank, pp_rank, stages, sum(params.values()),
-                              sum(b.has_memory for b in blocks), len(blocks),
+                              sum(b.has_memory for b in blocks), len(blocks), full,
                               any(m.embed is not None for m in models),
                               any(m.head is not None for m in models)))
     return plans
@@ -140,9 +146,10 @@ def activation_bytes(model: TitansConfig, tp: int, tokens: int, layers: int, mem
 
 
 def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_layers: int,
-                value_bytes: int = 2) -> dict[str, float]:
+                value_bytes: int = 2, full_layers: int = 0) -> dict[str, float]:
     """Bytes one rank needs: parameters, gradients, AdamW states (fp32, divided over dp as the ZeRO stage
-    shards them), activations without and with checkpointing, and the total under the run's setting."""
+    shards them), activations without and with checkpointing, and the total under the run's setting (on
+    the last sp rank, which holds full attention's halo)."""
     p, d = cfg.parallel, cfg.data
     params, grads, optim = 4.0 * parameters, 4.0 * parameters, 8.0 * parameters
     if p.zero_stage >= 1:
@@ -158,8 +165,10 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
     micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
     in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens
-    acts, acts_ckpt = (in_flight * activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, every,
-                                                    value_bytes)
+    halo = (p.sp - 1) * tokens * cfg.model.dim * value_bytes  # the rows a full layer receives, once
+    acts, acts_ckpt = (in_flight * (activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, every,
+                                                     value_bytes)
+                                    + full_layers * halo * (1 if every else 2 + 2 / p.tp))
                        for every in (0, cfg.train.activation_checkpointing_every))
     chosen = acts_ckpt if cfg.train.activation_checkpointing else acts
     return {"params": params, "grads": grads, "optim": optim, "acts": acts, "acts_ckpt": acts_ckpt,
@@ -180,9 +189,10 @@ def available_memory(device: torch.device, local_processes: int) -> float:
 
 
 def preflight_problem(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_layers: int,
-                      device: torch.device, local_processes: int, value_bytes: int) -> str | None:
+                      device: torch.device, local_processes: int, value_bytes: int, full_layers: int = 0
+                      ) -> str | None:
     """Why this rank's run cannot fit in memory (the numbers and what to change), or None if it can."""
-    need = rank_memory(cfg, dp, parameters, layers, memory_layers, value_bytes)
+    need = rank_memory(cfg, dp, parameters, layers, memory_layers, value_bytes, full_layers)
     have = available_memory(device, local_processes)
     if need["total"] <= have:
         return None
@@ -210,7 +220,8 @@ def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], d
     memory_gib, peak = GPUS[gpu]
     rows = []
     for rank in local_parameter_counts(cfg):
-        need = rank_memory(cfg, dp, rank.parameters, rank.layers, rank.memory_layers)
+        need = rank_memory(cfg, dp, rank.parameters, rank.layers, rank.memory_layers,
+                           full_layers=rank.full_layers)
         rows.append({"tp": rank.tp_rank, "pp": rank.pp_rank, "stages": rank.stages,
                      "parameters": rank.parameters, **{f"{k}_gib": v / GIB for k, v in need.items()},
                      "fits": need["total"] <= (1 - RESERVE) * memory_gib * GIB})

@@ -251,7 +251,8 @@ def check_memory(cfg: RunConfig, mesh: Mesh, precision: str) -> None:
     (rank,) = local_parameter_counts(cfg, only=(mesh.tp_rank, mesh.pp_rank))
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     problem = preflight_problem(cfg, mesh.layout.dp, rank.parameters, rank.layers, rank.memory_layers,
-                                mesh.device, local_processes, 2 if precision == "bf16" else 4)
+                                mesh.device, local_processes, 2 if precision == "bf16" else 4,
+                                rank.full_layers)
     problems = mesh.problems(problem)
     if problems:
         raise ConfigError(problems[0])

@@ -396,6 +396,28 @@ def test_planner_counts_checkpointing_every_nth_block_between_none_and_all():
     assert total(0) > total(2) > total(1)
 
 
+def test_planner_counts_full_attention_halo_on_the_last_sequence_shard():
+    """Under sp the last rank holds every earlier shard's inputs of each full-attention layer: the planner
+    adds them for the full layers the meta-built shard has (none for windowed attention)."""
+    from parallel.plan import local_parameter_counts, rank_memory
+
+    def acts(layers: str, sp: int, ckpt: bool) -> tuple[float, int]:
+        cfg = load_config(None, [f"model.layers={layers}", "model.n_layers=4", "data.seq_len=4096",
+                                 f"parallel.sp={sp}", f"train.activation_checkpointing={ckpt}"])
+        (rank,) = local_parameter_counts(cfg)
+        need = rank_memory(cfg, 1, rank.parameters, rank.layers, rank.memory_layers,
+                           full_layers=rank.full_layers)
+        return need["acts_ckpt" if ckpt else "acts"], rank.full_layers
+
+    (swa, none), (full, four) = acts("swa", 4, False), acts("full", 4, False)
+    assert (none, four, acts("lmm,full", 4, False)[1]) == (0, 4, 2)
+    cfg = load_config(None, ["data.seq_len=4096"])
+    rows = 3 * cfg.data.batch_size * 1024 * cfg.model.dim * 2  # (sp − 1) shards of 1,024 tokens, bf16 bytes
+    assert full - swa == pytest.approx(4 * rows * 4)  # received rows, their norm, keys and values (tp 1)
+    assert acts("full", 4, True)[0] - acts("swa", 4, True)[0] == pytest.approx(4 * rows)  # the rows alone
+    assert acts("full", 1, False)[0] == pytest.approx(acts("swa", 1, False)[0])  # one process: no halo
+
+
 def test_planner_advice_leaves_out_what_is_already_on():
     from parallel.plan import format_plan, plan
 
