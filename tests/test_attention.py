@@ -520,14 +520,15 @@ def assert_matches_float32_torch_path(inputs, window, causal):
 
 
 @needs_flash
+@pytest.mark.parametrize("past", [0, 77])  # keys before the queries: a halo, a streaming cache
 @pytest.mark.parametrize("window", [64, None])
 @pytest.mark.parametrize(
     "prefix,extra,causal", [(False, False, False), (True, True, False), (True, True, True)]
 )
-def test_real_flash_path_matches_cpu_path_in_bf16(window, prefix, extra, causal):
+def test_real_flash_path_matches_cpu_path_in_bf16(window, prefix, extra, causal, past):
     T = 300
     q, k, v, pk, pv, ek, ev = inputs = make_inputs(
-        T, prefix, extra, causal, seed=0, H=4, d=64, P=4, N=16, dtype=torch.bfloat16, device="cuda"
+        T, prefix, extra, causal, seed=0, H=4, d=64, P=4, N=16, dtype=torch.bfloat16, device="cuda", past=past
     )
     assert attention._use_flash(q)
     assert_matches_float32_torch_path(inputs, window, causal)
@@ -614,14 +615,15 @@ def test_windowed_attention_takes_the_flex_path_without_flash(monkeypatch):
 
 @needs_flex
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention's backward)")
+@pytest.mark.parametrize("past", [0, 77])
 @pytest.mark.parametrize("window", [64, None])
 @pytest.mark.parametrize("prefix,extra,causal",
                          [(False, False, False), (True, True, False), (True, True, True)])
-def test_real_flex_path_matches_torch_path_in_bf16(monkeypatch, window, prefix, extra, causal):
+def test_real_flex_path_matches_torch_path_in_bf16(monkeypatch, window, prefix, extra, causal, past):
     monkeypatch.setattr(attention, "flash_attn_func", None)
     T = 300
     q, k, v, pk, pv, ek, ev = inputs = make_inputs(
-        T, prefix, extra, causal, seed=0, H=4, d=64, P=4, N=16, dtype=torch.bfloat16, device="cuda"
+        T, prefix, extra, causal, seed=0, H=4, d=64, P=4, N=16, dtype=torch.bfloat16, device="cuda", past=past
     )
     assert attention._use_flex(q)
     assert_matches_float32_torch_path(inputs, window, causal)
