@@ -153,6 +153,25 @@ def test_state_carry_two_halves_equal_whole(depth, chunk, split, recompute):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_read_only_state_reads_an_open_chunk_in_pieces(depth):
+    """A read-only state (a stream's open chunk) gives the chunk's rows, fed in pieces, the outputs the
+    written chunk gives them (chunk-causal reads), moves the conv history on and writes nothing."""
+    mem = make_memory(depth, 8)
+    x = torch.randn(2, 16 + 7, 12, dtype=torch.float64)  # two chunks, then 7 rows of an open one
+    whole, _ = mem(x)
+    _, state = mem(x[:, :16])
+    outputs, read = [], MemoryState(state.weights, state.momentum, state.conv, state.chunks, read_only=True)
+    for lo, hi in ((16, 17), (17, 20), (20, 23)):
+        out, read = mem(x[:, lo:hi], read)
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, 1), whole[:, 16:], rtol=1e-12, atol=1e-12)
+    assert all(a is b for a, b in zip(read.weights + read.momentum, state.weights + state.momentum))
+    torch.testing.assert_close(read.conv, mem(x)[1].conv, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="rows of one chunk"):
+        mem(x[:, :9], read)
+
+
 def test_recompute_gives_identical_outputs_and_gradients():
     x = torch.randn(2, 21, 12, dtype=torch.float64)
     results = []

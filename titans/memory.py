@@ -55,20 +55,24 @@ class MemoryState:
     continue exactly where the previous call stopped.
     chunks: how many chunks the sequence has written so far, i.e. the global index of the next chunk;
     the gradient horizon's cuts fall on its multiples wherever the sequence was split into calls.
+    read_only: the rows fed next lie in the chunk this state begins, and only their reads are wanted (a
+    stream's open chunk, titans/streaming.py): chunk-causal reads use the chunk's start weights, so the
+    memory reads them from `weights` and moves only `conv` on, writing nothing.
     """
 
     weights: list[Tensor]
     momentum: list[Tensor]
     conv: Tensor | None
     chunks: int = 0
+    read_only: bool = False
 
     def detach(self) -> MemoryState:
         """Cut the autograd graph (truncated backprop across calls)."""
-        return MemoryState(
-            [w.detach() for w in self.weights],
-            [s.detach() for s in self.momentum],
-            None if self.conv is None else self.conv.detach(),
-            self.chunks,
+        return replace(
+            self,
+            weights=[w.detach() for w in self.weights],
+            momentum=[s.detach() for s in self.momentum],
+            conv=None if self.conv is None else self.conv.detach(),
         )
 
 
@@ -658,12 +662,15 @@ class NeuralMemory(nn.Module):
 
     def read(self, q: Tensor, state: MemoryState) -> Tensor:
         """Retrieve M(q) without writing: q (B, N, H, d) unit-norm queries → (B, N, dim)."""
+        return self.output(self.read_heads(q, state))
+
+    def read_heads(self, q: Tensor, state: MemoryState) -> Tensor:
+        """The per-head reads (B, N, H, d) of unit-norm queries q (B, N, H, d), before `output`."""
         B, N, H, d = q.shape
         with torch.autocast(q.device.type, enabled=False):
             weights = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
             q = q.to(weights[0].dtype).transpose(1, 2).reshape(B * H, N, d)
-            y = memory_mlp(weights, q, self.residual_norm).reshape(B, H, N, d).transpose(1, 2)
-        return self.output(y)
+            return memory_mlp(weights, q, self.residual_norm).reshape(B, H, N, d).transpose(1, 2)
 
     def output(self, y: Tensor) -> Tensor:
         """Per-head RMSNorm of the retrieved values, then the output projection. y: (B, T, H, d)."""
@@ -677,6 +684,13 @@ class NeuralMemory(nn.Module):
         once per segment and projects every segment's reads at once after its loop."""
         B, T, _ = x.shape
         state = self.cut_gradient(state) if state is not None else self.initial_state(B)
+        if state.read_only:  # the rest of an open chunk: its reads, from its start weights; nothing written
+            if self.chunk_size < T:
+                raise ValueError(f"a read-only memory state reads rows of one chunk ({self.chunk_size}), "
+                                 f"got {T}")
+            q, _, _, conv_cache = self.project(x, state.conv)
+            y = self.read_heads(q, state)
+            return (self.output(y) if project_out else y), replace(state, conv=conv_cache)
         q, k, v, conv_cache = self.project(x, state.conv, self.cuts_within(state.chunks, T))
         theta, log_eta, log_keep = self.gates(x)
         with torch.autocast(x.device.type, enabled=False):

@@ -194,7 +194,7 @@ def layer_step(kind: str, block: Block, cfg: TitansConfig, layer: LayerCache, x:
         else:
             # the committed weights (the open rows lie in one chunk, whose reads are chunk-causal), the
             # tail end's conv
-            read = None if base is None else MemoryState(base.weights, base.momentum, tail_conv, base.chunks)
+            read = None if base is None else replace(base, conv=tail_conv, read_only=True)
             out, end, attn_in = block.run(inputs[:, first:], read, _join(past, tail_keys), committed + first)
             if keep != 0:
                 tail_keys = _join(tail_keys, attention_keys(block, attn_in, committed + first))
@@ -228,7 +228,7 @@ def mac_open_rows(block: MACBlock, x: Tensor, state: MemoryState, keys: KeyValue
     while i < T:
         n = min(T - i, chunk - (offset + i) % chunk)
         piece = written[:, i : i + n]
-        read, end = block.memory(piece, replace(chunk_state, conv=conv), project_out=False)
+        read, end = block.memory(piece, replace(chunk_state, conv=conv, read_only=True), project_out=False)
         reads.append(read)
         conv, pending = end.conv, piece if pending is None else torch.cat([pending, piece], dim=1)
         if (offset + i + n) % chunk == 0:
