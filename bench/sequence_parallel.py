@@ -6,8 +6,9 @@
 Each sp is a `torch.distributed.run` launch of a worker that builds the training job's engine
 (pretrain/engine.py) for the layout and times forward + backward + optimizer steps on random tokens.
 Printed per (sp, length): the bytes each rank sends per layer per step (the memory state forward, its
-gradient back: they must not grow with the length), the activation bytes a rank saves for backward (they
-should fall about as 1/sp), and the median step time. On a CPU with fewer cores than ranks, times measure
+gradient back: they must not grow with the length; `--layers full` sends every earlier row, which does),
+the activation bytes a rank saves for backward (they should fall about as 1/sp), and the median step
+time. On a CPU with fewer cores than ranks, times measure
 oversubscription more than the wavefront. Then, per sp, the longest sequence whose activations fit a
 per-rank budget (`--budget-mib`), from the line through the two longest measured lengths (activations
 are linear in the length: per-token tensors plus per-chunk memory states).
