@@ -22,9 +22,9 @@ sliding-window attention also reads a halo: the previous shard's last w − 1 at
 forward with the state, their gradient sent back into that shard's backward of the same layer. The
 halo is exchanged between `Block.before_halo` and `Block.after_halo`: at the block input for SWA and
 MAG, after the memory layer for MAL (whose attention reads the memory layer's output). Full causal
-attention reads every earlier row: its halo is all of them, relayed along the same chain (rank r sends
-r − 1's halo with its own rows appended), so rank r receives r shards' attention inputs and projects
-their keys and values, never their queries. Rank r does r + 1 shards' attention, as in context
+attention reads every earlier row: every shard sends its attention inputs to every later shard
+directly (one hop, each link carrying one shard's rows), so rank r receives r shards' inputs and
+projects their keys and values, never their queries. Rank r does r + 1 shards' attention, as in context
 parallelism without load balancing: contiguous shards are what the memory's relay needs.
 """
 
@@ -86,13 +86,15 @@ class SequenceShards:
         self.pending: list = []  # outstanding sends: their buffers must live until they complete
         self.bytes_sent = 0  # point-to-point traffic of this rank (benchmarks read it)
 
-    def _send(self, tensors: list[Tensor], tag: int) -> None:
+    def _send(self, tensors: list[Tensor], tag: int, dest: int | None = None) -> None:
+        """Non-blocking sends to `dest`, by default the next shard forward and the previous backward."""
+        if dest is None:
+            dest = self.next if tag < BACKWARD_TAG else self.prev
         for i, t in enumerate(tensors):
             if t.numel():
                 buf = t.detach().contiguous()
                 self.bytes_sent += buf.numel() * buf.element_size()
-                self.pending.append((torch_dist.isend(buf, self.next if tag < BACKWARD_TAG else self.prev,
-                                                      tag=tag + i), buf))
+                self.pending.append((torch_dist.isend(buf, dest, tag=tag + i), buf))
 
     def _recv(self, buffers: list[Tensor], tag: int, source: int) -> list[Tensor]:
         works = [torch_dist.irecv(b, source, tag=tag + i) for i, b in enumerate(buffers) if b.numel()]
@@ -105,28 +107,33 @@ class SequenceShards:
             work.wait()
         self.pending.clear()
 
-    def halo_rows(self, name: str, shard: int) -> int:
-        """Rows of attention halo block `name` needs from the previous shards (0: none), shards being
-        `shard` rows long: w − 1 for sliding-window attention, every earlier row for full attention."""
-        kind = self.model.cfg.layer_kinds[int(name)]
+    def halo_peers(self, name: str) -> tuple[list[int], list[int], bool]:
+        """Who sends block `name`'s attention halo to this shard and who gets this shard's, in sequence
+        order, and whether the halo is whole shards (full attention: every earlier shard sends all its
+        rows, directly, so a shard waits one hop and not a chain) or the last w − 1 rows of the previous
+        shard (sliding-window attention). Nobody for blocks without attention across the boundary."""
+        kind, sp = self.model.cfg.layer_kinds[int(name)], self.mesh.sp_rank
         if kind == "full":
-            return self.mesh.sp_rank * shard
-        return self.model.cfg.window - 1 if kind in HALO_BLOCKS else 0
+            return ([self.mesh.sp_neighbour(j - sp) for j in range(sp)],
+                    [self.mesh.sp_neighbour(j - sp) for j in range(sp + 1, self.mesh.layout.sp)], True)
+        if kind not in HALO_BLOCKS:
+            return [], [], False
+        return [r for r in (self.prev,) if r is not None], [r for r in (self.next,) if r is not None], False
 
     def forward_blocks(self, x: Tensor, grad: bool) -> tuple[Tensor, list]:
         """This shard through the blocks with the relay; returns the last block's output and, when `grad`,
         what the backward needs per layer: (input leaf, output, incoming state leaves, outgoing state,
-        incoming halo leaf, the rows sent as the next shard's halo). Tags follow the blocks' global
-        names, so the stages of a pipeline never mix their messages."""
+        the incoming halo leaves with their senders, the rows sent as halo with their receivers). Tags
+        follow the blocks' global names, so the stages of a pipeline never mix their messages."""
         records = []
         every = int(self.model.checkpoint_blocks) if grad else 0  # train.activation_checkpointing(_every)
         for name, block in self.model.blocks.items():
-            full = self.model.cfg.layer_kinds[int(name)] == "full"
             # checkpointed: each half keeps its inputs only and reruns in backward; the relay's sends and
             # receives sit between the halves, so a rerun never sends again
             run = checkpointed if every and int(name) % every == 0 else called
             x_in = x.detach().requires_grad_(grad)
-            tag, halo = int(name) * 64, self.halo_rows(name, x.shape[1])
+            tag = int(name) * 64
+            sources, dests, whole = self.halo_peers(name)
             incoming = None
             if self.prev is not None and block.has_memory:
                 incoming = self._recv(state_template(self.model, name, x.shape[0], x.device), tag, self.prev)
@@ -136,24 +143,25 @@ class SequenceShards:
             if incoming is not None:
                 state = state_from(incoming, block.memory.depth, start // block.memory.chunk_size)
             h, state = run(block.before_halo, x_in, state)
-            past = sent = None
-            if halo and self.prev is not None:  # the earlier rows our attention reads
-                (past,) = self._recv([h.new_empty(h.shape[0], halo, h.shape[2])], tag + 63, self.prev)
-                past.requires_grad_(grad)
-            if self.next is not None and (halo or full):  # the next shard's: our last w − 1, or all rows
-                sent = (h if past is None else torch.cat([past, h], dim=1)) if full else h[:, -halo:]
-                self._send([sent], tag + 63)
+            rows = h.shape[1] if whole else self.model.cfg.window - 1
+            sent = (h if whole else h[:, -rows:]) if dests else None  # the later shards': ours
+            for dest in dests:
+                self._send([sent], tag + 63, dest)
+            pasts = [(source, self._recv([h.new_empty(h.shape[0], rows, h.shape[2])], tag + 63, source)[0]
+                      .requires_grad_(grad)) for source in sources]  # the earlier rows our attention reads
+            leaves = [p for _, p in pasts]
+            past = (torch.cat(leaves, dim=1) if len(leaves) > 1 else leaves[0]) if leaves else None
             x, out_state = run(block.after_halo, h, state, past, start)
             outgoing = state_tensors(out_state) if out_state is not None else []
             if self.next is not None:
                 self._send(outgoing, tag)
-            records.append((name, x_in, x, incoming, outgoing, past, sent))
+            records.append((name, x_in, x, incoming, outgoing, pasts, (sent, dests)))
         return x, records
 
     def backward_blocks(self, grad_out: Tensor, records: list) -> Tensor:
         """The relay in reverse; adds the blocks' parameter gradients, returns the input's gradient."""
         grad_x = grad_out
-        for name, x_in, x_out, incoming, outgoing, past, sent in reversed(records):
+        for name, x_in, x_out, incoming, outgoing, pasts, (sent, dests) in reversed(records):
             tag = BACKWARD_TAG + int(name) * 64
             tensors, grads = [x_out], [grad_x]
             if self.next is not None and outgoing:  # our end state's gradient, from who continued it
@@ -161,14 +169,14 @@ class SequenceShards:
                 pairs = [(t, g) for t, g in zip(outgoing, received, strict=True) if t.requires_grad]
                 tensors += [t for t, _ in pairs]
                 grads += [g for _, g in pairs]
-            if sent is not None:  # the next shard's attention read our last rows: their gradient
+            if sent is not None:  # later shards' attention read our rows: the sum of their gradients
                 tensors.append(sent)
-                grads += self._recv([torch.empty_like(sent)], tag + 63, self.next)
+                grads.append(sum(self._recv([torch.empty_like(sent)], tag + 63, dest)[0] for dest in dests))
             torch.autograd.backward(tensors, grads)
             if incoming is not None:
                 self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in incoming], tag)
-            if past is not None:
-                self._send([past.grad if past.grad is not None else torch.zeros_like(past)], tag + 63)
+            for source, past in pasts:
+                self._send([past.grad if past.grad is not None else torch.zeros_like(past)], tag + 63, source)
             grad_x = x_in.grad
         return grad_x
 
