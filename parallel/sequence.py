@@ -47,10 +47,6 @@ HALO_BLOCKS = ("swa", "mag", "mal")  # sliding-window attention over the shard b
 BACKWARD_TAG = 1 << 20
 
 
-def state_tensors(state: MemoryState) -> list[Tensor]:
-    return [*state.weights, *state.momentum, *([] if state.conv is None else [state.conv])]
-
-
 def state_from(tensors: list[Tensor], depth: int, chunks: int) -> MemoryState:
     """The state a shard starts from; `chunks`: the global index of its first chunk (the gradient
     horizon's cuts fall on the same chunks as in one process)."""
@@ -144,7 +140,7 @@ class SequenceShards:
                 state = state_from(incoming, block.memory.depth, start // block.memory.chunk_size)
             h, state = run(block.before_halo, x_in, state)
             rows = h.shape[1] if whole else self.model.cfg.window - 1
-            sent = (h if whole else h[:, -rows:]) if dests else None  # the later shards': ours
+            sent = (h if whole else h[:, -rows:]) if dests else None  # what later shards' attention reads
             for dest in dests:
                 self._send([sent], tag + 63, dest)
             pasts = [(source, self._recv([h.new_empty(h.shape[0], rows, h.shape[2])], tag + 63, source)[0]
@@ -152,7 +148,7 @@ class SequenceShards:
             leaves = [p for _, p in pasts]
             past = (torch.cat(leaves, dim=1) if len(leaves) > 1 else leaves[0]) if leaves else None
             x, out_state = run(block.after_halo, h, state, past, start)
-            outgoing = state_tensors(out_state) if out_state is not None else []
+            outgoing = out_state.tensors() if out_state is not None else []
             if self.next is not None:
                 self._send(outgoing, tag)
             records.append((name, x_in, x, incoming, outgoing, pasts, (sent, dests)))

@@ -68,12 +68,16 @@ class MemoryState:
 
     def detach(self) -> MemoryState:
         """Cut the autograd graph (truncated backprop across calls)."""
-        return replace(
-            self,
-            weights=[w.detach() for w in self.weights],
-            momentum=[s.detach() for s in self.momentum],
-            conv=None if self.conv is None else self.conv.detach(),
-        )
+        return self.map(Tensor.detach)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> MemoryState:
+        """The same state with `fn` applied to each of its tensors."""
+        return replace(self, weights=[fn(w) for w in self.weights], momentum=[fn(s) for s in self.momentum],
+                       conv=None if self.conv is None else fn(self.conv))
+
+    def tensors(self) -> list[Tensor]:
+        """Weights, momentum and conv history (if any), in that order."""
+        return [*self.weights, *self.momentum, *([] if self.conv is None else [self.conv])]
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,20 +66,13 @@ class MACTail:
     chunk_state: MemoryState
     written: Tensor | None = None
 
+    def tensors(self) -> list[Tensor]:
+        written = [] if self.written is None else [self.written]
+        return [*self.memory_keys, *self.chunk_state.tensors(), *written]
+
     def map(self, fn: Callable[[Tensor], Tensor]) -> MACTail:
-        return MACTail(KeyValues(*map(fn, self.memory_keys)), _map_state(self.chunk_state, fn),
+        return MACTail(KeyValues(*map(fn, self.memory_keys)), self.chunk_state.map(fn),
                        None if self.written is None else fn(self.written))
-
-
-def _map_state(state: MemoryState, fn: Callable[[Tensor], Tensor]) -> MemoryState:
-    return MemoryState([fn(w) for w in state.weights], [fn(s) for s in state.momentum],
-                       None if state.conv is None else fn(state.conv), state.chunks)
-
-
-def _state_tensors(state: MemoryState | None) -> list[Tensor]:
-    if state is None:
-        return []
-    return [*state.weights, *state.momentum, *([] if state.conv is None else [state.conv])]
 
 
 @dataclass
@@ -95,17 +88,14 @@ class LayerCache:
 
     def tensors(self) -> list[Tensor]:
         found = [t for kv in (self.past, self.tail_keys) if kv is not None for t in kv]
-        found += [t for t in (self.tail, self.tail_conv) if t is not None] + _state_tensors(self.state)
-        if self.mac is not None:
-            found += [*self.mac.memory_keys, *_state_tensors(self.mac.chunk_state)]
-            found += [] if self.mac.written is None else [self.mac.written]
-        return found
+        found += [t for t in (self.tail, self.tail_conv) if t is not None]
+        return found + [t for part in (self.state, self.mac) if part is not None for t in part.tensors()]
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> LayerCache:
         def keys(kv: KeyValues | None) -> KeyValues | None:
             return None if kv is None else KeyValues(*map(fn, kv))
 
-        return LayerCache(None if self.state is None else _map_state(self.state, fn), keys(self.past),
+        return LayerCache(None if self.state is None else self.state.map(fn), keys(self.past),
                           None if self.tail is None else fn(self.tail), keys(self.tail_keys),
                           None if self.tail_conv is None else fn(self.tail_conv),
                           None if self.mac is None else self.mac.map(fn))
