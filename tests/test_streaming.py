@@ -47,6 +47,25 @@ def test_pieces_equal_whole(layers: str, memory_depth: int) -> None:
     torch.testing.assert_close(torch.cat(outputs, dim=1), whole, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("layers, overrides", [
+    ("mac", {"memory_conv_kernel": 1}), ("lmm", {"memory_chunk": 1}), ("mag", {"window": 1}),
+    ("mac", {"mac_memory_input": "attention", "segment_len": 16}),  # four write chunks a segment
+    ("mal,full,mac", {"segment_len": 16, "n_layers": 3}), ("mac,swa", {"memory_grad_horizon": 2}),
+], ids=str)
+def test_pieces_equal_whole_at_edge_settings(layers: str, overrides: dict) -> None:
+    """No conv, one-token chunks, a one-token window, MAC segments of several chunks, mixed boundaries."""
+    model = tiny(layers, **overrides)
+    tokens = torch.randint(0, 41, (2, 100))
+    with torch.no_grad():
+        whole, _ = model(tokens)
+    cache, outputs, at = None, [], 0
+    for size in random_pieces(tokens.shape[1], seed=7):
+        logits, cache = stream_step(model, tokens[:, at : at + size], cache)
+        outputs.append(logits)
+        at += size
+    torch.testing.assert_close(torch.cat(outputs, dim=1), whole, rtol=0, atol=1e-9)
+
+
 def test_mac_with_probe_tokens_and_long_pieces() -> None:
     model = tiny("mac", mac_memory_tokens=3)
     tokens = torch.randint(0, 41, (1, 8 * TRAIN_LEN))
