@@ -26,6 +26,9 @@ The activation estimate per layer and sequence of T tokens, width h, bf16 (2 byt
   shard's attention inputs ((sp − 1)·T rows a full layer): the received rows, their norm and their keys
   and values, (4 + 4/tp)·(sp − 1)·T·h bytes a full layer, or the received rows alone (2·(sp − 1)·T·h)
   where checkpointing recomputes the rest.
+The step time is the busiest rank's: under sequence parallelism with full attention the last shard's
+queries see every earlier row, (2 − 1/sp) × the mean's attention scores, plus the earlier shards' keys
+and values to project (`last_shard_extra_flops`).
 It is an estimate to decide go / no-go with a margin, not an allocator trace.
 """
 
@@ -226,12 +229,29 @@ def plan(cfg: RunConfig, gpus: int, gpu: str, mfu: float) -> tuple[list[dict], d
                      "parameters": rank.parameters, **{f"{k}_gib": v / GIB for k, v in need.items()},
                      "fits": need["total"] <= (1 - RESERVE) * memory_gib * GIB})
     tokens_per_step = d.batch_size * d.seq_len * cfg.train.grad_accum * dp
-    flops = training_flops_per_token(cfg.model, d.seq_len) * tokens_per_step
-    step_s = flops / (gpus * peak * mfu)
+    per_token = training_flops_per_token(cfg.model, d.seq_len)
+    extra = last_shard_extra_flops(cfg)  # the step waits for the busiest rank
+    step_s = (per_token + extra) * tokens_per_step / (gpus * peak * mfu)
     summary = {"gpus": gpus, "gpu": gpu, "dp": dp, "tokens_per_step": tokens_per_step, "mfu": mfu,
                "step_s": step_s, "tokens_per_s": tokens_per_step / step_s,
-               "go": all(r["fits"] for r in rows), "stages": n_stages(p)}
+               "last_shard_extra": extra / per_token, "go": all(r["fits"] for r in rows),
+               "stages": n_stages(p)}
     return rows, summary
+
+
+def last_shard_extra_flops(cfg: RunConfig) -> float:
+    """Training FLOPs a token of the last sequence shard costs beyond the mean token, from full attention:
+    its queries see every earlier row ((2 − 1/sp) × the mean's keys) and it projects every earlier shard's
+    keys and values (sp − 1 rows per row of its own). 0 without sp or full attention."""
+    m, sp = cfg.model, cfg.parallel.sp
+    full = m.layer_kinds.count("full")
+    if sp == 1 or not full:
+        return 0.0
+    inner = m.n_heads * m.head_dim
+    mean_keys = (cfg.data.seq_len + 1) / 2  # a causal query's, averaged over the sequence
+    scores = 2 * 2 * inner * mean_keys * (1 - 1 / sp)
+    keys_values = 2 * 2 * m.dim * inner * (sp - 1)
+    return 3 * full * (scores + keys_values)
 
 
 CHECKPOINT_BYTES_PER_PARAMETER = 12  # float32 weights and AdamW's two moments
@@ -267,8 +287,11 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
         lines.append(f"| {r['tp']} | {r['pp']} | {r['parameters']:,} | {r['params_gib']:.2f} | "
                      f"{r['grads_gib']:.2f} | {r['optim_gib']:.2f} | {r['acts_gib']:.2f} | "
                      f"{r['acts_ckpt_gib']:.2f} | {r['total_gib']:.2f} | {'yes' if r['fits'] else 'NO'} |")
+    extra = summary["last_shard_extra"]
+    busiest = (f" (the last sequence shard's, {extra:.0%} more FLOPs a token than the mean: full attention's "
+               "queries there see every earlier row)" if extra else "")
     lines += ["", f"{summary['tokens_per_step']:,} tokens per step; at MFU {summary['mfu']:.0%}: "
-                  f"{summary['step_s']:.2f} s per step, {summary['tokens_per_s']:,.0f} tokens/s",
+                  f"{summary['step_s']:.2f} s per step{busiest}, {summary['tokens_per_s']:,.0f} tokens/s",
               checkpoint_line(cfg, max(r["parameters"] for r in rows), summary["dp"]),
               "verdict: " + ("GO" if summary["go"] else f"NO-GO: {remedies(cfg)}, or lower data.batch_size")]
     return "\n".join(lines)

@@ -418,6 +418,25 @@ def test_planner_counts_full_attention_halo_on_the_last_sequence_shard():
     assert acts("full", 1, False)[0] == pytest.approx(acts("swa", 1, False)[0])  # one process: no halo
 
 
+def test_planner_step_time_waits_for_the_last_sequence_shard_under_full_attention():
+    """The last shard's queries see every earlier row: (2 − 1/sp) × the mean attention score FLOPs, plus
+    the earlier shards' keys and values to project; the planner's step time is that rank's."""
+    from parallel.plan import format_plan, plan
+
+    def summary(layers: str, sp: int) -> dict:
+        cfg = load_config(None, [f"model.layers={layers}", "data.seq_len=65536", f"parallel.sp={sp}"])
+        return plan(cfg, sp, "h100-80gb", 0.4)[1]
+
+    assert summary("lmm", 4)["step_s"] == pytest.approx(summary("lmm", 1)["step_s"] / 4)  # 4 GPUs, balanced
+    one, four = summary("full", 1), summary("full", 4)
+    assert one["last_shard_extra"] == 0
+    assert 0.6 < four["last_shard_extra"] < 0.75  # the scores, most of a token's FLOPs at 64K: ≈ 1 − 1/sp
+    assert four["step_s"] == pytest.approx(one["step_s"] / 4 * (1 + four["last_shard_extra"]))
+    cfg = load_config(None, ["model.layers=full", "data.seq_len=65536", "parallel.sp=4"])
+    text = format_plan(cfg, *plan(cfg, 4, "h100-80gb", 0.4))
+    assert "the last sequence shard's, 66% more FLOPs a token" in text
+
+
 def test_planner_advice_leaves_out_what_is_already_on():
     from parallel.plan import format_plan, plan
 
