@@ -175,10 +175,10 @@ def _torch_attention(
     for s in range(0, T, block_size):
         e = min(s + block_size, T)
         lo = 0 if window is None else max(0, s + offset - window + 1)
-        end = e + offset  # memory tokens up to the block's last query position
+        end = e + offset  # keys (and causal memory tokens) up to the block's last query position
         causal = (None, None) if causal_k is None else (causal_k[:, :, :end], causal_v[:, :, :end])
-        args = (q[:, :, s:e], k[:, :, lo : e + offset], v[:, :, lo : e + offset], ctx_k, ctx_v, *causal,
-                s + offset - lo, window, scale)
+        args = (q[:, :, s:e], k[:, :, lo:end], v[:, :, lo:end], ctx_k, ctx_v, *causal, s + offset - lo,
+                window, scale)
         outs.append(checkpoint(_query_block, *args, use_reentrant=False) if recompute
                     else _query_block(*args))
     return torch.cat(outs, dim=2)
@@ -386,8 +386,8 @@ def windowed_attention(
     `window_size=(w-1, 0)`, bottom-right aligned); `None` = full causal. prefix_k/v: (H, P, d), shared
     over the batch, visible to every query. extra_k/v: (B, H, N, d), visible to every query, or if
     `extra_causal` (one per sequence key: N == Tk) extra token j only to the queries at positions >= j.
-    Scale 1/sqrt(d). Returns
-    (B, H, T, d). `block_size` is the query block of the torch path (memory O(T·(block_size + w))).
+    Scale 1/sqrt(d). Returns (B, H, T, d). `block_size` is the query block of the torch path (memory
+    O(T·(block_size + w))).
     """
     if (q.dim() != 4 or k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]
             or k.shape[2] < q.shape[2] or v.shape[:3] != k.shape[:3]):
