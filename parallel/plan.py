@@ -45,6 +45,7 @@ import torch.distributed as torch_dist
 from parallel.model import build_local_model, n_stages
 from parallel.tensor import TensorShard
 from pretrain.config import ConfigError, RunConfig, load_config
+from titans.blocks import AttentionBlock
 from titans.flops import training_flops_per_token
 from titans.model import TitansConfig, TitansLM
 
@@ -117,7 +118,7 @@ def local_parameter_counts(cfg: RunConfig, only: tuple[int, int] | None = None) 
     for tp_rank, pp_rank, _, models, stages in meta_shards(cfg, only):
         params = {id(t): t.numel() for m in models for t in m.parameters()}
         blocks = [b for m in models for b in m.blocks.values()]
-        full = sum(getattr(getattr(b, "attn", None), "window", 0) is None for b in blocks)
+        full = sum(isinstance(b, AttentionBlock) and b.attn.window is None for b in blocks)
         plans.append(RankPlan(tp_rank, pp_rank, stages, sum(params.values()),
                               sum(b.has_memory for b in blocks), len(blocks), full,
                               any(m.embed is not None for m in models),

@@ -410,7 +410,7 @@ def test_planner_counts_full_attention_halo_on_the_last_sequence_shard():
         return need["acts_ckpt" if ckpt else "acts"], rank.full_layers
 
     (swa, none), (full, four) = acts("swa", 4, False), acts("full", 4, False)
-    assert (none, four, acts("lmm,full", 4, False)[1]) == (0, 4, 2)
+    assert (none, four, acts("lmm,full", 4, False)[1], acts("mac", 4, False)[1]) == (0, 4, 2, 0)
     cfg = load_config(None, ["data.seq_len=4096"])
     rows = 3 * cfg.data.batch_size * 1024 * cfg.model.dim * 2  # (sp − 1) shards of 1,024 tokens, bf16 bytes
     assert full - swa == pytest.approx(4 * rows * 4)  # received rows, their norm, keys and values (tp 1)
