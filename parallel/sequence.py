@@ -40,10 +40,10 @@ from torch.utils.checkpoint import checkpoint
 
 from parallel.mesh import Mesh
 from parallel.pipeline import HeadLossSum
+from titans.blocks import earlier_rows_read
 from titans.memory import MemoryState
 from titans.model import TitansLM
 
-HALO_BLOCKS = ("swa", "mag", "mal")  # sliding-window attention over the shard boundary: w − 1 rows of halo
 BACKWARD_TAG = 1 << 20
 
 
@@ -108,11 +108,11 @@ class SequenceShards:
         order, and whether the halo is whole shards (full attention: every earlier shard sends all its
         rows, directly, so a shard waits one hop and not a chain) or the last w − 1 rows of the previous
         shard (sliding-window attention). Nobody for blocks without attention across the boundary."""
-        kind, sp = self.model.cfg.layer_kinds[int(name)], self.mesh.sp_rank
-        if kind == "full":
+        rows, sp = earlier_rows_read(self.model.cfg.layer_kinds[int(name)], self.model.cfg), self.mesh.sp_rank
+        if rows is None:
             return ([self.mesh.sp_neighbour(j - sp) for j in range(sp)],
                     [self.mesh.sp_neighbour(j - sp) for j in range(sp + 1, self.mesh.layout.sp)], True)
-        if kind not in HALO_BLOCKS:
+        if not rows:
             return [], [], False
         return [r for r in (self.prev,) if r is not None], [r for r in (self.next,) if r is not None], False
 

@@ -323,5 +323,14 @@ BLOCKS = {
 }
 
 
+def earlier_rows_read(kind: str, cfg: TitansConfig) -> int | None:
+    """How many positions before a piece of the sequence a block's attention reads: w − 1 for
+    sliding-window attention, all (None) for full attention, none (0) for MAC (its attention stays inside
+    a segment) and LMM. What a sequence shard's halo and a streaming cache's past must hold."""
+    if kind in ("swa", "mag", "mal"):
+        return cfg.window - 1
+    return None if kind == "full" else 0
+
+
 def build_block(kind: str, cfg: TitansConfig) -> Block:
     return BLOCKS[kind](cfg)

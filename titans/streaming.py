@@ -25,11 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from titans.attention import KeyValues
-from titans.blocks import Block, MACBlock
+from titans.blocks import Block, MACBlock, earlier_rows_read
 from titans.memory import MemoryState
 from titans.model import TitansConfig, TitansLM
-
-WINDOWED = ("swa", "mag", "mal")  # blocks whose attention needs the last w − 1 inputs across a cut
 
 
 def commit_every(kind: str, cfg: TitansConfig) -> int:
@@ -38,14 +36,6 @@ def commit_every(kind: str, cfg: TitansConfig) -> int:
     if kind == "mac":
         return cfg.segment_len
     return cfg.memory_chunk if kind in ("mag", "mal", "lmm") else 1
-
-
-def halo_length(kind: str, cfg: TitansConfig) -> int | None:
-    """How many past positions' keys and values a layer keeps: w − 1 for windowed attention, all (None)
-    for full attention, none for MAC (its attention stays inside a segment) and LMM."""
-    if kind in WINDOWED:
-        return cfg.window - 1
-    return None if kind == "full" else 0
 
 
 def attention_keys(block: Block, h: Tensor, start: int) -> KeyValues:
@@ -163,7 +153,7 @@ def layer_step(kind: str, block: Block, cfg: TitansConfig, layer: LayerCache, x:
     committed = seen + T - total  # the position of its last boundary
     commit = total - total % commit_every(kind, cfg)  # the rows that complete boundaries
     state, past, outputs = layer.state, layer.past, []
-    keep = halo_length(kind, cfg)  # 0: no attention across calls
+    keep = earlier_rows_read(kind, cfg)  # 0: no attention across calls
     tail_keys, tail_conv = layer.tail_keys, layer.tail_conv
     if commit:
         out, state, attn_in = block.run(inputs[:, :commit], state, past, committed)
