@@ -18,8 +18,16 @@ outside the graph).
 Checkpoints are written gathered: the model and AdamW state dicts equal those of the same run without
 FSDP (a dense `state.pt`, or the tp shard files), so a run may switch FSDP on or off when it resumes, and
 every tool that reads checkpoints (conversion, export, evaluation) reads these. Each tensor is gathered in
-turn; rank 0 keeps them on the CPU. Parameters stay float32 in the shards; bf16 compute is autocast's,
-as without FSDP (the memory's state and update stay float32).
+turn; rank 0 keeps them on the CPU.
+
+Precision: the shards (the master weights AdamW updates) stay float32. Under bf16 autocast each block is
+gathered in bfloat16 by default (`parallel.fsdp_param_dtype`, torchtitan's `mixed_precision_param`): half
+the bytes of every gather and of the gathered copies, and the matmuls read them as autocast would have
+cast them. What stays as under autocast: block inputs are not cast (the residual stream and a relayed
+memory state keep their dtype; `cast_forward_inputs=False`), the embedding's rows are upcast to float32 so
+the residual stream stays float32, and the memory's state and update run in float32 from its bfloat16
+initial weights (`NeuralMemory.state_dtype`). Gradients are reduce-scattered in float32 by default
+(`parallel.fsdp_reduce_dtype`).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from parallel.mesh import LayoutError, Mesh
@@ -41,6 +49,56 @@ from titans.blocks import halo_halves
 # parameter by a sharded one, and gradient clipping and the checkpoint layout still need them
 PARAMETER_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "full_shape",
                         "tp_parts", "tied_copy", "allreduce", "sequence_parallel")
+
+
+
+
+def precision_policy(param_dtype: str, reduce_dtype: str, precision: str) -> MixedPrecisionPolicy:
+    """FSDP's policy for `parallel.fsdp_param_dtype` / `fsdp_reduce_dtype` in a run computing in
+    `precision` ("bf16" or "fp32"): "auto" gathers in bfloat16 under bf16 autocast, else in float32."""
+    if param_dtype == "auto":
+        param_dtype = "bfloat16" if precision == "bf16" else "float32"
+    if param_dtype == "bfloat16" and precision != "bf16":
+        raise LayoutError(f"parallel.fsdp_param_dtype=bfloat16 needs bf16 compute, this run computes in "
+                          f"{precision} (train.precision=auto is fp32 on a CPU): set train.precision=bf16")
+    # float32: as the shards hold them (None: no cast, float64 in exactness tests); gradients gathered in
+    # bfloat16 are reduced in float32 unless asked (None would reduce them in the gather's dtype)
+    gather = torch.bfloat16 if param_dtype == "bfloat16" else None
+    reduce = torch.bfloat16 if reduce_dtype == "bfloat16" else (torch.float32 if gather else None)
+    return MixedPrecisionPolicy(param_dtype=gather, reduce_dtype=reduce, cast_forward_inputs=False)
+
+
+def upcast_output(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    """A forward hook: the module's output in float32 at least (an embedding gathered in bfloat16 starts
+    the residual stream in float32, as autocast's float32 embedding does)."""
+    return output.to(torch.promote_types(output.dtype, torch.float32))
+
+
+class CollectiveBytes:
+    """While inside: the size of the whole tensors FSDP2's all-gathers and reduce-scatters on this rank
+    assemble and split (the gathered parameters, the gradients before their reduction), in bytes by dtype
+    name (`gathered`, `reduced`). A diagnostic for tests and benchmarks: FSDP2 calls torch.distributed's
+    `all_gather_single` and `reduce_scatter_single`, which this wraps."""
+
+    def __enter__(self) -> CollectiveBytes:
+        self.gathered: dict[str, int] = {}
+        self.reduced: dict[str, int] = {}
+        self.real = torch_dist.all_gather_single, torch_dist.reduce_scatter_single
+        torch_dist.all_gather_single = self._counted(self.real[0], self.gathered)
+        torch_dist.reduce_scatter_single = self._counted(self.real[1], self.reduced)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch_dist.all_gather_single, torch_dist.reduce_scatter_single = self.real
+
+    @staticmethod
+    def _counted(real: Callable, counts: dict[str, int]) -> Callable:
+        def collective(*args: Any, **kwargs: Any) -> Any:
+            whole = max((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), key=Tensor.numel)
+            dtype = str(whole.dtype).removeprefix("torch.")
+            counts[dtype] = counts.get(dtype, 0) + whole.numel() * whole.element_size()
+            return real(*args, **kwargs)
+        return collective
 
 
 def dp_device_mesh(mesh: Mesh, shard: int) -> DeviceMesh:
@@ -65,21 +123,25 @@ def dp_device_mesh(mesh: Mesh, shard: int) -> DeviceMesh:
 
 
 def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, reshard_root: bool = True,
-               shard: int = 0, relay: bool = False) -> FSDPModule:
+               shard: int = 0, relay: bool = False, policy: MixedPrecisionPolicy | None = None) -> FSDPModule:
     """Shard `model`'s parameters over the dp group (or over groups of `shard` dp ranks, replicated across
     them: `dp_device_mesh`): one FSDP unit per block, `root` (the module whose forward runs `model`, and
     the loss) the unit of everything else. `reshard_root=False` keeps the root's parameters gathered from
     its forward to its backward: a pipeline's last stage computes its loss with the head after the stage's
     forward. `relay`: the blocks run under sequence parallelism, whose relay calls each block's halves
     around the attention halo instead of its forward: FSDP's gather before and its gradient reduce-scatter
-    after are hooked on those. Returns the root."""
+    after are hooked on those. `policy`: the dtypes parameters are gathered and gradients reduced in
+    (`precision_policy`; default: as the shards hold them). Returns the root."""
+    policy = policy or precision_policy("float32", "float32", "fp32")
     dp_mesh = dp_device_mesh(mesh, shard)
     before = dict(model.named_parameters())
     for block in model.blocks.values():
-        fully_shard(block, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
         for method in halo_halves(block) if relay else []:
             register_fsdp_forward_method(block, method)
-    fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_root)
+    fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_root, mp_policy=policy)
+    if model.embed is not None and policy.param_dtype is not None:
+        model.embed.register_forward_hook(upcast_output)
     for name, param in model.named_parameters():
         for attribute in PARAMETER_ATTRIBUTES:
             if hasattr(before[name], attribute):

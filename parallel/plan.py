@@ -44,7 +44,7 @@ import torch.distributed as torch_dist
 
 from parallel.model import build_local_model, n_stages
 from parallel.tensor import TensorShard
-from pretrain.config import ConfigError, RunConfig, load_config
+from pretrain.config import ConfigError, ParallelConfig, RunConfig, load_config
 from titans.blocks import AttentionBlock
 from titans.flops import training_flops_per_token
 from titans.model import TitansConfig, TitansLM
@@ -149,6 +149,12 @@ def activation_bytes(model: TitansConfig, tp: int, tokens: int, layers: int, mem
     return layers * per_layer
 
 
+def fsdp_gathers_bf16(p: ParallelConfig, value_bytes: int) -> bool:
+    """Whether FSDP gathers parameters in bfloat16 (`parallel.fsdp_param_dtype`; "auto" under bf16
+    compute, whose activations are `value_bytes` = 2)."""
+    return p.fsdp_param_dtype == "bfloat16" or (p.fsdp_param_dtype == "auto" and value_bytes == 2)
+
+
 def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_layers: int,
                 value_bytes: int = 2, full_layers: int = 0) -> dict[str, float]:
     """Bytes one rank needs: parameters, gradients, AdamW states (fp32, divided over dp as the ZeRO stage
@@ -163,9 +169,12 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
     if p.zero_stage >= 3:
         params /= dp
     if p.fsdp:  # ZeRO-3's sharding (over fsdp_shard ranks under HSDP), plus two blocks gathered whole (the
-        block = 4.0 * parameters / max(layers, 1)  # running one, the next prefetched)
-        shards = p.fsdp_shard or dp
-        optim, grads, params = optim / shards, grads / shards + 2 * block, params / shards + 2 * block
+        block = parameters / max(layers, 1)  # running one, the next prefetched) and one block's gradients
+        shards = p.fsdp_shard or dp  # whole, with the copy FSDP reduce-scatters
+        gather = 2.0 if fsdp_gathers_bf16(p, value_bytes) else 4.0
+        reduce = 2.0 if p.fsdp_reduce_dtype == "bfloat16" else 4.0
+        optim = optim / shards
+        grads, params = grads / shards + (gather + reduce) * block, params / shards + 2 * gather * block
     micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
     in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens
@@ -275,7 +284,8 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
     p = cfg.parallel
     ckpt = "on" if cfg.train.activation_checkpointing else "off"
     recompute = "on" if cfg.model.recompute_memory else "off"
-    sharding = (f"FSDP over {p.fsdp_shard or summary['dp']} dp ranks" if p.fsdp
+    gathered = "bf16" if fsdp_gathers_bf16(p, 2) else "fp32"  # the planner's runs compute in bf16
+    sharding = (f"FSDP over {p.fsdp_shard or summary['dp']} dp ranks, gathered in {gathered}" if p.fsdp
                 else f"ZeRO stage {p.zero_stage}")
     lines = [f"layout tp={p.tp} pp={p.pp} sp={p.sp} dp={summary['dp']} on {summary['gpus']} × "
              f"{summary['gpu']}, {sharding}, {summary['stages']} pipeline stage(s), "

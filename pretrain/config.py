@@ -175,6 +175,11 @@ class ParallelConfig:
     # state, the files of the same run without FSDP) or "sharded" (every rank writes its own slice, in
     # parallel, none holds more than its slice; tools join the slices when they read them)
     fsdp_checkpoint: str = "gathered"
+    # with fsdp: the dtype each block's parameters are gathered in for compute, "float32" or "bfloat16"
+    # (half the bytes of every gather; "auto": bfloat16 when train.precision is bf16), and the dtype
+    # gradients are reduce-scattered in; the shards, AdamW and the memory's state stay float32
+    fsdp_param_dtype: str = "auto"
+    fsdp_reduce_dtype: str = "float32"
     pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
     pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
     pp_stages_per_rank: int = 2  # with pp_schedule: interleaved (virtual stages)
@@ -594,6 +599,14 @@ def validate_parallel(cfg: RunConfig) -> None:
                           "(the number of dp ranks each sharded copy spans; 0: all of them)")
     if p.fsdp_checkpoint not in ("gathered", "sharded"):
         raise ConfigError(f"parallel.fsdp_checkpoint={p.fsdp_checkpoint!r}: use gathered or sharded")
+    for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+        value = getattr(p, name)
+        allowed = ("float32", "bfloat16", "auto") if name == "fsdp_param_dtype" else ("float32", "bfloat16")
+        if value not in allowed:
+            raise ConfigError(f"parallel.{name}={value!r}: use {', '.join(allowed)}")
+    if p.fsdp_param_dtype == "bfloat16" and cfg.train.precision == "fp32":
+        raise ConfigError("parallel.fsdp_param_dtype=bfloat16 needs train.precision=bf16 (or auto on a GPU): "
+                          "float32 compute would mix float32 activations with bfloat16 weights")
     if p.sp > 1:
         validate_sequence_parallel(cfg)
     if p.comm_timeout_s < 1:

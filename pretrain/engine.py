@@ -51,6 +51,7 @@ from parallel.fsdp import (
     local_model_state,
     local_optimizer_state,
     placed_like,
+    precision_policy,
 )
 from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
@@ -525,14 +526,15 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
     if p.fsdp and mesh.layout.dp == 1:
         mesh.print("note: parallel.fsdp=true with one data-parallel rank: nothing to shard, so nothing is")
     if p.fsdp and mesh.layout.dp > 1:  # before the optimizer: it must hold the sharded parameters
-        relay = p.sp > 1
+        options = {"shard": p.fsdp_shard, "relay": p.sp > 1,
+                   "policy": precision_policy(p.fsdp_param_dtype, p.fsdp_reduce_dtype, precision)}
         if p.pp > 1:  # the last stage's loss reads the head after the stage's forward: kept gathered
-            roots = [apply_fsdp(module, m, mesh, reshard_root=False, shard=p.fsdp_shard, relay=relay)
+            roots = [apply_fsdp(module, m, mesh, reshard_root=False, **options)
                      for module, m in zip(stage_modules(models, mesh), models, strict=True)]
         else:
-            loss_module = (SequenceLoss(models[0], mesh, head_loss_sum_of(models[0])) if relay else
+            loss_module = (SequenceLoss(models[0], mesh, head_loss_sum_of(models[0])) if p.sp > 1 else
                            CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy))
-            roots = [apply_fsdp(loss_module, models[0], mesh, shard=p.fsdp_shard, relay=relay)]
+            roots = [apply_fsdp(loss_module, models[0], mesh, **options)]
     optimizer = make_optimizer(models, cfg, mesh)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if p.pp > 1 and roots:

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from data_pipeline.loader import DataError
-from parallel.fsdp import local_numel
+from parallel.fsdp import local_numel, precision_policy
 from parallel.mesh import LayoutError, Mesh, init_mesh, launch_environment
 from parallel.plan import CHECKPOINT_BYTES_PER_PARAMETER, local_parameter_counts, preflight_problem
 from parallel.tensor import padded_vocab
@@ -245,6 +245,13 @@ def check_shared_out_dir(out: Path, mesh: Mesh, wait_s: float = 10.0) -> None:
                           "that every node mounts, at the same path")
 
 
+def fsdp_dtypes(p: ParallelConfig, precision: str) -> str:
+    """What FSDP gathers parameters and reduces gradients in, for the run's opening line."""
+    policy = precision_policy(p.fsdp_param_dtype, p.fsdp_reduce_dtype, precision)
+    names = {None: "fp32", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    return f" (gathered in {names[policy.param_dtype]}, gradients reduced in {names[policy.reduce_dtype]})"
+
+
 def check_memory(cfg: RunConfig, mesh: Mesh, precision: str) -> None:
     """Pre-flight: the planner's estimate of this rank's memory against what the device has; a run that
     cannot fit fails before it allocates anything (on every rank, if any rank cannot)."""
@@ -362,6 +369,10 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
         mesh.print(line)
     check_run_folder(cfg, out)
     precision = ("bf16" if mesh.device.type == "cuda" else "fp32") if t.precision == "auto" else t.precision
+    if precision == "bf16" and mesh.device.type == "cpu" and cfg.parallel.tp > 1:
+        raise ConfigError(f"train.precision=bf16 with parallel.tp={cfg.parallel.tp} runs on GPUs only: "
+                          "megatron-core's tensor-parallel layers restore autocast in their backward on CUDA "
+                          "alone (on a CPU it would multiply bf16 by float32): set train.precision=fp32")
     for warning in slow_setting_warnings(cfg, mesh.device.type):
         mesh.print(f"warning: {warning}")
     check_toolchain(cfg, mesh)
@@ -469,7 +480,8 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
                + f"; device {mesh.device}, layout {mesh.layout}"
                + (f", ZeRO stage {p.zero_stage}" if p.zero_stage else "")
                + ((f", HSDP: sharded over groups of {p.fsdp_shard} dp ranks" if p.fsdp_shard
-                   else ", FSDP over the dp ranks") if p.fsdp and mesh.layout.dp > 1 else "")
+                   else ", FSDP over the dp ranks") + fsdp_dtypes(p, precision)
+                  if p.fsdp and mesh.layout.dp > 1 else "")
                + (f", {p.pp_schedule} schedule" if p.pp > 1 else "")
                + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
                   "logits are masked)" if vocab != cfg.model.vocab_size else ""))

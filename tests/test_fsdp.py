@@ -55,7 +55,12 @@ def runs(tmp_path_factory):
             job("accum", tmp / "accum", FSDP, "data.batch_size=1", "train.grad_accum=2"),
             job("checkpointing", tmp / "ckpt", FSDP, "train.activation_checkpointing=true"),
             job("compiled", tmp / "compiled", FSDP, "train.compile=true", "train.compile_backend=aot_eager"),
-            job("bf16", tmp / "bf16", FSDP, "train.precision=bf16"),
+            # bf16 autocast: blocks gathered in float32 (the 1-process run's weights), in bfloat16 (the
+            # default under bf16), and with gradients reduce-scattered in bfloat16 too
+            job("bf16", tmp / "bf16", FSDP, "train.precision=bf16", "parallel.fsdp_param_dtype=float32"),
+            job("bf16_gather", tmp / "bf16_gather", FSDP, "train.precision=bf16"),
+            job("bf16_reduce", tmp / "bf16_reduce", FSDP, "train.precision=bf16",
+                "parallel.fsdp_reduce_dtype=bfloat16"),
             job("separate", tmp / "separate", FSDP, "data.synthetic_sequences=1"),  # two forwards a step
             job("async", tmp / "async", FSDP, "train.async_checkpoint=true"),  # gathered, then written aside
             job("recall", tmp / "recall", FSDP, *RECALL),  # the model gathered for the evaluation
@@ -134,11 +139,22 @@ def test_fsdp_checkpoint_holds_the_dense_optimizer_state(runs, references):
             torch.testing.assert_close(got["state"][index][key], value, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, reference, rel", [("accum", "accum", 1e-5), ("checkpointing", "plain", 1e-5),
-                                                  ("compiled", "plain", 1e-5), ("bf16", "bf16", 1e-3),
-                                                  ("separate", "separate", 1e-5)])
+@pytest.mark.parametrize("name, reference, rel", [
+    ("accum", "accum", 1e-5), ("checkpointing", "plain", 1e-5), ("compiled", "plain", 1e-5),
+    ("bf16", "bf16", 1e-3), ("bf16_gather", "bf16", 1e-3), ("bf16_reduce", "bf16", 1e-3),
+    ("separate", "separate", 1e-5)])
 def test_fsdp_variants_match_one_process(runs, references, name, reference, rel):
     assert_losses_close(runs[name]["losses"], references[reference].losses, rel)
+
+
+@pytest.mark.parametrize("name, gathered, reduced", [
+    ("fsdp", "float32", "float32"), ("bf16", "float32", "float32"), ("bf16_gather", "bfloat16", "float32"),
+    ("bf16_reduce", "bfloat16", "bfloat16")])
+def test_fsdp_gathers_and_reduces_in_the_configured_dtypes(runs, name, gathered, reduced):
+    moved = runs[name]["fsdp_bytes"]
+    assert list(moved["gathered"]) == [gathered] and list(moved["reduced"]) == [reduced], moved
+    if gathered == "bfloat16":  # the same elements in half the bytes
+        assert moved["gathered"][gathered] * 2 == runs["bf16"]["fsdp_bytes"]["gathered"]["float32"]
 
 
 def test_fsdp_checkpoints_written_in_the_background_equal_the_synchronous_ones(runs):
@@ -204,10 +220,22 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
 @pytest.mark.parametrize("override, message", [
     (["parallel.zero_stage=3"], "parallel.fsdp=true and parallel.zero_stage=3 both shard"),
     (["parallel.fsdp=false", "parallel.fsdp_shard=2"], "parallel.fsdp_shard=2 must be >= 0 and needs"),
+    (["parallel.fsdp_param_dtype=float16"], "fsdp_param_dtype='float16': use float32, bfloat16, auto"),
+    (["parallel.fsdp_reduce_dtype=auto"], "parallel.fsdp_reduce_dtype='auto': use float32, bfloat16"),
+    (["parallel.fsdp_param_dtype=bfloat16", "train.precision=fp32"], "fsdp_param_dtype=bfloat16 needs train"),
 ])
 def test_layouts_fsdp_cannot_run_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [FSDP, "model.n_layers=2", *override])
+
+
+def test_gathering_in_bfloat16_under_float32_compute_is_refused_when_the_run_starts():
+    from parallel.fsdp import precision_policy
+    from parallel.mesh import LayoutError
+
+    with pytest.raises(LayoutError, match="train.precision=auto is fp32 on a CPU"):
+        precision_policy("bfloat16", "float32", "fp32")  # train.precision=auto, resolved on a CPU
+    assert precision_policy("auto", "float32", "fp32").param_dtype is None  # as the shards hold them
 
 
 def test_full_optimizer_state_round_trips_on_one_rank():
@@ -232,12 +260,17 @@ def test_planner_counts_fsdp_as_sharded_weights_plus_two_gathered_blocks():
     cfg = load_config("configs/paper/mac-1.3b.yaml", overrides)
     fsdp = load_config("configs/paper/mac-1.3b.yaml", [*overrides, FSDP])
     parameters, layers = 1_000_000, 10
-    dense, sharded = (rank_memory(c, 8, parameters, layers, layers) for c in (cfg, fsdp))
-    block = 4.0 * parameters / layers
-    assert sharded["params"] == dense["params"] / 8 + 2 * block
+    dense, sharded = (rank_memory(c, 8, parameters, layers, layers) for c in (cfg, fsdp))  # bf16 compute
+    block = parameters / layers  # two gathered in bf16 (the default under bf16), one's gradients whole
+    assert sharded["params"] == dense["params"] / 8 + 2 * 2 * block  # in bf16, reduced in fp32
+    assert sharded["grads"] == dense["grads"] / 8 + (2 + 4) * block
     assert sharded["optim"] == dense["optim"] / 8
+    fp32 = load_config("configs/paper/mac-1.3b.yaml", [*overrides, FSDP, "parallel.fsdp_param_dtype=float32"])
+    assert rank_memory(fp32, 8, parameters, layers, layers)["params"] == dense["params"] / 8 + 2 * 4 * block
+    assert rank_memory(fsdp, 8, parameters, layers, layers, value_bytes=4)["params"] == (  # fp32 compute
+        dense["params"] / 8 + 2 * 4 * block)
     assert format_plan(fsdp, *plan(fsdp, 8, "h100-80gb", 0.4)).startswith(
-        "layout tp=1 pp=1 sp=1 dp=8 on 8 × h100-80gb, FSDP over 8 dp ranks,")
+        "layout tp=1 pp=1 sp=1 dp=8 on 8 × h100-80gb, FSDP over 8 dp ranks, gathered in bf16,")
     hsdp = load_config("configs/paper/mac-1.3b.yaml", [*overrides, FSDP, "parallel.fsdp_shard=4"])
     assert rank_memory(hsdp, 8, parameters, layers, layers)["optim"] == dense["optim"] / 4
 
@@ -265,3 +298,42 @@ def test_hsdp_replicas_share_the_writing_of_the_slices():
     assert writers == {d: [8 * (d % 4) + d] for d in range(8)}
     assert [slice_written_by(r, 4, 4) for r in range(4)] == [0, 1, 2, 3]  # FSDP over every rank
     assert [slice_written_by(r, 2, 6) for r in range(6)] == [0, None, None, 1, None, None]
+
+
+def test_gathering_in_bfloat16_computes_the_model_with_bfloat16_weights(tmp_path):
+    """One rank, FSDP gathering in bfloat16: the loss and every gradient are those of the same model with
+    each weight rounded to bfloat16 under autocast, the embedding's rows upcast (the residual stream stays
+    float32), the memory's state float32; the gradients reach the float32 shards unchanged."""
+    import copy
+
+    import torch.distributed as dist
+
+    from parallel.fsdp import apply_fsdp, precision_policy
+    from parallel.mesh import Mesh
+    from pretrain.loss import CausalLMLoss
+    from titans.model import TitansConfig, TitansLM
+
+    torch.manual_seed(0)
+    cfg = TitansConfig(vocab_size=61, dim=32, n_layers=4, n_heads=2, layers="mac,mag,mal,lmm", window=8,
+                       n_persistent=2, segment_len=16, memory_chunk=8)
+    model = TitansLM(cfg)
+    rounded = copy.deepcopy(model).to(torch.bfloat16)
+    rounded.embed.register_forward_hook(lambda module, inputs, out: out.float())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        root = apply_fsdp(CausalLMLoss(model), model, Mesh(dp_group=dist.group.WORLD),
+                          policy=precision_policy("auto", "float32", "bf16"))
+        states = []
+        for module in (root, CausalLMLoss(rounded)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = module(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            states.append((loss, {name: p.grad for name, p in module.model.named_parameters()}))
+        (got, got_grads), (want, want_grads) = states
+        assert torch.equal(got, want)
+        for name, grad in want_grads.items():
+            assert got_grads[name].dtype == torch.float32, name  # the shard's, reduced in float32
+            assert torch.equal(got_grads[name].full_tensor(), grad.float()), name
+    finally:
+        dist.destroy_process_group()

@@ -76,6 +76,7 @@ CASES = [(v, layout) for v in VARIANTS for layout in LAYOUTS if SLOW or (v, layo
 
 
 SLICED = "parallel.fsdp_checkpoint=sharded"
+BF16 = "train.precision=bf16"
 # (job prefix, layout, extra overrides): 3 + 3 steps resumed against 6 (the plain tp2_pp2 one besides)
 RESUMES = [("fsdp_", "tp2_dp2_fsdp"), ("fsdp_pp_", "pp2_dp2_fsdp"), ("sliced_tp_", "tp2_dp2_fsdp", SLICED),
            ("sliced_pp_", "pp2_dp2_fsdp", SLICED), ("sliced_hsdp_", "dp4_hsdp", SLICED)]
@@ -115,6 +116,8 @@ def runs(tmp_path_factory):
         tmp = folders[world] = tmp_path_factory.mktemp(f"world{world}")
         jobs = [job(f"{v}_{layout}", tmp / f"{v}_{layout}", v, layout) for v, layout in by_layout(CASES)
                 if LAYOUTS[layout][0] == world]
+        if world == 2:  # refused on a CPU: megatron-core's tp layers run their backward without autocast
+            jobs.append(job("tp2_bf16", tmp / "tp2_bf16", "mac", "tp2", BF16) | {"expect_error": True})
         if world == 4:  # 3 + 3 steps with a resume under tp=2 × pp=2
             jobs.append(job("resume_first", tmp / "resume", "mac", "tp2_pp2", "train.stop_after_steps=3",
                             steps=6))
@@ -135,6 +138,8 @@ def runs(tmp_path_factory):
                         | {"expect_error": True, "full_disk_rank": 3, "full_disk_step": 6})
             jobs.append(job("hsdp_bad", tmp / "hsdp_bad", "mac", "dp4_hsdp", "parallel.fsdp_shard=3")
                         | {"expect_error": True})
+            # FSDP gathering in bf16 (the default under bf16 compute) across pipeline stages
+            jobs.append(job("bf16_gather_pp2_dp2_fsdp", tmp / "bf16_gather", "mal", "pp2_dp2_fsdp", BF16))
             # the same two with checkpoints written in the background (train.async_checkpoint)
             background = "train.async_checkpoint=true"
             jobs.append(job("async_whole", tmp / "async_whole", "mac", "tp2_pp2", background, steps=6))
@@ -200,6 +205,11 @@ def test_a_checkpoint_one_rank_cannot_write_stops_every_rank(runs, name, folder)
     assert error.startswith("CheckpointWriteError: writing the checkpoint of step 6 failed (rank 3: [Errno "
                             "28] No space left on device); the last good checkpoint is "), error
     assert f"{folder}/checkpoints/step_00000003: free space" in error, error
+
+
+def test_tensor_parallelism_under_bf16_on_a_cpu_is_refused(runs):
+    error = runs["tp2_bf16"]["error"]
+    assert error.startswith("ConfigError: train.precision=bf16 with parallel.tp=2 runs on GPUs only"), error
 
 
 def test_an_fsdp_shard_size_that_does_not_divide_dp_is_refused(runs):
@@ -534,6 +544,9 @@ def sp_runs(tmp_path_factory):
                     folder = tmp / (prefix + ("whole" if part == "whole" else "resume"))
                     jobs.append(sp_job(prefix + part, folder, "mal", 2, "sp2_dp2_fsdp", *extra, *stop,
                                        steps=6))
+            # FSDP gathering in bf16 under the relay (the state and the halo keep their float32)
+            jobs.append(sp_job("bf16_gather_sp2_dp2_fsdp", tmp / "bf16_gather", "mal", 2, "sp2_dp2_fsdp",
+                               BF16))
         results.update(launch(WORKER, jobs, tmp, world, launch_deadline(jobs)))
     return results
 
@@ -567,6 +580,22 @@ def test_sequence_parallel_matches_one_process(sp_runs, sp_references, variant, 
         # the rounding of near-zero gradients into ±lr steps: up to 1.2e-3 after 3 steps (MAL sp=4, after
         # the memory's coefficient sums were reordered; 2.4e-4 for MAG before); a wrong gradient shows as
         # 1e-2 or more (the blocks' gradients lost under sp × pp: 2e-1)
+
+
+@pytest.mark.parametrize("layout", ["pp2_dp2_fsdp", "sp2_dp2_fsdp"])
+def test_fsdp_gathering_in_bf16_stays_within_bf16_of_one_process(runs, sp_runs, tmp_path, layout):
+    """Blocks gathered in bfloat16 across pipeline stages and under the relay: the losses of one process
+    under bf16 autocast within bf16's tolerance (tests/test_fsdp.py has the exact one-rank check)."""
+    sp = layout.startswith("sp")
+    got = (sp_runs if sp else runs)[f"bf16_gather_{layout}"]
+    shape = ["model.memory_depth=2", f"data.seq_len={SP_SEQ_LEN}"] if sp else []
+    reference, _ = reference_run(tmp_path, *model_overrides("mal"), *shape, BF16)
+    assert all(close(a, b, rel=1e-3) for a, b in zip(got["losses"], reference.losses, strict=True)), \
+        (got["losses"], reference.losses)
+    for step, val in reference.val_losses.items():
+        assert close(got["val_losses"][str(step)], val, rel=1e-3), (step, got["val_losses"],
+                                                                     reference.val_losses)
+    assert list(got["fsdp_bytes"]["gathered"]) == ["bfloat16"], got["fsdp_bytes"]
 
 
 @pytest.mark.parametrize("prefix", ["sp_fsdp_", "sp_sliced_"])

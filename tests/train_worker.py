@@ -156,6 +156,7 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
     import pretrain.engine as engine_module
     import pretrain.loss as loss_module
     import pretrain.train as train_module
+    from parallel.fsdp import CollectiveBytes
     from pretrain.config import load_config
 
     real_loss_on, real_fused = engine_module.loss_on, loss_module.linear_cross_entropy_sum
@@ -182,7 +183,8 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
     engine_module.loss_on, loss_module.linear_cross_entropy_sum = loss_on, fused
     shards_module._save = save_shard
     try:
-        result = train_module.train(load_config(None, job["overrides"]))
+        with CollectiveBytes() as moved:  # what FSDP's parameters were gathered and gradients reduced in
+            result = train_module.train(load_config(None, job["overrides"]))
     except Exception as err:
         if not job.get("expect_error"):
             raise
@@ -196,6 +198,7 @@ def run_job(job: dict[str, Any], dist) -> dict[str, Any]:
             "skipped_steps": result.skipped_steps, "last_step": result.last_step,
             "parameters_per_rank": result.parameters_per_rank,
             "recall": {str(k): v for k, v in result.recall.items()},
+            "fsdp_bytes": {"gathered": moved.gathered, "reduced": moved.reduced},
             "checkpoint": str(result.checkpoint) if result.checkpoint else None}
 
 

@@ -1,0 +1,110 @@
+"""FSDP gathering parameters in float32 against bfloat16 (`parallel.fsdp_param_dtype`) and reducing
+gradients in float32 against bfloat16 (`parallel.fsdp_reduce_dtype`), all under bf16 autocast: the bytes
+each rank's all-gathers and reduce-scatters carry per step, the step time, and how far the losses move.
+
+    python bench/fsdp_precision.py                  # 2 processes, tiny.yaml with 4 MAC layers, 30 steps
+    python bench/fsdp_precision.py --layers mag --steps 60
+
+Each setting is a `torch.distributed.run` launch of the training job (`pretrain.train`) on a small dataset
+built from this repository's sources, FSDP over 2 dp ranks on a global batch of 8 × 256 tokens. The FSDP
+settings are compared with the one gathering in float32 (the weights autocast reads, as one process
+does); two 1-process runs give the scale of such differences, bf16 autocast against float32 (the 1-process
+runs read other batches than the 2-rank ones: compare within each group). Printed per setting: MiB a step
+that rank 0's all-gathers assemble and its reduce-scatters split (the whole tensors, by dtype; counted at
+torch.distributed's calls, `parallel.fsdp.CollectiveBytes`; the last validation's gathers included), the
+median step time of the last steps, the mean and largest |loss − reference| / reference over the steps,
+and the last validation loss. On a CPU, bf16 matmuls are not faster than float32 and gloo's transfers are
+memory copies: the bytes are the result here, the times are not a GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ranks import run_ranks  # noqa: E402
+
+MIB = 2**20
+AUTOCAST = "1 process, bf16 autocast"
+FSDP_FP32 = "FSDP dp=2, gather fp32, reduce fp32"
+SETTINGS = {  # name: (processes, overrides, the setting its losses are compared with)
+    AUTOCAST: (1, [], AUTOCAST),
+    "1 process, fp32": (1, ["train.precision=fp32"], AUTOCAST),  # bf16's own effect
+    FSDP_FP32: (2, ["parallel.fsdp_param_dtype=float32"], FSDP_FP32),  # autocast's weights, as 1 process
+    "FSDP dp=2, gather bf16, reduce fp32": (2, ["parallel.fsdp_param_dtype=bfloat16"], FSDP_FP32),
+    "FSDP dp=2, gather bf16, reduce bf16": (2, ["parallel.fsdp_param_dtype=bfloat16",
+                                                "parallel.fsdp_reduce_dtype=bfloat16"], FSDP_FP32),
+}
+
+
+def worker(out: Path, overrides: list[str]) -> None:
+    """One rank: train, counting FSDP's collective bytes; rank 0 writes its figures."""
+    from parallel.fsdp import CollectiveBytes
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    with CollectiveBytes() as moved:
+        result = train(load_config(str(ROOT / "configs" / "tiny.yaml"), overrides))
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.write_text(json.dumps({"steps": result.step_seconds, "losses": result.losses,
+                                   "val": result.val_losses[max(result.val_losses)],
+                                   "gathered": sum(moved.gathered.values()),
+                                   "reduced": sum(moved.reduced.values())}))
+    os._exit(0)  # gloo can abort at interpreter exit after the work is done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", default="mac", help="block pattern (model.layers)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--timed", type=int, default=10, help="median step time over the last N steps")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.worker:
+        worker(args.worker, rest)
+        return
+    from data_pipeline.corpus import expand_inputs
+    from data_pipeline.prepare import prepare
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        files = expand_inputs([str(ROOT / d) for d in ("titans", "pretrain", "parallel")], ("*.py",))
+        prepare(files, tmp / "data", "bytes", sample_tokens=257, shard_samples=64, val_fraction=0.2,
+                progress=False)
+        common = [f"data.train={tmp / 'data'}", "data.default_corpus=false", f"model.layers={args.layers}",
+                  "model.n_layers=4", f"train.steps={args.steps}", "train.warmup_steps=2",
+                  "train.precision=bf16", "parallel.fsdp=true", f"train.eval_every={args.steps}",
+                  "train.eval_batches=2", f"train.checkpoint_every={args.steps}"]
+        for i, (name, (processes, extra, _)) in enumerate(SETTINGS.items()):
+            overrides = [*common, *extra, f"data.batch_size={8 // processes}",
+                         f"train.out_dir={tmp / str(i)}"]
+            results[name] = run_ranks(Path(__file__), processes, tmp / f"{i}.json", overrides, name)
+            print(f"{name}: done", file=sys.stderr, flush=True)
+    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; tiny.yaml "
+          f"with 4 {args.layers} layers, global batch 8 × 256 tokens, {args.steps} steps")
+    print("\n| setting | MiB gathered / step | MiB reduced / step | step (ms) | losses against "
+          "| mean |Δloss| / loss | max |Δloss| / loss | last val loss |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for name, got in results.items():
+        against = SETTINGS[name][2]
+        errors = [abs(a - b) / b for a, b in zip(got["losses"], results[against]["losses"], strict=True)]
+        step_ms = statistics.median(got["steps"][-args.timed:]) * 1000
+        gathered, reduced = (got[key] / args.steps / MIB for key in ("gathered", "reduced"))
+        print(f"| {name} | {gathered:.2f} | {reduced:.2f} | {step_ms:.0f} | {against} "
+              f"| {statistics.mean(errors):.1e} "
+              f"| {max(errors):.1e} | {got['val']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
