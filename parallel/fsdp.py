@@ -32,6 +32,7 @@ initial weights (`NeuralMemory.state_dtype`). Gradients are reduce-scattered in 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -140,6 +141,9 @@ def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, reshard_root: bool
         for method in halo_halves(block) if relay else []:
             register_fsdp_forward_method(block, method)
     fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_root, mp_policy=policy)
+    # FSDP2 warns that a unit returned a view: a block returns its memory state, views of the scan's
+    # outputs, which nothing modifies in place (the relay sends them, training drops them)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*Block\) returned a view tensor")
     if model.embed is not None and policy.param_dtype is not None:
         model.embed.register_forward_hook(upcast_output)
     for name, param in model.named_parameters():

@@ -22,6 +22,18 @@ if TYPE_CHECKING:
     from titans.model import TitansConfig
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm, with a gain of lower precision than its input cast up to it (exactly): a gain
+    gathered in bf16 (FSDP's parallel.fsdp_param_dtype) on the float32 residual stream would otherwise
+    leave torch's fused kernel for its unfused composite. A float32 gain is used as it is."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if torch.promote_types(weight.dtype, x.dtype) == x.dtype:
+            weight = weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -38,8 +50,8 @@ class OutputGate(nn.Module):
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
-        self.norm_attn = nn.RMSNorm(dim, eps=eps)
-        self.norm_memory = nn.RMSNorm(dim, eps=eps)
+        self.norm_attn = RMSNorm(dim, eps=eps)
+        self.norm_memory = RMSNorm(dim, eps=eps)
 
     def forward(self, attn: Tensor, memory: Tensor) -> Tensor:
         # Both inputs come straight from projections, so under bf16 autocast they are bf16 while the norms'
@@ -94,8 +106,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TitansConfig) -> None:
         super().__init__()
-        self.mix_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mix_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def mix(self, x: Tensor, state: MemoryState | None, past: Past = None, start: int = 0
@@ -177,7 +189,7 @@ class MALBlock(Block):
 
     def __init__(self, cfg: TitansConfig) -> None:
         super().__init__(cfg)
-        self.memory_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.memory_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.memory = make_memory(cfg)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, cfg.window, cfg.n_persistent, cfg.rope_base)
 
@@ -245,7 +257,7 @@ class MACBlock(Block):
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.head_dim, None, cfg.n_persistent, cfg.rope_base)
         self.memory = make_memory(cfg)
         self.gate = OutputGate(cfg.dim, cfg.norm_eps)
-        self.memory_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.memory_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.write_input = MAC_MEMORY_INPUTS[cfg.mac_memory_input]
         self.segment_region: Callable[..., tuple[Tensor, Tensor, MemoryState]] = mac_segment_region
         shape = (cfg.memory_heads, cfg.memory_head_dim)

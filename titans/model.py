@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from titans.blocks import BLOCKS, MAC_MEMORY_INPUTS, build_block
+from titans.blocks import BLOCKS, MAC_MEMORY_INPUTS, RMSNorm, build_block
 from titans.memory import CHUNK_STEPS, MemoryState, NeuralMemory, init_memory_parameter
 
 BLOCK_KINDS = tuple(BLOCKS)
@@ -142,7 +142,7 @@ class TitansLM(nn.Module):
         self.cfg = cfg
         self.embed: nn.Module | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleDict({str(i): build_block(k, cfg) for i, k in enumerate(cfg.layer_kinds)})
-        self.norm: nn.Module | None = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm: nn.Module | None = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head: nn.Module | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # activation checkpointing, set by the training job: False / 0 off, True / 1 every block, N every
         # N-th block by its global index (0, N, 2N, ...: the same blocks in every pipeline layout)
