@@ -20,7 +20,7 @@ set -u
 
 DEFAULT_STEPS="environment gpu-checks triton-tests step-760m step-760m-tf32 step-340m"
 STEPS="$DEFAULT_STEPS triton-checks chunk-step profile-760m-mac step-760m-mac attention-checks train-smoke"
-STEPS="$STEPS step-760m-mac-compiled scan-launches generate"
+STEPS="$STEPS step-760m-mac-compiled scan-launches generate fsdp"
 if [ $# -lt 1 ]; then
     echo "usage: $0 OUT_DIR [STEP ...]   (steps: $STEPS)" >&2
     exit 2
@@ -97,6 +97,8 @@ step attention-checks 100 "$python" bench/gpu_step.py --check-only attention
 step generate 240 bash -c "$python -m pytest -o addopts= -q -p no:cacheprovider tests/test_attention.py -k real_ &&
     $python bench/generate.py --device cuda --contexts 2048 8192 --new-tokens 64 \
     --model dim=1024 n_heads=16 window=1024 memory_chunk=64"
+# FSDP on one GPU (NCCL) gathering in bf16: the loss and gradients bitwise the model's with bf16 weights.
+step fsdp 120 "$python" -m pytest -o addopts= -q -p no:cacheprovider tests/test_fsdp.py -k "bfloat16_weights"
 step gpu-checks 540 "$python" bench/gpu_step.py --check-only
 # serially, without pyproject's addopts: one GPU, and pytest-xdist need not be installed here
 step triton-tests 240 "$python" -m pytest -o addopts= -v -p no:cacheprovider tests/test_triton_chunk_step.py

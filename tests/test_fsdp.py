@@ -300,7 +300,9 @@ def test_hsdp_replicas_share_the_writing_of_the_slices():
     assert [slice_written_by(r, 2, 6) for r in range(6)] == [0, None, None, 1, None, None]
 
 
-def test_gathering_in_bfloat16_computes_the_model_with_bfloat16_weights(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_checks.sh runs it: step fsdp)"))])
+def test_gathering_in_bfloat16_computes_the_model_with_bfloat16_weights(tmp_path, device):
     """One rank, FSDP gathering in bfloat16: the loss and every gradient are those of the same model with
     each weight rounded to bfloat16 under autocast, the embedding's rows upcast (the residual stream stays
     float32), the memory's state float32; the gradients reach the float32 shards unchanged."""
@@ -316,17 +318,19 @@ def test_gathering_in_bfloat16_computes_the_model_with_bfloat16_weights(tmp_path
     torch.manual_seed(0)
     cfg = TitansConfig(vocab_size=61, dim=32, n_layers=4, n_heads=2, layers="mac,mag,mal,lmm", window=8,
                        n_persistent=2, segment_len=16, memory_chunk=8)
-    model = TitansLM(cfg)
+    model = TitansLM(cfg).to(device)
     rounded = copy.deepcopy(model).to(torch.bfloat16)
     rounded.embed.register_forward_hook(lambda module, inputs, out: out.float())
-    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), device=device)
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        root = apply_fsdp(CausalLMLoss(model), model, Mesh(dp_group=dist.group.WORLD),
-                          policy=precision_policy("auto", "float32", "bf16"))
+        mesh = Mesh(dp_group=dist.group.WORLD, device=torch.device(device))
+        policy = precision_policy("auto", "float32", "bf16")
+        root = apply_fsdp(CausalLMLoss(model), model, mesh, policy=policy)
         states = []
         for module in (root, CausalLMLoss(rounded)):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = module(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
             states.append((loss, {name: p.grad for name, p in module.model.named_parameters()}))
