@@ -61,6 +61,8 @@ def runs(tmp_path_factory):
             job("bf16_gather", tmp / "bf16_gather", FSDP, "train.precision=bf16"),
             job("bf16_reduce", tmp / "bf16_reduce", FSDP, "train.precision=bf16",
                 "parallel.fsdp_reduce_dtype=bfloat16"),
+            job("bf16_gather_compiled", tmp / "bf16_gather_compiled", FSDP, "train.precision=bf16",
+                "train.compile=true", "train.compile_backend=aot_eager"),
             job("separate", tmp / "separate", FSDP, "data.synthetic_sequences=1"),  # two forwards a step
             job("async", tmp / "async", FSDP, "train.async_checkpoint=true"),  # gathered, then written aside
             job("recall", tmp / "recall", FSDP, *RECALL),  # the model gathered for the evaluation
@@ -142,6 +144,7 @@ def test_fsdp_checkpoint_holds_the_dense_optimizer_state(runs, references):
 @pytest.mark.parametrize("name, reference, rel", [
     ("accum", "accum", 1e-5), ("checkpointing", "plain", 1e-5), ("compiled", "plain", 1e-5),
     ("bf16", "bf16", 1e-3), ("bf16_gather", "bf16", 1e-3), ("bf16_reduce", "bf16", 1e-3),
+    ("bf16_gather_compiled", "bf16", 1e-3),
     ("separate", "separate", 1e-5)])
 def test_fsdp_variants_match_one_process(runs, references, name, reference, rel):
     assert_losses_close(runs[name]["losses"], references[reference].losses, rel)
