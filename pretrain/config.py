@@ -176,9 +176,10 @@ class ParallelConfig:
     # parallel, none holds more than its slice; tools join the slices when they read them)
     fsdp_checkpoint: str = "gathered"
     # with fsdp: the dtype each block's parameters are gathered in for compute, "float32" or "bfloat16"
-    # (half the bytes of every gather; "auto": bfloat16 when train.precision is bf16), and the dtype
-    # gradients are reduce-scattered in; the shards, AdamW and the memory's state stay float32
+    # (half the bytes of every gather; "auto": bfloat16 when train.precision is bf16); the shards, AdamW
+    # and the memory's state stay float32
     fsdp_param_dtype: str = "auto"
+    # with fsdp: the dtype gradients are reduce-scattered in, "float32" or "bfloat16" (half the bytes)
     fsdp_reduce_dtype: str = "float32"
     pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
     pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
