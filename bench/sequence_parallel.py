@@ -7,8 +7,9 @@ Each sp is a `torch.distributed.run` launch of a worker that builds the training
 (pretrain/engine.py) for the layout and times forward + backward + optimizer steps on random tokens.
 Printed per (sp, length): the bytes each rank sends per layer per step (the memory state forward, its
 gradient back: they must not grow with the length; `--layers full` sends every earlier row, which does),
-the activation bytes a rank saves for backward (they should fall about as 1/sp), and the median step
-time. On a CPU with fewer cores than ranks, times measure
+the activation bytes a rank saves for backward (they should fall about as 1/sp; not with
+`--checkpointing`, where the checkpoints hold their inputs and the reruns save in backward), the median
+step time, and the largest peak resident memory of a rank. On a CPU with fewer cores than ranks, times measure
 oversubscription more than the wavefront. Then, per sp, the longest sequence whose activations fit a
 per-rank budget (`--budget-mib`), from the line through the two longest measured lengths (activations
 are linear in the length: per-token tensors plus per-chunk memory states).
@@ -33,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ranks import run_ranks  # noqa: E402
 
 
-def worker(out: Path, layers: str, n_layers: int, length: int, steps: int) -> None:
+def worker(out: Path, layers: str, n_layers: int, length: int, steps: int, checkpointing: bool) -> None:
+    import resource
+
     import torch
 
     from parallel.mesh import init_mesh
@@ -44,7 +47,8 @@ def worker(out: Path, layers: str, n_layers: int, length: int, steps: int) -> No
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
                       [f"model.layers={layers}", f"model.n_layers={n_layers}", f"data.seq_len={length}",
-                       "data.batch_size=1", f"parallel.sp={world}"])
+                       "data.batch_size=1", f"parallel.sp={world}",
+                       f"train.activation_checkpointing={str(checkpointing).lower()}"])
     mesh = init_mesh(sp=world)
     engine = build_engine(cfg, mesh, "fp32")
     generator = torch.Generator().manual_seed(0)
@@ -65,7 +69,8 @@ def worker(out: Path, layers: str, n_layers: int, length: int, steps: int) -> No
     runner = getattr(engine, "shards", None)
     sent = runner.bytes_sent / steps / n_layers if runner is not None else 0
     step_s = statistics.median(times[1:])
-    report = mesh.gather_objects({"sent": sent, "saved": sum(saved.values()), "step": step_s})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    report = mesh.gather_objects({"sent": sent, "saved": sum(saved.values()), "step": step_s, "rss": peak})
     if mesh.is_main:
         out.write_text(json.dumps(report))
     os._exit(0)
@@ -80,11 +85,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--budget-mib", type=float, default=1024.0,
                         help="per-rank activation budget for the longest-sequence table")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="train.activation_checkpointing=true (full attention's halo is then sent again "
+                             "in backward, not kept)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.layers, args.n_layers, args.length, args.steps)
+        worker(args.worker, args.layers, args.n_layers, args.length, args.steps, args.checkpointing)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,21 +100,25 @@ def main() -> None:
             for sp in args.sp:
                 out = Path(tmp) / f"{sp}-{length}.json"
                 worker_args = ["--layers", args.layers, "--n-layers", str(args.n_layers),
-                               "--length", str(length), "--steps", str(args.steps)]
+                               "--length", str(length), "--steps", str(args.steps),
+                               *(["--checkpointing"] if args.checkpointing else [])]
                 ranks = run_ranks(Path(__file__), sp, out, worker_args, f"sp={sp}, length {length}")
                 rows.append((length, sp, max(r["sent"] for r in ranks), max(r["saved"] for r in ranks),
-                             statistics.median(r["step"] for r in ranks)))
+                             statistics.median(r["step"] for r in ranks), max(r["rss"] for r in ranks)))
                 print(f"length {length}, sp {sp}: done", file=sys.stderr, flush=True)
-    base = {length: saved for length, sp, _, saved, _ in rows if sp == 1}
-    step1 = {length: step for length, sp, _, _, step in rows if sp == 1}
-    print(f"\n{args.n_layers} {args.layers} layers of configs/tiny.yaml, batch 1, fp32, "
-          f"{os.cpu_count()} cores\n")
+    base = {length: saved for length, sp, _, saved, *_ in rows if sp == 1}
+    step1 = {length: step for length, sp, _, _, step, _ in rows if sp == 1}
+    print(f"\n{args.n_layers} {args.layers} layers of configs/tiny.yaml, batch 1, fp32, activation "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, {os.cpu_count()} cores\n")
     print("| length | sp | bytes sent / layer / step (max rank) | activations saved / rank (MiB) | vs sp=1 "
-          "| step (s) | vs sp=1 |\n|---:|---:|---:|---:|---:|---:|---:|")
-    for length, sp, sent, saved, step in rows:
-        print(f"| {length} | {sp} | {sent:,.0f} | {saved / 2**20:.1f} | "
-              f"{saved / base.get(length, saved):.2f} | {step:.3f} | {step / step1.get(length, step):.2f} |")
-    print_longest(rows, args.budget_mib * 2**20)
+          "| step (s) | vs sp=1 | peak RSS (MiB, max rank) |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for length, sp, sent, saved, step, rss in rows:
+        activations = ("n/a | n/a" if args.checkpointing else
+                       f"{saved / 2**20:.1f} | {saved / base.get(length, saved):.2f}")
+        print(f"| {length} | {sp} | {sent:,.0f} | {activations} | {step:.3f} | "
+              f"{step / step1.get(length, step):.2f} | {rss / 2**20:,.0f} |")
+    if not args.checkpointing:
+        print_longest(rows, args.budget_mib * 2**20)
 
 
 def print_longest(rows: list[tuple], budget: float) -> None:
@@ -116,7 +128,7 @@ def print_longest(rows: list[tuple], budget: float) -> None:
           "\n|---:|---:|---:|")
     longest = {}
     for sp in sorted({sp for _, sp, *_ in rows}):
-        measured = sorted((length, saved) for length, s, _, saved, _ in rows if s == sp)
+        measured = sorted((length, saved) for length, s, _, saved, *_ in rows if s == sp)
         if len(measured) < 2:
             continue
         (l1, a1), (l2, a2) = measured[-2:]

@@ -178,11 +178,14 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
     micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
     in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens
-    halo = (p.sp - 1) * tokens * cfg.model.dim * value_bytes  # the rows a full layer receives, once
-    acts, acts_ckpt = (in_flight * (activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, every,
+    # the rows a full layer receives, with their norm, keys and values: kept per layer, except by a
+    # checkpointed one, which has them sent again in backward (one such layer's at a time)
+    halo = (p.sp - 1) * tokens * cfg.model.dim * value_bytes * (2 + 2 / p.tp)
+    every = cfg.train.activation_checkpointing_every
+    acts, acts_ckpt = (in_flight * (activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, n,
                                                      value_bytes)
-                                    + full_layers * halo * (1 if every else 2 + 2 / p.tp))
-                       for every in (0, cfg.train.activation_checkpointing_every))
+                                    + halo * (full_layers - checkpointed + min(checkpointed, 1)))
+                       for n, checkpointed in ((0, 0), (every, -(-full_layers // every))))
     chosen = acts_ckpt if cfg.train.activation_checkpointing else acts
     return {"params": params, "grads": grads, "optim": optim, "acts": acts, "acts_ckpt": acts_ckpt,
             "total": params + grads + optim + chosen}

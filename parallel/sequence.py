@@ -25,13 +25,15 @@ MAG, after the memory layer for MAL (whose attention reads the memory layer's ou
 attention reads every earlier row: every shard sends its attention inputs to every later shard
 directly (one hop, each link carrying one shard's rows), so rank r receives r shards' inputs and
 projects their keys and values, never their queries. Rank r does r + 1 shards' attention, as in context
-parallelism without load balancing: contiguous shards are what the memory's relay needs.
+parallelism without load balancing: contiguous shards are what the memory's relay needs. A checkpointed
+full-attention layer keeps none of the rows it received: its senders send them again as their backward
+starts, and its half after the halo reruns on them (`LayerRecord.rerun`), one layer's at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as torch_dist
@@ -65,12 +67,36 @@ def state_template(model: TitansLM, layer: str, batch: int, device: torch.device
     return [*weights, *[torch.empty_like(w) for w in weights], conv]
 
 
+def joined(rows: list[Tensor]) -> Tensor | None:
+    """Earlier shards' rows in sequence order, as one tensor (None: there are none)."""
+    return (torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]) if rows else None
+
+
 def called(function: Callable, *args: Any) -> Any:
     return function(*args)
 
 
 def checkpointed(function: Callable, *args: Any) -> Any:
     return checkpoint(function, *args, use_reentrant=False)
+
+
+class LayerRecord(NamedTuple):
+    """What a layer's backward under the relay needs: its input leaf and output, the incoming state leaves
+    and the outgoing state, the received halo leaves with their senders (`pasts`; empty when `rerun`) and
+    the senders, the rows sent as halo with their receivers, and, for checkpointed full attention, that
+    the halo is sent again in backward and what the half after it reruns on there: (h, state, start)."""
+
+    name: str
+    input: Tensor
+    output: Tensor
+    incoming: list[Tensor] | None
+    outgoing: list[Tensor]
+    pasts: list[tuple[int, Tensor]]
+    sources: list[int]
+    sent: Tensor | None
+    dests: list[int]
+    again: bool  # checkpointed full attention: its halo is sent again in backward
+    rerun: tuple[Tensor, MemoryState | None, int] | None
 
 
 class SequenceShards:
@@ -116,11 +142,10 @@ class SequenceShards:
             return [], [], False
         return [r for r in (self.prev,) if r is not None], [r for r in (self.next,) if r is not None], False
 
-    def forward_blocks(self, x: Tensor, grad: bool) -> tuple[Tensor, list]:
+    def forward_blocks(self, x: Tensor, grad: bool) -> tuple[Tensor, list[LayerRecord]]:
         """This shard through the blocks with the relay; returns the last block's output and, when `grad`,
-        what the backward needs per layer: (input leaf, output, incoming state leaves, outgoing state,
-        the incoming halo leaves with their senders, the rows sent as halo with their receivers). Tags
-        follow the blocks' global names, so the stages of a pipeline never mix their messages."""
+        what the backward needs per layer (`LayerRecord`). Tags follow the blocks' global names, so the
+        stages of a pipeline never mix their messages."""
         records = []
         every = int(self.model.checkpoint_blocks) if grad else 0  # train.activation_checkpointing(_every)
         for name, block in self.model.blocks.items():
@@ -130,6 +155,9 @@ class SequenceShards:
             x_in = x.detach().requires_grad_(grad)
             tag = int(name) * 64
             sources, dests, whole = self.halo_peers(name)
+            # checkpointed full attention keeps none of the earlier shards' rows it reads: their senders
+            # send them again in backward, where the half after the halo reruns (one layer's at a time)
+            again = whole and run is checkpointed
             incoming = None
             if self.prev is not None and block.has_memory:
                 incoming = self._recv(state_template(self.model, name, x.shape[0], x.device), tag, self.prev)
@@ -144,36 +172,54 @@ class SequenceShards:
             for dest in dests:
                 self._send([sent], tag + 63, dest)
             pasts = [(source, self._recv([h.new_empty(h.shape[0], rows, h.shape[2])], tag + 63, source)[0]
-                      .requires_grad_(grad)) for source in sources]  # the earlier rows our attention reads
-            leaves = [p for _, p in pasts]
-            past = (torch.cat(leaves, dim=1) if len(leaves) > 1 else leaves[0]) if leaves else None
-            x, out_state = run(block.after_halo, h, state, past, start)
+                      .requires_grad_(grad and not again)) for source in sources]  # the rows attention reads
+            past = joined([p for _, p in pasts])
+            if again and sources:
+                with torch.no_grad():
+                    x, out_state = block.after_halo(h, state, past, start)
+            else:
+                x, out_state = run(block.after_halo, h, state, past, start)
             outgoing = out_state.tensors() if out_state is not None else []
             if self.next is not None:
                 self._send(outgoing, tag)
-            records.append((name, x_in, x, incoming, outgoing, pasts, (sent, dests)))
+            rerun = (h, state, start) if again and sources else None
+            records.append(LayerRecord(name, x_in, x, incoming, outgoing, [] if rerun else pasts, sources,
+                                       sent, dests, again, rerun))
         return x, records
 
-    def backward_blocks(self, grad_out: Tensor, records: list) -> Tensor:
+    def backward_blocks(self, grad_out: Tensor, records: list[LayerRecord]) -> Tensor:
         """The relay in reverse; adds the blocks' parameter gradients, returns the input's gradient."""
+        for r in reversed(records):  # the rows later shards' reruns read, sent now: they wait for nothing
+            for dest in r.dests if r.again else []:
+                self._send([r.sent], BACKWARD_TAG + int(r.name) * 64 + 62, dest)
         grad_x = grad_out
-        for name, x_in, x_out, incoming, outgoing, pasts, (sent, dests) in reversed(records):
-            tag = BACKWARD_TAG + int(name) * 64
+        for r in reversed(records):
+            tag = BACKWARD_TAG + int(r.name) * 64
+            x_out, outgoing, pasts = r.output, r.outgoing, r.pasts
+            if r.rerun is not None:  # the half after the halo again, on the earlier rows received again
+                h, state, start = r.rerun
+                pasts = [(source, self._recv([h.new_empty(h.shape)], tag + 62, source)[0].requires_grad_())
+                         for source in r.sources]
+                with torch.enable_grad():  # a backward runs without building graphs
+                    past = joined([p for _, p in pasts])
+                    x_out, out_state = self.model.blocks[r.name].after_halo(h, state, past, start)
+                outgoing = out_state.tensors() if out_state is not None else []
             tensors, grads = [x_out], [grad_x]
             if self.next is not None and outgoing:  # our end state's gradient, from who continued it
                 received = self._recv([torch.empty_like(t) for t in outgoing], tag, self.next)
                 pairs = [(t, g) for t, g in zip(outgoing, received, strict=True) if t.requires_grad]
                 tensors += [t for t, _ in pairs]
                 grads += [g for _, g in pairs]
-            if sent is not None:  # later shards' attention read our rows: the sum of their gradients
-                tensors.append(sent)
-                grads.append(sum(self._recv([torch.empty_like(sent)], tag + 63, dest)[0] for dest in dests))
+            if r.sent is not None:  # later shards' attention read our rows: the sum of their gradients
+                tensors.append(r.sent)
+                grads.append(sum(self._recv([torch.empty_like(r.sent)], tag + 63, dest)[0]
+                                 for dest in r.dests))
             torch.autograd.backward(tensors, grads)
-            if incoming is not None:
-                self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in incoming], tag)
+            if r.incoming is not None:
+                self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in r.incoming], tag)
             for source, past in pasts:
                 self._send([past.grad if past.grad is not None else torch.zeros_like(past)], tag + 63, source)
-            grad_x = x_in.grad
+            grad_x = r.input.grad
         return grad_x
 
 

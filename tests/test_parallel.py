@@ -408,7 +408,8 @@ def test_planner_counts_checkpointing_every_nth_block_between_none_and_all():
 
 def test_planner_counts_full_attention_halo_on_the_last_sequence_shard():
     """Under sp the last rank holds every earlier shard's inputs of each full-attention layer: the planner
-    adds them for the full layers the meta-built shard has (none for windowed attention)."""
+    adds them for the full layers the meta-built shard has (none for windowed attention); checkpointed
+    layers have them sent again in backward, so it counts one layer's."""
     from parallel.plan import local_parameter_counts, rank_memory
 
     def acts(layers: str, sp: int, ckpt: bool) -> tuple[float, int]:
@@ -424,7 +425,7 @@ def test_planner_counts_full_attention_halo_on_the_last_sequence_shard():
     cfg = load_config(None, ["data.seq_len=4096"])
     rows = 3 * cfg.data.batch_size * 1024 * cfg.model.dim * 2  # (sp − 1) shards of 1,024 tokens, bf16 bytes
     assert full - swa == pytest.approx(4 * rows * 4)  # received rows, their norm, keys and values (tp 1)
-    assert acts("full", 4, True)[0] - acts("swa", 4, True)[0] == pytest.approx(4 * rows)  # the rows alone
+    assert acts("full", 4, True)[0] - acts("swa", 4, True)[0] == pytest.approx(rows * 4)  # one layer's
     assert acts("full", 1, False)[0] == pytest.approx(acts("swa", 1, False)[0])  # one process: no halo
 
 
@@ -493,6 +494,7 @@ SP_LAYOUTS = {  # name → (world size, overrides)
     "sp2_pp2": (4, ["parallel.sp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
     # train.compile under the relay: each block's halves around the halo compiled (aot_eager)
     "sp2_ckpt": (2, ["parallel.sp=2", "train.activation_checkpointing=true"]),  # each block's two halves
+    "sp4_ckpt": (4, ["parallel.sp=4", "train.activation_checkpointing=true"]),  # full attention's halo resent
     "sp2_compiled": (2, ["parallel.sp=2", *COMPILED]),
     "sp2_tp2_compiled": (4, ["parallel.sp=2", "parallel.tp=2", *COMPILED]),
     # FSDP over the dp ranks of each sequence shard (each block's halves hooked for its gathers)
@@ -514,7 +516,8 @@ SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp
          ("mac", 2, "sp2_ckpt"), ("mag", 2, "sp2_ckpt"),
          ("mac", 2, "sp2_dp2_fsdp"), ("mal", 2, "sp2_dp2_fsdp"), ("mag", 2, "sp2_dp2_fsdp_compiled"),
          ("mal", 2, "sp2_dp2_fsdp_ckpt"), ("mag", 2, "sp2_dp2_fsdp_accum"),
-         ("full,mac", 2, "sp4"), ("full,mag", 2, "sp2_dp2_fsdp")]  # full attention: every earlier row
+         ("full,mac", 2, "sp4"), ("full,mag", 2, "sp2_dp2_fsdp"),  # full attention: every earlier row,
+         ("full,mac", 2, "sp4_ckpt"), ("full,mag", 2, "sp2_dp2_fsdp_ckpt")]  # sent again in backward
 SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa", "full,mac") for d in (1, 2)
              for layout in SP_LAYOUTS if v != "swa" or d == 2] if SLOW else SP_CI)
 

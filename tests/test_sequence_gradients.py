@@ -34,8 +34,8 @@ def model(kind: str, horizon: int | None = None) -> TitansLM:
     return TitansLM(cfg).double()
 
 
-def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, tokens: torch.Tensor,
-              out: str) -> None:
+def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, checkpointed: bool,
+              tokens: torch.Tensor, out: str) -> None:
     import torch.distributed as dist
 
     from parallel.mesh import init_mesh
@@ -45,6 +45,7 @@ def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, 
                       LOCAL_RANK=str(rank))
     mesh = init_mesh(sp=world, timeout_s=DEADLINE_S)
     m = model(kind, horizon)
+    m.checkpoint_blocks = checkpointed  # each half reruns in backward; full attention's halo is sent again
     inputs, targets = shard_of(tokens[:, :-1], mesh), shard_of(tokens[:, 1:], mesh)
     shard_loss = SequenceLoss(m, mesh, LOSS)
     loss = shard_loss(inputs, targets, None, tokens[:, 1:].numel())
@@ -66,15 +67,17 @@ def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, 
     os._exit(0)
 
 
-# (kind, sp, gradient horizon in chunks): at sp 2 a shard is 4 chunks, so horizon 3 cuts inside both
-# shards (and inside a MAC segment of 2 chunks), horizon 2 at sp 4 at every shard's start.
-CASES = [(kind, 2, None) for kind in ("lmm", "mac", "mag", "mal", "swa", "full")] + [
-    ("mac,mal", 4, None), ("mac,mag", 2, 3), ("lmm,mal", 4, 2), ("full,mal", 4, None)]
+# (kind, sp, gradient horizon in chunks, activation checkpointing): at sp 2 a shard is 4 chunks, so horizon
+# 3 cuts inside both shards (and inside a MAC segment of 2 chunks), horizon 2 at sp 4 at every shard's start.
+CASES = [(kind, 2, None, False) for kind in ("lmm", "mac", "mag", "mal", "swa", "full")] + [
+    ("mac,mal", 4, None, False), ("mac,mag", 2, 3, False), ("lmm,mal", 4, 2, False),
+    ("full,mal", 4, None, False), ("mac,mal", 4, None, True), ("full,mal", 4, None, True),
+    ("full", 2, None, True)]
 
 
-@pytest.mark.parametrize("kind, world, horizon", CASES)
-def test_float64_gradients_equal_one_process(kind: str, world: int, horizon: int | None, tmp_path: Path
-                                             ) -> None:
+@pytest.mark.parametrize("kind, world, horizon, checkpointed", CASES)
+def test_float64_gradients_equal_one_process(kind: str, world: int, horizon: int | None, checkpointed: bool,
+                                             tmp_path: Path) -> None:
     tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(1))
     reference = model(kind, horizon)
     features, _ = reference.hidden_states(tokens[:, :-1])
@@ -84,8 +87,8 @@ def test_float64_gradients_equal_one_process(kind: str, world: int, horizon: int
     out = tmp_path / "result.pt"
     ctx = mp.get_context("spawn")
     port = free_port()
-    ranks = [ctx.Process(target=rank_main, args=(r, world, port, kind, horizon, tokens, str(out)))
-             for r in range(world)]
+    args = (world, port, kind, horizon, checkpointed, tokens, str(out))
+    ranks = [ctx.Process(target=rank_main, args=(r, *args)) for r in range(world)]
     for p in ranks:
         p.start()
     for p in ranks:
