@@ -22,6 +22,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ranks import source_dataset  # noqa: E402
+
 SETTINGS = {"off": [], "every 2nd block": ["train.activation_checkpointing=true",
                                            "train.activation_checkpointing_every=2"],
             "every block": ["train.activation_checkpointing=true"]}
@@ -52,19 +56,12 @@ def main() -> None:
         worker(args.worker, rest)
         return
     sys.path.insert(0, str(ROOT))
-    from data_pipeline.corpus import expand_inputs
-    from data_pipeline.prepare import prepare
-
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        files = expand_inputs([str(ROOT / d) for d in ("titans", "pretrain", "parallel")], ("*.py",))
-        prepare(files, tmp / "data", "bytes", sample_tokens=args.seq_len + 1, shard_samples=64,
-                val_fraction=0.2, progress=False)
-        common = [f"data.train={tmp / 'data'}", "data.default_corpus=false", f"data.seq_len={args.seq_len}",
-                  "data.batch_size=4", f"model.layers={args.layers}", f"model.dim={args.dim}",
-                  f"model.n_layers={args.n_layers}", f"train.steps={args.steps}", "train.warmup_steps=1",
-                  "train.eval_every=0", f"train.checkpoint_every={10 * args.steps}",
-                  f"train.log_every={args.steps}"]
+        common = [*source_dataset(tmp / "data", args.seq_len), "data.batch_size=4",
+                  f"model.layers={args.layers}", f"model.dim={args.dim}", f"model.n_layers={args.n_layers}",
+                  f"train.steps={args.steps}", "train.warmup_steps=1", "train.eval_every=0",
+                  f"train.checkpoint_every={10 * args.steps}", f"train.log_every={args.steps}"]
         got = {}
         for name, extra in SETTINGS.items():
             out = tmp / f"{len(got)}.json"

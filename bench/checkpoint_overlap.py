@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ranks import source_dataset  # noqa: E402
 
 
 def run(common: list[str], extra: list[str], out: Path) -> float:
@@ -44,19 +47,14 @@ def main() -> None:
                         help="train.threads (0: torch's default); 1 on a 2-core machine leaves the writer a "
                              "core, as a GPU node's host is free while the GPU computes")
     args = parser.parse_args()
-    from data_pipeline.corpus import expand_inputs
-    from data_pipeline.prepare import prepare
     from pretrain.checkpoint import checkpoint_path
     from titans.model import num_parameters
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        files = expand_inputs([str(ROOT / d) for d in ("titans", "pretrain", "parallel")], ("*.py",))
-        prepare(files, tmp / "data", "bytes", sample_tokens=129, shard_samples=64, val_fraction=0.2,
-                progress=False)
-        common = [f"data.train={tmp / 'data'}", "data.default_corpus=false", "data.seq_len=128",
-                  "data.batch_size=4", f"model.dim={args.dim}", f"model.n_layers={args.layers}",
-                  f"train.steps={args.steps}", "train.warmup_steps=1", "train.eval_every=0",
+        common = [*source_dataset(tmp / "data", 128), "data.batch_size=4", f"model.dim={args.dim}",
+                  f"model.n_layers={args.layers}", f"train.steps={args.steps}", "train.warmup_steps=1",
+                  "train.eval_every=0",
                   f"train.log_every={args.steps}", "train.keep_last=2", f"train.threads={args.threads}"]
         modes = {"no checkpoints": [f"train.checkpoint_every={10 * args.steps}"],
                  "in the step": [f"train.checkpoint_every={args.every}"],

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ranks import run_ranks  # noqa: E402
+from ranks import run_ranks, source_dataset  # noqa: E402
 
 MIB = 2**20
 AUTOCAST = "1 process, bf16 autocast"
@@ -73,16 +73,10 @@ def main() -> None:
     if args.worker:
         worker(args.worker, rest)
         return
-    from data_pipeline.corpus import expand_inputs
-    from data_pipeline.prepare import prepare
-
     results = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        files = expand_inputs([str(ROOT / d) for d in ("titans", "pretrain", "parallel")], ("*.py",))
-        prepare(files, tmp / "data", "bytes", sample_tokens=257, shard_samples=64, val_fraction=0.2,
-                progress=False)
-        common = [f"data.train={tmp / 'data'}", "data.default_corpus=false", f"model.layers={args.layers}",
+        common = [*source_dataset(tmp / "data", 256), f"model.layers={args.layers}",
                   "model.n_layers=4", f"train.steps={args.steps}", "train.warmup_steps=2",
                   "train.precision=bf16", "parallel.fsdp=true", f"train.eval_every={args.steps}",
                   "train.eval_batches=2", f"train.checkpoint_every={args.steps}"]

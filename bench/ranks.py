@@ -3,6 +3,7 @@ wrote read back: the launch the multi-process benchmarks share.
 
     report = run_ranks(Path(__file__), 4, tmp / "out.json", ["--layers", "mac"], "sp=4")
     # the script, started with --worker OUT and the arguments, writes OUT (JSON) on rank 0
+    overrides = source_dataset(tmp / "data", 256)   # and a small real-text dataset to train on
 """
 
 from __future__ import annotations
@@ -36,3 +37,15 @@ def run_ranks(script: Path, processes: int, out: Path, args: list[str], name: st
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+def source_dataset(folder: Path, seq_len: int) -> list[str]:
+    """A small byte-level dataset of this repository's own sources in `folder` (real text, no download),
+    with samples of `seq_len` + 1 tokens; returns the overrides that train on it."""
+    from data_pipeline.corpus import expand_inputs
+    from data_pipeline.prepare import prepare
+
+    files = expand_inputs([str(ROOT / d) for d in ("titans", "pretrain", "parallel")], ("*.py",))
+    prepare(files, folder, "bytes", sample_tokens=seq_len + 1, shard_samples=64, val_fraction=0.2,
+            progress=False)
+    return [f"data.train={folder}", "data.default_corpus=false", f"data.seq_len={seq_len}"]
