@@ -36,11 +36,14 @@ def job(name: str, out: Path, *extra: str, **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """1-process runs on the global batch: plain, with 2 accumulated micro-batches, with bf16 autocast,
-    with WORLD separate synthetic sequences a step, with MQAR recall measured at each validation."""
+    """1-process runs on the global batch: plain, with 2 accumulated micro-batches, with bf16 autocast (alone
+    and accumulated), with WORLD separate synthetic sequences a step, with MQAR recall measured at each
+    validation."""
     return {"plain": one_process(tmp_path_factory.mktemp("plain"), WORLD * MICRO_BATCH),
             "accum": one_process(tmp_path_factory.mktemp("accum"), WORLD, "train.grad_accum=2"),
             "bf16": one_process(tmp_path_factory.mktemp("bf16"), WORLD * MICRO_BATCH, "train.precision=bf16"),
+            "bf16_accum": one_process(tmp_path_factory.mktemp("bf16_accum"), WORLD, "train.grad_accum=2",
+                                      "train.precision=bf16"),
             "separate": one_process(tmp_path_factory.mktemp("separate"), WORLD * MICRO_BATCH,
                                     f"data.synthetic_sequences={WORLD}"),
             "recall": one_process(tmp_path_factory.mktemp("recall"), WORLD * MICRO_BATCH, *RECALL)}
@@ -61,6 +64,8 @@ def runs(tmp_path_factory):
             job("bf16_gather", tmp / "bf16_gather", FSDP, "train.precision=bf16"),
             job("bf16_reduce", tmp / "bf16_reduce", FSDP, "train.precision=bf16",
                 "parallel.fsdp_reduce_dtype=bfloat16"),
+            job("bf16_gather_accum", tmp / "bf16_gather_accum", FSDP, "train.precision=bf16",
+                "data.batch_size=1", "train.grad_accum=2"),  # unsharded gradients accumulate in float32
             job("bf16_gather_compiled", tmp / "bf16_gather_compiled", FSDP, "train.precision=bf16",
                 "train.compile=true", "train.compile_backend=aot_eager"),
             job("separate", tmp / "separate", FSDP, "data.synthetic_sequences=1"),  # two forwards a step
@@ -144,7 +149,7 @@ def test_fsdp_checkpoint_holds_the_dense_optimizer_state(runs, references):
 @pytest.mark.parametrize("name, reference, rel", [
     ("accum", "accum", 1e-5), ("checkpointing", "plain", 1e-5), ("compiled", "plain", 1e-5),
     ("bf16", "bf16", 1e-3), ("bf16_gather", "bf16", 1e-3), ("bf16_reduce", "bf16", 1e-3),
-    ("bf16_gather_compiled", "bf16", 1e-3),
+    ("bf16_gather_compiled", "bf16", 1e-3), ("bf16_gather_accum", "bf16_accum", 1e-3),
     ("separate", "separate", 1e-5)])
 def test_fsdp_variants_match_one_process(runs, references, name, reference, rel):
     assert_losses_close(runs[name]["losses"], references[reference].losses, rel)
