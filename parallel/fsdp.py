@@ -123,24 +123,38 @@ def dp_device_mesh(mesh: Mesh, shard: int) -> DeviceMesh:
                                  mesh_dim_names=("replicate", "shard"))
 
 
-def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, reshard_root: bool = True,
-               shard: int = 0, relay: bool = False, policy: MixedPrecisionPolicy | None = None) -> FSDPModule:
+def reshards_after_forward(mode: str, pipeline: bool, last: bool) -> bool:
+    """Whether a block's parameters are freed after its forward (`parallel.fsdp_reshard`), torchtitan's
+    rule: "always"; "never" (gathered from forward to backward: one all-gather a block and step, not two,
+    for the memory of the whole model gathered); "default": always, except the last block (its backward
+    comes next and would gather it at once) and under a pipeline (each micro-batch would gather again)."""
+    if mode == "default":
+        return not (pipeline or last)
+    return mode == "always"
+
+
+def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, pipeline: bool = False, shard: int = 0,
+               relay: bool = False, policy: MixedPrecisionPolicy | None = None, reshard: str = "always"
+               ) -> FSDPModule:
     """Shard `model`'s parameters over the dp group (or over groups of `shard` dp ranks, replicated across
     them: `dp_device_mesh`): one FSDP unit per block, `root` (the module whose forward runs `model`, and
-    the loss) the unit of everything else. `reshard_root=False` keeps the root's parameters gathered from
-    its forward to its backward: a pipeline's last stage computes its loss with the head after the stage's
-    forward. `relay`: the blocks run under sequence parallelism, whose relay calls each block's halves
-    around the attention halo instead of its forward: FSDP's gather before and its gradient reduce-scatter
-    after are hooked on those. `policy`: the dtypes parameters are gathered and gradients reduced in
-    (`precision_policy`; default: as the shards hold them). Returns the root."""
+    the loss) the unit of everything else. `pipeline`: `root` is a pipeline stage, whose parameters stay
+    gathered from its forward to its backward (the last stage computes its loss with the head after the
+    stage's forward). `relay`: the blocks run under sequence parallelism, whose relay calls each block's
+    halves around the attention halo instead of its forward: FSDP's gather before and its gradient
+    reduce-scatter after are hooked on those. `policy`: the dtypes parameters are gathered and gradients
+    reduced in (`precision_policy`; default: as the shards hold them). `reshard`: when blocks are freed
+    (`reshards_after_forward`). Returns the root."""
     policy = policy or precision_policy("float32", "float32", "fp32")
     dp_mesh = dp_device_mesh(mesh, shard)
     before = dict(model.named_parameters())
-    for block in model.blocks.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    for i, block in enumerate(model.blocks.values(), start=1):
+        last = i == len(model.blocks)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy,
+                    reshard_after_forward=reshards_after_forward(reshard, pipeline, last))
         for method in halo_halves(block) if relay else []:
             register_fsdp_forward_method(block, method)
-    fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_root, mp_policy=policy)
+    fully_shard(root, mesh=dp_mesh, reshard_after_forward=not pipeline, mp_policy=policy)
     # FSDP2 warns that a unit returned a view: a block returns its memory state, views of the scan's
     # outputs, which nothing modifies in place (the relay sends them, training drops them)
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*Block\) returned a view tensor")

@@ -169,12 +169,15 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
     if p.zero_stage >= 3:
         params /= dp
     if p.fsdp:  # ZeRO-3's sharding (over fsdp_shard ranks under HSDP), plus two blocks gathered whole (the
-        block = parameters / max(layers, 1)  # running one, the next prefetched) and one block's gradients
-        shards = p.fsdp_shard or dp  # whole, with the copy FSDP reduce-scatters
+        block = parameters / max(layers, 1)  # running one, the next prefetched; all of them when kept from
+        shards = p.fsdp_shard or dp  # forward to backward) and one block's gradients whole, with the copy
+        # FSDP reduce-scatters
         gather = 2.0 if fsdp_gathers_bf16(p, value_bytes) else 4.0
         reduce = 2.0 if p.fsdp_reduce_dtype == "bfloat16" else 4.0
+        whole = p.fsdp_reshard == "never" or (p.fsdp_reshard == "default" and p.pp > 1)  # kept to backward
         optim = optim / shards
-        grads, params = grads / shards + (gather + reduce) * block, params / shards + 2 * gather * block
+        grads = grads / shards + (gather + reduce) * block
+        params = params / shards + gather * (parameters if whole else 2 * block)
     micro = (p.pp_microbatches or 2 * p.pp) if p.pp > 1 else 1
     in_flight = min(p.pp, micro) if p.pp > 1 else 1  # 1F1B: the first stage keeps pp micro-batches
     tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens

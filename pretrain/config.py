@@ -181,6 +181,11 @@ class ParallelConfig:
     fsdp_param_dtype: str = "auto"
     # with fsdp: the dtype gradients are reduce-scattered in, "float32" or "bfloat16" (half the bytes)
     fsdp_reduce_dtype: str = "float32"
+    # with fsdp: when a block's gathered parameters are freed. "always": after its forward (gathered again
+    # for its backward); "never": after its backward (one all-gather a block and step instead of two, for
+    # the memory of the whole model gathered at once); "default": always, except the last block (its
+    # backward follows at once) and under a pipeline (every micro-batch would gather again), as torchtitan
+    fsdp_reshard: str = "default"
     pp_schedule: str = "1f1b"  # 1f1b, interleaved (several stages per rank) or gpipe
     pp_microbatches: int = 0  # micro-batches per step and pipeline (0: 2·pp); must divide data.batch_size
     pp_stages_per_rank: int = 2  # with pp_schedule: interleaved (virtual stages)
@@ -600,6 +605,8 @@ def validate_parallel(cfg: RunConfig) -> None:
                           "(the number of dp ranks each sharded copy spans; 0: all of them)")
     if p.fsdp_checkpoint not in ("gathered", "sharded"):
         raise ConfigError(f"parallel.fsdp_checkpoint={p.fsdp_checkpoint!r}: use gathered or sharded")
+    if p.fsdp_reshard not in ("default", "always", "never"):
+        raise ConfigError(f"parallel.fsdp_reshard={p.fsdp_reshard!r}: use default, always or never")
     for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
         value = getattr(p, name)
         allowed = ("float32", "bfloat16", "auto") if name == "fsdp_param_dtype" else ("float32", "bfloat16")

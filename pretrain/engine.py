@@ -259,7 +259,7 @@ class FsdpStates:
         the writing (`slice_written_by`)."""
         if self.cfg.parallel.fsdp_checkpoint != "sharded":
             return super().checkpoint_parts(directory)
-        self.reshard_roots()
+        self.reshard()
         count = self.slices()[0]
         model_state = {k: v for model in self.models for k, v in local_model_state(model).items()}
         files, record = sliced_parts(directory, self.models, self.mesh, self.cfg, count,
@@ -278,12 +278,22 @@ class FsdpStates:
             load_full_model_state(model, saved["model"], place=placed_like)
         load_full_optimizer_state(self.optimizer, saved["optimizer"], place=placed_like)
 
-    def reshard_roots(self) -> None:
-        for root in self.roots:  # a root kept whole after forward (under a pipeline) is sharded again
-            root.reshard()
+    def reshard(self) -> None:
+        """Every unit sharded again: a unit kept whole after its forward (a pipeline's root, blocks under
+        parallel.fsdp_reshard) stays whole after a forward without gradients, which has no backward to
+        free it (an evaluation's)."""
+        for root in self.roots:
+            for unit in root.modules():
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
+
+    def train(self, mode: bool = True) -> None:
+        super().train(mode)  # type: ignore[misc]
+        if mode:  # back from an evaluation: what its forwards left gathered is freed
+            self.reshard()
 
     def model_state(self) -> dict[str, Tensor]:
-        self.reshard_roots()
+        self.reshard()
         return {name: value for model in self.models
                 for name, value in full_model_state(model, self.writes()).items()}
 
@@ -526,10 +536,10 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
     if p.fsdp and mesh.layout.dp == 1:
         mesh.print("note: parallel.fsdp=true with one data-parallel rank: nothing to shard, so nothing is")
     if p.fsdp and mesh.layout.dp > 1:  # before the optimizer: it must hold the sharded parameters
-        options = {"shard": p.fsdp_shard, "relay": p.sp > 1,
+        options = {"shard": p.fsdp_shard, "relay": p.sp > 1, "reshard": p.fsdp_reshard,
                    "policy": precision_policy(p.fsdp_param_dtype, p.fsdp_reduce_dtype, precision)}
         if p.pp > 1:  # the last stage's loss reads the head after the stage's forward: kept gathered
-            roots = [apply_fsdp(module, m, mesh, reshard_root=False, **options)
+            roots = [apply_fsdp(module, m, mesh, pipeline=True, **options)
                      for module, m in zip(stage_modules(models, mesh), models, strict=True)]
         else:
             loss_module = (SequenceLoss(models[0], mesh, head_loss_sum_of(models[0])) if p.sp > 1 else

@@ -69,6 +69,10 @@ def runs(tmp_path_factory):
             job("bf16_gather_compiled", tmp / "bf16_gather_compiled", FSDP, "train.precision=bf16",
                 "train.compile=true", "train.compile_backend=aot_eager"),
             job("separate", tmp / "separate", FSDP, "data.synthetic_sequences=1"),  # two forwards a step
+            # blocks freed after every forward, or kept gathered to their backward (and written in slices
+            # after a validation, whose forwards leave them gathered)
+            job("reshard_always", tmp / "reshard_always", FSDP, "parallel.fsdp_reshard=always"),
+            job("reshard_never", tmp / "reshard_never", FSDP, "parallel.fsdp_reshard=never", SLICED),
             job("async", tmp / "async", FSDP, "train.async_checkpoint=true"),  # gathered, then written aside
             job("recall", tmp / "recall", FSDP, *RECALL),  # the model gathered for the evaluation
             job("nan", tmp / "nan", FSDP, nan_rank=1, nan_calls=[2]),  # rank 1's loss of step 2 is NaN
@@ -165,6 +169,22 @@ def test_fsdp_gathers_and_reduces_in_the_configured_dtypes(runs, name, gathered,
         assert moved["gathered"][gathered] * 2 == runs["bf16"]["fsdp_bytes"]["gathered"]["float32"]
 
 
+def test_blocks_kept_gathered_to_their_backward_train_alike_on_fewer_gathers(runs, references):
+    """parallel.fsdp_reshard: "never" gathers each block once a step, "default" (the run "fsdp") all but the
+    last twice, "always" every block twice; the losses and the checkpoint (slices written after a
+    validation) are the same."""
+    gathered = {name: sum(runs[name]["fsdp_bytes"]["gathered"].values())
+                for name in ("reshard_never", "fsdp", "reshard_always")}
+    assert gathered["reshard_never"] < gathered["fsdp"] < gathered["reshard_always"], gathered
+    for name in ("reshard_never", "reshard_always"):
+        assert_losses_close(runs[name]["losses"], references["plain"].losses)
+    got, want = consolidate(Path(runs["reshard_never"]["checkpoint"])), load_checkpoint(
+        runs["fsdp"]["checkpoint"])["model"]
+    assert set(got) == set(want) and all(got[k].shape == want[k].shape for k in want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=2e-5, msg=name)
+
+
 def test_fsdp_checkpoints_written_in_the_background_equal_the_synchronous_ones(runs):
     got, want = runs["async"], runs["fsdp"]
     assert got["losses"] == want["losses"]
@@ -230,6 +250,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
     (["parallel.fsdp=false", "parallel.fsdp_shard=2"], "parallel.fsdp_shard=2 must be >= 0 and needs"),
     (["parallel.fsdp_param_dtype=float16"], "fsdp_param_dtype='float16': use float32, bfloat16, auto"),
     (["parallel.fsdp_reduce_dtype=auto"], "parallel.fsdp_reduce_dtype='auto': use float32, bfloat16"),
+    (["parallel.fsdp_reshard=sometimes"], "parallel.fsdp_reshard='sometimes': use default, always or never"),
     (["parallel.fsdp_param_dtype=bfloat16", "train.precision=fp32"], "fsdp_param_dtype=bfloat16 needs train"),
 ])
 def test_layouts_fsdp_cannot_run_are_refused(override, message):
@@ -277,6 +298,9 @@ def test_planner_counts_fsdp_as_sharded_weights_plus_two_gathered_blocks():
     assert rank_memory(fp32, 8, parameters, layers, layers)["params"] == dense["params"] / 8 + 2 * 4 * block
     assert rank_memory(fsdp, 8, parameters, layers, layers, value_bytes=4)["params"] == (  # fp32 compute
         dense["params"] / 8 + 2 * 4 * block)
+    never = load_config("configs/paper/mac-1.3b.yaml", [*overrides, FSDP, "parallel.fsdp_reshard=never"])
+    assert rank_memory(never, 8, parameters, layers, layers)["params"] == (  # every block kept to backward
+        dense["params"] / 8 + 2 * parameters)
     assert format_plan(fsdp, *plan(fsdp, 8, "h100-80gb", 0.4)).startswith(
         "layout tp=1 pp=1 sp=1 dp=8 on 8 × h100-80gb, FSDP over 8 dp ranks, gathered in bf16,")
     hsdp = load_config("configs/paper/mac-1.3b.yaml", [*overrides, FSDP, "parallel.fsdp_shard=4"])

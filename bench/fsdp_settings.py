@@ -1,15 +1,18 @@
-"""FSDP gathering parameters in float32 against bfloat16 (`parallel.fsdp_param_dtype`) and reducing
-gradients in float32 against bfloat16 (`parallel.fsdp_reduce_dtype`), all under bf16 autocast: the bytes
-each rank's all-gathers and reduce-scatters carry per step, the step time, and how far the losses move.
+"""FSDP's settings under bf16 autocast: parameters gathered in float32 or bfloat16
+(`parallel.fsdp_param_dtype`), gradients reduced in float32 or bfloat16 (`parallel.fsdp_reduce_dtype`),
+blocks freed after every forward or kept to their backward (`parallel.fsdp_reshard`): the bytes each
+rank's all-gathers and reduce-scatters carry per step, the step time, peak memory, and how far the losses
+move.
 
-    python bench/fsdp_precision.py                  # 2 processes, tiny.yaml with 4 MAC layers, 30 steps
-    python bench/fsdp_precision.py --layers mag --steps 60
+    python bench/fsdp_settings.py                   # 2 processes, tiny.yaml with 4 MAC layers, 30 steps
+    python bench/fsdp_settings.py --layers mag --steps 60
 
 Each setting is a `torch.distributed.run` launch of the training job (`pretrain.train`) on a small dataset
-built from this repository's sources, FSDP over 2 dp ranks on a global batch of 8 × 256 tokens. The FSDP
-settings are compared with the one gathering in float32 (the weights autocast reads, as one process
-does); two 1-process runs give the scale of such differences, bf16 autocast against float32 (the 1-process
-runs read other batches than the 2-rank ones: compare within each group). Printed per setting: MiB a step
+built from this repository's sources, FSDP over 2 dp ranks on a global batch of 8 × 256 tokens. The
+precision settings are compared with gathering in float32 (the weights autocast reads, as one process
+does), the reshard settings with the default (they change no arithmetic); two 1-process runs give the
+scale of such differences, bf16 autocast against float32 (the 1-process runs read other batches than the
+2-rank ones: compare within each group). Printed per setting: MiB a step
 that rank 0's all-gathers assemble and its reduce-scatters split (the whole tensors, by dtype; counted at
 torch.distributed's calls, `parallel.fsdp.CollectiveBytes`; the last validation's gathers included), the
 median step time of the last steps, the mean and largest |loss − reference| / reference over the steps,
@@ -37,13 +40,15 @@ from ranks import run_ranks, source_dataset  # noqa: E402
 MIB = 2**20
 AUTOCAST = "1 process, bf16 autocast"
 FSDP_FP32 = "FSDP dp=2, gather fp32, reduce fp32"
+DEFAULT = "FSDP dp=2, gather bf16, reduce fp32 (default)"
 SETTINGS = {  # name: (processes, overrides, the setting its losses are compared with)
     AUTOCAST: (1, [], AUTOCAST),
     "1 process, fp32": (1, ["train.precision=fp32"], AUTOCAST),  # bf16's own effect
     FSDP_FP32: (2, ["parallel.fsdp_param_dtype=float32"], FSDP_FP32),  # autocast's weights, as 1 process
-    "FSDP dp=2, gather bf16, reduce fp32": (2, ["parallel.fsdp_param_dtype=bfloat16"], FSDP_FP32),
-    "FSDP dp=2, gather bf16, reduce bf16": (2, ["parallel.fsdp_param_dtype=bfloat16",
-                                                "parallel.fsdp_reduce_dtype=bfloat16"], FSDP_FP32),
+    DEFAULT: (2, [], FSDP_FP32),
+    "FSDP dp=2, gather bf16, reduce bf16": (2, ["parallel.fsdp_reduce_dtype=bfloat16"], FSDP_FP32),
+    "FSDP dp=2, default, blocks freed after every forward": (2, ["parallel.fsdp_reshard=always"], DEFAULT),
+    "FSDP dp=2, default, blocks kept to their backward": (2, ["parallel.fsdp_reshard=never"], DEFAULT),
 }
 
 
