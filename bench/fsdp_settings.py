@@ -6,6 +6,7 @@ move.
 
     python bench/fsdp_settings.py                   # 2 processes, tiny.yaml with 4 MAC layers, 30 steps
     python bench/fsdp_settings.py --layers mag --steps 60
+    python bench/fsdp_settings.py --steps 200 --only "FSDP dp=2, gather bf16, reduce bf16" train.seed=1
 
 Each setting is a `torch.distributed.run` launch of the training job (`pretrain.train`) on a small dataset
 built from this repository's sources, FSDP over 2 dp ranks on a global batch of 8 × 256 tokens. The
@@ -73,25 +74,33 @@ def main() -> None:
     parser.add_argument("--layers", default="mac", help="block pattern (model.layers)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--timed", type=int, default=10, help="median step time over the last N steps")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="setting names to run (with the ones they are compared with)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args()
+    args, rest = parser.parse_known_args()  # the rest: config overrides for every setting (train.seed=1)
     if args.worker:
         worker(args.worker, rest)
         return
+    unknown = sorted(set(args.only or []) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown setting {unknown[0]!r}; the settings: {', '.join(SETTINGS)}")
+    chosen = set(args.only or SETTINGS) | {SETTINGS[name][2] for name in args.only or SETTINGS}
     results = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         common = [*source_dataset(tmp / "data", 256), f"model.layers={args.layers}",
                   "model.n_layers=4", f"train.steps={args.steps}", "train.warmup_steps=2",
                   "train.precision=bf16", "parallel.fsdp=true", f"train.eval_every={args.steps}",
-                  "train.eval_batches=2", f"train.checkpoint_every={args.steps}"]
+                  "train.eval_batches=2", f"train.checkpoint_every={args.steps}", *rest]
         for i, (name, (processes, extra, _)) in enumerate(SETTINGS.items()):
+            if name not in chosen:
+                continue
             overrides = [*common, *extra, f"data.batch_size={8 // processes}",
                          f"train.out_dir={tmp / str(i)}"]
             results[name] = run_ranks(Path(__file__), processes, tmp / f"{i}.json", overrides, name)
             print(f"{name}: done", file=sys.stderr, flush=True)
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; tiny.yaml "
-          f"with 4 {args.layers} layers, global batch 8 × 256 tokens, {args.steps} steps")
+          f"with 4 {args.layers} layers, global batch 8 × 256 tokens, {args.steps} steps {' '.join(rest)}")
     print("\n| setting | MiB gathered / step | MiB reduced / step | step (ms) | losses against "
           "| mean |Δloss| / loss | max |Δloss| / loss | last val loss |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
