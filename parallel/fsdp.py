@@ -27,7 +27,8 @@ cast them. What stays as under autocast: block inputs are not cast (the residual
 memory state keep their dtype; `cast_forward_inputs=False`), the embedding's rows are upcast to float32 so
 the residual stream stays float32, and the memory's state and update run in float32 from its bfloat16
 initial weights (`NeuralMemory.state_dtype`). Gradients are reduce-scattered in float32 by default
-(`parallel.fsdp_reduce_dtype`).
+(`parallel.fsdp_reduce_dtype`). When a block is freed again, after its forward or after its backward,
+follows torchtitan's rule (`parallel.fsdp_reshard`, `reshards_after_forward`).
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ from titans.blocks import halo_halves
 # parameter by a sharded one, and gradient clipping and the checkpoint layout still need them
 PARAMETER_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "full_shape",
                         "tp_parts", "tied_copy", "allreduce", "sequence_parallel")
-
-
 
 
 def precision_policy(param_dtype: str, reduce_dtype: str, precision: str) -> MixedPrecisionPolicy:
@@ -134,7 +133,7 @@ def reshards_after_forward(mode: str, pipeline: bool, last: bool) -> bool:
 
 
 def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, pipeline: bool = False, shard: int = 0,
-               relay: bool = False, policy: MixedPrecisionPolicy | None = None, reshard: str = "always"
+               relay: bool = False, policy: MixedPrecisionPolicy | None = None, reshard: str = "default"
                ) -> FSDPModule:
     """Shard `model`'s parameters over the dp group (or over groups of `shard` dp ranks, replicated across
     them: `dp_device_mesh`): one FSDP unit per block, `root` (the module whose forward runs `model`, and
