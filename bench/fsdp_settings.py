@@ -6,7 +6,7 @@ move.
 
     python bench/fsdp_settings.py                   # 2 processes, tiny.yaml with 4 MAC layers, 30 steps
     python bench/fsdp_settings.py --layers mag --steps 60
-    python bench/fsdp_settings.py --steps 200 --only "FSDP dp=2, gather bf16, reduce bf16" train.seed=1
+    python bench/fsdp_settings.py --steps 200 --set train.seed=1 --only "FSDP dp=2, gather bf16, reduce bf16"
 
 Each setting is a `torch.distributed.run` launch of the training job (`pretrain.train`) on a small dataset
 built from this repository's sources, FSDP over 2 dp ranks on a global batch of 8 × 256 tokens. The
@@ -76,8 +76,10 @@ def main() -> None:
     parser.add_argument("--timed", type=int, default=10, help="median step time over the last N steps")
     parser.add_argument("--only", nargs="*", default=None,
                         help="setting names to run (with the ones they are compared with)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every setting (e.g. train.seed=1); repeatable")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args()  # the rest: config overrides for every setting (train.seed=1)
+    args, rest = parser.parse_known_args()
     if args.worker:
         worker(args.worker, rest)
         return
@@ -91,7 +93,7 @@ def main() -> None:
         common = [*source_dataset(tmp / "data", 256), f"model.layers={args.layers}",
                   "model.n_layers=4", f"train.steps={args.steps}", "train.warmup_steps=2",
                   "train.precision=bf16", "parallel.fsdp=true", f"train.eval_every={args.steps}",
-                  "train.eval_batches=2", f"train.checkpoint_every={args.steps}", *rest]
+                  "train.eval_batches=2", f"train.checkpoint_every={args.steps}", *args.set]
         for i, (name, (processes, extra, _)) in enumerate(SETTINGS.items()):
             if name not in chosen:
                 continue
@@ -100,7 +102,7 @@ def main() -> None:
             results[name] = run_ranks(Path(__file__), processes, tmp / f"{i}.json", overrides, name)
             print(f"{name}: done", file=sys.stderr, flush=True)
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; tiny.yaml "
-          f"with 4 {args.layers} layers, global batch 8 × 256 tokens, {args.steps} steps {' '.join(rest)}")
+          f"with 4 {args.layers} layers, global batch 8 × 256 tokens, {args.steps} steps", *args.set)
     print("\n| setting | MiB gathered / step | MiB reduced / step | step (ms) | losses against "
           "| mean |Δloss| / loss | max |Δloss| / loss | last val loss |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
