@@ -182,9 +182,12 @@ def test_layout_matches_one_process(runs, references, variant, layout):
     sharded = any(o.startswith(("parallel.tp=", "parallel.pp=")) for o in LAYOUTS[layout][1])
     weights = consolidate(ckpt) if sharded else initial_weights(str(ckpt))  # data parallel: dense
     assert set(weights) == set(ref_weights), set(weights) ^ set(ref_weights)
+    # compiled blocks round differently again (AOT autograd's decompositions): under tp × FSDP MAG and MAL
+    # land at 5.4e-5 to 5.7e-5 (the slow set); a wrong gradient shows as 1e-2 or more
+    bound = 1e-4 if "train.compile=true" in LAYOUTS[layout][1] else 5e-5
     for name, want in ref_weights.items():  # relative in norm: Adam turns rounding in near-zero
         error = (weights[name] - want).norm() / want.norm()  # gradients into ±lr steps elementwise
-        assert error <= 5e-5, (name, error.item())  # (the losses, above, agree to 1e-5)
+        assert error <= bound, (name, error.item())  # (the losses, above, agree to 1e-5)
 
 
 @pytest.mark.parametrize("prefix", ["", *(prefix for prefix, *_ in RESUMES)])
