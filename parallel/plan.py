@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from parallel.fsdp import precision_policy, reshards_after_forward
 from parallel.model import build_local_model, n_stages
 from parallel.tensor import TensorShard
 from pretrain.config import ConfigError, ParallelConfig, RunConfig, load_config
@@ -149,10 +151,9 @@ def activation_bytes(model: TitansConfig, tp: int, tokens: int, layers: int, mem
     return layers * per_layer
 
 
-def fsdp_gathers_bf16(p: ParallelConfig, value_bytes: int) -> bool:
-    """Whether FSDP gathers parameters in bfloat16 (`parallel.fsdp_param_dtype`; "auto" under bf16
-    compute, whose activations are `value_bytes` = 2)."""
-    return p.fsdp_param_dtype == "bfloat16" or (p.fsdp_param_dtype == "auto" and value_bytes == 2)
+def fsdp_policy(p: ParallelConfig, value_bytes: int) -> MixedPrecisionPolicy:
+    """The dtypes FSDP gathers and reduces in for a run whose activations are `value_bytes` (2: bf16)."""
+    return precision_policy(p.fsdp_param_dtype, p.fsdp_reduce_dtype, "bf16" if value_bytes == 2 else "fp32")
 
 
 def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_layers: int,
@@ -172,9 +173,10 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
         block = parameters / max(layers, 1)  # running one, the next prefetched; all of them when kept from
         shards = p.fsdp_shard or dp  # forward to backward) and one block's gradients whole, with the copy
         # FSDP reduce-scatters
-        gather = 2.0 if fsdp_gathers_bf16(p, value_bytes) else 4.0
-        reduce = 2.0 if p.fsdp_reduce_dtype == "bfloat16" else 4.0
-        whole = p.fsdp_reshard == "never" or (p.fsdp_reshard == "default" and p.pp > 1)  # kept to backward
+        policy = fsdp_policy(p, value_bytes)
+        gather, reduce = (4.0 if dtype in (None, torch.float32) else 2.0
+                          for dtype in (policy.param_dtype, policy.reduce_dtype))
+        whole = not reshards_after_forward(p.fsdp_reshard, p.pp > 1, last=False)  # kept to backward
         optim = optim / shards
         grads = grads / shards + (gather + reduce) * block
         params = params / shards + gather * (parameters if whole else 2 * block)
@@ -290,7 +292,7 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
     p = cfg.parallel
     ckpt = "on" if cfg.train.activation_checkpointing else "off"
     recompute = "on" if cfg.model.recompute_memory else "off"
-    gathered = "bf16" if fsdp_gathers_bf16(p, 2) else "fp32"  # the planner's runs compute in bf16
+    gathered = "fp32" if fsdp_policy(p, 2).param_dtype is None else "bf16"  # the planner's runs are bf16
     sharding = (f"FSDP over {p.fsdp_shard or summary['dp']} dp ranks, gathered in {gathered}" if p.fsdp
                 else f"ZeRO stage {p.zero_stage}")
     lines = [f"layout tp={p.tp} pp={p.pp} sp={p.sp} dp={summary['dp']} on {summary['gpus']} × "

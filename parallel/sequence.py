@@ -174,7 +174,8 @@ class SequenceShards:
             pasts = [(source, self._recv([h.new_empty(h.shape[0], rows, h.shape[2])], tag + 63, source)[0]
                       .requires_grad_(grad and not again)) for source in sources]  # the rows attention reads
             past = joined([p for _, p in pasts])
-            if again and sources:
+            rerun = (h, state, start) if again and sources else None
+            if rerun:
                 with torch.no_grad():
                     x, out_state = block.after_halo(h, state, past, start)
             else:
@@ -182,7 +183,6 @@ class SequenceShards:
             outgoing = out_state.tensors() if out_state is not None else []
             if self.next is not None:
                 self._send(outgoing, tag)
-            rerun = (h, state, start) if again and sources else None
             records.append(LayerRecord(name, x_in, x, incoming, outgoing, [] if rerun else pasts, sources,
                                        sent, dests, again, rerun))
         return x, records

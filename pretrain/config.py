@@ -607,9 +607,9 @@ def validate_parallel(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.fsdp_checkpoint={p.fsdp_checkpoint!r}: use gathered or sharded")
     if p.fsdp_reshard not in ("default", "always", "never"):
         raise ConfigError(f"parallel.fsdp_reshard={p.fsdp_reshard!r}: use default, always or never")
-    for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+    for name, allowed in (("fsdp_param_dtype", ("float32", "bfloat16", "auto")),
+                          ("fsdp_reduce_dtype", ("float32", "bfloat16"))):
         value = getattr(p, name)
-        allowed = ("float32", "bfloat16", "auto") if name == "fsdp_param_dtype" else ("float32", "bfloat16")
         if value not in allowed:
             raise ConfigError(f"parallel.{name}={value!r}: use {', '.join(allowed)}")
     if p.fsdp_param_dtype == "bfloat16" and cfg.train.precision == "fp32":
