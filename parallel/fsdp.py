@@ -133,17 +133,17 @@ def reshards_after_forward(mode: str, pipeline: bool, last: bool) -> bool:
 
 
 def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, pipeline: bool = False, shard: int = 0,
-               relay: bool = False, policy: MixedPrecisionPolicy | None = None, reshard: str = "default"
-               ) -> FSDPModule:
+               relay: bool = False, zigzag: bool = False, policy: MixedPrecisionPolicy | None = None,
+               reshard: str = "default") -> FSDPModule:
     """Shard `model`'s parameters over the dp group (or over groups of `shard` dp ranks, replicated across
     them: `dp_device_mesh`): one FSDP unit per block, `root` (the module whose forward runs `model`, and
     the loss) the unit of everything else. `pipeline`: `root` is a pipeline stage, whose parameters stay
     gathered from its forward to its backward (the last stage computes its loss with the head after the
     stage's forward). `relay`: the blocks run under sequence parallelism, whose relay calls each block's
     halves around the attention halo instead of its forward: FSDP's gather before and its gradient
-    reduce-scatter after are hooked on those. `policy`: the dtypes parameters are gathered and gradients
-    reduced in (`precision_policy`; default: as the shards hold them). `reshard`: when blocks are freed
-    (`reshards_after_forward`). Returns the root."""
+    reduce-scatter after are hooked on those (`zigzag`: on the one method that runs its pieces).
+    `policy`: the dtypes parameters are gathered and gradients reduced in (`precision_policy`; default: as
+    the shards hold them). `reshard`: when blocks are freed (`reshards_after_forward`). Returns the root."""
     policy = policy or precision_policy("float32", "float32", "fp32")
     dp_mesh = dp_device_mesh(mesh, shard)
     before = dict(model.named_parameters())
@@ -151,7 +151,7 @@ def apply_fsdp(root: nn.Module, model: nn.Module, mesh: Mesh, pipeline: bool = F
         last = i == len(model.blocks)
         fully_shard(block, mesh=dp_mesh, mp_policy=policy,
                     reshard_after_forward=reshards_after_forward(reshard, pipeline, last))
-        for method in halo_halves(block) if relay else []:
+        for method in halo_halves(block, zigzag) if relay else []:
             register_fsdp_forward_method(block, method)
     fully_shard(root, mesh=dp_mesh, reshard_after_forward=not pipeline, mp_policy=policy)
     # FSDP2 warns that a unit returned a view: a block returns its memory state, views of the scan's

@@ -28,6 +28,14 @@ projects their keys and values, never their queries. Rank r does r + 1 shards' a
 parallelism without load balancing: contiguous shards are what the memory's relay needs. A checkpointed
 full-attention layer keeps none of the rows it received: its senders send them again as their backward
 starts, and its half after the halo reruns on them (`LayerRecord.rerun`), one layer's at a time.
+
+Load balancing (`parallel.sp_split=zigzag`, the default for models of attention layers alone: there is no
+memory to relay): causal attention over contiguous shards gives the last rank sp times the first's work, so
+each rank holds two of 2·sp equal pieces instead, an early and a late one (r and 2·sp − 1 − r: every rank
+the same attention work, as Megatron's and torchtitan's context parallelism). A late piece reads nearly the
+whole sequence, so each layer all-gathers its attention inputs over the sp group (backward: their
+gradients reduce-scattered back to their owners), every rank then runs its two pieces over the rows before
+each. Autograd and activation checkpointing see plain differentiable collectives: no relay.
 """
 
 from __future__ import annotations
@@ -42,11 +50,29 @@ from torch.utils.checkpoint import checkpoint
 
 from parallel.mesh import Mesh
 from parallel.pipeline import HeadLossSum
-from titans.blocks import earlier_rows_read
+from titans.blocks import Block, earlier_rows_read
 from titans.memory import MemoryState
 from titans.model import TitansLM
 
 BACKWARD_TAG = 1 << 20
+SP_SPLITS = ("auto", "contiguous", "zigzag")
+ATTENTION_ONLY = frozenset({"full", "swa"})  # the block kinds a zigzag split can run: no memory to relay
+
+
+def zigzag_split(kinds: list[str], setting: str) -> bool:
+    """Whether sequence shards are zigzag pieces (`parallel.sp_split`): "auto" where every layer is attention
+    and one is full (sliding windows alone cost every shard the same over contiguous shards, with a halo of
+    w − 1 rows instead of a whole sequence's), else contiguous; the config check refuses "zigzag" for memory
+    layers."""
+    if setting == "auto":
+        return set(kinds) <= ATTENTION_ONLY and "full" in kinds
+    return setting == "zigzag"
+
+
+def zigzag_pieces(sp: int, rank: int) -> tuple[int, int]:
+    """The two of 2·sp equal pieces of a sequence that sp rank `rank` holds under a zigzag split: one early,
+    one late, so that every rank's causal attention covers the same number of rows."""
+    return rank, 2 * sp - 1 - rank
 
 
 def state_from(tensors: list[Tensor], depth: int, chunks: int) -> MemoryState:
@@ -102,8 +128,8 @@ class LayerRecord(NamedTuple):
 class SequenceShards:
     """Runs this rank's shard of a batch through a (pp = 1) TitansLM with the state relay."""
 
-    def __init__(self, model: TitansLM, mesh: Mesh) -> None:
-        self.model, self.mesh = model, mesh
+    def __init__(self, model: TitansLM, mesh: Mesh, zigzag: bool = False) -> None:
+        self.model, self.mesh, self.zigzag = model, mesh, zigzag
         self.prev, self.next = mesh.sp_neighbour(-1), mesh.sp_neighbour(+1)
         self.pending: list = []  # outstanding sends: their buffers must live until they complete
         self.bytes_sent = 0  # point-to-point traffic of this rank (benchmarks read it)
@@ -187,6 +213,27 @@ class SequenceShards:
                                        sent, dests, again, rerun))
         return x, records
 
+    def zigzag_blocks(self, x: Tensor) -> Tensor:
+        """This rank's two zigzag pieces x (B, 2n, dim) through the blocks (attention alone): each layer
+        gathers every rank's attention inputs, then runs each piece over the rows before it."""
+        sp, n = self.mesh.layout.sp, x.shape[1] // 2
+        early, late = zigzag_pieces(sp, self.mesh.sp_rank)
+        every = int(self.model.checkpoint_blocks) if torch.is_grad_enabled() else 0
+
+        def layer(block: Block, reach: int | None, x: Tensor) -> Tensor:
+            h = block.before_halo(x, None)[0]
+            rows = zigzag_rows(h, self.mesh.sp_group, sp, late)  # every piece before the late one
+            pasts = []
+            for piece in (early, late):
+                first = 0 if reach is None else max(0, piece * n - reach)
+                pasts.append((piece * n, rows[:, first : piece * n] if piece else None))
+            return block.after_halo_pieces(h, pasts)
+
+        for name, block in self.model.blocks.items():
+            run = checkpointed if every and int(name) % every == 0 else called
+            x = run(layer, block, earlier_rows_read(self.model.cfg.layer_kinds[int(name)], self.model.cfg), x)
+        return x
+
     def backward_blocks(self, grad_out: Tensor, records: list[LayerRecord]) -> Tensor:
         """The relay in reverse; adds the blocks' parameter gradients, returns the input's gradient."""
         for r in reversed(records):  # the rows later shards' reruns read, sent now: they wait for nothing
@@ -223,9 +270,40 @@ class SequenceShards:
         return grad_x
 
 
-def shard_of(t: Tensor, mesh: Mesh) -> Tensor:
-    """This sp rank's contiguous slice of the sequence dimension (dim 1)."""
-    return t.chunk(mesh.layout.sp, dim=1)[mesh.sp_rank]
+def shard_of(t: Tensor, mesh: Mesh, zigzag: bool = False) -> Tensor:
+    """This sp rank's part of the sequence dimension (dim 1): a contiguous slice, or its two zigzag pieces
+    one after the other."""
+    if not zigzag:
+        return t.chunk(mesh.layout.sp, dim=1)[mesh.sp_rank]
+    pieces = t.chunk(2 * mesh.layout.sp, dim=1)
+    return torch.cat([pieces[i] for i in zigzag_pieces(mesh.layout.sp, mesh.sp_rank)], dim=1)
+
+
+class _GatheredRows(torch.autograd.Function):
+    """Every sp rank's (B, n, dim) rows → (sp, B, n, dim); backward: each rank's rows' gradients summed
+    over every rank that read them (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group, world = group, torch_dist.get_world_size(group)
+        gathered = rows.new_empty(world * rows.shape[0], *rows.shape[1:])
+        torch_dist.all_gather_single(gathered, rows.contiguous(), group=group)
+        return gathered.view(world, *rows.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        mine = grad.new_empty(grad.shape[1:])
+        torch_dist.reduce_scatter_single(mine, grad.flatten(0, 1).contiguous(), group=ctx.group)
+        return mine, None
+
+
+def zigzag_rows(h: Tensor, group: Any, sp: int, pieces: int) -> Tensor:
+    """The sequence's first `pieces` zigzag pieces' rows (B, pieces·n, dim) in order, from every sp rank's
+    two pieces h (B, 2n, dim): all that this rank's attention reads."""
+    everyone, n = _GatheredRows.apply(h, group), h.shape[1] // 2
+    owner = {piece: (rank, slot) for rank in range(sp) for slot, piece in enumerate(zigzag_pieces(sp, rank))}
+    held = [owner[g] for g in range(pieces)]
+    return torch.cat([everyone[rank, :, slot * n : (slot + 1) * n] for rank, slot in held], dim=1)
 
 
 class _RelayedBlocks(torch.autograd.Function):
@@ -249,7 +327,10 @@ class _RelayedBlocks(torch.autograd.Function):
 
 def relayed(shards: SequenceShards, x: Tensor) -> Tensor:
     """The blocks over this rank's shard `x` with the relay: in training one autograd node whose backward
-    runs the relay's (a caller's `loss.backward()` reaches it), else a plain forward."""
+    runs the relay's (a caller's `loss.backward()` reaches it), else a plain forward. Zigzag pieces need no
+    relay: their collectives are differentiable."""
+    if shards.zigzag:
+        return shards.zigzag_blocks(x)
     if torch.is_grad_enabled():
         return _RelayedBlocks.apply(shards, x)
     return shards.forward_blocks(x, grad=False)[0]
@@ -261,9 +342,9 @@ class SequenceStage(nn.Module):
     engine calls it once per step), since the schedule interleaves micro-batches' forwards and
     backwards."""
 
-    def __init__(self, model: TitansLM, mesh: Mesh) -> None:
+    def __init__(self, model: TitansLM, mesh: Mesh, zigzag: bool = False) -> None:
         super().__init__()
-        self.model, self.shards = model, SequenceShards(model, mesh)
+        self.model, self.shards = model, SequenceShards(model, mesh, zigzag)
 
     def forward(self, x: Tensor) -> Tensor:
         model = self.model
@@ -279,9 +360,9 @@ class SequenceLoss(nn.Module):
     shards' parts still need summing over sp). One module whose forward runs everything, so that FSDP can
     wrap it as the root that gathers the embedding, final norm and head."""
 
-    def __init__(self, model: TitansLM, mesh: Mesh, loss_sum: HeadLossSum) -> None:
+    def __init__(self, model: TitansLM, mesh: Mesh, loss_sum: HeadLossSum, zigzag: bool = False) -> None:
         super().__init__()
-        self.model, self.shards, self.loss_sum = model, SequenceShards(model, mesh), loss_sum
+        self.model, self.shards, self.loss_sum = model, SequenceShards(model, mesh, zigzag), loss_sum
 
     def forward(self, tokens: Tensor, targets: Tensor, weights: Tensor | None, denominator: Tensor | float
                 ) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from parallel.sequence import ATTENTION_ONLY, SP_SPLITS, zigzag_split
 from pretrain.cpu_allocator import CPU_ALLOCATORS
 from pretrain.schedule import DECAY_SHAPES
 from titans.model import TitansConfig
@@ -162,6 +163,11 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel: heads, FFN and vocabulary split over tp ranks (parallel/tensor.py)
     pp: int = 1  # pipeline parallel: contiguous groups of blocks per stage (parallel/pipeline.py)
     sp: int = 1  # sequence parallel: sequences split over sp ranks, memory relayed (parallel/sequence.py)
+    # with sp: how a sequence is split. "contiguous": a slice per rank, what the memory's relay needs;
+    # "zigzag": two of 2·sp pieces per rank, an early and a late one, so that causal full attention costs
+    # every rank the same (models of attention layers only); "auto": zigzag where every layer is attention
+    # and one is full, else contiguous
+    sp_split: str = "auto"
     # 0: plain data parallel (DDP); 1, 2, 3: ZeRO sharding optimizer states (1), + gradients (2),
     # + parameters (3) over the data-parallel ranks (parallel/zero.py); with tp or pp > 1, stage 1 only
     zero_stage: int = 0
@@ -576,6 +582,19 @@ def validate_sequence_parallel(cfg: RunConfig) -> None:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split into "
                               f"parallel.pp_microbatches={microbatches} equal micro-batches (sequence "
                               "parallelism fixes the stages' shapes up front)")
+    if p.sp_split not in SP_SPLITS:
+        raise ConfigError(f"parallel.sp_split={p.sp_split!r}: use {', '.join(SP_SPLITS)}")
+    if p.sp_split == "zigzag" and not set(m.layer_kinds) <= ATTENTION_ONLY:
+        memory = sorted(set(m.layer_kinds) - ATTENTION_ONLY)
+        raise ConfigError(f"parallel.sp_split=zigzag needs attention layers only, and model.layers has "
+                          f"{', '.join(memory)}: the memory's state is relayed from shard to shard in "
+                          "sequence order, which needs contiguous shards (parallel.sp_split=contiguous)")
+    if zigzag_split(m.layer_kinds, p.sp_split):
+        if cfg.data.seq_len % (2 * p.sp):
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not split into 2·parallel.sp = "
+                              f"{2 * p.sp} equal zigzag pieces: use a multiple of it (or "
+                              "parallel.sp_split=contiguous)")
+        return  # every rank gathers the rows its pieces read: no window or chunk constraint
     align = math.lcm(m.memory_chunk, m.segment_len) if "mac" in m.layer_kinds else m.memory_chunk
     unit = align * p.sp
     shard = cfg.data.seq_len // p.sp

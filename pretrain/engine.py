@@ -57,7 +57,7 @@ from parallel.grads import average_gradients, clip_grad_norm_, reduce_gradients
 from parallel.mesh import Mesh
 from parallel.model import build_local_model, n_stages
 from parallel.pipeline import Pipeline, StageModule, sync_tied_gradients
-from parallel.sequence import SequenceLoss, SequenceStage, shard_of
+from parallel.sequence import SequenceLoss, SequenceStage, shard_of, zigzag_split
 from parallel.tensor import TensorShard, local_slice, vocab_parallel_loss
 from parallel.zero import CHECKPOINT_DIR as ZERO_CHECKPOINT_DIR
 from parallel.zero import ZeroEngine
@@ -356,7 +356,7 @@ class PipelineEngine(Engine):
         super().__init__(models, optimizer, mesh, cfg, autocast)
         p = cfg.parallel
         microbatches = p.pp_microbatches or 2 * p.pp
-        modules = modules or stage_modules(models, mesh)
+        modules = modules or stage_modules(models, mesh, zigzag_split(cfg.model.layer_kinds, p.sp_split))
         self.sequence = [m for m in modules if isinstance(m, SequenceStage)]
         micro_shape = (cfg.data.batch_size // microbatches, cfg.data.seq_len // p.sp) if p.sp > 1 else None
         self.pipe = Pipeline(models, stage_indices, n_stages(p), mesh, p.pp_schedule, microbatches,
@@ -367,8 +367,9 @@ class PipelineEngine(Engine):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         denominator = loss_denominator(targets, weights) / scale  # of the whole sequences, over sp too
         if self.sequence:
-            inputs, targets = shard_of(inputs, self.mesh), shard_of(targets, self.mesh)
-            weights = None if weights is None else shard_of(weights, self.mesh)
+            zigzag = self.sequence[0].shards.zigzag
+            inputs, targets = shard_of(inputs, self.mesh, zigzag), shard_of(targets, self.mesh, zigzag)
+            weights = None if weights is None else shard_of(weights, self.mesh, zigzag)
         run = self.pipe.train_step if train else self.pipe.eval_loss
         with self.autocast:
             loss = run(inputs, targets, weights, denominator)
@@ -417,14 +418,16 @@ class SequenceEngine(Engine):
     def __init__(self, models, optimizer, mesh, cfg, autocast, root: SequenceLoss | None = None) -> None:
         """`root`: the model with its loss over a shard, where built before (FSDP wraps it)."""
         super().__init__(models, optimizer, mesh, cfg, autocast)
-        self.root = root or SequenceLoss(models[0], mesh, self.head_loss_sum())
+        self.root = root or SequenceLoss(models[0], mesh, self.head_loss_sum(),
+                                         zigzag_split(cfg.model.layer_kinds, cfg.parallel.sp_split))
         self.shards = self.root.shards
 
     def _run(self, batch: Batch, scale: float, train: bool) -> Tensor:
         tokens, weights = batch
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        args = (shard_of(inputs, self.mesh), shard_of(targets, self.mesh),
-                None if weights is None else shard_of(weights, self.mesh),
+        zigzag = self.shards.zigzag
+        args = (shard_of(inputs, self.mesh, zigzag), shard_of(targets, self.mesh, zigzag),
+                None if weights is None else shard_of(weights, self.mesh, zigzag),
                 loss_denominator(targets, weights) / scale)
         with self.autocast:
             loss = self.root(*args)
@@ -496,9 +499,10 @@ class DeepSpeedEngine(Engine):
         self.zero.load(directory / ZERO_CHECKPOINT_DIR)
 
 
-def stage_modules(models: list[TitansLM], mesh: Mesh) -> list[nn.Module]:
-    """What the pipeline schedule runs for each of this rank's stages: with sp > 1 the relayed stage."""
-    return [SequenceStage(m, mesh) if mesh.layout.sp > 1 else StageModule(m) for m in models]
+def stage_modules(models: list[TitansLM], mesh: Mesh, zigzag: bool = False) -> list[nn.Module]:
+    """What the pipeline schedule runs for each of this rank's stages: with sp > 1 the relayed stage
+    (`zigzag`: on zigzag pieces)."""
+    return [SequenceStage(m, mesh, zigzag) if mesh.layout.sp > 1 else StageModule(m) for m in models]
 
 
 @torch.no_grad()
@@ -536,13 +540,14 @@ def build_engine(cfg: RunConfig, mesh: Mesh, precision: str,
     if p.fsdp and mesh.layout.dp == 1:
         mesh.print("note: parallel.fsdp=true with one data-parallel rank: nothing to shard, so nothing is")
     if p.fsdp and mesh.layout.dp > 1:  # before the optimizer: it must hold the sharded parameters
-        options = {"shard": p.fsdp_shard, "relay": p.sp > 1, "reshard": p.fsdp_reshard,
+        zigzag = zigzag_split(cfg.model.layer_kinds, p.sp_split)
+        options = {"shard": p.fsdp_shard, "relay": p.sp > 1, "zigzag": zigzag, "reshard": p.fsdp_reshard,
                    "policy": precision_policy(p.fsdp_param_dtype, p.fsdp_reduce_dtype, precision)}
         if p.pp > 1:  # the last stage's loss reads the head after the stage's forward: kept gathered
             roots = [apply_fsdp(module, m, mesh, pipeline=True, **options)
-                     for module, m in zip(stage_modules(models, mesh), models, strict=True)]
+                     for module, m in zip(stage_modules(models, mesh, zigzag), models, strict=True)]
         else:
-            loss_module = (SequenceLoss(models[0], mesh, head_loss_sum_of(models[0])) if p.sp > 1 else
+            loss_module = (SequenceLoss(models[0], mesh, head_loss_sum_of(models[0]), zigzag) if p.sp > 1 else
                            CausalLMLoss(models[0], vocab_parallel_loss(models[0]) or token_cross_entropy))
             roots = [apply_fsdp(loss_module, models[0], mesh, **options)]
     optimizer = make_optimizer(models, cfg, mesh)

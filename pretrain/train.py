@@ -31,6 +31,7 @@ from data_pipeline.loader import DataError
 from parallel.fsdp import local_numel, precision_policy
 from parallel.mesh import LayoutError, Mesh, init_mesh, launch_environment
 from parallel.plan import CHECKPOINT_BYTES_PER_PARAMETER, local_parameter_counts, preflight_problem
+from parallel.sequence import zigzag_split
 from parallel.tensor import padded_vocab
 from pretrain.async_checkpoint import AsyncCheckpointWriter, CheckpointWriteFailed, detached_copy
 from pretrain.batch import Batch, as_batch
@@ -483,6 +484,9 @@ def _train(cfg: RunConfig, mesh: Mesh | None, held: list[IO[str] | AsyncCheckpoi
                    else ", FSDP over the dp ranks") + fsdp_dtypes(p, precision)
                   if p.fsdp and mesh.layout.dp > 1 else "")
                + (f", {p.pp_schedule} schedule" if p.pp > 1 else "")
+               + ((", sequences in zigzag pieces (2 a rank, load-balanced attention)"
+                   if zigzag_split(cfg.model.layer_kinds, p.sp_split) else ", sequences in contiguous shards")
+                  if p.sp > 1 else "")
                + (f"; vocabulary padded from {cfg.model.vocab_size} to {vocab} for tp={p.tp} (the padded "
                   "logits are masked)" if vocab != cfg.model.vocab_size else ""))
     note = gathered_checkpoint_note(p, mesh.layout.dp, n_params)

@@ -520,9 +520,13 @@ SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp
          ("mac", 2, "sp2_dp2_fsdp"), ("mal", 2, "sp2_dp2_fsdp"), ("mag", 2, "sp2_dp2_fsdp_compiled"),
          ("mal", 2, "sp2_dp2_fsdp_ckpt"), ("mag", 2, "sp2_dp2_fsdp_accum"),
          ("full,mac", 2, "sp4"), ("full,mag", 2, "sp2_dp2_fsdp"),  # full attention: every earlier row,
-         ("full,mac", 2, "sp4_ckpt"), ("full,mag", 2, "sp2_dp2_fsdp_ckpt")]  # sent again in backward
-SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa", "full,mac") for d in (1, 2)
-             for layout in SP_LAYOUTS if v != "swa" or d == 2] if SLOW else SP_CI)
+         ("full,mac", 2, "sp4_ckpt"), ("full,mag", 2, "sp2_dp2_fsdp_ckpt"),  # sent again in backward
+         # attention alone: zigzag pieces (parallel.sp_split=auto), rows all-gathered, gradients scattered
+         ("full", 2, "sp4"), ("full,swa", 2, "sp2_pp2"), ("full,swa", 2, "sp2_dp2_fsdp_ckpt"),
+         ("full", 2, "sp2_compiled")]
+SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa", "full,mac", "full,swa")
+             for d in (1, 2) for layout in SP_LAYOUTS if v not in ("swa", "full,swa") or d == 2]
+            if SLOW else SP_CI)  # (the memory's depth: none without a memory)
 
 
 def sp_job(name: str, out: Path, variant: str, depth: int, layout: str, *extra: str, steps: int = STEPS
@@ -625,6 +629,13 @@ def test_resume_under_sp_and_fsdp_continues_bitwise(sp_runs, prefix):
       "data.seq_len=300"],
      "data.seq_len=300 does not split into 4 shards of whole memory chunks (16) and MAC segments (64): use a "
      "multiple of 256, e.g. 256 or 512"),
+    (["parallel.sp=2", "model.layers=full,mac", "parallel.sp_split=zigzag"],
+     "parallel.sp_split=zigzag needs attention layers only, and model.layers has mac: the memory's state is "
+     "relayed from shard to shard in sequence order"),
+    (["parallel.sp=4", "model.layers=full", "data.seq_len=100"],
+     "data.seq_len=100 does not split into 2·parallel.sp = 8 equal zigzag pieces"),
+    (["parallel.sp=2", "parallel.sp_split=balanced"],
+     "parallel.sp_split='balanced': use auto, contiguous, zigzag"),
 ])
 def test_sequence_parallel_layouts_it_cannot_run_are_refused(override, message):
     from pretrain.config import ConfigError
@@ -632,6 +643,18 @@ def test_sequence_parallel_layouts_it_cannot_run_are_refused(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, override)
     assert message in str(err.value), str(err.value)
+
+
+def test_zigzag_split_is_the_default_for_attention_alone():
+    """auto: zigzag pieces where there is full attention and no memory to relay; a zigzag shard is an early
+    and a late piece; a window longer than a piece is fine (the rows are gathered)."""
+    from parallel.sequence import zigzag_pieces, zigzag_split
+
+    assert zigzag_split(["full", "swa"], "auto") and zigzag_split(["full"], "zigzag")
+    assert not zigzag_split(["swa"], "auto") and not zigzag_split(["full", "mac"], "auto")
+    assert not zigzag_split(["full"], "contiguous")
+    assert [zigzag_pieces(4, r) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
+    load_config(None, ["parallel.sp=4", "model.layers=full,swa", "model.window=32", "data.seq_len=64"])
 
 
 def test_a_sharded_checkpoint_loads_for_evaluation(runs, references):

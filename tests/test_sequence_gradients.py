@@ -35,7 +35,7 @@ def model(kind: str, horizon: int | None = None) -> TitansLM:
 
 
 def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, checkpointed: bool,
-              tokens: torch.Tensor, out: str) -> None:
+              zigzag: bool, tokens: torch.Tensor, out: str) -> None:
     import torch.distributed as dist
 
     from parallel.mesh import init_mesh
@@ -46,8 +46,8 @@ def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, 
     mesh = init_mesh(sp=world, timeout_s=DEADLINE_S)
     m = model(kind, horizon)
     m.checkpoint_blocks = checkpointed  # each half reruns in backward; full attention's halo is sent again
-    inputs, targets = shard_of(tokens[:, :-1], mesh), shard_of(tokens[:, 1:], mesh)
-    shard_loss = SequenceLoss(m, mesh, LOSS)
+    inputs, targets = shard_of(tokens[:, :-1], mesh, zigzag), shard_of(tokens[:, 1:], mesh, zigzag)
+    shard_loss = SequenceLoss(m, mesh, LOSS, zigzag)
     loss = shard_loss(inputs, targets, None, tokens[:, 1:].numel())
     loss.backward()
     shard_loss.shards.finish_sends()
@@ -67,17 +67,20 @@ def rank_main(rank: int, world: int, port: int, kind: str, horizon: int | None, 
     os._exit(0)
 
 
-# (kind, sp, gradient horizon in chunks, activation checkpointing): at sp 2 a shard is 4 chunks, so horizon
-# 3 cuts inside both shards (and inside a MAC segment of 2 chunks), horizon 2 at sp 4 at every shard's start.
-CASES = [(kind, 2, None, False) for kind in ("lmm", "mac", "mag", "mal", "swa", "full")] + [
-    ("mac,mal", 4, None, False), ("mac,mag", 2, 3, False), ("lmm,mal", 4, 2, False),
-    ("full,mal", 4, None, False), ("mac,mal", 4, None, True), ("full,mal", 4, None, True),
-    ("full", 2, None, True)]
+# (kind, sp, gradient horizon in chunks, activation checkpointing, zigzag split): at sp 2 a shard is 4
+# chunks, so horizon 3 cuts inside both shards (and inside a MAC segment of 2 chunks), horizon 2 at sp 4 at
+# every shard's start. Zigzag: attention alone, each rank two of 2·sp pieces.
+CASES = [(kind, 2, None, False, False) for kind in ("lmm", "mac", "mag", "mal", "swa", "full")] + [
+    ("mac,mal", 4, None, False, False), ("mac,mag", 2, 3, False, False), ("lmm,mal", 4, 2, False, False),
+    ("full,mal", 4, None, False, False), ("mac,mal", 4, None, True, False),
+    ("full,mal", 4, None, True, False), ("full", 2, None, True, False),
+    ("full", 2, None, False, True), ("full,swa", 4, None, False, True), ("swa,full", 4, None, True, True),
+    ("swa,full", 8, None, False, True)]  # pieces of 4 rows: the window's 7 earlier rows span two
 
 
-@pytest.mark.parametrize("kind, world, horizon, checkpointed", CASES)
+@pytest.mark.parametrize("kind, world, horizon, checkpointed, zigzag", CASES)
 def test_float64_gradients_equal_one_process(kind: str, world: int, horizon: int | None, checkpointed: bool,
-                                             tmp_path: Path) -> None:
+                                             zigzag: bool, tmp_path: Path) -> None:
     tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(1))
     reference = model(kind, horizon)
     features, _ = reference.hidden_states(tokens[:, :-1])
@@ -87,7 +90,7 @@ def test_float64_gradients_equal_one_process(kind: str, world: int, horizon: int
     out = tmp_path / "result.pt"
     ctx = mp.get_context("spawn")
     port = free_port()
-    args = (world, port, kind, horizon, checkpointed, tokens, str(out))
+    args = (world, port, kind, horizon, checkpointed, zigzag, tokens, str(out))
     ranks = [ctx.Process(target=rank_main, args=(r, *args)) for r in range(world)]
     for p in ranks:
         p.start()

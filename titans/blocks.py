@@ -142,16 +142,27 @@ class Block(nn.Module):
         mixed, state = self.mix(self.mix_norm(h), state, past, start)
         return self.add_mixed(h, mixed), state
 
+    def after_halo_pieces(self, h: Tensor, pieces: list[tuple[int, Tensor | None]]) -> Tensor:
+        """`after_halo` (no memory) for h's equal pieces, each from its own (start, earlier rows): a sequence
+        shard made of pieces from far apart (load-balanced sequence parallelism), in one call, so that
+        FSDP gathers the block once for all of them."""
+        rows = h.shape[1] // len(pieces)
+        return torch.cat([self.after_halo(h[:, i * rows : (i + 1) * rows], None, past, start)[0]
+                          for i, (start, past) in enumerate(pieces)], dim=1)
+
     def add_mixed(self, h: Tensor, mixed: Tensor) -> Tensor:
         """The token mixer's residual, then the FFN half."""
         h = h + mixed
         return h + self.ffn(self.ffn_norm(h))
 
 
-def halo_halves(block: Block) -> list[str]:
+def halo_halves(block: Block, zigzag: bool = False) -> list[str]:
     """The methods sequence parallelism's relay (parallel/sequence.py) calls in place of a block's forward:
     `after_halo`, and `before_halo` where the block overrides it (MAL's memory layer; elsewhere it is the
-    identity and uses no parameter)."""
+    identity and uses no parameter). `zigzag`: the method a load-balanced shard calls, once per layer (it
+    calls `after_halo` per piece: that is still what is compiled)."""
+    if zigzag:
+        return ["after_halo_pieces"]
     return ["after_halo"] + (["before_halo"] if type(block).before_halo is not Block.before_halo else [])
 
 
