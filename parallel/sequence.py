@@ -40,12 +40,14 @@ each. Autograd and activation checkpointing see plain differentiable collectives
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
+from torch.distributed import all_gather_single, reduce_scatter_single
 from torch.utils.checkpoint import checkpoint
 
 from parallel.mesh import Mesh
@@ -133,6 +135,7 @@ class SequenceShards:
         self.prev, self.next = mesh.sp_neighbour(-1), mesh.sp_neighbour(+1)
         self.pending: list = []  # outstanding sends: their buffers must live until they complete
         self.bytes_sent = 0  # point-to-point traffic of this rank (benchmarks read it)
+        self.wait_s = 0.0  # seconds in receives and collectives: moving rows, waiting for peers (benchmarks)
 
     def _send(self, tensors: list[Tensor], tag: int, dest: int | None = None) -> None:
         """Non-blocking sends to `dest`, by default the next shard forward and the previous backward."""
@@ -145,9 +148,11 @@ class SequenceShards:
                 self.pending.append((torch_dist.isend(buf, dest, tag=tag + i), buf))
 
     def _recv(self, buffers: list[Tensor], tag: int, source: int) -> list[Tensor]:
+        started = time.perf_counter()
         works = [torch_dist.irecv(b, source, tag=tag + i) for i, b in enumerate(buffers) if b.numel()]
         for w in works:
             w.wait()
+        self.wait_s += time.perf_counter() - started
         return buffers
 
     def finish_sends(self) -> None:
@@ -222,7 +227,7 @@ class SequenceShards:
 
         def layer(block: Block, reach: int | None, x: Tensor) -> Tensor:
             h = block.before_halo(x, None)[0]
-            rows = zigzag_rows(h, self.mesh.sp_group, sp, late)  # every piece before the late one
+            rows = zigzag_rows(h, self, late)  # every piece before the late one
             pasts = []
             for piece in (early, late):
                 first = 0 if reach is None else max(0, piece * n - reach)
@@ -281,26 +286,33 @@ def shard_of(t: Tensor, mesh: Mesh, zigzag: bool = False) -> Tensor:
 
 class _GatheredRows(torch.autograd.Function):
     """Every sp rank's (B, n, dim) rows → (sp, B, n, dim); backward: each rank's rows' gradients summed
-    over every rank that read them (a reduce-scatter)."""
+    over every rank that read them (a reduce-scatter). The collectives are the names imported above, not
+    torch.distributed's attributes, which `parallel.fsdp.CollectiveBytes` replaces to count FSDP's alone."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group, world = group, torch_dist.get_world_size(group)
-        gathered = rows.new_empty(world * rows.shape[0], *rows.shape[1:])
-        torch_dist.all_gather_single(gathered, rows.contiguous(), group=group)
+    def forward(ctx, rows: Tensor, group: Any, shards: SequenceShards) -> Tensor:  # type: ignore[override]
+        ctx.group, ctx.shards, world = group, shards, torch_dist.get_world_size(group)
+        shards.bytes_sent += (world - 1) * rows.numel() * rows.element_size()  # as if sent to each peer
+        gathered, started = rows.new_empty(world * rows.shape[0], *rows.shape[1:]), time.perf_counter()
+        all_gather_single(gathered, rows.contiguous(), group=group)
+        shards.wait_s += time.perf_counter() - started
         return gathered.view(world, *rows.shape)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         mine = grad.new_empty(grad.shape[1:])
-        torch_dist.reduce_scatter_single(mine, grad.flatten(0, 1).contiguous(), group=ctx.group)
-        return mine, None
+        ctx.shards.bytes_sent += (grad.shape[0] - 1) * mine.numel() * mine.element_size()
+        started = time.perf_counter()
+        reduce_scatter_single(mine, grad.flatten(0, 1).contiguous(), group=ctx.group)
+        ctx.shards.wait_s += time.perf_counter() - started
+        return mine, None, None
 
 
-def zigzag_rows(h: Tensor, group: Any, sp: int, pieces: int) -> Tensor:
+def zigzag_rows(h: Tensor, shards: SequenceShards, pieces: int) -> Tensor:
     """The sequence's first `pieces` zigzag pieces' rows (B, pieces·n, dim) in order, from every sp rank's
     two pieces h (B, 2n, dim): all that this rank's attention reads."""
-    everyone, n = _GatheredRows.apply(h, group), h.shape[1] // 2
+    everyone = _GatheredRows.apply(h, shards.mesh.sp_group, shards)
+    n, sp = h.shape[1] // 2, shards.mesh.layout.sp
     owner = {piece: (rank, slot) for rank in range(sp) for slot, piece in enumerate(zigzag_pieces(sp, rank))}
     held = [owner[g] for g in range(pieces)]
     return torch.cat([everyone[rank, :, slot * n : (slot + 1) * n] for rank, slot in held], dim=1)

@@ -557,6 +557,10 @@ def sp_runs(tmp_path_factory):
             # FSDP gathering in bf16 under the relay (the state and the halo keep their float32)
             jobs.append(sp_job("bf16_gather_sp2_dp2_fsdp", tmp / "bf16_gather", "mal", 2, "sp2_dp2_fsdp",
                                BF16))
+            # attention alone under FSDP: zigzag pieces (the default) against contiguous shards
+            for split in ("zigzag", "contiguous"):
+                jobs.append(sp_job(f"split_{split}", tmp / f"split_{split}", "full,swa", 2, "sp2_dp2_fsdp",
+                                   f"parallel.sp_split={split}"))
         results.update(launch(WORKER, jobs, tmp, world, launch_deadline(jobs)))
     return results
 
@@ -606,6 +610,17 @@ def test_fsdp_gathering_in_bf16_stays_within_bf16_of_one_process(runs, sp_runs, 
         assert close(got["val_losses"][str(step)], val, rel=1e-3), (step, got["val_losses"],
                                                                      reference.val_losses)
     assert list(got["fsdp_bytes"]["gathered"]) == ["bfloat16"], got["fsdp_bytes"]
+
+
+def test_zigzag_pieces_gather_each_block_once_a_forward_under_fsdp(sp_runs, sp_references):
+    """A zigzag shard's two pieces run in one call per block (`after_halo_pieces`), so FSDP gathers the
+    block once for both: the bytes gathered equal contiguous shards', and both train as one process does."""
+    zigzag, contiguous = sp_runs["split_zigzag"], sp_runs["split_contiguous"]
+    assert zigzag["fsdp_bytes"] == contiguous["fsdp_bytes"], (zigzag["fsdp_bytes"], contiguous["fsdp_bytes"])
+    reference, _ = sp_references[("full,swa", 2)]
+    for got in (zigzag, contiguous):
+        assert all(close(a, b) for a, b in zip(got["losses"], reference.losses, strict=True)), \
+            (got["losses"], reference.losses)
 
 
 @pytest.mark.parametrize("prefix", ["sp_fsdp_", "sp_sliced_"])
