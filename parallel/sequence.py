@@ -227,12 +227,16 @@ class SequenceShards:
 
         def layer(block: Block, reach: int | None, x: Tensor) -> Tensor:
             h = block.before_halo(x, None)[0]
-            rows = zigzag_rows(h, self, late)  # every piece before the late one
-            pasts = []
-            for piece in (early, late):
-                first = 0 if reach is None else max(0, piece * n - reach)
-                pasts.append((piece * n, rows[:, first : piece * n] if piece else None))
-            return block.after_halo_pieces(h, pasts)
+            rows = zigzag_rows(h, self)
+            first = [0 if reach is None else max(0, piece * n - reach) for piece in (early, late)]
+            late_past = rows(first[1], late * n)
+            if early == 0:
+                early_past = None
+            elif first[0] >= first[1]:  # within the late piece's rows (full attention): a view of them
+                early_past = late_past[:, first[0] - first[1] : early * n - first[1]]
+            else:
+                early_past = rows(first[0], early * n)
+            return block.after_halo_pieces(h, [(early * n, early_past), (late * n, late_past)])
 
         for name, block in self.model.blocks.items():
             run = checkpointed if every and int(name) % every == 0 else called
@@ -308,14 +312,21 @@ class _GatheredRows(torch.autograd.Function):
         return mine, None, None
 
 
-def zigzag_rows(h: Tensor, shards: SequenceShards, pieces: int) -> Tensor:
-    """The sequence's first `pieces` zigzag pieces' rows (B, pieces·n, dim) in order, from every sp rank's
-    two pieces h (B, 2n, dim): all that this rank's attention reads."""
+def zigzag_rows(h: Tensor, shards: SequenceShards) -> Callable[[int, int], Tensor]:
+    """Gathers every sp rank's two zigzag pieces h (B, 2n, dim); returns rows(first, end): the sequence's
+    rows first .. end − 1 (B, end − first, dim), a copy of the pieces they lie in only (a window's rows
+    then keep no more of the gathered sequence alive than they need)."""
     everyone = _GatheredRows.apply(h, shards.mesh.sp_group, shards)
     n, sp = h.shape[1] // 2, shards.mesh.layout.sp
     owner = {piece: (rank, slot) for rank in range(sp) for slot, piece in enumerate(zigzag_pieces(sp, rank))}
-    held = [owner[g] for g in range(pieces)]
-    return torch.cat([everyone[rank, :, slot * n : (slot + 1) * n] for rank, slot in held], dim=1)
+
+    def rows(first: int, end: int) -> Tensor:
+        pieces = range(first // n, -(-end // n))
+        joined = torch.cat([everyone[rank, :, slot * n : (slot + 1) * n]
+                            for rank, slot in map(owner.__getitem__, pieces)], dim=1)
+        return joined[:, first - pieces.start * n : end - pieces.start * n]
+
+    return rows
 
 
 class _RelayedBlocks(torch.autograd.Function):
