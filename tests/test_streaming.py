@@ -168,3 +168,56 @@ def test_eos_stops_generation() -> None:
         first = model(prompt)[0][0, -1].argmax().item()
     out = generate(model, prompt, max_new_tokens=10, eos_id=first)
     assert out.shape[1] == 6 and out[0, -1].item() == first
+
+
+@pytest.mark.parametrize("layers", [*BLOCK_KINDS, "mal,full"])
+def test_a_padded_batch_streams_each_row_as_if_alone(layers: str) -> None:
+    """Rows of different lengths, left- and right-padded, then continued a few tokens at a time (a pad
+    mid-stream too): every kept position's logits equal the row run alone; a dropped position carries its
+    row's last kept logits; rows that have seen as many tokens run as one batch."""
+    from titans.streaming import ragged_step
+
+    model = tiny(layers)
+    lengths, width = [19, 7, 19, 12], 19
+    rows = [torch.randint(0, 41, (n + 6,), generator=torch.Generator().manual_seed(n + i))
+            for i, n in enumerate(lengths)]
+    tokens = torch.zeros(4, width, dtype=torch.long)
+    keep = torch.zeros(4, width, dtype=torch.bool)
+    for i, n in enumerate(lengths):  # rows 0, 1, 2 left-padded, row 3 right-padded
+        span = slice(0, n) if i == 3 else slice(width - n, width)
+        tokens[i, span], keep[i, span] = rows[i][:n], True
+    logits, state = ragged_step(model, tokens, keep)
+    assert sorted(len(members) for members, _ in state.groups) == [1, 1, 2]  # rows 0 and 2 as one batch
+    steps = [(2, [True] * 4), (1, [True, False, True, True]), (3, [True] * 4)]  # row 1 skips a token
+    seen, outputs = list(lengths), [(logits, keep)]
+    for size, kept in steps:
+        piece = torch.stack([rows[i][seen[i] : seen[i] + size] if kept[i] else torch.zeros(size).long()
+                             for i in range(4)])
+        mask = torch.tensor(kept)[:, None].expand(4, size)
+        out, state = ragged_step(model, piece, mask, state)
+        outputs.append((out, mask))
+        seen = [s + size * k for s, k in zip(seen, kept, strict=True)]
+    assert state.columns == width + 6
+    for i in range(4):
+        alone, _ = stream_logits(model, rows[i][: seen[i]][None])
+        got = torch.cat([out[i][mask[i]] for out, mask in outputs])
+        torch.testing.assert_close(got, alone[0], rtol=0, atol=1e-9)
+    torch.testing.assert_close(outputs[0][0][3, -1], outputs[0][0][3, 11])  # right padding: its last token's
+    assert not outputs[0][0][1, 0].any()  # before a left-padded row's first token: zeros
+
+
+def test_padded_rows_can_be_reordered_repeated_and_dropped() -> None:
+    """`RowGroups.select` (beam search's reordering): a row continues the stream of the row it names."""
+    from titans.streaming import ragged_step
+
+    model = tiny("mac,mag")
+    tokens = torch.randint(0, 41, (3, 10))
+    keep = torch.ones(3, 10, dtype=torch.bool)
+    keep[1, :4] = False
+    _, state = ragged_step(model, tokens, keep)
+    state = state.select([2, 1, 1])  # row 0 dropped, row 1 twice
+    nxt = torch.randint(0, 41, (3, 3))
+    out, _ = ragged_step(model, nxt, None, state)
+    for j, source in enumerate([2, 1, 1]):
+        alone, _ = stream_logits(model, torch.cat([tokens[source][keep[source]], nxt[j]])[None])
+        torch.testing.assert_close(out[j], alone[0, -3:], rtol=0, atol=1e-9)

@@ -230,6 +230,72 @@ def stream_logits(model: TitansLM, tokens: Tensor, cache: StreamCache | None = N
     return torch.cat(outputs, dim=1), cache
 
 
+@dataclass
+class RowGroups:
+    """Streams for a padded batch, whose rows have seen different numbers of tokens: a `StreamCache` per
+    group of rows that have seen as many (None: nothing yet), so that rows of one length still run as one
+    batch. `columns`: the batch's positions consumed, padding included."""
+
+    groups: list[tuple[list[int], StreamCache | None]]
+    columns: int = 0
+
+    @property
+    def batch(self) -> int:
+        return sum(len(rows) for rows, _ in self.groups)
+
+    def select(self, source: list[int]) -> RowGroups:
+        """Row j of the result continues row `source[j]`: beam reordering, repeats, dropping rows."""
+        where = {row: (g, i) for g, (rows, _) in enumerate(self.groups) for i, row in enumerate(rows)}
+        groups = []
+        for g, (_, cache) in enumerate(self.groups):
+            mine = [j for j, row in enumerate(source) if where[row][0] == g]
+            if mine:
+                groups.append((mine, rows_of(cache, [where[source[j]][1] for j in mine])))
+        return RowGroups(groups, self.columns)
+
+
+def rows_of(cache: StreamCache | None, index: list[int]) -> StreamCache | None:
+    """The cache of the batch rows `index` of `cache`."""
+    if cache is None:
+        return None
+    rows = torch.tensor(index)
+    return cache.map(lambda t: t[rows.to(t.device)])
+
+
+@torch.no_grad()
+def ragged_step(model: TitansLM, tokens: Tensor, keep: Tensor | None = None, rows: RowGroups | None = None
+                ) -> tuple[Tensor, RowGroups]:
+    """`stream_step` for a padded batch: each row continues its own stream with its tokens where `keep`
+    (B, T) is true, the rest (padding, left or right) never seen, so every row's logits equal the model
+    run on that row alone. Rows that have seen as many tokens and keep as many run as one batch. A dropped
+    position gets its row's last kept position's logits in this call (zeros before any): the logits at the
+    end of a right-padded prompt are those of its last token."""
+    B, T = tokens.shape
+    keep = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep.bool()
+    rows = rows or RowGroups([(list(range(B)), None)])
+    counts, logits, groups = keep.sum(1).tolist(), None, []
+    for members, cache in rows.groups:
+        by_count: dict[int, list[int]] = {}
+        for i, row in enumerate(members):
+            by_count.setdefault(counts[row], []).append(i)
+        for count, at in by_count.items():
+            mine = [members[i] for i in at]
+            part = cache if len(at) == len(members) else rows_of(cache, at)
+            if count:
+                picked = tokens[mine] if count == T else torch.stack([tokens[r][keep[r]] for r in mine])
+                out, part = stream_step(model, picked, part)
+                logits = out.new_zeros(B, T, out.shape[-1]) if logits is None else logits
+                for k, r in enumerate(mine):
+                    logits[r, keep[r]] = out[k]
+            groups.append((mine, part))
+    after = RowGroups(groups, rows.columns + T)
+    if logits is None:  # nothing kept anywhere
+        return tokens.new_zeros(B, T, model.cfg.vocab_size, dtype=torch.float32), after
+    last_kept = torch.where(keep, torch.arange(T, device=keep.device), -1).cummax(dim=1).values
+    filled = logits.gather(1, last_kept.clamp_min(0)[..., None].expand_as(logits))
+    return filled.masked_fill((last_kept < 0)[..., None], 0.0), after
+
+
 def next_token(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """(B, vocab) logits → (B,) ids: greedy at temperature 0, else sampled after top-k / top-p."""
