@@ -72,6 +72,12 @@ def load_weights(path: Path, cfg: TitansConfig, prefix: str = "") -> dict[str, T
     return weights
 
 
+def special_tokens(eos: str) -> dict[str, str]:
+    """The end-of-document token, which also pads: the model never sees padding (each row of a padded batch
+    is its own stream), and prompts are padded on the left, where generation wants them."""
+    return {"eos_token": eos, "pad_token": eos, "padding_side": "left"}
+
+
 def byte_tokenizer(eos_id: int):
     """The byte vocabulary (id = byte, `eos_id` = end of document) as a transformers fast tokenizer:
     a byte-level BPE without merges, so every byte is one token and decoding is lossless."""
@@ -86,7 +92,7 @@ def byte_tokenizer(eos_id: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens("<|endoftext|>"))
 
 
 def save_tokenizer(tokenizer: Any | None, eos_id: int | None, out: Path) -> str:
@@ -99,7 +105,7 @@ def save_tokenizer(tokenizer: Any | None, eos_id: int | None, out: Path) -> str:
         from transformers import PreTrainedTokenizerFast
 
         eos = tokenizer._tok.id_to_token(tokenizer.eos_id)
-        PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=eos).save_pretrained(str(out))
+        PreTrainedTokenizerFast(tokenizer_file=str(path), **special_tokens(eos)).save_pretrained(str(out))
         return f"tokenizer {path}"
     return f"no tokenizer files (convert {path} to a tokenizer.json to include it)"
 

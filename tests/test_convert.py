@@ -264,3 +264,33 @@ def test_beam_search_reorders_the_streaming_cache(converted, tmp_path: Path, mon
     cached = model.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False)
     uncached = model.generate(prompt, max_new_tokens=12, num_beams=3, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist()
+
+
+def test_a_padded_batch_generates_each_prompt_as_if_alone(converted, tmp_path: Path, monkeypatch) -> None:
+    """Prompts of different lengths padded by the export's tokenizer (left, its default; right too): each
+    row generates, greedily and by beam search, what its prompt alone does, and scores as alone. The model
+    never sees padding (titans.streaming.ragged_step); training on padding is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    model = AutoModelForCausalLM.from_pretrained(converted["hf"], trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(converted["hf"], trust_remote_code=True)
+    prompts = ["def main(argv):\n    parser = ", "import os\n", "class Run:\n    def __init__(self", "x = "]
+    for options in ({"do_sample": False}, {"do_sample": False, "num_beams": 2}):
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        mask = batch["attention_mask"]
+        assert mask[:, -1].all() and not mask[:, 0].all()  # padded on the left
+        out = model.generate(**batch, max_new_tokens=10, **options)
+        for row, prompt in zip(out, prompts, strict=True):
+            alone = tok(prompt, return_tensors="pt")
+            want = model.generate(**alone, max_new_tokens=10, **options)[0, alone["input_ids"].shape[1] :]
+            assert row[batch["input_ids"].shape[1] :].tolist() == want.tolist(), (prompt, options)
+    tok.padding_side = "right"
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row, prompt in enumerate(prompts):
+            alone = model(**tok(prompt, return_tensors="pt")).logits[0]
+            torch.testing.assert_close(logits[row, : alone.shape[0]], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="without gradients only"):
+        model(**batch, labels=batch["input_ids"])

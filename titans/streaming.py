@@ -271,8 +271,11 @@ def ragged_step(model: TitansLM, tokens: Tensor, keep: Tensor | None = None, row
     position gets its row's last kept position's logits in this call (zeros before any): the logits at the
     end of a right-padded prompt are those of its last token."""
     B, T = tokens.shape
-    keep = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep.bool()
     rows = rows or RowGroups([(list(range(B)), None)])
+    if keep is None and len(rows.groups) == 1:  # every row has seen as many and keeps all: one batch
+        logits, cache = stream_step(model, tokens, rows.groups[0][1])
+        return logits, RowGroups([(rows.groups[0][0], cache)], rows.columns + T)
+    keep = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep.bool()
     counts, logits, groups = keep.sum(1).tolist(), None, []
     for members, cache in rows.groups:
         by_count: dict[int, list[int]] = {}
@@ -331,13 +334,18 @@ def sampling_problem(temperature: float, top_k: int | None, top_p: float | None)
 @torch.no_grad()
 def generate(model: TitansLM, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None, piece_len: int = 4096) -> Tensor:
+             generator: torch.Generator | None = None, piece_len: int = 4096, keep: Tensor | None = None
+             ) -> Tensor:
     """Continue a (B, T) prompt by up to `max_new_tokens` tokens; returns prompt + continuation.
-    Stops early when every row has produced `eos_id`."""
+    Stops early when every row has produced `eos_id`. `keep` (B, T): a padded batch's real tokens (prompts
+    of different lengths, padded on either side): each row continues its own prompt as if alone."""
     problem = sampling_problem(temperature, top_k, top_p)
     if problem:
         raise ValueError(problem)
-    logits, cache = stream_logits(model, prompt, piece_len=piece_len)
+    rows = None
+    for at in range(0, prompt.shape[1], piece_len):
+        piece = slice(at, at + piece_len)
+        logits, rows = ragged_step(model, prompt[:, piece], None if keep is None else keep[:, piece], rows)
     out, done = [prompt], torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
         token = next_token(logits[:, -1], temperature, top_k, top_p, generator)
@@ -347,5 +355,5 @@ def generate(model: TitansLM, prompt: Tensor, max_new_tokens: int, temperature: 
         out.append(token[:, None])
         if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
-        logits, cache = stream_step(model, token[:, None], cache)
+        logits, rows = ragged_step(model, token[:, None], rows=rows)
     return torch.cat(out, dim=1)

@@ -3,7 +3,9 @@
 The model code beside this file (model.py, blocks.py, memory.py, attention.py, streaming.py) is the
 training stack's own, copied at export, so the export needs only torch and transformers. `generate()`
 carries a `TitansCache`: each layer's memory state, its attention window and the open chunk, so text of
-any length is generated with constant memory and equals the model run on the whole text.
+any length is generated with constant memory and equals the model run on the whole text. A padded batch
+(an attention mask with zeros, left or right) is run row by row's tokens: padding is never seen, so each
+row equals its prompt run alone; rows of one length still run as one batch.
 """
 
 from __future__ import annotations
@@ -18,34 +20,35 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_titans import TitansHFConfig
 from .model import TitansConfig, TitansLM
-from .streaming import StreamCache, stream_step
+from .streaming import RowGroups, ragged_step
 
 
 class TitansCache(Cache):
-    """transformers' handle on a `StreamCache` (it has no per-layer key/value tensors to expose)."""
+    """transformers' handle on the streams of a batch's rows (`RowGroups`: it has no per-layer key/value
+    tensors to expose)."""
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, stream: StreamCache | None = None) -> None:
+    def __init__(self, rows: RowGroups | None = None) -> None:
         super().__init__(layers=[])
-        self.stream = stream
+        self.rows = rows
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.stream is None else self.stream.seen
+        return 0 if self.rows is None else self.rows.columns  # positions consumed, padding included
 
-    def _map(self, fn) -> None:
-        if self.stream is not None:
-            self.stream = self.stream.map(fn)
+    def _select(self, source: list[int]) -> None:
+        if self.rows is not None:
+            self.rows = self.rows.select(source)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._select(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._select([row for row in range(self.rows.batch) for _ in range(repeats)] if self.rows else [])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
+        self._select(torch.arange(self.rows.batch)[indices].tolist() if self.rows else [])
 
 
 class TitansForCausalLM(PreTrainedModel, GenerationMixin):
@@ -75,15 +78,20 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, cache: TitansCache | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        """Logits of `input_ids`, the continuation of what `cache` has seen. Padding is not supported: the
-        memory would write padded positions, so an attention mask with zeros is an error."""
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("TitansForCausalLM does not support padding (attention_mask with zeros): the "
-                             "long-term memory would learn the padded positions; batch equal lengths")
+        """Logits of `input_ids`, the continuation of what `cache` has seen. Where `attention_mask` (its last
+        `input_ids.shape[1]` columns) is 0 the token is padding, never seen by the row: without gradients
+        only (in training the memory would write the padded positions; batch equal lengths there)."""
+        keep = None if attention_mask is None else attention_mask[:, -input_ids.shape[1] :].bool()
+        padded = keep is not None and not bool(keep.all())
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if cache is not None or (use_cache and not torch.is_grad_enabled()):
-            logits, stream = stream_step(self.model, input_ids, None if cache is None else cache.stream)
-            cache = TitansCache(stream)
+        if cache is not None or padded or (use_cache and not torch.is_grad_enabled()):
+            if padded and torch.is_grad_enabled():
+                raise ValueError("TitansForCausalLM runs padding (attention_mask with zeros) without "
+                                 "gradients only: the long-term memory would learn the padded positions; "
+                                 "train on equal lengths")
+            logits, rows = ragged_step(self.model, input_ids, keep if padded else None,
+                                       None if cache is None else cache.rows)
+            cache = TitansCache(rows)
         else:
             logits, _ = self.model(input_ids)
         loss = None
