@@ -9,6 +9,7 @@ memory: a rolling perplexity over a long document carries the memory and the att
 pieces, where `lm_eval --model hf` restarts both at every `max_length` window. Requests are scored
 `--batch-size` at a time, longest first, right-padded to the batch's longest: the model is causal, so
 what follows a sequence's end changes none of its scores. Only one piece's logits exist at a time.
+Generation requests run `--batch-size` at a time too, left-padded, each row as if alone.
 """
 
 from __future__ import annotations
@@ -104,21 +105,47 @@ class TitansHarnessLM(TemplateLM):
         return results
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation (or sampled at the request's temperature), cut at the first `until`."""
-        outputs = []
-        for context, options in (r.args for r in requests):
-            until = options.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            prompt = torch.tensor([self.tok_encode(context) or [self.eos]], device=self.loaded.device)
-            new = generate(self.loaded.model, prompt, int(options.get("max_gen_toks", 256)),
-                           float(options.get("temperature", 0.0)), eos_id=self.eos,
-                           piece_len=self.piece_len)[0, prompt.shape[1]:].tolist()
-            text = self.text_tokenizer.decode([t for t in new if t != self.eos])
-            for stop in until:
-                text = text.split(stop)[0]
-            outputs.append(text)
-            self.cache_hook.add_partial("generate_until", (context, options), text)
+        """Greedy continuation (or sampled at the request's temperature), cut at the first `until`.
+        Requests with the same settings run `batch_size` at a time, left-padded: each row continues its own
+        prompt as if alone (titans.streaming.ragged_step), longest first."""
+        outputs: list[str] = [""] * len(requests)
+        settings: dict[tuple, list[int]] = {}
+        for i, (_, options) in enumerate(r.args for r in requests):
+            key = (int(options.get("max_gen_toks", 256)), float(options.get("temperature", 0.0)))
+            settings.setdefault(key, []).append(i)
+        prompts = [self.tok_encode(r.args[0]) or [self.eos] for r in requests]
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="generating") as bar:
+            for (max_new, temperature), indices in settings.items():
+                indices.sort(key=lambda i: -len(prompts[i]))
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start : start + self.batch_size]
+                    continued = self._continued([prompts[i] for i in batch], max_new, temperature)
+                    for i, new in zip(batch, continued, strict=True):
+                        outputs[i] = self._cut(new, requests[i].args)
+                    bar.update(len(batch))
         return outputs
+
+    def _continued(self, prompts: list[list[int]], max_new: int, temperature: float) -> list[list[int]]:
+        """The new tokens after each prompt, generated as one left-padded batch."""
+        width = max(len(p) for p in prompts)
+        tokens = torch.full((len(prompts), width), self.eos, dtype=torch.long)
+        keep = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            tokens[row, width - len(prompt):], keep[row, width - len(prompt):] = torch.tensor(prompt), True
+        device = self.loaded.device
+        out = generate(self.loaded.model, tokens.to(device), max_new, temperature, eos_id=self.eos,
+                       piece_len=self.piece_len, keep=keep.to(device))
+        return out[:, width:].tolist()
+
+    def _cut(self, new: list[int], args: tuple[str, dict]) -> str:
+        """The text of the new tokens up to the end of document and the first of the request's `until`."""
+        context, options = args
+        until = options.get("until") or []
+        text = self.text_tokenizer.decode(new[: new.index(self.eos)] if self.eos in new else new)
+        for stop in [until] if isinstance(until, str) else until:
+            text = text.split(stop)[0]
+        self.cache_hook.add_partial("generate_until", (context, options), text)
+        return text
 
 
 def parser() -> argparse.ArgumentParser:

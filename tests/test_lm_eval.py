@@ -114,8 +114,8 @@ def test_the_harness_scores_an_export_as_our_model_does(exported):
 
 def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkeypatch):
     """pretrain.harness in pieces of 16 tokens (every document spans two or three), one request at a time
-    and in batches, gives the same log-likelihoods and our greedy continuation, and its command line
-    writes the results."""
+    and in batches, gives the same log-likelihoods and, in left-padded batches, our greedy continuations;
+    its command line writes the results."""
     import lm_eval
     from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
@@ -130,10 +130,19 @@ def test_our_harness_model_streams_each_request_as_one_sequence(exported, monkey
         results = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), log_samples=True,
                                           task_manager=TaskManager(include_path=str(tmp / "tasks")))
         check_against_our_model(model, responses(results["samples"]))
-    request = Instance("generate_until", {}, ("def f(", {"until": [")"], "max_gen_toks": 12}), 0)
-    prompt = list(b"def f(")
-    greedy = generate(model, torch.tensor([prompt]), 12, eos_id=EOS)[0, len(prompt):].tolist()
-    assert lm.generate_until([request]) == [lm.text_tokenizer.decode(greedy).split(")")[0]]
+    # generation: prompts of different lengths and two settings, left-padded batches of up to 4, each row
+    # as its greedy continuation alone
+    asked = [("def f(", 12), ("import os\nimport sys\n", 12), ("x = (", 5), ("class A(", 12), ("print(", 12),
+             ("return (", 5)]
+    requests = [Instance("generate_until", {}, (text, {"until": [")"], "max_gen_toks": n}), i)
+                for i, (text, n) in enumerate(asked)]
+    want = []
+    for text, n in asked:
+        prompt = list(text.encode())
+        greedy = generate(model, torch.tensor([prompt]), n, eos_id=EOS)[0, len(prompt):].tolist()
+        want.append(lm.text_tokenizer.decode(greedy[: greedy.index(EOS)] if EOS in greedy else greedy)
+                    .split(")")[0])
+    assert lm.generate_until(requests) == want
     out = tmp / "harness.json"
     assert main(["--checkpoint", str(tmp / "hf"), "--tokenizer", "bytes", "--tasks", "titans_choice",
                  "--include-path", str(tmp / "tasks"), "--out", str(out)]) == 0
