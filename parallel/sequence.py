@@ -30,9 +30,9 @@ full-attention layer keeps none of the rows it received: its senders send them a
 starts, and its half after the halo reruns on them (`LayerRecord.rerun`), one layer's at a time.
 
 Load balancing (`parallel.sp_split=zigzag`, the default for models of attention layers alone: there is no
-memory to relay): causal attention over contiguous shards gives the last rank sp times the first's work, so
-each rank holds two of 2·sp equal pieces instead, an early and a late one (r and 2·sp − 1 − r: every rank
-the same attention work, as Megatron's and torchtitan's context parallelism). A late piece reads nearly the
+memory to relay): causal attention over contiguous shards gives the last rank 2·sp − 1 times the first's
+work, so each rank holds two of 2·sp equal pieces instead, an early and a late one (r and 2·sp − 1 − r:
+every rank the same attention work, as Megatron's and torchtitan's context parallelism). A late piece reads nearly the
 whole sequence, so each layer all-gathers its attention inputs over the sp group (backward: their
 gradients reduce-scattered back to their owners), every rank then runs its two pieces over the rows before
 each. Autograd and activation checkpointing see plain differentiable collectives: no relay.
