@@ -32,10 +32,11 @@ starts, and its half after the halo reruns on them (`LayerRecord.rerun`), one la
 Load balancing (`parallel.sp_split=zigzag`, the default for models of attention layers alone: there is no
 memory to relay): causal attention over contiguous shards gives the last rank 2·sp − 1 times the first's
 work, so each rank holds two of 2·sp equal pieces instead, an early and a late one (r and 2·sp − 1 − r:
-every rank the same attention work, as Megatron's and torchtitan's context parallelism). A late piece reads nearly the
-whole sequence, so each layer all-gathers its attention inputs over the sp group (backward: their
-gradients reduce-scattered back to their owners), every rank then runs its two pieces over the rows before
-each. Autograd and activation checkpointing see plain differentiable collectives: no relay.
+every rank the same attention work, as Megatron's and torchtitan's context parallelism). A late piece
+reads nearly the whole sequence, so each full-attention layer all-gathers its attention inputs over the sp
+group (a sliding-window layer the last w − 1 rows of each piece; backward: their gradients reduce-scattered
+back to their owners), every rank then runs its two pieces over the rows before each. Autograd and
+activation checkpointing see plain differentiable collectives: no relay.
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ class SequenceShards:
 
         def layer(block: Block, reach: int | None, x: Tensor) -> Tensor:
             h = block.before_halo(x, None)[0]
-            rows = zigzag_rows(h, self)
+            # a window within a piece reads only the last rows of the piece before: gather those alone
+            rows = zigzag_rows(h, self, reach if reach is not None and 0 < reach <= n else None)
             first = [0 if reach is None else max(0, piece * n - reach) for piece in (early, late)]
             late_past = rows(first[1], late * n)
             if early == 0:
@@ -312,19 +314,25 @@ class _GatheredRows(torch.autograd.Function):
         return mine, None, None
 
 
-def zigzag_rows(h: Tensor, shards: SequenceShards) -> Callable[[int, int], Tensor]:
-    """Gathers every sp rank's two zigzag pieces h (B, 2n, dim); returns rows(first, end): the sequence's
-    rows first .. end − 1 (B, end − first, dim), a copy of the pieces they lie in only (a window's rows
-    then keep no more of the gathered sequence alive than they need)."""
-    everyone = _GatheredRows.apply(h, shards.mesh.sp_group, shards)
+def zigzag_rows(h: Tensor, shards: SequenceShards, last: int | None = None) -> Callable[[int, int], Tensor]:
+    """Gathers every sp rank's two zigzag pieces h (B, 2n, dim), or the `last` rows of each (a window's
+    reach, at most a piece: all a sliding window reads across a piece's start); returns rows(first, end):
+    the sequence's rows first .. end − 1 (B, end − first, dim), a copy of the pieces they lie in only (a
+    window's rows then keep no more of the gathered sequence alive than they need)."""
     n, sp = h.shape[1] // 2, shards.mesh.layout.sp
+    kept = n if last is None else last
+    sent = h if last is None else torch.cat([h[:, n - last : n], h[:, 2 * n - last :]], dim=1)
+    everyone = _GatheredRows.apply(sent, shards.mesh.sp_group, shards)
     owner = {piece: (rank, slot) for rank in range(sp) for slot, piece in enumerate(zigzag_pieces(sp, rank))}
 
     def rows(first: int, end: int) -> Tensor:
         pieces = range(first // n, -(-end // n))
-        joined = torch.cat([everyone[rank, :, slot * n : (slot + 1) * n]
+        start = pieces.start * n + n - kept  # the sequence position of the first row gathered of them
+        if first < start or (kept < n and len(pieces) > 1):
+            raise ValueError(f"rows {first}..{end - 1} were not gathered (the last {kept} of each piece)")
+        joined = torch.cat([everyone[rank, :, slot * kept : (slot + 1) * kept]
                             for rank, slot in map(owner.__getitem__, pieces)], dim=1)
-        return joined[:, first - pieces.start * n : end - pieces.start * n]
+        return joined[:, first - start : end - start]
 
     return rows
 
