@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from parallel.mesh import Mesh
 from parallel.pipeline import HeadLossSum
+from titans.attention import KeyValues
 from titans.blocks import Block, earlier_rows_read
 from titans.memory import MemoryState
 from titans.model import TitansLM
@@ -221,24 +222,15 @@ class SequenceShards:
 
     def zigzag_blocks(self, x: Tensor) -> Tensor:
         """This rank's two zigzag pieces x (B, 2n, dim) through the blocks (attention alone): each layer
-        gathers every rank's attention inputs, then runs each piece over the rows before it."""
+        gathers every rank's pieces' keys and values, then runs each piece over the rows before it."""
         sp, n = self.mesh.layout.sp, x.shape[1] // 2
         early, late = zigzag_pieces(sp, self.mesh.sp_rank)
         every = int(self.model.checkpoint_blocks) if torch.is_grad_enabled() else 0
 
         def layer(block: Block, reach: int | None, x: Tensor) -> Tensor:
             h = block.before_halo(x, None)[0]
-            # a window within a piece reads only the last rows of the piece before: gather those alone
-            rows = zigzag_rows(h, self, reach if reach is not None and 0 < reach <= n else None)
-            first = [0 if reach is None else max(0, piece * n - reach) for piece in (early, late)]
-            late_past = rows(first[1], late * n)
-            if early == 0:
-                early_past = None
-            elif first[0] >= first[1]:  # within the late piece's rows (full attention): a view of them
-                early_past = late_past[:, first[0] - first[1] : early * n - first[1]]
-            else:
-                early_past = rows(first[0], early * n)
-            return block.after_halo_pieces(h, [(early * n, early_past), (late * n, late_past)])
+            return block.after_halo_pieces(h, [early * n, late * n],
+                                           lambda own: zigzag_pasts(own, self, reach))
 
         for name, block in self.model.blocks.items():
             run = checkpointed if every and int(name) % every == 0 else called
@@ -314,14 +306,14 @@ class _GatheredRows(torch.autograd.Function):
         return mine, None, None
 
 
-def zigzag_rows(h: Tensor, shards: SequenceShards, last: int | None = None) -> Callable[[int, int], Tensor]:
-    """Gathers every sp rank's two zigzag pieces h (B, 2n, dim), or the `last` rows of each (a window's
-    reach, at most a piece: all a sliding window reads across a piece's start); returns rows(first, end):
-    the sequence's rows first .. end − 1 (B, end − first, dim), a copy of the pieces they lie in only (a
-    window's rows then keep no more of the gathered sequence alive than they need)."""
-    n, sp = h.shape[1] // 2, shards.mesh.layout.sp
+def zigzag_rows(t: Tensor, shards: SequenceShards, last: int | None = None) -> Callable[[int, int], Tensor]:
+    """Gathers every sp rank's two zigzag pieces t (..., 2n, d), rows on the last-but-one dimension, or the
+    `last` rows of each (a window's reach, at most a piece: all a sliding window reads across a piece's
+    start); returns rows(first, end): the sequence's rows first .. end − 1 (..., end − first, d), a copy of
+    the pieces they lie in only (a window's rows then keep no more of the gathered sequence alive)."""
+    n, sp = t.shape[-2] // 2, shards.mesh.layout.sp
     kept = n if last is None else last
-    sent = h if last is None else torch.cat([h[:, n - last : n], h[:, 2 * n - last :]], dim=1)
+    sent = t if last is None else torch.cat([t[..., n - last : n, :], t[..., 2 * n - last :, :]], dim=-2)
     everyone = _GatheredRows.apply(sent, shards.mesh.sp_group, shards)
     owner = {piece: (rank, slot) for rank in range(sp) for slot, piece in enumerate(zigzag_pieces(sp, rank))}
 
@@ -330,11 +322,29 @@ def zigzag_rows(h: Tensor, shards: SequenceShards, last: int | None = None) -> C
         start = pieces.start * n + n - kept  # the sequence position of the first row gathered of them
         if first < start or (kept < n and len(pieces) > 1):
             raise ValueError(f"rows {first}..{end - 1} were not gathered (the last {kept} of each piece)")
-        joined = torch.cat([everyone[rank, :, slot * kept : (slot + 1) * kept]
-                            for rank, slot in map(owner.__getitem__, pieces)], dim=1)
-        return joined[:, first - start : end - start]
+        joined = torch.cat([everyone[rank, ..., slot * kept : (slot + 1) * kept, :]
+                            for rank, slot in map(owner.__getitem__, pieces)], dim=-2)
+        return joined[..., first - start : end - start, :]
 
     return rows
+
+
+def zigzag_pasts(own: KeyValues, shards: SequenceShards, reach: int | None) -> list[KeyValues | None]:
+    """The keys and values before each of this rank's two zigzag pieces, whose own are `own` (B, H, 2n, d):
+    every earlier row's (full attention, `reach` None) or the `reach` rows' before each piece."""
+    n = own.k.shape[2] // 2
+    early, late = zigzag_pieces(shards.mesh.layout.sp, shards.mesh.sp_rank)
+    # a window within a piece reads only the last rows of the piece before: gather those alone
+    rows = zigzag_rows(torch.stack(own), shards, reach if reach is not None and reach <= n else None)
+    first = [0 if reach is None else max(0, piece * n - reach) for piece in (early, late)]
+    late_past = rows(first[1], late * n)
+    if early == 0:
+        early_past = None
+    elif first[0] >= first[1]:  # within the late piece's rows (full attention): a view of them
+        early_past = KeyValues(*late_past[..., first[0] - first[1] : early * n - first[1], :])
+    else:
+        early_past = KeyValues(*rows(first[0], early * n))
+    return [early_past, KeyValues(*late_past)]
 
 
 class _RelayedBlocks(torch.autograd.Function):

@@ -142,13 +142,19 @@ class Block(nn.Module):
         mixed, state = self.mix(self.mix_norm(h), state, past, start)
         return self.add_mixed(h, mixed), state
 
-    def after_halo_pieces(self, h: Tensor, pieces: list[tuple[int, Tensor | None]]) -> Tensor:
-        """`after_halo` (no memory) for h's equal pieces, each from its own (start, earlier rows): a sequence
-        shard made of pieces from far apart (load-balanced sequence parallelism), in one call, so that
-        FSDP gathers the block once for all of them."""
-        rows = h.shape[1] // len(pieces)
-        return torch.cat([self.after_halo(h[:, i * rows : (i + 1) * rows], None, past, start)[0]
-                          for i, (start, past) in enumerate(pieces)], dim=1)
+    def after_halo_pieces(self, h: Tensor, starts: list[int],
+                          earlier: Callable[[KeyValues], list[KeyValues | None]]) -> Tensor:
+        """`after_halo` (attention, no memory) for h's equal pieces at sequence positions `starts`, in one
+        call, so that FSDP gathers the block once for all of them: a sequence shard made of pieces from far
+        apart (load-balanced sequence parallelism). The pieces' own keys and values are projected here, and
+        `earlier` (the caller's: it gathers every shard's) makes them each piece's earlier positions' keys
+        and values: projected once, by the shard that holds them."""
+        n = h.shape[1] // len(starts)
+        positions = torch.cat([torch.arange(start, start + n, device=h.device) for start in starts])
+        _, k, v = self.attn.project(self.mix_norm(h), positions, keys_only=h.shape[1])
+        pasts = earlier(KeyValues(k, v))
+        return torch.cat([self.after_halo(h[:, i * n : (i + 1) * n], None, past, start)[0]
+                          for i, (start, past) in enumerate(zip(starts, pasts, strict=True))], dim=1)
 
     def add_mixed(self, h: Tensor, mixed: Tensor) -> Tensor:
         """The token mixer's residual, then the FFN half."""
