@@ -25,12 +25,12 @@ The activation estimate per layer and sequence of T tokens, width h, bf16 (2 byt
 - under sequence parallelism, full attention's halo on the last sp rank, which receives every earlier
   shard's attention inputs ((sp − 1)·T rows a full layer): the received rows, their norm and their keys
   and values, (4 + 4/tp)·(sp − 1)·T·h bytes a full layer, or the received rows alone (2·(sp − 1)·T·h)
-  where checkpointing recomputes the rest; under a zigzag split every rank holds the rows before its late
-  piece, (sp − 1/2)·T of them.
+  where checkpointing recomputes the rest; under a zigzag split every rank holds the keys and values of
+  the rows before its late piece, (4/tp)·(sp − 1/2)·T·h bytes a full layer.
 The step time is the busiest rank's: under sequence parallelism with full attention the last shard's
 queries see every earlier row, (2 − 1/sp) × the mean's attention scores, plus the earlier shards' keys
-and values to project (`last_shard_extra_flops`); a zigzag split evens the scores out and leaves the keys
-and values.
+and values to project (`last_shard_extra_flops`); a zigzag split evens the scores out and projects each
+row's keys and values twice (once for the gather, once beside its query).
 It is an estimate to decide go / no-go with a margin, not an allocator trace.
 """
 
@@ -188,8 +188,10 @@ def rank_memory(cfg: RunConfig, dp: int, parameters: int, layers: int, memory_la
     tokens = d.batch_size // micro * d.seq_len // p.sp  # a sequence shard's tokens
     # the rows a full layer receives, with their norm, keys and values: kept per layer, except by a
     # checkpointed one, which has them sent again in backward (one such layer's at a time)
-    earlier = p.sp - (0.5 if zigzag_split(cfg.model.layer_kinds, p.sp_split) else 1)  # rows a row reads
-    halo = earlier * tokens * cfg.model.dim * value_bytes * (2 + 2 / p.tp)
+    if zigzag_split(cfg.model.layer_kinds, p.sp_split):  # the keys and values before the late piece
+        halo = (p.sp - 0.5) * tokens * cfg.model.dim * value_bytes * 2 / p.tp
+    else:  # the last shard's received rows, their norm, keys and values
+        halo = (p.sp - 1) * tokens * cfg.model.dim * value_bytes * (2 + 2 / p.tp)
     every = cfg.train.activation_checkpointing_every
     acts, acts_ckpt = (in_flight * (activation_bytes(cfg.model, p.tp, tokens, layers, memory_layers, n,
                                                      value_bytes)
@@ -265,8 +267,8 @@ def last_shard_extra_flops(cfg: RunConfig) -> float:
     """Training FLOPs a token of the busiest sequence shard costs beyond the mean token, from full
     attention: the last contiguous shard's queries see every earlier row ((2 − 1/sp) × the mean's keys)
     and it projects every earlier shard's keys and values (sp − 1 rows per row of its own); under a zigzag
-    split every rank's queries see the mean's keys, and rank 0 projects (sp − 1/2) rows' per row. 0 without
-    sp or full attention."""
+    split every rank's queries see the mean's keys, and each row's keys and values are projected twice
+    (for the gather, and beside its query). 0 without sp or full attention."""
     m, sp = cfg.model, cfg.parallel.sp
     full = m.layer_kinds.count("full")
     if sp == 1 or not full:
@@ -274,7 +276,7 @@ def last_shard_extra_flops(cfg: RunConfig) -> float:
     inner = m.n_heads * m.head_dim
     mean_keys = (cfg.data.seq_len + 1) / 2  # a causal query's, averaged over the sequence
     if zigzag_split(m.layer_kinds, cfg.parallel.sp_split):
-        return 3 * full * 2 * 2 * m.dim * inner * (sp - 0.5)
+        return 3 * full * 2 * 2 * m.dim * inner
     scores = 2 * 2 * inner * mean_keys * (1 - 1 / sp)
     keys_values = 2 * 2 * m.dim * inner * (sp - 1)
     return 3 * full * (scores + keys_values)
@@ -317,7 +319,7 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
     extra = summary["last_shard_extra"]
     zigzag = zigzag_split(cfg.model.layer_kinds, p.sp_split)
     busiest = (f" (the busiest sequence shard's, {extra:.0%} more FLOPs a token than the mean: full "
-               + ("attention projects the keys and values of the rows before its zigzag pieces)" if zigzag
+               + ("attention projects its zigzag pieces' keys and values twice)" if zigzag
                   else
                   "attention in the last shard sees every earlier row)") if extra else "")
     lines += ["", f"{summary['tokens_per_step']:,} tokens per step; at MFU {summary['mfu']:.0%}: "
