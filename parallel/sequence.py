@@ -33,10 +33,10 @@ Load balancing (`parallel.sp_split=zigzag`, the default for models of attention 
 memory to relay): causal attention over contiguous shards gives the last rank 2·sp − 1 times the first's
 work, so each rank holds two of 2·sp equal pieces instead, an early and a late one (r and 2·sp − 1 − r:
 every rank the same attention work, as Megatron's and torchtitan's context parallelism). A late piece
-reads nearly the whole sequence, so each full-attention layer all-gathers its attention inputs over the sp
-group (a sliding-window layer the last w − 1 rows of each piece; backward: their gradients reduce-scattered
-back to their owners), every rank then runs its two pieces over the rows before each. Autograd and
-activation checkpointing see plain differentiable collectives: no relay.
+reads nearly the whole sequence, so each full-attention layer all-gathers every rank's pieces' keys and
+values over the sp group (a sliding-window layer those of the last w − 1 rows of each piece; backward:
+their gradients reduce-scattered back to their owners), every rank then runs its two pieces over the keys
+before each. Autograd and activation checkpointing see plain differentiable collectives: no relay.
 """
 
 from __future__ import annotations
