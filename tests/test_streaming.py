@@ -221,3 +221,18 @@ def test_padded_rows_can_be_reordered_repeated_and_dropped() -> None:
     for j, source in enumerate([2, 1, 1]):
         alone, _ = stream_logits(model, torch.cat([tokens[source][keep[source]], nxt[j]])[None])
         torch.testing.assert_close(out[j], alone[0, -3:], rtol=0, atol=1e-9)
+
+
+def test_generating_a_padded_batch_continues_each_prompt_as_alone() -> None:
+    """`generate` with `keep`: prompts padded left and right, the prompt in pieces shorter than the padding
+    (a right-padded row's last piece holds none of its tokens): each row continues as its prompt alone."""
+    model = tiny("mac,mal")
+    prompts = [torch.randint(0, 41, (n,), generator=torch.Generator().manual_seed(n)) for n in (23, 5, 14)]
+    tokens, keep = torch.zeros(3, 23, dtype=torch.long), torch.zeros(3, 23, dtype=torch.bool)
+    for row, (prompt, side) in enumerate(zip(prompts, ("left", "right", "left"), strict=True)):
+        span = slice(0, len(prompt)) if side == "right" else slice(23 - len(prompt), 23)
+        tokens[row, span], keep[row, span] = prompt, True
+    out = generate(model, tokens, 9, keep=keep, piece_len=6)
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, prompt[None], 9)
+        assert out[row, 23:].tolist() == alone[0, len(prompt) :].tolist(), row

@@ -342,13 +342,16 @@ def generate(model: TitansLM, prompt: Tensor, max_new_tokens: int, temperature: 
     problem = sampling_problem(temperature, top_k, top_p)
     if problem:
         raise ValueError(problem)
-    rows = None
+    rows, last = None, None
     for at in range(0, prompt.shape[1], piece_len):
         piece = slice(at, at + piece_len)
         logits, rows = ragged_step(model, prompt[:, piece], None if keep is None else keep[:, piece], rows)
+        # a row whose prompt ended in an earlier piece (right padding) keeps that piece's last logits
+        seen_here = None if keep is None or last is None else keep[:, piece].any(1, keepdim=True)
+        last = logits[:, -1] if seen_here is None else torch.where(seen_here, logits[:, -1], last)
     out, done = [prompt], torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
-        token = next_token(logits[:, -1], temperature, top_k, top_p, generator)
+        token = next_token(last, temperature, top_k, top_p, generator)
         if eos_id is not None:
             token = token.masked_fill(done, eos_id)
             done |= token == eos_id
@@ -356,4 +359,5 @@ def generate(model: TitansLM, prompt: Tensor, max_new_tokens: int, temperature: 
         if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
         logits, rows = ragged_step(model, token[:, None], rows=rows)
+        last = logits[:, -1]
     return torch.cat(out, dim=1)
