@@ -2,9 +2,12 @@
 
     python -m pretrain.generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 200
     python -m pretrain.generate --checkpoint runs/tiny --prompt "import " --temperature 0.8 --top-p 0.95
+    python -m pretrain.generate --checkpoint runs/tiny --prompt "def " --prompt "class " --num-samples 4 \
+        --temperature 0.8
 
 Greedy by default. The prompt and the continuation run through the streaming cache (titans/streaming.py),
-so memory stays flat however long the prompt or the continuation.
+so memory stays flat however long the prompt or the continuation. Several prompts and samples run as one
+batch, padded: each row continues its prompt as if alone.
 """
 
 from __future__ import annotations
@@ -34,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="a run folder, a checkpoint directory, or a pretrain.convert export")
     given = parser.add_mutually_exclusive_group()
-    given.add_argument("--prompt", default="", help="the text to continue (default: start from nothing)")
+    given.add_argument("--prompt", action="append", default=None,
+                       help="the text to continue (default: start from nothing); give it several times for "
+                            "several prompts, generated as one batch")
     given.add_argument("--prompt-file", default=None,
                        help="a text file to continue, of any length (the memory carries it past the window); "
                             "only the continuation is printed")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="continuations of each prompt (default 1; with --temperature > 0 they differ)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of mass p")
@@ -52,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads for torch (0: torch's default, one per core; fewer when the cores "
                              "are shared)")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for name in ("max_new_tokens", "num_samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     problem = sampling_problem(args.temperature, args.top_k, args.top_p) or device_problem(args.device)
     if problem:
         parser.error(problem)
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.prompt_file:
             try:
-                args.prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
+                args.prompt = [Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")]
             except OSError as err:
                 raise FileNotFoundError(f"--prompt-file {args.prompt_file}: {err.strerror}") from None
         model, run_config = load_for_generation(args.checkpoint, args.device)
@@ -72,24 +80,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     eos_id = end_of_document_id(tokenizer, model.cfg.vocab_size)
     tokenizer = tokenizer or ByteTokenizer()
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
+    texts = [text for text in args.prompt or [""] for _ in range(args.num_samples)]
+    rows = [tokenizer.encode(text) for text in texts]
+    if not all(rows):
         if eos_id is None:
             parser.error("an empty prompt needs an end-of-document token to start from: pass --prompt")
-        ids = [eos_id]  # a document start
-    prompt = torch.tensor([ids], device=args.device)
+        rows = [ids or [eos_id] for ids in rows]  # a document start
+    prompt, keep = left_padded(rows, eos_id or 0, args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     started = time.perf_counter()
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   eos_id if args.stop_at_eos else None, generator)
+                   eos_id if args.stop_at_eos else None, generator, keep=keep)
     seconds = time.perf_counter() - started
-    new = out[0, prompt.shape[1]:].tolist()
-    if args.ids:
-        print(json.dumps({"prompt": ids, "generated": new}))
-    else:
-        print(("" if args.prompt_file else args.prompt) + tokenizer.decode(new))
-    print(f"[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
+    new = [row[prompt.shape[1]:] for row in out.tolist()]
+    if args.stop_at_eos:  # a row that stopped early is filled with the end-of-document token after it
+        new = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in new]
+    for i, (text, ids, continued) in enumerate(zip(texts, rows, new, strict=True)):
+        if args.ids:
+            print(json.dumps({"prompt": ids, "generated": continued}))
+            continue
+        if len(texts) > 1:
+            print(f"=== sample {i % args.num_samples + 1} of prompt {i // args.num_samples + 1} ===")
+        print(("" if args.prompt_file else text) + tokenizer.decode(continued))
+    count = sum(map(len, new))
+    print(f"[{count} tokens in {seconds:.2f} s, {count / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def left_padded(rows: list[list[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts as one batch, padded on the left, and which positions are real (None: all are)."""
+    width = max(map(len, rows))
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    keep = torch.zeros(len(rows), width, dtype=torch.bool)
+    for row, ids in enumerate(rows):
+        tokens[row, width - len(ids) :], keep[row, width - len(ids) :] = torch.tensor(ids), True
+    return tokens.to(device), None if bool(keep.all()) else keep.to(device)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ except ImportError as err:  # an optional extra: say how to get it rather than a
     raise SystemExit("pretrain.harness needs lm-evaluation-harness: pip install -e '.[eval]'") from err
 
 from pretrain.checkpoint import run_folder
+from pretrain.generate import left_padded
 from pretrain.loss_by_position import token_scores
 from pretrain.model_io import device_problem, end_of_document_id, load_model, run_tokenizer
 from titans.streaming import generate
@@ -127,15 +128,10 @@ class TitansHarnessLM(TemplateLM):
 
     def _continued(self, prompts: list[list[int]], max_new: int, temperature: float) -> list[list[int]]:
         """The new tokens after each prompt, generated as one left-padded batch."""
-        width = max(len(p) for p in prompts)
-        tokens = torch.full((len(prompts), width), self.eos, dtype=torch.long)
-        keep = torch.zeros(len(prompts), width, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            tokens[row, width - len(prompt):], keep[row, width - len(prompt):] = torch.tensor(prompt), True
-        device = self.loaded.device
-        out = generate(self.loaded.model, tokens.to(device), max_new, temperature, eos_id=self.eos,
-                       piece_len=self.piece_len, keep=keep.to(device))
-        return out[:, width:].tolist()
+        tokens, keep = left_padded(prompts, self.eos, self.loaded.device)
+        out = generate(self.loaded.model, tokens, max_new, temperature, eos_id=self.eos,
+                       piece_len=self.piece_len, keep=keep)
+        return out[:, tokens.shape[1]:].tolist()
 
     def _cut(self, new: list[int], args: tuple[str, dict]) -> str:
         """The text of the new tokens up to the end of document and the first of the request's `until`."""

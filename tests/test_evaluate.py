@@ -462,3 +462,21 @@ def test_generate_continues_a_prompt_file_as_the_same_prompt(run, tmp_path, caps
     assert json.loads(capsys.readouterr().out) == inline and len(inline["prompt"]) == len(text)
     assert generate_main(["--checkpoint", str(run["dir"]), "--prompt-file", str(tmp_path / "none")]) == 2
     assert "--prompt-file " in capsys.readouterr().err
+
+
+def test_generate_runs_several_prompts_and_samples_as_one_batch(run, capsys):
+    """--prompt given twice, --num-samples 2: four rows of one padded batch; greedy, each sample of a prompt
+    is what the prompt alone generates."""
+    from pretrain.generate import main as generate_main
+
+    common = ["--checkpoint", str(run["dir"]), "--max-new-tokens", "6", "--ids"]
+    alone = []
+    for prompt in ("def f(x):", "import"):
+        assert generate_main([*common, "--prompt", prompt]) == 0
+        alone.append(json.loads(capsys.readouterr().out)["generated"])
+    assert generate_main([*common, "--prompt", "def f(x):", "--prompt", "import", "--num-samples", "2"]) == 0
+    rows = [json.loads(line)["generated"] for line in capsys.readouterr().out.splitlines()]
+    assert rows == [alone[0], alone[0], alone[1], alone[1]]
+    assert generate_main(["--checkpoint", str(run["dir"]), "--prompt", "a", "--prompt", "bc",
+                          "--max-new-tokens", "3"]) == 0
+    assert "=== sample 1 of prompt 2 ===" in capsys.readouterr().out
