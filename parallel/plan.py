@@ -318,10 +318,10 @@ def format_plan(cfg: RunConfig, rows: list[dict], summary: dict) -> str:
                      f"{r['acts_ckpt_gib']:.2f} | {r['total_gib']:.2f} | {'yes' if r['fits'] else 'NO'} |")
     extra = summary["last_shard_extra"]
     zigzag = zigzag_split(cfg.model.layer_kinds, p.sp_split)
-    busiest = (f" (the busiest sequence shard's, {extra:.0%} more FLOPs a token than the mean: full "
-               + ("attention projects its zigzag pieces' keys and values twice)" if zigzag
-                  else
-                  "attention in the last shard sees every earlier row)") if extra else "")
+    why = ("attention projects its zigzag pieces' keys and values twice" if zigzag else
+           "attention in the last shard sees every earlier row")
+    busiest = (f" (the busiest sequence shard's, {extra:.0%} more FLOPs a token than the mean: full {why})"
+               if extra else "")
     lines += ["", f"{summary['tokens_per_step']:,} tokens per step; at MFU {summary['mfu']:.0%}: "
                   f"{summary['step_s']:.2f} s per step{busiest}, {summary['tokens_per_s']:,.0f} tokens/s",
               checkpoint_line(cfg, max(r["parameters"] for r in rows), summary["dp"]),
