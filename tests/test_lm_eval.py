@@ -173,3 +173,20 @@ def test_our_harness_over_every_checkpoint_of_a_run_draws_curves(exported, datas
     assert [e.step for e in events.Scalars("harness/titans_choice/acc")] == [2, 4]
     capsys.readouterr()
     assert main(command) == 0 and capsys.readouterr().err.count("already evaluated") == 2
+
+
+def test_the_harness_generates_padded_batches_of_an_export_as_one_at_a_time(exported, monkeypatch):
+    """lm_eval's `hf` model generates a batch of prompts of different lengths left-padded, with an attention
+    mask: the export runs each row as if alone, so batch 4 gives batch 1's texts."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    _, tmp = exported
+    monkeypatch.setenv("HF_HOME", str(tmp / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prompts = [doc["context"] for doc in DOCS] + ["x = (", "import"]
+    options = {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}
+    requests = [Instance("generate_until", {}, (text, options), i) for i, text in enumerate(prompts)]
+    texts = {size: HFLM(pretrained=str(tmp / "hf"), trust_remote_code=True, batch_size=size, device="cpu")
+             .generate_until(requests, disable_tqdm=True) for size in (1, 4)}
+    assert texts[4] == texts[1]
