@@ -530,7 +530,7 @@ SP_CI = [("lmm", 1, "sp2"), ("lmm", 2, "sp2"), ("mac", 1, "sp2"), ("mac", 2, "sp
          ("mal", 2, "sp2_dp2_fsdp_ckpt"), ("mag", 2, "sp2_dp2_fsdp_accum"),
          ("full,mac", 2, "sp4"), ("full,mag", 2, "sp2_dp2_fsdp"),  # full attention: every earlier row,
          ("full,mac", 2, "sp4_ckpt"), ("full,mag", 2, "sp2_dp2_fsdp_ckpt"),  # sent again in backward
-         # attention alone: zigzag pieces (parallel.sp_split=auto), rows all-gathered, gradients scattered
+         # attention alone: zigzag pieces (parallel.sp_split=auto), keys and values all-gathered
          ("full", 2, "sp4"), ("full,swa", 2, "sp2_pp2"), ("full,swa", 2, "sp2_dp2_fsdp_ckpt"),
          ("full", 2, "sp2_compiled")]
 SP_CASES = ([(v, d, layout) for v in ("lmm", "mac", "mag", "mal", "swa", "full,mac", "full,swa")
