@@ -163,7 +163,10 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))
 
 The model code is in this folder (`model.py`, `memory.py`, ...), so only torch and transformers are
 needed. Generation carries each layer's memory state (`TitansCache`): memory use is constant in the
-length of the text. `training_state.pt`, when present, lets the training stack resume the run from here.
+length of the text. Prompts of different lengths batch with padding (`tokenizer(prompts, padding=True,
+return_tensors="pt")`, then `model.generate(**batch, ...)`): padded positions are never seen, so each row
+generates what its prompt alone would. `training_state.pt`, when present, lets the training stack resume
+the run from here.
 """
 
 
