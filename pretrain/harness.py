@@ -154,7 +154,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None, help="at most this many documents per task")
     p.add_argument("--piece-len", type=int, default=4096, help="tokens per streamed piece")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="requests scored together (memory: batch × piece-len × vocabulary logits)")
+                   help="requests scored or generated together (memory: batch × piece-len × vocabulary "
+                        "logits; generation batches rows of equal prompt length, each row as if alone)")
     p.add_argument("--tokenizer", default=None, help="the tokenizer (default: the run's dataset's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--every-checkpoint", action="store_true",
