@@ -79,6 +79,11 @@ def zigzag_pieces(sp: int, rank: int) -> tuple[int, int]:
     return rank, 2 * sp - 1 - rank
 
 
+def zigzag_owner(sp: int, piece: int) -> tuple[int, int]:
+    """Which sp rank holds zigzag piece `piece`, and whether as its early (0) or late (1) one."""
+    return (piece, 0) if piece < sp else (2 * sp - 1 - piece, 1)
+
+
 def state_from(tensors: list[Tensor], depth: int, chunks: int) -> MemoryState:
     """The state a shard starts from; `chunks`: the global index of its first chunk (the gradient
     horizon's cuts fall on the same chunks as in one process)."""
@@ -230,7 +235,7 @@ class SequenceShards:
         def layer(block: Block, reach: int | None, x: Tensor) -> Tensor:
             h = block.before_halo(x, None)[0]
             return block.after_halo_pieces(h, [early * n, late * n],
-                                           lambda own: zigzag_pasts(own, self, reach))
+                                           lambda own: zigzag_pasts(own, self, (early, late), reach))
 
         for name, block in self.model.blocks.items():
             run = checkpointed if every and int(name) % every == 0 else called
@@ -315,7 +320,6 @@ def zigzag_rows(t: Tensor, shards: SequenceShards, last: int | None = None) -> C
     kept = n if last is None else last
     sent = t if last is None else torch.cat([t[..., n - last : n, :], t[..., 2 * n - last :, :]], dim=-2)
     everyone = _GatheredRows.apply(sent, shards.mesh.sp_group, shards)
-    owner = {piece: (rank, slot) for rank in range(sp) for slot, piece in enumerate(zigzag_pieces(sp, rank))}
 
     def rows(first: int, end: int) -> Tensor:
         pieces = range(first // n, -(-end // n))
@@ -323,17 +327,17 @@ def zigzag_rows(t: Tensor, shards: SequenceShards, last: int | None = None) -> C
         if first < start or (kept < n and len(pieces) > 1):
             raise ValueError(f"rows {first}..{end - 1} were not gathered (the last {kept} of each piece)")
         joined = torch.cat([everyone[rank, ..., slot * kept : (slot + 1) * kept, :]
-                            for rank, slot in map(owner.__getitem__, pieces)], dim=-2)
+                            for rank, slot in (zigzag_owner(sp, piece) for piece in pieces)], dim=-2)
         return joined[..., first - start : end - start, :]
 
     return rows
 
 
-def zigzag_pasts(own: KeyValues, shards: SequenceShards, reach: int | None) -> list[KeyValues | None]:
-    """The keys and values before each of this rank's two zigzag pieces, whose own are `own` (B, H, 2n, d):
-    every earlier row's (full attention, `reach` None) or the `reach` rows' before each piece."""
-    n = own.k.shape[2] // 2
-    early, late = zigzag_pieces(shards.mesh.layout.sp, shards.mesh.sp_rank)
+def zigzag_pasts(own: KeyValues, shards: SequenceShards, pieces: tuple[int, int], reach: int | None
+                 ) -> list[KeyValues | None]:
+    """The keys and values before each of this rank's two zigzag `pieces` (early, late), whose own are `own`
+    (B, H, 2n, d): every earlier row's (full attention, `reach` None) or the `reach` rows' before each."""
+    n, (early, late) = own.k.shape[2] // 2, pieces
     # a window within a piece reads only the last rows of the piece before: gather those alone
     rows = zigzag_rows(torch.stack(own), shards, reach if reach is not None and reach <= n else None)
     first = [0 if reach is None else max(0, piece * n - reach) for piece in (early, late)]

@@ -134,7 +134,8 @@ class TitansHarnessLM(TemplateLM):
         return out[:, tokens.shape[1]:].tolist()
 
     def _cut(self, new: list[int], args: tuple[str, dict]) -> str:
-        """The text of the new tokens up to the end of document and the first of the request's `until`."""
+        """The text of the new tokens up to the end of document and the first of the request's `until`,
+        recorded in the harness's cache as the request's answer."""
         context, options = args
         until = options.get("until") or []
         text = self.text_tokenizer.decode(new[: new.index(self.eos)] if self.eos in new else new)
